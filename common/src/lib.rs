@@ -1,0 +1,10 @@
+//! Shared pieces of pagesrv and faultd: the wire protocol, the guest RAM layout, the page
+//! map, and the few modules that talk to the kernel unsafely (userfaultfd, mmap, SCM_RIGHTS).
+#![deny(missing_docs)]
+
+pub mod layout;
+pub mod mmap;
+pub mod pagemap;
+pub mod uffd;
+pub mod vmm_link;
+pub mod wire;

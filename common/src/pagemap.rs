@@ -1,0 +1,180 @@
+//! A page map: one atomic bit per page and a count of set bits, shared between threads.
+//!
+//! faultd uses one for "done" (present, or removed by the VMM and never to be fetched);
+//! pagesrv uses one for "sent". Memory is `pages / 8` bytes, never a copy of guest RAM.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// One atomic bit per page.
+#[derive(Debug)]
+pub struct PageMap {
+    words: Box<[AtomicU64]>,
+    total_pages: u64,
+    set_pages: AtomicU64,
+}
+
+impl PageMap {
+    /// A map of `total_pages` clear bits.
+    pub fn new(total_pages: u64) -> Self {
+        let words = (0..total_pages.div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        PageMap {
+            words,
+            total_pages,
+            set_pages: AtomicU64::new(0),
+        }
+    }
+
+    /// Pages covered by the map.
+    pub fn total_pages(&self) -> u64 {
+        self.total_pages
+    }
+
+    /// Pages whose bit is set.
+    pub fn set_pages(&self) -> u64 {
+        self.set_pages.load(Ordering::Acquire)
+    }
+
+    /// True once every bit is set.
+    pub fn is_full(&self) -> bool {
+        self.set_pages() == self.total_pages
+    }
+
+    /// Whether `page`'s bit is set. Pages past the end read as set.
+    pub fn is_set(&self, page: u64) -> bool {
+        if page >= self.total_pages {
+            return true;
+        }
+        self.words[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+    }
+
+    /// Sets `page`'s bit; true if this call set it.
+    pub fn set(&self, page: u64) -> bool {
+        self.set_range(page, 1) == 1
+    }
+
+    /// Sets the bits of `first..first+count` (clipped to the map); returns how many this call
+    /// set.
+    pub fn set_range(&self, first: u64, count: u64) -> u64 {
+        let end = first.saturating_add(count).min(self.total_pages);
+        let mut page = first;
+        let mut newly = 0;
+        while page < end {
+            let word = page / 64;
+            let lo = page % 64;
+            let hi = (end - word * 64).min(64);
+            let mask = mask_bits(lo, hi);
+            let old = self.words[word as usize].fetch_or(mask, Ordering::AcqRel);
+            newly += u64::from((mask & !old).count_ones());
+            page = (word + 1) * 64;
+        }
+        self.set_pages.fetch_add(newly, Ordering::AcqRel);
+        newly
+    }
+
+    /// The first clear page at or after `from`, if any.
+    pub fn next_clear(&self, from: u64) -> Option<u64> {
+        let mut page = from;
+        while page < self.total_pages {
+            let word = page / 64;
+            let bits = !self.words[word as usize].load(Ordering::Acquire) & mask_bits(page % 64, 64);
+            if bits != 0 {
+                let found = word * 64 + u64::from(bits.trailing_zeros());
+                return (found < self.total_pages).then_some(found);
+            }
+            page = (word + 1) * 64;
+        }
+        None
+    }
+
+    /// Length of the run of clear pages starting at `first`, at most `max_pages`.
+    pub fn clear_run(&self, first: u64, max_pages: u64) -> u64 {
+        let end = first.saturating_add(max_pages).min(self.total_pages);
+        let mut page = first;
+        while page < end {
+            let word = page / 64;
+            let bits = self.words[word as usize].load(Ordering::Acquire) & mask_bits(page % 64, 64);
+            if bits != 0 {
+                let set_at = word * 64 + u64::from(bits.trailing_zeros());
+                return set_at.min(end) - first;
+            }
+            page = (word + 1) * 64;
+        }
+        end.saturating_sub(first)
+    }
+
+    /// Runs of clear pages within `first..first+count`, as `(first, pages)`.
+    pub fn clear_runs(&self, first: u64, count: u64) -> Vec<(u64, u64)> {
+        let end = first.saturating_add(count).min(self.total_pages);
+        let mut runs = Vec::new();
+        let mut page = first;
+        while let Some(start) = self.next_clear(page).filter(|&p| p < end) {
+            let n = self.clear_run(start, end - start);
+            runs.push((start, n));
+            page = start + n;
+        }
+        runs
+    }
+}
+
+fn mask_bits(lo: u64, hi: u64) -> u64 {
+    let upper = if hi >= 64 { u64::MAX } else { (1 << hi) - 1 };
+    upper & !((1u64 << lo) - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn test_set_counts_only_new_bits() {
+        let m = PageMap::new(130);
+        assert_eq!(m.set_range(60, 10), 10);
+        assert_eq!(m.set_range(65, 10), 5);
+        assert!(m.set(0));
+        assert!(!m.set(0));
+        assert_eq!(m.set_pages(), 16);
+        assert_eq!(m.set_range(120, 100), 10);
+        assert!(m.is_set(129) && m.is_set(500));
+        assert!(!m.is_full());
+        m.set_range(0, 130);
+        assert!(m.is_full());
+        assert_eq!(m.next_clear(0), None);
+    }
+
+    #[test]
+    fn test_concurrent_setters_count_each_page_once() {
+        let m = std::sync::Arc::new(PageMap::new(10_000));
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || (0..10_000).step_by(7).map(|p| m.set_range(p + t, 3)).sum::<u64>())
+            })
+            .collect();
+        let total: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(total, m.set_pages());
+    }
+
+    proptest! {
+        #[test]
+        fn prop_matches_a_set_model(total in 1u64..300, ops in proptest::collection::vec((0u64..320, 1u64..80), 0..20), probe in 0u64..300) {
+            let m = PageMap::new(total);
+            let mut model = BTreeSet::new();
+            for (first, count) in ops {
+                let before = model.len();
+                for p in first..(first + count).min(total) { model.insert(p); }
+                prop_assert_eq!(m.set_range(first, count), (model.len() - before) as u64);
+            }
+            prop_assert_eq!(m.set_pages(), model.len() as u64);
+            let expect_next = (probe..total).find(|p| !model.contains(p));
+            prop_assert_eq!(m.next_clear(probe), expect_next);
+            let runs = m.clear_runs(0, total);
+            let from_runs: BTreeSet<u64> = runs.iter().flat_map(|&(f, n)| f..f + n).collect();
+            let clear: BTreeSet<u64> = (0..total).filter(|p| !model.contains(p)).collect();
+            prop_assert_eq!(from_runs, clear);
+        }
+    }
+}

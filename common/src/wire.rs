@@ -1,0 +1,884 @@
+//! The pagesrv ⇄ faultd wire protocol: frame layout, typed messages and a sans-IO codec.
+//!
+//! Every connection starts with a handshake and then carries frames:
+//!
+//! ```text
+//!  faultd (destination)                         pagesrv (source)
+//!  urgent conn ── Hello{role=Urgent, layout} ──►
+//!              ◄── Welcome{session_id, layout} ─   (or Error, then close)
+//!  bulk conn   ── Hello{role=Bulk, session_id} ─►
+//!              ◄── Welcome ─────────────────────
+//!  urgent      ── Request{first,count} ────────►   answered before any bulk work
+//!              ◄── PageRun{first,count}+bytes ──   or ZeroRun{first,count} (no payload)
+//!              ── Skip{first,count} ───────────►   destination no longer needs these
+//!  bulk        ◄── PageRun / ZeroRun … ─────────   every page not yet sent, in file order,
+//!              ◄── BulkDone ────────────────────   pre-paging after each request
+//!  urgent      ── Goodbye ─────────────────────►   every page present: session complete
+//! ```
+//!
+//! A frame is an 8-byte header followed by `body_len` bytes: a fixed little-endian body whose
+//! size depends on the kind, then (for `PageRun` and `Error`) a payload.
+//!
+//! ```text
+//!  0      2      4              8
+//!  ┌──────┬──────┬──────────────┬──────────────────┬───────────────┐
+//!  │ kind │ 0000 │   body_len   │ fixed body (kind) │ payload ...   │
+//!  └──────┴──────┴──────────────┴──────────────────┴───────────────┘
+//! ```
+//!
+//! The decoder checks the header (known kind, zero reserved bits, `body_len` no larger than
+//! [`MAX_BODY_BYTES`] and consistent with the kind) before the caller allocates or reads the
+//! body, and checks page ranges against the session's page count. It never panics on input.
+
+use thiserror::Error;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// Identifies this protocol in every `Hello` and `Welcome` ("PGM1").
+pub const MAGIC: u32 = 0x314D_4750;
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Size of the frame header in bytes.
+pub const HEADER_LEN: usize = 8;
+/// Largest page payload carried by one frame.
+pub const MAX_PAYLOAD_BYTES: usize = 4 << 20;
+/// Longest error text carried by an `Error` frame.
+pub const MAX_ERROR_TEXT_BYTES: usize = 1024;
+/// Largest `body_len` any frame may declare.
+pub const MAX_BODY_BYTES: usize = MAX_PAYLOAD_BYTES + RANGE_BODY_LEN;
+
+const HELLO_BODY_LEN: usize = size_of::<HelloBody>();
+const RANGE_BODY_LEN: usize = size_of::<RangeBody>();
+const ERROR_BODY_LEN: usize = size_of::<ErrorBody>();
+
+/// Errors found while decoding a frame. Each names the field that was wrong.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum WireError {
+    /// The frame kind is not one this version knows.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u16),
+    /// A reserved field was not zero.
+    #[error("reserved field of a {kind:?} frame is not zero")]
+    ReservedNotZero {
+        /// The frame kind.
+        kind: Kind,
+    },
+    /// `body_len` is larger than [`MAX_BODY_BYTES`].
+    #[error("frame body of {body_len} bytes exceeds the maximum of {MAX_BODY_BYTES}")]
+    TooLarge {
+        /// Declared body length.
+        body_len: u32,
+    },
+    /// `body_len` does not fit the kind's fixed body.
+    #[error("{kind:?} frame has a body of {body_len} bytes, expected {expected}")]
+    BadLength {
+        /// The frame kind.
+        kind: Kind,
+        /// Declared body length.
+        body_len: u32,
+        /// What the kind requires.
+        expected: String,
+    },
+    /// The handshake magic is wrong: the peer does not speak this protocol.
+    #[error("bad magic {0:#x}: the peer does not speak the page migration protocol")]
+    BadMagic(u32),
+    /// A role byte that is neither urgent nor bulk.
+    #[error("unknown connection role {0}")]
+    UnknownRole(u8),
+    /// An error code this version does not know.
+    #[error("unknown error code {0}")]
+    UnknownErrorCode(u32),
+    /// A page range that is empty or leaves the guest's pages.
+    #[error("page range {first}+{count} is outside the {total_pages} pages of this session")]
+    RangeOutOfBounds {
+        /// First page of the range.
+        first: u64,
+        /// Page count of the range.
+        count: u64,
+        /// Pages in the session.
+        total_pages: u64,
+    },
+    /// An error text that is not UTF-8.
+    #[error("error text is not UTF-8")]
+    BadErrorText,
+    /// A frame that is not allowed at this point of the conversation.
+    #[error("unexpected {0:?} frame")]
+    Unexpected(Kind),
+}
+
+/// Frame kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    /// Client → server: open a connection.
+    Hello = 1,
+    /// Server → client: accept a connection.
+    Welcome = 2,
+    /// Client → server (urgent): send these pages now.
+    Request = 3,
+    /// Server → client: pages with their bytes.
+    PageRun = 4,
+    /// Server → client: pages that are all zero, no payload.
+    ZeroRun = 5,
+    /// Client → server: these pages are no longer needed.
+    Skip = 6,
+    /// Server → client (bulk): every page has been pushed.
+    BulkDone = 7,
+    /// Client → server (urgent): migration complete.
+    Goodbye = 8,
+    /// Either way: a fatal error, then close.
+    Error = 9,
+}
+
+impl TryFrom<u16> for Kind {
+    type Error = WireError;
+
+    fn try_from(raw: u16) -> Result<Self, WireError> {
+        Ok(match raw {
+            1 => Kind::Hello,
+            2 => Kind::Welcome,
+            3 => Kind::Request,
+            4 => Kind::PageRun,
+            5 => Kind::ZeroRun,
+            6 => Kind::Skip,
+            7 => Kind::BulkDone,
+            8 => Kind::Goodbye,
+            9 => Kind::Error,
+            other => return Err(WireError::UnknownKind(other)),
+        })
+    }
+}
+
+/// Which of a session's two connections this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// Requests in, requested pages out; served first.
+    Urgent = 1,
+    /// Background push.
+    Bulk = 2,
+}
+
+impl TryFrom<u8> for Role {
+    type Error = WireError;
+
+    fn try_from(raw: u8) -> Result<Self, WireError> {
+        match raw {
+            1 => Ok(Role::Urgent),
+            2 => Ok(Role::Bulk),
+            other => Err(WireError::UnknownRole(other)),
+        }
+    }
+}
+
+/// Why a peer gave up on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ErrorCode {
+    /// The peer speaks another protocol version.
+    VersionMismatch = 1,
+    /// Page size or guest size differ between the two sides.
+    LayoutMismatch = 2,
+    /// A malformed or unexpected frame.
+    Protocol = 3,
+    /// The bulk connection named a session the server does not have.
+    UnknownSession = 4,
+    /// The server is already serving another destination.
+    Busy = 5,
+    /// Something failed on the sender's side.
+    Internal = 6,
+}
+
+impl TryFrom<u32> for ErrorCode {
+    type Error = WireError;
+
+    fn try_from(raw: u32) -> Result<Self, WireError> {
+        Ok(match raw {
+            1 => ErrorCode::VersionMismatch,
+            2 => ErrorCode::LayoutMismatch,
+            3 => ErrorCode::Protocol,
+            4 => ErrorCode::UnknownSession,
+            5 => ErrorCode::Busy,
+            6 => ErrorCode::Internal,
+            other => return Err(WireError::UnknownErrorCode(other)),
+        })
+    }
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy)]
+#[repr(C)]
+struct RawHeader {
+    kind: U16,
+    reserved: U16,
+    body_len: U32,
+}
+const _: () = assert!(size_of::<RawHeader>() == HEADER_LEN);
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy)]
+#[repr(C)]
+struct HelloBody {
+    magic: U32,
+    version: U16,
+    /// Role for `Hello`; zero for `Welcome`.
+    role: u8,
+    reserved0: u8,
+    page_size: U32,
+    reserved1: U32,
+    total_pages: U64,
+    session_id: U64,
+}
+const _: () = assert!(size_of::<HelloBody>() == 32);
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy)]
+#[repr(C)]
+struct RangeBody {
+    first_page: U64,
+    count: U64,
+}
+const _: () = assert!(size_of::<RangeBody>() == 16);
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy)]
+#[repr(C)]
+struct ErrorBody {
+    code: U32,
+    reserved: U32,
+}
+const _: () = assert!(size_of::<ErrorBody>() == 8);
+
+/// A checked frame header: the kind is known and `body_len` fits it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// The frame kind.
+    pub kind: Kind,
+    /// Bytes that follow the header.
+    pub body_len: usize,
+}
+
+/// The parameters both sides must agree on, carried by `Hello` and `Welcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionParams {
+    /// Protocol version of the sender.
+    pub version: u16,
+    /// Page size in bytes.
+    pub page_size: u32,
+    /// Guest RAM size in pages.
+    pub total_pages: u64,
+    /// The session this connection belongs to (0 in an urgent `Hello`: a new session).
+    pub session_id: u64,
+}
+
+/// A contiguous range of page indices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRange {
+    /// First page index.
+    pub first: u64,
+    /// Number of pages (at least one).
+    pub count: u64,
+}
+
+impl PageRange {
+    /// One past the last page.
+    pub fn end(&self) -> u64 {
+        self.first + self.count
+    }
+}
+
+/// A decoded message. `PageRun` payloads are returned beside the message, not inside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Open a connection with the given role.
+    Hello {
+        /// Urgent or bulk.
+        role: Role,
+        /// What the client expects.
+        params: SessionParams,
+    },
+    /// The server's parameters; the client checks them against its own.
+    Welcome(SessionParams),
+    /// Send these pages now.
+    Request(PageRange),
+    /// These pages follow as payload (`count * page_size` bytes).
+    PageRun(PageRange),
+    /// These pages are all zero.
+    ZeroRun(PageRange),
+    /// The destination no longer needs these pages.
+    Skip(PageRange),
+    /// Every page has been pushed on the bulk connection.
+    BulkDone,
+    /// The migration is complete.
+    Goodbye,
+    /// A fatal error; the sender closes the connection after it.
+    Error {
+        /// What kind of failure.
+        code: ErrorCode,
+        /// Human-readable detail.
+        text: String,
+    },
+}
+
+impl Message {
+    /// The frame kind that carries this message.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Hello { .. } => Kind::Hello,
+            Message::Welcome(_) => Kind::Welcome,
+            Message::Request(_) => Kind::Request,
+            Message::PageRun(_) => Kind::PageRun,
+            Message::ZeroRun(_) => Kind::ZeroRun,
+            Message::Skip(_) => Kind::Skip,
+            Message::BulkDone => Kind::BulkDone,
+            Message::Goodbye => Kind::Goodbye,
+            Message::Error { .. } => Kind::Error,
+        }
+    }
+}
+
+/// Decodes frames for one connection. Before the handshake completes `page_size` and
+/// `total_pages` are zero and only `Hello`, `Welcome` and `Error` are accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct Decoder {
+    page_size: u64,
+    total_pages: u64,
+}
+
+/// Result of [`Decoder::decode`] on a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// More bytes are needed; at least this many in total.
+    Incomplete {
+        /// Total bytes the buffer must hold before decoding can progress.
+        need_bytes: usize,
+    },
+    /// A whole frame.
+    Frame {
+        /// The message.
+        message: Message,
+        /// Page bytes of a `PageRun` (empty otherwise).
+        payload: &'a [u8],
+        /// Bytes of the buffer this frame used.
+        consumed: usize,
+    },
+}
+
+impl Decoder {
+    /// A decoder for the handshake: only `Hello`, `Welcome` and `Error` are accepted.
+    pub fn handshake() -> Self {
+        Decoder {
+            page_size: 0,
+            total_pages: 0,
+        }
+    }
+
+    /// A decoder for an established session.
+    pub fn session(page_size: u64, total_pages: u64) -> Self {
+        Decoder {
+            page_size,
+            total_pages,
+        }
+    }
+
+    /// Checks a frame header.
+    ///
+    /// # Errors
+    /// Unknown kind, non-zero reserved bits, or a `body_len` that is too large or does not
+    /// fit the kind.
+    pub fn decode_header(&self, bytes: &[u8; HEADER_LEN]) -> Result<FrameHeader, WireError> {
+        let raw = RawHeader::read_from_bytes(bytes).expect("HEADER_LEN is the header size");
+        let kind = Kind::try_from(raw.kind.get())?;
+        if raw.reserved.get() != 0 {
+            return Err(WireError::ReservedNotZero { kind });
+        }
+        let body_len = raw.body_len.get();
+        if body_len as usize > MAX_BODY_BYTES {
+            return Err(WireError::TooLarge { body_len });
+        }
+        let len = body_len as usize;
+        let bad = |expected: String| WireError::BadLength {
+            kind,
+            body_len,
+            expected,
+        };
+        match kind {
+            Kind::Hello | Kind::Welcome if len != HELLO_BODY_LEN => {
+                return Err(bad(HELLO_BODY_LEN.to_string()));
+            }
+            Kind::Request | Kind::ZeroRun | Kind::Skip if len != RANGE_BODY_LEN => {
+                return Err(bad(RANGE_BODY_LEN.to_string()));
+            }
+            Kind::PageRun if len <= RANGE_BODY_LEN => {
+                return Err(bad(format!("more than {RANGE_BODY_LEN}")));
+            }
+            Kind::BulkDone | Kind::Goodbye if len != 0 => return Err(bad("0".into())),
+            Kind::Error if !(ERROR_BODY_LEN..=ERROR_BODY_LEN + MAX_ERROR_TEXT_BYTES).contains(&len) => {
+                return Err(bad(format!(
+                    "{ERROR_BODY_LEN}..={}",
+                    ERROR_BODY_LEN + MAX_ERROR_TEXT_BYTES
+                )));
+            }
+            _ => {}
+        }
+        let in_session = self.page_size != 0;
+        let handshake_kind = matches!(kind, Kind::Hello | Kind::Welcome | Kind::Error);
+        if in_session == handshake_kind && kind != Kind::Error {
+            return Err(WireError::Unexpected(kind));
+        }
+        Ok(FrameHeader {
+            kind,
+            body_len: len,
+        })
+    }
+
+    /// Decodes a frame body whose header was checked by [`Decoder::decode_header`].
+    /// Returns the message and, for `PageRun`, its page bytes.
+    ///
+    /// # Errors
+    /// Any field that is out of range, reserved bits that are set, or a payload whose size is
+    /// not `count * page_size`.
+    pub fn decode_body<'a>(
+        &self,
+        header: FrameHeader,
+        body: &'a [u8],
+    ) -> Result<(Message, &'a [u8]), WireError> {
+        let kind = header.kind;
+        if body.len() != header.body_len {
+            return Err(WireError::BadLength {
+                kind,
+                body_len: body.len() as u32,
+                expected: header.body_len.to_string(),
+            });
+        }
+        let message = match kind {
+            Kind::Hello | Kind::Welcome => {
+                let raw = HelloBody::read_from_bytes(body).map_err(|_| self.short(header))?;
+                if raw.magic.get() != MAGIC {
+                    return Err(WireError::BadMagic(raw.magic.get()));
+                }
+                if raw.reserved0 != 0 || raw.reserved1.get() != 0 {
+                    return Err(WireError::ReservedNotZero { kind });
+                }
+                let params = SessionParams {
+                    version: raw.version.get(),
+                    page_size: raw.page_size.get(),
+                    total_pages: raw.total_pages.get(),
+                    session_id: raw.session_id.get(),
+                };
+                if kind == Kind::Hello {
+                    Message::Hello {
+                        role: Role::try_from(raw.role)?,
+                        params,
+                    }
+                } else if raw.role != 0 {
+                    return Err(WireError::ReservedNotZero { kind });
+                } else {
+                    Message::Welcome(params)
+                }
+            }
+            Kind::Request | Kind::ZeroRun | Kind::Skip | Kind::PageRun => {
+                let (raw, payload) =
+                    RangeBody::read_from_prefix(body).map_err(|_| self.short(header))?;
+                let range = self.check_range(raw.first_page.get(), raw.count.get())?;
+                match kind {
+                    Kind::Request => Message::Request(range),
+                    Kind::ZeroRun => Message::ZeroRun(range),
+                    Kind::Skip => Message::Skip(range),
+                    _ => {
+                        let expected = range.count.checked_mul(self.page_size);
+                        if expected != Some(payload.len() as u64) {
+                            return Err(WireError::BadLength {
+                                kind,
+                                body_len: header.body_len as u32,
+                                expected: format!(
+                                    "{RANGE_BODY_LEN} + {} pages of {} bytes",
+                                    range.count, self.page_size
+                                ),
+                            });
+                        }
+                        return Ok((Message::PageRun(range), payload));
+                    }
+                }
+            }
+            Kind::BulkDone => Message::BulkDone,
+            Kind::Goodbye => Message::Goodbye,
+            Kind::Error => {
+                let (raw, text) =
+                    ErrorBody::read_from_prefix(body).map_err(|_| self.short(header))?;
+                if raw.reserved.get() != 0 {
+                    return Err(WireError::ReservedNotZero { kind });
+                }
+                let code = ErrorCode::try_from(raw.code.get())?;
+                let text = std::str::from_utf8(text)
+                    .map_err(|_| WireError::BadErrorText)?
+                    .to_owned();
+                Message::Error { code, text }
+            }
+        };
+        Ok((message, &[]))
+    }
+
+    /// Decodes the first frame of `buf`, or says how many bytes are needed.
+    ///
+    /// # Errors
+    /// As [`Decoder::decode_header`] and [`Decoder::decode_body`].
+    pub fn decode<'a>(&self, buf: &'a [u8]) -> Result<Decoded<'a>, WireError> {
+        let Some(header_bytes) = buf.first_chunk::<HEADER_LEN>() else {
+            return Ok(Decoded::Incomplete {
+                need_bytes: HEADER_LEN,
+            });
+        };
+        let header = self.decode_header(header_bytes)?;
+        let frame_len = HEADER_LEN + header.body_len;
+        let Some(body) = buf.get(HEADER_LEN..frame_len) else {
+            return Ok(Decoded::Incomplete {
+                need_bytes: frame_len,
+            });
+        };
+        let (message, payload) = self.decode_body(header, body)?;
+        Ok(Decoded::Frame {
+            message,
+            payload,
+            consumed: frame_len,
+        })
+    }
+
+    fn short(&self, header: FrameHeader) -> WireError {
+        WireError::BadLength {
+            kind: header.kind,
+            body_len: header.body_len as u32,
+            expected: "a complete fixed body".into(),
+        }
+    }
+
+    fn check_range(&self, first: u64, count: u64) -> Result<PageRange, WireError> {
+        let fits = count > 0
+            && first
+                .checked_add(count)
+                .is_some_and(|end| end <= self.total_pages);
+        if !fits {
+            return Err(WireError::RangeOutOfBounds {
+                first,
+                count,
+                total_pages: self.total_pages,
+            });
+        }
+        Ok(PageRange { first, count })
+    }
+}
+
+/// Appends the header and fixed body of `message` to `out`. For `PageRun` the caller sends
+/// `payload_len` page bytes right after; `payload_len` is ignored for other kinds.
+pub fn encode(message: &Message, payload_len: usize, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    let mut trailing = 0;
+    match message {
+        Message::Hello { role, params } => encode_params(*role as u8, params, out),
+        Message::Welcome(params) => encode_params(0, params, out),
+        Message::Request(r) | Message::ZeroRun(r) | Message::Skip(r) | Message::PageRun(r) => {
+            let body = RangeBody {
+                first_page: r.first.into(),
+                count: r.count.into(),
+            };
+            out.extend_from_slice(body.as_bytes());
+            if matches!(message, Message::PageRun(_)) {
+                trailing = payload_len;
+            }
+        }
+        Message::BulkDone | Message::Goodbye => {}
+        Message::Error { code, text } => {
+            let body = ErrorBody {
+                code: (*code as u32).into(),
+                reserved: 0.into(),
+            };
+            out.extend_from_slice(body.as_bytes());
+            out.extend_from_slice(truncate_utf8(text, MAX_ERROR_TEXT_BYTES).as_bytes());
+        }
+    }
+    let body_len = out.len() - start - HEADER_LEN + trailing;
+    let header = RawHeader {
+        kind: (message.kind() as u16).into(),
+        reserved: 0.into(),
+        body_len: (body_len as u32).into(),
+    };
+    out[start..start + HEADER_LEN].copy_from_slice(header.as_bytes());
+}
+
+fn encode_params(role: u8, params: &SessionParams, out: &mut Vec<u8>) {
+    let body = HelloBody {
+        magic: MAGIC.into(),
+        version: params.version.into(),
+        role,
+        reserved0: 0,
+        page_size: params.page_size.into(),
+        reserved1: 0.into(),
+        total_pages: params.total_pages.into(),
+        session_id: params.session_id.into(),
+    };
+    out.extend_from_slice(body.as_bytes());
+}
+
+fn truncate_utf8(text: &str, max_bytes: usize) -> &str {
+    let mut end = text.len().min(max_bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const PAGE: u64 = 4096;
+
+    fn session() -> Decoder {
+        Decoder::session(PAGE, 1000)
+    }
+
+    fn frame(message: &Message, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(message, payload.len(), &mut out);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn decode_all(decoder: &Decoder, buf: &[u8]) -> Result<(Message, Vec<u8>), WireError> {
+        match decoder.decode(buf)? {
+            Decoded::Frame {
+                message,
+                payload,
+                consumed,
+            } => {
+                assert_eq!(consumed, buf.len());
+                Ok((message, payload.to_vec()))
+            }
+            Decoded::Incomplete { need_bytes } => panic!("incomplete, need {need_bytes}"),
+        }
+    }
+
+    fn params() -> SessionParams {
+        SessionParams {
+            version: PROTOCOL_VERSION,
+            page_size: 4096,
+            total_pages: 1000,
+            session_id: 7,
+        }
+    }
+
+    #[test]
+    fn test_handshake_round_trip() {
+        let d = Decoder::handshake();
+        for m in [
+            Message::Hello {
+                role: Role::Bulk,
+                params: params(),
+            },
+            Message::Welcome(params()),
+            Message::Error {
+                code: ErrorCode::LayoutMismatch,
+                text: "sizes differ ✗".into(),
+            },
+        ] {
+            assert_eq!(decode_all(&d, &frame(&m, &[])).unwrap().0, m);
+        }
+    }
+
+    #[test]
+    fn test_session_messages_round_trip() {
+        let r = PageRange {
+            first: 10,
+            count: 2,
+        };
+        for m in [
+            Message::Request(r),
+            Message::ZeroRun(r),
+            Message::Skip(r),
+            Message::BulkDone,
+            Message::Goodbye,
+        ] {
+            assert_eq!(decode_all(&session(), &frame(&m, &[])).unwrap().0, m);
+        }
+        let payload = vec![0xAB; 2 * PAGE as usize];
+        let (m, p) = decode_all(&session(), &frame(&Message::PageRun(r), &payload)).unwrap();
+        assert_eq!(m, Message::PageRun(r));
+        assert_eq!(p, payload);
+    }
+
+    #[test]
+    fn test_rejects_unknown_kind_and_reserved() {
+        let mut f = frame(&Message::Goodbye, &[]);
+        f[0] = 99;
+        assert_eq!(session().decode(&f), Err(WireError::UnknownKind(99)));
+        let mut f = frame(&Message::Goodbye, &[]);
+        f[2] = 1;
+        assert!(matches!(
+            session().decode(&f),
+            Err(WireError::ReservedNotZero { .. })
+        ));
+        let mut f = frame(&Message::Welcome(params()), &[]);
+        f[HEADER_LEN + 7] = 1; // reserved0
+        assert!(matches!(
+            Decoder::handshake().decode(&f),
+            Err(WireError::ReservedNotZero { .. })
+        ));
+        let mut f = frame(&Message::Welcome(params()), &[]);
+        f[HEADER_LEN + 6] = 1; // role in a Welcome
+        assert!(matches!(
+            Decoder::handshake().decode(&f),
+            Err(WireError::ReservedNotZero { .. })
+        ));
+    }
+
+    #[test]
+    fn test_rejects_oversized_before_reading_body() {
+        let mut f = frame(&Message::Goodbye, &[]);
+        f[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            session().decode(&f),
+            Err(WireError::TooLarge { body_len: u32::MAX })
+        );
+    }
+
+    #[test]
+    fn test_rejects_wrong_fixed_lengths() {
+        let mut f = frame(&Message::Request(PageRange { first: 1, count: 1 }), &[]);
+        f[4] = 15;
+        f.pop();
+        assert!(matches!(
+            session().decode(&f),
+            Err(WireError::BadLength { .. })
+        ));
+        let f = frame(
+            &Message::PageRun(PageRange { first: 1, count: 2 }),
+            &[0; 4096],
+        );
+        assert!(matches!(
+            session().decode(&f),
+            Err(WireError::BadLength { .. })
+        ));
+    }
+
+    #[test]
+    fn test_rejects_bad_magic_role_and_code() {
+        let mut f = frame(
+            &Message::Hello {
+                role: Role::Urgent,
+                params: params(),
+            },
+            &[],
+        );
+        f[HEADER_LEN + 6] = 3;
+        assert_eq!(
+            Decoder::handshake().decode(&f),
+            Err(WireError::UnknownRole(3))
+        );
+        f[HEADER_LEN] ^= 0xFF;
+        assert!(matches!(
+            Decoder::handshake().decode(&f),
+            Err(WireError::BadMagic(_))
+        ));
+        let mut f = frame(
+            &Message::Error {
+                code: ErrorCode::Busy,
+                text: String::new(),
+            },
+            &[],
+        );
+        f[HEADER_LEN] = 200;
+        assert_eq!(
+            session().decode(&f),
+            Err(WireError::UnknownErrorCode(200))
+        );
+    }
+
+    #[test]
+    fn test_rejects_out_of_range_pages() {
+        for (first, count) in [(999, 2), (0, 0), (u64::MAX, 2), (1000, 1)] {
+            let f = frame(&Message::Request(PageRange { first, count }), &[]);
+            assert!(matches!(
+                session().decode(&f),
+                Err(WireError::RangeOutOfBounds { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn test_rejects_frames_outside_their_phase() {
+        let f = frame(&Message::Goodbye, &[]);
+        assert_eq!(
+            Decoder::handshake().decode(&f),
+            Err(WireError::Unexpected(Kind::Goodbye))
+        );
+        let f = frame(&Message::Welcome(params()), &[]);
+        assert_eq!(
+            session().decode(&f),
+            Err(WireError::Unexpected(Kind::Welcome))
+        );
+    }
+
+    #[test]
+    fn test_incomplete_reports_needed_bytes() {
+        let f = frame(&Message::Skip(PageRange { first: 3, count: 4 }), &[]);
+        assert_eq!(
+            session().decode(&f[..3]),
+            Ok(Decoded::Incomplete {
+                need_bytes: HEADER_LEN
+            })
+        );
+        assert_eq!(
+            session().decode(&f[..HEADER_LEN + 1]),
+            Ok(Decoded::Incomplete {
+                need_bytes: f.len()
+            })
+        );
+    }
+
+    #[test]
+    fn test_error_text_is_truncated_on_char_boundary() {
+        let text = "é".repeat(MAX_ERROR_TEXT_BYTES);
+        let f = frame(
+            &Message::Error {
+                code: ErrorCode::Internal,
+                text,
+            },
+            &[],
+        );
+        let (m, _) = decode_all(&session(), &f).unwrap();
+        let Message::Error { text, .. } = m else {
+            panic!("not an error")
+        };
+        assert_eq!(text.len(), MAX_ERROR_TEXT_BYTES);
+    }
+
+    proptest! {
+        #[test]
+        fn prop_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = session().decode(&bytes);
+            let _ = Decoder::handshake().decode(&bytes);
+        }
+
+        #[test]
+        fn prop_ranges_round_trip(first in 0u64..1000, count in 1u64..1000) {
+            let m = Message::ZeroRun(PageRange { first, count });
+            let bytes = frame(&m, &[]);
+            let decoded = session().decode(&bytes);
+            if first + count <= 1000 {
+                prop_assert_eq!(decoded.map(|d| matches!(d, Decoded::Frame { .. })), Ok(true));
+            } else {
+                let rejected = matches!(decoded, Err(WireError::RangeOutOfBounds { .. }));
+                prop_assert!(rejected);
+            }
+        }
+
+        #[test]
+        fn prop_any_single_byte_flip_in_header_is_caught_or_consistent(pos in 0usize..HEADER_LEN, bit in 0u8..8) {
+            let m = Message::Request(PageRange { first: 5, count: 3 });
+            let mut f = frame(&m, &[]);
+            f[pos] ^= 1 << bit;
+            match session().decode(&f) {
+                Err(_) | Ok(Decoded::Incomplete { .. }) => {}
+                Ok(Decoded::Frame { message, .. }) => prop_assert_ne!(message, m),
+            }
+        }
+    }
+}
