@@ -61,7 +61,9 @@ pub enum LayoutError {
         first: u64,
     },
     /// An address or size that is not a multiple of the page size, or a zero size.
-    #[error("region {index}: base {base:#x} and size {size:#x} must be non-zero multiples of the page size")]
+    #[error(
+        "region {index}: base {base:#x} and size {size:#x} must be non-zero multiples of the page size"
+    )]
     Misaligned {
         /// Position in the list.
         index: usize,
@@ -71,7 +73,9 @@ pub enum LayoutError {
         size: u64,
     },
     /// An offset that is not the sum of the previous regions' sizes.
-    #[error("region {index}: offset {offset:#x} should be {expected:#x} (regions are concatenated in list order)")]
+    #[error(
+        "region {index}: offset {offset:#x} should be {expected:#x} (regions are concatenated in list order)"
+    )]
     NotContiguous {
         /// Position in the list.
         index: usize,
@@ -339,8 +343,9 @@ mod tests {
 
     #[test]
     fn test_accepts_firecracker_layout_in_any_host_order() {
-        let l = Layout::from_json(json(&[(0x20000, 0x2000, 0), (0x10000, 0x3000, 0x2000)]).as_bytes())
-            .unwrap();
+        let l =
+            Layout::from_json(json(&[(0x20000, 0x2000, 0), (0x10000, 0x3000, 0x2000)]).as_bytes())
+                .unwrap();
         assert_eq!(l.total_pages(), 5);
         assert_eq!(l.locate(HostAddr(0x20fff)).unwrap().page, 0);
         assert_eq!(l.locate(HostAddr(0x21000)).unwrap().page, 1);
@@ -369,7 +374,8 @@ mod tests {
 
     #[test]
     fn test_rejects_broken_layouts() {
-        let cases: Vec<(String, fn(&LayoutError) -> bool)> = vec![
+        type Check = fn(&LayoutError) -> bool;
+        let cases: Vec<(String, Check)> = vec![
             ("[]".into(), |e| matches!(e, LayoutError::Empty)),
             ("{".into(), |e| matches!(e, LayoutError::Json(_))),
             (json(&[(0x1000, 0x1001, 0)]), |e| matches!(e, LayoutError::Misaligned { .. })),
@@ -396,8 +402,9 @@ mod tests {
 
     #[test]
     fn test_pages_in_host_range_covers_partial_pages() {
-        let l = Layout::from_json(json(&[(0x20000, 0x4000, 0), (0x10000, 0x3000, 0x4000)]).as_bytes())
-            .unwrap();
+        let l =
+            Layout::from_json(json(&[(0x20000, 0x4000, 0), (0x10000, 0x3000, 0x4000)]).as_bytes())
+                .unwrap();
         assert_eq!(l.pages_in_host_range(0x20800, 0x21800), vec![(0, 2)]);
         assert_eq!(l.pages_in_host_range(0x0, u64::MAX), vec![(4, 3), (0, 4)]);
         assert!(l.pages_in_host_range(0x30000, 0x40000).is_empty());

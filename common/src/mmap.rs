@@ -36,7 +36,12 @@ impl Mapping {
     /// # Errors
     /// The kernel's refusal.
     pub fn anonymous(len: usize) -> Result<Self, MapError> {
-        Self::map(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+        Self::map(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+        )
     }
 
     /// `fd`'s first `len` bytes, read-only and shared (pages come from the page cache).
@@ -52,7 +57,12 @@ impl Mapping {
     /// # Errors
     /// The kernel's refusal.
     pub fn file_shared(fd: BorrowedFd<'_>, len: usize) -> Result<Self, MapError> {
-        Self::map(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd())
+        Self::map(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+        )
     }
 
     fn map(len: usize, prot: i32, flags: i32, fd: i32) -> Result<Self, MapError> {

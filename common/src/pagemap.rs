@@ -78,7 +78,8 @@ impl PageMap {
         let mut page = from;
         while page < self.total_pages {
             let word = page / 64;
-            let bits = !self.words[word as usize].load(Ordering::Acquire) & mask_bits(page % 64, 64);
+            let bits =
+                !self.words[word as usize].load(Ordering::Acquire) & mask_bits(page % 64, 64);
             if bits != 0 {
                 let found = word * 64 + u64::from(bits.trailing_zeros());
                 return (found < self.total_pages).then_some(found);
@@ -151,7 +152,12 @@ mod tests {
         let handles: Vec<_> = (0..4)
             .map(|t| {
                 let m = m.clone();
-                std::thread::spawn(move || (0..10_000).step_by(7).map(|p| m.set_range(p + t, 3)).sum::<u64>())
+                std::thread::spawn(move || {
+                    (0..10_000)
+                        .step_by(7)
+                        .map(|p| m.set_range(p + t, 3))
+                        .sum::<u64>()
+                })
             })
             .collect();
         let total: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();

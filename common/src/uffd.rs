@@ -248,7 +248,8 @@ impl Uffd {
     pub fn unregister(&self, addr: u64, len: u64) -> Result<(), UffdError> {
         let mut range = uapi::uffdio_range { start: addr, len };
         // SAFETY: UFFDIO_UNREGISTER reads one uffdio_range on our stack.
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_UNREGISTER as _, &mut range) };
+        let rc =
+            unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_UNREGISTER as _, &mut range) };
         if rc < 0 {
             let source = std::io::Error::last_os_error();
             if source.raw_os_error() == Some(libc::ESRCH) {
@@ -269,13 +270,7 @@ impl Uffd {
         let mut total = 0;
         loop {
             // SAFETY: reads at most buf.len() bytes into a buffer we own.
-            let n = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            };
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 match e.raw_os_error() {
@@ -304,19 +299,26 @@ impl Uffd {
     /// # Errors
     /// [`UffdError::ProcessGone`], or any other failure of the ioctl.
     pub fn copy(&self, dst: u64, src: &[u8], page_size: u64) -> Result<Placement, UffdError> {
-        self.place_loop("UFFDIO_COPY", dst, src.len() as u64, page_size, |at, len| {
-            let mut arg = uapi::uffdio_copy {
-                dst: dst + at,
-                src: src[at as usize..].as_ptr() as u64,
-                len,
-                mode: 0,
-                copy: 0,
-            };
-            // SAFETY: the kernel reads `len` bytes from `src[at..]`, which is in bounds
-            // (at + len <= src.len()), and writes only the VMM's registered range and `arg`.
-            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_COPY as _, &mut arg) };
-            (rc, arg.copy)
-        })
+        self.place_loop(
+            "UFFDIO_COPY",
+            dst,
+            src.len() as u64,
+            page_size,
+            |at, len| {
+                let mut arg = uapi::uffdio_copy {
+                    dst: dst + at,
+                    src: src[at as usize..].as_ptr() as u64,
+                    len,
+                    mode: 0,
+                    copy: 0,
+                };
+                // SAFETY: the kernel reads `len` bytes from `src[at..]`, which is in bounds
+                // (at + len <= src.len()), and writes only the VMM's registered range and `arg`.
+                let rc =
+                    unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_COPY as _, &mut arg) };
+                (rc, arg.copy)
+            },
+        )
     }
 
     /// Maps zero pages at `dst..dst+len` (not for hugetlbfs), waking waiters.
@@ -344,7 +346,12 @@ impl Uffd {
     ///
     /// # Errors
     /// As [`Uffd::copy`].
-    pub fn continue_range(&self, dst: u64, len: u64, page_size: u64) -> Result<Placement, UffdError> {
+    pub fn continue_range(
+        &self,
+        dst: u64,
+        len: u64,
+        page_size: u64,
+    ) -> Result<Placement, UffdError> {
         self.place_loop("UFFDIO_CONTINUE", dst, len, page_size, |at, len| {
             let mut arg = uapi::uffdio_continue {
                 range: uapi::uffdio_range {
@@ -370,7 +377,12 @@ impl Uffd {
         // SAFETY: UFFDIO_WAKE reads one uffdio_range on our stack.
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_WAKE as _, &mut range) };
         if rc < 0 {
-            return Err(classify("UFFDIO_WAKE", addr, len, std::io::Error::last_os_error()));
+            return Err(classify(
+                "UFFDIO_WAKE",
+                addr,
+                len,
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }
@@ -514,7 +526,12 @@ mod tests {
         );
         // Pages 0..2: page 1 exists already, so the copy stops there and goes on after it.
         assert_eq!(
-            uffd.copy(base, &[src.as_slice(), &src[..page as usize]].concat(), page).unwrap(),
+            uffd.copy(
+                base,
+                &[src.as_slice(), &src[..page as usize]].concat(),
+                page
+            )
+            .unwrap(),
             Placement::Done { existing_pages: 1 }
         );
         assert_eq!(

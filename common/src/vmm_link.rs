@@ -29,7 +29,9 @@ pub enum LinkError {
     #[error("failed to read the VMM handshake")]
     Receive(#[source] std::io::Error),
     /// The VMM closed the socket before a complete region list arrived.
-    #[error("the VMM closed the socket after {received_bytes} bytes, before a complete region list")]
+    #[error(
+        "the VMM closed the socket after {received_bytes} bytes, before a complete region list"
+    )]
     PeerClosed {
         /// Bytes received.
         received_bytes: usize,
@@ -98,8 +100,8 @@ pub struct Handshake {
 /// # Errors
 /// Any [`LinkError`]; every fd received is closed on error.
 pub fn receive_handshake(stream: &UnixStream) -> Result<Handshake, LinkError> {
-    let creds: UnixCredentials = getsockopt(stream, PeerCredentials)
-        .map_err(|e| LinkError::Credentials(e.into()))?;
+    let creds: UnixCredentials =
+        getsockopt(stream, PeerCredentials).map_err(|e| LinkError::Credentials(e.into()))?;
     let ours = nix::unistd::geteuid().as_raw();
     if creds.uid() != 0 && creds.uid() != ours {
         return Err(LinkError::Forbidden {
@@ -179,7 +181,10 @@ fn receive_chunk(
     for c in msg.cmsgs().map_err(|e| LinkError::Receive(e.into()))? {
         if let ControlMessageOwned::ScmRights(raw) = c {
             // SAFETY: SCM_RIGHTS just installed these fds in our table; nothing else owns them.
-            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
     }
     Ok(msg.bytes)
@@ -195,14 +200,30 @@ fn fd_kind(fd: RawFd) -> String {
 ///
 /// # Errors
 /// [`LinkError::Send`].
-pub fn send_handshake(stream: &UnixStream, json: &[u8], fds: &[impl AsFd]) -> Result<(), LinkError> {
+pub fn send_handshake(
+    stream: &UnixStream,
+    json: &[u8],
+    fds: &[impl AsFd],
+) -> Result<(), LinkError> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_fd().as_raw_fd()).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
-    let mut sent = sendmsg::<()>(stream.as_raw_fd(), &[IoSlice::new(json)], &cmsg, MsgFlags::empty(), None)
-        .map_err(|e| LinkError::Send(e.into()))?;
+    let mut sent = sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(json)],
+        &cmsg,
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| LinkError::Send(e.into()))?;
     while sent < json.len() {
-        sent += sendmsg::<()>(stream.as_raw_fd(), &[IoSlice::new(&json[sent..])], &[], MsgFlags::empty(), None)
-            .map_err(|e| LinkError::Send(e.into()))?;
+        sent += sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[IoSlice::new(&json[sent..])],
+            &[],
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(|e| LinkError::Send(e.into()))?;
     }
     Ok(())
 }
@@ -215,7 +236,9 @@ mod tests {
         br#"[{"base_host_virt_addr":4096,"size":8192,"offset":0,"page_size":4096}]"#;
 
     fn memfd(len: u64) -> OwnedFd {
-        let fd = nix::sys::memfd::memfd_create(c"test", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC).unwrap();
+        let fd =
+            nix::sys::memfd::memfd_create(c"test", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+                .unwrap();
         nix::unistd::ftruncate(&fd, len as i64).unwrap();
         fd
     }
@@ -239,7 +262,10 @@ mod tests {
         ));
         let (a, b) = UnixStream::pair().unwrap();
         send_handshake(&a, b"[}", &[memfd(1)]).unwrap();
-        assert!(matches!(receive_handshake(&b).unwrap_err(), LinkError::NotJson(_)));
+        assert!(matches!(
+            receive_handshake(&b).unwrap_err(),
+            LinkError::NotJson(_)
+        ));
     }
 
     #[test]
@@ -252,7 +278,10 @@ mod tests {
         ));
         let (a, b) = UnixStream::pair().unwrap();
         send_handshake(&a, ONE_REGION, &[] as &[OwnedFd]).unwrap();
-        assert!(matches!(receive_handshake(&b).unwrap_err(), LinkError::NoUffd));
+        assert!(matches!(
+            receive_handshake(&b).unwrap_err(),
+            LinkError::NoUffd
+        ));
     }
 
     #[test]
@@ -269,12 +298,17 @@ mod tests {
         let json = format!("[{}]", regions.join(",   "));
         assert!(json.len() > 64 << 10);
         let Ok(uffd) = crate::uffd::Uffd::create(0) else {
-            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "userfaultfd required in CI");
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "userfaultfd required in CI"
+            );
             eprintln!("SKIPPED: userfaultfd unavailable");
             return;
         };
         let (a, b) = UnixStream::pair().unwrap();
-        let writer = std::thread::spawn(move || send_handshake(&a, json.as_bytes(), &[uffd]).unwrap());
+        let writer =
+            std::thread::spawn(move || send_handshake(&a, json.as_bytes(), &[uffd]).unwrap());
         let hs = receive_handshake(&b).unwrap();
         writer.join().unwrap();
         assert_eq!(hs.layout.regions().len(), 1000);
@@ -288,7 +322,10 @@ mod tests {
         let writer = std::thread::spawn(move || {
             let _ = send_handshake(&a, &big, &[memfd(1)]);
         });
-        assert!(matches!(receive_handshake(&b).unwrap_err(), LinkError::TooLarge));
+        assert!(matches!(
+            receive_handshake(&b).unwrap_err(),
+            LinkError::TooLarge
+        ));
         drop(b);
         writer.join().unwrap();
     }

@@ -47,6 +47,9 @@ pub const MAX_ERROR_TEXT_BYTES: usize = 1024;
 /// Largest `body_len` any frame may declare.
 pub const MAX_BODY_BYTES: usize = MAX_PAYLOAD_BYTES + RANGE_BODY_LEN;
 
+/// Bytes of a `Request`, `ZeroRun`, `Skip` frame, and of a `PageRun` before its pages.
+pub const RANGE_FRAME_BYTES: usize = HEADER_LEN + RANGE_BODY_LEN;
+
 const HELLO_BODY_LEN: usize = size_of::<HelloBody>();
 const RANGE_BODY_LEN: usize = size_of::<RangeBody>();
 const ERROR_BODY_LEN: usize = size_of::<ErrorBody>();
@@ -409,7 +412,9 @@ impl Decoder {
                 return Err(bad(format!("more than {RANGE_BODY_LEN}")));
             }
             Kind::BulkDone | Kind::Goodbye if len != 0 => return Err(bad("0".into())),
-            Kind::Error if !(ERROR_BODY_LEN..=ERROR_BODY_LEN + MAX_ERROR_TEXT_BYTES).contains(&len) => {
+            Kind::Error
+                if !(ERROR_BODY_LEN..=ERROR_BODY_LEN + MAX_ERROR_TEXT_BYTES).contains(&len) =>
+            {
                 return Err(bad(format!(
                     "{ERROR_BODY_LEN}..={}",
                     ERROR_BODY_LEN + MAX_ERROR_TEXT_BYTES
@@ -785,10 +790,7 @@ mod tests {
             &[],
         );
         f[HEADER_LEN] = 200;
-        assert_eq!(
-            session().decode(&f),
-            Err(WireError::UnknownErrorCode(200))
-        );
+        assert_eq!(session().decode(&f), Err(WireError::UnknownErrorCode(200)));
     }
 
     #[test]

@@ -1,1 +1,89 @@
-fn main() {}
+//! pagesrv: serves a paused VM's memory file to a postcopy destination (faultd).
+//!
+//! Exit codes: 0 the session completed; 1 a fatal error or an aborted session; 2 bad usage.
+
+mod sched;
+mod server;
+mod session;
+mod source;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use crate::server::{ServerConfig, serve};
+use crate::session::SessionConfig;
+use crate::source::MemorySource;
+
+/// Serve a paused VM's memory to a postcopy destination.
+///
+/// Maps the memory file read-only and serves its pages over TCP to faultd: requested pages at
+/// once on the urgent connection, every other page pushed in the background on the bulk
+/// connection (zero pages as ranges without payload). Serves one destination session, then
+/// exits 0 when it completed.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// The guest memory file (e.g. /dev/shm/vm1, or a hugetlbfs file with --page-size 2m).
+    #[arg(long, value_name = "PATH")]
+    vm_mem: PathBuf,
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Page size of the guest memory: 4k, or 2m for hugetlbfs-backed RAM.
+    #[arg(long, default_value = "4k", value_parser = parse_page_size)]
+    page_size: u64,
+    /// Keep serving further sessions instead of exiting after the first.
+    #[arg(long)]
+    serve_forever: bool,
+    /// Pages pushed right after each requested page (pre-paging window; 0 disables).
+    #[arg(long, value_name = "PAGES", default_value_t = 64)]
+    prepage_window: u64,
+    /// Do not push pages in the background: serve requested pages only.
+    #[arg(long)]
+    no_push: bool,
+}
+
+fn parse_page_size(text: &str) -> Result<u64, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "4k" | "4096" => Ok(4096),
+        "2m" | "2097152" => Ok(2 << 20),
+        _ => Err(format!("unsupported page size {text:?}: use 4k or 2m")),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let source = MemorySource::open(&cli.vm_mem, cli.page_size)
+        .with_context(|| format!("cannot serve {}", cli.vm_mem.display()))?;
+    let config = ServerConfig {
+        listen: cli.listen,
+        serve_forever: cli.serve_forever,
+        session: SessionConfig {
+            prepage_window_pages: cli.prepage_window,
+            push: !cli.no_push,
+        },
+    };
+    serve(&source, &config)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pagesrv: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

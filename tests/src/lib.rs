@@ -1,1 +1,268 @@
-//! test helpers
+//! Fixtures for the integration tests: patterned memory files, and the real pagesrv, faultd
+//! and test-vmm binaries started as child processes that are killed if a test fails.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Page size of the fixtures.
+pub const PAGE: usize = 4096;
+
+/// Whether the kernel features the tests need are here. Under `CI=true` their absence fails
+/// the test; elsewhere the test is skipped with the reason printed.
+pub fn require_userfaultfd() -> bool {
+    let ok = Path::new("/dev/userfaultfd").exists() || {
+        // SAFETY: probes the syscall; a returned fd is closed at once.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+        if fd >= 0 {
+            // SAFETY: closes the fd we just got.
+            unsafe { libc::close(fd as i32) };
+        }
+        fd >= 0
+    };
+    if !ok {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "userfaultfd is required in CI"
+        );
+        eprintln!("SKIPPED: neither /dev/userfaultfd nor the userfaultfd syscall is available");
+    }
+    ok
+}
+
+/// Path of a workspace binary built next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile> directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// A new directory under /dev/shm (or the temp dir) named after `tag`.
+    pub fn new(tag: &str) -> Self {
+        let base = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!("pm-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Scratch(dir)
+    }
+
+    /// A path inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a memory file of `pages` pages: each data page carries its index and `seed` in
+/// every word; every `zero_every`-th page is written as zeros, and pages in `hole` are left
+/// as a hole (never written).
+pub fn write_source(
+    path: &Path,
+    pages: usize,
+    seed: u64,
+    zero_every: usize,
+    hole: std::ops::Range<usize>,
+) {
+    let mut f = std::fs::File::create(path).expect("create source");
+    f.set_len((pages * PAGE) as u64).expect("size source");
+    let mut page = vec![0u8; PAGE];
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
+    for p in 0..pages {
+        if hole.contains(&p) {
+            w.flush().expect("flush");
+            std::io::Seek::seek(
+                w.get_mut(),
+                std::io::SeekFrom::Start(((p + 1) * PAGE) as u64),
+            )
+            .expect("seek");
+            continue;
+        }
+        if zero_every > 0 && p % zero_every == 0 {
+            page.fill(0);
+        } else {
+            for (i, word) in page.chunks_exact_mut(8).enumerate() {
+                let v = (p as u64) << 32 ^ seed.rotate_left(i as u32 % 64) ^ i as u64;
+                word.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        w.write_all(&page).expect("write source");
+    }
+    w.flush().expect("flush source");
+}
+
+/// A child process, killed on drop, with its stderr collected by a thread.
+pub struct Proc {
+    name: String,
+    child: Child,
+    stdout: Option<BufReader<ChildStdout>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Proc {
+    /// Starts `cmd` with piped stdout and stderr.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start {name}: {e}"));
+        let mut err = child.stderr.take().expect("piped stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let stdout = child.stdout.take().map(BufReader::new);
+        Proc {
+            name: name.into(),
+            child,
+            stdout,
+            stderr: Some(stderr),
+        }
+    }
+
+    /// Reads one line of stdout (blocks until the process prints it or exits).
+    pub fn read_line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout
+            .as_mut()
+            .expect("stdout")
+            .read_line(&mut line)
+            .expect("read stdout");
+        line.trim_end().to_owned()
+    }
+
+    /// The rest of stdout, after the process exited.
+    pub fn rest_of_stdout(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(out) = self.stdout.as_mut() {
+            let _ = out.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Waits up to `limit` for the process to exit; kills it and panics with its stderr if
+    /// it does not. Returns the status and the collected stderr.
+    pub fn wait(&mut self, limit: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                let stderr = self
+                    .stderr
+                    .take()
+                    .map(|h| h.join().unwrap_or_default())
+                    .unwrap_or_default();
+                return (status, stderr);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let stderr = self
+                    .stderr
+                    .take()
+                    .map(|h| h.join().unwrap_or_default())
+                    .unwrap_or_default();
+                panic!(
+                    "{} did not exit within {limit:?}; stderr:\n{stderr}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// pagesrv serving `mem` on a free loopback port; returns the process and its address.
+pub fn start_pagesrv(mem: &Path, extra: &[&str]) -> (Proc, String) {
+    let mut p = Proc::spawn(
+        "pagesrv",
+        Command::new(bin("pagesrv"))
+            .arg("--vm-mem")
+            .arg(mem)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra),
+    );
+    let line = p.read_line();
+    let addr = line
+        .strip_prefix("pagesrv listening on ")
+        .unwrap_or_else(|| {
+            let (_, err) = p.wait(Duration::from_secs(5));
+            panic!("pagesrv did not start: {line:?}\n{err}")
+        })
+        .to_owned();
+    (p, addr)
+}
+
+/// faultd connecting to `addr`, accepting the VMM on `uds`, writing stats to `stats`.
+pub fn start_faultd(addr: &str, uds: &Path, stats: &Path) -> Proc {
+    let mut p = Proc::spawn(
+        "faultd",
+        Command::new(bin("faultd"))
+            .args(["--connect", addr])
+            .arg("--uds")
+            .arg(uds)
+            .arg("--stats-json")
+            .arg(stats),
+    );
+    let line = p.read_line();
+    assert!(
+        line.starts_with("faultd waiting for the VMM"),
+        "faultd did not start: {line:?}"
+    );
+    p
+}
+
+/// Starts the test VMM with `args`.
+pub fn start_vmm(uds: &Path, source: &Path, args: &[&str]) -> Proc {
+    Proc::spawn(
+        "test-vmm",
+        Command::new(bin("test-vmm"))
+            .arg("--uds")
+            .arg(uds)
+            .arg("--source")
+            .arg(source)
+            .args(args),
+    )
+}
+
+/// Parses a JSON document.
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}

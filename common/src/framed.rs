@@ -1,0 +1,228 @@
+//! Frames over a byte stream: a buffered reader that works for blocking and non-blocking
+//! sockets, and a vectored writer that sends a header and page bytes without copying them.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::ops::Range;
+
+use thiserror::Error;
+
+use crate::wire::{Decoded, Decoder, HEADER_LEN, MAX_BODY_BYTES, Message, WireError, encode};
+
+/// Errors reading frames.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    /// The socket failed (for a non-blocking socket: `WouldBlock` means "no whole frame yet").
+    #[error("failed to read from the peer")]
+    Io(#[from] io::Error),
+    /// The peer sent a malformed frame.
+    #[error("the peer sent a malformed frame")]
+    Wire(#[from] WireError),
+    /// The peer closed the connection.
+    #[error("the peer closed the connection{}", if *.mid_frame { " in the middle of a frame" } else { "" })]
+    Closed {
+        /// True when part of a frame was buffered.
+        mid_frame: bool,
+    },
+}
+
+/// Reads frames from a stream into a buffer that grows to the largest frame seen (bounded by
+/// the decoder's header check, so a peer cannot make it allocate more than one maximal frame).
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    decoder: Decoder,
+}
+
+impl FrameReader {
+    /// A reader decoding with `decoder`.
+    pub fn new(decoder: Decoder) -> Self {
+        FrameReader {
+            buf: vec![0; 64 << 10],
+            start: 0,
+            end: 0,
+            decoder,
+        }
+    }
+
+    /// Switches the decoder (after the handshake).
+    pub fn set_decoder(&mut self, decoder: Decoder) {
+        self.decoder = decoder;
+    }
+
+    /// Decodes the next whole frame already buffered; returns the message and where its
+    /// payload sits (see [`FrameReader::payload`]). The frame is consumed.
+    ///
+    /// # Errors
+    /// A malformed frame.
+    pub fn next_buffered(&mut self) -> Result<Option<(Message, Range<usize>)>, WireError> {
+        match self.decoder.decode(&self.buf[self.start..self.end])? {
+            Decoded::Frame {
+                message,
+                payload,
+                consumed,
+            } => {
+                // A payload is always the tail of its frame.
+                let frame_end = self.start + consumed;
+                let range = frame_end - payload.len()..frame_end;
+                self.start = frame_end;
+                Ok(Some((message, range)))
+            }
+            Decoded::Incomplete { need_bytes } => {
+                debug_assert!(need_bytes <= HEADER_LEN + MAX_BODY_BYTES);
+                self.make_room(need_bytes);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The payload bytes of the frame last returned by [`FrameReader::next_buffered`]; valid
+    /// until the next call that reads or decodes.
+    pub fn payload(&self, range: Range<usize>) -> &[u8] {
+        &self.buf[range]
+    }
+
+    /// One `read` into the buffer; returns the bytes read (0 at end of stream).
+    ///
+    /// # Errors
+    /// The read's error, including `WouldBlock` on a non-blocking socket.
+    pub fn fill(&mut self, r: &mut impl Read) -> io::Result<usize> {
+        if self.end == self.buf.len() {
+            self.make_room(self.end - self.start + 1);
+        }
+        loop {
+            match r.read(&mut self.buf[self.end..]) {
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads until a whole frame is buffered and decodes it.
+    ///
+    /// # Errors
+    /// I/O errors, malformed frames, or the peer closing.
+    pub fn read_frame(&mut self, r: &mut impl Read) -> Result<(Message, Range<usize>), ReadError> {
+        loop {
+            if let Some(frame) = self.next_buffered()? {
+                return Ok(frame);
+            }
+            if self.fill(r)? == 0 {
+                return Err(ReadError::Closed {
+                    mid_frame: self.end > self.start,
+                });
+            }
+        }
+    }
+
+    /// True when bytes of an incomplete frame are buffered.
+    pub fn has_partial(&self) -> bool {
+        self.end > self.start
+    }
+
+    fn make_room(&mut self, frame_bytes: usize) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.buf.len() - self.start >= frame_bytes {
+            return;
+        }
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        if self.buf.len() < frame_bytes {
+            self.buf.resize(frame_bytes, 0);
+        }
+    }
+}
+
+/// Writes one frame: the encoded header and body, then `payload` (page bytes of a `PageRun`),
+/// with vectored writes so page bytes are not copied in user space.
+///
+/// # Errors
+/// The socket's error.
+pub fn write_frame(w: &mut impl Write, message: &Message, payload: &[u8]) -> io::Result<()> {
+    let mut head = Vec::with_capacity(64);
+    encode(message, payload.len(), &mut head);
+    write_all_vectored(w, &head, payload)
+}
+
+fn write_all_vectored(w: &mut impl Write, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
+    while !a.is_empty() || !b.is_empty() {
+        let n = match w.write_vectored(&[IoSlice::new(a), IoSlice::new(b)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::PageRange;
+
+    /// A reader that hands out at most `step` bytes per read.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn test_reads_frames_split_at_any_point() {
+        let mut wire = Vec::new();
+        let pages: Vec<u8> = (0..3 * 4096).map(|i| (i % 251) as u8).collect();
+        let r = PageRange { first: 4, count: 3 };
+        write_frame(&mut wire, &Message::PageRun(r), &pages).unwrap();
+        write_frame(&mut wire, &Message::BulkDone, &[]).unwrap();
+        for step in [1, 7, 4096, 1 << 20] {
+            let mut reader = FrameReader::new(Decoder::session(4096, 100));
+            let mut src = Trickle { data: &wire, step };
+            let (m, p) = reader.read_frame(&mut src).unwrap();
+            assert_eq!(m, Message::PageRun(r));
+            assert_eq!(reader.payload(p), pages.as_slice());
+            assert_eq!(reader.read_frame(&mut src).unwrap().0, Message::BulkDone);
+            assert!(matches!(
+                reader.read_frame(&mut src),
+                Err(ReadError::Closed { mid_frame: false })
+            ));
+        }
+    }
+
+    #[test]
+    fn test_truncated_frame_reports_mid_frame_close() {
+        let mut wire = Vec::new();
+        write_frame(
+            &mut wire,
+            &Message::Request(PageRange { first: 1, count: 1 }),
+            &[],
+        )
+        .unwrap();
+        wire.pop();
+        let mut reader = FrameReader::new(Decoder::session(4096, 100));
+        assert!(matches!(
+            reader.read_frame(&mut wire.as_slice()),
+            Err(ReadError::Closed { mid_frame: true })
+        ));
+    }
+}

@@ -1,0 +1,165 @@
+//! Fault latency recording and the stats JSON written at the end of a migration.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::vm::Vm;
+
+/// Fault latencies (from reading the fault to the wake), in nanoseconds.
+#[derive(Debug, Default)]
+pub struct LatencyRecorder {
+    samples_ns: Vec<u32>,
+}
+
+impl LatencyRecorder {
+    /// Records one fault's latency.
+    pub fn record(&mut self, latency: Duration) {
+        self.samples_ns
+            .push(latency.as_nanos().min(u128::from(u32::MAX)) as u32);
+    }
+
+    /// Percentiles and maximum, in microseconds.
+    pub fn summary(&self) -> LatencySummary {
+        let mut sorted = self.samples_ns.clone();
+        sorted.sort_unstable();
+        let pick = |q: f64| -> f64 {
+            if sorted.is_empty() {
+                return 0.0;
+            }
+            let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+            f64::from(sorted[rank - 1]) / 1000.0
+        };
+        LatencySummary {
+            count: sorted.len() as u64,
+            p50: pick(0.50),
+            p90: pick(0.90),
+            p99: pick(0.99),
+            p999: pick(0.999),
+            max: sorted.last().map_or(0.0, |&ns| f64::from(ns) / 1000.0),
+        }
+    }
+
+    /// Counts per power-of-two microsecond bucket: `buckets[i]` counts latencies in
+    /// `[2^i, 2^(i+1))` µs (bucket 0 also holds anything under 1 µs), like QEMU's
+    /// postcopy-latency-dist.
+    pub fn distribution(&self) -> Vec<u64> {
+        let mut buckets = vec![0u64; 1];
+        for &ns in &self.samples_ns {
+            let us = (ns / 1000).max(1);
+            let i = (31 - us.leading_zeros()) as usize;
+            if buckets.len() <= i {
+                buckets.resize(i + 1, 0);
+            }
+            buckets[i] += 1;
+        }
+        buckets
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct LatencySummary {
+    /// Faults measured.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+/// The stats JSON.
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    /// Pages of guest RAM.
+    pub total_pages: u64,
+    /// Page size in bytes.
+    pub page_size: u64,
+    /// Fault events read.
+    pub faults: u64,
+    /// Data pages placed from urgent replies.
+    pub pages_requested: u64,
+    /// Data pages placed from the background push.
+    pub pages_pushed: u64,
+    /// Zero pages placed.
+    pub pages_zero: u64,
+    /// Pages removed or unmapped by the VMM before they arrived.
+    pub pages_removed: u64,
+    /// Bytes received from pagesrv.
+    pub bytes_received: u64,
+    /// From the VMM's handshake to the last page.
+    pub duration_ms: f64,
+    /// Fault latency percentiles.
+    pub fault_latency_us: LatencySummary,
+    /// Power-of-two microsecond buckets.
+    pub latency_dist_us: Vec<u64>,
+}
+
+impl Stats {
+    /// Collects the stats of a migration.
+    pub fn collect(vm: &Vm, faults: u64, latencies: &LatencyRecorder, duration: Duration) -> Self {
+        let c = &vm.counters;
+        Stats {
+            total_pages: vm.layout.total_pages(),
+            page_size: vm.page_size(),
+            faults,
+            pages_requested: c.pages_requested.load(Ordering::Relaxed),
+            pages_pushed: c.pages_pushed.load(Ordering::Relaxed),
+            pages_zero: c.pages_zero.load(Ordering::Relaxed),
+            pages_removed: c.pages_removed.load(Ordering::Relaxed),
+            bytes_received: c.bytes_received.load(Ordering::Relaxed),
+            duration_ms: duration.as_secs_f64() * 1000.0,
+            fault_latency_us: latencies.summary(),
+            latency_dist_us: latencies.distribution(),
+        }
+    }
+
+    /// Writes the JSON to `path` (via a temporary file, so readers never see half of it).
+    ///
+    /// # Errors
+    /// The write's error.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_percentiles_and_buckets() {
+        let mut r = LatencyRecorder::default();
+        for us in 1..=1000u64 {
+            r.record(Duration::from_micros(us));
+        }
+        let s = r.summary();
+        assert_eq!(
+            (s.count, s.p50, s.p90, s.p99, s.max),
+            (1000, 500.0, 900.0, 990.0, 1000.0)
+        );
+        let d = r.distribution();
+        assert_eq!(d[0], 1); // 1 µs
+        assert_eq!(d[1], 2); // 2-3 µs
+        assert_eq!(d[9], 489); // 512-999 µs
+        assert_eq!(d.iter().sum::<u64>(), 1000);
+    }
+
+    #[test]
+    fn test_empty_summary_is_zero() {
+        let s = LatencyRecorder::default().summary();
+        assert_eq!(s.count, 0);
+        assert_eq!(s.max, 0.0);
+    }
+}

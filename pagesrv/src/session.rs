@@ -1,0 +1,304 @@
+//! One destination session: the urgent thread answers requests, the bulk thread pushes every
+//! page the destination has not got, and both count what they send.
+//!
+//! The two connections are separate sockets, so a requested page never waits behind bulk
+//! bytes; the bulk connection has a bounded send buffer so pre-paging decisions take effect
+//! quickly.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::framed::{FrameReader, ReadError, write_frame};
+use common::pagemap::PageMap;
+use common::wire::{Decoder, ErrorCode, MAX_PAYLOAD_BYTES, Message, PageRange, RANGE_FRAME_BYTES};
+use tracing::{debug, info, warn};
+
+use crate::sched::PushScheduler;
+use crate::source::{MemorySource, Piece};
+
+/// Pages per bulk frame: 512 KiB of 4 KiB pages, or one 2 MiB page.
+const BULK_RUN_BYTES: u64 = 512 << 10;
+
+/// Counters of one session, updated by both threads.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    /// Pages named in urgent requests.
+    pub requested_pages: AtomicU64,
+    /// Data pages sent on the urgent connection.
+    pub urgent_data_pages: AtomicU64,
+    /// Zero pages answered on the urgent connection.
+    pub urgent_zero_pages: AtomicU64,
+    /// Data pages pushed on the bulk connection.
+    pub pushed_data_pages: AtomicU64,
+    /// Zero pages pushed (as ranges, no payload) on the bulk connection.
+    pub pushed_zero_pages: AtomicU64,
+    /// Pages the destination said it no longer needs.
+    pub skipped_pages: AtomicU64,
+    /// Bytes written to both connections.
+    pub bytes_sent: AtomicU64,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The destination said every page is present.
+    Completed,
+    /// The session broke off; the text says why.
+    Aborted(String),
+}
+
+/// Tuning of a session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionConfig {
+    /// Pages pre-paged after each urgent request.
+    pub prepage_window_pages: u64,
+    /// Whether to push in the background at all (off: pure demand paging).
+    pub push: bool,
+}
+
+/// State shared by the session's threads.
+pub struct Session<'a> {
+    source: &'a MemorySource,
+    sent: PageMap,
+    sched: Mutex<PushScheduler>,
+    stop: AtomicBool,
+    /// Counters, read by the progress reporter.
+    pub stats: SessionStats,
+    config: SessionConfig,
+    started: Instant,
+}
+
+impl<'a> Session<'a> {
+    /// A new session over `source`.
+    pub fn new(source: &'a MemorySource, config: SessionConfig) -> Self {
+        Session {
+            source,
+            sent: PageMap::new(source.total_pages()),
+            sched: Mutex::new(PushScheduler::new(config.prepage_window_pages)),
+            stop: AtomicBool::new(false),
+            stats: SessionStats::default(),
+            config,
+            started: Instant::now(),
+        }
+    }
+
+    /// Pages sent or no longer needed, for progress.
+    pub fn pages_settled(&self) -> u64 {
+        self.sent.set_pages()
+    }
+
+    /// Pages of guest RAM.
+    pub fn total_pages(&self) -> u64 {
+        self.source.total_pages()
+    }
+
+    /// Time since the session began.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// True once either thread has ended the session.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Runs the session on its two connections until the destination says goodbye or a
+    /// connection fails. `reader` holds anything already read from `urgent`.
+    pub fn run(&self, urgent: TcpStream, reader: FrameReader, bulk: TcpStream) -> Outcome {
+        std::thread::scope(|s| {
+            let bulk_for_stop = bulk.try_clone();
+            let pusher = s.spawn(move || self.push_background(bulk));
+            let outcome = self.serve_urgent(urgent, reader);
+            self.stop.store(true, Ordering::Release);
+            if let Ok(b) = bulk_for_stop {
+                let _ = b.shutdown(std::net::Shutdown::Both);
+            }
+            let push_result = pusher
+                .join()
+                .unwrap_or_else(|_| Err("bulk thread panicked".into()));
+            match (outcome, push_result) {
+                (Outcome::Completed, _) => Outcome::Completed,
+                (Outcome::Aborted(why), Err(bulk_why)) => {
+                    Outcome::Aborted(format!("{why}; bulk: {bulk_why}"))
+                }
+                (aborted, Ok(())) => aborted,
+            }
+        })
+    }
+
+    fn serve_urgent(&self, mut conn: TcpStream, mut reader: FrameReader) -> Outcome {
+        let page_size = self.source.page_size();
+        reader.set_decoder(Decoder::session(page_size, self.source.total_pages()));
+        let mut pieces = Vec::new();
+        loop {
+            let message = match reader.read_frame(&mut conn) {
+                Ok((m, _)) => m,
+                Err(ReadError::Closed { mid_frame }) => {
+                    return Outcome::Aborted(format!(
+                        "destination closed the urgent connection{}",
+                        if mid_frame { " mid-frame" } else { "" }
+                    ));
+                }
+                Err(e @ ReadError::Wire(_)) => {
+                    let text = error_chain(&e);
+                    let _ = write_frame(
+                        &mut conn,
+                        &Message::Error {
+                            code: ErrorCode::Protocol,
+                            text: text.clone(),
+                        },
+                        &[],
+                    );
+                    return Outcome::Aborted(text);
+                }
+                Err(e) => return Outcome::Aborted(error_chain(&e)),
+            };
+            match message {
+                Message::Request(range) => {
+                    self.stats
+                        .requested_pages
+                        .fetch_add(range.count, Ordering::Relaxed);
+                    if let Err(e) = self.answer_request(&mut conn, range, &mut pieces) {
+                        return Outcome::Aborted(format!("failed to answer a request: {e}"));
+                    }
+                }
+                Message::Skip(range) => {
+                    let newly = self.sent.set_range(range.first, range.count);
+                    self.stats.skipped_pages.fetch_add(newly, Ordering::Relaxed);
+                }
+                Message::Goodbye => return Outcome::Completed,
+                Message::Error { code, text } => {
+                    return Outcome::Aborted(format!("destination reported {code:?}: {text}"));
+                }
+                other => {
+                    let text = format!(
+                        "unexpected {:?} frame on the urgent connection",
+                        other.kind()
+                    );
+                    return Outcome::Aborted(text);
+                }
+            }
+        }
+    }
+
+    fn answer_request(
+        &self,
+        conn: &mut TcpStream,
+        range: PageRange,
+        pieces: &mut Vec<Piece>,
+    ) -> std::io::Result<()> {
+        debug!(first = range.first, count = range.count, "urgent request");
+        self.sent.set_range(range.first, range.count);
+        self.sched
+            .lock()
+            .expect("scheduler lock poisoned")
+            .on_request(range.end(), self.source.total_pages());
+        pieces.clear();
+        self.source.classify(range.first, range.count, pieces);
+        let (zero, data) = self.send_pieces(conn, pieces)?;
+        self.stats
+            .urgent_zero_pages
+            .fetch_add(zero, Ordering::Relaxed);
+        self.stats
+            .urgent_data_pages
+            .fetch_add(data, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends pieces as ZeroRun/PageRun frames; returns (zero pages, data pages).
+    fn send_pieces(&self, conn: &mut TcpStream, pieces: &[Piece]) -> std::io::Result<(u64, u64)> {
+        let page_size = self.source.page_size();
+        let max_pages = (MAX_PAYLOAD_BYTES as u64 / page_size).max(1);
+        let (mut zero, mut data) = (0, 0);
+        for piece in pieces {
+            match *piece {
+                Piece::Zero { first, count } => {
+                    write_frame(conn, &Message::ZeroRun(PageRange { first, count }), &[])?;
+                    self.stats
+                        .bytes_sent
+                        .fetch_add(RANGE_FRAME_BYTES as u64, Ordering::Relaxed);
+                    zero += count;
+                }
+                Piece::Data { first, count } => {
+                    let mut at = first;
+                    while at < first + count {
+                        let n = (first + count - at).min(max_pages);
+                        let bytes = self.source.bytes(at, n);
+                        write_frame(
+                            conn,
+                            &Message::PageRun(PageRange {
+                                first: at,
+                                count: n,
+                            }),
+                            bytes,
+                        )?;
+                        self.stats
+                            .bytes_sent
+                            .fetch_add((RANGE_FRAME_BYTES + bytes.len()) as u64, Ordering::Relaxed);
+                        at += n;
+                    }
+                    data += count;
+                }
+            }
+        }
+        Ok((zero, data))
+    }
+
+    fn push_background(&self, mut conn: TcpStream) -> Result<(), String> {
+        let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
+        let mut pieces = Vec::new();
+        if self.config.push {
+            while !self.is_stopped() {
+                let next = self
+                    .sched
+                    .lock()
+                    .expect("scheduler lock poisoned")
+                    .next_run(&self.sent, run_pages);
+                let Some((first, count)) = next else { break };
+                pieces.clear();
+                self.source.classify(first, count, &mut pieces);
+                let (zero, data) = self
+                    .send_pieces(&mut conn, &pieces)
+                    .map_err(|e| format!("failed to push pages: {e}"))?;
+                self.stats
+                    .pushed_zero_pages
+                    .fetch_add(zero, Ordering::Relaxed);
+                self.stats
+                    .pushed_data_pages
+                    .fetch_add(data, Ordering::Relaxed);
+            }
+            if self.is_stopped() {
+                return Ok(());
+            }
+            info!(
+                elapsed_ms = self.elapsed().as_millis() as u64,
+                "background push complete"
+            );
+        }
+        write_frame(&mut conn, &Message::BulkDone, &[])
+            .map_err(|e| format!("failed to send BulkDone: {e}"))?;
+        conn.flush().map_err(|e| e.to_string())?;
+        // Keep the connection open until the session ends: the destination closes it.
+        let mut sink = [0u8; 64];
+        loop {
+            match std::io::Read::read(&mut conn, &mut sink) {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => warn!("ignoring bytes from the destination on the bulk connection"),
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,283 @@
+//! The paused VM's memory file, mapped read-only, and how its pages are classified: holes in
+//! the file (known zero without reading), all-zero pages, and data.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+
+use common::mmap::{MapError, Mapping};
+use thiserror::Error;
+
+/// `statfs` magic of hugetlbfs.
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// Errors opening the memory file.
+#[derive(Debug, Error)]
+pub enum SourceError {
+    /// The file could not be opened or examined.
+    #[error("failed to open {path}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is empty or not a whole number of pages.
+    #[error(
+        "{path} is {size_bytes} bytes, not a non-zero multiple of the {page_size}-byte page size"
+    )]
+    BadSize {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size_bytes: u64,
+        /// The page size asked for.
+        page_size: u64,
+    },
+    /// A hugetlbfs file served with 4 KiB pages, or the reverse.
+    #[error("{path} is {} but the page size is {page_size}", if *.hugetlbfs { "on hugetlbfs" } else { "not on hugetlbfs" })]
+    PageSizeMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Whether the file lives on hugetlbfs.
+        hugetlbfs: bool,
+        /// The page size asked for.
+        page_size: u64,
+    },
+    /// mmap failed.
+    #[error("failed to map {path}")]
+    Map {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: MapError,
+    },
+}
+
+/// A run of pages of one kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// All-zero pages `first..first+count`.
+    Zero {
+        /// First page.
+        first: u64,
+        /// Page count.
+        count: u64,
+    },
+    /// Pages with data.
+    Data {
+        /// First page.
+        first: u64,
+        /// Page count.
+        count: u64,
+    },
+}
+
+/// The memory file.
+#[derive(Debug)]
+pub struct MemorySource {
+    map: Mapping,
+    page_size: u64,
+    total_pages: u64,
+    /// Byte ranges that hold data (everything else is a hole), sorted.
+    data_ranges: Vec<(u64, u64)>,
+}
+
+impl MemorySource {
+    /// Opens and maps `path` read-only.
+    ///
+    /// # Errors
+    /// Open, size, page-size or map failures.
+    pub fn open(path: &Path, page_size: u64) -> Result<Self, SourceError> {
+        let open_err = |source| SourceError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(open_err)?;
+        let size_bytes = file.metadata().map_err(open_err)?.len();
+        if size_bytes == 0 || size_bytes % page_size != 0 {
+            return Err(SourceError::BadSize {
+                path: path.to_owned(),
+                size_bytes,
+                page_size,
+            });
+        }
+        let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| open_err(e.into()))?;
+        let hugetlbfs = fs.filesystem_type().0 as i64 == HUGETLBFS_MAGIC;
+        if hugetlbfs != (page_size > 4096) {
+            return Err(SourceError::PageSizeMismatch {
+                path: path.to_owned(),
+                hugetlbfs,
+                page_size,
+            });
+        }
+        let data_ranges = data_ranges(&file, size_bytes);
+        let map = Mapping::file_readonly(file.as_fd(), size_bytes as usize).map_err(|source| {
+            SourceError::Map {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+        Ok(MemorySource {
+            map,
+            page_size,
+            total_pages: size_bytes / page_size,
+            data_ranges,
+        })
+    }
+
+    /// Page size in bytes.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// Pages in the file.
+    pub fn total_pages(&self) -> u64 {
+        self.total_pages
+    }
+
+    /// The bytes of pages `first..first+count` (the caller keeps the range in bounds).
+    pub fn bytes(&self, first: u64, count: u64) -> &[u8] {
+        let start = (first * self.page_size) as usize;
+        &self.map.as_slice()[start..start + (count * self.page_size) as usize]
+    }
+
+    /// Splits `first..first+count` into zero and data pieces, appending them to `out`.
+    pub fn classify(&self, first: u64, count: u64, out: &mut Vec<Piece>) {
+        let end = (first + count).min(self.total_pages);
+        let mut page = first;
+        while page < end {
+            let zero = self.is_zero_page(page);
+            let mut next = page + 1;
+            while next < end && self.is_zero_page(next) == zero {
+                next += 1;
+            }
+            let n = next - page;
+            out.push(if zero {
+                Piece::Zero {
+                    first: page,
+                    count: n,
+                }
+            } else {
+                Piece::Data {
+                    first: page,
+                    count: n,
+                }
+            });
+            page = next;
+        }
+    }
+
+    fn is_zero_page(&self, page: u64) -> bool {
+        self.in_hole(page) || is_zero(self.bytes(page, 1))
+    }
+
+    fn in_hole(&self, page: u64) -> bool {
+        let (start, end) = (page * self.page_size, (page + 1) * self.page_size);
+        let i = self.data_ranges.partition_point(|&(_, e)| e <= start);
+        self.data_ranges.get(i).is_none_or(|&(s, _)| s >= end)
+    }
+}
+
+/// Byte ranges holding data, from SEEK_DATA/SEEK_HOLE; the whole file if unsupported.
+fn data_ranges(file: &File, size_bytes: u64) -> Vec<(u64, u64)> {
+    use nix::unistd::{Whence, lseek};
+    let mut ranges = Vec::new();
+    let mut at = 0i64;
+    while (at as u64) < size_bytes {
+        let Ok(data) = lseek(file.as_raw_fd(), at, Whence::SeekData) else {
+            break; // ENXIO: no data after `at`.
+        };
+        let hole = lseek(file.as_raw_fd(), data, Whence::SeekHole).unwrap_or(size_bytes as i64);
+        ranges.push((data as u64, hole as u64));
+        at = hole;
+    }
+    ranges
+}
+
+/// True when every byte is zero. Checks the first word first (most data pages fail there),
+/// then OR-reduces 256-byte blocks, which the compiler vectorises.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned bytes.
+        unsafe { bytes.align_to::<u64>() }
+    };
+    if head.iter().chain(tail).any(|&b| b != 0) {
+        return false;
+    }
+    if words.first().is_some_and(|&w| w != 0) {
+        return false;
+    }
+    words
+        .chunks(32)
+        .all(|block| block.iter().fold(0, |acc, &w| acc | w) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+
+    #[test]
+    fn test_is_zero() {
+        let mut page = vec![0u8; 4096];
+        assert!(is_zero(&page));
+        for at in [0, 1, 255, 256, 4095] {
+            page[at] = 1;
+            assert!(!is_zero(&page), "byte {at}");
+            assert_eq!(is_zero(&page[1..]), at == 0, "unaligned, byte {at}");
+            page[at] = 0;
+        }
+        assert!(is_zero(&page[3..4001]));
+    }
+
+    #[test]
+    fn test_classify_holes_zero_pages_and_data() {
+        let dir = std::env::temp_dir().join(format!("pagesrv-src-{}", std::process::id()));
+        let mut f = File::create(&dir).unwrap();
+        f.set_len(16 * 4096).unwrap();
+        f.seek(SeekFrom::Start(2 * 4096)).unwrap();
+        f.write_all(&[0u8; 4096]).unwrap(); // written, but zero
+        f.write_all(&[5u8; 2 * 4096]).unwrap(); // pages 3, 4
+        f.seek(SeekFrom::Start(10 * 4096 + 100)).unwrap();
+        f.write_all(&[1]).unwrap(); // page 10
+        drop(f);
+        let src = MemorySource::open(&dir, 4096).unwrap();
+        let mut pieces = Vec::new();
+        src.classify(0, 16, &mut pieces);
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(
+            pieces,
+            vec![
+                Piece::Zero { first: 0, count: 3 },
+                Piece::Data { first: 3, count: 2 },
+                Piece::Zero { first: 5, count: 5 },
+                Piece::Data {
+                    first: 10,
+                    count: 1
+                },
+                Piece::Zero {
+                    first: 11,
+                    count: 5
+                },
+            ]
+        );
+        assert_eq!(src.bytes(3, 1)[0], 5);
+    }
+
+    #[test]
+    fn test_rejects_bad_sizes() {
+        let path = std::env::temp_dir().join(format!("pagesrv-bad-{}", std::process::id()));
+        File::create(&path).unwrap().set_len(4097).unwrap();
+        let err = MemorySource::open(&path, 4096).unwrap_err();
+        assert!(matches!(err, SourceError::BadSize { .. }), "{err}");
+        let err = MemorySource::open(&path, 2 << 20).unwrap_err();
+        assert!(matches!(
+            err,
+            SourceError::BadSize { .. } | SourceError::PageSizeMismatch { .. }
+        ));
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -1,0 +1,418 @@
+//! A stand-in VMM that speaks only Firecracker's UFFD handshake, written against the kernel
+//! and the public contract (it shares no code with faultd or pagesrv).
+//!
+//! It maps guest RAM (anonymous private memory, or a memfd shared mapping), registers it with
+//! a userfaultfd that also sees kernel-mode faults, sends the region list with the uffd (and
+//! the memfd, with `--memfd`) to faultd, then touches pages from several threads in random
+//! order and checks every byte against the source memory file. With `--remove START:COUNT`
+//! it gives those pages back (`madvise` DONTNEED, or REMOVE for a memfd) early in the
+//! migration, like a balloon, and expects them to read zero. It waits for faultd to close the
+//! socket (migration complete), checks every page again, prints a JSON report on stdout and
+//! exits 0 only if every byte was right.
+//!
+//! ```text
+//! test-vmm --uds PATH --source FILE [--regions N] [--memfd] [--threads N] [--seed N]
+//!          [--remove START:COUNT] [--ram-bytes N] [--no-touch]
+//! ```
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+const PAGE: usize = 4096;
+
+// Kernel ABI (include/uapi/linux/userfaultfd.h), spelled out so this VMM owes nothing to ours.
+const UFFD_API: u64 = 0xAA;
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+
+struct Args {
+    uds: String,
+    source: String,
+    regions: usize,
+    memfd: bool,
+    threads: usize,
+    seed: u64,
+    remove: Option<(usize, usize)>,
+    ram_bytes: Option<usize>,
+    touch: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        uds: String::new(),
+        source: String::new(),
+        regions: 1,
+        memfd: false,
+        threads: 2,
+        seed: 1,
+        remove: None,
+        ram_bytes: None,
+        touch: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--uds" => args.uds = value()?,
+            "--source" => args.source = value()?,
+            "--regions" => {
+                args.regions = value()?.parse().map_err(|e| format!("--regions: {e}"))?
+            }
+            "--memfd" => args.memfd = true,
+            "--threads" => {
+                args.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?
+            }
+            "--seed" => args.seed = value()?.parse().map_err(|e| format!("--seed: {e}"))?,
+            "--ram-bytes" => {
+                args.ram_bytes = Some(value()?.parse().map_err(|e| format!("--ram-bytes: {e}"))?)
+            }
+            "--no-touch" => args.touch = false,
+            "--remove" => {
+                let v = value()?;
+                let (a, b) = v.split_once(':').ok_or("--remove START:COUNT")?;
+                args.remove = Some((
+                    a.parse().map_err(|e| format!("--remove: {e}"))?,
+                    b.parse().map_err(|e| format!("--remove: {e}"))?,
+                ));
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if args.uds.is_empty() || args.source.is_empty() {
+        return Err("--uds and --source are required".into());
+    }
+    Ok(args)
+}
+
+fn os_err(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// Guest RAM: one mapping per region, and the memfd behind them when shared.
+struct GuestRam {
+    /// (host address, size, file offset) in file order.
+    regions: Vec<(usize, usize, usize)>,
+    memfd: Option<OwnedFd>,
+}
+
+impl GuestRam {
+    fn map(total: usize, count: usize, memfd: bool) -> Result<Self, String> {
+        let pages = total / PAGE;
+        let fd = if memfd {
+            // SAFETY: creates a new anonymous file; the name is a valid C string.
+            let raw = unsafe { libc::memfd_create(c"test-vmm-ram".as_ptr(), libc::MFD_CLOEXEC) };
+            if raw < 0 {
+                return Err(os_err("memfd_create"));
+            }
+            // SAFETY: memfd_create returned a fresh fd.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            // SAFETY: resizes the file we just created.
+            if unsafe { libc::ftruncate(fd.as_raw_fd(), total as i64) } < 0 {
+                return Err(os_err("ftruncate"));
+            }
+            Some(fd)
+        } else {
+            None
+        };
+        let mut regions = Vec::new();
+        let mut offset = 0;
+        for i in 0..count {
+            let region_pages = pages / count + usize::from(i < pages % count);
+            let size = region_pages * PAGE;
+            let (flags, raw_fd) = match &fd {
+                Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
+                None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+            };
+            // SAFETY: a new mapping at a kernel-chosen address; it lives until the process exits.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags | libc::MAP_NORESERVE,
+                    raw_fd,
+                    if fd.is_some() { offset as i64 } else { 0 },
+                )
+            };
+            if addr == libc::MAP_FAILED {
+                return Err(os_err("mmap"));
+            }
+            regions.push((addr as usize, size, offset));
+            offset += size;
+        }
+        Ok(GuestRam { regions, memfd: fd })
+    }
+
+    fn page_addr(&self, page: usize) -> usize {
+        let off = page * PAGE;
+        let (addr, _, start) = self
+            .regions
+            .iter()
+            .rev()
+            .find(|(_, _, start)| *start <= off)
+            .expect("page inside guest RAM");
+        addr + (off - start)
+    }
+
+    fn page(&self, page: usize) -> &[u8] {
+        // SAFETY: page_addr points at a mapped page of guest RAM that outlives self; reading
+        // it may fault, which faultd resolves.
+        unsafe { std::slice::from_raw_parts(self.page_addr(page) as *const u8, PAGE) }
+    }
+
+    /// Firecracker's handshake body: regions in list order with cumulative offsets.
+    fn layout_json(&self) -> String {
+        let items: Vec<String> = self
+            .regions
+            .iter()
+            .map(|(addr, size, offset)| {
+                format!(
+                    r#"{{"base_host_virt_addr":{addr},"size":{size},"offset":{offset},"page_size":{PAGE},"page_size_kib":{PAGE}}}"#
+                )
+            })
+            .collect();
+        format!("[{}]", items.join(","))
+    }
+}
+
+fn create_uffd(shared: bool) -> Result<OwnedFd, String> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: open with a valid C string path.
+    let dev = unsafe { libc::open(c"/dev/userfaultfd".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    let raw = if dev >= 0 {
+        // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its argument.
+        let raw = unsafe { libc::ioctl(dev, USERFAULTFD_IOC_NEW as _, flags) };
+        // SAFETY: closes the fd opened above.
+        unsafe { libc::close(dev) };
+        raw
+    } else {
+        // SAFETY: plain syscall with integer flags (no UFFD_USER_MODE_ONLY: kernel faults too).
+        unsafe { libc::syscall(libc::SYS_userfaultfd, flags) as i32 }
+    };
+    if raw < 0 {
+        return Err(os_err("userfaultfd"));
+    }
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut features =
+        UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_THREAD_ID;
+    if shared {
+        features |= UFFD_FEATURE_MISSING_SHMEM;
+    }
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes the struct on our stack.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) } < 0 {
+        return Err(os_err("UFFDIO_API"));
+    }
+    Ok(fd)
+}
+
+fn register(uffd: &OwnedFd, addr: usize, len: usize) -> Result<(), String> {
+    let mut reg = UffdioRegister {
+        start: addr as u64,
+        len: len as u64,
+        mode: UFFDIO_REGISTER_MODE_MISSING,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes the struct on our stack.
+    if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) } < 0 {
+        return Err(os_err("UFFDIO_REGISTER"));
+    }
+    Ok(())
+}
+
+fn send_handshake(sock: &UnixStream, json: &str, fds: &[RawFd]) -> Result<(), String> {
+    let fd_bytes = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+    let mut cmsg_buf = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: json.as_ptr() as *mut _,
+        iov_len: json.len(),
+    };
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg_buf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: msg_control points at `space` bytes, enough for one header with the fds.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as usize;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+    }
+    // SAFETY: msg points at live buffers for the duration of the call.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+    if n < 0 || n as usize != json.len() {
+        return Err(os_err("sendmsg"));
+    }
+    Ok(())
+}
+
+fn expected_page(
+    source: &std::fs::File,
+    page: usize,
+    removed: Option<(usize, usize)>,
+    buf: &mut [u8],
+) {
+    if removed.is_some_and(|(s, c)| (s..s + c).contains(&page)) {
+        buf.fill(0);
+    } else {
+        source
+            .read_exact_at(buf, (page * PAGE) as u64)
+            .expect("read the source file");
+    }
+}
+
+fn check_pages(
+    ram: &GuestRam,
+    source: &std::fs::File,
+    pages: &[usize],
+    removed: Option<(usize, usize)>,
+) -> u64 {
+    let mut want = vec![0u8; PAGE];
+    let mut mismatches = 0;
+    for &p in pages {
+        expected_page(source, p, removed, &mut want);
+        if ram.page(p) != want.as_slice() {
+            if mismatches < 5 {
+                eprintln!("test-vmm: page {p} differs from the source");
+            }
+            mismatches += 1;
+        }
+    }
+    mismatches
+}
+
+fn run() -> Result<bool, String> {
+    let args = parse_args()?;
+    let source =
+        std::fs::File::open(&args.source).map_err(|e| format!("open {}: {e}", args.source))?;
+    let source_bytes = source.metadata().map_err(|e| e.to_string())?.len() as usize;
+    let total = args.ram_bytes.unwrap_or(source_bytes);
+    let pages = total / PAGE;
+    let ram = GuestRam::map(total, args.regions, args.memfd)?;
+    let uffd = create_uffd(args.memfd)?;
+    for &(addr, size, _) in &ram.regions {
+        register(&uffd, addr, size)?;
+    }
+    let mut sock =
+        UnixStream::connect(&args.uds).map_err(|e| format!("connect {}: {e}", args.uds))?;
+    let mut fds = vec![uffd.as_raw_fd()];
+    if let Some(m) = &ram.memfd {
+        fds.push(m.as_raw_fd());
+    }
+    let started = Instant::now();
+    send_handshake(&sock, &ram.layout_json(), &fds)?;
+
+    if let Some((start, count)) = args.remove {
+        // Touch the first page of the range (it arrives with data), then give the range back.
+        // SAFETY: reads one byte of guest RAM (faultd resolves the fault).
+        let _ = unsafe { std::ptr::read_volatile(ram.page_addr(start) as *const u8) };
+        let advice = if args.memfd {
+            libc::MADV_REMOVE
+        } else {
+            libc::MADV_DONTNEED
+        };
+        // SAFETY: the range lies inside guest RAM (the caller keeps it within one region).
+        if unsafe { libc::madvise(ram.page_addr(start) as *mut _, count * PAGE, advice) } < 0 {
+            return Err(os_err("madvise"));
+        }
+    }
+
+    let mut mismatches = 0;
+    if args.touch {
+        let mut order: Vec<usize> = (0..pages).collect();
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(args.seed));
+        let chunk = order.len().div_ceil(args.threads.max(1));
+        mismatches += std::thread::scope(|s| {
+            let handles: Vec<_> = order
+                .chunks(chunk)
+                .map(|mine| s.spawn(|| check_pages(&ram, &source, mine, args.remove)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("toucher panicked"))
+                .sum::<u64>()
+        });
+    }
+    let touched_ms = started.elapsed().as_secs_f64() * 1e3;
+
+    // faultd closes the socket once every page is present.
+    sock.set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    let eof = loop {
+        match sock.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break false,
+        }
+    };
+    let eof_ms = started.elapsed().as_secs_f64() * 1e3;
+    let all: Vec<usize> = (0..pages).collect();
+    // Without faultd, a missing page would block forever: only check after completion.
+    let final_mismatches = if eof && args.touch {
+        check_pages(&ram, &source, &all, args.remove)
+    } else {
+        0
+    };
+    // A write after completion must work without faultd.
+    if eof && args.touch && pages > 0 {
+        let p = rand::thread_rng().gen_range(0..pages);
+        // SAFETY: writes one byte inside guest RAM.
+        unsafe { std::ptr::write_volatile(ram.page_addr(p) as *mut u8, 0xA5) };
+    }
+    println!(
+        r#"{{"pages":{pages},"touched":{},"mismatches_during":{mismatches},"mismatches_after":{final_mismatches},"socket_closed":{eof},"touch_ms":{touched_ms:.1},"complete_ms":{eof_ms:.1}}}"#,
+        args.touch
+    );
+    drop(uffd);
+    Ok(eof && mismatches == 0 && final_mismatches == 0)
+}
+
+fn main() {
+    match run() {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("test-vmm: error: {e}");
+            std::process::exit(2);
+        }
+    }
+}
