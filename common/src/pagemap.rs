@@ -105,6 +105,23 @@ impl PageMap {
         end.saturating_sub(first)
     }
 
+    /// Length of the run of set pages starting at `first`, at most `max_pages`.
+    pub fn set_run(&self, first: u64, max_pages: u64) -> u64 {
+        let end = first.saturating_add(max_pages).min(self.total_pages);
+        let mut page = first;
+        while page < end {
+            let word = page / 64;
+            let bits =
+                !self.words[word as usize].load(Ordering::Acquire) & mask_bits(page % 64, 64);
+            if bits != 0 {
+                let clear_at = word * 64 + u64::from(bits.trailing_zeros());
+                return clear_at.min(end) - first;
+            }
+            page = (word + 1) * 64;
+        }
+        end.saturating_sub(first)
+    }
+
     /// Runs of clear pages within `first..first+count`, as `(first, pages)`.
     pub fn clear_runs(&self, first: u64, count: u64) -> Vec<(u64, u64)> {
         let end = first.saturating_add(count).min(self.total_pages);
@@ -175,6 +192,8 @@ mod tests {
                 prop_assert_eq!(m.set_range(first, count), (model.len() - before) as u64);
             }
             prop_assert_eq!(m.set_pages(), model.len() as u64);
+            let expect_set_run = (probe..total).take_while(|p| model.contains(p)).count() as u64;
+            prop_assert_eq!(m.set_run(probe, u64::MAX), expect_set_run);
             let expect_next = (probe..total).find(|p| !model.contains(p));
             prop_assert_eq!(m.next_clear(probe), expect_next);
             let runs = m.clear_runs(0, total);

@@ -9,7 +9,7 @@ use common::wire::{Message, RANGE_FRAME_BYTES};
 use thiserror::Error;
 use tracing::{debug, trace};
 
-use crate::place::{Origin, Placed, RemovedPages};
+use crate::place::{Origin, Placed, ZeroPages};
 use crate::vm::{Counters, Vm};
 
 /// Why the bulk thread stopped early.
@@ -43,6 +43,8 @@ pub fn receive_pushed_pages(
     mut conn: TcpStream,
     mut reader: FrameReader,
 ) -> Result<(), BulkError> {
+    // Room for several maximal frames, so each read takes whatever the socket holds.
+    reader.reserve(4 * (common::wire::HEADER_LEN + common::wire::MAX_BODY_BYTES));
     loop {
         let (message, payload) = reader.read_frame(&mut conn)?;
         let (range, data) = match message {
@@ -80,7 +82,7 @@ fn place_with_retry(vm: &Vm, first: u64, count: u64, data: Option<&[u8]>) -> Res
     while at < end {
         let n = chunk_pages.min(end - at);
         let bytes = data.map(|d| &d[(at - first) as usize * page_size..][..n as usize * page_size]);
-        match vm.place(at, n, bytes, Origin::Pushed, RemovedPages::Skip)? {
+        match vm.place(at, n, bytes, Origin::Pushed, ZeroPages::Skip)? {
             Placed::Done => at += n,
             Placed::Again { resume_at } => {
                 at = resume_at;

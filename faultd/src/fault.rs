@@ -10,9 +10,9 @@ use common::wire::{Message, PageRange, RANGE_FRAME_BYTES, encode};
 use thiserror::Error;
 use tracing::{debug, trace, warn};
 
-use crate::place::{Origin, Placed, RemovedPages};
+use crate::place::{Origin, Placed, ZeroPages};
 use crate::stats::LatencyRecorder;
-use crate::vm::{Counters, RemovedRanges, Vm};
+use crate::vm::{Counters, Vm};
 
 /// Fatal errors of the fault path.
 #[derive(Debug, Error)]
@@ -98,10 +98,10 @@ impl<'a> FaultPath<'a> {
             let now = Instant::now();
             self.events.clear();
             {
-                let mut removed = self.vm.gate();
+                let _gate = self.vm.gate();
                 self.vm.uffd.read_events(&mut self.events)?;
                 for event in &self.events {
-                    self.handle_layout_event(&mut removed, *event)?;
+                    self.handle_layout_event(*event)?;
                 }
             }
             let events = std::mem::take(&mut self.events);
@@ -123,11 +123,7 @@ impl<'a> FaultPath<'a> {
 
     /// REMOVE/UNMAP mark pages removed (zero from now on, never fetched); other non-fault
     /// events are logged or fatal.
-    fn handle_layout_event(
-        &self,
-        removed: &mut RemovedRanges,
-        event: Event,
-    ) -> Result<(), FaultError> {
+    fn handle_layout_event(&self, event: Event) -> Result<(), FaultError> {
         match event {
             Event::Remove { start, end } | Event::Unmap { start, end } => {
                 for (first, count) in self.vm.layout.pages_in_host_range(start, end) {
@@ -137,8 +133,7 @@ impl<'a> FaultPath<'a> {
                         unmap = matches!(event, Event::Unmap { .. }),
                         "pages removed by the VMM"
                     );
-                    removed.insert(first, first + count);
-                    let newly = self.vm.done.set_range(first, count);
+                    let newly = self.vm.mark_removed(first, count);
                     Counters::add(&self.vm.counters.pages_removed, newly);
                 }
             }
@@ -170,7 +165,7 @@ impl<'a> FaultPath<'a> {
         };
         let page = located.page;
         trace!(page, thread_id, "fault");
-        if self.vm.gate().contains(page) {
+        if self.vm.zero.is_set(page) {
             return self.place_fault_zero(page, read_at);
         }
         if self.vm.done.is_set(page) {
@@ -203,7 +198,7 @@ impl<'a> FaultPath<'a> {
     fn place_fault_zero(&mut self, page: u64, read_at: Instant) -> Result<(), FaultError> {
         match self
             .vm
-            .place(page, 1, None, Origin::Requested, RemovedPages::ZeroFill)?
+            .place(page, 1, None, Origin::Requested, ZeroPages::Fill)?
         {
             Placed::Done => self.latencies.record(read_at.elapsed()),
             Placed::Again { .. } => self.deferred_faults.push((page, read_at)),
@@ -236,7 +231,7 @@ impl<'a> FaultPath<'a> {
             range.count,
             data,
             Origin::Requested,
-            RemovedPages::ZeroFill,
+            ZeroPages::Fill,
         )? {
             Placed::Done => {
                 self.resolve(range.first, range.end());

@@ -1,9 +1,9 @@
 //! Placing arriving pages into the VMM: one ioctl per host-contiguous run of pages that are
-//! neither present nor removed, under the placement gate.
+//! neither done nor zero, under the placement gate.
 
 use common::uffd::{Placement, UffdError};
 
-use crate::vm::{Counters, RemovedRanges, Vm};
+use crate::vm::{Counters, Vm};
 
 /// Where pages came from, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,22 +14,22 @@ pub enum Origin {
     Pushed,
 }
 
-/// What to do with pages the VMM removed.
+/// What to do with pages marked zero (known zero, or removed by the VMM).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RemovedPages {
-    /// Leave them alone (nobody waits on them).
+pub enum ZeroPages {
+    /// Leave them unplaced (nobody waits on them).
     Skip,
     /// Map zero pages there: a thread faulted on them and waits.
-    ZeroFill,
+    Fill,
 }
 
 /// Result of a placement attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placed {
-    /// Every page of the range is present, removed, or was already there.
+    /// Every page of the range is handled.
     Done,
     /// The mapping is changing (an unread REMOVE/UNMAP): pages from `resume_at` on were not
-    /// placed. Read the uffd's events, then call again from there.
+    /// handled. Read the uffd's events, then call again from there.
     Again {
         /// First page not yet handled.
         resume_at: u64,
@@ -37,8 +37,9 @@ pub enum Placed {
 }
 
 impl Vm {
-    /// Places pages `first..first+count`: `data` holds their bytes, or `None` for zero pages.
-    /// Takes the placement gate; see [`Vm::place_locked`].
+    /// Places pages `first..first+count` under the placement gate: `data` holds their bytes,
+    /// or `None` when pagesrv reported them as zero. Pages already done are skipped; pages
+    /// marked zero are skipped or filled as `zero_pages` says.
     ///
     /// # Errors
     /// The VMM is gone, or the kernel refused the placement.
@@ -48,40 +49,37 @@ impl Vm {
         count: u64,
         data: Option<&[u8]>,
         origin: Origin,
-        removed_pages: RemovedPages,
+        zero_pages: ZeroPages,
     ) -> Result<Placed, UffdError> {
-        let removed = self.gate();
-        self.place_locked(&removed, first, count, data, origin, removed_pages)
-    }
-
-    /// Places pages with the gate already held by the caller (`removed` is its guard).
-    ///
-    /// # Errors
-    /// As [`Vm::place`].
-    pub fn place_locked(
-        &self,
-        removed: &RemovedRanges,
-        first: u64,
-        count: u64,
-        data: Option<&[u8]>,
-        origin: Origin,
-        removed_pages: RemovedPages,
-    ) -> Result<Placed, UffdError> {
+        let _gate = self.gate();
+        if data.is_none() {
+            Counters::add(&self.counters.pages_zero, self.mark_zero(first, count));
+        }
         let page_size = self.page_size();
-        for (run_first, run_count, is_removed) in removed.split(first, count) {
-            if is_removed {
-                if removed_pages == RemovedPages::ZeroFill {
-                    let placed = self.place_pieces(run_first, run_count, None)?;
-                    if let Placed::Again { .. } = placed {
-                        return Ok(placed);
+        let end = first + count;
+        let mut at = first;
+        while at < end {
+            let zero_run = self.zero.set_run(at, end - at);
+            if zero_run > 0 {
+                if zero_pages == ZeroPages::Fill {
+                    let placed = self.place_pieces(at, zero_run, None)?;
+                    let resume_at = match placed {
+                        Placed::Done => at + zero_run,
+                        Placed::Again { resume_at } => resume_at,
+                    };
+                    Counters::add(&self.counters.zero_fills, resume_at - at);
+                    if resume_at < at + zero_run {
+                        return Ok(Placed::Again { resume_at });
                     }
                 }
+                at += zero_run;
                 continue;
             }
-            for (page, n) in self.done.clear_runs(run_first, run_count) {
+            let run = self.zero.clear_run(at, end - at);
+            for (page, n) in self.done.clear_runs(at, run) {
                 let bytes = data.map(|d| {
-                    let at = ((page - first) * page_size) as usize;
-                    &d[at..at + (n * page_size) as usize]
+                    let offset = ((page - first) * page_size) as usize;
+                    &d[offset..offset + (n * page_size) as usize]
                 });
                 let placed = self.place_pieces(page, n, bytes)?;
                 let resume_at = match placed {
@@ -89,22 +87,22 @@ impl Vm {
                     Placed::Again { resume_at } => resume_at,
                 };
                 let newly = self.done.set_range(page, resume_at - page);
-                let counter = match (data.is_some(), origin) {
-                    (false, _) => &self.counters.pages_zero,
-                    (true, Origin::Requested) => &self.counters.pages_requested,
-                    (true, Origin::Pushed) => &self.counters.pages_pushed,
+                let counter = match origin {
+                    Origin::Requested => &self.counters.pages_requested,
+                    Origin::Pushed => &self.counters.pages_pushed,
                 };
                 Counters::add(counter, newly);
-                if let Placed::Again { .. } = placed {
-                    return Ok(placed);
+                if resume_at < page + n {
+                    return Ok(Placed::Again { resume_at });
                 }
             }
+            at += run;
         }
         Ok(Placed::Done)
     }
 
-    /// Places `count` pages from `first` (all of them clear in `done`), split at region
-    /// boundaries, with COPY (or ZEROPAGE for `bytes == None`).
+    /// Places `count` pages from `first`, split at region boundaries, with COPY (or a zero
+    /// page for `bytes == None`).
     fn place_pieces(
         &self,
         first: u64,

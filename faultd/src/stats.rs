@@ -93,6 +93,8 @@ pub struct Stats {
     pub pages_zero: u64,
     /// Pages removed or unmapped by the VMM before they arrived.
     pub pages_removed: u64,
+    /// Zero pages mapped because a thread touched them (the rest stay unplaced).
+    pub zero_fills: u64,
     /// Bytes received from pagesrv.
     pub bytes_received: u64,
     /// From the VMM's handshake to the last page.
@@ -115,6 +117,7 @@ impl Stats {
             pages_pushed: c.pages_pushed.load(Ordering::Relaxed),
             pages_zero: c.pages_zero.load(Ordering::Relaxed),
             pages_removed: c.pages_removed.load(Ordering::Relaxed),
+            zero_fills: c.zero_fills.load(Ordering::Relaxed),
             bytes_received: c.bytes_received.load(Ordering::Relaxed),
             duration_ms: duration.as_secs_f64() * 1000.0,
             fault_latency_us: latencies.summary(),

@@ -1,14 +1,19 @@
 //! One VM's state, shared by the fault thread and the bulk thread: its layout and uffd, the
-//! "done" page map, the ranges the VMM removed, and the counters.
+//! page maps, the placement gate and the counters.
 //!
-//! The placement gate (a mutex around the removed ranges) orders placements against
-//! REMOVE/UNMAP events: the event reader holds it while reading the uffd, and every placement
-//! holds it while it checks the removed ranges and copies. A placement therefore either
-//! finishes before a REMOVE is read (and the VMM's zap, which waits for that read, clears it),
-//! or sees the removed range and skips it; the kernel answers EAGAIN to a placement that
-//! races with an unread event.
+//! Two bits per page:
+//! - `done`: never to be fetched again (present, known zero, or removed by the VMM);
+//! - `zero`: reads as zero and is *not* placed: pages pagesrv reported as zero, and pages the
+//!   VMM removed (balloon, `madvise(DONTNEED)`) or unmapped. A fault on such a page is filled
+//!   with a zero page locally; a zero page nobody touches costs no ioctl at all, and after
+//!   completion (memory unregistered) the kernel fills it with zeros itself.
+//!
+//! The placement gate orders placements against REMOVE/UNMAP events: the event reader holds
+//! it while reading the uffd and marking removed pages, and every placement holds it while it
+//! checks the bits and copies. A placement therefore either finishes before a REMOVE is read
+//! (and the VMM's zap, which waits for that read, clears it), or sees the page marked and
+//! skips it; the kernel answers EAGAIN to a placement that races with an unread event.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -23,10 +28,12 @@ pub struct Counters {
     pub pages_requested: AtomicU64,
     /// Data pages placed from the background push.
     pub pages_pushed: AtomicU64,
-    /// Zero pages placed (either connection).
+    /// Pages pagesrv reported as zero.
     pub pages_zero: AtomicU64,
     /// Pages the VMM removed (balloon, DONTNEED) or unmapped before they arrived.
     pub pages_removed: AtomicU64,
+    /// Zero pages mapped because a thread faulted on them.
+    pub zero_fills: AtomicU64,
     /// Bytes received from pagesrv on both connections.
     pub bytes_received: AtomicU64,
 }
@@ -38,78 +45,19 @@ impl Counters {
     }
 }
 
-/// Page ranges that read as zero from now on and are never fetched: `first → end`.
-#[derive(Debug, Default)]
-pub struct RemovedRanges {
-    ranges: BTreeMap<u64, u64>,
-}
-
-impl RemovedRanges {
-    /// Adds `first..end`, merging with neighbours.
-    pub fn insert(&mut self, mut first: u64, mut end: u64) {
-        let overlapping: Vec<(u64, u64)> = self
-            .ranges
-            .range(..=end)
-            .rev()
-            .take_while(|&(_, &e)| e >= first)
-            .map(|(&s, &e)| (s, e))
-            .collect();
-        for (s, e) in overlapping {
-            self.ranges.remove(&s);
-            first = first.min(s);
-            end = end.max(e);
-        }
-        self.ranges.insert(first, end);
-    }
-
-    /// Whether `page` is removed.
-    pub fn contains(&self, page: u64) -> bool {
-        self.ranges
-            .range(..=page)
-            .next_back()
-            .is_some_and(|(_, &e)| page < e)
-    }
-
-    /// Splits `first..first+count` into runs `(first, count, removed)`.
-    pub fn split(&self, first: u64, count: u64) -> Vec<(u64, u64, bool)> {
-        let end = first + count;
-        let mut out = Vec::new();
-        let mut at = first;
-        let start_key = self
-            .ranges
-            .range(..=first)
-            .next_back()
-            .map_or(first, |(&s, _)| s);
-        for (&s, &e) in self.ranges.range(start_key..end) {
-            if e <= at {
-                continue;
-            }
-            if s > at {
-                out.push((at, s - at, false));
-            }
-            let lo = s.max(at);
-            let hi = e.min(end);
-            out.push((lo, hi - lo, true));
-            at = hi;
-        }
-        if at < end {
-            out.push((at, end - at, false));
-        }
-        out
-    }
-}
-
 /// One VM being migrated in.
 pub struct Vm {
     /// The VMM's regions.
     pub layout: Layout,
     /// The VMM's userfaultfd.
     pub uffd: Uffd,
-    /// Pages present in the VMM, or removed (both: never fetched again).
+    /// Pages never to be fetched again.
     pub done: PageMap,
+    /// Pages that read as zero and are filled only on a fault.
+    pub zero: PageMap,
     /// Counters for the stats.
     pub counters: Counters,
-    gate: Mutex<RemovedRanges>,
+    gate: Mutex<()>,
     /// Zero bytes to copy from where UFFDIO_ZEROPAGE does not exist (hugetlbfs).
     zero_source: Vec<u8>,
 }
@@ -127,8 +75,9 @@ impl Vm {
             layout,
             uffd,
             done: PageMap::new(total),
+            zero: PageMap::new(total),
             counters: Counters::default(),
-            gate: Mutex::new(RemovedRanges::default()),
+            gate: Mutex::new(()),
             zero_source,
         }
     }
@@ -139,10 +88,27 @@ impl Vm {
     }
 
     /// Takes the placement gate (see the module docs).
-    pub fn gate(&self) -> MutexGuard<'_, RemovedRanges> {
-        // A poisoned gate only means another thread panicked mid-placement; the ranges are
-        // still consistent (insert is the only mutation and cannot panic halfway).
+    pub fn gate(&self) -> MutexGuard<'_, ()> {
+        // The gate guards no data, so a panic elsewhere cannot leave anything inconsistent.
         self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks pages that read as zero without placing them: they are done, and a fault on one
+    /// maps a zero page. Pages already present are left alone. Returns how many were new.
+    pub fn mark_zero(&self, first: u64, count: u64) -> u64 {
+        let mut newly = 0;
+        for (page, n) in self.done.clear_runs(first, count) {
+            self.zero.set_range(page, n);
+            newly += self.done.set_range(page, n);
+        }
+        newly
+    }
+
+    /// Marks pages the VMM removed or unmapped: zero from now on, never fetched, even if
+    /// they were present before. Call with the gate held. Returns how many were not done yet.
+    pub fn mark_removed(&self, first: u64, count: u64) -> u64 {
+        self.zero.set_range(first, count);
+        self.done.set_range(first, count)
     }
 
     /// Zero bytes for one page (hugetlbfs only).
@@ -153,34 +119,5 @@ impl Vm {
     /// True when the RAM is hugetlbfs-backed (no UFFDIO_ZEROPAGE).
     pub fn is_hugetlb(&self) -> bool {
         self.layout.page_size() > 4096
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn test_removed_ranges_merge_and_split() {
-        let mut r = RemovedRanges::default();
-        r.insert(10, 20);
-        r.insert(30, 40);
-        r.insert(18, 32);
-        assert!(r.contains(10) && r.contains(39) && !r.contains(40) && !r.contains(9));
-        assert_eq!(
-            r.split(0, 50),
-            vec![(0, 10, false), (10, 30, true), (40, 10, false)]
-        );
-        assert_eq!(r.split(15, 3), vec![(15, 3, true)]);
-        r.insert(50, 60);
-        assert_eq!(
-            r.split(35, 20),
-            vec![(35, 5, true), (40, 10, false), (50, 5, true)]
-        );
-        r.insert(40, 50);
-        assert_eq!(
-            r.split(0, 100),
-            vec![(0, 10, false), (10, 50, true), (60, 40, false)]
-        );
     }
 }

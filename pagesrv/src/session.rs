@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::framed::{FrameReader, ReadError, write_frame};
+use common::framed::{FrameReader, ReadError, write_frame, write_frames};
 use common::pagemap::PageMap;
 use common::wire::{Decoder, ErrorCode, MAX_PAYLOAD_BYTES, Message, PageRange, RANGE_FRAME_BYTES};
 use tracing::{debug, info, warn};
@@ -208,42 +208,42 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Sends pieces as ZeroRun/PageRun frames; returns (zero pages, data pages).
+    /// Sends pieces as ZeroRun/PageRun frames, batched into few writes; returns (zero
+    /// pages, data pages).
     fn send_pieces(&self, conn: &mut TcpStream, pieces: &[Piece]) -> std::io::Result<(u64, u64)> {
         let page_size = self.source.page_size();
         let max_pages = (MAX_PAYLOAD_BYTES as u64 / page_size).max(1);
         let (mut zero, mut data) = (0, 0);
+        let mut frames: Vec<(Message, &[u8])> = Vec::with_capacity(pieces.len());
         for piece in pieces {
             match *piece {
                 Piece::Zero { first, count } => {
-                    write_frame(conn, &Message::ZeroRun(PageRange { first, count }), &[])?;
-                    self.stats
-                        .bytes_sent
-                        .fetch_add(RANGE_FRAME_BYTES as u64, Ordering::Relaxed);
+                    frames.push((Message::ZeroRun(PageRange { first, count }), &[]));
                     zero += count;
                 }
                 Piece::Data { first, count } => {
                     let mut at = first;
                     while at < first + count {
                         let n = (first + count - at).min(max_pages);
-                        let bytes = self.source.bytes(at, n);
-                        write_frame(
-                            conn,
-                            &Message::PageRun(PageRange {
-                                first: at,
-                                count: n,
-                            }),
-                            bytes,
-                        )?;
-                        self.stats
-                            .bytes_sent
-                            .fetch_add((RANGE_FRAME_BYTES + bytes.len()) as u64, Ordering::Relaxed);
+                        let range = PageRange {
+                            first: at,
+                            count: n,
+                        };
+                        frames.push((Message::PageRun(range), self.source.bytes(at, n)));
                         at += n;
                     }
                     data += count;
                 }
             }
         }
+        write_frames(conn, &frames)?;
+        let bytes: usize = frames
+            .iter()
+            .map(|(_, p)| RANGE_FRAME_BYTES + p.len())
+            .sum();
+        self.stats
+            .bytes_sent
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         Ok((zero, data))
     }
 
