@@ -35,6 +35,9 @@ pub const FEATURES_FOR_VMM: u64 = (uapi::UFFD_FEATURE_EVENT_REMOVE
     | uapi::UFFD_FEATURE_MISSING_SHMEM
     | uapi::UFFD_FEATURE_MISSING_HUGETLBFS) as u64;
 
+/// Feature needed to register shared memory in MINOR mode.
+pub const FEATURE_MINOR_SHMEM: u64 = uapi::UFFD_FEATURE_MINOR_SHMEM as u64;
+
 /// Errors from userfaultfd calls; each names the step.
 #[derive(Debug, Error)]
 pub enum UffdError {

@@ -55,6 +55,7 @@ pub fn serve(source: &MemorySource, config: &ServerConfig) -> Result<()> {
     loop {
         let (urgent, reader, bulk, session_id) = accept_session(&listener, source)?;
         let _span = info_span!("session", id = format_args!("{session_id:016x}")).entered();
+        source.refresh_holes();
         let session = Session::new(source, config.session);
         let outcome = std::thread::scope(|s| {
             let (done_tx, done_rx) = mpsc::channel::<()>();

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use common::mmap::{MapError, Mapping};
 use thiserror::Error;
@@ -81,8 +82,10 @@ pub struct MemorySource {
     map: Mapping,
     page_size: u64,
     total_pages: u64,
-    /// Byte ranges that hold data (everything else is a hole), sorted.
-    data_ranges: Vec<(u64, u64)>,
+    file: File,
+    /// Byte ranges that hold data (everything else is a hole), sorted; read again at the
+    /// start of every session, since the VM may have written holes since the last one.
+    data_ranges: RwLock<Vec<(u64, u64)>>,
 }
 
 impl MemorySource {
@@ -113,7 +116,7 @@ impl MemorySource {
                 page_size,
             });
         }
-        let data_ranges = data_ranges(&file, size_bytes);
+        let data_ranges = RwLock::new(data_ranges(&file, size_bytes));
         let map = Mapping::file_readonly(file.as_fd(), size_bytes as usize).map_err(|source| {
             SourceError::Map {
                 path: path.to_owned(),
@@ -124,6 +127,7 @@ impl MemorySource {
             map,
             page_size,
             total_pages: size_bytes / page_size,
+            file,
             data_ranges,
         })
     }
@@ -144,14 +148,25 @@ impl MemorySource {
         &self.map.as_slice()[start..start + (count * self.page_size) as usize]
     }
 
+    /// Reads the file's holes again (call when a session starts).
+    pub fn refresh_holes(&self) {
+        let ranges = data_ranges(&self.file, self.total_pages * self.page_size);
+        *self.data_ranges.write().unwrap_or_else(|p| p.into_inner()) = ranges;
+    }
+
     /// Splits `first..first+count` into zero and data pieces, appending them to `out`.
     pub fn classify(&self, first: u64, count: u64, out: &mut Vec<Piece>) {
+        let data_ranges = self.data_ranges.read().unwrap_or_else(|p| p.into_inner());
+        let is_zero_page = |page| {
+            in_hole(&data_ranges, page * self.page_size, self.page_size)
+                || is_zero(self.bytes(page, 1))
+        };
         let end = (first + count).min(self.total_pages);
         let mut page = first;
         while page < end {
-            let zero = self.is_zero_page(page);
+            let zero = is_zero_page(page);
             let mut next = page + 1;
-            while next < end && self.is_zero_page(next) == zero {
+            while next < end && is_zero_page(next) == zero {
                 next += 1;
             }
             let n = next - page;
@@ -169,16 +184,12 @@ impl MemorySource {
             page = next;
         }
     }
+}
 
-    fn is_zero_page(&self, page: u64) -> bool {
-        self.in_hole(page) || is_zero(self.bytes(page, 1))
-    }
-
-    fn in_hole(&self, page: u64) -> bool {
-        let (start, end) = (page * self.page_size, (page + 1) * self.page_size);
-        let i = self.data_ranges.partition_point(|&(_, e)| e <= start);
-        self.data_ranges.get(i).is_none_or(|&(s, _)| s >= end)
-    }
+/// Whether `start..start+len` lies wholly in a hole, given the sorted data ranges.
+fn in_hole(data_ranges: &[(u64, u64)], start: u64, len: u64) -> bool {
+    let i = data_ranges.partition_point(|&(_, e)| e <= start);
+    data_ranges.get(i).is_none_or(|&(s, _)| s >= start + len)
 }
 
 /// Byte ranges holding data, from SEEK_DATA/SEEK_HOLE; the whole file if unsupported.

@@ -1,0 +1,335 @@
+//! vmm: the reference KVM VMM (one vCPU, ring-3 long-mode guest) for the main job and the
+//! benchmarks.
+//!
+//! - `vmm source`: guest RAM in a file; boots the guest, which fills RAM and then touches,
+//!   verifies and rewrites pages; on `pause` (a line on stdin) stops at the next report, saves
+//!   the vCPU to the state file and exits, leaving RAM in the file for pagesrv.
+//! - `vmm dest`: guest RAM in a memfd registered with a userfaultfd, handed to faultd with
+//!   Firecracker's handshake (plus the memfd); restores the vCPU and runs at once while
+//!   faultd fills RAM in. If faultd dies before every page is present, the vCPU is stopped
+//!   and the VMM exits with an error instead of hanging. `stop` on stdin ends it.
+//!
+//! Both print one JSON object per line on stdout: `report` (the guest's counters, every
+//! 50 ms of guest time), `paused`, `resumed`, `complete`. Exit codes: 0 done; 1 failure.
+
+use std::io::{BufRead, Read, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use bench::guest::{Counters, GuestParams, Workload};
+use bench::kvm_vm::{KvmVm, RunExit, VcpuState};
+use clap::{Parser, Subcommand, ValueEnum};
+use common::uffd::{MODE_MINOR, MODE_MISSING, Uffd};
+
+/// Reference KVM VMM for loopback live migration.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// Run the guest with RAM in a file until `pause`, then save the vCPU.
+    Source {
+        /// Guest RAM file (created or truncated), e.g. /dev/shm/vm1.
+        #[arg(long)]
+        mem_file: PathBuf,
+        /// Guest RAM in MiB (multiple of 2, at least 4).
+        #[arg(long)]
+        size_mib: u64,
+        /// Where to write the saved vCPU.
+        #[arg(long)]
+        state_file: PathBuf,
+        /// The guest's access pattern.
+        #[arg(long, value_enum, default_value = "random")]
+        workload: Workload,
+        /// Pattern seed.
+        #[arg(long, default_value_t = 0x5EED)]
+        seed: u64,
+        /// The guest rewrites one touched page in 2^N.
+        #[arg(long, default_value_t = 4)]
+        write_shift: u64,
+    },
+    /// Resume a saved vCPU with RAM served by faultd.
+    Dest {
+        /// faultd's Unix socket.
+        #[arg(long)]
+        uds: PathBuf,
+        /// Guest RAM in MiB (as on the source).
+        #[arg(long)]
+        size_mib: u64,
+        /// The saved vCPU.
+        #[arg(long)]
+        state_file: PathBuf,
+        /// Registration: `copy` (MISSING: faultd copies pages in) or `minor` (MISSING|MINOR:
+        /// faultd writes into the shared memfd and maps pages in place).
+        #[arg(long, value_enum, default_value = "copy")]
+        mode: Mode,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    Copy,
+    Minor,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn emit(event: serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{event}");
+    let _ = out.flush();
+}
+
+fn report(c: &Counters, tsc_per_us: f64) {
+    emit(serde_json::json!({
+        "event": "report",
+        "t_us": now_us(),
+        "tsc_per_us": tsc_per_us,
+        "counters": c,
+        "hist": c.hist.to_vec(),
+    }));
+}
+
+/// Returns a flag set when `word` arrives on stdin, or stdin ends (the driver is gone).
+fn watch_stdin(word: &'static str) -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let set = flag.clone();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            match line {
+                Ok(l) if l.trim() == word => break,
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        set.store(true, Ordering::Release);
+    });
+    flag
+}
+
+struct SourceArgs {
+    mem_file: PathBuf,
+    size_mib: u64,
+    state_file: PathBuf,
+    workload: Workload,
+    seed: u64,
+    write_shift: u64,
+}
+
+fn run_source(a: SourceArgs) -> Result<()> {
+    let size_bytes = a.size_mib << 20;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&a.mem_file)
+        .with_context(|| format!("cannot create {}", a.mem_file.display()))?;
+    file.set_len(size_bytes)?;
+    let mut vm = KvmVm::create(file, size_bytes)?;
+    let tsc_per_us = vm.tsc_per_us();
+    vm.boot(&GuestParams {
+        size_bytes,
+        seed: a.seed,
+        workload: a.workload,
+        write_shift: a.write_shift,
+        report_interval_tsc: (50_000.0 * tsc_per_us) as u64,
+        stall_tsc: (10.0 * tsc_per_us) as u64,
+    })?;
+    let pause = watch_stdin("pause");
+    loop {
+        if let RunExit::Report(c) = vm.run_until_report()? {
+            report(&c, tsc_per_us);
+            if c.mismatches > 0 {
+                bail!(
+                    "the guest found {} wrong pages on the source (last: page {})",
+                    c.mismatches,
+                    c.bad_page
+                );
+            }
+        }
+        if pause.load(Ordering::Acquire) {
+            let state = vm.save()?;
+            std::fs::write(&a.state_file, serde_json::to_vec(&state)?)
+                .with_context(|| format!("cannot write {}", a.state_file.display()))?;
+            emit(serde_json::json!({"event": "paused", "t_us": now_us()}));
+            return Ok(());
+        }
+    }
+}
+
+/// Whether the mapping at `addr` is still registered with a userfaultfd (smaps flags `um`,
+/// `ui`): after faultd completes it has unregistered our RAM.
+fn still_registered(addr: u64) -> bool {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return true;
+    };
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if inside {
+                return flags.split_whitespace().any(|f| f == "um" || f == "ui");
+            }
+        } else if let Some((range, _)) = line.split_once(' ')
+            && let Some((lo, hi)) = range.split_once('-')
+            && let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16))
+        {
+            inside = (lo..hi).contains(&addr);
+        }
+    }
+    false
+}
+
+extern "C" fn on_stop_signal(_: libc::c_int) {}
+
+fn create_memfd(size_bytes: u64) -> Result<std::fs::File> {
+    // SAFETY: creates a new anonymous file; the name is a valid C string.
+    let raw = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error()).context("memfd_create failed");
+    }
+    // SAFETY: memfd_create returned a fresh fd that nothing else owns.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    file.set_len(size_bytes)?;
+    Ok(file)
+}
+
+/// Watches faultd's socket: at EOF, reports completion, or (RAM still registered: faultd
+/// died) sets `failed` and signals the vCPU thread until it has stopped.
+fn watch_faultd(
+    mut sock: UnixStream,
+    base: u64,
+    failed: Arc<AtomicBool>,
+    vcpu_done: Arc<AtomicBool>,
+) {
+    // SAFETY: pthread_self has no preconditions.
+    let vcpu_thread = unsafe { libc::pthread_self() };
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while matches!(sock.read(&mut buf), Ok(n) if n > 0) {}
+        if !still_registered(base) {
+            emit(serde_json::json!({"event": "complete", "t_us": now_us()}));
+            return;
+        }
+        failed.store(true, Ordering::Release);
+        while !vcpu_done.load(Ordering::Acquire) {
+            // SAFETY: signals our own vCPU thread, which sets vcpu_done before it exits.
+            unsafe { libc::pthread_kill(vcpu_thread, libc::SIGUSR1) };
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+}
+
+fn run_dest(uds: PathBuf, size_mib: u64, state_file: PathBuf, mode: Mode) -> Result<()> {
+    let size_bytes = size_mib << 20;
+    let state: VcpuState = serde_json::from_slice(
+        &std::fs::read(&state_file)
+            .with_context(|| format!("cannot read {}", state_file.display()))?,
+    )?;
+    let memfd = create_memfd(size_bytes)?;
+    let memfd_for_faultd = memfd.try_clone()?;
+    let mut vm = KvmVm::create(memfd, size_bytes)?;
+    let base = vm.host_base();
+    let (features, reg_mode) = match mode {
+        Mode::Copy => (common::uffd::FEATURES_FOR_VMM, MODE_MISSING),
+        Mode::Minor => (
+            common::uffd::FEATURES_FOR_VMM | common::uffd::FEATURE_MINOR_SHMEM,
+            MODE_MISSING | MODE_MINOR,
+        ),
+    };
+    let uffd = Uffd::create(features).context("cannot create the userfaultfd")?;
+    uffd.register(base, size_bytes, reg_mode)?;
+    let sock = UnixStream::connect(&uds)
+        .with_context(|| format!("cannot reach faultd at {}", uds.display()))?;
+    let layout = format!(
+        r#"[{{"base_host_virt_addr":{base},"size":{size_bytes},"offset":0,"page_size":4096,"page_size_kib":4096}}]"#
+    );
+    common::vmm_link::send_handshake(
+        &sock,
+        layout.as_bytes(),
+        &[uffd.as_fd(), memfd_for_faultd.as_fd()],
+    )?;
+    vm.restore(&state)?;
+    let tsc_per_us = vm.tsc_per_us();
+    // SAFETY: installs a handler that does nothing, without SA_RESTART, so the signal makes
+    // a blocked KVM_RUN return EINTR instead of killing the process.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_stop_signal as *const () as usize;
+        libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut());
+    }
+    let failed = Arc::new(AtomicBool::new(false));
+    let vcpu_done = Arc::new(AtomicBool::new(false));
+    watch_faultd(sock.try_clone()?, base, failed.clone(), vcpu_done.clone());
+    let stop = watch_stdin("stop");
+    emit(serde_json::json!({"event": "resumed", "t_us": now_us()}));
+    let result = loop {
+        if failed.load(Ordering::Acquire) {
+            break Err(anyhow::anyhow!(
+                "faultd closed its socket before every page was present; vCPU stopped"
+            ));
+        }
+        match vm.run_until_report() {
+            Ok(RunExit::Report(c)) => report(&c, tsc_per_us),
+            Ok(RunExit::Interrupted) => {}
+            Err(e) => break Err(e.into()),
+        }
+        if stop.load(Ordering::Acquire) {
+            break Ok(());
+        }
+    };
+    vcpu_done.store(true, Ordering::Release);
+    // The uffd stays open until the vCPU has stopped: closing it earlier would let the
+    // guest read silent zero pages.
+    drop(uffd);
+    drop(sock);
+    result
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.role {
+        Role::Source {
+            mem_file,
+            size_mib,
+            state_file,
+            workload,
+            seed,
+            write_shift,
+        } => run_source(SourceArgs {
+            mem_file,
+            size_mib,
+            state_file,
+            workload,
+            seed,
+            write_shift,
+        }),
+        Role::Dest {
+            uds,
+            size_mib,
+            state_file,
+            mode,
+        } => run_dest(uds, size_mib, state_file, mode),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! The benchmark guest's physical layout, its boot-time tables, and its counters.
+//!
+//! ```text
+//!  guest-physical
+//!  0x0000   GDT (null, code64/data ring 0, code64/data ring 3)
+//!  0x0100   parameters (written by the VMM at boot)
+//!  0x0200   counters (written by the guest before each report)
+//!  0x1000   PML4        0x2000 PDPT      0x10000.. one PD per GiB (2 MiB user pages)
+//!  0x60000  guest code (bench/guest/guest.S)
+//!  0x1ff000 ring-3 stack top
+//!  2 MiB .. size            data pages the guest patterns, verifies and rewrites
+//!  size rounded up to 2 MiB the report page: mapped by the page tables, no memslot → MMIO exit
+//! ```
+//!
+//! Everything runs in ring 3 of 64-bit long mode, entered directly through the vCPU's
+//! special registers: no real-mode or ring-0 code, which kvm-pvm would have to emulate.
+
+use serde::Serialize;
+use thiserror::Error;
+
+/// The assembled guest program.
+pub const GUEST_CODE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.bin"));
+
+/// Guest-physical address of the code.
+pub const CODE_GPA: u64 = 0x60000;
+/// First data page's address: everything below is the system area.
+pub const DATA_START_GPA: u64 = 2 << 20;
+const GDT_GPA: u64 = 0x0;
+const PARAMS_GPA: u64 = 0x100;
+/// Guest-physical address of the counters block.
+pub const COUNTERS_GPA: u64 = 0x200;
+const PML4_GPA: u64 = 0x1000;
+const PDPT_GPA: u64 = 0x2000;
+const PD_GPA: u64 = 0x10000;
+const MAX_PDS: u64 = (CODE_GPA - PD_GPA) / 0x1000;
+const STACK_TOP_GPA: u64 = 0x1ff000;
+const HUGE_2M: u64 = 2 << 20;
+/// Page-table entry bits: present, writable, user.
+const PTE_PWU: u64 = 0b111;
+const PTE_HUGE: u64 = 1 << 7;
+
+/// GDT entries: null, ring-0 code64, ring-0 data, ring-3 code64, ring-3 data.
+pub const GDT: [u64; 5] = [
+    0,
+    0x0020_9A00_0000_0000,
+    0x0000_9200_0000_0000,
+    0x0020_FA00_0000_0000,
+    0x0000_F200_0000_0000,
+];
+/// Ring-3 code selector (GDT index 3, RPL 3).
+pub const USER_CS: u16 = 0x1b;
+/// Ring-3 data selector (GDT index 4, RPL 3).
+pub const USER_DS: u16 = 0x23;
+/// GDT base and limit for the special registers.
+pub const GDT_BASE_LIMIT: (u64, u16) = (GDT_GPA, (GDT.len() * 8 - 1) as u16);
+/// Page-table root for CR3.
+pub const CR3: u64 = PML4_GPA;
+/// Initial stack pointer.
+pub const STACK_TOP: u64 = STACK_TOP_GPA;
+
+/// Access pattern of the guest's touch loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Uniformly random pages.
+    Random,
+    /// Pages in order, wrapping around.
+    Seq,
+    /// 80% of touches to the first 10% of pages.
+    Hot,
+}
+
+/// What the guest is told at boot.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestParams {
+    /// Guest RAM in bytes.
+    pub size_bytes: u64,
+    /// Pattern seed.
+    pub seed: u64,
+    /// Access pattern.
+    pub workload: Workload,
+    /// Rewrite one touched page in 2^write_shift.
+    pub write_shift: u64,
+    /// TSC ticks between reports.
+    pub report_interval_tsc: u64,
+    /// A touch at least this many TSC ticks long counts as a stall.
+    pub stall_tsc: u64,
+}
+
+/// Layout errors.
+#[derive(Debug, Error)]
+pub enum GuestError {
+    /// The RAM size is unusable.
+    #[error(
+        "guest RAM of {size_bytes} bytes must be a multiple of 2 MiB, at least 4 MiB and below {max_gib} GiB"
+    )]
+    BadSize {
+        /// Requested size.
+        size_bytes: u64,
+        /// Largest supported size in GiB.
+        max_gib: u64,
+    },
+}
+
+/// The address whose write is a report (the first 2 MiB page past RAM).
+pub fn report_gpa(size_bytes: u64) -> u64 {
+    size_bytes.div_ceil(HUGE_2M) * HUGE_2M
+}
+
+/// Checks a RAM size.
+///
+/// # Errors
+/// [`GuestError::BadSize`].
+pub fn check_size(size_bytes: u64) -> Result<(), GuestError> {
+    let max_bytes = MAX_PDS << 30;
+    if !size_bytes.is_multiple_of(HUGE_2M)
+        || size_bytes < 2 * HUGE_2M
+        || size_bytes + HUGE_2M > max_bytes
+    {
+        return Err(GuestError::BadSize {
+            size_bytes,
+            max_gib: MAX_PDS,
+        });
+    }
+    Ok(())
+}
+
+/// Writes the system area (GDT, page tables, parameters, code) into `ram` (guest-physical
+/// address 0 at `ram[0]`).
+pub fn write_system_area(ram: &mut [u8], p: &GuestParams) {
+    let mut put = |gpa: u64, value: u64| {
+        ram[gpa as usize..gpa as usize + 8].copy_from_slice(&value.to_le_bytes());
+    };
+    for (i, d) in GDT.iter().enumerate() {
+        put(GDT_GPA + 8 * i as u64, *d);
+    }
+    // Identity map RAM plus the report page with 2 MiB user pages.
+    let mapped = report_gpa(p.size_bytes) + HUGE_2M;
+    let pds = mapped.div_ceil(1 << 30);
+    put(PML4_GPA, PDPT_GPA | PTE_PWU);
+    for pd in 0..pds {
+        put(PDPT_GPA + 8 * pd, (PD_GPA + pd * 0x1000) | PTE_PWU);
+    }
+    for page in 0..mapped / HUGE_2M {
+        put(PD_GPA + 8 * page, (page * HUGE_2M) | PTE_PWU | PTE_HUGE);
+    }
+    let params = [
+        DATA_START_GPA >> 12,
+        (p.size_bytes - DATA_START_GPA) >> 12,
+        p.seed,
+        match p.workload {
+            Workload::Random => 0,
+            Workload::Seq => 1,
+            Workload::Hot => 2,
+        },
+        p.report_interval_tsc,
+        report_gpa(p.size_bytes),
+        p.write_shift,
+        p.stall_tsc,
+        1, // fill before touching
+    ];
+    for (i, v) in params.iter().enumerate() {
+        put(PARAMS_GPA + 8 * i as u64, *v);
+    }
+    let code = CODE_GPA as usize;
+    ram[code..code + GUEST_CODE.len()].copy_from_slice(GUEST_CODE);
+}
+
+/// The guest's counters, as it stores them before each report.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Counters {
+    /// 0 while filling, 1 while touching.
+    pub phase: u64,
+    /// Pages touched (each verified).
+    pub touches: u64,
+    /// Pages verified.
+    pub pages_verified: u64,
+    /// Pages that did not match their pattern.
+    pub mismatches: u64,
+    /// Longest touch, in TSC ticks.
+    pub max_stall_tsc: u64,
+    /// Sum of touches at least the stall threshold long, in TSC ticks.
+    pub stall_tsc_sum: u64,
+    /// Touches at least the stall threshold long.
+    pub stalls: u64,
+    /// The guest's TSC at the report.
+    pub tsc: u64,
+    /// Sum of all touch times, in TSC ticks.
+    pub touch_tsc_sum: u64,
+    /// Pages filled so far.
+    pub filled: u64,
+    /// Last page that failed verification.
+    pub bad_page: u64,
+    /// Touches by log2 of their TSC ticks.
+    #[serde(skip)]
+    pub hist: [u64; 64],
+}
+
+impl Counters {
+    /// Bytes of the counters block to read.
+    pub const BYTES: usize = 0x100 + 64 * 8;
+
+    /// Decodes the counters block.
+    pub fn from_bytes(b: &[u8]) -> Self {
+        let word = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let mut hist = [0u64; 64];
+        for (i, h) in hist.iter_mut().enumerate() {
+            *h = word(32 + i);
+        }
+        Counters {
+            phase: word(0),
+            touches: word(1),
+            pages_verified: word(2),
+            mismatches: word(3),
+            max_stall_tsc: word(4),
+            stall_tsc_sum: word(5),
+            stalls: word(6),
+            tsc: word(7),
+            touch_tsc_sum: word(8),
+            filled: word(9),
+            bad_page: word(10),
+            hist,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_sizes_and_report_page() {
+        assert!(check_size(64 << 20).is_ok());
+        assert!(check_size(4 << 30).is_ok());
+        assert!(check_size(3 << 20).is_err());
+        assert!(check_size(2 << 20).is_err());
+        assert!(check_size(64 << 30).is_err());
+        assert_eq!(report_gpa(64 << 20), 64 << 20);
+    }
+
+    #[test]
+    fn test_system_area_maps_ram_and_report_page_as_user_pages() {
+        let size = 6u64 << 30;
+        let mut ram = vec![0u8; DATA_START_GPA as usize];
+        let p = GuestParams {
+            size_bytes: size,
+            seed: 1,
+            workload: Workload::Hot,
+            write_shift: 4,
+            report_interval_tsc: 100,
+            stall_tsc: 10,
+        };
+        write_system_area(&mut ram, &p);
+        let get =
+            |gpa: u64| u64::from_le_bytes(ram[gpa as usize..gpa as usize + 8].try_into().unwrap());
+        assert_eq!(get(PML4_GPA), PDPT_GPA | 7);
+        // 6 GiB of RAM + the report page need 7 page directories.
+        assert_eq!(get(PDPT_GPA + 8 * 6), (PD_GPA + 6 * 0x1000) | 7);
+        assert_eq!(get(PDPT_GPA + 8 * 7), 0);
+        let last = report_gpa(size) / HUGE_2M;
+        assert_eq!(get(PD_GPA + 8 * last), (last * HUGE_2M) | 0x87);
+        assert_eq!(get(PARAMS_GPA + 8), (size - DATA_START_GPA) >> 12);
+        assert_eq!(&ram[CODE_GPA as usize..][..GUEST_CODE.len()], GUEST_CODE);
+    }
+}

@@ -1,0 +1,320 @@
+//! A one-vCPU KVM virtual machine over guest RAM mapped with vm-memory: create it, boot the
+//! benchmark guest or restore a saved vCPU, run it report by report, and save its state.
+
+use std::fs::File;
+
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::guest::{self, Counters, GuestParams};
+
+const MSR_IA32_TSC: u32 = 0x10;
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// Paravirtual async page fault features (ASYNC_PF, ASYNC_PF_VMEXIT, ASYNC_PF_INT): hidden,
+/// so a guest never expects the host to inject "page not present" events during postcopy.
+const ASYNC_PF_BITS: u32 = (1 << 4) | (1 << 10) | (1 << 14);
+
+/// Errors of the VM, each naming the step.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// Opening /dev/kvm or creating the VM failed.
+    #[error("failed to create the KVM VM")]
+    Create(#[source] kvm_ioctls::Error),
+    /// Mapping guest RAM failed.
+    #[error("failed to map guest RAM")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+    /// Registering guest RAM with KVM failed.
+    #[error("failed to register guest RAM with KVM")]
+    Memslot(#[source] kvm_ioctls::Error),
+    /// Setting up the vCPU failed.
+    #[error("failed to set up the vCPU ({step})")]
+    Vcpu {
+        /// Which ioctl.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Running the vCPU failed.
+    #[error("KVM_RUN failed")]
+    Run(#[source] kvm_ioctls::Error),
+    /// The guest did something the VMM does not handle (a crash, a stray access).
+    #[error("unexpected vCPU exit: {0}")]
+    UnexpectedExit(String),
+    /// Reading guest memory failed.
+    #[error("failed to read guest memory")]
+    Memory(#[source] vm_memory::GuestMemoryError),
+    /// The RAM size is unusable.
+    #[error(transparent)]
+    Guest(#[from] guest::GuestError),
+}
+
+/// What a vCPU needs to resume elsewhere.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Special registers.
+    pub sregs: kvm_sregs,
+    /// The guest's TSC when it was paused.
+    pub tsc: u64,
+    /// Guest RAM size, for a sanity check on restore.
+    pub size_bytes: u64,
+}
+
+/// Why [`KvmVm::run_until_report`] returned.
+#[derive(Debug, Clone)]
+pub enum RunExit {
+    /// The guest reported; its counters.
+    Report(Box<Counters>),
+    /// KVM_RUN was interrupted by a signal.
+    Interrupted,
+}
+
+/// The VM.
+pub struct KvmVm {
+    _kvm: Kvm,
+    _vm: VmFd,
+    vcpu: VcpuFd,
+    mem: GuestMemoryMmap,
+    size_bytes: u64,
+    tsc_khz: u64,
+}
+
+impl KvmVm {
+    /// Maps `file` (guest RAM, `size_bytes` long) shared and creates a VM with one vCPU over
+    /// it. Nothing is written to guest RAM.
+    ///
+    /// # Errors
+    /// Any creation step.
+    pub fn create(file: File, size_bytes: u64) -> Result<Self, VmError> {
+        guest::check_size(size_bytes)?;
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0),
+            size_bytes as usize,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .map_err(VmError::Map)?;
+        let kvm = Kvm::new().map_err(VmError::Create)?;
+        let vm = kvm.create_vm().map_err(VmError::Create)?;
+        let host = mem
+            .get_host_address(GuestAddress(0))
+            .expect("guest address 0 is mapped");
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: size_bytes,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is our mapping of guest RAM, which lives as long as `mem` in
+        // this struct, which outlives the VM fd (fields drop in order, `_vm` first).
+        unsafe { vm.set_user_memory_region(region) }.map_err(VmError::Memslot)?;
+        let vcpu = vm.create_vcpu(0).map_err(|source| VmError::Vcpu {
+            step: "create",
+            source,
+        })?;
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmError::Vcpu {
+                step: "cpuid",
+                source,
+            })?;
+        for entry in cpuid.as_mut_slice() {
+            if entry.function == KVM_CPUID_FEATURES {
+                entry.eax &= !ASYNC_PF_BITS;
+            }
+        }
+        vcpu.set_cpuid2(&cpuid).map_err(|source| VmError::Vcpu {
+            step: "set cpuid",
+            source,
+        })?;
+        let tsc_khz = vcpu.get_tsc_khz().map(u64::from).unwrap_or(2_000_000);
+        Ok(KvmVm {
+            _kvm: kvm,
+            _vm: vm,
+            vcpu,
+            mem,
+            size_bytes,
+            tsc_khz,
+        })
+    }
+
+    /// Guest TSC ticks per microsecond.
+    pub fn tsc_per_us(&self) -> f64 {
+        self.tsc_khz as f64 / 1000.0
+    }
+
+    /// Host address of guest-physical 0.
+    pub fn host_base(&self) -> u64 {
+        self.mem
+            .get_host_address(GuestAddress(0))
+            .expect("guest address 0 is mapped") as u64
+    }
+
+    /// Writes the guest's system area and points the vCPU at its entry, in ring 3 of long mode.
+    ///
+    /// # Errors
+    /// Memory or vCPU setup failures.
+    pub fn boot(&mut self, params: &GuestParams) -> Result<(), VmError> {
+        let mut area = vec![0u8; guest::DATA_START_GPA as usize];
+        guest::write_system_area(&mut area, params);
+        self.mem
+            .write_slice(&area, GuestAddress(0))
+            .map_err(VmError::Memory)?;
+        let mut sregs = self.vcpu.get_sregs().map_err(|source| VmError::Vcpu {
+            step: "get sregs",
+            source,
+        })?;
+        sregs.cr3 = guest::CR3;
+        sregs.cr4 = 0x20 | 0x200 | 0x400; // PAE, OSFXSR, OSXMMEXCPT
+        sregs.cr0 = 0x8005_0033; // PG, AM, WP, NE, ET, MP, PE
+        sregs.efer = 0x500; // LME, LMA
+        (sregs.gdt.base, sregs.gdt.limit) = guest::GDT_BASE_LIMIT;
+        let segment = |selector: u16, type_: u8, code: bool| kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector,
+            type_,
+            present: 1,
+            dpl: 3,
+            db: u8::from(!code),
+            s: 1,
+            l: u8::from(code),
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        sregs.cs = segment(guest::USER_CS, 0xb, true);
+        let data = segment(guest::USER_DS, 0x3, false);
+        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+        self.vcpu
+            .set_sregs(&sregs)
+            .map_err(|source| VmError::Vcpu {
+                step: "set sregs",
+                source,
+            })?;
+        let regs = kvm_regs {
+            rip: guest::CODE_GPA,
+            rsp: guest::STACK_TOP,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        self.vcpu.set_regs(&regs).map_err(|source| VmError::Vcpu {
+            step: "set regs",
+            source,
+        })
+    }
+
+    /// Saves what the vCPU needs to resume elsewhere.
+    ///
+    /// # Errors
+    /// vCPU ioctl failures.
+    pub fn save(&self) -> Result<VcpuState, VmError> {
+        let regs = self.vcpu.get_regs().map_err(|source| VmError::Vcpu {
+            step: "get regs",
+            source,
+        })?;
+        let sregs = self.vcpu.get_sregs().map_err(|source| VmError::Vcpu {
+            step: "get sregs",
+            source,
+        })?;
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            ..Default::default()
+        }])
+        .expect("one MSR fits");
+        self.vcpu
+            .get_msrs(&mut msrs)
+            .map_err(|source| VmError::Vcpu {
+                step: "get tsc",
+                source,
+            })?;
+        Ok(VcpuState {
+            regs,
+            sregs,
+            tsc: msrs.as_slice()[0].data,
+            size_bytes: self.size_bytes,
+        })
+    }
+
+    /// Restores a saved vCPU (registers, special registers, TSC).
+    ///
+    /// # Errors
+    /// A state for another RAM size, or vCPU ioctl failures.
+    pub fn restore(&mut self, state: &VcpuState) -> Result<(), VmError> {
+        if state.size_bytes != self.size_bytes {
+            return Err(VmError::UnexpectedExit(format!(
+                "saved state is for {} bytes of RAM, this VM has {}",
+                state.size_bytes, self.size_bytes
+            )));
+        }
+        self.vcpu
+            .set_sregs(&state.sregs)
+            .map_err(|source| VmError::Vcpu {
+                step: "set sregs",
+                source,
+            })?;
+        self.vcpu
+            .set_regs(&state.regs)
+            .map_err(|source| VmError::Vcpu {
+                step: "set regs",
+                source,
+            })?;
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            data: state.tsc,
+            ..Default::default()
+        }])
+        .expect("one MSR fits");
+        self.vcpu.set_msrs(&msrs).map_err(|source| VmError::Vcpu {
+            step: "set tsc",
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// Runs the vCPU until the guest reports (or a signal interrupts it).
+    ///
+    /// # Errors
+    /// KVM failures and exits the guest should never cause.
+    pub fn run_until_report(&mut self) -> Result<RunExit, VmError> {
+        let report = guest::report_gpa(self.size_bytes);
+        loop {
+            match self.vcpu.run() {
+                Ok(VcpuExit::MmioWrite(addr, _)) if addr == report => {
+                    return Ok(RunExit::Report(Box::new(self.counters()?)));
+                }
+                Ok(VcpuExit::Intr) => return Ok(RunExit::Interrupted),
+                Ok(other) => return Err(VmError::UnexpectedExit(format!("{other:?}"))),
+                Err(e) if e.errno() == libc::EINTR => return Ok(RunExit::Interrupted),
+                Err(e) if e.errno() == libc::EAGAIN => continue,
+                Err(e) => return Err(VmError::Run(e)),
+            }
+        }
+    }
+
+    /// Reads the guest's counters block.
+    ///
+    /// # Errors
+    /// A failed read of guest memory.
+    pub fn counters(&self) -> Result<Counters, VmError> {
+        let mut buf = vec![0u8; Counters::BYTES];
+        self.mem
+            .read_slice(&mut buf, GuestAddress(guest::COUNTERS_GPA))
+            .map_err(VmError::Memory)?;
+        Ok(Counters::from_bytes(&buf))
+    }
+
+    /// Arranges for the next `run` to return at once (used with a signal to stop the vCPU).
+    pub fn set_immediate_exit(&mut self, on: bool) {
+        self.vcpu.set_kvm_immediate_exit(u8::from(on));
+    }
+}
