@@ -37,6 +37,7 @@
     .set C_TOUCH_TSC_SUM, COUNTERS + 0x40
     .set C_FILLED,        COUNTERS + 0x48
     .set C_BAD_PAGE,      COUNTERS + 0x50 # last page that failed verification
+    .set C_WIN_MAX,       COUNTERS + 0x58 # longest touch since the last report
     .set C_HIST,          COUNTERS + 0x100 # 64 buckets: touches by log2(TSC ticks)
 
     .set K, 0x5851F42D
@@ -98,8 +99,11 @@ touch_loop:
     incq C_HIST(,%rax,8)
 4:
     cmp C_MAX_STALL, %rcx
-    jbe 1f
+    jbe 5f
     mov %rcx, C_MAX_STALL
+5:  cmp C_WIN_MAX, %rcx
+    jbe 1f
+    mov %rcx, C_WIN_MAX
 1:  cmp P_STALL_TSC, %rcx
     jb 2f
     add %rcx, C_STALL_SUM
@@ -240,6 +244,7 @@ maybe_report:
     mov %rax, C_TSC
     mov P_MMIO, %rdx
     mov %rax, (%rdx)            # MMIO exit: the VMM reads the counters
+    movq $0, C_WIN_MAX
 1:  pop %rcx
     pop %rdx
     pop %rax

@@ -191,6 +191,8 @@ pub struct Counters {
     pub filled: u64,
     /// Last page that failed verification.
     pub bad_page: u64,
+    /// Longest touch since the previous report, in TSC ticks.
+    pub window_max_tsc: u64,
     /// Touches by log2 of their TSC ticks.
     #[serde(skip)]
     pub hist: [u64; 64],
@@ -219,6 +221,7 @@ impl Counters {
             touch_tsc_sum: word(8),
             filled: word(9),
             bad_page: word(10),
+            window_max_tsc: word(11),
             hist,
         }
     }

@@ -2,6 +2,7 @@
 //! map, and the few modules that talk to the kernel unsafely (userfaultfd, mmap, SCM_RIGHTS).
 #![deny(missing_docs)]
 
+pub mod digest;
 pub mod framed;
 pub mod layout;
 pub mod mmap;

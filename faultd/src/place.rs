@@ -1,6 +1,7 @@
 //! Placing arriving pages into the VMM: one ioctl per host-contiguous run of pages that are
 //! neither done nor zero, under the placement gate.
 
+use common::digest::run_digest;
 use common::uffd::{Placement, UffdError};
 
 use crate::vm::{Counters, Vm};
@@ -87,6 +88,11 @@ impl Vm {
                     Placed::Again { resume_at } => resume_at,
                 };
                 let newly = self.done.set_range(page, resume_at - page);
+                if let Some(b) = bytes {
+                    let placed = &b[..((resume_at - page) * page_size) as usize];
+                    let digest = run_digest(page, placed, page_size as usize);
+                    Counters::add(&self.counters.received_digest, digest);
+                }
                 let counter = match origin {
                     Origin::Requested => &self.counters.pages_requested,
                     Origin::Pushed => &self.counters.pages_pushed,

@@ -97,6 +97,9 @@ pub struct Stats {
     pub zero_fills: u64,
     /// Bytes received from pagesrv.
     pub bytes_received: u64,
+    /// Sum of the digests of every page as received (`common::digest`), in hex: compare with
+    /// the source file's. Pages the VMM removed are not included.
+    pub received_digest: String,
     /// From the VMM's handshake to the last page.
     pub duration_ms: f64,
     /// Fault latency percentiles.
@@ -119,6 +122,7 @@ impl Stats {
             pages_removed: c.pages_removed.load(Ordering::Relaxed),
             zero_fills: c.zero_fills.load(Ordering::Relaxed),
             bytes_received: c.bytes_received.load(Ordering::Relaxed),
+            received_digest: format!("{:016x}", c.received_digest.load(Ordering::Relaxed)),
             duration_ms: duration.as_secs_f64() * 1000.0,
             fault_latency_us: latencies.summary(),
             latency_dist_us: latencies.distribution(),

@@ -36,6 +36,8 @@ pub struct Counters {
     pub zero_fills: AtomicU64,
     /// Bytes received from pagesrv on both connections.
     pub bytes_received: AtomicU64,
+    /// Sum of the page digests of every page placed (see `common::digest`).
+    pub received_digest: AtomicU64,
 }
 
 impl Counters {

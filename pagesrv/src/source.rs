@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
+use common::digest::is_zero;
 use common::mmap::{MapError, Mapping};
 use thiserror::Error;
 
@@ -208,41 +209,10 @@ fn data_ranges(file: &File, size_bytes: u64) -> Vec<(u64, u64)> {
     ranges
 }
 
-/// True when every byte is zero. Checks the first word first (most data pages fail there),
-/// then OR-reduces 256-byte blocks, which the compiler vectorises.
-pub fn is_zero(bytes: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned bytes.
-        unsafe { bytes.align_to::<u64>() }
-    };
-    if head.iter().chain(tail).any(|&b| b != 0) {
-        return false;
-    }
-    if words.first().is_some_and(|&w| w != 0) {
-        return false;
-    }
-    words
-        .chunks(32)
-        .all(|block| block.iter().fold(0, |acc, &w| acc | w) == 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
-
-    #[test]
-    fn test_is_zero() {
-        let mut page = vec![0u8; 4096];
-        assert!(is_zero(&page));
-        for at in [0, 1, 255, 256, 4095] {
-            page[at] = 1;
-            assert!(!is_zero(&page), "byte {at}");
-            assert_eq!(is_zero(&page[1..]), at == 0, "unaligned, byte {at}");
-            page[at] = 0;
-        }
-        assert!(is_zero(&page[3..4001]));
-    }
 
     #[test]
     fn test_classify_holes_zero_pages_and_data() {
