@@ -283,6 +283,14 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
             .arg(&uds)
             .arg("--stats-json")
             .arg(&stats_path)
+            .args([
+                "--placement",
+                if args.mode == Mode::Minor {
+                    "memfd"
+                } else {
+                    "copy"
+                },
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .context("cannot start faultd")?,

@@ -61,6 +61,8 @@ pub struct FaultPath<'a> {
     in_flight: HashMap<u64, Vec<Instant>>,
     /// Faults to retry after the next drain (their placement met EAGAIN).
     deferred_faults: Vec<(u64, Instant)>,
+    /// MINOR faults to retry after the next drain.
+    deferred_minor: Vec<(u64, Instant)>,
     deferred_replies: Vec<DeferredReply>,
     events: Vec<Event>,
     /// Encoded requests waiting to be written on the urgent connection.
@@ -79,6 +81,7 @@ impl<'a> FaultPath<'a> {
             vm,
             in_flight: HashMap::new(),
             deferred_faults: Vec::new(),
+            deferred_minor: Vec::new(),
             deferred_replies: Vec::new(),
             events: Vec::with_capacity(64),
             outbox: Vec::new(),
@@ -107,11 +110,14 @@ impl<'a> FaultPath<'a> {
             let events = std::mem::take(&mut self.events);
             for event in &events {
                 if let Event::PageFault {
-                    addr, thread_id, ..
+                    addr,
+                    thread_id,
+                    minor,
+                    ..
                 } = *event
                 {
                     self.faults += 1;
-                    self.handle_page_fault(addr, thread_id, now)?;
+                    self.handle_page_fault(addr, minor, thread_id, now)?;
                 }
             }
             self.events = events;
@@ -150,6 +156,7 @@ impl<'a> FaultPath<'a> {
     fn handle_page_fault(
         &mut self,
         addr: u64,
+        minor: bool,
         thread_id: u32,
         read_at: Instant,
     ) -> Result<(), FaultError> {
@@ -164,7 +171,10 @@ impl<'a> FaultPath<'a> {
             return Ok(());
         };
         let page = located.page;
-        trace!(page, thread_id, "fault");
+        trace!(page, thread_id, minor, "fault");
+        if minor {
+            return self.map_fault_cached(page, read_at);
+        }
         if self.vm.zero.is_set(page) {
             return self.place_fault_zero(page, read_at);
         }
@@ -191,6 +201,14 @@ impl<'a> FaultPath<'a> {
                     &mut self.outbox,
                 );
             }
+        }
+        Ok(())
+    }
+
+    fn map_fault_cached(&mut self, page: u64, read_at: Instant) -> Result<(), FaultError> {
+        match self.vm.map_cached_page(page)? {
+            Placed::Done => self.latencies.record(read_at.elapsed()),
+            Placed::Again { .. } => self.deferred_minor.push((page, read_at)),
         }
         Ok(())
     }
@@ -284,10 +302,15 @@ impl<'a> FaultPath<'a> {
         for (page, read_at) in std::mem::take(&mut self.deferred_faults) {
             self.place_fault_zero(page, read_at)?;
         }
+        for (page, read_at) in std::mem::take(&mut self.deferred_minor) {
+            self.map_fault_cached(page, read_at)?;
+        }
         for reply in std::mem::take(&mut self.deferred_replies) {
             self.place_reply(reply.range, reply.data.as_deref())?;
         }
-        Ok(!self.deferred_faults.is_empty() || !self.deferred_replies.is_empty())
+        Ok(!self.deferred_faults.is_empty()
+            || !self.deferred_minor.is_empty()
+            || !self.deferred_replies.is_empty())
     }
 
     /// Records every fault still waiting (their pages arrived on the bulk connection).

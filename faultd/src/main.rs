@@ -50,6 +50,19 @@ struct Cli {
     /// Write migration statistics (pages by kind, bytes, fault latency) as JSON here.
     #[arg(long, value_name = "PATH")]
     stats_json: Option<PathBuf>,
+    /// How to place pages: `copy` (UFFDIO_COPY), or `memfd` (write into the memfd the VMM
+    /// passed and map in place with UFFDIO_CONTINUE; needs MISSING|MINOR registration for
+    /// the mapping step, else the next touch maps the page). `memfd` falls back to `copy`
+    /// when the VMM passes no memfd.
+    #[arg(long, value_enum, default_value = "copy")]
+    placement: Placement,
+}
+
+/// How pages are placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Placement {
+    Copy,
+    Memfd,
 }
 
 fn bind_uds(path: &Path) -> Result<UnixListener> {
@@ -66,7 +79,7 @@ fn bind_uds(path: &Path) -> Result<UnixListener> {
     UnixListener::bind(path).with_context(|| format!("failed to listen on {}", path.display()))
 }
 
-fn accept_vmm(listener: &UnixListener) -> Result<(UnixStream, Vm, Option<std::os::fd::OwnedFd>)> {
+fn accept_vmm(listener: &UnixListener, placement: Placement) -> Result<(UnixStream, Vm)> {
     let (vmm, _) = listener.accept().context("failed to accept the VMM")?;
     vmm.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let handshake = receive_handshake(&vmm).context("malformed VMM handshake")?;
@@ -79,8 +92,16 @@ fn accept_vmm(listener: &UnixListener) -> Result<(UnixStream, Vm, Option<std::os
         memfd = handshake.memfd.is_some(),
         "VMM connected"
     );
-    let vm = Vm::new(handshake.layout, Uffd::from_fd(handshake.uffd));
-    Ok((vmm, vm, handshake.memfd))
+    let memfd = match (placement, handshake.memfd) {
+        (Placement::Memfd, Some(fd)) => Some(std::fs::File::from(fd)),
+        (Placement::Memfd, None) => {
+            info!("the VMM passed no memfd: placing pages with UFFDIO_COPY");
+            None
+        }
+        (Placement::Copy, _) => None,
+    };
+    let vm = Vm::new(handshake.layout, Uffd::from_fd(handshake.uffd), memfd);
+    Ok((vmm, vm))
 }
 
 fn run(cli: &Cli) -> Result<Stats> {
@@ -88,9 +109,9 @@ fn run(cli: &Cli) -> Result<Stats> {
     // One line on stdout for scripts and tests: the socket is ready.
     println!("faultd waiting for the VMM on {}", cli.uds.display());
     info!(uds = %cli.uds.display(), "waiting for the VMM");
-    let accepted = accept_vmm(&listener);
+    let accepted = accept_vmm(&listener, cli.placement);
     let _ = std::fs::remove_file(&cli.uds);
-    let (vmm, vm, _memfd) = accepted?;
+    let (vmm, vm) = accepted?;
     let started = Instant::now();
     let upstream = upstream::connect(&cli.connect, vm.page_size() as u32, vm.layout.total_pages())
         .with_context(|| format!("cannot start the migration from {}", cli.connect))?;

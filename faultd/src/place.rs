@@ -121,8 +121,11 @@ impl Vm {
             let outcome = match bytes {
                 Some(b) => {
                     let at = ((page - first) * page_size) as usize;
-                    self.uffd
-                        .copy(addr.0, &b[at..at + len as usize], page_size)?
+                    let src = &b[at..at + len as usize];
+                    match self.memfd() {
+                        Some(file) => self.write_and_map(file, addr.0, page, src)?,
+                        None => self.uffd.copy(addr.0, src, page_size)?,
+                    }
                 }
                 None if self.is_hugetlb() => self.copy_zero_pages(addr.0, n)?,
                 None => self.uffd.zeropage(addr.0, len, page_size)?,
@@ -134,6 +137,62 @@ impl Vm {
             }
         }
         Ok(Placed::Done)
+    }
+
+    /// Memfd placement: writes the pages into the guest RAM file (the page cache the VMM
+    /// maps), then maps them into the VMM with UFFDIO_CONTINUE (MINOR registration), or just
+    /// wakes the waiters where RAM is registered MISSING only (the next touch finds the page
+    /// in the page cache). Only pages not yet done reach here, so no guest write is ever
+    /// overwritten.
+    fn write_and_map(
+        &self,
+        file: &std::fs::File,
+        addr: u64,
+        page: u64,
+        src: &[u8],
+    ) -> Result<Placement, UffdError> {
+        use std::os::unix::fs::FileExt;
+        let page_size = self.page_size();
+        let len = src.len() as u64;
+        file.write_all_at(src, page * page_size)
+            .map_err(|source| UffdError::Place {
+                op: "pwrite to the guest memfd",
+                addr,
+                len,
+                source,
+            })?;
+        if !self.continue_refused() {
+            match self.uffd.continue_range(addr, len, page_size) {
+                Err(UffdError::Place { source, .. })
+                    if source.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    self.refuse_continue();
+                }
+                other => return other,
+            }
+        }
+        self.uffd.wake(addr, len)?;
+        Ok(Placement::Done { existing_pages: 0 })
+    }
+
+    /// A MINOR fault: the page is in the page cache but not mapped in the VMM (written by us
+    /// but not yet mapped, or zapped by the VMM): map it.
+    ///
+    /// # Errors
+    /// As [`Vm::place`].
+    pub fn map_cached_page(&self, page: u64) -> Result<Placed, UffdError> {
+        let _gate = self.gate();
+        let (addr, _) = self.layout.host_run(page).expect("page inside the layout");
+        match self
+            .uffd
+            .continue_range(addr.0, self.page_size(), self.page_size())?
+        {
+            Placement::Done { .. } => {
+                self.done.set(page);
+                Ok(Placed::Done)
+            }
+            Placement::Again { .. } => Ok(Placed::Again { resume_at: page }),
+        }
     }
 
     /// hugetlbfs has no UFFDIO_ZEROPAGE: copy a zero page into each huge page.

@@ -14,7 +14,8 @@
 //! (and the VMM's zap, which waits for that read, clears it), or sees the page marked and
 //! skips it; the kernel answers EAGAIN to a placement that races with an unread event.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use common::layout::Layout;
@@ -60,13 +61,19 @@ pub struct Vm {
     /// Counters for the stats.
     pub counters: Counters,
     gate: Mutex<()>,
+    /// With memfd placement: the VMM's guest RAM file. Pages are written into it and mapped
+    /// with UFFDIO_CONTINUE (or woken, where the VMM registered MISSING only).
+    memfd: Option<File>,
+    /// Set when UFFDIO_CONTINUE is refused (RAM not registered in MINOR mode).
+    continue_refused: AtomicBool,
     /// Zero bytes to copy from where UFFDIO_ZEROPAGE does not exist (hugetlbfs).
     zero_source: Vec<u8>,
 }
 
 impl Vm {
-    /// A VM with nothing present yet.
-    pub fn new(layout: Layout, uffd: Uffd) -> Self {
+    /// A VM with nothing present yet. With `memfd`, pages are placed by writing the memory
+    /// file and mapping them in place; without, by UFFDIO_COPY.
+    pub fn new(layout: Layout, uffd: Uffd, memfd: Option<File>) -> Self {
         let total = layout.total_pages();
         let zero_source = if layout.page_size() > 4096 {
             vec![0; layout.page_size() as usize]
@@ -80,6 +87,8 @@ impl Vm {
             zero: PageMap::new(total),
             counters: Counters::default(),
             gate: Mutex::new(()),
+            memfd,
+            continue_refused: AtomicBool::new(false),
             zero_source,
         }
     }
@@ -111,6 +120,21 @@ impl Vm {
     pub fn mark_removed(&self, first: u64, count: u64) -> u64 {
         self.zero.set_range(first, count);
         self.done.set_range(first, count)
+    }
+
+    /// The guest RAM file, when pages are placed through it.
+    pub fn memfd(&self) -> Option<&File> {
+        self.memfd.as_ref()
+    }
+
+    /// Whether UFFDIO_CONTINUE was refused (the VMM registered MISSING only).
+    pub fn continue_refused(&self) -> bool {
+        self.continue_refused.load(Ordering::Relaxed)
+    }
+
+    /// Remembers that UFFDIO_CONTINUE is refused.
+    pub fn refuse_continue(&self) {
+        self.continue_refused.store(true, Ordering::Relaxed);
     }
 
     /// Zero bytes for one page (hugetlbfs only).
