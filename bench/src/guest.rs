@@ -237,7 +237,8 @@ mod tests {
         assert!(check_size(4 << 30).is_ok());
         assert!(check_size(3 << 20).is_err());
         assert!(check_size(2 << 20).is_err());
-        assert!(check_size(64 << 30).is_err());
+        assert!(check_size(80 << 30).is_err());
+        assert!(check_size(64 << 30).is_ok());
         assert_eq!(report_gpa(64 << 20), 64 << 20);
     }
 

@@ -7,6 +7,7 @@ pub mod framed;
 pub mod layout;
 pub mod mmap;
 pub mod pagemap;
+pub mod sched;
 pub mod uffd;
 pub mod vmm_link;
 pub mod wire;

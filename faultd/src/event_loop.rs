@@ -13,7 +13,7 @@ use common::framed::{FrameReader, ReadError, write_frame};
 use common::wire::Message;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::bulk::{BulkError, receive_pushed_pages};
 use crate::fault::FaultPath;
@@ -72,6 +72,9 @@ fn serve_until_complete<'a>(
     vmm: &UnixStream,
     bulk_result: &Mutex<Option<Result<(), BulkError>>>,
 ) -> Result<FaultPath<'a>> {
+    if let Err(e) = common::sched::realtime_priority() {
+        debug!(error = %e, "fault thread runs at normal priority");
+    }
     urgent.set_nonblocking(true)?;
     vmm.set_nonblocking(true)?;
     let mut urgent = mio::net::TcpStream::from_std(urgent);
@@ -191,14 +194,30 @@ fn finish(
         if let Err(e) = vm.uffd.unregister(region.host_base.0, region.size_bytes) {
             warn!(error = %e, "failed to unregister a region after completion");
         }
+        // Unregistering wakes waiting threads itself; wake the whole range once more so no
+        // thread can stay parked on a fault nobody will read.
+        if let Err(e) = vm.uffd.wake(region.host_base.0, region.size_bytes) {
+            warn!(error = %e, "failed to wake a region after completion");
+        }
     }
+    // Unregistering woke every waiting thread (their pages are present, or read as zero
+    // without us); only events that raced with it remain, and a REMOVE among them blocks
+    // the VMM's madvise until read.
     fault_path
-        .drain_events()
+        .discard_events()
         .context("failed to read the last events")?;
     poll.registry().deregister(urgent)?;
     socket2::SockRef::from(&*urgent).set_nonblocking(false)?;
     if let Err(e) = write_frame(urgent, &Message::Goodbye, &[]) {
         warn!(error = %e, "failed to say goodbye to pagesrv (every page is present)");
+    } else {
+        // pagesrv may still be answering requests sent before the goodbye: read (and drop)
+        // until it closes, so it never writes into a closed socket and takes a completed
+        // session for a broken one.
+        let mut sink = vec![0u8; 64 << 10];
+        let stream = socket2::SockRef::from(&*urgent);
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        while matches!(urgent.read(&mut sink), Ok(n) if n > 0) {}
     }
     info!("every page is present");
     Ok(())

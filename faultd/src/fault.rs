@@ -127,6 +127,18 @@ impl<'a> FaultPath<'a> {
         }
     }
 
+    /// Reads and drops every pending event (after the memory was unregistered).
+    ///
+    /// # Errors
+    /// uffd read failures.
+    pub fn discard_events(&mut self) -> Result<(), FaultError> {
+        let _gate = self.vm.gate();
+        self.events.clear();
+        self.vm.uffd.read_events(&mut self.events)?;
+        self.events.clear();
+        Ok(())
+    }
+
     /// REMOVE/UNMAP mark pages removed (zero from now on, never fetched); other non-fault
     /// events are logged or fatal.
     fn handle_layout_event(&self, event: Event) -> Result<(), FaultError> {

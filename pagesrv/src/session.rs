@@ -111,7 +111,12 @@ impl<'a> Session<'a> {
         std::thread::scope(|s| {
             let bulk_for_stop = bulk.try_clone();
             let pusher = s.spawn(move || self.push_background(bulk));
+            // Requests preempt the pusher the moment they arrive.
+            if let Err(e) = common::sched::realtime_priority() {
+                debug!(error = %e, "urgent thread runs at normal priority");
+            }
             let outcome = self.serve_urgent(urgent, reader);
+            let _ = common::sched::normal_priority();
             self.stop.store(true, Ordering::Release);
             if let Ok(b) = bulk_for_stop {
                 let _ = b.shutdown(std::net::Shutdown::Both);

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Page size of the fixtures.
@@ -28,6 +28,25 @@ pub fn require_userfaultfd() -> bool {
             "userfaultfd is required in CI"
         );
         eprintln!("SKIPPED: neither /dev/userfaultfd nor the userfaultfd syscall is available");
+    }
+    ok
+}
+
+/// Whether /dev/kvm is usable. Under `CI=true` its absence fails the test; elsewhere the test
+/// is skipped with the reason printed.
+pub fn require_kvm() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "/dev/kvm is required in CI"
+        );
+        eprintln!("SKIPPED: /dev/kvm is not available");
     }
     ok
 }
@@ -118,6 +137,7 @@ pub fn write_source(
 pub struct Proc {
     name: String,
     child: Child,
+    stdin: Option<ChildStdin>,
     stdout: Option<BufReader<ChildStdout>>,
     stderr: Option<std::thread::JoinHandle<String>>,
 }
@@ -126,7 +146,7 @@ impl Proc {
     /// Starts `cmd` with piped stdout and stderr.
     pub fn spawn(name: &str, cmd: &mut Command) -> Self {
         let mut child = cmd
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -138,9 +158,11 @@ impl Proc {
             s
         });
         let stdout = child.stdout.take().map(BufReader::new);
+        let stdin = child.stdin.take();
         Proc {
             name: name.into(),
             child,
+            stdin,
             stdout,
             stderr: Some(stderr),
         }
@@ -155,6 +177,33 @@ impl Proc {
             .read_line(&mut line)
             .expect("read stdout");
         line.trim_end().to_owned()
+    }
+
+    /// Writes one line to the process's stdin.
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("write stdin");
+    }
+
+    /// Closes the process's stdin.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Reads JSON lines from stdout until one satisfies `pred`; panics if stdout ends first.
+    pub fn read_event_until(
+        &mut self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        loop {
+            let line = self.read_line();
+            assert!(!line.is_empty(), "{} ended its output early", self.name);
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && pred(&v)
+            {
+                return v;
+            }
+        }
     }
 
     /// The rest of stdout, after the process exited.
@@ -194,6 +243,11 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
     }
 
     /// True while the process has not exited.

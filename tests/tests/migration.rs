@@ -11,6 +11,7 @@ struct Run {
     vmm: serde_json::Value,
     stats: serde_json::Value,
     pagesrv_stderr: String,
+    source_digest: String,
 }
 
 /// Migrates a `pages`-page source into a test VMM started with `vmm_args`; asserts that every
@@ -43,10 +44,13 @@ fn migrate(
     assert!(faultd_status.success(), "faultd failed:\n{faultd_err}");
     assert!(pagesrv_status.success(), "pagesrv failed:\n{pagesrv_err}");
     let stats = json(&std::fs::read_to_string(&stats).expect("stats JSON written"));
+    let image = std::fs::read(&mem).expect("read the source");
+    let source_digest = format!("{:016x}", common::digest::run_digest(0, &image, PAGE));
     Run {
         vmm: json(&report),
         stats,
         pagesrv_stderr: pagesrv_err,
+        source_digest,
     }
 }
 
@@ -185,5 +189,6 @@ fn test_all_zero_source_moves_no_page_bytes() {
     assert_vmm_ok(&run.vmm);
     assert_every_page_accounted(&run.stats, pages as u64);
     assert_eq!(run.stats["pages_zero"].as_u64().unwrap(), pages as u64);
+    assert_eq!(run.stats["received_digest"], run.source_digest.as_str());
     assert!(run.stats["bytes_received"].as_u64().unwrap() < (pages * 24) as u64);
 }

@@ -1,0 +1,15 @@
+# Sourced by the other scripts: makes sure the build's few system tools are installed.
+# The guest is assembled at build time with binutils (as, objcopy).
+if ! command -v cargo >/dev/null; then
+    echo "cargo not found: install Rust (https://rustup.rs) and rerun" >&2
+    exit 1
+fi
+if ! command -v as >/dev/null || ! command -v objcopy >/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "installing binutils (as, objcopy) for the guest build" >&2
+        apt-get update -qq && apt-get install -y -qq binutils >/dev/null
+    else
+        echo "binutils (as, objcopy) is missing: install it (e.g. apt-get install binutils)" >&2
+        exit 1
+    fi
+fi

@@ -1,0 +1,169 @@
+//! Live migration of a running KVM guest (the `vmm` in bench/), end to end and against
+//! broken peers.
+
+use std::process::Command;
+use std::time::Duration;
+
+use tests::*;
+
+const LIMIT: Duration = Duration::from_secs(120);
+const SIZE_MIB: &str = "64";
+
+fn migrate_with_bench(mode: &str) -> serde_json::Value {
+    let dir = Scratch::new(&format!("kvm-{mode}"));
+    let out = dir.path("out.json");
+    let mut bench = Proc::spawn(
+        "bench",
+        Command::new(bin("bench"))
+            .args(["migrate", "--size-mib", SIZE_MIB, "--mode", mode])
+            .args(["--warmup-ms", "200", "--after-ms", "200", "--json"])
+            .arg(&out)
+            .arg("--ram-dir")
+            .arg(&dir.0),
+    );
+    let (status, stderr) = bench.wait(LIMIT);
+    let stdout = bench.rest_of_stdout();
+    assert!(
+        status.success(),
+        "bench migrate failed:\n{stdout}\n{stderr}"
+    );
+    json(&std::fs::read_to_string(&out).expect("bench wrote its JSON"))
+}
+
+fn assert_migrated(r: &serde_json::Value) {
+    assert_eq!(r["guest"]["mismatches"], 0, "{r}");
+    assert_eq!(r["guest"]["ran_on_destination"], true, "{r}");
+    assert_eq!(r["digest_match"], true, "{r}");
+    assert!(r["guest"]["pages_verified"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["faultd"]["total_pages"], 64 * 256, "{r}");
+    assert!(r["downtime_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(
+        r["total_ms"].as_f64().unwrap() >= r["downtime_ms"].as_f64().unwrap(),
+        "{r}"
+    );
+}
+
+#[test]
+fn test_kvm_guest_migrates_in_copy_mode() {
+    if !require_kvm() || !require_userfaultfd() {
+        return;
+    }
+    assert_migrated(&migrate_with_bench("copy"));
+}
+
+#[test]
+fn test_kvm_guest_migrates_in_minor_mode() {
+    if !require_kvm() || !require_userfaultfd() {
+        return;
+    }
+    assert_migrated(&migrate_with_bench("minor"));
+}
+
+/// Runs a source guest until it touches pages, pauses it, and returns the RAM and state
+/// files' scratch directory.
+fn paused_source(tag: &str) -> Scratch {
+    let dir = Scratch::new(tag);
+    let mut source = Proc::spawn(
+        "vmm source",
+        Command::new(bin("vmm"))
+            .arg("source")
+            .arg("--mem-file")
+            .arg(dir.path("vm.mem"))
+            .args(["--size-mib", SIZE_MIB, "--state-file"])
+            .arg(dir.path("vcpu.json")),
+    );
+    source.read_event_until(|e| e["counters"]["phase"] == 1);
+    source.send_line("pause");
+    source.read_event_until(|e| e["event"] == "paused");
+    let (status, stderr) = source.wait(LIMIT);
+    assert!(status.success(), "{stderr}");
+    dir
+}
+
+fn start_dest(dir: &Scratch, uds: &std::path::Path) -> Proc {
+    Proc::spawn(
+        "vmm dest",
+        Command::new(bin("vmm"))
+            .arg("dest")
+            .arg("--uds")
+            .arg(uds)
+            .args(["--size-mib", SIZE_MIB, "--state-file"])
+            .arg(dir.path("vcpu.json")),
+    )
+}
+
+#[test]
+fn test_source_vmm_saves_and_exits_when_its_driver_goes_away() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = Scratch::new("kvm-orphan");
+    let mut source = Proc::spawn(
+        "vmm source",
+        Command::new(bin("vmm"))
+            .arg("source")
+            .arg("--mem-file")
+            .arg(dir.path("vm.mem"))
+            .args(["--size-mib", SIZE_MIB, "--state-file"])
+            .arg(dir.path("vcpu.json")),
+    );
+    source.read_event_until(|e| e["counters"]["phase"] == 1);
+    source.close_stdin();
+    source.read_event_until(|e| e["event"] == "paused");
+    let (status, stderr) = source.wait(LIMIT);
+    assert!(status.success(), "{stderr}");
+    let state = json(&std::fs::read_to_string(dir.path("vcpu.json")).unwrap());
+    assert_eq!(state["size_bytes"], 64u64 << 20);
+}
+
+#[test]
+fn test_dest_vmm_stops_its_vcpu_when_faultd_dies() {
+    if !require_kvm() || !require_userfaultfd() {
+        return;
+    }
+    let dir = paused_source("kvm-faultd-dies");
+    let (uds, stats) = (dir.path("faultd.sock"), dir.path("stats.json"));
+    // Demand paging only, so the migration is still running when faultd dies.
+    let (_pagesrv, addr) = start_pagesrv(&dir.path("vm.mem"), &["--no-push"]);
+    let mut faultd = start_faultd(&addr, &uds, &stats);
+    let mut dest = start_dest(&dir, &uds);
+    dest.read_event_until(|e| e["event"] == "resumed");
+    dest.read_event_until(|e| e["event"] == "report");
+    let killed = Command::new("kill")
+        .args(["-9", &faultd.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let _ = faultd.wait(LIMIT);
+    let (status, stderr) = dest.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("faultd closed its socket before every page was present"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn test_faultd_and_dest_vmm_fail_cleanly_when_pagesrv_dies() {
+    if !require_kvm() || !require_userfaultfd() {
+        return;
+    }
+    let dir = paused_source("kvm-pagesrv-dies");
+    let (uds, stats) = (dir.path("faultd.sock"), dir.path("stats.json"));
+    let (mut pagesrv, addr) = start_pagesrv(&dir.path("vm.mem"), &["--no-push"]);
+    let mut faultd = start_faultd(&addr, &uds, &stats);
+    let mut dest = start_dest(&dir, &uds);
+    dest.read_event_until(|e| e["event"] == "resumed");
+    dest.read_event_until(|e| e["event"] == "report");
+    let killed = Command::new("kill")
+        .args(["-9", &pagesrv.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let _ = pagesrv.wait(LIMIT);
+    let (status, stderr) = faultd.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("pagesrv"), "{stderr}");
+    let (status, stderr) = dest.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+}
