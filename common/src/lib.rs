@@ -2,10 +2,12 @@
 //! map, and the few modules that talk to the kernel unsafely (userfaultfd, mmap, SCM_RIGHTS).
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod digest;
 pub mod framed;
 pub mod layout;
 pub mod mmap;
+pub mod netopt;
 pub mod pagemap;
 pub mod sched;
 pub mod uffd;

@@ -122,6 +122,24 @@ impl PageMap {
         end.saturating_sub(first)
     }
 
+    /// The bits of pages `first..first+count` (clipped to the map), bit `i % 8` of byte
+    /// `i / 8` for page `first + i`.
+    pub fn bitmap(&self, first: u64, count: u64) -> Vec<u8> {
+        let end = first.saturating_add(count).min(self.total_pages);
+        let mut out = vec![0u8; end.saturating_sub(first).div_ceil(8) as usize];
+        let mut page = first;
+        while page < end {
+            let run = self.set_run(page, end - page);
+            for p in page..page + run {
+                let i = p - first;
+                out[(i / 8) as usize] |= 1 << (i % 8);
+            }
+            page += run;
+            page += self.clear_run(page, end - page);
+        }
+        out
+    }
+
     /// Runs of clear pages within `first..first+count`, as `(first, pages)`.
     pub fn clear_runs(&self, first: u64, count: u64) -> Vec<(u64, u64)> {
         let end = first.saturating_add(count).min(self.total_pages);
@@ -196,6 +214,10 @@ mod tests {
             prop_assert_eq!(m.set_run(probe, u64::MAX), expect_set_run);
             let expect_next = (probe..total).find(|p| !model.contains(p));
             prop_assert_eq!(m.next_clear(probe), expect_next);
+            let bits = m.bitmap(probe, total);
+            for (i, p) in (probe..total).enumerate() {
+                prop_assert_eq!(bits[i / 8] & (1 << (i % 8)) != 0, model.contains(&p));
+            }
             let runs = m.clear_runs(0, total);
             let from_runs: BTreeSet<u64> = runs.iter().flat_map(|&(f, n)| f..f + n).collect();
             let clear: BTreeSet<u64> = (0..total).filter(|p| !model.contains(p)).collect();

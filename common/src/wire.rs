@@ -50,6 +50,9 @@ pub const MAX_BODY_BYTES: usize = MAX_PAYLOAD_BYTES + RANGE_BODY_LEN;
 /// Bytes of a `Request`, `ZeroRun`, `Skip` frame, and of a `PageRun` before its pages.
 pub const RANGE_FRAME_BYTES: usize = HEADER_LEN + RANGE_BODY_LEN;
 
+/// Bytes of a nonce or MAC in the authentication frames.
+pub const AUTH_BYTES: usize = 32;
+
 const HELLO_BODY_LEN: usize = size_of::<HelloBody>();
 const RANGE_BODY_LEN: usize = size_of::<RangeBody>();
 const ERROR_BODY_LEN: usize = size_of::<ErrorBody>();
@@ -131,6 +134,20 @@ pub enum Kind {
     Goodbye = 8,
     /// Either way: a fatal error, then close.
     Error = 9,
+    /// Client → server (urgent): a bitmap of pages the destination already holds.
+    DoneMap = 10,
+    /// Client → server (urgent): the done map is complete; the push may start.
+    MapEnd = 11,
+    /// Server → client (handshake): prove you hold the key for this nonce.
+    Challenge = 12,
+    /// Client → server (handshake): the client's nonce and its MAC.
+    Proof = 13,
+    /// Server → client (handshake): the server's MAC; then `Welcome`.
+    AuthOk = 14,
+    /// Client → server (urgent): send the digest of every chunk of this many pages.
+    DigestQuery = 15,
+    /// Server → client (urgent): one u64 digest per chunk.
+    Digests = 16,
 }
 
 impl TryFrom<u16> for Kind {
@@ -147,6 +164,13 @@ impl TryFrom<u16> for Kind {
             7 => Kind::BulkDone,
             8 => Kind::Goodbye,
             9 => Kind::Error,
+            10 => Kind::DoneMap,
+            11 => Kind::MapEnd,
+            12 => Kind::Challenge,
+            13 => Kind::Proof,
+            14 => Kind::AuthOk,
+            15 => Kind::DigestQuery,
+            16 => Kind::Digests,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -190,6 +214,8 @@ pub enum ErrorCode {
     Busy = 5,
     /// Something failed on the sender's side.
     Internal = 6,
+    /// The peer failed authentication (or does not authenticate).
+    AuthFailed = 7,
 }
 
 impl TryFrom<u32> for ErrorCode {
@@ -203,6 +229,7 @@ impl TryFrom<u32> for ErrorCode {
             4 => ErrorCode::UnknownSession,
             5 => ErrorCode::Busy,
             6 => ErrorCode::Internal,
+            7 => ErrorCode::AuthFailed,
             other => return Err(WireError::UnknownErrorCode(other)),
         })
     }
@@ -317,6 +344,32 @@ pub enum Message {
         /// Human-readable detail.
         text: String,
     },
+    /// A bitmap (payload, `ceil(count / 8)` bytes, bit `i` = page `first + i`) of pages the
+    /// destination holds.
+    DoneMap(PageRange),
+    /// The done map is complete.
+    MapEnd,
+    /// The server's nonce.
+    Challenge([u8; AUTH_BYTES]),
+    /// The client's nonce and its MAC over both nonces and the session parameters.
+    Proof {
+        /// Client nonce.
+        nonce: [u8; AUTH_BYTES],
+        /// HMAC proving the client holds the key.
+        mac: [u8; AUTH_BYTES],
+    },
+    /// The server's MAC proving it holds the key.
+    AuthOk([u8; AUTH_BYTES]),
+    /// Asks for per-chunk digests.
+    DigestQuery {
+        /// Pages per chunk.
+        chunk_pages: u64,
+    },
+    /// Per-chunk digests (payload: one little-endian u64 per chunk).
+    Digests {
+        /// Pages per chunk.
+        chunk_pages: u64,
+    },
 }
 
 impl Message {
@@ -332,6 +385,13 @@ impl Message {
             Message::BulkDone => Kind::BulkDone,
             Message::Goodbye => Kind::Goodbye,
             Message::Error { .. } => Kind::Error,
+            Message::DoneMap(_) => Kind::DoneMap,
+            Message::MapEnd => Kind::MapEnd,
+            Message::Challenge(_) => Kind::Challenge,
+            Message::Proof { .. } => Kind::Proof,
+            Message::AuthOk(_) => Kind::AuthOk,
+            Message::DigestQuery { .. } => Kind::DigestQuery,
+            Message::Digests { .. } => Kind::Digests,
         }
     }
 }
@@ -408,10 +468,18 @@ impl Decoder {
             Kind::Request | Kind::ZeroRun | Kind::Skip if len != RANGE_BODY_LEN => {
                 return Err(bad(RANGE_BODY_LEN.to_string()));
             }
-            Kind::PageRun if len <= RANGE_BODY_LEN => {
+            Kind::PageRun | Kind::DoneMap if len <= RANGE_BODY_LEN => {
                 return Err(bad(format!("more than {RANGE_BODY_LEN}")));
             }
-            Kind::BulkDone | Kind::Goodbye if len != 0 => return Err(bad("0".into())),
+            Kind::BulkDone | Kind::Goodbye | Kind::MapEnd if len != 0 => {
+                return Err(bad("0".into()));
+            }
+            Kind::Challenge | Kind::AuthOk if len != AUTH_BYTES => {
+                return Err(bad(AUTH_BYTES.to_string()));
+            }
+            Kind::Proof if len != 2 * AUTH_BYTES => return Err(bad((2 * AUTH_BYTES).to_string())),
+            Kind::DigestQuery if len != 8 => return Err(bad("8".into())),
+            Kind::Digests if len < 8 => return Err(bad("at least 8".into())),
             Kind::Error
                 if !(ERROR_BODY_LEN..=ERROR_BODY_LEN + MAX_ERROR_TEXT_BYTES).contains(&len) =>
             {
@@ -423,7 +491,15 @@ impl Decoder {
             _ => {}
         }
         let in_session = self.page_size != 0;
-        let handshake_kind = matches!(kind, Kind::Hello | Kind::Welcome | Kind::Error);
+        let handshake_kind = matches!(
+            kind,
+            Kind::Hello
+                | Kind::Welcome
+                | Kind::Error
+                | Kind::Challenge
+                | Kind::Proof
+                | Kind::AuthOk
+        );
         if in_session == handshake_kind && kind != Kind::Error {
             return Err(WireError::Unexpected(kind));
         }
@@ -502,6 +578,57 @@ impl Decoder {
                     }
                 }
             }
+            Kind::DoneMap => {
+                let (raw, payload) =
+                    RangeBody::read_from_prefix(body).map_err(|_| self.short(header))?;
+                let range = self.check_range(raw.first_page.get(), raw.count.get())?;
+                if range.count.div_ceil(8) != payload.len() as u64 {
+                    return Err(WireError::BadLength {
+                        kind,
+                        body_len: header.body_len as u32,
+                        expected: format!(
+                            "{RANGE_BODY_LEN} + {} bitmap bytes",
+                            range.count.div_ceil(8)
+                        ),
+                    });
+                }
+                return Ok((Message::DoneMap(range), payload));
+            }
+            Kind::MapEnd => Message::MapEnd,
+            Kind::Challenge => Message::Challenge(body.try_into().map_err(|_| self.short(header))?),
+            Kind::AuthOk => Message::AuthOk(body.try_into().map_err(|_| self.short(header))?),
+            Kind::Proof => Message::Proof {
+                nonce: body[..AUTH_BYTES]
+                    .try_into()
+                    .map_err(|_| self.short(header))?,
+                mac: body[AUTH_BYTES..]
+                    .try_into()
+                    .map_err(|_| self.short(header))?,
+            },
+            Kind::DigestQuery | Kind::Digests => {
+                let (raw, payload) = U64::read_from_prefix(body).map_err(|_| self.short(header))?;
+                let chunk_pages = raw.get();
+                if chunk_pages == 0 {
+                    return Err(WireError::RangeOutOfBounds {
+                        first: 0,
+                        count: 0,
+                        total_pages: self.total_pages,
+                    });
+                }
+                if kind == Kind::DigestQuery {
+                    Message::DigestQuery { chunk_pages }
+                } else {
+                    let chunks = self.total_pages.div_ceil(chunk_pages);
+                    if chunks * 8 != payload.len() as u64 {
+                        return Err(WireError::BadLength {
+                            kind,
+                            body_len: header.body_len as u32,
+                            expected: format!("8 + {chunks} digests of 8 bytes"),
+                        });
+                    }
+                    return Ok((Message::Digests { chunk_pages }, payload));
+                }
+            }
             Kind::BulkDone => Message::BulkDone,
             Kind::Goodbye => Message::Goodbye,
             Kind::Error => {
@@ -569,8 +696,9 @@ impl Decoder {
     }
 }
 
-/// Appends the header and fixed body of `message` to `out`. For `PageRun` the caller sends
-/// `payload_len` page bytes right after; `payload_len` is ignored for other kinds.
+/// Appends the header and fixed body of `message` to `out`. For `PageRun`, `DoneMap` and
+/// `Digests` the caller sends `payload_len` payload bytes right after; `payload_len` is
+/// ignored for other kinds.
 pub fn encode(message: &Message, payload_len: usize, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
@@ -588,7 +716,25 @@ pub fn encode(message: &Message, payload_len: usize, out: &mut Vec<u8>) {
                 trailing = payload_len;
             }
         }
-        Message::BulkDone | Message::Goodbye => {}
+        Message::BulkDone | Message::Goodbye | Message::MapEnd => {}
+        Message::DoneMap(r) => {
+            let body = RangeBody {
+                first_page: r.first.into(),
+                count: r.count.into(),
+            };
+            out.extend_from_slice(body.as_bytes());
+            trailing = payload_len;
+        }
+        Message::Challenge(bytes) | Message::AuthOk(bytes) => out.extend_from_slice(bytes),
+        Message::Proof { nonce, mac } => {
+            out.extend_from_slice(nonce);
+            out.extend_from_slice(mac);
+        }
+        Message::DigestQuery { chunk_pages } => out.extend_from_slice(&chunk_pages.to_le_bytes()),
+        Message::Digests { chunk_pages } => {
+            out.extend_from_slice(&chunk_pages.to_le_bytes());
+            trailing = payload_len;
+        }
         Message::Error { code, text } => {
             let body = ErrorBody {
                 code: (*code as u32).into(),
@@ -710,10 +856,65 @@ mod tests {
     }
 
     #[test]
+    fn test_recovery_auth_and_digest_messages_round_trip() {
+        let r = PageRange {
+            first: 3,
+            count: 17,
+        };
+        let (m, p) = decode_all(&session(), &frame(&Message::DoneMap(r), &[0xFF; 3])).unwrap();
+        assert_eq!((m, p.len()), (Message::DoneMap(r), 3));
+        assert!(matches!(
+            session().decode(&frame(&Message::DoneMap(r), &[0xFF; 2])),
+            Err(WireError::BadLength { .. })
+        ));
+        assert_eq!(
+            decode_all(&session(), &frame(&Message::MapEnd, &[]))
+                .unwrap()
+                .0,
+            Message::MapEnd
+        );
+        for m in [
+            Message::Challenge([1; AUTH_BYTES]),
+            Message::AuthOk([2; AUTH_BYTES]),
+            Message::Proof {
+                nonce: [3; AUTH_BYTES],
+                mac: [4; AUTH_BYTES],
+            },
+        ] {
+            assert_eq!(
+                decode_all(&Decoder::handshake(), &frame(&m, &[]))
+                    .unwrap()
+                    .0,
+                m
+            );
+            assert_eq!(
+                session().decode(&frame(&m, &[])),
+                Err(WireError::Unexpected(m.kind()))
+            );
+        }
+        let q = Message::DigestQuery { chunk_pages: 300 };
+        assert_eq!(decode_all(&session(), &frame(&q, &[])).unwrap().0, q);
+        let d = Message::Digests { chunk_pages: 300 };
+        let (m, p) = decode_all(&session(), &frame(&d, &[7; 32])).unwrap();
+        assert_eq!((m, p.len()), (d.clone(), 32));
+        assert!(matches!(
+            session().decode(&frame(&d, &[7; 24])),
+            Err(WireError::BadLength { .. })
+        ));
+        assert!(
+            session()
+                .decode(&frame(&Message::DigestQuery { chunk_pages: 0 }, &[]))
+                .is_err()
+        );
+    }
+
+    #[test]
     fn test_rejects_unknown_kind_and_reserved() {
         let mut f = frame(&Message::Goodbye, &[]);
         f[0] = 99;
         assert_eq!(session().decode(&f), Err(WireError::UnknownKind(99)));
+        f[0] = 17;
+        assert_eq!(session().decode(&f), Err(WireError::UnknownKind(17)));
         let mut f = frame(&Message::Goodbye, &[]);
         f[2] = 1;
         assert!(matches!(

@@ -34,6 +34,13 @@ pub enum BulkError {
     Place(#[from] UffdError),
 }
 
+impl BulkError {
+    /// Whether the error is the link's (reconnect) rather than the VM's (fatal).
+    pub fn is_link_failure(&self) -> bool {
+        !matches!(self, BulkError::Place(_))
+    }
+}
+
 /// Receives and places pushed pages until `BulkDone`, the VM is complete, or an error.
 ///
 /// # Errors

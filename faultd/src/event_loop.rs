@@ -1,108 +1,120 @@
 //! The main loop: one mio poll over the uffd, the urgent connection, the VMM's socket and a
-//! waker for the bulk thread, until every page is present; then the orderly finish.
+//! waker for the helper threads (bulk, reconnect), until every page is present; then the
+//! orderly finish (unregister, digest check, goodbye).
+//!
+//! A lost link is not fatal: faults keep being read and recorded while the connector gets a
+//! new one (see `link.rs`); only the VMM going away, a uffd failure, or a fatal refusal by
+//! pagesrv ends the migration early.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use common::framed::{FrameReader, ReadError, write_frame};
+use common::framed::{ReadError, write_frame};
 use common::wire::Message;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::bulk::{BulkError, receive_pushed_pages};
 use crate::fault::FaultPath;
-use crate::stats::Stats;
+use crate::link::{Link, LinkEvent, Links, Reconnect};
+use crate::stats::{DigestCheck, Stats};
 use crate::upstream::Upstream;
-use crate::vm::Vm;
+use crate::vm::{DIGEST_CHUNK_PAGES, Vm};
 
 const UFFD: Token = Token(0);
 const URGENT: Token = Token(1);
 const VMM: Token = Token(2);
-const BULK_DONE: Token = Token(3);
+const LINK_EVENT: Token = Token(3);
+
+/// How long pagesrv may take to answer the digest query at the end.
+const DIGEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs the migration of `vm` to completion.
 ///
 /// # Errors
-/// The VMM going away, pagesrv failing, or a uffd failure; each with its context.
-pub fn run(vm: &Vm, upstream: Upstream, vmm: UnixStream, started: Instant) -> Result<Stats> {
+/// The VMM going away, a uffd failure, or pagesrv refusing for good; each with its context.
+pub fn run(
+    vm: &Vm,
+    first: Upstream,
+    reconnect: &Reconnect,
+    vmm: UnixStream,
+    started: Instant,
+) -> Result<Stats> {
     let mut poll = Poll::new().context("failed to create the poll")?;
-    let waker = Waker::new(poll.registry(), BULK_DONE).context("failed to create a waker")?;
-    let Upstream {
-        urgent,
-        urgent_reader,
-        bulk,
-        bulk_reader,
-        ..
-    } = upstream;
-    let bulk_handle = bulk
-        .try_clone()
-        .context("failed to clone the bulk socket")?;
-    let bulk_result: Mutex<Option<Result<(), BulkError>>> = Mutex::new(None);
+    let waker = Waker::new(poll.registry(), LINK_EVENT).context("failed to create a waker")?;
     std::thread::scope(|s| {
-        s.spawn(|| {
-            let result = receive_pushed_pages(vm, bulk, bulk_reader);
-            *bulk_result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
-            let _ = waker.wake();
-        });
-        let result = serve_until_complete(vm, &mut poll, urgent, urgent_reader, &vmm, &bulk_result);
-        // Whatever happened, stop the bulk thread before leaving the scope.
-        let _ = bulk_handle.shutdown(Shutdown::Both);
-        let mut fault_path = result?;
+        let mut links = Links::new(s, vm, waker, reconnect);
+        let result = serve(vm, &mut poll, &mut links, first, &vmm);
+        links.stop_connector();
+        let (mut fault_path, check) = result?;
         fault_path.resolve_all();
         Ok(Stats::collect(
             vm,
             fault_path.faults,
             &fault_path.latencies,
             started.elapsed(),
+            &check,
+            links.cuts,
         ))
     })
 }
 
-fn serve_until_complete<'a>(
-    vm: &'a Vm,
+fn serve<'s, 'e>(
+    vm: &'e Vm,
     poll: &mut Poll,
-    urgent: TcpStream,
-    mut reader: FrameReader,
+    links: &mut Links<'s, 'e>,
+    first: Upstream,
     vmm: &UnixStream,
-    bulk_result: &Mutex<Option<Result<(), BulkError>>>,
-) -> Result<FaultPath<'a>> {
+) -> Result<(FaultPath<'e>, DigestCheck)> {
     if let Err(e) = common::sched::realtime_priority() {
         debug!(error = %e, "fault thread runs at normal priority");
     }
-    urgent.set_nonblocking(true)?;
     vmm.set_nonblocking(true)?;
-    let mut urgent = mio::net::TcpStream::from_std(urgent);
     let uffd_fd = vm.uffd.as_fd().as_raw_fd();
     let vmm_fd = vmm.as_raw_fd();
-    let registry = poll.registry();
-    registry.register(&mut SourceFd(&uffd_fd), UFFD, Interest::READABLE)?;
-    registry.register(&mut urgent, URGENT, Interest::READABLE)?;
-    registry.register(&mut SourceFd(&vmm_fd), VMM, Interest::READABLE)?;
+    poll.registry()
+        .register(&mut SourceFd(&uffd_fd), UFFD, Interest::READABLE)?;
+    poll.registry()
+        .register(&mut SourceFd(&vmm_fd), VMM, Interest::READABLE)?;
     let mut fault_path = FaultPath::new(vm);
-    let mut events = Events::with_capacity(16);
-    let mut writable_armed = false;
     // Faults may be queued from before we started polling (the VMM faults during restore).
     fault_path
         .drain_events()
         .context("failed to serve faults")?;
+    let requests = fault_path.requests_in_flight();
+    let mut link = Some(links.open(first, &requests, poll.registry(), URGENT)?);
+    let mut events = Events::with_capacity(16);
+    let mut writable_armed = false;
     while !vm.done.is_full() {
-        flush_outbox(&mut urgent, &mut fault_path.outbox)
-            .context("failed to send requests to pagesrv")?;
-        let want_writable = !fault_path.outbox.is_empty();
-        if want_writable != writable_armed {
-            let interest = if want_writable {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            poll.registry().reregister(&mut urgent, URGENT, interest)?;
-            writable_armed = want_writable;
+        if let Some(l) = link.as_mut() {
+            match flush_outbox(&mut l.urgent, &mut fault_path.outbox) {
+                Ok(()) => {
+                    let want = !fault_path.outbox.is_empty();
+                    if want != writable_armed {
+                        let interest = if want {
+                            Interest::READABLE | Interest::WRITABLE
+                        } else {
+                            Interest::READABLE
+                        };
+                        poll.registry()
+                            .reregister(&mut l.urgent, URGENT, interest)?;
+                        writable_armed = want;
+                    }
+                }
+                Err(e) => {
+                    let l = link.take().expect("link is up");
+                    links.cut(
+                        l,
+                        poll.registry(),
+                        &anyhow!(e).context("failed to send requests"),
+                    );
+                    writable_armed = false;
+                }
+            }
         }
         match poll.poll(&mut events, None) {
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -114,36 +126,89 @@ fn serve_until_complete<'a>(
                     .drain_events()
                     .context("failed to serve faults")?,
                 URGENT => {
-                    read_urgent(&mut urgent, &mut reader)?;
-                    fault_path
-                        .handle_replies(&mut reader)
-                        .context("failed to place requested pages")?;
+                    let Some(l) = link.as_mut() else { continue };
+                    let outcome = match read_urgent(l) {
+                        Err(e) => Err(e),
+                        Ok(()) => match fault_path.handle_replies(&mut l.reader) {
+                            Ok(()) => Ok(()),
+                            Err(e) if e.is_link_failure() => Err(anyhow!(e)),
+                            Err(e) => {
+                                return Err(anyhow!(e).context("failed to place requested pages"));
+                            }
+                        },
+                    };
+                    if let Err(e) = outcome {
+                        let l = link.take().expect("link is up");
+                        links.cut(l, poll.registry(), &e);
+                        writable_armed = false;
+                    }
                 }
                 VMM => check_vmm(vmm)?,
-                BULK_DONE => {
-                    let result = bulk_result.lock().unwrap_or_else(|p| p.into_inner()).take();
-                    match result {
-                        Some(Ok(())) => info!("background push complete"),
-                        Some(Err(e)) if !vm.done.is_full() => {
-                            return Err(anyhow!(e).context("background push failed"));
-                        }
-                        _ => {}
+                LINK_EVENT => {
+                    while let Ok(ev) = links.events.try_recv() {
+                        handle_link_event(vm, poll, links, &mut link, &mut fault_path, ev)?;
+                        writable_armed = false;
                     }
                 }
                 _ => {}
             }
         }
     }
-    finish(vm, poll, &mut urgent, &mut fault_path)?;
-    Ok(fault_path)
+    let check = finish(vm, poll, links, link, &mut fault_path)?;
+    Ok((fault_path, check))
 }
 
-fn read_urgent(urgent: &mut mio::net::TcpStream, reader: &mut FrameReader) -> Result<()> {
+fn handle_link_event<'s, 'e>(
+    vm: &Vm,
+    poll: &mut Poll,
+    links: &mut Links<'s, 'e>,
+    link: &mut Option<Link<'s>>,
+    fault_path: &mut FaultPath<'e>,
+    event: LinkEvent,
+) -> Result<()> {
+    match event {
+        LinkEvent::BulkEnded { generation, result } => {
+            let current = link.as_ref().is_some_and(|l| l.generation == generation);
+            match result {
+                Ok(()) => info!(generation, "background push complete"),
+                Err(e) if !e.is_link_failure() => {
+                    return Err(anyhow!(e).context("failed to place pushed pages"));
+                }
+                Err(e) if current && !vm.done.is_full() => {
+                    let l = link.take().expect("current link");
+                    links.cut(l, poll.registry(), &anyhow!(e));
+                }
+                Err(_) => {}
+            }
+        }
+        LinkEvent::Connected(Ok(up)) => {
+            let requests = fault_path.requests_in_flight();
+            match links.open(up, &requests, poll.registry(), URGENT) {
+                Ok(l) => {
+                    info!(
+                        generation = l.generation,
+                        in_flight = requests.len() / common::wire::RANGE_FRAME_BYTES,
+                        "link to pagesrv resumed"
+                    );
+                    *link = Some(l);
+                }
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "the new link failed at once; reconnecting");
+                    links.restart_connector();
+                }
+            }
+        }
+        LinkEvent::Connected(Err(e)) => return Err(e),
+    }
+    Ok(())
+}
+
+fn read_urgent(link: &mut Link<'_>) -> Result<()> {
     loop {
-        match reader.fill(urgent) {
+        match link.reader.fill(&mut link.urgent) {
             Ok(0) => {
                 return Err(anyhow!(ReadError::Closed {
-                    mid_frame: reader.has_partial()
+                    mid_frame: link.reader.has_partial()
                 }))
                 .context("pagesrv closed the urgent connection");
             }
@@ -182,14 +247,15 @@ fn check_vmm(vmm: &UnixStream) -> Result<()> {
     }
 }
 
-/// Every page is present: tell pagesrv, unregister the VMM's ranges (it runs free of us from
-/// here), and read any event that raced with the unregister so no VMM thread stays blocked.
-fn finish(
+/// Every page is present: unregister the VMM's ranges (it runs free of us from here), read
+/// any event that raced with that, check the digests against pagesrv's and say goodbye.
+fn finish<'s, 'e>(
     vm: &Vm,
     poll: &mut Poll,
-    urgent: &mut mio::net::TcpStream,
-    fault_path: &mut FaultPath<'_>,
-) -> Result<()> {
+    links: &mut Links<'s, 'e>,
+    link: Option<Link<'s>>,
+    fault_path: &mut FaultPath<'e>,
+) -> Result<DigestCheck> {
     for region in vm.layout.regions() {
         if let Err(e) = vm.uffd.unregister(region.host_base.0, region.size_bytes) {
             warn!(error = %e, "failed to unregister a region after completion");
@@ -206,19 +272,98 @@ fn finish(
     fault_path
         .discard_events()
         .context("failed to read the last events")?;
-    poll.registry().deregister(urgent)?;
-    socket2::SockRef::from(&*urgent).set_nonblocking(false)?;
-    if let Err(e) = write_frame(urgent, &Message::Goodbye, &[]) {
-        warn!(error = %e, "failed to say goodbye to pagesrv (every page is present)");
-    } else {
-        // pagesrv may still be answering requests sent before the goodbye: read (and drop)
-        // until it closes, so it never writes into a closed socket and takes a completed
-        // session for a broken one.
-        let mut sink = vec![0u8; 64 << 10];
-        let stream = socket2::SockRef::from(&*urgent);
-        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-        while matches!(urgent.read(&mut sink), Ok(n) if n > 0) {}
-    }
     info!("every page is present");
-    Ok(())
+    links.stop_connector();
+    let Some(mut link) = link else {
+        let why = "pagesrv was unreachable at completion".to_string();
+        warn!("{why}: digests not compared");
+        return Ok(DigestCheck::Skipped(why));
+    };
+    poll.registry().deregister(&mut link.urgent)?;
+    let check = match verify_and_say_goodbye(vm, &mut link) {
+        Ok(check) => check,
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "digests not compared");
+            DigestCheck::Skipped(format!("{e:#}"))
+        }
+    };
+    links.close(link, poll.registry());
+    Ok(check)
+}
+
+/// Asks pagesrv for its per-chunk digests, compares them with what arrived, and says goodbye.
+fn verify_and_say_goodbye(vm: &Vm, link: &mut Link<'_>) -> Result<DigestCheck> {
+    let set_blocking = |link: &Link<'_>, timeout: Duration| -> std::io::Result<()> {
+        let sock = socket2::SockRef::from(&link.urgent);
+        sock.set_nonblocking(false)?;
+        sock.set_read_timeout(Some(timeout))
+    };
+    set_blocking(link, DIGEST_TIMEOUT)?;
+    let query = Message::DigestQuery {
+        chunk_pages: DIGEST_CHUNK_PAGES,
+    };
+    write_frame(&mut link.urgent, &query, &[])?;
+    let theirs = loop {
+        let (message, payload) = link.reader.read_frame(&mut link.urgent)?;
+        match message {
+            Message::Digests { chunk_pages } if chunk_pages == DIGEST_CHUNK_PAGES => {
+                break link.reader.payload(payload).to_vec();
+            }
+            // Replies to requests sent before completion: the pages are here already.
+            Message::PageRun(_) | Message::ZeroRun(_) => continue,
+            Message::Error { code, text } => bail!("pagesrv reported {code:?}: {text}"),
+            other => bail!("unexpected {:?} frame instead of digests", other.kind()),
+        }
+    };
+    let check = compare_digests(vm, &theirs);
+    write_frame(&mut link.urgent, &Message::Goodbye, &[])?;
+    // pagesrv may still be answering requests sent before the goodbye: read (and drop)
+    // until it closes, so it never writes into a closed socket and takes a completed
+    // session for a broken one.
+    set_blocking(link, Duration::from_secs(2))?;
+    let mut sink = vec![0u8; 64 << 10];
+    while matches!(link.urgent.read(&mut sink), Ok(n) if n > 0) {}
+    Ok(check)
+}
+
+fn compare_digests(vm: &Vm, theirs: &[u8]) -> DigestCheck {
+    let total = vm.layout.total_pages();
+    let mut mismatched: Vec<Range<u64>> = Vec::new();
+    let mut unverified = 0;
+    for (i, ((ours, verifiable), theirs)) in vm
+        .chunk_digests()
+        .into_iter()
+        .zip(theirs.chunks_exact(8))
+        .enumerate()
+    {
+        let theirs = u64::from_le_bytes(theirs.try_into().expect("8-byte chunks"));
+        if !verifiable {
+            unverified += 1;
+            continue;
+        }
+        if ours != theirs {
+            let first = i as u64 * DIGEST_CHUNK_PAGES;
+            let range = first..(first + DIGEST_CHUNK_PAGES).min(total);
+            match mismatched.last_mut() {
+                Some(last) if last.end == range.start => last.end = range.end,
+                _ => mismatched.push(range),
+            }
+        }
+    }
+    if mismatched.is_empty() {
+        info!(
+            unverified_chunks = unverified,
+            "digests of every page match the source"
+        );
+        DigestCheck::Match { unverified }
+    } else {
+        for r in &mismatched {
+            error!(
+                first_page = r.start,
+                end_page = r.end,
+                "DIGEST MISMATCH: guest memory in these pages differs from the source"
+            );
+        }
+        DigestCheck::Mismatch(mismatched)
+    }
 }

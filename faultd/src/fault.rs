@@ -48,6 +48,16 @@ pub enum FaultError {
     },
 }
 
+impl FaultError {
+    /// Whether the error is the link's (reconnect) rather than the VM's (fatal).
+    pub fn is_link_failure(&self) -> bool {
+        matches!(
+            self,
+            FaultError::Upstream(_) | FaultError::Remote { .. } | FaultError::Unexpected(_)
+        )
+    }
+}
+
 /// A reply that could not be placed yet because the mapping was changing.
 struct DeferredReply {
     range: PageRange,
@@ -323,6 +333,24 @@ impl<'a> FaultPath<'a> {
         Ok(!self.deferred_faults.is_empty()
             || !self.deferred_minor.is_empty()
             || !self.deferred_replies.is_empty())
+    }
+
+    /// Requests for every page still awaited, encoded (for a new link); the outbox of the
+    /// old link is dropped.
+    pub fn requests_in_flight(&mut self) -> Vec<u8> {
+        self.outbox.clear();
+        let mut out = Vec::new();
+        for &page in self.in_flight.keys() {
+            encode(
+                &Message::Request(PageRange {
+                    first: page,
+                    count: 1,
+                }),
+                0,
+                &mut out,
+            );
+        }
+        out
     }
 
     /// Records every fault still waiting (their pages arrived on the bulk connection).

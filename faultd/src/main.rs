@@ -8,6 +8,7 @@
 mod bulk;
 mod event_loop;
 mod fault;
+mod link;
 mod place;
 mod stats;
 mod upstream;
@@ -21,10 +22,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use common::auth::Psk;
 use common::uffd::Uffd;
 use common::vmm_link::receive_handshake;
 use tracing::info;
 
+use crate::link::Reconnect;
 use crate::stats::Stats;
 use crate::vm::Vm;
 
@@ -56,6 +59,14 @@ struct Cli {
     /// when the VMM passes no memfd.
     #[arg(long, value_enum, default_value = "copy")]
     placement: Placement,
+    /// Pre-shared key file: faultd and pagesrv prove to each other that they hold it
+    /// before any page moves.
+    #[arg(long, value_name = "FILE")]
+    psk_file: Option<PathBuf>,
+    /// Give up when pagesrv stays unreachable this many seconds after a cut (default:
+    /// never; the guest's faults wait, and pages already here keep being served).
+    #[arg(long, value_name = "SECS")]
+    reconnect_timeout: Option<f64>,
 }
 
 /// How pages are placed.
@@ -113,13 +124,23 @@ fn run(cli: &Cli) -> Result<Stats> {
     let _ = std::fs::remove_file(&cli.uds);
     let (vmm, vm) = accepted?;
     let started = Instant::now();
-    let upstream = upstream::connect(&cli.connect, vm.page_size() as u32, vm.layout.total_pages())
-        .with_context(|| format!("cannot start the migration from {}", cli.connect))?;
+    let reconnect = Reconnect {
+        addr: cli.connect.clone(),
+        psk: cli.psk_file.as_deref().map(Psk::load).transpose()?,
+        timeout: cli.reconnect_timeout.map(Duration::from_secs_f64),
+    };
+    let upstream = upstream::connect(
+        &cli.connect,
+        reconnect.psk.as_ref(),
+        vm.page_size() as u32,
+        vm.layout.total_pages(),
+    )
+    .with_context(|| format!("cannot start the migration from {}", cli.connect))?;
     info!(
         session = format_args!("{:016x}", upstream.session_id),
         "connected to pagesrv"
     );
-    let stats = event_loop::run(&vm, upstream, vmm, started);
+    let stats = event_loop::run(&vm, upstream, &reconnect, vmm, started);
     // The VMM's socket is closed now (dropped by run): it learns the migration is over.
     let stats =
         stats.context("migration failed; VMM threads waiting on missing pages stay blocked")?;
@@ -161,6 +182,14 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(&cli) {
+        Ok(stats) if stats.digest_check == "mismatch" => {
+            print_summary(&stats);
+            eprintln!(
+                "faultd: error: guest memory differs from the source in pages {:?}",
+                stats.digest_mismatch_pages
+            );
+            ExitCode::FAILURE
+        }
         Ok(stats) => {
             print_summary(&stats);
             ExitCode::SUCCESS

@@ -1,7 +1,6 @@
 //! Placing arriving pages into the VMM: one ioctl per host-contiguous run of pages that are
 //! neither done nor zero, under the placement gate.
 
-use common::digest::run_digest;
 use common::uffd::{Placement, UffdError};
 
 use crate::vm::{Counters, Vm};
@@ -89,9 +88,7 @@ impl Vm {
                 };
                 let newly = self.done.set_range(page, resume_at - page);
                 if let Some(b) = bytes {
-                    let placed = &b[..((resume_at - page) * page_size) as usize];
-                    let digest = run_digest(page, placed, page_size as usize);
-                    Counters::add(&self.counters.received_digest, digest);
+                    self.add_digests(page, &b[..((resume_at - page) * page_size) as usize]);
                 }
                 let counter = match origin {
                     Origin::Requested => &self.counters.pages_requested,

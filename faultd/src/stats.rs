@@ -8,6 +8,20 @@ use serde::Serialize;
 
 use crate::vm::Vm;
 
+/// The end-to-end digest check at completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DigestCheck {
+    /// Every verifiable chunk matched; `unverified` chunks held pages the VMM removed.
+    Match {
+        /// Chunks not compared.
+        unverified: u64,
+    },
+    /// These page ranges differ from the source.
+    Mismatch(Vec<std::ops::Range<u64>>),
+    /// Not done; why.
+    Skipped(String),
+}
+
 /// Fault latencies (from reading the fault to the wake), in nanoseconds.
 #[derive(Debug, Default)]
 pub struct LatencyRecorder {
@@ -100,6 +114,12 @@ pub struct Stats {
     /// Sum of the digests of every page as received (`common::digest`), in hex: compare with
     /// the source file's. Pages the VMM removed are not included.
     pub received_digest: String,
+    /// The end-to-end check against pagesrv's digests: `match`, `mismatch`, or `skipped`.
+    pub digest_check: String,
+    /// Page ranges `[first, end)` whose digests differ from the source's.
+    pub digest_mismatch_pages: Vec<[u64; 2]>,
+    /// Times the link to pagesrv was lost and re-established.
+    pub reconnects: u64,
     /// From the VMM's handshake to the last page.
     pub duration_ms: f64,
     /// Fault latency percentiles.
@@ -110,8 +130,19 @@ pub struct Stats {
 
 impl Stats {
     /// Collects the stats of a migration.
-    pub fn collect(vm: &Vm, faults: u64, latencies: &LatencyRecorder, duration: Duration) -> Self {
+    pub fn collect(
+        vm: &Vm,
+        faults: u64,
+        latencies: &LatencyRecorder,
+        duration: Duration,
+        check: &DigestCheck,
+        reconnects: u64,
+    ) -> Self {
         let c = &vm.counters;
+        let total_digest = vm
+            .chunk_digests()
+            .iter()
+            .fold(0u64, |acc, (d, _)| acc.wrapping_add(*d));
         Stats {
             total_pages: vm.layout.total_pages(),
             page_size: vm.page_size(),
@@ -122,7 +153,18 @@ impl Stats {
             pages_removed: c.pages_removed.load(Ordering::Relaxed),
             zero_fills: c.zero_fills.load(Ordering::Relaxed),
             bytes_received: c.bytes_received.load(Ordering::Relaxed),
-            received_digest: format!("{:016x}", c.received_digest.load(Ordering::Relaxed)),
+            received_digest: format!("{total_digest:016x}"),
+            digest_check: match check {
+                DigestCheck::Match { .. } => "match",
+                DigestCheck::Mismatch(_) => "mismatch",
+                DigestCheck::Skipped(_) => "skipped",
+            }
+            .into(),
+            digest_mismatch_pages: match check {
+                DigestCheck::Mismatch(ranges) => ranges.iter().map(|r| [r.start, r.end]).collect(),
+                _ => Vec::new(),
+            },
+            reconnects,
             duration_ms: duration.as_secs_f64() * 1000.0,
             fault_latency_us: latencies.summary(),
             latency_dist_us: latencies.distribution(),

@@ -4,6 +4,7 @@
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use common::auth::{self, Psk, Side};
 use common::framed::{FrameReader, ReadError, write_frame};
 use common::wire::{Decoder, ErrorCode, Message, PROTOCOL_VERSION, Role, SessionParams};
 use thiserror::Error;
@@ -57,6 +58,9 @@ pub enum UpstreamError {
     /// pagesrv answered with something other than Welcome.
     #[error("pagesrv answered the handshake with {0:?}")]
     Unexpected(common::wire::Kind),
+    /// Authentication failed or was not possible.
+    #[error("authentication with pagesrv failed: {0}")]
+    Auth(&'static str),
     /// The source's memory does not match the VMM's layout.
     #[error(
         "the source has {source_pages} pages of {source_page_size} bytes (protocol v{source_version}), \
@@ -74,6 +78,23 @@ pub enum UpstreamError {
         /// Our page size.
         our_page_size: u32,
     },
+}
+
+impl UpstreamError {
+    /// Whether trying again cannot help (wrong layout, wrong key, bad address): the
+    /// migration must fail rather than wait.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            UpstreamError::Resolve { .. }
+            | UpstreamError::Mismatch { .. }
+            | UpstreamError::Auth(_) => true,
+            UpstreamError::Refused { code, .. } => matches!(
+                code,
+                ErrorCode::LayoutMismatch | ErrorCode::VersionMismatch | ErrorCode::AuthFailed
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// An open session with pagesrv.
@@ -94,7 +115,12 @@ pub struct Upstream {
 ///
 /// # Errors
 /// Any [`UpstreamError`].
-pub fn connect(addr: &str, page_size: u32, total_pages: u64) -> Result<Upstream, UpstreamError> {
+pub fn connect(
+    addr: &str,
+    psk: Option<&Psk>,
+    page_size: u32,
+    total_pages: u64,
+) -> Result<Upstream, UpstreamError> {
     let resolved = addr
         .to_socket_addrs()
         .map_err(|source| UpstreamError::Resolve {
@@ -112,8 +138,13 @@ pub fn connect(addr: &str, page_size: u32, total_pages: u64) -> Result<Upstream,
         total_pages,
         session_id: 0,
     };
-    let (urgent, urgent_reader, session_id) = open(resolved, Role::Urgent, ours)?;
-    let (bulk, bulk_reader, _) = open(resolved, Role::Bulk, SessionParams { session_id, ..ours })?;
+    let (urgent, urgent_reader, session_id) = open(resolved, psk, Role::Urgent, ours)?;
+    let (bulk, bulk_reader, _) = open(
+        resolved,
+        psk,
+        Role::Bulk,
+        SessionParams { session_id, ..ours },
+    )?;
     let decoder = Decoder::session(u64::from(page_size), total_pages);
     let (mut urgent_reader, mut bulk_reader) = (urgent_reader, bulk_reader);
     urgent_reader.set_decoder(decoder);
@@ -129,20 +160,62 @@ pub fn connect(addr: &str, page_size: u32, total_pages: u64) -> Result<Upstream,
 
 fn open(
     addr: SocketAddr,
+    psk: Option<&Psk>,
     role: Role,
     ours: SessionParams,
 ) -> Result<(TcpStream, FrameReader, u64), UpstreamError> {
     let connect_err = |source| UpstreamError::Connect { addr, role, source };
     let mut conn = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(connect_err)?;
-    conn.set_nodelay(true).map_err(connect_err)?;
+    common::netopt::detect_dead_peer(&conn).map_err(connect_err)?;
     conn.set_read_timeout(Some(CONNECT_TIMEOUT))
         .map_err(connect_err)?;
     write_frame(&mut conn, &Message::Hello { role, params: ours }, &[])
         .map_err(UpstreamError::Send)?;
     let mut reader = FrameReader::new(Decoder::handshake());
-    let (message, _) = reader
-        .read_frame(&mut conn)
-        .map_err(|source| UpstreamError::Handshake { role, source })?;
+    let mut read = |conn: &mut TcpStream| {
+        reader
+            .read_frame(conn)
+            .map(|(m, _)| m)
+            .map_err(|source| UpstreamError::Handshake { role, source })
+    };
+    let mut message = read(&mut conn)?;
+    match (&message, psk) {
+        (Message::Challenge(server_nonce), Some(psk)) => {
+            let client_nonce = auth::nonce();
+            let mac = psk.mac(Side::Client, server_nonce, &client_nonce, role, &ours);
+            write_frame(
+                &mut conn,
+                &Message::Proof {
+                    nonce: client_nonce,
+                    mac,
+                },
+                &[],
+            )
+            .map_err(UpstreamError::Send)?;
+            match read(&mut conn)? {
+                Message::AuthOk(tag)
+                    if psk.verify(Side::Server, server_nonce, &client_nonce, role, &ours, &tag) => {
+                }
+                Message::AuthOk(_) => {
+                    return Err(UpstreamError::Auth("pagesrv proved a different key"));
+                }
+                Message::Error { code, text } => return Err(UpstreamError::Refused { code, text }),
+                other => return Err(UpstreamError::Unexpected(other.kind())),
+            }
+            message = read(&mut conn)?;
+        }
+        (Message::Challenge(_), None) => {
+            return Err(UpstreamError::Auth(
+                "pagesrv requires a key: give --psk-file",
+            ));
+        }
+        (Message::Welcome(_), Some(_)) => {
+            return Err(UpstreamError::Auth(
+                "pagesrv does not authenticate itself; refusing to take pages from it with --psk-file",
+            ));
+        }
+        _ => {}
+    }
     let theirs = match message {
         Message::Welcome(p) => p,
         Message::Error { code, text } => return Err(UpstreamError::Refused { code, text }),

@@ -37,9 +37,10 @@ pub struct Counters {
     pub zero_fills: AtomicU64,
     /// Bytes received from pagesrv on both connections.
     pub bytes_received: AtomicU64,
-    /// Sum of the page digests of every page placed (see `common::digest`).
-    pub received_digest: AtomicU64,
 }
+
+/// Pages per digest chunk: a mismatch is reported per chunk (64 MiB of 4 KiB pages).
+pub const DIGEST_CHUNK_PAGES: u64 = 16384;
 
 impl Counters {
     /// Adds `n` to a counter.
@@ -60,6 +61,10 @@ pub struct Vm {
     pub zero: PageMap,
     /// Counters for the stats.
     pub counters: Counters,
+    /// Sum of the page digests of the pages placed, per chunk of [`DIGEST_CHUNK_PAGES`].
+    chunk_digests: Box<[AtomicU64]>,
+    /// Chunks holding pages the VMM removed before they arrived (not verifiable).
+    chunk_removed: Box<[AtomicBool]>,
     gate: Mutex<()>,
     /// With memfd placement: the VMM's guest RAM file. Pages are written into it and mapped
     /// with UFFDIO_CONTINUE (or woken, where the VMM registered MISSING only).
@@ -80,12 +85,15 @@ impl Vm {
         } else {
             Vec::new()
         };
+        let chunks = total.div_ceil(DIGEST_CHUNK_PAGES) as usize;
         Vm {
             layout,
             uffd,
             done: PageMap::new(total),
             zero: PageMap::new(total),
             counters: Counters::default(),
+            chunk_digests: (0..chunks).map(|_| AtomicU64::new(0)).collect(),
+            chunk_removed: (0..chunks).map(|_| AtomicBool::new(false)).collect(),
             gate: Mutex::new(()),
             memfd,
             continue_refused: AtomicBool::new(false),
@@ -118,8 +126,32 @@ impl Vm {
     /// Marks pages the VMM removed or unmapped: zero from now on, never fetched, even if
     /// they were present before. Call with the gate held. Returns how many were not done yet.
     pub fn mark_removed(&self, first: u64, count: u64) -> u64 {
+        for (page, n) in self.done.clear_runs(first, count) {
+            for chunk in page / DIGEST_CHUNK_PAGES..=(page + n - 1) / DIGEST_CHUNK_PAGES {
+                self.chunk_removed[chunk as usize].store(true, Ordering::Relaxed);
+            }
+        }
         self.zero.set_range(first, count);
         self.done.set_range(first, count)
+    }
+
+    /// Adds the digests of pages placed from `bytes`, starting at `first`.
+    pub fn add_digests(&self, first: u64, bytes: &[u8]) {
+        let page_size = self.page_size() as usize;
+        for (page, chunk) in (first..).zip(bytes.chunks(page_size)) {
+            let digest = common::digest::page_digest(page, chunk);
+            self.chunk_digests[(page / DIGEST_CHUNK_PAGES) as usize]
+                .fetch_add(digest, Ordering::Relaxed);
+        }
+    }
+
+    /// Per-chunk digests of the pages placed, and whether each chunk is verifiable.
+    pub fn chunk_digests(&self) -> Vec<(u64, bool)> {
+        self.chunk_digests
+            .iter()
+            .zip(self.chunk_removed.iter())
+            .map(|(d, r)| (d.load(Ordering::Relaxed), !r.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// The guest RAM file, when pages are placed through it.

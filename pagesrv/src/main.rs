@@ -22,8 +22,9 @@ use crate::source::MemorySource;
 ///
 /// Maps the memory file read-only and serves its pages over TCP to faultd: requested pages at
 /// once on the urgent connection, every other page pushed in the background on the bulk
-/// connection (zero pages as ranges without payload). Serves one destination session, then
-/// exits 0 when it completed.
+/// connection (zero pages as ranges without payload). Serves until a destination completes,
+/// then exits 0; a session that breaks off waits for the destination to reconnect and
+/// resume (a restarted pagesrv on the same file works the same way).
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -45,6 +46,18 @@ struct Cli {
     /// Do not push pages in the background: serve requested pages only.
     #[arg(long)]
     no_push: bool,
+    /// Pre-shared key file: destinations must prove they hold the key before any page
+    /// moves, and pagesrv proves it too.
+    #[arg(long, value_name = "FILE")]
+    psk_file: Option<PathBuf>,
+    /// Allow a non-loopback listen address without --psk-file (anyone who can connect gets
+    /// the VM's memory).
+    #[arg(long)]
+    insecure_listen: bool,
+    /// Test-only fault injection: send this page with one byte flipped (the destination's
+    /// digest check must catch it).
+    #[arg(long, hide = true, value_name = "PAGE")]
+    corrupt_page: Option<u64>,
 }
 
 fn parse_page_size(text: &str) -> Result<u64, String> {
@@ -58,12 +71,20 @@ fn parse_page_size(text: &str) -> Result<u64, String> {
 fn run(cli: Cli) -> Result<()> {
     let source = MemorySource::open(&cli.vm_mem, cli.page_size)
         .with_context(|| format!("cannot serve {}", cli.vm_mem.display()))?;
+    let psk = cli
+        .psk_file
+        .as_deref()
+        .map(common::auth::Psk::load)
+        .transpose()?;
     let config = ServerConfig {
+        psk,
+        insecure_listen: cli.insecure_listen,
         listen: cli.listen,
         serve_forever: cli.serve_forever,
         session: SessionConfig {
             prepage_window_pages: cli.prepage_window,
             push: !cli.no_push,
+            corrupt_page: cli.corrupt_page,
         },
     };
     serve(&source, &config)

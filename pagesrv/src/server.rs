@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use common::auth::{self, Psk, Side};
 use common::framed::{FrameReader, write_frame};
 use common::wire::{Decoder, ErrorCode, Message, PROTOCOL_VERSION, Role, SessionParams};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -34,13 +35,24 @@ pub struct ServerConfig {
     pub serve_forever: bool,
     /// Per-session tuning.
     pub session: SessionConfig,
+    /// Pre-shared key: destinations must prove they hold it (and so must we).
+    pub psk: Option<Psk>,
+    /// Serve a non-loopback address without a key.
+    pub insecure_listen: bool,
 }
 
-/// Serves sessions; returns when one session ended (or never, with `serve_forever`).
+/// Serves sessions until one completes (or forever, with `serve_forever`). A session that
+/// breaks off is not an error: the destination reconnects and resumes in a new session.
 ///
 /// # Errors
-/// Binding the address, or a session that did not complete (without `serve_forever`).
+/// Refusing an unsafe address, or failing to bind it.
 pub fn serve(source: &MemorySource, config: &ServerConfig) -> Result<()> {
+    if !config.listen.ip().is_loopback() && config.psk.is_none() && !config.insecure_listen {
+        bail!(
+            "refusing to serve VM memory on {} without authentication: give --psk-file (or --insecure-listen)",
+            config.listen
+        );
+    }
     let listener = TcpListener::bind(config.listen)
         .with_context(|| format!("failed to listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
@@ -53,7 +65,8 @@ pub fn serve(source: &MemorySource, config: &ServerConfig) -> Result<()> {
         "serving memory"
     );
     loop {
-        let (urgent, reader, bulk, session_id) = accept_session(&listener, source)?;
+        let (urgent, reader, bulk, session_id) =
+            accept_session(&listener, source, config.psk.as_ref())?;
         let _span = info_span!("session", id = format_args!("{session_id:016x}")).entered();
         source.refresh_holes();
         let session = Session::new(source, config.session);
@@ -67,9 +80,11 @@ pub fn serve(source: &MemorySource, config: &ServerConfig) -> Result<()> {
         });
         print_summary(&session, &outcome);
         match (&outcome, config.serve_forever) {
-            (_, true) => continue,
             (Outcome::Completed, false) => return Ok(()),
-            (Outcome::Aborted(why), false) => bail!("session aborted: {why}"),
+            (Outcome::Completed, true) => {}
+            (Outcome::Aborted(why), _) => {
+                warn!(%why, "session broke off; waiting for the destination to reconnect");
+            }
         }
     }
 }
@@ -79,6 +94,7 @@ pub fn serve(source: &MemorySource, config: &ServerConfig) -> Result<()> {
 fn accept_session(
     listener: &TcpListener,
     source: &MemorySource,
+    psk: Option<&Psk>,
 ) -> Result<(TcpStream, FrameReader, TcpStream, u64)> {
     let ours = SessionParams {
         version: PROTOCOL_VERSION,
@@ -89,7 +105,10 @@ fn accept_session(
     let mut pending: Option<(TcpStream, FrameReader, u64)> = None;
     loop {
         let (mut conn, peer) = listener.accept().context("accept failed")?;
-        let hello = read_hello(&mut conn);
+        let hello = read_hello(&mut conn).and_then(|(role, theirs, mut reader)| {
+            authenticate(&mut conn, &mut reader, psk, role, &theirs)?;
+            Ok((role, theirs, reader))
+        });
         let (role, theirs, reader) = match hello {
             Ok(h) => h,
             Err(e) => {
@@ -154,6 +173,49 @@ fn read_hello(conn: &mut TcpStream) -> Result<(Role, SessionParams, FrameReader)
     }
 }
 
+/// With a key: challenge the client, check its proof, prove ourselves. Without: nothing.
+fn authenticate(
+    conn: &mut TcpStream,
+    reader: &mut FrameReader,
+    psk: Option<&Psk>,
+    role: Role,
+    theirs: &SessionParams,
+) -> Result<()> {
+    let Some(psk) = psk else { return Ok(()) };
+    let server_nonce = auth::nonce();
+    write_frame(conn, &Message::Challenge(server_nonce), &[])?;
+    let (message, _) = reader.read_frame(conn).context("no authentication proof")?;
+    let Message::Proof { nonce, mac } = message else {
+        refuse(
+            conn,
+            ErrorCode::AuthFailed,
+            "expected an authentication proof",
+        );
+        bail!(
+            "authentication failed: expected Proof, got {:?}",
+            message.kind()
+        );
+    };
+    if !psk.verify(Side::Client, &server_nonce, &nonce, role, theirs, &mac) {
+        refuse(conn, ErrorCode::AuthFailed, "authentication failed");
+        bail!("authentication failed: wrong key");
+    }
+    let ours = psk.mac(Side::Server, &server_nonce, &nonce, role, theirs);
+    write_frame(conn, &Message::AuthOk(ours), &[])?;
+    Ok(())
+}
+
+fn refuse(conn: &mut TcpStream, code: ErrorCode, text: &str) {
+    let _ = write_frame(
+        conn,
+        &Message::Error {
+            code,
+            text: text.into(),
+        },
+        &[],
+    );
+}
+
 fn check_params(theirs: &SessionParams, ours: &SessionParams) -> Result<(), (ErrorCode, String)> {
     if theirs.version != ours.version {
         return Err((
@@ -183,7 +245,7 @@ fn check_params(theirs: &SessionParams, ours: &SessionParams) -> Result<(), (Err
 
 fn prepare_socket(conn: &TcpStream, role: Role) -> Result<()> {
     conn.set_read_timeout(None)?;
-    conn.set_nodelay(true)?;
+    common::netopt::detect_dead_peer(conn)?;
     if role == Role::Bulk {
         SockRef::from(conn).set_send_buffer_size(BULK_SNDBUF_BYTES)?;
     }

@@ -7,8 +7,8 @@
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::framed::{FrameReader, ReadError, write_frame, write_frames};
@@ -57,6 +57,8 @@ pub struct SessionConfig {
     pub prepage_window_pages: u64,
     /// Whether to push in the background at all (off: pure demand paging).
     pub push: bool,
+    /// Test-only fault injection: send this page with one byte flipped.
+    pub corrupt_page: Option<u64>,
 }
 
 /// State shared by the session's threads.
@@ -65,6 +67,8 @@ pub struct Session<'a> {
     sent: PageMap,
     sched: Mutex<PushScheduler>,
     stop: AtomicBool,
+    /// Set when the destination's done map is complete; the pusher waits for it.
+    push_ready: (Mutex<bool>, Condvar),
     /// Counters, read by the progress reporter.
     pub stats: SessionStats,
     config: SessionConfig,
@@ -79,6 +83,7 @@ impl<'a> Session<'a> {
             sent: PageMap::new(source.total_pages()),
             sched: Mutex::new(PushScheduler::new(config.prepage_window_pages)),
             stop: AtomicBool::new(false),
+            push_ready: (Mutex::new(false), Condvar::new()),
             stats: SessionStats::default(),
             config,
             started: Instant::now(),
@@ -118,6 +123,7 @@ impl<'a> Session<'a> {
             let outcome = self.serve_urgent(urgent, reader);
             let _ = common::sched::normal_priority();
             self.stop.store(true, Ordering::Release);
+            self.push_ready.1.notify_all();
             if let Ok(b) = bulk_for_stop {
                 let _ = b.shutdown(std::net::Shutdown::Both);
             }
@@ -139,8 +145,8 @@ impl<'a> Session<'a> {
         reader.set_decoder(Decoder::session(page_size, self.source.total_pages()));
         let mut pieces = Vec::new();
         loop {
-            let message = match reader.read_frame(&mut conn) {
-                Ok((m, _)) => m,
+            let (message, payload) = match reader.read_frame(&mut conn) {
+                Ok(frame) => frame,
                 Err(ReadError::Closed { mid_frame }) => {
                     return Outcome::Aborted(format!(
                         "destination closed the urgent connection{}",
@@ -174,6 +180,18 @@ impl<'a> Session<'a> {
                     let newly = self.sent.set_range(range.first, range.count);
                     self.stats.skipped_pages.fetch_add(newly, Ordering::Relaxed);
                 }
+                Message::DoneMap(range) => {
+                    let held = self.mark_held(range, reader.payload(payload));
+                    self.stats.skipped_pages.fetch_add(held, Ordering::Relaxed);
+                }
+                Message::MapEnd => self.start_push(),
+                Message::DigestQuery { chunk_pages } => {
+                    let digests = self.digests(chunk_pages);
+                    let reply = Message::Digests { chunk_pages };
+                    if let Err(e) = write_frame(&mut conn, &reply, &digests) {
+                        return Outcome::Aborted(format!("failed to send digests: {e}"));
+                    }
+                }
                 Message::Goodbye => return Outcome::Completed,
                 Message::Error { code, text } => {
                     return Outcome::Aborted(format!("destination reported {code:?}: {text}"));
@@ -187,6 +205,60 @@ impl<'a> Session<'a> {
                 }
             }
         }
+    }
+
+    /// Marks the pages the destination holds (a bitmap for `range`) as sent; returns how
+    /// many were not yet.
+    fn mark_held(&self, range: PageRange, bitmap: &[u8]) -> u64 {
+        let mut newly = 0;
+        let mut run_start = None;
+        for i in 0..=range.count {
+            let held = i < range.count && bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0;
+            match (held, run_start) {
+                (true, None) => run_start = Some(i),
+                (false, Some(start)) => {
+                    newly += self.sent.set_range(range.first + start, i - start);
+                    run_start = None;
+                }
+                _ => {}
+            }
+        }
+        newly
+    }
+
+    /// Lets the pusher start (the destination's done map is complete).
+    fn start_push(&self) {
+        *self.push_ready.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.push_ready.1.notify_all();
+    }
+
+    /// Waits until the push may start; false if the session ended first.
+    fn wait_for_push(&self) -> bool {
+        let mut ready = self.push_ready.0.lock().unwrap_or_else(|p| p.into_inner());
+        while !*ready && !self.is_stopped() {
+            ready = self
+                .push_ready
+                .1
+                .wait(ready)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        *ready && !self.is_stopped()
+    }
+
+    /// The digest of every chunk of `chunk_pages` pages of the memory file, little-endian.
+    fn digests(&self, chunk_pages: u64) -> Vec<u8> {
+        let total = self.source.total_pages();
+        let page_size = self.source.page_size() as usize;
+        let mut out = Vec::with_capacity((total.div_ceil(chunk_pages) * 8) as usize);
+        let mut first = 0;
+        while first < total {
+            let count = chunk_pages.min(total - first);
+            let digest =
+                common::digest::run_digest(first, self.source.bytes(first, count), page_size);
+            out.extend_from_slice(&digest.to_le_bytes());
+            first += count;
+        }
+        out
     }
 
     fn answer_request(
@@ -219,6 +291,7 @@ impl<'a> Session<'a> {
         let page_size = self.source.page_size();
         let max_pages = (MAX_PAYLOAD_BYTES as u64 / page_size).max(1);
         let (mut zero, mut data) = (0, 0);
+        let corrupted = self.corrupted_copy(pieces);
         let mut frames: Vec<(Message, &[u8])> = Vec::with_capacity(pieces.len());
         for piece in pieces {
             match *piece {
@@ -234,7 +307,31 @@ impl<'a> Session<'a> {
                             first: at,
                             count: n,
                         };
-                        frames.push((Message::PageRun(range), self.source.bytes(at, n)));
+                        let bytes = match &corrupted {
+                            Some((page, copy)) if (at..at + n).contains(page) => {
+                                // Send the corrupt page on its own (test-only path).
+                                let before = page - at;
+                                if before > 0 {
+                                    let r = PageRange {
+                                        first: at,
+                                        count: before,
+                                    };
+                                    frames
+                                        .push((Message::PageRun(r), self.source.bytes(at, before)));
+                                }
+                                frames.push((
+                                    Message::PageRun(PageRange {
+                                        first: *page,
+                                        count: 1,
+                                    }),
+                                    copy,
+                                ));
+                                at = page + 1;
+                                continue;
+                            }
+                            _ => self.source.bytes(at, n),
+                        };
+                        frames.push((Message::PageRun(range), bytes));
                         at += n;
                     }
                     data += count;
@@ -252,9 +349,26 @@ impl<'a> Session<'a> {
         Ok((zero, data))
     }
 
+    /// With fault injection on and the chosen page among `pieces`' data: that page's bytes
+    /// with the first one flipped.
+    fn corrupted_copy(&self, pieces: &[Piece]) -> Option<(u64, Vec<u8>)> {
+        let page = self.config.corrupt_page?;
+        let inside = pieces.iter().any(|p| matches!(*p, Piece::Data { first, count } if (first..first + count).contains(&page)));
+        if !inside {
+            return None;
+        }
+        let mut copy = self.source.bytes(page, 1).to_vec();
+        copy[0] ^= 0xFF;
+        Some((page, copy))
+    }
+
     fn push_background(&self, mut conn: TcpStream) -> Result<(), String> {
         let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
         let mut pieces = Vec::new();
+        // The destination first says what it already holds (after a reconnect).
+        if !self.wait_for_push() {
+            return Ok(());
+        }
         if self.config.push {
             while !self.is_stopped() {
                 let next = self

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Page size of the fixtures.
@@ -138,7 +138,7 @@ pub struct Proc {
     name: String,
     child: Child,
     stdin: Option<ChildStdin>,
-    stdout: Option<BufReader<ChildStdout>>,
+    stdout: std::sync::mpsc::Receiver<String>,
     stderr: Option<std::thread::JoinHandle<String>>,
 }
 
@@ -157,7 +157,16 @@ impl Proc {
             let _ = err.read_to_string(&mut s);
             s
         });
-        let stdout = child.stdout.take().map(BufReader::new);
+        let out = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let (tx, stdout) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         let stdin = child.stdin.take();
         Proc {
             name: name.into(),
@@ -168,15 +177,16 @@ impl Proc {
         }
     }
 
-    /// Reads one line of stdout (blocks until the process prints it or exits).
+    /// Reads one line of stdout; empty if the process closed stdout. Panics after 60 s
+    /// without a line, so a hung peer fails the test instead of hanging it.
     pub fn read_line(&mut self) -> String {
-        let mut line = String::new();
-        self.stdout
-            .as_mut()
-            .expect("stdout")
-            .read_line(&mut line)
-            .expect("read stdout");
-        line.trim_end().to_owned()
+        match self.stdout.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line.trim_end().to_owned(),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => String::new(),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("{} printed nothing for 60 s", self.name)
+            }
+        }
     }
 
     /// Writes one line to the process's stdin.
@@ -208,11 +218,7 @@ impl Proc {
 
     /// The rest of stdout, after the process exited.
     pub fn rest_of_stdout(&mut self) -> String {
-        let mut s = String::new();
-        if let Some(out) = self.stdout.as_mut() {
-            let _ = out.read_to_string(&mut s);
-        }
-        s
+        self.stdout.try_iter().collect::<Vec<_>>().join("\n")
     }
 
     /// Waits up to `limit` for the process to exit; kills it and panics with its stderr if

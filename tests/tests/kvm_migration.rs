@@ -144,14 +144,69 @@ fn test_dest_vmm_stops_its_vcpu_when_faultd_dies() {
 }
 
 #[test]
-fn test_faultd_and_dest_vmm_fail_cleanly_when_pagesrv_dies() {
+fn test_migration_survives_pagesrv_killed_and_restarted() {
     if !require_kvm() || !require_userfaultfd() {
         return;
     }
-    let dir = paused_source("kvm-pagesrv-dies");
+    let dir = paused_source("kvm-pagesrv-restart");
+    let (uds, stats) = (dir.path("faultd.sock"), dir.path("stats.json"));
+    let mem = dir.path("vm.mem");
+    // Demand paging only, so the migration is still running when pagesrv dies.
+    let (mut pagesrv, addr) = start_pagesrv(&mem, &["--no-push"]);
+    let mut faultd = start_faultd(&addr, &uds, &stats);
+    let mut dest = start_dest(&dir, &uds);
+    dest.read_event_until(|e| e["event"] == "resumed");
+    dest.read_event_until(|e| e["event"] == "report");
+    let killed = Command::new("kill")
+        .args(["-9", &pagesrv.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let _ = pagesrv.wait(LIMIT);
+    // The guest waits on its faults while pagesrv is away; a new pagesrv on the same file
+    // and address is just another reconnect.
+    let mut restarted = Proc::spawn(
+        "pagesrv",
+        Command::new(bin("pagesrv"))
+            .arg("--vm-mem")
+            .arg(&mem)
+            .args(["--listen", &addr]),
+    );
+    dest.read_event_until(|e| e["event"] == "complete");
+    let last = dest.read_event_until(|e| e["event"] == "report");
+    assert_eq!(last["counters"]["mismatches"], 0, "{last}");
+    dest.send_line("stop");
+    let (status, stderr) = dest.wait(LIMIT);
+    assert!(status.success(), "{stderr}");
+    let (status, stderr) = faultd.wait(LIMIT);
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("lost the link to pagesrv"), "{stderr}");
+    assert!(stderr.contains("link to pagesrv resumed"), "{stderr}");
+    let (status, stderr) = restarted.wait(LIMIT);
+    assert!(status.success(), "{stderr}");
+    let stats = json(&std::fs::read_to_string(&stats).unwrap());
+    assert_eq!(stats["digest_check"], "match", "{stats}");
+    assert!(stats["reconnects"].as_u64().unwrap() >= 1, "{stats}");
+}
+
+#[test]
+fn test_faultd_gives_up_after_reconnect_timeout_and_the_vmm_stops() {
+    if !require_kvm() || !require_userfaultfd() {
+        return;
+    }
+    let dir = paused_source("kvm-pagesrv-gone");
     let (uds, stats) = (dir.path("faultd.sock"), dir.path("stats.json"));
     let (mut pagesrv, addr) = start_pagesrv(&dir.path("vm.mem"), &["--no-push"]);
-    let mut faultd = start_faultd(&addr, &uds, &stats);
+    let mut faultd = Proc::spawn(
+        "faultd",
+        Command::new(bin("faultd"))
+            .args(["--connect", &addr, "--reconnect-timeout", "1"])
+            .arg("--uds")
+            .arg(&uds)
+            .arg("--stats-json")
+            .arg(&stats),
+    );
+    assert!(faultd.read_line().starts_with("faultd waiting"));
     let mut dest = start_dest(&dir, &uds);
     dest.read_event_until(|e| e["event"] == "resumed");
     dest.read_event_until(|e| e["event"] == "report");
@@ -163,7 +218,8 @@ fn test_faultd_and_dest_vmm_fail_cleanly_when_pagesrv_dies() {
     let _ = pagesrv.wait(LIMIT);
     let (status, stderr) = faultd.wait(Duration::from_secs(30));
     assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("pagesrv"), "{stderr}");
+    assert!(stderr.contains("--reconnect-timeout"), "{stderr}");
     let (status, stderr) = dest.wait(Duration::from_secs(30));
     assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("faultd closed its socket"), "{stderr}");
 }
