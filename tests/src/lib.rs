@@ -256,6 +256,16 @@ impl Proc {
         self.child.id()
     }
 
+    /// Kills the process and returns its stderr.
+    pub fn kill_and_collect(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
