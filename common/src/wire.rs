@@ -5,15 +5,20 @@
 //! ```text
 //!  faultd (destination)                         pagesrv (source)
 //!  urgent conn ── Hello{role=Urgent, layout} ──►
+//!            [with --psk-file: ◄── Challenge ── Proof ──► ◄── AuthOk]
 //!              ◄── Welcome{session_id, layout} ─   (or Error, then close)
-//!  bulk conn   ── Hello{role=Bulk, session_id} ─►
+//!  bulk conn   ── Hello{role=Bulk, session_id} ─►   (same authentication)
 //!              ◄── Welcome ─────────────────────
-//!  urgent      ── Request{first,count} ────────►   answered before any bulk work
+//!  urgent      ── DoneMap{first,count}+bitmap ──►   pages already here (after a reconnect)
+//!              ── MapEnd ──────────────────────►   the push may start
+//!              ── Request{first,count} ────────►   answered before any bulk work
 //!              ◄── PageRun{first,count}+bytes ──   or ZeroRun{first,count} (no payload)
 //!              ── Skip{first,count} ───────────►   destination no longer needs these
 //!  bulk        ◄── PageRun / ZeroRun … ─────────   every page not yet sent, in file order,
 //!              ◄── BulkDone ────────────────────   pre-paging after each request
-//!  urgent      ── Goodbye ─────────────────────►   every page present: session complete
+//!  urgent      ── DigestQuery{chunk_pages} ────►   every page present: compare digests
+//!              ◄── Digests{chunk_pages}+u64s ───
+//!              ── Goodbye ─────────────────────►   session complete; pagesrv closes
 //! ```
 //!
 //! A frame is an 8-byte header followed by `body_len` bytes: a fixed little-endian body whose
@@ -313,7 +318,8 @@ impl PageRange {
     }
 }
 
-/// A decoded message. `PageRun` payloads are returned beside the message, not inside it.
+/// A decoded message. Payloads (`PageRun`, `DoneMap`, `Digests`) are returned beside the
+/// message, not inside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     /// Open a connection with the given role.
