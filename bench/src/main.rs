@@ -1,7 +1,11 @@
-//! bench: the main job (a full loopback migration) and, in a later issue, the latency
+//! bench: the main job (a full loopback live migration of a KVM guest) and the latency
 //! benchmark. Runs the real pagesrv, faultd and VMM binaries built beside it.
 
+mod floor;
+mod latency;
 mod migrate;
+mod procs;
+mod svg;
 
 use std::process::ExitCode;
 
@@ -17,14 +21,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Migrate a patterned guest memory image over loopback into a VMM and check every byte.
+    /// Live-migrate a running KVM guest over loopback and report what both sides saw.
     Migrate(migrate::MigrateArgs),
+    /// Measure fault latency and throughput of the real pair against this machine's floor.
+    Latency(latency::LatencyArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Migrate(args) => migrate::run(&args),
+        Command::Latency(args) => latency::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,6 +22,8 @@ use serde_json::{Value, json};
 
 use bench::guest::Workload;
 
+use crate::procs::{Guard, first_line, sibling};
+
 /// How faultd places pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -119,28 +121,6 @@ impl Drop for Vmm {
         }
         let _ = self.child.wait();
     }
-}
-
-/// A helper process killed on drop.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-fn sibling(name: &str) -> Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    ensure!(
-        path.exists(),
-        "{} is missing: build the workspace first (`cargo build --release --workspace --bins`, as scripts/migrate.sh does)",
-        path.display()
-    );
-    Ok(path)
 }
 
 fn event_is(v: &Value, name: &str) -> bool {
@@ -515,17 +495,4 @@ fn print_summary(s: &Value) {
             "MISMATCH"
         }
     );
-}
-
-fn first_line(child: &mut Child) -> Result<String> {
-    let out = child.stdout.take().context("no stdout")?;
-    let mut reader = BufReader::new(out);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut reader, &mut sink);
-    });
-    Ok(line.trim_end().to_owned())
 }

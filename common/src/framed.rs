@@ -90,13 +90,15 @@ impl FrameReader {
         &self.buf[range]
     }
 
-    /// One `read` into the buffer; returns the bytes read (0 at end of stream).
+    /// One `read` into the buffer; returns the bytes read (0 at end of stream). Decode what
+    /// is buffered between calls: the buffer grows only by what one read needs.
     ///
     /// # Errors
     /// The read's error, including `WouldBlock` on a non-blocking socket.
     pub fn fill(&mut self, r: &mut impl Read) -> io::Result<usize> {
         if self.end == self.buf.len() {
-            self.make_room(self.end - self.start + 1);
+            // Compact, and grow in large steps: never read a byte at a time.
+            self.make_room(self.end - self.start + (64 << 10));
         }
         loop {
             match r.read(&mut self.buf[self.end..]) {

@@ -127,20 +127,16 @@ fn serve<'s, 'e>(
                     .context("failed to serve faults")?,
                 URGENT => {
                     let Some(l) = link.as_mut() else { continue };
-                    let outcome = match read_urgent(l) {
-                        Err(e) => Err(e),
-                        Ok(()) => match fault_path.handle_replies(&mut l.reader) {
-                            Ok(()) => Ok(()),
-                            Err(e) if e.is_link_failure() => Err(anyhow!(e)),
-                            Err(e) => {
-                                return Err(anyhow!(e).context("failed to place requested pages"));
-                            }
-                        },
-                    };
-                    if let Err(e) = outcome {
-                        let l = link.take().expect("link is up");
-                        links.cut(l, poll.registry(), &e);
-                        writable_armed = false;
+                    match serve_replies(l, &mut fault_path) {
+                        Ok(()) => {}
+                        Err(ReplyError::Fatal(e)) => {
+                            return Err(anyhow!(e).context("failed to place requested pages"));
+                        }
+                        Err(ReplyError::Link(e)) => {
+                            let l = link.take().expect("link is up");
+                            links.cut(l, poll.registry(), &e);
+                            writable_armed = false;
+                        }
                     }
                 }
                 VMM => check_vmm(vmm)?,
@@ -203,18 +199,38 @@ fn handle_link_event<'s, 'e>(
     Ok(())
 }
 
-fn read_urgent(link: &mut Link<'_>) -> Result<()> {
+enum ReplyError {
+    /// The link failed: reconnect.
+    Link(anyhow::Error),
+    /// Placing pages failed: the migration cannot go on.
+    Fatal(crate::fault::FaultError),
+}
+
+/// Reads the urgent connection until it would block, placing each batch of replies as it
+/// arrives (so the buffer never holds more than one frame in progress).
+fn serve_replies(link: &mut Link<'_>, fault_path: &mut FaultPath<'_>) -> Result<(), ReplyError> {
     loop {
         match link.reader.fill(&mut link.urgent) {
             Ok(0) => {
-                return Err(anyhow!(ReadError::Closed {
-                    mid_frame: link.reader.has_partial()
-                }))
-                .context("pagesrv closed the urgent connection");
+                let closed = ReadError::Closed {
+                    mid_frame: link.reader.has_partial(),
+                };
+                return Err(ReplyError::Link(
+                    anyhow!(closed).context("pagesrv closed the urgent connection"),
+                ));
             }
-            Ok(_) => {}
+            Ok(_) => match fault_path.handle_replies(&mut link.reader) {
+                Ok(()) => {}
+                Err(e) if e.is_link_failure() => return Err(ReplyError::Link(anyhow!(e))),
+                Err(e) => return Err(ReplyError::Fatal(e)),
+            },
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(e) => return Err(e).context("failed to read from pagesrv"),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(ReplyError::Link(
+                    anyhow!(e).context("failed to read from pagesrv"),
+                ));
+            }
         }
     }
 }

@@ -46,6 +46,10 @@ struct Cli {
     /// Do not push pages in the background: serve requested pages only.
     #[arg(long)]
     no_push: bool,
+    /// Benchmark baseline: push pages on the urgent connection too, so requested pages queue
+    /// behind background pages (what a single-connection design does).
+    #[arg(long)]
+    naive_single_connection: bool,
     /// Pre-shared key file: destinations must prove they hold the key before any page
     /// moves, and pagesrv proves it too.
     #[arg(long, value_name = "FILE")]
@@ -85,6 +89,7 @@ fn run(cli: Cli) -> Result<()> {
             prepage_window_pages: cli.prepage_window,
             push: !cli.no_push,
             corrupt_page: cli.corrupt_page,
+            naive_single_connection: cli.naive_single_connection,
         },
     };
     serve(&source, &config)

@@ -59,6 +59,8 @@ pub struct SessionConfig {
     pub push: bool,
     /// Test-only fault injection: send this page with one byte flipped.
     pub corrupt_page: Option<u64>,
+    /// Benchmark baseline: push on the urgent connection (replies queue behind bulk).
+    pub naive_single_connection: bool,
 }
 
 /// State shared by the session's threads.
@@ -67,6 +69,8 @@ pub struct Session<'a> {
     sent: PageMap,
     sched: Mutex<PushScheduler>,
     stop: AtomicBool,
+    /// Held while writing a batch of frames (the naive baseline shares one socket).
+    write_lock: Mutex<()>,
     /// Set when the destination's done map is complete; the pusher waits for it.
     push_ready: (Mutex<bool>, Condvar),
     /// Counters, read by the progress reporter.
@@ -84,6 +88,7 @@ impl<'a> Session<'a> {
             sched: Mutex::new(PushScheduler::new(config.prepage_window_pages)),
             stop: AtomicBool::new(false),
             push_ready: (Mutex::new(false), Condvar::new()),
+            write_lock: Mutex::new(()),
             stats: SessionStats::default(),
             config,
             started: Instant::now(),
@@ -115,7 +120,14 @@ impl<'a> Session<'a> {
     pub fn run(&self, urgent: TcpStream, reader: FrameReader, bulk: TcpStream) -> Outcome {
         std::thread::scope(|s| {
             let bulk_for_stop = bulk.try_clone();
-            let pusher = s.spawn(move || self.push_background(bulk));
+            // The naive baseline pushes on the urgent connection, so replies queue behind
+            // bulk bytes (what the separate urgent path avoids).
+            let push_conn = if self.config.naive_single_connection {
+                urgent.try_clone().ok()
+            } else {
+                None
+            };
+            let pusher = s.spawn(move || self.push_background(bulk, push_conn));
             // Requests preempt the pusher the moment they arrive.
             if let Err(e) = common::sched::realtime_priority() {
                 debug!(error = %e, "urgent thread runs at normal priority");
@@ -338,7 +350,11 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        write_frames(conn, &frames)?;
+        {
+            // Frames of one batch never interleave with another thread's on a shared socket.
+            let _write = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            write_frames(conn, &frames)?;
+        }
         let bytes: usize = frames
             .iter()
             .map(|(_, p)| RANGE_FRAME_BYTES + p.len())
@@ -362,7 +378,11 @@ impl<'a> Session<'a> {
         Some((page, copy))
     }
 
-    fn push_background(&self, mut conn: TcpStream) -> Result<(), String> {
+    fn push_background(
+        &self,
+        mut conn: TcpStream,
+        mut push_conn: Option<TcpStream>,
+    ) -> Result<(), String> {
         let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
         let mut pieces = Vec::new();
         // The destination first says what it already holds (after a reconnect).
@@ -379,8 +399,9 @@ impl<'a> Session<'a> {
                 let Some((first, count)) = next else { break };
                 pieces.clear();
                 self.source.classify(first, count, &mut pieces);
+                let out = push_conn.as_mut().unwrap_or(&mut conn);
                 let (zero, data) = self
-                    .send_pieces(&mut conn, &pieces)
+                    .send_pieces(out, &pieces)
                     .map_err(|e| format!("failed to push pages: {e}"))?;
                 self.stats
                     .pushed_zero_pages

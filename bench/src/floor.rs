@@ -1,0 +1,192 @@
+//! This machine's floor, measured in the same run as the scenarios:
+//! (a) an in-process uffd fault round trip, (b) a loopback TCP request/response of one 4 KiB
+//! page, (c) the remote fault floor (fault → fetch over loopback TCP from a trivial server →
+//! UFFDIO_COPY → wake), (d) the bulk floor (a plain loopback TCP stream placed with
+//! UFFDIO_COPY in 2 MiB runs into fresh memory).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use common::mmap::Mapping;
+use common::uffd::{Event, MODE_MISSING, Uffd};
+use serde_json::{Value, json};
+
+const PAGE: usize = 4096;
+
+/// Percentiles (µs) of samples in ns, with CDF samples for the plot.
+pub fn summarize(mut ns: Vec<u64>) -> Value {
+    ns.sort_unstable();
+    let pick = |q: f64| -> f64 {
+        if ns.is_empty() {
+            return 0.0;
+        }
+        let rank = ((q * ns.len() as f64).ceil() as usize).clamp(1, ns.len());
+        ns[rank - 1] as f64 / 1000.0
+    };
+    let samples: Vec<f64> = ns
+        .iter()
+        .step_by((ns.len() / 2000).max(1))
+        .map(|n| *n as f64 / 1000.0)
+        .collect();
+    json!({
+        "count": ns.len(), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99),
+        "p999": pick(0.999), "max": ns.last().map_or(0.0, |n| *n as f64 / 1000.0),
+        "cdf_samples_us": samples,
+    })
+}
+
+/// Serves `f` on every readable uffd event until `stop` faults are handled.
+fn serve_faults(uffd: &Uffd, faults: usize, mut place: impl FnMut(u64)) -> Result<()> {
+    let mut events = Vec::new();
+    let mut served = 0;
+    let mut fds = [libc::pollfd {
+        fd: uffd.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    while served < faults {
+        // SAFETY: polls one pollfd we own.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, 1000) };
+        events.clear();
+        uffd.read_events(&mut events)?;
+        for e in &events {
+            if let Event::PageFault { addr, .. } = *e {
+                place(addr & !(PAGE as u64 - 1));
+                served += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Touches `pages` pages of a registered mapping, timing each first touch, while `handler`
+/// serves the faults on another thread.
+fn timed_faults(
+    pages: usize,
+    handler: impl FnOnce(Arc<Uffd>) -> Result<()> + Send,
+) -> Result<Vec<u64>> {
+    let uffd = Arc::new(Uffd::create(0).context("userfaultfd")?);
+    let map = Mapping::anonymous(pages * PAGE)?;
+    uffd.register(map.addr(), (pages * PAGE) as u64, MODE_MISSING)?;
+    let base = map.addr();
+    let samples = std::thread::scope(|s| -> Result<Vec<u64>> {
+        let u = uffd.clone();
+        let h = s.spawn(move || handler(u));
+        let mut ns = Vec::with_capacity(pages);
+        for p in 0..pages {
+            let t = Instant::now();
+            // SAFETY: reads one byte of our own registered mapping; the handler places it.
+            let _ = unsafe { std::ptr::read_volatile((base + (p * PAGE) as u64) as *const u8) };
+            ns.push(t.elapsed().as_nanos() as u64);
+        }
+        h.join().expect("handler thread")?;
+        Ok(ns)
+    })?;
+    uffd.unregister(base, (pages * PAGE) as u64)?;
+    Ok(samples)
+}
+
+/// (a) fault → read event → UFFDIO_COPY 4 KiB → wake, all in one process.
+pub fn uffd_fault(pages: usize) -> Result<Value> {
+    let ns = timed_faults(pages, |uffd| {
+        let page = vec![7u8; PAGE];
+        serve_faults(&uffd, pages, |addr| {
+            let _ = uffd.copy(addr, &page, PAGE as u64);
+        })
+    })?;
+    Ok(summarize(ns))
+}
+
+/// A trivial page server: answers each 24-byte request with a 24-byte header and a page.
+fn page_server() -> Result<(String, std::thread::JoinHandle<()>)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let h = std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else {
+            return;
+        };
+        let _ = conn.set_nodelay(true);
+        let mut req = [0u8; 24];
+        let reply = vec![1u8; 24 + PAGE];
+        while conn.read_exact(&mut req).is_ok() {
+            if conn.write_all(&reply).is_err() {
+                break;
+            }
+        }
+    });
+    Ok((addr, h))
+}
+
+fn fetch(conn: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
+    conn.write_all(&[0u8; 24])?;
+    conn.read_exact(buf)
+}
+
+/// (b) loopback TCP request/response of one 4 KiB page.
+pub fn rtt_4k(rounds: usize) -> Result<Value> {
+    let (addr, server) = page_server()?;
+    let mut conn = TcpStream::connect(&addr)?;
+    conn.set_nodelay(true)?;
+    let mut buf = vec![0u8; 24 + PAGE];
+    let mut ns = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        fetch(&mut conn, &mut buf)?;
+        ns.push(t.elapsed().as_nanos() as u64);
+    }
+    drop(conn);
+    let _ = server.join();
+    Ok(summarize(ns))
+}
+
+/// (c) fault → handler fetches the page over loopback TCP → UFFDIO_COPY → wake.
+pub fn remote_fault(pages: usize) -> Result<Value> {
+    let (addr, server) = page_server()?;
+    let ns = timed_faults(pages, move |uffd| {
+        let mut conn = TcpStream::connect(&addr)?;
+        conn.set_nodelay(true)?;
+        let mut buf = vec![0u8; 24 + PAGE];
+        serve_faults(&uffd, pages, |page_addr| {
+            if fetch(&mut conn, &mut buf).is_ok() {
+                let _ = uffd.copy(page_addr, &buf[24..], PAGE as u64);
+            }
+        })
+    })?;
+    let _ = server.join();
+    Ok(summarize(ns))
+}
+
+/// (d) a loopback TCP stream of `bytes` received in 2 MiB runs and placed with UFFDIO_COPY
+/// into fresh memory: MiB/s.
+pub fn bulk(bytes: usize) -> Result<f64> {
+    const RUN: usize = 2 << 20;
+    let bytes = bytes / RUN * RUN;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut conn, _) = listener.accept()?;
+        let chunk = vec![3u8; RUN];
+        for _ in 0..bytes / RUN {
+            conn.write_all(&chunk)?;
+        }
+        Ok(())
+    });
+    let uffd = Uffd::create(0)?;
+    let map = Mapping::anonymous(bytes)?;
+    uffd.register(map.addr(), bytes as u64, MODE_MISSING)?;
+    let mut conn = TcpStream::connect(addr)?;
+    let mut buf = vec![0u8; RUN];
+    let started = Instant::now();
+    for run in 0..bytes / RUN {
+        conn.read_exact(&mut buf)?;
+        uffd.copy(map.addr() + (run * RUN) as u64, &buf, PAGE as u64)?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    sender.join().expect("sender thread")?;
+    uffd.unregister(map.addr(), bytes as u64)?;
+    Ok(bytes as f64 / (1 << 20) as f64 / secs)
+}

@@ -1,0 +1,372 @@
+//! `bench latency`: the machine's floor and the real pair, measured in one run.
+//!
+//! Scenarios run the real pagesrv and faultd on loopback with `test-vmm` as the workload (it
+//! times every first touch of a page, as the guest sees it): random, sequential and hot
+//! (80% of touches to 10% of pages) access, with the background push off (pure demand:
+//! fault latency) and on (fault latency under a full-rate stream, and total time until every
+//! page is present), plus the naive baseline (one connection: replies queue behind pushed
+//! pages). Results are reported as ratios to the floor.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, ensure};
+use clap::{Args, ValueEnum};
+use serde_json::{Value, json};
+
+use crate::floor;
+use crate::procs::{Guard, first_line, sibling};
+use crate::svg;
+
+/// Which workloads to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WorkloadChoice {
+    /// Every page once, in random order.
+    Random,
+    /// Every page once, in order.
+    Seq,
+    /// 80% of touches to 10% of the pages.
+    Hot,
+    /// All three.
+    All,
+}
+
+/// Background push on, off, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PushChoice {
+    /// Push every page in the background.
+    On,
+    /// Demand paging only.
+    Off,
+    /// Both.
+    Both,
+}
+
+/// Options of `bench latency`.
+#[derive(Debug, Args)]
+pub struct LatencyArgs {
+    /// Guest memory image size in MiB (every 4th page zero).
+    #[arg(long, default_value_t = 1024)]
+    pub size_mib: u64,
+    /// Workloads to run.
+    #[arg(long, value_enum, default_value = "all")]
+    pub workload: WorkloadChoice,
+    /// Background push.
+    #[arg(long, value_enum, default_value = "both")]
+    pub push: PushChoice,
+    /// Runs per scenario (medians are reported).
+    #[arg(long, default_value_t = 1)]
+    pub runs: u32,
+    /// Touches per demand-paging run (push off).
+    #[arg(long, default_value_t = 20_000)]
+    pub demand_touches: u64,
+    /// Directory for the image (tmpfs is best).
+    #[arg(long, default_value = "/dev/shm")]
+    pub ram_dir: PathBuf,
+    /// Write the results as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write latency CDFs (scenarios against the floor) as SVG here.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+}
+
+fn write_image(path: &Path, pages: u64) -> Result<()> {
+    use std::io::Write;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(4 << 20, file);
+    let mut page = vec![0u8; 4096];
+    for p in 0..pages {
+        if p % 4 == 0 {
+            page.fill(0);
+        } else {
+            for (i, word) in page.chunks_exact_mut(8).enumerate() {
+                word.copy_from_slice(&((p << 20) ^ i as u64 ^ 0x9E37_79B9_7F4A_7C15).to_le_bytes());
+            }
+        }
+        w.write_all(&page)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+struct Scenario {
+    workload: &'static str,
+    push: bool,
+    naive: bool,
+}
+
+/// Runs one scenario; returns its JSON record.
+fn run_scenario(sc: &Scenario, image: &Path, work: &Path, args: &LatencyArgs) -> Result<Value> {
+    let (uds, stats_path, lat_path) = (
+        work.join("faultd.sock"),
+        work.join("stats.json"),
+        work.join("lat.json"),
+    );
+    let _ = std::fs::remove_file(&stats_path);
+    let mut pagesrv_cmd = Command::new(sibling("pagesrv")?);
+    pagesrv_cmd
+        .arg("--vm-mem")
+        .arg(image)
+        .args(["--listen", "127.0.0.1:0"]);
+    if !sc.push {
+        pagesrv_cmd.arg("--no-push");
+    }
+    if sc.naive {
+        pagesrv_cmd.arg("--naive-single-connection");
+    }
+    let mut pagesrv = Guard(
+        pagesrv_cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let addr = first_line(&mut pagesrv.0)?
+        .strip_prefix("pagesrv listening on ")
+        .context("pagesrv did not start")?
+        .to_owned();
+    let mut faultd = Guard(
+        Command::new(sibling("faultd")?)
+            .args(["--connect", &addr])
+            .arg("--uds")
+            .arg(&uds)
+            .arg("--stats-json")
+            .arg(&stats_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    first_line(&mut faultd.0)?;
+    let mut vmm = Command::new(sibling("test-vmm")?);
+    vmm.arg("--uds")
+        .arg(&uds)
+        .arg("--source")
+        .arg(image)
+        .args(["--order", sc.workload, "--threads", "1"])
+        .arg("--latency-out")
+        .arg(&lat_path);
+    if !sc.push {
+        vmm.args(["--no-wait", "--touches", &args.demand_touches.to_string()]);
+    }
+    let out = vmm
+        .stderr(Stdio::null())
+        .output()
+        .context("the workload failed")?;
+    ensure!(
+        out.status.success(),
+        "the workload saw wrong bytes: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let latency: Value = serde_json::from_str(&std::fs::read_to_string(&lat_path)?)?;
+    let mut record = json!({
+        "workload": sc.workload,
+        "push": if sc.push { "on" } else { "off" },
+        "naive_single_connection": sc.naive,
+        "size_mib": args.size_mib,
+        "fault_latency_us": latency,
+        "faults": latency["count"],
+    });
+    if sc.push {
+        let status = faultd.0.wait()?;
+        ensure!(status.success(), "faultd failed ({status})");
+        let _ = pagesrv.0.wait();
+        let stats: Value = serde_json::from_str(&std::fs::read_to_string(&stats_path)?)?;
+        let total_ms = stats["duration_ms"].as_f64().unwrap_or(0.0);
+        let data_pages = stats["pages_requested"].as_u64().unwrap_or(0)
+            + stats["pages_pushed"].as_u64().unwrap_or(0);
+        record["total_ms"] = json!(total_ms);
+        record["throughput_mib_s"] =
+            json!(data_pages as f64 * 4096.0 / 1048576.0 / (total_ms / 1000.0).max(1e-9));
+        record["bytes_on_wire"] = stats["bytes_received"].clone();
+        record["pages"] = json!({
+            "requested": stats["pages_requested"], "pushed": stats["pages_pushed"],
+            "zero": stats["pages_zero"], "removed": stats["pages_removed"],
+        });
+        record["faultd_latency_us"] = stats["fault_latency_us"].clone();
+    }
+    Ok(record)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Runs the benchmark and prints its table.
+///
+/// # Errors
+/// Any step failing.
+pub fn run(args: &LatencyArgs) -> Result<()> {
+    ensure!(args.size_mib >= 4, "--size-mib must be at least 4");
+    let tag = format!("pagemig-lat-{}", std::process::id());
+    let image = args.ram_dir.join(format!("{tag}.mem"));
+    let work = std::env::temp_dir().join(&tag);
+    std::fs::create_dir_all(&work)?;
+    let result = bench(args, &image, &work);
+    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
+    let pages = args.size_mib << 8;
+    eprintln!("bench: measuring the floor");
+    let floor = json!({
+        "uffd_fault_us": floor::uffd_fault(4000)?,
+        "rtt_4k_us": floor::rtt_4k(5000)?,
+        "remote_fault_floor_us": floor::remote_fault(4000)?,
+        "bulk_mib_s": floor::bulk((args.size_mib as usize).min(1024) << 20)?,
+    });
+    eprintln!("bench: writing a {} MiB image", args.size_mib);
+    write_image(image, pages)?;
+    let workloads: &[&'static str] = match args.workload {
+        WorkloadChoice::Random => &["random"],
+        WorkloadChoice::Seq => &["seq"],
+        WorkloadChoice::Hot => &["hot"],
+        WorkloadChoice::All => &["random", "seq", "hot"],
+    };
+    let pushes: &[bool] = match args.push {
+        PushChoice::On => &[true],
+        PushChoice::Off => &[false],
+        PushChoice::Both => &[false, true],
+    };
+    let mut scenarios: Vec<Scenario> = Vec::new();
+    for &workload in workloads {
+        for &push in pushes {
+            scenarios.push(Scenario {
+                workload,
+                push,
+                naive: false,
+            });
+        }
+    }
+    if pushes.contains(&true) {
+        scenarios.push(Scenario {
+            workload: workloads[0],
+            push: true,
+            naive: true,
+        });
+    }
+    let mut runs = Vec::new();
+    for sc in &scenarios {
+        let mut attempts = Vec::new();
+        for i in 0..args.runs.max(1) {
+            eprintln!(
+                "bench: {} workload, push {}{} (run {}/{})",
+                sc.workload,
+                if sc.push { "on" } else { "off" },
+                if sc.naive {
+                    ", naive single connection"
+                } else {
+                    ""
+                },
+                i + 1,
+                args.runs.max(1)
+            );
+            attempts.push(run_scenario(sc, image, work, args)?);
+        }
+        // The run with the median p99 represents the scenario.
+        attempts.sort_by(|a, b| {
+            let p = |r: &Value| r["fault_latency_us"]["p99"].as_f64().unwrap_or(0.0);
+            p(a).total_cmp(&p(b))
+        });
+        runs.push(attempts.swap_remove(attempts.len() / 2));
+    }
+    let floor_p = |k: &str, q: &str| floor[k][q].as_f64().unwrap_or(f64::NAN);
+    let pick = |workload: &str, push: &str, naive: bool| {
+        runs.iter().find(|r| {
+            r["workload"] == workload && r["push"] == push && r["naive_single_connection"] == naive
+        })
+    };
+    let first = workloads[0];
+    let ratio = |r: Option<&Value>, q: &str, fk: &str| {
+        r.and_then(|r| r["fault_latency_us"][q].as_f64())
+            .map(|v| v / floor_p(fk, q))
+    };
+    let mut tput: Vec<f64> = runs
+        .iter()
+        .filter(|r| r["naive_single_connection"] == false)
+        .filter_map(|r| r["throughput_mib_s"].as_f64())
+        .collect();
+    let ratios = json!({
+        "fault_p50_vs_floor": ratio(pick(first, "off", false), "p50", "remote_fault_floor_us"),
+        "fault_p99_vs_floor": ratio(pick(first, "off", false), "p99", "remote_fault_floor_us"),
+        "fault_p99_push_vs_floor": ratio(pick(first, "on", false), "p99", "remote_fault_floor_us"),
+        "naive_fault_p99_vs_floor": ratio(pick(first, "on", true), "p99", "remote_fault_floor_us"),
+        "throughput_vs_floor": if tput.is_empty() { Value::Null } else {
+            json!(median(&mut tput) / floor["bulk_mib_s"].as_f64().unwrap_or(f64::NAN))
+        },
+    });
+    let result = json!({ "floor": floor, "runs": runs, "ratios": ratios });
+    print_table(&result);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&result)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, svg::latency_cdfs(&result))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn print_table(r: &Value) {
+    let f = &r["floor"];
+    let us = |v: &Value, q: &str| v[q].as_f64().unwrap_or(0.0);
+    println!("floor (this machine, this run)                    p50 µs    p99 µs");
+    for (name, key) in [
+        ("  in-process uffd fault + UFFDIO_COPY", "uffd_fault_us"),
+        ("  loopback TCP 4 KiB request/response", "rtt_4k_us"),
+        (
+            "  remote fault (fault → TCP fetch → copy)",
+            "remote_fault_floor_us",
+        ),
+    ] {
+        println!(
+            "{name:<48} {:>8.1}  {:>8.1}",
+            us(&f[key], "p50"),
+            us(&f[key], "p99")
+        );
+    }
+    println!(
+        "  bulk: TCP stream → UFFDIO_COPY 2 MiB runs      {:>8.0} MiB/s",
+        f["bulk_mib_s"].as_f64().unwrap_or(0.0)
+    );
+    println!();
+    println!(
+        "scenario                      faults   p50 µs   p90 µs   p99 µs  p99.9 µs   max µs   total ms   MiB/s"
+    );
+    for run in r["runs"].as_array().into_iter().flatten() {
+        let l = &run["fault_latency_us"];
+        let name = format!(
+            "{} push {}{}",
+            run["workload"].as_str().unwrap_or(""),
+            run["push"].as_str().unwrap_or(""),
+            if run["naive_single_connection"] == true {
+                " (naive)"
+            } else {
+                ""
+            }
+        );
+        let total = run["total_ms"]
+            .as_f64()
+            .map_or("-".to_string(), |v| format!("{v:.0}"));
+        let tput = run["throughput_mib_s"]
+            .as_f64()
+            .map_or("-".to_string(), |v| format!("{v:.0}"));
+        println!(
+            "  {name:<26} {:>8} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8.1} {:>10} {:>7}",
+            l["count"],
+            us(l, "p50"),
+            us(l, "p90"),
+            us(l, "p99"),
+            us(l, "p999"),
+            us(l, "max"),
+            total,
+            tput
+        );
+    }
+    println!();
+    println!("ratios to the floor: {}", r["ratios"]);
+}
