@@ -15,7 +15,7 @@ use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 
 use crate::floor;
-use crate::procs::{Guard, first_line, sibling};
+use crate::procs::{Guard, first_line, sibling, watch_anon_rss};
 use crate::svg;
 
 /// Which workloads to run.
@@ -63,6 +63,10 @@ pub struct LatencyArgs {
     /// Directory for the image (tmpfs is best).
     #[arg(long, default_value = "/dev/shm")]
     pub ram_dir: PathBuf,
+    /// Extra image sizes (MiB, comma-separated) for the random push-on scenario, to show
+    /// how cost grows with guest size (e.g. 512,2048,8192).
+    #[arg(long, value_delimiter = ',', value_name = "MIB")]
+    pub growth_sizes: Vec<u64>,
     /// Write the results as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -138,6 +142,8 @@ fn run_scenario(sc: &Scenario, image: &Path, work: &Path, args: &LatencyArgs) ->
             .spawn()?,
     );
     first_line(&mut faultd.0)?;
+    let faultd_rss = watch_anon_rss(faultd.0.id());
+    let pagesrv_rss = watch_anon_rss(pagesrv.0.id());
     let mut vmm = Command::new(sibling("test-vmm")?);
     vmm.arg("--uds")
         .arg(&uds)
@@ -184,8 +190,21 @@ fn run_scenario(sc: &Scenario, image: &Path, work: &Path, args: &LatencyArgs) ->
             "zero": stats["pages_zero"], "removed": stats["pages_removed"],
         });
         record["faultd_latency_us"] = stats["fault_latency_us"].clone();
+        let pages = args_pages(args);
+        let limit = (32u64 << 20) + pages.div_ceil(8);
+        let (f, p) = (
+            faultd_rss.join().unwrap_or(0),
+            pagesrv_rss.join().unwrap_or(0),
+        );
+        record["peak_private_rss_bytes"] = json!({
+            "faultd": f, "pagesrv": p, "limit_32mib_plus_1_bit_per_page": limit,
+        });
     }
     Ok(record)
+}
+
+fn args_pages(args: &LatencyArgs) -> u64 {
+    args.size_mib << 8
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -298,7 +317,29 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
             json!(median(&mut tput) / floor["bulk_mib_s"].as_f64().unwrap_or(f64::NAN))
         },
     });
-    let result = json!({ "floor": floor, "runs": runs, "ratios": ratios });
+    let mut growth = Vec::new();
+    for &size_mib in &args.growth_sizes {
+        eprintln!("bench: growth run, {size_mib} MiB, random workload, push on");
+        let sized = LatencyArgs {
+            size_mib,
+            growth_sizes: Vec::new(),
+            json: None,
+            svg: None,
+            ram_dir: args.ram_dir.clone(),
+            ..*args
+        };
+        let path = work.join(format!("growth-{size_mib}.mem"));
+        write_image(&path, size_mib << 8)?;
+        let sc = Scenario {
+            workload: "random",
+            push: true,
+            naive: false,
+        };
+        let record = run_scenario(&sc, &path, work, &sized);
+        let _ = std::fs::remove_file(&path);
+        growth.push(record?);
+    }
+    let result = json!({ "floor": floor, "runs": runs, "growth": growth, "ratios": ratios });
     print_table(&result);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&result)?)
@@ -365,6 +406,30 @@ fn print_table(r: &Value) {
             us(l, "max"),
             total,
             tput
+        );
+    }
+    for run in r["growth"].as_array().into_iter().flatten() {
+        println!(
+            "  growth {:>6} MiB: total {:>8.0} ms, {:>6.0} MiB/s, faultd private RSS {:.1} MiB",
+            run["size_mib"],
+            run["total_ms"].as_f64().unwrap_or(0.0),
+            run["throughput_mib_s"].as_f64().unwrap_or(0.0),
+            run["peak_private_rss_bytes"]["faultd"]
+                .as_f64()
+                .unwrap_or(0.0)
+                / 1048576.0
+        );
+    }
+    if let Some(run) = r["runs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["peak_private_rss_bytes"].is_object()))
+    {
+        let m = &run["peak_private_rss_bytes"];
+        println!(
+            "  peak private RSS: faultd {:.1} MiB, pagesrv {:.1} MiB (limit {:.1} MiB)",
+            m["faultd"].as_f64().unwrap_or(0.0) / 1048576.0,
+            m["pagesrv"].as_f64().unwrap_or(0.0) / 1048576.0,
+            m["limit_32mib_plus_1_bit_per_page"].as_f64().unwrap_or(0.0) / 1048576.0
         );
     }
     println!();

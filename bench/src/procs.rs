@@ -48,3 +48,23 @@ pub fn first_line(child: &mut Child) -> Result<String> {
     });
     Ok(line.trim_end().to_owned())
 }
+
+/// Samples a process's private (anonymous) resident memory until it exits; returns the peak
+/// in bytes.
+pub fn watch_anon_rss(pid: u32) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0u64;
+        while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            let kib = status
+                .lines()
+                .find_map(|l| l.strip_prefix("RssAnon:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+            match kib {
+                Some(kib) => peak = peak.max(kib << 10),
+                None => break, // a zombie: exited
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        peak
+    })
+}
