@@ -100,3 +100,30 @@ fn test_pagesrv_rejects_a_file_that_is_not_whole_pages() {
         "{stderr}"
     );
 }
+
+#[test]
+fn test_overlapping_regions_are_refused_before_any_page_moves() {
+    let dir = Scratch::new("overlap");
+    let (mem, uds, stats) = (
+        dir.path("vm.mem"),
+        dir.path("faultd.sock"),
+        dir.path("stats.json"),
+    );
+    write_source(&mem, 32, 1, 0, 0..0);
+    let (pagesrv, addr) = start_pagesrv(&mem, &[]);
+    let mut faultd = start_faultd(&addr, &uds, &stats);
+    let mut vmm = UnixStream::connect(&uds).expect("connect to faultd");
+    vmm.write_all(
+        br#"[{"base_host_virt_addr":65536,"size":65536,"offset":0,"page_size":4096},
+             {"base_host_virt_addr":98304,"size":65536,"offset":65536,"page_size":4096}]"#,
+    )
+    .expect("send handshake");
+    let (status, stderr) = faultd.wait(LIMIT);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("regions 0 and 1 overlap"), "{stderr}");
+    let pagesrv_err = pagesrv.kill_and_collect();
+    assert!(
+        !pagesrv_err.contains("destination connected"),
+        "{pagesrv_err}"
+    );
+}
