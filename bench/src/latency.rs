@@ -15,7 +15,7 @@ use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 
 use crate::floor;
-use crate::procs::{Guard, first_line, sibling, watch_anon_rss};
+use crate::procs::{sibling, start_faultd, start_pagesrv, watch_anon_rss};
 use crate::svg;
 
 /// Which workloads to run.
@@ -109,39 +109,15 @@ fn run_scenario(sc: &Scenario, image: &Path, work: &Path, args: &LatencyArgs) ->
         work.join("lat.json"),
     );
     let _ = std::fs::remove_file(&stats_path);
-    let mut pagesrv_cmd = Command::new(sibling("pagesrv")?);
-    pagesrv_cmd
-        .arg("--vm-mem")
-        .arg(image)
-        .args(["--listen", "127.0.0.1:0"]);
+    let mut extra = Vec::new();
     if !sc.push {
-        pagesrv_cmd.arg("--no-push");
+        extra.push("--no-push");
     }
     if sc.naive {
-        pagesrv_cmd.arg("--naive-single-connection");
+        extra.push("--naive-single-connection");
     }
-    let mut pagesrv = Guard(
-        pagesrv_cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let addr = first_line(&mut pagesrv.0)?
-        .strip_prefix("pagesrv listening on ")
-        .context("pagesrv did not start")?
-        .to_owned();
-    let mut faultd = Guard(
-        Command::new(sibling("faultd")?)
-            .args(["--connect", &addr])
-            .arg("--uds")
-            .arg(&uds)
-            .arg("--stats-json")
-            .arg(&stats_path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    first_line(&mut faultd.0)?;
+    let (mut pagesrv, addr) = start_pagesrv(image, &extra, true)?;
+    let mut faultd = start_faultd(&addr, &uds, &stats_path, &[], true)?;
     let faultd_rss = watch_anon_rss(faultd.0.id());
     let pagesrv_rss = watch_anon_rss(pagesrv.0.id());
     let mut vmm = Command::new(sibling("test-vmm")?);

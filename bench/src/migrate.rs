@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 
 use bench::guest::Workload;
 
-use crate::procs::{Guard, first_line, sibling};
+use crate::procs::{sibling, start_faultd, start_pagesrv};
 
 /// How faultd places pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -245,39 +245,13 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
     }
     progress("source guest running; starting pagesrv and faultd\n");
 
-    let mut pagesrv = Guard(
-        Command::new(sibling("pagesrv")?)
-            .arg("--vm-mem")
-            .arg(mem)
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start pagesrv")?,
-    );
-    let addr = first_line(&mut pagesrv.0)?
-        .strip_prefix("pagesrv listening on ")
-        .context("pagesrv did not start")?
-        .to_owned();
-    let mut faultd = Guard(
-        Command::new(sibling("faultd")?)
-            .args(["--connect", &addr])
-            .arg("--uds")
-            .arg(&uds)
-            .arg("--stats-json")
-            .arg(&stats_path)
-            .args([
-                "--placement",
-                if args.mode == Mode::Minor {
-                    "memfd"
-                } else {
-                    "copy"
-                },
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start faultd")?,
-    );
-    first_line(&mut faultd.0)?;
+    let (mut pagesrv, addr) = start_pagesrv(mem, &[], false)?;
+    let placement = if args.mode == Mode::Minor {
+        "memfd"
+    } else {
+        "copy"
+    };
+    let mut faultd = start_faultd(&addr, &uds, &stats_path, &["--placement", placement], false)?;
 
     source.send("pause")?;
     let paused = loop {

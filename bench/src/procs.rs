@@ -1,8 +1,9 @@
 //! Starting the workspace's binaries (built beside `bench`) as child processes.
 
 use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
 use std::path::PathBuf;
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, ensure};
 
@@ -67,4 +68,55 @@ pub fn watch_anon_rss(pid: u32) -> std::thread::JoinHandle<u64> {
         }
         peak
     })
+}
+
+/// Starts pagesrv on `mem` at a free loopback port with `extra` arguments; returns it and
+/// its address. With `quiet`, its log is dropped.
+///
+/// # Errors
+/// pagesrv is missing or did not start.
+pub fn start_pagesrv(mem: &Path, extra: &[&str], quiet: bool) -> Result<(Guard, String)> {
+    let mut cmd = Command::new(sibling("pagesrv")?);
+    cmd.arg("--vm-mem")
+        .arg(mem)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::piped());
+    if quiet {
+        cmd.stderr(Stdio::null());
+    }
+    let mut pagesrv = Guard(cmd.spawn().context("cannot start pagesrv")?);
+    let addr = first_line(&mut pagesrv.0)?
+        .strip_prefix("pagesrv listening on ")
+        .context("pagesrv did not start")?
+        .to_owned();
+    Ok((pagesrv, addr))
+}
+
+/// Starts faultd against `addr`, accepting the VMM on `uds` and writing stats to `stats`;
+/// returns once it is ready.
+///
+/// # Errors
+/// faultd is missing or did not start.
+pub fn start_faultd(
+    addr: &str,
+    uds: &Path,
+    stats: &Path,
+    extra: &[&str],
+    quiet: bool,
+) -> Result<Guard> {
+    let mut cmd = Command::new(sibling("faultd")?);
+    cmd.args(["--connect", addr])
+        .arg("--uds")
+        .arg(uds)
+        .arg("--stats-json")
+        .arg(stats)
+        .args(extra)
+        .stdout(Stdio::piped());
+    if quiet {
+        cmd.stderr(Stdio::null());
+    }
+    let mut faultd = Guard(cmd.spawn().context("cannot start faultd")?);
+    first_line(&mut faultd.0)?;
+    Ok(faultd)
 }

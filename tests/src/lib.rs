@@ -302,6 +302,11 @@ pub fn start_pagesrv(mem: &Path, extra: &[&str]) -> (Proc, String) {
 
 /// faultd connecting to `addr`, accepting the VMM on `uds`, writing stats to `stats`.
 pub fn start_faultd(addr: &str, uds: &Path, stats: &Path) -> Proc {
+    start_faultd_with(addr, uds, stats, &[])
+}
+
+/// [`start_faultd`] with extra arguments.
+pub fn start_faultd_with(addr: &str, uds: &Path, stats: &Path, extra: &[&str]) -> Proc {
     let mut p = Proc::spawn(
         "faultd",
         Command::new(bin("faultd"))
@@ -309,7 +314,8 @@ pub fn start_faultd(addr: &str, uds: &Path, stats: &Path) -> Proc {
             .arg("--uds")
             .arg(uds)
             .arg("--stats-json")
-            .arg(stats),
+            .arg(stats)
+            .args(extra),
     );
     let line = p.read_line();
     assert!(

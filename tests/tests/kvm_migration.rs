@@ -197,16 +197,7 @@ fn test_faultd_gives_up_after_reconnect_timeout_and_the_vmm_stops() {
     let dir = paused_source("kvm-pagesrv-gone");
     let (uds, stats) = (dir.path("faultd.sock"), dir.path("stats.json"));
     let (mut pagesrv, addr) = start_pagesrv(&dir.path("vm.mem"), &["--no-push"]);
-    let mut faultd = Proc::spawn(
-        "faultd",
-        Command::new(bin("faultd"))
-            .args(["--connect", &addr, "--reconnect-timeout", "1"])
-            .arg("--uds")
-            .arg(&uds)
-            .arg("--stats-json")
-            .arg(&stats),
-    );
-    assert!(faultd.read_line().starts_with("faultd waiting"));
+    let mut faultd = start_faultd_with(&addr, &uds, &stats, &["--reconnect-timeout", "1"]);
     let mut dest = start_dest(&dir, &uds);
     dest.read_event_until(|e| e["event"] == "resumed");
     dest.read_event_until(|e| e["event"] == "report");

@@ -10,30 +10,6 @@ use tests::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-fn start_faultd_with(
-    addr: &str,
-    uds: &std::path::Path,
-    stats: &std::path::Path,
-    extra: &[&str],
-) -> Proc {
-    let mut p = Proc::spawn(
-        "faultd",
-        Command::new(bin("faultd"))
-            .args(["--connect", addr])
-            .arg("--uds")
-            .arg(uds)
-            .arg("--stats-json")
-            .arg(stats)
-            .args(extra),
-    );
-    let line = p.read_line();
-    assert!(
-        line.starts_with("faultd waiting for the VMM"),
-        "faultd did not start: {line:?}"
-    );
-    p
-}
-
 fn source_digest(mem: &std::path::Path) -> String {
     let image = std::fs::read(mem).expect("read the source");
     format!("{:016x}", common::digest::run_digest(0, &image, PAGE))
