@@ -37,7 +37,8 @@ pub enum Placed {
 }
 
 impl Vm {
-    /// Places pages `first..first+count` under the placement gate: `data` holds their bytes,
+    /// Places pages `first..first+count` (under the placement gate where needed, see the
+    /// body): `data` holds their bytes,
     /// or `None` when pagesrv reported them as zero. Pages already done are skipped; pages
     /// marked zero are skipped or filled as `zero_pages` says.
     ///
@@ -51,7 +52,11 @@ impl Vm {
         origin: Origin,
         zero_pages: ZeroPages,
     ) -> Result<Placed, UffdError> {
-        let _gate = self.gate();
+        // The gate orders placements against the event reader. The fault thread *is* the
+        // event reader, so its own UFFDIO_COPYs need no gate (a race with the bulk thread
+        // ends in EEXIST); memfd placement writes the page cache first, which only the
+        // done bits under the gate keep from overwriting a page the guest already uses.
+        let _gate = (origin == Origin::Pushed || self.memfd().is_some()).then(|| self.gate());
         if data.is_none() {
             Counters::add(&self.counters.pages_zero, self.mark_zero(first, count));
         }
@@ -86,9 +91,17 @@ impl Vm {
                     Placed::Done => page + n,
                     Placed::Again { resume_at } => resume_at,
                 };
-                let newly = self.done.set_range(page, resume_at - page);
-                if let Some(b) = bytes {
-                    self.add_digests(page, &b[..((resume_at - page) * page_size) as usize]);
+                // Count (and digest) only the pages this call completed: without the gate,
+                // the other thread may have placed some of them (EEXIST) at the same time.
+                let mut newly = 0;
+                for p in page..resume_at {
+                    if self.done.set(p) {
+                        newly += 1;
+                        if let Some(b) = bytes {
+                            let at = ((p - page) * page_size) as usize;
+                            self.add_digests(p, &b[at..at + page_size as usize]);
+                        }
+                    }
                 }
                 let counter = match origin {
                     Origin::Requested => &self.counters.pages_requested,
