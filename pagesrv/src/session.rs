@@ -197,6 +197,23 @@ impl<'a> Session<'a> {
                     self.stats.skipped_pages.fetch_add(held, Ordering::Relaxed);
                 }
                 Message::MapEnd => self.start_push(),
+                Message::DigestQuery { chunk_pages }
+                    if self.source.total_pages().div_ceil(chunk_pages) * 8
+                        > MAX_PAYLOAD_BYTES as u64 =>
+                {
+                    let text = format!(
+                        "{chunk_pages}-page digest chunks need a reply over the frame limit"
+                    );
+                    let _ = write_frame(
+                        &mut conn,
+                        &Message::Error {
+                            code: ErrorCode::Protocol,
+                            text: text.clone(),
+                        },
+                        &[],
+                    );
+                    return Outcome::Aborted(text);
+                }
                 Message::DigestQuery { chunk_pages } => {
                     let digests = self.digests(chunk_pages);
                     let reply = Message::Digests { chunk_pages };
