@@ -312,9 +312,4 @@ impl KvmVm {
             .map_err(VmError::Memory)?;
         Ok(Counters::from_bytes(&buf))
     }
-
-    /// Arranges for the next `run` to return at once (used with a signal to stop the vCPU).
-    pub fn set_immediate_exit(&mut self, on: bool) {
-        self.vcpu.set_kvm_immediate_exit(u8::from(on));
-    }
 }

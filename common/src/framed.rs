@@ -6,7 +6,9 @@ use std::ops::Range;
 
 use thiserror::Error;
 
-use crate::wire::{Decoded, Decoder, HEADER_LEN, MAX_BODY_BYTES, Message, WireError, encode};
+use crate::wire::{
+    Decoded, Decoder, ErrorCode, HEADER_LEN, MAX_BODY_BYTES, Message, WireError, encode,
+};
 
 /// Errors reading frames.
 #[derive(Debug, Error)]
@@ -160,6 +162,19 @@ pub fn write_frame(w: &mut impl Write, message: &Message, payload: &[u8]) -> io:
     let mut head = Vec::with_capacity(64);
     encode(message, payload.len(), &mut head);
     write_all_vectored(w, &head, payload)
+}
+
+/// Sends an `Error` frame before giving up on a connection; a failure to send it is ignored
+/// (the peer may already be gone).
+pub fn send_error(w: &mut impl Write, code: ErrorCode, text: &str) {
+    let _ = write_frame(
+        w,
+        &Message::Error {
+            code,
+            text: text.to_owned(),
+        },
+        &[],
+    );
 }
 
 fn write_all_vectored(w: &mut impl Write, a: &[u8], b: &[u8]) -> io::Result<()> {

@@ -137,15 +137,6 @@ pub struct Layout {
     total_bytes: u64,
 }
 
-/// Where a host address falls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Located {
-    /// Position of the region in the list.
-    pub region: usize,
-    /// Page index in the memory file.
-    pub page: u64,
-}
-
 impl Layout {
     /// Parses and checks the Firecracker-style JSON region list.
     ///
@@ -253,8 +244,9 @@ impl Layout {
         self.total_bytes / self.page_size
     }
 
-    /// The page holding host address `addr`, if any region holds it.
-    pub fn locate(&self, addr: HostAddr) -> Option<Located> {
+    /// The page index (in the memory file) holding host address `addr`, if any region holds
+    /// it.
+    pub fn locate(&self, addr: HostAddr) -> Option<u64> {
         let pos = self
             .by_host
             .partition_point(|&i| self.regions[i].host_base <= addr);
@@ -264,10 +256,7 @@ impl Layout {
             return None;
         }
         let file_offset = r.file_offset.0 + (addr.0 - r.host_base.0);
-        Some(Located {
-            region,
-            page: file_offset / self.page_size,
-        })
+        Some(file_offset / self.page_size)
     }
 
     /// The host address of `page` and how many pages from it on are contiguous in host memory
@@ -347,10 +336,10 @@ mod tests {
             Layout::from_json(json(&[(0x20000, 0x2000, 0), (0x10000, 0x3000, 0x2000)]).as_bytes())
                 .unwrap();
         assert_eq!(l.total_pages(), 5);
-        assert_eq!(l.locate(HostAddr(0x20fff)).unwrap().page, 0);
-        assert_eq!(l.locate(HostAddr(0x21000)).unwrap().page, 1);
-        assert_eq!(l.locate(HostAddr(0x10000)).unwrap().page, 2);
-        assert_eq!(l.locate(HostAddr(0x12fff)).unwrap().page, 4);
+        assert_eq!(l.locate(HostAddr(0x20fff)).unwrap(), 0);
+        assert_eq!(l.locate(HostAddr(0x21000)).unwrap(), 1);
+        assert_eq!(l.locate(HostAddr(0x10000)).unwrap(), 2);
+        assert_eq!(l.locate(HostAddr(0x12fff)).unwrap(), 4);
         assert_eq!(l.locate(HostAddr(0x13000)), None);
         assert_eq!(l.locate(HostAddr(0x1f000)), None);
         assert_eq!(l.locate(HostAddr(0x0)), None);
@@ -427,7 +416,7 @@ mod tests {
             for page in 0..l.total_pages() {
                 let (addr, run) = l.host_run(page).unwrap();
                 prop_assert!(run >= 1);
-                prop_assert_eq!(l.locate(addr).unwrap().page, page);
+                prop_assert_eq!(l.locate(addr).unwrap(), page);
             }
         }
     }

@@ -52,19 +52,6 @@ impl Mapping {
         Self::map(len, libc::PROT_READ, libc::MAP_SHARED, fd.as_raw_fd())
     }
 
-    /// `fd`'s first `len` bytes, read-write and shared.
-    ///
-    /// # Errors
-    /// The kernel's refusal.
-    pub fn file_shared(fd: BorrowedFd<'_>, len: usize) -> Result<Self, MapError> {
-        Self::map(
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-        )
-    }
-
     fn map(len: usize, prot: i32, flags: i32, fd: i32) -> Result<Self, MapError> {
         if len == 0 {
             return Err(MapError {

@@ -142,8 +142,12 @@ fn serve<'s, 'e>(
                 VMM => check_vmm(vmm)?,
                 LINK_EVENT => {
                     while let Ok(ev) = links.events.try_recv() {
+                        let before = link.as_ref().map(|l| l.generation);
                         handle_link_event(vm, poll, links, &mut link, &mut fault_path, ev)?;
-                        writable_armed = false;
+                        // A new (or no) urgent socket starts registered for reading only.
+                        if link.as_ref().map(|l| l.generation) != before {
+                            writable_armed = false;
+                        }
                     }
                 }
                 _ => {}
@@ -275,11 +279,6 @@ fn finish<'s, 'e>(
     for region in vm.layout.regions() {
         if let Err(e) = vm.uffd.unregister(region.host_base.0, region.size_bytes) {
             warn!(error = %e, "failed to unregister a region after completion");
-        }
-        // Unregistering wakes waiting threads itself; wake the whole range once more so no
-        // thread can stay parked on a fault nobody will read.
-        if let Err(e) = vm.uffd.wake(region.host_base.0, region.size_bytes) {
-            warn!(error = %e, "failed to wake a region after completion");
         }
     }
     // Unregistering woke every waiting thread (their pages are present, or read as zero

@@ -182,7 +182,7 @@ impl<'a> FaultPath<'a> {
         thread_id: u32,
         read_at: Instant,
     ) -> Result<(), FaultError> {
-        let Some(located) = self.vm.layout.locate(common::layout::HostAddr(addr)) else {
+        let Some(page) = self.vm.layout.locate(common::layout::HostAddr(addr)) else {
             if !self.unknown_fault_warned {
                 warn!(
                     addr = format_args!("{addr:#x}"),
@@ -192,7 +192,6 @@ impl<'a> FaultPath<'a> {
             }
             return Ok(());
         };
-        let page = located.page;
         trace!(page, thread_id, minor, "fault");
         if minor {
             return self.map_fault_cached(page, read_at);

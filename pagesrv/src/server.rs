@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use common::auth::{self, Psk, Side};
-use common::framed::{FrameReader, write_frame};
+use common::framed::{FrameReader, send_error, write_frame};
 use common::wire::{Decoder, ErrorCode, Message, PROTOCOL_VERSION, Role, SessionParams};
 use indicatif::{ProgressBar, ProgressStyle};
 use socket2::SockRef;
@@ -130,7 +130,7 @@ fn accept_session(
             Ok(id) => id,
             Err((code, text)) => {
                 warn!(%peer, ?role, %text, "refused a destination");
-                let _ = write_frame(&mut conn, &Message::Error { code, text }, &[]);
+                send_error(&mut conn, code, &text);
                 continue;
             }
         };
@@ -160,14 +160,7 @@ fn read_hello(conn: &mut TcpStream) -> Result<(Role, SessionParams, FrameReader)
         Message::Hello { role, params } => Ok((role, params, reader)),
         other => {
             let text = format!("expected Hello, got {:?}", other.kind());
-            let _ = write_frame(
-                conn,
-                &Message::Error {
-                    code: ErrorCode::Protocol,
-                    text: text.clone(),
-                },
-                &[],
-            );
+            send_error(conn, ErrorCode::Protocol, &text);
             bail!(text)
         }
     }
@@ -186,7 +179,7 @@ fn authenticate(
     write_frame(conn, &Message::Challenge(server_nonce), &[])?;
     let (message, _) = reader.read_frame(conn).context("no authentication proof")?;
     let Message::Proof { nonce, mac } = message else {
-        refuse(
+        send_error(
             conn,
             ErrorCode::AuthFailed,
             "expected an authentication proof",
@@ -197,23 +190,12 @@ fn authenticate(
         );
     };
     if !psk.verify(Side::Client, &server_nonce, &nonce, role, theirs, &mac) {
-        refuse(conn, ErrorCode::AuthFailed, "authentication failed");
+        send_error(conn, ErrorCode::AuthFailed, "authentication failed");
         bail!("authentication failed: wrong key");
     }
     let ours = psk.mac(Side::Server, &server_nonce, &nonce, role, theirs);
     write_frame(conn, &Message::AuthOk(ours), &[])?;
     Ok(())
-}
-
-fn refuse(conn: &mut TcpStream, code: ErrorCode, text: &str) {
-    let _ = write_frame(
-        conn,
-        &Message::Error {
-            code,
-            text: text.into(),
-        },
-        &[],
-    );
 }
 
 fn check_params(theirs: &SessionParams, ours: &SessionParams) -> Result<(), (ErrorCode, String)> {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use common::framed::{FrameReader, ReadError, write_frame, write_frames};
+use common::framed::{FrameReader, ReadError, send_error, write_frame, write_frames};
 use common::pagemap::PageMap;
 use common::wire::{Decoder, ErrorCode, MAX_PAYLOAD_BYTES, Message, PageRange, RANGE_FRAME_BYTES};
 use tracing::{debug, info, warn};
@@ -167,14 +167,7 @@ impl<'a> Session<'a> {
                 }
                 Err(e @ ReadError::Wire(_)) => {
                     let text = error_chain(&e);
-                    let _ = write_frame(
-                        &mut conn,
-                        &Message::Error {
-                            code: ErrorCode::Protocol,
-                            text: text.clone(),
-                        },
-                        &[],
-                    );
+                    send_error(&mut conn, ErrorCode::Protocol, &text);
                     return Outcome::Aborted(text);
                 }
                 Err(e) => return Outcome::Aborted(error_chain(&e)),
@@ -204,14 +197,7 @@ impl<'a> Session<'a> {
                     let text = format!(
                         "{chunk_pages}-page digest chunks need a reply over the frame limit"
                     );
-                    let _ = write_frame(
-                        &mut conn,
-                        &Message::Error {
-                            code: ErrorCode::Protocol,
-                            text: text.clone(),
-                        },
-                        &[],
-                    );
+                    send_error(&mut conn, ErrorCode::Protocol, &text);
                     return Outcome::Aborted(text);
                 }
                 Message::DigestQuery { chunk_pages } => {

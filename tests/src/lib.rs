@@ -256,6 +256,15 @@ impl Proc {
         self.child.id()
     }
 
+    /// Sends SIGKILL (a crash, as opposed to an orderly exit) and reaps the process.
+    pub fn kill9(&mut self) {
+        // std's Child::kill is SIGKILL on Unix.
+        self.child
+            .kill()
+            .unwrap_or_else(|e| panic!("kill -9 {}: {e}", self.name));
+        let _ = self.child.wait();
+    }
+
     /// Kills the process and returns its stderr.
     pub fn kill_and_collect(mut self) -> String {
         let _ = self.child.kill();

@@ -80,6 +80,33 @@ fn paused_source(tag: &str) -> Scratch {
     dir
 }
 
+/// A migration in progress: pagesrv in demand-paging mode (so the migration is still running
+/// when a peer is killed), faultd with `faultd_args`, and a resumed destination guest that
+/// has reported once.
+struct Running {
+    pagesrv: Proc,
+    addr: String,
+    faultd: Proc,
+    dest: Proc,
+    stats: std::path::PathBuf,
+}
+
+fn running_migration(dir: &Scratch, faultd_args: &[&str]) -> Running {
+    let (uds, stats) = (dir.path("faultd.sock"), dir.path("stats.json"));
+    let (pagesrv, addr) = start_pagesrv(&dir.path("vm.mem"), &["--no-push"]);
+    let faultd = start_faultd_with(&addr, &uds, &stats, faultd_args);
+    let mut dest = start_dest(dir, &uds);
+    dest.read_event_until(|e| e["event"] == "resumed");
+    dest.read_event_until(|e| e["event"] == "report");
+    Running {
+        pagesrv,
+        addr,
+        faultd,
+        dest,
+        stats,
+    }
+}
+
 fn start_dest(dir: &Scratch, uds: &std::path::Path) -> Proc {
     Proc::spawn(
         "vmm dest",
@@ -122,19 +149,13 @@ fn test_dest_vmm_stops_its_vcpu_when_faultd_dies() {
         return;
     }
     let dir = paused_source("kvm-faultd-dies");
-    let (uds, stats) = (dir.path("faultd.sock"), dir.path("stats.json"));
-    // Demand paging only, so the migration is still running when faultd dies.
-    let (_pagesrv, addr) = start_pagesrv(&dir.path("vm.mem"), &["--no-push"]);
-    let mut faultd = start_faultd(&addr, &uds, &stats);
-    let mut dest = start_dest(&dir, &uds);
-    dest.read_event_until(|e| e["event"] == "resumed");
-    dest.read_event_until(|e| e["event"] == "report");
-    let killed = Command::new("kill")
-        .args(["-9", &faultd.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let _ = faultd.wait(LIMIT);
+    let Running {
+        pagesrv: _pagesrv,
+        mut faultd,
+        mut dest,
+        ..
+    } = running_migration(&dir, &[]);
+    faultd.kill9();
     let (status, stderr) = dest.wait(Duration::from_secs(30));
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
@@ -149,20 +170,15 @@ fn test_migration_survives_pagesrv_killed_and_restarted() {
         return;
     }
     let dir = paused_source("kvm-pagesrv-restart");
-    let (uds, stats) = (dir.path("faultd.sock"), dir.path("stats.json"));
     let mem = dir.path("vm.mem");
-    // Demand paging only, so the migration is still running when pagesrv dies.
-    let (mut pagesrv, addr) = start_pagesrv(&mem, &["--no-push"]);
-    let mut faultd = start_faultd(&addr, &uds, &stats);
-    let mut dest = start_dest(&dir, &uds);
-    dest.read_event_until(|e| e["event"] == "resumed");
-    dest.read_event_until(|e| e["event"] == "report");
-    let killed = Command::new("kill")
-        .args(["-9", &pagesrv.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let _ = pagesrv.wait(LIMIT);
+    let Running {
+        mut pagesrv,
+        addr,
+        mut faultd,
+        mut dest,
+        stats,
+    } = running_migration(&dir, &[]);
+    pagesrv.kill9();
     // The guest waits on its faults while pagesrv is away; a new pagesrv on the same file
     // and address is just another reconnect.
     let mut restarted = Proc::spawn(
@@ -195,18 +211,13 @@ fn test_faultd_gives_up_after_reconnect_timeout_and_the_vmm_stops() {
         return;
     }
     let dir = paused_source("kvm-pagesrv-gone");
-    let (uds, stats) = (dir.path("faultd.sock"), dir.path("stats.json"));
-    let (mut pagesrv, addr) = start_pagesrv(&dir.path("vm.mem"), &["--no-push"]);
-    let mut faultd = start_faultd_with(&addr, &uds, &stats, &["--reconnect-timeout", "1"]);
-    let mut dest = start_dest(&dir, &uds);
-    dest.read_event_until(|e| e["event"] == "resumed");
-    dest.read_event_until(|e| e["event"] == "report");
-    let killed = Command::new("kill")
-        .args(["-9", &pagesrv.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let _ = pagesrv.wait(LIMIT);
+    let Running {
+        mut pagesrv,
+        mut faultd,
+        mut dest,
+        ..
+    } = running_migration(&dir, &["--reconnect-timeout", "1"]);
+    pagesrv.kill9();
     let (status, stderr) = faultd.wait(Duration::from_secs(30));
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("--reconnect-timeout"), "{stderr}");

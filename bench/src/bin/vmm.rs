@@ -38,26 +38,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Role {
     /// Run the guest with RAM in a file until `pause`, then save the vCPU.
-    Source {
-        /// Guest RAM file (created or truncated), e.g. /dev/shm/vm1.
-        #[arg(long)]
-        mem_file: PathBuf,
-        /// Guest RAM in MiB (multiple of 2, at least 4).
-        #[arg(long)]
-        size_mib: u64,
-        /// Where to write the saved vCPU.
-        #[arg(long)]
-        state_file: PathBuf,
-        /// The guest's access pattern.
-        #[arg(long, value_enum, default_value = "random")]
-        workload: Workload,
-        /// Pattern seed.
-        #[arg(long, default_value_t = 0x5EED)]
-        seed: u64,
-        /// The guest rewrites one touched page in 2^N.
-        #[arg(long, default_value_t = 4)]
-        write_shift: u64,
-    },
+    Source(SourceArgs),
     /// Resume a saved vCPU with RAM served by faultd.
     Dest {
         /// faultd's Unix socket.
@@ -121,12 +102,25 @@ fn watch_stdin(word: &'static str) -> Arc<AtomicBool> {
     flag
 }
 
+#[derive(Debug, clap::Args)]
 struct SourceArgs {
+    /// Guest RAM file (created or truncated), e.g. /dev/shm/vm1.
+    #[arg(long)]
     mem_file: PathBuf,
+    /// Guest RAM in MiB (multiple of 2, at least 4).
+    #[arg(long)]
     size_mib: u64,
+    /// Where to write the saved vCPU.
+    #[arg(long)]
     state_file: PathBuf,
+    /// The guest's access pattern.
+    #[arg(long, value_enum, default_value = "random")]
     workload: Workload,
+    /// Pattern seed.
+    #[arg(long, default_value_t = 0x5EED)]
     seed: u64,
+    /// The guest rewrites one touched page in 2^N.
+    #[arg(long, default_value_t = 4)]
     write_shift: u64,
 }
 
@@ -303,21 +297,7 @@ fn run_dest(uds: PathBuf, size_mib: u64, state_file: PathBuf, mode: Mode) -> Res
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.role {
-        Role::Source {
-            mem_file,
-            size_mib,
-            state_file,
-            workload,
-            seed,
-            write_shift,
-        } => run_source(SourceArgs {
-            mem_file,
-            size_mib,
-            state_file,
-            workload,
-            seed,
-            write_shift,
-        }),
+        Role::Source(args) => run_source(args),
         Role::Dest {
             uds,
             size_mib,
