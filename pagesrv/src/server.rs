@@ -112,7 +112,11 @@ fn accept_session(
         let (role, theirs, reader) = match hello {
             Ok(h) => h,
             Err(e) => {
+                // Log first, then tell the peer: the log is never behind the wire.
                 warn!(%peer, error = %format!("{e:#}"), "rejected a connection");
+                if let Some(r) = e.downcast_ref::<Refusal>() {
+                    send_error(&mut conn, r.code, &r.text);
+                }
                 continue;
             }
         };
@@ -152,17 +156,25 @@ fn accept_session(
     }
 }
 
+/// A connection refused with an `Error` frame the caller sends after logging it.
+#[derive(Debug, thiserror::Error)]
+#[error("{text}")]
+struct Refusal {
+    code: ErrorCode,
+    text: String,
+}
+
 fn read_hello(conn: &mut TcpStream) -> Result<(Role, SessionParams, FrameReader)> {
     conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut reader = FrameReader::new(Decoder::handshake());
     let (message, _) = reader.read_frame(conn).context("no valid Hello")?;
     match message {
         Message::Hello { role, params } => Ok((role, params, reader)),
-        other => {
-            let text = format!("expected Hello, got {:?}", other.kind());
-            send_error(conn, ErrorCode::Protocol, &text);
-            bail!(text)
+        other => Err(Refusal {
+            code: ErrorCode::Protocol,
+            text: format!("expected Hello, got {:?}", other.kind()),
         }
+        .into()),
     }
 }
 
@@ -178,20 +190,19 @@ fn authenticate(
     let server_nonce = auth::nonce();
     write_frame(conn, &Message::Challenge(server_nonce), &[])?;
     let (message, _) = reader.read_frame(conn).context("no authentication proof")?;
+    let refuse = |text: String| Refusal {
+        code: ErrorCode::AuthFailed,
+        text,
+    };
     let Message::Proof { nonce, mac } = message else {
-        send_error(
-            conn,
-            ErrorCode::AuthFailed,
-            "expected an authentication proof",
-        );
-        bail!(
+        let text = format!(
             "authentication failed: expected Proof, got {:?}",
             message.kind()
         );
+        return Err(refuse(text).into());
     };
     if !psk.verify(Side::Client, &server_nonce, &nonce, role, theirs, &mac) {
-        send_error(conn, ErrorCode::AuthFailed, "authentication failed");
-        bail!("authentication failed: wrong key");
+        return Err(refuse("authentication failed: wrong key".into()).into());
     }
     let ours = psk.mac(Side::Server, &server_nonce, &nonce, role, theirs);
     write_frame(conn, &Message::AuthOk(ours), &[])?;
