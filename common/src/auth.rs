@@ -4,14 +4,17 @@
 //!  client                                   server
 //!  Hello{role, params} ───────────────────►
 //!                      ◄─────────────────── Challenge{server_nonce}
-//!  Proof{client_nonce, mac_c} ────────────►   mac_c = HMAC(key, "pagemig client" ‖ sn ‖ cn ‖ params)
+//!  Proof{client_nonce, mac_c} ────────────►   mac_c = HMAC(key, "pagemig client" ‖ T)
 //!                      ◄─────────────────── AuthOk{mac_s}   (or Error{AuthFailed}, close)
-//!                      ◄─────────────────── Welcome           mac_s = HMAC(key, "pagemig server" ‖ sn ‖ cn ‖ params)
+//!                      ◄─────────────────── Welcome | Error   mac_s = HMAC(key, "pagemig server" ‖ T ‖ answer)
+//!  T = sn ‖ cn ‖ role ‖ Hello params (version, page size, pages, session id, pinned image id)
 //! ```
 //!
 //! Fresh nonces on both sides make every proof single-use; binding the session parameters
-//! stops a proof for one guest being replayed for another. MACs are compared in constant
-//! time.
+//! stops a proof for one guest being replayed for another, and binding the server's answer
+//! (the `Welcome` with its session and image ids, or the refusal's code) lets the client trust
+//! what follows `AuthOk`: a refusal from a stranger on the port is recognisable as such.
+//! MACs are compared in constant time.
 
 use std::path::Path;
 
@@ -19,7 +22,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use thiserror::Error;
 
-use crate::wire::{AUTH_BYTES, Role, SessionParams};
+use crate::wire::{AUTH_BYTES, ErrorCode, Role, SessionParams};
 
 /// Shortest key accepted.
 pub const MIN_KEY_BYTES: usize = 16;
@@ -56,13 +59,28 @@ impl std::fmt::Debug for Psk {
     }
 }
 
-/// Which side computes a MAC.
+/// What both MACs of one connection's handshake cover: both nonces, the role and the
+/// client's `Hello` parameters (protocol, layout, the session it resumes, the image it pinned).
 #[derive(Debug, Clone, Copy)]
-pub enum Side {
-    /// The destination (faultd).
-    Client,
-    /// The source (pagesrv).
-    Server,
+pub struct Transcript {
+    /// The server's nonce (`Challenge`).
+    pub server_nonce: [u8; AUTH_BYTES],
+    /// The client's nonce (`Proof`).
+    pub client_nonce: [u8; AUTH_BYTES],
+    /// Urgent or bulk.
+    pub role: Role,
+    /// The client's `Hello`.
+    pub hello: SessionParams,
+}
+
+/// The server's answer to an authenticated client, bound into the server's MAC: a client can
+/// trust the `Welcome` (session id, image id) or the refusal that follows `AuthOk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The `Welcome` that follows.
+    Welcome(SessionParams),
+    /// The `Error` code that follows.
+    Refuse(ErrorCode),
 }
 
 impl Psk {
@@ -91,58 +109,65 @@ impl Psk {
         Psk(key.to_vec())
     }
 
-    /// The MAC `side` sends for these nonces and parameters.
-    pub fn mac(
-        &self,
-        side: Side,
-        server_nonce: &[u8; AUTH_BYTES],
-        client_nonce: &[u8; AUTH_BYTES],
-        role: Role,
-        params: &SessionParams,
-    ) -> [u8; AUTH_BYTES] {
-        let mut mac = self.keyed();
-        feed(&mut mac, side, server_nonce, client_nonce, role, params);
+    /// The client's proof: `HMAC(key, "pagemig client" ‖ transcript)`.
+    pub fn client_mac(&self, t: &Transcript) -> [u8; AUTH_BYTES] {
+        let mut mac = self.keyed(b"pagemig client", t);
+        mac.update(&[0]);
         mac.finalize().into_bytes().into()
     }
 
-    /// Checks a MAC `side` sent, in constant time.
-    pub fn verify(
-        &self,
-        side: Side,
-        server_nonce: &[u8; AUTH_BYTES],
-        client_nonce: &[u8; AUTH_BYTES],
-        role: Role,
-        params: &SessionParams,
-        tag: &[u8; AUTH_BYTES],
-    ) -> bool {
-        let mut mac = self.keyed();
-        feed(&mut mac, side, server_nonce, client_nonce, role, params);
+    /// Checks a client's proof in constant time.
+    pub fn verify_client(&self, t: &Transcript, tag: &[u8; AUTH_BYTES]) -> bool {
+        let mut mac = self.keyed(b"pagemig client", t);
+        mac.update(&[0]);
         mac.verify_slice(tag).is_ok()
     }
 
-    fn keyed(&self) -> Hmac<Sha256> {
-        Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC accepts keys of any length")
+    /// The server's proof: `HMAC(key, "pagemig server" ‖ transcript ‖ answer)`.
+    pub fn server_mac(&self, t: &Transcript, answer: &Answer) -> [u8; AUTH_BYTES] {
+        let mut mac = self.keyed(b"pagemig server", t);
+        feed_answer(&mut mac, answer);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Checks a server's proof (over the answer that followed it) in constant time.
+    pub fn verify_server(&self, t: &Transcript, answer: &Answer, tag: &[u8; AUTH_BYTES]) -> bool {
+        let mut mac = self.keyed(b"pagemig server", t);
+        feed_answer(&mut mac, answer);
+        mac.verify_slice(tag).is_ok()
+    }
+
+    fn keyed(&self, label: &[u8], t: &Transcript) -> Hmac<Sha256> {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC accepts keys of any length");
+        mac.update(label);
+        mac.update(&t.server_nonce);
+        mac.update(&t.client_nonce);
+        mac.update(&[t.role as u8]);
+        feed_params(&mut mac, &t.hello);
+        mac
     }
 }
 
-fn feed(
-    mac: &mut Hmac<Sha256>,
-    side: Side,
-    server_nonce: &[u8; AUTH_BYTES],
-    client_nonce: &[u8; AUTH_BYTES],
-    role: Role,
-    params: &SessionParams,
-) {
-    mac.update(match side {
-        Side::Client => b"pagemig client",
-        Side::Server => b"pagemig server",
-    });
-    mac.update(server_nonce);
-    mac.update(client_nonce);
-    mac.update(&[role as u8]);
+fn feed_params(mac: &mut Hmac<Sha256>, params: &SessionParams) {
     mac.update(&params.version.to_le_bytes());
     mac.update(&params.page_size.to_le_bytes());
     mac.update(&params.total_pages.to_le_bytes());
+    mac.update(&params.session_id.to_le_bytes());
+    mac.update(&params.image_id.to_le_bytes());
+}
+
+fn feed_answer(mac: &mut Hmac<Sha256>, answer: &Answer) {
+    match answer {
+        Answer::Welcome(params) => {
+            mac.update(&[1]);
+            feed_params(mac, params);
+        }
+        Answer::Refuse(code) => {
+            mac.update(&[2]);
+            mac.update(&(*code as u32).to_le_bytes());
+        }
+    }
 }
 
 /// A fresh random nonce.
@@ -154,31 +179,85 @@ pub fn nonce() -> [u8; AUTH_BYTES] {
 mod tests {
     use super::*;
 
-    fn params() -> SessionParams {
-        SessionParams {
-            version: 1,
-            page_size: 4096,
-            total_pages: 10,
-            session_id: 0,
+    fn transcript() -> Transcript {
+        Transcript {
+            server_nonce: nonce(),
+            client_nonce: nonce(),
+            role: Role::Urgent,
+            hello: SessionParams {
+                version: 2,
+                page_size: 4096,
+                total_pages: 10,
+                session_id: 0,
+                image_id: 0,
+            },
         }
     }
 
     #[test]
     fn test_macs_bind_key_side_nonces_and_params() {
         let key = Psk::from_bytes(b"0123456789abcdef");
-        let (sn, cn) = (nonce(), nonce());
-        let tag = key.mac(Side::Client, &sn, &cn, Role::Urgent, &params());
-        assert!(key.verify(Side::Client, &sn, &cn, Role::Urgent, &params(), &tag));
-        assert!(!key.verify(Side::Server, &sn, &cn, Role::Urgent, &params(), &tag));
-        assert!(!key.verify(Side::Client, &cn, &sn, Role::Urgent, &params(), &tag));
-        assert!(!key.verify(Side::Client, &sn, &cn, Role::Bulk, &params(), &tag));
-        let other = SessionParams {
-            total_pages: 11,
-            ..params()
+        let t = transcript();
+        let tag = key.client_mac(&t);
+        assert!(key.verify_client(&t, &tag));
+        let welcome = Answer::Welcome(t.hello);
+        assert!(!key.verify_server(&t, &welcome, &tag), "sides differ");
+        let swapped = Transcript {
+            server_nonce: t.client_nonce,
+            client_nonce: t.server_nonce,
+            ..t
         };
-        assert!(!key.verify(Side::Client, &sn, &cn, Role::Urgent, &other, &tag));
+        assert!(!key.verify_client(&swapped, &tag));
+        let bulk = Transcript {
+            role: Role::Bulk,
+            ..t
+        };
+        assert!(!key.verify_client(&bulk, &tag));
+        for hello in [
+            SessionParams {
+                total_pages: 11,
+                ..t.hello
+            },
+            SessionParams {
+                session_id: 5,
+                ..t.hello
+            },
+            SessionParams {
+                image_id: 9,
+                ..t.hello
+            },
+        ] {
+            assert!(!key.verify_client(&Transcript { hello, ..t }, &tag));
+        }
         let wrong = Psk::from_bytes(b"0123456789abcdeX");
-        assert!(!wrong.verify(Side::Client, &sn, &cn, Role::Urgent, &params(), &tag));
+        assert!(!wrong.verify_client(&t, &tag));
+    }
+
+    #[test]
+    fn test_server_mac_binds_its_answer() {
+        let key = Psk::from_bytes(b"0123456789abcdef");
+        let t = transcript();
+        let ours = SessionParams {
+            session_id: 77,
+            image_id: 0xABCD,
+            ..t.hello
+        };
+        let tag = key.server_mac(&t, &Answer::Welcome(ours));
+        assert!(key.verify_server(&t, &Answer::Welcome(ours), &tag));
+        let other_image = SessionParams {
+            image_id: 0xABCE,
+            ..ours
+        };
+        assert!(!key.verify_server(&t, &Answer::Welcome(other_image), &tag));
+        let other_session = SessionParams {
+            session_id: 78,
+            ..ours
+        };
+        assert!(!key.verify_server(&t, &Answer::Welcome(other_session), &tag));
+        assert!(!key.verify_server(&t, &Answer::Refuse(ErrorCode::Busy), &tag));
+        let refusal = key.server_mac(&t, &Answer::Refuse(ErrorCode::ImageMismatch));
+        assert!(key.verify_server(&t, &Answer::Refuse(ErrorCode::ImageMismatch), &refusal));
+        assert!(!key.verify_server(&t, &Answer::Refuse(ErrorCode::Busy), &refusal));
     }
 
     #[test]

@@ -42,6 +42,13 @@ pub fn run_digest(first: u64, bytes: &[u8], page_size: usize) -> u64 {
         })
 }
 
+/// A non-zero 64-bit identity of some values (e.g. a memory file's device, inode, size and
+/// modification time): equal values give equal identities.
+pub fn identity(parts: &[u64]) -> u64 {
+    let bytes: Vec<u8> = parts.iter().flat_map(|p| p.to_le_bytes()).collect();
+    xxhash_rust::xxh3::xxh3_64(&bytes) | 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

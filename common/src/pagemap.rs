@@ -26,6 +26,23 @@ impl PageMap {
         }
     }
 
+    /// A map of `total_pages` clear bits, or an error instead of an abort when the memory
+    /// cannot be had (the size comes from a peer).
+    ///
+    /// # Errors
+    /// The allocation failed.
+    pub fn try_new(total_pages: u64) -> Result<Self, std::collections::TryReserveError> {
+        let n_words = usize::try_from(total_pages.div_ceil(64)).unwrap_or(usize::MAX);
+        let mut words = Vec::new();
+        words.try_reserve_exact(n_words)?;
+        words.extend((0..n_words).map(|_| AtomicU64::new(0)));
+        Ok(PageMap {
+            words: words.into_boxed_slice(),
+            total_pages,
+            set_pages: AtomicU64::new(0),
+        })
+    }
+
     /// Pages covered by the map.
     pub fn total_pages(&self) -> u64 {
         self.total_pages
@@ -140,6 +157,26 @@ impl PageMap {
         out
     }
 
+    /// Sets the bits of the pages a bitmap (as [`PageMap::bitmap`] makes it) names, for pages
+    /// `first..first+count`; returns how many this call set.
+    pub fn set_from_bitmap(&self, first: u64, count: u64, bitmap: &[u8]) -> u64 {
+        let count = count.min(bitmap.len() as u64 * 8);
+        let mut newly = 0;
+        let mut run_start = None;
+        for i in 0..=count {
+            let set = i < count && bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0;
+            match (set, run_start) {
+                (true, None) => run_start = Some(i),
+                (false, Some(start)) => {
+                    newly += self.set_range(first + start, i - start);
+                    run_start = None;
+                }
+                _ => {}
+            }
+        }
+        newly
+    }
+
     /// Runs of clear pages within `first..first+count`, as `(first, pages)`.
     pub fn clear_runs(&self, first: u64, count: u64) -> Vec<(u64, u64)> {
         let end = first.saturating_add(count).min(self.total_pages);
@@ -217,6 +254,12 @@ mod tests {
             let bits = m.bitmap(probe, total);
             for (i, p) in (probe..total).enumerate() {
                 prop_assert_eq!(bits[i / 8] & (1 << (i % 8)) != 0, model.contains(&p));
+            }
+            let copy = PageMap::try_new(total).unwrap();
+            let ones: u64 = bits.iter().map(|b| u64::from(b.count_ones())).sum();
+            prop_assert_eq!(copy.set_from_bitmap(probe, total, &bits), ones);
+            for p in probe..total {
+                prop_assert_eq!(copy.is_set(p), model.contains(&p));
             }
             let runs = m.clear_runs(0, total);
             let from_runs: BTreeSet<u64> = runs.iter().flat_map(|&(f, n)| f..f + n).collect();

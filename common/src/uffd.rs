@@ -140,18 +140,21 @@ pub enum Event {
 }
 
 /// What a placement achieved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
     /// Every page of the range is present now (placed here or already there).
     Done {
-        /// Pages that were already present (`EEXIST`).
-        existing_pages: u64,
+        /// Byte offsets (from the start of the range) of the pages that were already present
+        /// (`EEXIST`): another placement won the race, and its bytes are the ones that landed.
+        existing: Vec<u64>,
     },
     /// The mapping is changing: pages before `placed_bytes` are present; read the pending
     /// events, then retry the rest.
     Again {
         /// Bytes at the start of the range that are present.
         placed_bytes: u64,
+        /// As for `Done`, within the first `placed_bytes`.
+        existing: Vec<u64>,
     },
 }
 
@@ -403,7 +406,7 @@ impl Uffd {
         mut ioctl: impl FnMut(u64, u64) -> (libc::c_int, i64),
     ) -> Result<Placement, UffdError> {
         let mut at = 0;
-        let mut existing_pages = 0;
+        let mut existing = Vec::new();
         while at < len {
             let (rc, result) = ioctl(at, len - at);
             if rc == 0 {
@@ -417,14 +420,19 @@ impl Uffd {
             match e.raw_os_error() {
                 Some(libc::EEXIST) => {
                     self.wake(dst + at, page_size)?;
-                    existing_pages += 1;
+                    existing.push(at);
                     at += page_size;
                 }
-                Some(libc::EAGAIN) => return Ok(Placement::Again { placed_bytes: at }),
+                Some(libc::EAGAIN) => {
+                    return Ok(Placement::Again {
+                        placed_bytes: at,
+                        existing,
+                    });
+                }
                 _ => return Err(classify(op, dst + at, len - at, e)),
             }
         }
-        Ok(Placement::Done { existing_pages })
+        Ok(Placement::Done { existing })
     }
 }
 
@@ -527,7 +535,7 @@ mod tests {
         let src = vec![7u8; 2 * page as usize];
         assert_eq!(
             uffd.copy(base + page, &src[..page as usize], page).unwrap(),
-            Placement::Done { existing_pages: 0 }
+            Placement::Done { existing: vec![] }
         );
         // Pages 0..2: page 1 exists already, so the copy stops there and goes on after it.
         assert_eq!(
@@ -537,11 +545,13 @@ mod tests {
                 page
             )
             .unwrap(),
-            Placement::Done { existing_pages: 1 }
+            Placement::Done {
+                existing: vec![page]
+            }
         );
         assert_eq!(
             uffd.zeropage(base + 3 * page, 5 * page, page).unwrap(),
-            Placement::Done { existing_pages: 0 }
+            Placement::Done { existing: vec![] }
         );
         let bytes = map.as_slice();
         assert!(bytes[..3 * page as usize].iter().all(|&b| b == 7));

@@ -1,10 +1,18 @@
-//! The main loop: one mio poll over the uffd, the urgent connection, the VMM's socket and a
-//! waker for the helper threads (bulk, reconnect), until every page is present; then the
-//! orderly finish (unregister, digest check, goodbye).
+//! The fault thread's loop: one mio poll over the uffd, the urgent connection, the VMM's
+//! socket and a waker for the helper threads (connector, bulk), ticking for heartbeats, the
+//! link timeout and deferred work; until every page is present and the source has the
+//! verdict.
 //!
-//! A lost link is not fatal: faults keep being read and recorded while the connector gets a
-//! new one (see `link.rs`); only the VMM going away, a uffd failure, or a fatal refusal by
-//! pagesrv ends the migration early.
+//! ```text
+//!  Migrating ──every page present: unregister──► Verifying ──Digests──► Closing ──EOF──► end
+//!   (faults, replies, pushes)        (DigestQuery on each new link)   (Goodbye, or Error
+//!                                                                      VerifyFailed)
+//! ```
+//!
+//! A lost or silent link is not fatal in any stage: the connector gets a new one while the
+//! loop goes on reading faults. Only the VMM going away, a uffd failure, a placement the
+//! kernel refuses, a final refusal by pagesrv or `--reconnect-timeout` end the migration
+//! early; pagesrv is then told (`Error{DestinationFailed}`) so the source keeps the VM.
 
 use std::io::{ErrorKind, Read, Write};
 use std::ops::Range;
@@ -13,349 +21,546 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use common::framed::{ReadError, write_frame};
-use common::wire::Message;
+use common::wire::phase::Phase;
+use common::wire::{ErrorCode, Message, RANGE_FRAME_BYTES, encode};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::{debug, error, info, warn};
 
-use crate::fault::FaultPath;
-use crate::link::{Link, LinkEvent, Links, Reconnect};
-use crate::stats::{DigestCheck, Stats};
-use crate::upstream::Upstream;
-use crate::vm::{DIGEST_CHUNK_PAGES, Vm};
+use crate::core::fault::FaultCore;
+use crate::core::kernel::UffdKernel;
+use crate::core::vm::{Counters, DIGEST_CHUNK_PAGES, Vm};
+use crate::stats::Stats;
+use crate::upstream::link::{Link, LinkConfig, LinkEvent, Links};
 
 const UFFD: Token = Token(0);
 const URGENT: Token = Token(1);
 const VMM: Token = Token(2);
 const LINK_EVENT: Token = Token(3);
 
-/// How long pagesrv may take to answer the digest query at the end.
-const DIGEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How soon work deferred by EAGAIN is retried when no event arrives.
+const DEFERRED_RETRY: Duration = Duration::from_millis(1);
 
-/// Runs the migration of `vm` to completion.
+/// The end-to-end check of every page against the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every page that arrived matches the source.
+    Verified,
+    /// These page ranges differ from the source.
+    Mismatch(Vec<Range<u64>>),
+    /// Not checked (`--no-verify`).
+    NotVerified,
+}
+
+/// How a migration ended (without a fatal error).
+pub struct Report {
+    /// The stats JSON.
+    pub stats: Stats,
+    /// The check against the source.
+    pub verdict: Verdict,
+}
+
+/// Runs the migration of `vm` to its end.
 ///
 /// # Errors
-/// The VMM going away, a uffd failure, or pagesrv refusing for good; each with its context.
+/// The VMM going away, a uffd or placement failure, pagesrv refusing for good, or the
+/// reconnect timeout; each with its context.
 pub fn run(
-    vm: &Vm,
-    first: Upstream,
-    reconnect: &Reconnect,
+    vm: &Vm<UffdKernel>,
+    config: &LinkConfig,
+    verify: bool,
     vmm: UnixStream,
     started: Instant,
-) -> Result<Stats> {
+) -> Result<Report> {
     let mut poll = Poll::new().context("failed to create the poll")?;
     let waker = Waker::new(poll.registry(), LINK_EVENT).context("failed to create a waker")?;
     std::thread::scope(|s| {
-        let mut links = Links::new(s, vm, waker, reconnect);
-        let result = serve(vm, &mut poll, &mut links, first, &vmm);
-        links.stop_connector();
-        let (mut fault_path, check) = result?;
-        fault_path.resolve_all();
-        Ok(Stats::collect(
+        let mut fl = FaultLoop {
             vm,
-            fault_path.faults,
-            &fault_path.latencies,
-            started.elapsed(),
-            &check,
-            links.cuts,
-        ))
+            links: Links::new(s, vm, waker, config),
+            core: FaultCore::new(vm),
+            link: None,
+            stage: Stage::Migrating,
+            config,
+            verify,
+            vmm: &vmm,
+            vmm_watched: true,
+            completed_in: None,
+            started,
+        };
+        let result = fl.run(&mut poll);
+        fl.links.stop_connector();
+        if let Err(e) = &result {
+            fl.tell_source_we_failed(e);
+        }
+        if let Some(link) = fl.link.take() {
+            fl.links.close(link, poll.registry());
+        }
+        let verdict = result?;
+        fl.core.resolve_all();
+        let duration = fl.completed_in.unwrap_or_else(|| started.elapsed());
+        let stats = Stats::collect(
+            vm,
+            fl.core.faults,
+            &fl.core.latencies,
+            duration,
+            &verdict,
+            fl.links.cuts,
+        );
+        Ok(Report { stats, verdict })
     })
 }
 
-fn serve<'s, 'e>(
-    vm: &'e Vm,
-    poll: &mut Poll,
-    links: &mut Links<'s, 'e>,
-    first: Upstream,
-    vmm: &UnixStream,
-) -> Result<(FaultPath<'e>, DigestCheck)> {
-    if let Err(e) = common::sched::realtime_priority() {
-        debug!(error = %e, "fault thread runs at normal priority");
-    }
-    vmm.set_nonblocking(true)?;
-    let uffd_fd = vm.uffd.as_fd().as_raw_fd();
-    let vmm_fd = vmm.as_raw_fd();
-    poll.registry()
-        .register(&mut SourceFd(&uffd_fd), UFFD, Interest::READABLE)?;
-    poll.registry()
-        .register(&mut SourceFd(&vmm_fd), VMM, Interest::READABLE)?;
-    let mut fault_path = FaultPath::new(vm);
-    // Faults may be queued from before we started polling (the VMM faults during restore).
-    fault_path
-        .drain_events()
-        .context("failed to serve faults")?;
-    let requests = fault_path.requests_in_flight();
-    let mut link = Some(links.open(first, &requests, poll.registry(), URGENT)?);
-    let mut events = Events::with_capacity(16);
-    let mut writable_armed = false;
-    while !vm.done.is_full() {
-        if let Some(l) = link.as_mut() {
-            match flush_outbox(&mut l.urgent, &mut fault_path.outbox) {
-                Ok(()) => {
-                    let want = !fault_path.outbox.is_empty();
-                    if want != writable_armed {
-                        let interest = if want {
-                            Interest::READABLE | Interest::WRITABLE
-                        } else {
-                            Interest::READABLE
-                        };
-                        poll.registry()
-                            .reregister(&mut l.urgent, URGENT, interest)?;
-                        writable_armed = want;
+enum Stage {
+    /// Pages still missing.
+    Migrating,
+    /// Every page is present; the source's digests are asked for on each new link.
+    Verifying {
+        /// The link generation the query went out on.
+        asked_on: Option<u64>,
+    },
+    /// The verdict is queued; waiting for it to be written and the source to close.
+    Closing {
+        verdict: Verdict,
+        /// Give up waiting for the source to close after this.
+        until: Instant,
+    },
+    /// The source has the verdict.
+    Done(Verdict),
+}
+
+struct FaultLoop<'s, 'e> {
+    vm: &'e Vm<UffdKernel>,
+    links: Links<'s, 'e, UffdKernel>,
+    core: FaultCore<'e, UffdKernel>,
+    link: Option<Link>,
+    stage: Stage,
+    config: &'e LinkConfig,
+    verify: bool,
+    vmm: &'e UnixStream,
+    vmm_watched: bool,
+    completed_in: Option<Duration>,
+    started: Instant,
+}
+
+impl FaultLoop<'_, '_> {
+    fn run(&mut self, poll: &mut Poll) -> Result<Verdict> {
+        if let Err(e) = common::sched::realtime_priority() {
+            debug!(error = %e, "fault thread runs at normal priority");
+        }
+        self.vmm.set_nonblocking(true)?;
+        let uffd_fd = self.vm.kernel.uffd().as_fd().as_raw_fd();
+        let vmm_fd = self.vmm.as_raw_fd();
+        poll.registry()
+            .register(&mut SourceFd(&uffd_fd), UFFD, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut SourceFd(&vmm_fd), VMM, Interest::READABLE)?;
+        // Faults may be queued from before we started polling (the VMM faults during restore).
+        self.core.drain_events().context("failed to serve faults")?;
+        self.links.start_connector();
+        let mut events = Events::with_capacity(16);
+        loop {
+            self.advance_stage()?;
+            if let Stage::Done(verdict) = &self.stage {
+                return Ok(verdict.clone());
+            }
+            self.flush(poll);
+            let timeout = if self.core.has_deferred() {
+                DEFERRED_RETRY
+            } else {
+                self.config.liveness.heartbeat / 2
+            };
+            match poll.poll(&mut events, Some(timeout)) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                other => other.context("poll failed")?,
+            }
+            let mut drained = false;
+            for event in &events {
+                match event.token() {
+                    UFFD => {
+                        self.on_uffd()?;
+                        drained = true;
                     }
+                    URGENT => self.on_urgent(poll)?,
+                    VMM => self.on_vmm(poll)?,
+                    LINK_EVENT => self.on_link_events(poll)?,
+                    _ => {}
                 }
+            }
+            if !drained && self.core.has_deferred() {
+                self.on_uffd()?;
+            }
+            self.check_liveness(poll);
+        }
+    }
+
+    fn migrating(&self) -> bool {
+        matches!(self.stage, Stage::Migrating)
+    }
+
+    fn on_uffd(&mut self) -> Result<()> {
+        if self.migrating() {
+            self.core.drain_events().context("failed to serve faults")
+        } else {
+            // Unregistered: only events that raced with it remain, and a REMOVE among them
+            // blocks the VMM's madvise until read.
+            let mut sink = Vec::new();
+            self.vm
+                .kernel
+                .uffd()
+                .read_events(&mut sink)
+                .context("failed to read the last events")?;
+            Ok(())
+        }
+    }
+
+    /// Moves the stages on: completion, asking for digests on a new link, the end.
+    fn advance_stage(&mut self) -> Result<()> {
+        if self.migrating() && self.vm.is_complete() {
+            self.complete();
+        }
+        let generation = self.link.as_ref().map(|l| l.generation);
+        match &mut self.stage {
+            Stage::Verifying { asked_on } if generation.is_some() && *asked_on != generation => {
+                let link = self.link.as_mut().expect("checked above");
+                if self.verify {
+                    let query = Message::DigestQuery {
+                        chunk_pages: DIGEST_CHUNK_PAGES,
+                    };
+                    link.phase.send(query.kind())?;
+                    encode(&query, 0, &mut self.core.outbox);
+                    *asked_on = generation;
+                } else {
+                    encode(&Message::Goodbye, 0, &mut self.core.outbox);
+                    self.stage = Stage::Closing {
+                        verdict: Verdict::NotVerified,
+                        until: Instant::now() + self.config.liveness.timeout,
+                    };
+                }
+            }
+            Stage::Closing { verdict, until } if Instant::now() >= *until => {
+                warn!("pagesrv did not close the session after the verdict; ending anyway");
+                self.stage = Stage::Done(verdict.clone());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Every page is present: unregister the VMM's ranges (it runs free of us from here) and
+    /// move on to verification.
+    fn complete(&mut self) {
+        self.completed_in = Some(self.started.elapsed());
+        for region in self.vm.kernel.layout().regions() {
+            if let Err(e) = self
+                .vm
+                .kernel
+                .uffd()
+                .unregister(region.host_base.0, region.size_bytes)
+            {
+                warn!(error = %e, "failed to unregister a region after completion");
+            }
+        }
+        self.core.resolve_all();
+        info!(
+            ms = self.started.elapsed().as_millis() as u64,
+            "every page is present; the guest no longer depends on faultd"
+        );
+        self.stage = Stage::Verifying { asked_on: None };
+    }
+
+    /// Writes what the outbox holds without blocking; arms WRITABLE for the rest.
+    fn flush(&mut self, poll: &Poll) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let outbox = &mut self.core.outbox;
+        let mut sent = 0;
+        let mut failure = None;
+        while sent < outbox.len() {
+            match link.urgent.write(&outbox[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    let l = link.take().expect("link is up");
-                    links.cut(
-                        l,
-                        poll.registry(),
-                        &anyhow!(e).context("failed to send requests"),
-                    );
-                    writable_armed = false;
+                    failure = Some(e);
+                    break;
                 }
             }
         }
-        match poll.poll(&mut events, None) {
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            other => other.context("poll failed")?,
+        if sent > 0 {
+            link.last_tx = Instant::now();
         }
-        for event in &events {
-            match event.token() {
-                UFFD => fault_path
-                    .drain_events()
-                    .context("failed to serve faults")?,
-                URGENT => {
-                    let Some(l) = link.as_mut() else { continue };
-                    match serve_replies(l, &mut fault_path) {
+        outbox.drain(..sent);
+        if let Some(e) = failure {
+            self.cut(poll, anyhow!(e).context("failed to send to pagesrv"));
+            return;
+        }
+        let want = !outbox.is_empty();
+        if want != link.writable_armed {
+            let interest = if want {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if let Err(e) = poll
+                .registry()
+                .reregister(&mut link.urgent, URGENT, interest)
+            {
+                self.cut(
+                    poll,
+                    anyhow!(e).context("failed to re-arm the urgent socket"),
+                );
+                return;
+            }
+            link.writable_armed = want;
+        }
+    }
+
+    /// Heartbeats on an idle link, and the link timeout.
+    fn check_liveness(&mut self, poll: &Poll) {
+        let liveness = self.config.liveness;
+        let Some(link) = self.link.as_ref() else {
+            return;
+        };
+        if link.last_rx.elapsed() > liveness.timeout {
+            let silent = link.last_rx.elapsed();
+            if matches!(self.stage, Stage::Closing { .. }) && self.core.outbox.is_empty() {
+                self.finish_closing("the source went silent after the verdict");
+                return;
+            }
+            self.cut(
+                poll,
+                anyhow!(
+                    "no frame from pagesrv for {:.1} s (--link-timeout)",
+                    silent.as_secs_f64()
+                ),
+            );
+            return;
+        }
+        if link.last_tx.elapsed() >= liveness.heartbeat && self.core.outbox.is_empty() {
+            encode(&Message::Heartbeat, 0, &mut self.core.outbox);
+        }
+    }
+
+    fn cut(&mut self, poll: &Poll, why: anyhow::Error) {
+        let Some(link) = self.link.take() else {
+            return;
+        };
+        self.core.link_down();
+        if let Stage::Closing { verdict, .. } = &self.stage {
+            if matches!(verdict, Verdict::Mismatch(_)) {
+                // The verdict is ours; the source learns it or keeps waiting, safe either way.
+                self.stage = Stage::Done(verdict.clone());
+                self.links.close(link, poll.registry());
+                return;
+            }
+            self.stage = Stage::Verifying { asked_on: None };
+        }
+        self.links.cut(link, poll.registry(), &why);
+    }
+
+    fn finish_closing(&mut self, why: &str) {
+        if let Stage::Closing { verdict, .. } = &self.stage {
+            debug!(why, "session closed");
+            self.stage = Stage::Done(verdict.clone());
+        }
+    }
+
+    fn on_urgent(&mut self, poll: &Poll) -> Result<()> {
+        loop {
+            let Some(link) = self.link.as_mut() else {
+                return Ok(());
+            };
+            match link.reader.fill(&mut link.urgent) {
+                Ok(0) => {
+                    if matches!(self.stage, Stage::Closing { .. }) && self.core.outbox.is_empty() {
+                        self.finish_closing("pagesrv closed the session");
+                    } else {
+                        self.cut(poll, anyhow!("pagesrv closed the urgent connection"));
+                    }
+                    return Ok(());
+                }
+                Ok(_) => {
+                    link.last_rx = Instant::now();
+                    match self.handle_frames() {
                         Ok(()) => {}
-                        Err(ReplyError::Fatal(e)) => {
-                            return Err(anyhow!(e).context("failed to place requested pages"));
+                        Err(FrameError::Link(e)) => {
+                            self.cut(poll, e);
+                            return Ok(());
                         }
-                        Err(ReplyError::Link(e)) => {
-                            let l = link.take().expect("link is up");
-                            links.cut(l, poll.registry(), &e);
-                            writable_armed = false;
-                        }
+                        Err(FrameError::Fatal(e)) => return Err(e),
                     }
                 }
-                VMM => check_vmm(vmm)?,
-                LINK_EVENT => {
-                    while let Ok(ev) = links.events.try_recv() {
-                        let before = link.as_ref().map(|l| l.generation);
-                        handle_link_event(vm, poll, links, &mut link, &mut fault_path, ev)?;
-                        // A new (or no) urgent socket starts registered for reading only.
-                        if link.as_ref().map(|l| l.generation) != before {
-                            writable_armed = false;
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    let check = finish(vm, poll, links, link, &mut fault_path)?;
-    Ok((fault_path, check))
-}
-
-fn handle_link_event<'s, 'e>(
-    vm: &Vm,
-    poll: &mut Poll,
-    links: &mut Links<'s, 'e>,
-    link: &mut Option<Link<'s>>,
-    fault_path: &mut FaultPath<'e>,
-    event: LinkEvent,
-) -> Result<()> {
-    match event {
-        LinkEvent::BulkEnded { generation, result } => {
-            let current = link.as_ref().is_some_and(|l| l.generation == generation);
-            match result {
-                Ok(()) => info!(generation, "background push complete"),
-                Err(e) if !e.is_link_failure() => {
-                    return Err(anyhow!(e).context("failed to place pushed pages"));
-                }
-                Err(e) if current && !vm.done.is_full() => {
-                    let l = link.take().expect("current link");
-                    links.cut(l, poll.registry(), &anyhow!(e));
-                }
-                Err(_) => {}
-            }
-        }
-        LinkEvent::Connected(Ok(up)) => {
-            let requests = fault_path.requests_in_flight();
-            match links.open(up, &requests, poll.registry(), URGENT) {
-                Ok(l) => {
-                    info!(
-                        generation = l.generation,
-                        in_flight = requests.len() / common::wire::RANGE_FRAME_BYTES,
-                        "link to pagesrv resumed"
-                    );
-                    *link = Some(l);
-                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    warn!(error = %format!("{e:#}"), "the new link failed at once; reconnecting");
-                    links.restart_connector();
+                    self.cut(poll, anyhow!(e).context("failed to read from pagesrv"));
+                    return Ok(());
                 }
             }
         }
-        LinkEvent::Connected(Err(e)) => return Err(e),
     }
-    Ok(())
-}
 
-enum ReplyError {
-    /// The link failed: reconnect.
-    Link(anyhow::Error),
-    /// Placing pages failed: the migration cannot go on.
-    Fatal(crate::fault::FaultError),
-}
-
-/// Reads the urgent connection until it would block, placing each batch of replies as it
-/// arrives (so the buffer never holds more than one frame in progress).
-fn serve_replies(link: &mut Link<'_>, fault_path: &mut FaultPath<'_>) -> Result<(), ReplyError> {
-    loop {
-        match link.reader.fill(&mut link.urgent) {
-            Ok(0) => {
-                let closed = ReadError::Closed {
-                    mid_frame: link.reader.has_partial(),
-                };
-                return Err(ReplyError::Link(
-                    anyhow!(closed).context("pagesrv closed the urgent connection"),
-                ));
+    /// Handles every whole frame buffered on the urgent connection.
+    fn handle_frames(&mut self) -> Result<(), FrameError> {
+        let link = self.link.as_mut().expect("called with a link");
+        while let Some((message, payload)) = link
+            .reader
+            .next_buffered()
+            .map_err(|e| FrameError::Link(anyhow!(e).context("pagesrv sent a bad frame")))?
+        {
+            link.phase
+                .receive(message.kind())
+                .map_err(|e| FrameError::Link(anyhow!(e).context("pagesrv broke the protocol")))?;
+            match message {
+                Message::PageRun(range) | Message::ZeroRun(range) => {
+                    let data = matches!(message, Message::PageRun(_))
+                        .then(|| link.reader.payload(payload.clone()));
+                    let frame_bytes = RANGE_FRAME_BYTES + data.map_or(0, <[u8]>::len);
+                    Counters::add(&self.vm.counters.bytes_received, frame_bytes as u64);
+                    if matches!(self.stage, Stage::Migrating) {
+                        self.core.on_reply(range, data).map_err(|e| {
+                            FrameError::Fatal(anyhow!(e).context("failed to place requested pages"))
+                        })?;
+                    }
+                }
+                Message::Heartbeat => {}
+                Message::Digests { .. } => {
+                    let theirs = link.reader.payload(payload).to_vec();
+                    let verdict = compare_digests(self.vm, &theirs);
+                    let reply = match &verdict {
+                        Verdict::Mismatch(ranges) => Message::Error {
+                            code: ErrorCode::VerifyFailed,
+                            text: format!(
+                                "the destination's pages differ from the source in page ranges {ranges:?}"
+                            ),
+                        },
+                        _ => Message::Goodbye,
+                    };
+                    encode(&reply, 0, &mut self.core.outbox);
+                    self.stage = Stage::Closing {
+                        verdict,
+                        until: Instant::now() + self.config.liveness.timeout,
+                    };
+                }
+                Message::Error { code, text } => {
+                    return Err(FrameError::Link(anyhow!(
+                        "pagesrv reported {code:?}: {text}"
+                    )));
+                }
+                other => {
+                    return Err(FrameError::Link(anyhow!(
+                        "unexpected {:?} frame on the urgent connection",
+                        other.kind()
+                    )));
+                }
             }
-            Ok(_) => match fault_path.handle_replies(&mut link.reader) {
-                Ok(()) => {}
-                Err(e) if e.is_link_failure() => return Err(ReplyError::Link(anyhow!(e))),
-                Err(e) => return Err(ReplyError::Fatal(e)),
+        }
+        Ok(())
+    }
+
+    fn on_vmm(&mut self, poll: &Poll) -> Result<()> {
+        if !self.vmm_watched {
+            return Ok(());
+        }
+        let mut buf = [0u8; 256];
+        loop {
+            match (&*self.vmm).read(&mut buf) {
+                Ok(0) if self.migrating() => {
+                    bail!("the VMM closed its socket before the migration completed")
+                }
+                Ok(0) => {
+                    // The guest no longer needs us; the verdict still goes to the source.
+                    let fd = self.vmm.as_raw_fd();
+                    let _ = poll.registry().deregister(&mut SourceFd(&fd));
+                    self.vmm_watched = false;
+                    return Ok(());
+                }
+                Ok(n) => warn!(bytes = n, "ignoring unexpected bytes from the VMM"),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("the VMM's socket failed"),
+            }
+        }
+    }
+
+    fn on_link_events(&mut self, poll: &Poll) -> Result<()> {
+        while let Ok(event) = self.links.events.try_recv() {
+            match event {
+                LinkEvent::BulkEnded { generation, result } => {
+                    let current = self
+                        .link
+                        .as_ref()
+                        .is_some_and(|l| l.generation == generation);
+                    match result {
+                        Ok(end) => debug!(generation, ?end, "bulk thread ended"),
+                        Err(e) if !e.is_link_failure() => {
+                            return Err(anyhow!(e).context("failed to place pushed pages"));
+                        }
+                        Err(e) if current && self.migrating() => self.cut(poll, anyhow!(e)),
+                        Err(e) => debug!(generation, error = %e, "bulk thread ended"),
+                    }
+                }
+                LinkEvent::Connected(Ok(up)) => {
+                    let link = self.links.open(up, poll.registry(), URGENT)?;
+                    info!(
+                        generation = link.generation,
+                        waiting_faults = self.core.pages_in_flight(),
+                        "link to pagesrv up"
+                    );
+                    self.link = Some(link);
+                    self.core.link_up();
+                }
+                LinkEvent::Connected(Err(e)) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// After a fatal error: tell pagesrv, if it can be told at once, that this destination
+    /// failed, so the source keeps the VM.
+    fn tell_source_we_failed(&mut self, why: &anyhow::Error) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let mut frame = std::mem::take(&mut self.core.outbox);
+        encode(
+            &Message::Error {
+                code: ErrorCode::DestinationFailed,
+                text: format!("{why:#}"),
             },
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(ReplyError::Link(
-                    anyhow!(e).context("failed to read from pagesrv"),
-                ));
-            }
-        }
-    }
-}
-
-fn flush_outbox(urgent: &mut mio::net::TcpStream, outbox: &mut Vec<u8>) -> std::io::Result<()> {
-    let mut sent = 0;
-    while sent < outbox.len() {
-        match urgent.write(&outbox[sent..]) {
-            Ok(n) => sent += n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    outbox.drain(..sent);
-    Ok(())
-}
-
-/// The VMM never writes after the handshake: readable means it closed (or broke) the socket.
-fn check_vmm(vmm: &UnixStream) -> Result<()> {
-    let mut buf = [0u8; 256];
-    loop {
-        match (&*vmm).read(&mut buf) {
-            Ok(0) => bail!("the VMM closed its socket before the migration completed"),
-            Ok(n) => warn!(bytes = n, "ignoring unexpected bytes from the VMM"),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).context("the VMM's socket failed"),
-        }
-    }
-}
-
-/// Every page is present: unregister the VMM's ranges (it runs free of us from here), read
-/// any event that raced with that, check the digests against pagesrv's and say goodbye.
-fn finish<'s, 'e>(
-    vm: &Vm,
-    poll: &mut Poll,
-    links: &mut Links<'s, 'e>,
-    link: Option<Link<'s>>,
-    fault_path: &mut FaultPath<'e>,
-) -> Result<DigestCheck> {
-    for region in vm.layout.regions() {
-        if let Err(e) = vm.uffd.unregister(region.host_base.0, region.size_bytes) {
-            warn!(error = %e, "failed to unregister a region after completion");
-        }
-    }
-    // Unregistering woke every waiting thread (their pages are present, or read as zero
-    // without us); only events that raced with it remain, and a REMOVE among them blocks
-    // the VMM's madvise until read.
-    fault_path
-        .discard_events()
-        .context("failed to read the last events")?;
-    info!("every page is present");
-    links.stop_connector();
-    let Some(mut link) = link else {
-        let why = "pagesrv was unreachable at completion".to_string();
-        warn!("{why}: digests not compared");
-        return Ok(DigestCheck::Skipped(why));
-    };
-    poll.registry().deregister(&mut link.urgent)?;
-    let check = match verify_and_say_goodbye(vm, &mut link) {
-        Ok(check) => check,
-        Err(e) => {
-            warn!(error = %format!("{e:#}"), "digests not compared");
-            DigestCheck::Skipped(format!("{e:#}"))
-        }
-    };
-    links.close(link, poll.registry());
-    Ok(check)
-}
-
-/// Asks pagesrv for its per-chunk digests, compares them with what arrived, and says goodbye.
-fn verify_and_say_goodbye(vm: &Vm, link: &mut Link<'_>) -> Result<DigestCheck> {
-    let set_blocking = |link: &Link<'_>, timeout: Duration| -> std::io::Result<()> {
+            0,
+            &mut frame,
+        );
         let sock = socket2::SockRef::from(&link.urgent);
-        sock.set_nonblocking(false)?;
-        sock.set_read_timeout(Some(timeout))
-    };
-    set_blocking(link, DIGEST_TIMEOUT)?;
-    let query = Message::DigestQuery {
-        chunk_pages: DIGEST_CHUNK_PAGES,
-    };
-    write_frame(&mut link.urgent, &query, &[])?;
-    let theirs = loop {
-        let (message, payload) = link.reader.read_frame(&mut link.urgent)?;
-        match message {
-            Message::Digests { chunk_pages } if chunk_pages == DIGEST_CHUNK_PAGES => {
-                break link.reader.payload(payload).to_vec();
-            }
-            // Replies to requests sent before completion: the pages are here already.
-            Message::PageRun(_) | Message::ZeroRun(_) => continue,
-            Message::Error { code, text } => bail!("pagesrv reported {code:?}: {text}"),
-            other => bail!("unexpected {:?} frame instead of digests", other.kind()),
+        let _ = sock.set_nonblocking(false);
+        let _ = sock.set_write_timeout(Some(self.config.liveness.timeout));
+        if let Err(e) = link.urgent.write_all(&frame) {
+            debug!(error = %e, "could not tell pagesrv that this destination failed");
         }
-    };
-    let check = compare_digests(vm, &theirs);
-    write_frame(&mut link.urgent, &Message::Goodbye, &[])?;
-    // pagesrv may still be answering requests sent before the goodbye: read (and drop)
-    // until it closes, so it never writes into a closed socket and takes a completed
-    // session for a broken one.
-    set_blocking(link, Duration::from_secs(2))?;
-    let mut sink = vec![0u8; 64 << 10];
-    while matches!(link.urgent.read(&mut sink), Ok(n) if n > 0) {}
-    Ok(check)
+    }
 }
 
-fn compare_digests(vm: &Vm, theirs: &[u8]) -> DigestCheck {
-    let total = vm.layout.total_pages();
+/// Why handling frames stopped.
+enum FrameError {
+    /// The link is bad: cut it and reconnect.
+    Link(anyhow::Error),
+    /// The VM cannot be served.
+    Fatal(anyhow::Error),
+}
+
+/// Compares pagesrv's per-chunk digests with what was placed here.
+fn compare_digests(vm: &Vm<UffdKernel>, theirs: &[u8]) -> Verdict {
+    let total = vm.total_pages();
     let mut mismatched: Vec<Range<u64>> = Vec::new();
-    let mut unverified = 0;
-    for (i, ((ours, verifiable), theirs)) in vm
+    for (i, (ours, theirs)) in vm
         .chunk_digests()
         .into_iter()
         .zip(theirs.chunks_exact(8))
         .enumerate()
     {
         let theirs = u64::from_le_bytes(theirs.try_into().expect("8-byte chunks"));
-        if !verifiable {
-            unverified += 1;
-            continue;
-        }
         if ours != theirs {
             let first = i as u64 * DIGEST_CHUNK_PAGES;
             let range = first..(first + DIGEST_CHUNK_PAGES).min(total);
@@ -367,10 +572,10 @@ fn compare_digests(vm: &Vm, theirs: &[u8]) -> DigestCheck {
     }
     if mismatched.is_empty() {
         info!(
-            unverified_chunks = unverified,
+            unverified_pages = vm.skipped.set_pages(),
             "digests of every page match the source"
         );
-        DigestCheck::Match { unverified }
+        Verdict::Verified
     } else {
         for r in &mismatched {
             error!(
@@ -379,6 +584,6 @@ fn compare_digests(vm: &Vm, theirs: &[u8]) -> DigestCheck {
                 "DIGEST MISMATCH: guest memory in these pages differs from the source"
             );
         }
-        DigestCheck::Mismatch(mismatched)
+        Verdict::Mismatch(mismatched)
     }
 }

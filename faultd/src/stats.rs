@@ -1,26 +1,13 @@
 //! Fault latency recording and the stats JSON written at the end of a migration.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::vm::Vm;
-
-/// The end-to-end digest check at completion.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DigestCheck {
-    /// Every verifiable chunk matched; `unverified` chunks held pages the VMM removed.
-    Match {
-        /// Chunks not compared.
-        unverified: u64,
-    },
-    /// These page ranges differ from the source.
-    Mismatch(Vec<std::ops::Range<u64>>),
-    /// Not done; why.
-    Skipped(String),
-}
+use crate::core::kernel::Kernel;
+use crate::core::vm::{Counters, Vm};
+use crate::event_loop::Verdict;
 
 /// Fault latencies (from reading the fault to the wake), in nanoseconds.
 #[derive(Debug, Default)]
@@ -105,7 +92,8 @@ pub struct Stats {
     pub pages_pushed: u64,
     /// Zero pages placed.
     pub pages_zero: u64,
-    /// Pages removed or unmapped by the VMM before they arrived.
+    /// Pages removed or unmapped by the VMM before they arrived (not verified: every other
+    /// page is).
     pub pages_removed: u64,
     /// Zero pages mapped because a thread touched them (the rest stay unplaced).
     pub zero_fills: u64,
@@ -114,12 +102,15 @@ pub struct Stats {
     /// Sum of the digests of every page as received (`common::digest`), in hex: compare with
     /// the source file's. Pages the VMM removed are not included.
     pub received_digest: String,
-    /// The end-to-end check against pagesrv's digests: `match`, `mismatch`, or `skipped`.
+    /// The end-to-end check against pagesrv's digests: `match`, `mismatch`, or
+    /// `not verified` (`--no-verify`).
     pub digest_check: String,
     /// Page ranges `[first, end)` whose digests differ from the source's.
     pub digest_mismatch_pages: Vec<[u64; 2]>,
-    /// Times the link to pagesrv was lost and re-established.
+    /// Times the link to pagesrv was lost (each followed by a reconnect).
     pub reconnects: u64,
+    /// Placements that met EAGAIN (an unread REMOVE) and waited for the event reader.
+    pub placement_retries: u64,
     /// From the VMM's handshake to the last page.
     pub duration_ms: f64,
     /// Fault latency percentiles.
@@ -130,41 +121,42 @@ pub struct Stats {
 
 impl Stats {
     /// Collects the stats of a migration.
-    pub fn collect(
-        vm: &Vm,
+    pub fn collect<K: Kernel>(
+        vm: &Vm<K>,
         faults: u64,
         latencies: &LatencyRecorder,
         duration: Duration,
-        check: &DigestCheck,
+        verdict: &Verdict,
         reconnects: u64,
     ) -> Self {
         let c = &vm.counters;
         let total_digest = vm
             .chunk_digests()
             .iter()
-            .fold(0u64, |acc, (d, _)| acc.wrapping_add(*d));
+            .fold(0u64, |acc, d| acc.wrapping_add(*d));
         Stats {
-            total_pages: vm.layout.total_pages(),
+            total_pages: vm.total_pages(),
             page_size: vm.page_size(),
             faults,
-            pages_requested: c.pages_requested.load(Ordering::Relaxed),
-            pages_pushed: c.pages_pushed.load(Ordering::Relaxed),
-            pages_zero: c.pages_zero.load(Ordering::Relaxed),
-            pages_removed: c.pages_removed.load(Ordering::Relaxed),
-            zero_fills: c.zero_fills.load(Ordering::Relaxed),
-            bytes_received: c.bytes_received.load(Ordering::Relaxed),
+            pages_requested: Counters::get(&c.pages_requested),
+            pages_pushed: Counters::get(&c.pages_pushed),
+            pages_zero: Counters::get(&c.pages_zero),
+            pages_removed: Counters::get(&c.pages_removed),
+            zero_fills: Counters::get(&c.zero_fills),
+            bytes_received: Counters::get(&c.bytes_received),
             received_digest: format!("{total_digest:016x}"),
-            digest_check: match check {
-                DigestCheck::Match { .. } => "match",
-                DigestCheck::Mismatch(_) => "mismatch",
-                DigestCheck::Skipped(_) => "skipped",
+            digest_check: match verdict {
+                Verdict::Verified => "match",
+                Verdict::Mismatch(_) => "mismatch",
+                Verdict::NotVerified => "not verified",
             }
             .into(),
-            digest_mismatch_pages: match check {
-                DigestCheck::Mismatch(ranges) => ranges.iter().map(|r| [r.start, r.end]).collect(),
+            digest_mismatch_pages: match verdict {
+                Verdict::Mismatch(ranges) => ranges.iter().map(|r| [r.start, r.end]).collect(),
                 _ => Vec::new(),
             },
             reconnects,
+            placement_retries: Counters::get(&c.placement_retries),
             duration_ms: duration.as_secs_f64() * 1000.0,
             fault_latency_us: latencies.summary(),
             latency_dist_us: latencies.distribution(),

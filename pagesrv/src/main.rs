@@ -1,8 +1,13 @@
 //! pagesrv: serves a paused VM's memory file to a postcopy destination (faultd).
 //!
-//! Exit codes: 0 the session completed; 1 a fatal error or an aborted session; 2 bad usage.
+//! Exit codes: 0 a destination verified every page and completed the migration; 1 a fatal
+//! error, or the migration failed (the destination reported a digest mismatch or its own
+//! failure: keep the source VM); 2 bad usage.
+#![forbid(unsafe_code)]
 
-mod sched;
+mod handshake;
+mod push_order;
+mod report;
 mod server;
 mod session;
 mod source;
@@ -22,9 +27,11 @@ use crate::source::MemorySource;
 ///
 /// Maps the memory file read-only and serves its pages over TCP to faultd: requested pages at
 /// once on the urgent connection, every other page pushed in the background on the bulk
-/// connection (zero pages as ranges without payload). Serves until a destination completes,
-/// then exits 0; a session that breaks off waits for the destination to reconnect and
-/// resume (a restarted pagesrv on the same file works the same way).
+/// connection (zero pages as ranges without payload). Serves until a destination has
+/// verified every page and completed, then exits 0; a session that breaks off (or goes
+/// silent) waits for the destination to reconnect and resume (a restarted pagesrv on the same
+/// file works the same way). If the destination reports a failure or a digest mismatch,
+/// pagesrv exits 1: the source must keep the VM.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -37,9 +44,14 @@ struct Cli {
     /// Page size of the guest memory: 4k, or 2m for hugetlbfs-backed RAM.
     #[arg(long, default_value = "4k", value_parser = parse_page_size)]
     page_size: u64,
-    /// Keep serving further sessions instead of exiting after the first.
+    /// Keep serving further sessions instead of exiting after the first that completed or
+    /// failed.
     #[arg(long)]
     serve_forever: bool,
+    /// A link with no frame from the destination for this many seconds is dead (the session
+    /// waits for a reconnect). Both sides send heartbeats on idle connections.
+    #[arg(long, value_name = "SECS", default_value = "2", value_parser = common::netopt::parse_seconds)]
+    link_timeout: std::time::Duration,
     /// Pages pushed right after each requested page (pre-paging window; 0 disables).
     #[arg(long, value_name = "PAGES", default_value_t = 64)]
     prepage_window: u64,
@@ -90,6 +102,7 @@ fn run(cli: Cli) -> Result<()> {
             push: !cli.no_push,
             corrupt_page: cli.corrupt_page,
             naive_single_connection: cli.naive_single_connection,
+            liveness: common::netopt::Liveness::new(cli.link_timeout),
         },
     };
     serve(&source, &config)

@@ -1,37 +1,47 @@
-//! The listener: accepts a destination's urgent and bulk connections, checks its handshake
-//! against the memory file, and runs one session at a time.
+//! The listener and the session manager: handshakes run concurrently, so no stale session
+//! and no silent or hostile client delays a real destination by more than the handshake
+//! deadline.
 //!
-//! While a session runs, further connections wait in the listen backlog and are served after
-//! it (with `--serve-forever`).
+//! ```text
+//!  acceptor thread ──accept──► handshake thread per new connection (≤ MAX_HANDSHAKES at once,
+//!                               one deadline each) ──admitted──► manager (this thread)
+//!  manager: urgent Hello ─► check layout/image; resumes the running session? abort it, take
+//!           over; another session running? Busy; else pending ─► AuthOk + Welcome
+//!           bulk Hello{pending id} ─► AuthOk + Welcome ─► session threads (urgent, pusher,
+//!           progress) ─► outcome: Completed → exit 0 | Failed → exit 1 | Aborted → wait
+//! ```
+//!
+//! With `--serve-forever` neither a completed nor a failed session ends pagesrv.
 
-use std::io::IsTerminal;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::{Scope, ScopedJoinHandle};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use common::auth::{self, Psk, Side};
-use common::framed::{FrameReader, send_error, write_frame};
-use common::wire::{Decoder, ErrorCode, Message, PROTOCOL_VERSION, Role, SessionParams};
-use indicatif::{ProgressBar, ProgressStyle};
+use common::auth::Psk;
+use common::wire::{ErrorCode, PROTOCOL_VERSION, Role, SessionParams};
 use socket2::SockRef;
-use tracing::{info, info_span, warn};
+use tracing::{error, info, info_span, warn};
 
-use crate::session::{Outcome, Session, SessionConfig};
+use crate::handshake::{Admitted, HANDSHAKE_DEADLINE, admit};
+use crate::report::{print_summary, report_progress};
+use crate::session::{Outcome, Session, SessionConfig, error_chain};
 use crate::source::MemorySource;
 
-/// How long a new connection may take to send its `Hello`.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Send buffer of the bulk connection: small enough that pre-paging takes effect quickly.
 const BULK_SNDBUF_BYTES: usize = 1 << 20;
+/// Most connections in their handshake at once; further ones are closed at once.
+pub const MAX_HANDSHAKES: usize = 64;
 
 /// Server settings from the command line.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// Keep serving sessions after the first.
+    /// Keep serving sessions after one completed or failed.
     pub serve_forever: bool,
     /// Per-session tuning.
     pub session: SessionConfig,
@@ -41,11 +51,17 @@ pub struct ServerConfig {
     pub insecure_listen: bool,
 }
 
+enum Event {
+    Admitted(Box<Admitted>),
+    SessionEnded { serial: u64 },
+}
+
 /// Serves sessions until one completes (or forever, with `serve_forever`). A session that
 /// breaks off is not an error: the destination reconnects and resumes in a new session.
 ///
 /// # Errors
-/// Refusing an unsafe address, or failing to bind it.
+/// Refusing an unsafe address, failing to bind it, or a failed session (the destination
+/// reported a failure or a digest mismatch: the source must keep the VM).
 pub fn serve(source: &MemorySource, config: &ServerConfig) -> Result<()> {
     if !config.listen.ip().is_loopback() && config.psk.is_none() && !config.insecure_listen {
         bail!(
@@ -62,151 +78,280 @@ pub fn serve(source: &MemorySource, config: &ServerConfig) -> Result<()> {
         %addr,
         pages = source.total_pages(),
         page_size = source.page_size(),
+        image = format_args!("{:016x}", source.image_id()),
         "serving memory"
     );
-    loop {
-        let (urgent, reader, bulk, session_id) =
-            accept_session(&listener, source, config.psk.as_ref())?;
-        let _span = info_span!("session", id = format_args!("{session_id:016x}")).entered();
-        source.refresh_holes();
-        let session = Session::new(source, config.session);
-        let outcome = std::thread::scope(|s| {
-            let (done_tx, done_rx) = mpsc::channel::<()>();
-            let reporter = s.spawn(|| report_progress(&session, done_rx));
-            let outcome = session.run(urgent, reader, bulk);
-            drop(done_tx);
-            let _ = reporter.join();
+    let (tx, rx) = mpsc::channel();
+    spawn_acceptor(listener, config.psk.clone(), tx.clone());
+    std::thread::scope(|scope| {
+        let mut manager = Manager {
+            scope,
+            source,
+            config,
+            events: tx,
+            running: None,
+            pending: None,
+            serials: 0,
+        };
+        let result = manager.run(&rx);
+        if let Some(running) = manager.running.take() {
+            running.session.abort();
+            let _ = running.handle.join();
+        }
+        result
+    })
+}
+
+/// Accepts connections and runs each handshake on its own thread, at most
+/// [`MAX_HANDSHAKES`] at once. Ends with the process.
+fn spawn_acceptor(listener: TcpListener, psk: Option<Psk>, tx: Sender<Event>) {
+    let psk = Arc::new(psk);
+    let in_handshake = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        let mut last_refusal_log: Option<Instant> = None;
+        loop {
+            let (conn, peer) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            if in_handshake.load(Ordering::Acquire) >= MAX_HANDSHAKES {
+                if last_refusal_log.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                    warn!(%peer, "{MAX_HANDSHAKES} connections are in their handshake; closing new ones at once");
+                    last_refusal_log = Some(Instant::now());
+                }
+                drop(conn);
+                continue;
+            }
+            in_handshake.fetch_add(1, Ordering::AcqRel);
+            let (psk, tx, counter) = (psk.clone(), tx.clone(), in_handshake.clone());
+            let spawned = std::thread::Builder::new()
+                .name("handshake".into())
+                .spawn(move || {
+                    let result = admit(conn, peer, psk.as_ref().as_ref());
+                    counter.fetch_sub(1, Ordering::AcqRel);
+                    match result {
+                        Ok(admitted) => {
+                            let _ = tx.send(Event::Admitted(Box::new(admitted)));
+                        }
+                        Err(rejected) => {
+                            // Log first, then tell the peer: the log is never behind the wire.
+                            warn!(%peer, error = %error_chain(&rejected.reason), "rejected a connection");
+                            rejected.reply();
+                        }
+                    }
+                });
+            if spawned.is_err() {
+                in_handshake.fetch_sub(1, Ordering::AcqRel);
+                warn!(%peer, "cannot start a handshake thread; closing the connection");
+            }
+        }
+    });
+}
+
+/// A session's threads.
+struct Running<'scope, 'env> {
+    serial: u64,
+    session: Arc<Session<'env>>,
+    handle: ScopedJoinHandle<'scope, Outcome>,
+}
+
+/// An urgent connection welcomed, waiting for its bulk connection.
+struct Pending {
+    admitted: Box<Admitted>,
+    session_id: u64,
+    since: Instant,
+}
+
+struct Manager<'scope, 'env> {
+    scope: &'scope Scope<'scope, 'env>,
+    source: &'env MemorySource,
+    config: &'env ServerConfig,
+    events: Sender<Event>,
+    running: Option<Running<'scope, 'env>>,
+    pending: Option<Pending>,
+    serials: u64,
+}
+
+impl<'scope, 'env> Manager<'scope, 'env> {
+    fn ours(&self) -> SessionParams {
+        SessionParams {
+            version: PROTOCOL_VERSION,
+            page_size: self.source.page_size() as u32,
+            total_pages: self.source.total_pages(),
+            session_id: 0,
+            image_id: self.source.image_id(),
+        }
+    }
+
+    fn run(&mut self, events: &Receiver<Event>) -> Result<()> {
+        loop {
+            let event = match events.recv_timeout(Duration::from_millis(500)) {
+                Ok(event) => Some(event),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => bail!("the acceptor stopped"),
+            };
+            if self
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.since.elapsed() > HANDSHAKE_DEADLINE)
+            {
+                let p = self.pending.take().expect("checked");
+                warn!(peer = %p.admitted.peer, "the destination never opened its bulk connection");
+            }
+            match event {
+                Some(Event::Admitted(admitted)) => match admitted.role {
+                    Role::Urgent => self.on_urgent(admitted),
+                    Role::Bulk => self.on_bulk(admitted),
+                },
+                Some(Event::SessionEnded { serial }) => {
+                    if let Some(done) = self.on_session_ended(serial) {
+                        return done;
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn refuse(&self, mut admitted: Box<Admitted>, code: ErrorCode, text: &str) {
+        warn!(peer = %admitted.peer, role = ?admitted.role, %text, "refused a destination");
+        admitted.refuse(self.config.psk.as_ref(), code, text);
+    }
+
+    fn on_urgent(&mut self, admitted: Box<Admitted>) {
+        let ours = self.ours();
+        if let Err((code, text)) = check_params(&admitted.hello, &ours) {
+            return self.refuse(admitted, code, &text);
+        }
+        let wanted = admitted.hello.session_id;
+        if let Some(running) = &self.running {
+            if wanted != running.session.id {
+                let text = format!(
+                    "serving session {:016x} to another destination; try again when it ends",
+                    running.session.id
+                );
+                return self.refuse(admitted, ErrorCode::Busy, &text);
+            }
+            let running = self.running.take().expect("checked above");
+            info!(
+                session = format_args!("{wanted:016x}"),
+                peer = %admitted.peer,
+                "the destination reconnected: replacing its old session"
+            );
+            running.session.abort();
+            let outcome = running
+                .handle
+                .join()
+                .unwrap_or_else(|_| Outcome::Aborted("session thread panicked".into()));
+            print_summary(&running.session, &outcome);
+        }
+        let session_id = if wanted != 0 {
+            wanted
+        } else {
+            rand::random::<u64>() | 1
+        };
+        let mut admitted = admitted;
+        let welcome = SessionParams { session_id, ..ours };
+        if let Err(e) = prepare_socket(&admitted.conn, Role::Urgent, self.config)
+            .and_then(|()| Ok(admitted.welcome(self.config.psk.as_ref(), welcome)?))
+        {
+            warn!(peer = %admitted.peer, error = %format!("{e:#}"), "failed to welcome a destination");
+            return;
+        }
+        info!(peer = %admitted.peer, role = "urgent", session = format_args!("{session_id:016x}"), "destination connected");
+        self.pending = Some(Pending {
+            admitted,
+            session_id,
+            since: Instant::now(),
+        });
+    }
+
+    fn on_bulk(&mut self, mut admitted: Box<Admitted>) {
+        let id = admitted.hello.session_id;
+        let matches = self.pending.as_ref().is_some_and(|p| p.session_id == id);
+        if !matches {
+            let text = format!("no pending session {id:#x}");
+            return self.refuse(admitted, ErrorCode::UnknownSession, &text);
+        }
+        let pending = self.pending.take().expect("checked above");
+        let welcome = SessionParams {
+            session_id: id,
+            ..self.ours()
+        };
+        if let Err(e) = prepare_socket(&admitted.conn, Role::Bulk, self.config)
+            .and_then(|()| Ok(admitted.welcome(self.config.psk.as_ref(), welcome)?))
+        {
+            warn!(peer = %admitted.peer, error = %format!("{e:#}"), "failed to welcome a destination");
+            return;
+        }
+        info!(peer = %admitted.peer, role = "bulk", session = format_args!("{id:016x}"), "destination connected");
+        self.start_session(pending, admitted.conn);
+    }
+
+    fn start_session(&mut self, pending: Pending, bulk: TcpStream) {
+        self.serials += 1;
+        let serial = self.serials;
+        self.source.refresh_holes();
+        let session = Arc::new(Session::new(
+            self.source,
+            pending.session_id,
+            self.config.session,
+        ));
+        let (tx, session_for_thread) = (self.events.clone(), session.clone());
+        let Admitted { conn, reader, .. } = *pending.admitted;
+        let handle = self.scope.spawn(move || {
+            let session = session_for_thread;
+            let _span = info_span!("session", id = format_args!("{:016x}", session.id)).entered();
+            let outcome = std::thread::scope(|s| {
+                let (done_tx, done_rx) = mpsc::channel::<()>();
+                let reporter = s.spawn(|| report_progress(&session, done_rx));
+                let outcome = session.run(conn, reader, bulk);
+                drop(done_tx);
+                let _ = reporter.join();
+                outcome
+            });
+            let _ = tx.send(Event::SessionEnded { serial });
             outcome
         });
-        print_summary(&session, &outcome);
-        match (&outcome, config.serve_forever) {
-            (Outcome::Completed, false) => return Ok(()),
-            (Outcome::Completed, true) => {}
+        self.running = Some(Running {
+            serial,
+            session,
+            handle,
+        });
+    }
+
+    /// A session thread ended; `Some` ends the server.
+    fn on_session_ended(&mut self, serial: u64) -> Option<Result<()>> {
+        if self.running.as_ref().is_none_or(|r| r.serial != serial) {
+            return None; // one that was replaced (and reported) already
+        }
+        let running = self.running.take().expect("checked above");
+        let outcome = running
+            .handle
+            .join()
+            .unwrap_or_else(|_| Outcome::Aborted("session thread panicked".into()));
+        print_summary(&running.session, &outcome);
+        match (outcome, self.config.serve_forever) {
+            (Outcome::Completed, false) => Some(Ok(())),
+            (Outcome::Completed, true) => None,
+            (Outcome::Failed(why), serve_forever) => {
+                error!(%why, "the migration failed: the source must keep the VM");
+                (!serve_forever).then(|| {
+                    Err(anyhow::anyhow!(
+                        "the migration failed: {why}; keep the source VM (do not destroy it)"
+                    ))
+                })
+            }
             (Outcome::Aborted(why), _) => {
                 warn!(%why, "session broke off; waiting for the destination to reconnect");
+                None
             }
         }
     }
-}
-
-/// Accepts connections until one destination has opened both its urgent and bulk
-/// connections.
-fn accept_session(
-    listener: &TcpListener,
-    source: &MemorySource,
-    psk: Option<&Psk>,
-) -> Result<(TcpStream, FrameReader, TcpStream, u64)> {
-    let ours = SessionParams {
-        version: PROTOCOL_VERSION,
-        page_size: source.page_size() as u32,
-        total_pages: source.total_pages(),
-        session_id: 0,
-    };
-    let mut pending: Option<(TcpStream, FrameReader, u64)> = None;
-    loop {
-        let (mut conn, peer) = listener.accept().context("accept failed")?;
-        let hello = read_hello(&mut conn).and_then(|(role, theirs, mut reader)| {
-            authenticate(&mut conn, &mut reader, psk, role, &theirs)?;
-            Ok((role, theirs, reader))
-        });
-        let (role, theirs, reader) = match hello {
-            Ok(h) => h,
-            Err(e) => {
-                // Log first, then tell the peer: the log is never behind the wire.
-                warn!(%peer, error = %format!("{e:#}"), "rejected a connection");
-                if let Some(r) = e.downcast_ref::<Refusal>() {
-                    send_error(&mut conn, r.code, &r.text);
-                }
-                continue;
-            }
-        };
-        let reply = match role {
-            Role::Urgent => check_params(&theirs, &ours).map(|()| rand::random::<u64>() | 1),
-            Role::Bulk => match &pending {
-                Some((_, _, id)) if *id == theirs.session_id => Ok(*id),
-                _ => Err((
-                    ErrorCode::UnknownSession,
-                    format!("no pending session {:#x}", theirs.session_id),
-                )),
-            },
-        };
-        let session_id = match reply {
-            Ok(id) => id,
-            Err((code, text)) => {
-                warn!(%peer, ?role, %text, "refused a destination");
-                send_error(&mut conn, code, &text);
-                continue;
-            }
-        };
-        let welcome = Message::Welcome(SessionParams { session_id, ..ours });
-        if let Err(e) =
-            prepare_socket(&conn, role).and_then(|()| Ok(write_frame(&mut conn, &welcome, &[])?))
-        {
-            warn!(%peer, error = %format!("{e:#}"), "failed to welcome a destination");
-            continue;
-        }
-        info!(%peer, ?role, "destination connected");
-        match role {
-            Role::Urgent => pending = Some((conn, reader, session_id)),
-            Role::Bulk => {
-                let (urgent, reader, id) = pending.take().expect("matched a pending session above");
-                return Ok((urgent, reader, conn, id));
-            }
-        }
-    }
-}
-
-/// A connection refused with an `Error` frame the caller sends after logging it.
-#[derive(Debug, thiserror::Error)]
-#[error("{text}")]
-struct Refusal {
-    code: ErrorCode,
-    text: String,
-}
-
-fn read_hello(conn: &mut TcpStream) -> Result<(Role, SessionParams, FrameReader)> {
-    conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let mut reader = FrameReader::new(Decoder::handshake());
-    let (message, _) = reader.read_frame(conn).context("no valid Hello")?;
-    match message {
-        Message::Hello { role, params } => Ok((role, params, reader)),
-        other => Err(Refusal {
-            code: ErrorCode::Protocol,
-            text: format!("expected Hello, got {:?}", other.kind()),
-        }
-        .into()),
-    }
-}
-
-/// With a key: challenge the client, check its proof, prove ourselves. Without: nothing.
-fn authenticate(
-    conn: &mut TcpStream,
-    reader: &mut FrameReader,
-    psk: Option<&Psk>,
-    role: Role,
-    theirs: &SessionParams,
-) -> Result<()> {
-    let Some(psk) = psk else { return Ok(()) };
-    let server_nonce = auth::nonce();
-    write_frame(conn, &Message::Challenge(server_nonce), &[])?;
-    let (message, _) = reader.read_frame(conn).context("no authentication proof")?;
-    let refuse = |text: String| Refusal {
-        code: ErrorCode::AuthFailed,
-        text,
-    };
-    let Message::Proof { nonce, mac } = message else {
-        let text = format!(
-            "authentication failed: expected Proof, got {:?}",
-            message.kind()
-        );
-        return Err(refuse(text).into());
-    };
-    if !psk.verify(Side::Client, &server_nonce, &nonce, role, theirs, &mac) {
-        return Err(refuse("authentication failed: wrong key".into()).into());
-    }
-    let ours = psk.mac(Side::Server, &server_nonce, &nonce, role, theirs);
-    write_frame(conn, &Message::AuthOk(ours), &[])?;
-    Ok(())
 }
 
 fn check_params(theirs: &SessionParams, ours: &SessionParams) -> Result<(), (ErrorCode, String)> {
@@ -233,70 +378,22 @@ fn check_params(theirs: &SessionParams, ours: &SessionParams) -> Result<(), (Err
             ),
         ));
     }
+    if theirs.image_id != 0 && theirs.image_id != ours.image_id {
+        return Err((
+            ErrorCode::ImageMismatch,
+            format!(
+                "the destination's session started from memory image {:016x}; this source serves image {:016x} (another memory file, or one that changed)",
+                theirs.image_id, ours.image_id
+            ),
+        ));
+    }
     Ok(())
 }
 
-fn prepare_socket(conn: &TcpStream, role: Role) -> Result<()> {
-    conn.set_read_timeout(None)?;
-    common::netopt::detect_dead_peer(conn)?;
+fn prepare_socket(conn: &TcpStream, role: Role, config: &ServerConfig) -> Result<()> {
+    common::netopt::detect_dead_peer(conn, config.session.liveness.timeout)?;
     if role == Role::Bulk {
         SockRef::from(conn).set_send_buffer_size(BULK_SNDBUF_BYTES)?;
     }
     Ok(())
-}
-
-/// Shows progress until `done` is dropped: a bar on a terminal, a line every 2 s otherwise.
-fn report_progress(session: &Session<'_>, done: mpsc::Receiver<()>) {
-    let total = session.total_pages();
-    if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new(total).with_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} pages ({percent}%) {msg}",
-            )
-            .expect("static template"),
-        );
-        while done.recv_timeout(Duration::from_millis(100)) == Err(mpsc::RecvTimeoutError::Timeout)
-        {
-            bar.set_position(session.pages_settled());
-            bar.set_message(format!(
-                "{} MiB sent",
-                session.stats.bytes_sent.load(Ordering::Relaxed) >> 20
-            ));
-        }
-        bar.finish_and_clear();
-    } else {
-        while done.recv_timeout(Duration::from_secs(2)) == Err(mpsc::RecvTimeoutError::Timeout) {
-            let settled = session.pages_settled();
-            info!(
-                pages = settled,
-                total,
-                percent = settled * 100 / total.max(1),
-                sent_mib = session.stats.bytes_sent.load(Ordering::Relaxed) >> 20,
-                "progress"
-            );
-        }
-    }
-}
-
-fn print_summary(session: &Session<'_>, outcome: &Outcome) {
-    let s = &session.stats;
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let secs = session.elapsed().as_secs_f64();
-    let bytes = get(&s.bytes_sent);
-    eprintln!(
-        "pagesrv: session {}: {:.3} s, {} pages requested (urgent: {} data, {} zero), pushed {} data + {} zero pages, {} skipped, {:.1} MiB sent ({:.0} MiB/s)",
-        match outcome {
-            Outcome::Completed => "completed".to_string(),
-            Outcome::Aborted(why) => format!("aborted ({why})"),
-        },
-        secs,
-        get(&s.requested_pages),
-        get(&s.urgent_data_pages),
-        get(&s.urgent_zero_pages),
-        get(&s.pushed_data_pages),
-        get(&s.pushed_zero_pages),
-        get(&s.skipped_pages),
-        bytes as f64 / (1 << 20) as f64,
-        bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
-    );
 }

@@ -1,22 +1,29 @@
-//! One destination session: the urgent thread answers requests, the bulk thread pushes every
-//! page the destination has not got, and both count what they send.
+//! One destination session: the urgent thread answers requests (and watches the link's
+//! liveness), the bulk thread pushes every page the destination has not got, and both count
+//! what they send.
 //!
 //! The two connections are separate sockets, so a requested page never waits behind bulk
 //! bytes; the bulk connection has a bounded send buffer so pre-paging decisions take effect
-//! quickly.
+//! quickly. The urgent conversation follows [`SourceUrgent`]: maps, then requests, then the
+//! verdict. A session ends `Completed` only on a `Goodbye` once every page was sent or
+//! declared held or skipped by the destination; an `Error` from the destination
+//! (`VerifyFailed`, `DestinationFailed`) or a premature `Goodbye` is `Failed`: the source
+//! must keep the VM. A silent or broken link is `Aborted`: the destination reconnects.
 
-use std::io::Write;
-use std::net::TcpStream;
+use std::io::{ErrorKind, Write};
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::framed::{FrameReader, ReadError, send_error, write_frame, write_frames};
+use common::netopt::Liveness;
 use common::pagemap::PageMap;
+use common::wire::phase::{Phase, SourceUrgent};
 use common::wire::{Decoder, ErrorCode, MAX_PAYLOAD_BYTES, Message, PageRange, RANGE_FRAME_BYTES};
 use tracing::{debug, info, warn};
 
-use crate::sched::PushScheduler;
+use crate::push_order::PushScheduler;
 use crate::source::{MemorySource, Piece};
 
 /// Pages per bulk frame: 512 KiB of 4 KiB pages, or one 2 MiB page.
@@ -35,8 +42,10 @@ pub struct SessionStats {
     pub pushed_data_pages: AtomicU64,
     /// Zero pages pushed (as ranges, no payload) on the bulk connection.
     pub pushed_zero_pages: AtomicU64,
-    /// Pages the destination said it no longer needs.
+    /// Pages the destination said it no longer needs (removed before they arrived).
     pub skipped_pages: AtomicU64,
+    /// Pages the destination already held when the session began (after a reconnect).
+    pub held_pages: AtomicU64,
     /// Bytes written to both connections.
     pub bytes_sent: AtomicU64,
 }
@@ -44,9 +53,11 @@ pub struct SessionStats {
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The destination said every page is present.
+    /// The destination verified every page and said goodbye: the source's job is done.
     Completed,
-    /// The session broke off; the text says why.
+    /// The destination failed or its pages differ from the source: keep the source VM.
+    Failed(String),
+    /// The session broke off (or was replaced by a reconnect); the text says why.
     Aborted(String),
 }
 
@@ -61,13 +72,23 @@ pub struct SessionConfig {
     pub corrupt_page: Option<u64>,
     /// Benchmark baseline: push on the urgent connection (replies queue behind bulk).
     pub naive_single_connection: bool,
+    /// Heartbeats and the link timeout.
+    pub liveness: Liveness,
 }
 
 /// State shared by the session's threads.
 pub struct Session<'a> {
     source: &'a MemorySource,
+    /// The session's id (kept across a takeover).
+    pub id: u64,
+    /// Pages sent, or held or skipped by the destination.
     sent: PageMap,
-    sched: Mutex<PushScheduler>,
+    /// Pages the destination will never need (removed before they arrived): left out of the
+    /// digests.
+    skipped: PageMap,
+    /// Clones of the session's sockets, shut down by [`Session::abort`].
+    sockets: Mutex<Vec<TcpStream>>,
+    push_order: Mutex<PushScheduler>,
     stop: AtomicBool,
     /// Held while writing a batch of frames (the naive baseline shares one socket).
     write_lock: Mutex<()>,
@@ -81,11 +102,14 @@ pub struct Session<'a> {
 
 impl<'a> Session<'a> {
     /// A new session over `source`.
-    pub fn new(source: &'a MemorySource, config: SessionConfig) -> Self {
+    pub fn new(source: &'a MemorySource, id: u64, config: SessionConfig) -> Self {
         Session {
             source,
+            id,
             sent: PageMap::new(source.total_pages()),
-            sched: Mutex::new(PushScheduler::new(config.prepage_window_pages)),
+            skipped: PageMap::new(source.total_pages()),
+            sockets: Mutex::new(Vec::new()),
+            push_order: Mutex::new(PushScheduler::new(config.prepage_window_pages)),
             stop: AtomicBool::new(false),
             push_ready: (Mutex::new(false), Condvar::new()),
             write_lock: Mutex::new(()),
@@ -115,11 +139,33 @@ impl<'a> Session<'a> {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Runs the session on its two connections until the destination says goodbye or a
+    /// Ends the session at once (a reconnect replaces it): both threads stop, both sockets
+    /// are shut down.
+    pub fn abort(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.push_ready.1.notify_all();
+        for sock in self
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = sock.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Runs the session on its two connections until the destination's verdict or a
     /// connection fails. `reader` holds anything already read from `urgent`.
     pub fn run(&self, urgent: TcpStream, reader: FrameReader, bulk: TcpStream) -> Outcome {
+        {
+            let mut sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+            sockets.extend(urgent.try_clone().ok());
+            sockets.extend(bulk.try_clone().ok());
+        }
+        if self.is_stopped() {
+            return Outcome::Aborted("replaced before it started".into());
+        }
         std::thread::scope(|s| {
-            let bulk_for_stop = bulk.try_clone();
             // The naive baseline pushes on the urgent connection, so replies queue behind
             // bulk bytes (what the separate urgent path avoids).
             let push_conn = if self.config.naive_single_connection {
@@ -134,31 +180,55 @@ impl<'a> Session<'a> {
             }
             let outcome = self.serve_urgent(urgent, reader);
             let _ = common::sched::normal_priority();
-            self.stop.store(true, Ordering::Release);
-            self.push_ready.1.notify_all();
-            if let Ok(b) = bulk_for_stop {
-                let _ = b.shutdown(std::net::Shutdown::Both);
-            }
+            self.abort();
             let push_result = pusher
                 .join()
                 .unwrap_or_else(|_| Err("bulk thread panicked".into()));
             match (outcome, push_result) {
-                (Outcome::Completed, _) => Outcome::Completed,
                 (Outcome::Aborted(why), Err(bulk_why)) => {
                     Outcome::Aborted(format!("{why}; bulk: {bulk_why}"))
                 }
-                (aborted, Ok(())) => aborted,
+                (outcome, _) => outcome,
             }
         })
     }
 
     fn serve_urgent(&self, mut conn: TcpStream, mut reader: FrameReader) -> Outcome {
         let page_size = self.source.page_size();
+        let liveness = self.config.liveness;
         reader.set_decoder(Decoder::session(page_size, self.source.total_pages()));
+        let setup = conn
+            .set_read_timeout(Some(liveness.heartbeat))
+            .and_then(|()| conn.set_write_timeout(Some(liveness.timeout)));
+        if let Err(e) = setup {
+            return Outcome::Aborted(format!("socket setup failed: {e}"));
+        }
+        let mut phase = SourceUrgent::Maps;
         let mut pieces = Vec::new();
+        let (mut last_rx, mut last_tx) = (Instant::now(), Instant::now());
         loop {
+            if self.is_stopped() {
+                return Outcome::Aborted("replaced by a reconnect of the same session".into());
+            }
+            if last_tx.elapsed() >= liveness.heartbeat {
+                if let Err(e) = self.write_urgent(&mut conn, &Message::Heartbeat, &[]) {
+                    return Outcome::Aborted(format!("failed to send a heartbeat: {e}"));
+                }
+                last_tx = Instant::now();
+            }
             let (message, payload) = match reader.read_frame(&mut conn) {
                 Ok(frame) => frame,
+                Err(ReadError::Io(e))
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                {
+                    if last_rx.elapsed() > liveness.timeout {
+                        return Outcome::Aborted(format!(
+                            "no frame from the destination for {:.1} s (link timeout)",
+                            last_rx.elapsed().as_secs_f64()
+                        ));
+                    }
+                    continue;
+                }
                 Err(ReadError::Closed { mid_frame }) => {
                     return Outcome::Aborted(format!(
                         "destination closed the urgent connection{}",
@@ -172,73 +242,111 @@ impl<'a> Session<'a> {
                 }
                 Err(e) => return Outcome::Aborted(error_chain(&e)),
             };
-            match message {
-                Message::Request(range) => {
-                    self.stats
-                        .requested_pages
-                        .fetch_add(range.count, Ordering::Relaxed);
-                    if let Err(e) = self.answer_request(&mut conn, range, &mut pieces) {
-                        return Outcome::Aborted(format!("failed to answer a request: {e}"));
-                    }
-                }
-                Message::Skip(range) => {
-                    let newly = self.sent.set_range(range.first, range.count);
-                    self.stats.skipped_pages.fetch_add(newly, Ordering::Relaxed);
-                }
-                Message::DoneMap(range) => {
-                    let held = self.mark_held(range, reader.payload(payload));
-                    self.stats.skipped_pages.fetch_add(held, Ordering::Relaxed);
-                }
-                Message::MapEnd => self.start_push(),
-                Message::DigestQuery { chunk_pages }
-                    if self.source.total_pages().div_ceil(chunk_pages) * 8
-                        > MAX_PAYLOAD_BYTES as u64 =>
-                {
-                    let text = format!(
-                        "{chunk_pages}-page digest chunks need a reply over the frame limit"
-                    );
-                    send_error(&mut conn, ErrorCode::Protocol, &text);
-                    return Outcome::Aborted(text);
-                }
-                Message::DigestQuery { chunk_pages } => {
-                    let digests = self.digests(chunk_pages);
-                    let reply = Message::Digests { chunk_pages };
-                    if let Err(e) = write_frame(&mut conn, &reply, &digests) {
-                        return Outcome::Aborted(format!("failed to send digests: {e}"));
-                    }
-                }
-                Message::Goodbye => return Outcome::Completed,
-                Message::Error { code, text } => {
-                    return Outcome::Aborted(format!("destination reported {code:?}: {text}"));
-                }
-                other => {
-                    let text = format!(
-                        "unexpected {:?} frame on the urgent connection",
-                        other.kind()
-                    );
-                    return Outcome::Aborted(text);
+            last_rx = Instant::now();
+            if let Err(e) = phase.receive(message.kind()) {
+                let text = format!("the destination broke the protocol: {e}");
+                send_error(&mut conn, ErrorCode::Protocol, &text);
+                return Outcome::Aborted(text);
+            }
+            let answers = matches!(message, Message::Request(_) | Message::DigestQuery { .. });
+            let step = self.handle_urgent(&mut conn, message, reader.payload(payload), &mut pieces);
+            match step {
+                Ok(None) if answers => last_tx = Instant::now(),
+                Ok(None) => {}
+                Ok(Some(outcome)) => return outcome,
+                Err(e) => {
+                    return Outcome::Aborted(format!("failed to answer the destination: {e}"));
                 }
             }
         }
     }
 
-    /// Marks the pages the destination holds (a bitmap for `range`) as sent; returns how
-    /// many were not yet.
-    fn mark_held(&self, range: PageRange, bitmap: &[u8]) -> u64 {
-        let mut newly = 0;
-        let mut run_start = None;
-        for i in 0..=range.count {
-            let held = i < range.count && bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0;
-            match (held, run_start) {
-                (true, None) => run_start = Some(i),
-                (false, Some(start)) => {
-                    newly += self.sent.set_range(range.first + start, i - start);
-                    run_start = None;
+    /// Handles one frame on the urgent connection (its phase already checked); `Some` ends
+    /// the session.
+    fn handle_urgent(
+        &self,
+        conn: &mut TcpStream,
+        message: Message,
+        payload: &[u8],
+        pieces: &mut Vec<Piece>,
+    ) -> std::io::Result<Option<Outcome>> {
+        match message {
+            Message::Request(range) => {
+                self.stats
+                    .requested_pages
+                    .fetch_add(range.count, Ordering::Relaxed);
+                self.answer_request(conn, range, pieces)?;
+            }
+            Message::Skip(range) => {
+                self.skipped.set_range(range.first, range.count);
+                let newly = self.sent.set_range(range.first, range.count);
+                self.stats.skipped_pages.fetch_add(newly, Ordering::Relaxed);
+            }
+            Message::DoneMap(range) => {
+                let held = self.sent.set_from_bitmap(range.first, range.count, payload);
+                self.stats.held_pages.fetch_add(held, Ordering::Relaxed);
+            }
+            Message::SkipMap(range) => {
+                self.skipped
+                    .set_from_bitmap(range.first, range.count, payload);
+                let newly = self.sent.set_from_bitmap(range.first, range.count, payload);
+                self.stats.skipped_pages.fetch_add(newly, Ordering::Relaxed);
+            }
+            Message::MapEnd => self.start_push(),
+            Message::DigestQuery { chunk_pages }
+                if self.source.total_pages().div_ceil(chunk_pages) * 8
+                    > MAX_PAYLOAD_BYTES as u64 =>
+            {
+                let text =
+                    format!("{chunk_pages}-page digest chunks need a reply over the frame limit");
+                send_error(conn, ErrorCode::Protocol, &text);
+                return Ok(Some(Outcome::Aborted(text)));
+            }
+            Message::DigestQuery { chunk_pages } => {
+                let digests = self.digests(chunk_pages);
+                self.write_urgent(conn, &Message::Digests { chunk_pages }, &digests)?;
+            }
+            Message::Goodbye => {
+                let unsent = self.total_pages() - self.sent.set_pages();
+                if unsent > 0 {
+                    let text = format!(
+                        "the destination said goodbye with {unsent} pages it never received nor declared held"
+                    );
+                    send_error(conn, ErrorCode::Protocol, &text);
+                    return Ok(Some(Outcome::Failed(text)));
                 }
-                _ => {}
+                return Ok(Some(Outcome::Completed));
+            }
+            Message::Error { code, text } => {
+                let why = format!("the destination reported {code:?}: {text}");
+                return Ok(Some(match code {
+                    ErrorCode::VerifyFailed | ErrorCode::DestinationFailed => Outcome::Failed(why),
+                    _ => Outcome::Aborted(why),
+                }));
+            }
+            Message::Heartbeat => {}
+            other => {
+                let text = format!(
+                    "unexpected {:?} frame on the urgent connection",
+                    other.kind()
+                );
+                send_error(conn, ErrorCode::Protocol, &text);
+                return Ok(Some(Outcome::Aborted(text)));
             }
         }
-        newly
+        Ok(None)
+    }
+
+    /// Writes a frame on the urgent connection, under the write lock (the naive baseline
+    /// shares the socket with the pusher).
+    fn write_urgent(
+        &self,
+        conn: &mut TcpStream,
+        message: &Message,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
+        let _write = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        write_frame(conn, message, payload)
     }
 
     /// Lets the pusher start (the destination's done map is complete).
@@ -247,20 +355,30 @@ impl<'a> Session<'a> {
         self.push_ready.1.notify_all();
     }
 
-    /// Waits until the push may start; false if the session ended first.
-    fn wait_for_push(&self) -> bool {
+    /// Waits until the push may start, with a heartbeat on `conn` every interval; false if
+    /// the session ended first.
+    fn wait_for_push(&self, conn: &mut TcpStream) -> bool {
         let mut ready = self.push_ready.0.lock().unwrap_or_else(|p| p.into_inner());
         while !*ready && !self.is_stopped() {
-            ready = self
+            let (guard, waited) = self
                 .push_ready
                 .1
-                .wait(ready)
+                .wait_timeout(ready, self.config.liveness.heartbeat)
                 .unwrap_or_else(|p| p.into_inner());
+            ready = guard;
+            if waited.timed_out() && !*ready {
+                drop(ready);
+                if write_frame(conn, &Message::Heartbeat, &[]).is_err() {
+                    return false;
+                }
+                ready = self.push_ready.0.lock().unwrap_or_else(|p| p.into_inner());
+            }
         }
         *ready && !self.is_stopped()
     }
 
-    /// The digest of every chunk of `chunk_pages` pages of the memory file, little-endian.
+    /// The digest of every chunk of `chunk_pages` pages of the memory file, little-endian;
+    /// pages the destination skipped count as zero (they are not verified).
     fn digests(&self, chunk_pages: u64) -> Vec<u8> {
         let total = self.source.total_pages();
         let page_size = self.source.page_size() as usize;
@@ -268,8 +386,19 @@ impl<'a> Session<'a> {
         let mut first = 0;
         while first < total {
             let count = chunk_pages.min(total - first);
-            let digest =
-                common::digest::run_digest(first, self.source.bytes(first, count), page_size);
+            let mut digest = 0u64;
+            let mut page = first;
+            while page < first + count {
+                let skipped = self.skipped.set_run(page, first + count - page);
+                page += skipped;
+                let run = self.skipped.clear_run(page, first + count - page);
+                if run > 0 {
+                    let bytes = self.source.bytes(page, run);
+                    digest =
+                        digest.wrapping_add(common::digest::run_digest(page, bytes, page_size));
+                }
+                page += run;
+            }
             out.extend_from_slice(&digest.to_le_bytes());
             first += count;
         }
@@ -284,7 +413,7 @@ impl<'a> Session<'a> {
     ) -> std::io::Result<()> {
         debug!(first = range.first, count = range.count, "urgent request");
         self.sent.set_range(range.first, range.count);
-        self.sched
+        self.push_order
             .lock()
             .expect("scheduler lock poisoned")
             .on_request(range.end(), self.source.total_pages());
@@ -389,13 +518,13 @@ impl<'a> Session<'a> {
         let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
         let mut pieces = Vec::new();
         // The destination first says what it already holds (after a reconnect).
-        if !self.wait_for_push() {
+        if !self.wait_for_push(&mut conn) {
             return Ok(());
         }
         if self.config.push {
             while !self.is_stopped() {
                 let next = self
-                    .sched
+                    .push_order
                     .lock()
                     .expect("scheduler lock poisoned")
                     .next_run(&self.sent, run_pages);
@@ -435,7 +564,8 @@ impl<'a> Session<'a> {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources, one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

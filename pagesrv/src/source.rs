@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -87,6 +88,8 @@ pub struct MemorySource {
     /// Byte ranges that hold data (everything else is a hole), sorted; read again at the
     /// start of every session, since the VM may have written holes since the last one.
     data_ranges: RwLock<Vec<(u64, u64)>>,
+    /// Identity of the image served (see [`MemorySource::image_id`]).
+    image_id: u64,
 }
 
 impl MemorySource {
@@ -100,7 +103,8 @@ impl MemorySource {
             source,
         };
         let file = File::open(path).map_err(open_err)?;
-        let size_bytes = file.metadata().map_err(open_err)?.len();
+        let meta = file.metadata().map_err(open_err)?;
+        let size_bytes = meta.len();
         if size_bytes == 0 || size_bytes % page_size != 0 {
             return Err(SourceError::BadSize {
                 path: path.to_owned(),
@@ -124,12 +128,21 @@ impl MemorySource {
                 source,
             }
         })?;
+        let image_id = common::digest::identity(&[
+            meta.dev(),
+            meta.ino(),
+            size_bytes,
+            meta.mtime() as u64,
+            meta.mtime_nsec() as u64,
+            page_size,
+        ]);
         Ok(MemorySource {
             map,
             page_size,
             total_pages: size_bytes / page_size,
             file,
             data_ranges,
+            image_id,
         })
     }
 
@@ -141,6 +154,13 @@ impl MemorySource {
     /// Pages in the file.
     pub fn total_pages(&self) -> u64 {
         self.total_pages
+    }
+
+    /// Identity of the image served: the file's device, inode, size and modification time.
+    /// A pagesrv restarted on the same unchanged file serves the same image; another file,
+    /// or one written since, is another image (destinations resuming a session refuse it).
+    pub fn image_id(&self) -> u64 {
+        self.image_id
     }
 
     /// The bytes of pages `first..first+count` (the caller keeps the range in bounds).

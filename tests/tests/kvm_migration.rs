@@ -197,7 +197,7 @@ fn test_migration_survives_pagesrv_killed_and_restarted() {
     let (status, stderr) = faultd.wait(LIMIT);
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("lost the link to pagesrv"), "{stderr}");
-    assert!(stderr.contains("link to pagesrv resumed"), "{stderr}");
+    assert!(stderr.contains("reconnected to pagesrv"), "{stderr}");
     let (status, stderr) = restarted.wait(LIMIT);
     assert!(status.success(), "{stderr}");
     let stats = json(&std::fs::read_to_string(&stats).unwrap());

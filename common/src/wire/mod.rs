@@ -1,28 +1,42 @@
-//! The pagesrv ⇄ faultd wire protocol: frame layout, typed messages and a sans-IO codec.
+//! The pagesrv ⇄ faultd wire protocol: frame layout, typed messages and a sans-IO codec;
+//! [`phase`] holds each side's conversation as a state machine.
 //!
 //! Every connection starts with a handshake and then carries frames:
 //!
 //! ```text
 //!  faultd (destination)                         pagesrv (source)
-//!  urgent conn ── Hello{role=Urgent, layout} ──►
+//!  urgent conn ── Hello{role=Urgent, layout, session, image} ──►
 //!            [with --psk-file: ◄── Challenge ── Proof ──► ◄── AuthOk]
-//!              ◄── Welcome{session_id, layout} ─   (or Error, then close)
+//!              ◄── Welcome{session_id, layout, image_id} ─   (or Error, then close)
 //!  bulk conn   ── Hello{role=Bulk, session_id} ─►   (same authentication)
 //!              ◄── Welcome ─────────────────────
 //!  urgent      ── DoneMap{first,count}+bitmap ──►   pages already here (after a reconnect)
+//!              ── SkipMap{first,count}+bitmap ──►   pages removed before they arrived
 //!              ── MapEnd ──────────────────────►   the push may start
 //!              ── Request{first,count} ────────►   answered before any bulk work
 //!              ◄── PageRun{first,count}+bytes ──   or ZeroRun{first,count} (no payload)
-//!              ── Skip{first,count} ───────────►   destination no longer needs these
+//!              ── Skip{first,count} ───────────►   removed by the VMM: never needed, not verified
 //!  bulk        ◄── PageRun / ZeroRun … ─────────   every page not yet sent, in file order,
 //!              ◄── BulkDone ────────────────────   pre-paging after each request
 //!  urgent      ── DigestQuery{chunk_pages} ────►   every page present: compare digests
-//!              ◄── Digests{chunk_pages}+u64s ───
-//!              ── Goodbye ─────────────────────►   session complete; pagesrv closes
+//!              ◄── Digests{chunk_pages}+u64s ───   (skipped pages count as zero)
+//!              ── Goodbye ─────────────────────►   verified; pagesrv closes, its job is done
+//!           or ── Error{VerifyFailed|DestinationFailed} ► the source must keep the VM
+//!  any conn, either way, after the handshake:
+//!              ◄─ Heartbeat ─►                       when the connection was idle 200 ms;
+//!                                                    silence for the link timeout = dead link
 //! ```
 //!
+//! A session id in an urgent `Hello` asks to resume that session: pagesrv aborts the old
+//! session (a stale one on a link that went silent) and serves the new connections in its
+//! place. `image_id` identifies the memory image pagesrv serves; faultd pins the first one it
+//! sees and pagesrv refuses a `Hello` that names another. With a key, the server's `AuthOk`
+//! MAC covers the client's `Hello` and the server's answer (`Welcome` or `Error`), see
+//! [`crate::auth`].
+//!
 //! A frame is an 8-byte header followed by `body_len` bytes: a fixed little-endian body whose
-//! size depends on the kind, then (for `PageRun` and `Error`) a payload.
+//! size depends on the kind, then (for `PageRun`, `DoneMap`, `SkipMap`, `Digests` and
+//! `Error`) a payload.
 //!
 //! ```text
 //!  0      2      4              8
@@ -35,6 +49,8 @@
 //! [`MAX_BODY_BYTES`] and consistent with the kind) before the caller allocates or reads the
 //! body, and checks page ranges against the session's page count. It never panics on input.
 
+pub mod phase;
+
 use thiserror::Error;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -42,7 +58,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 /// Identifies this protocol in every `Hello` and `Welcome` ("PGM1").
 pub const MAGIC: u32 = 0x314D_4750;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of the frame header in bytes.
 pub const HEADER_LEN: usize = 8;
 /// Largest page payload carried by one frame.
@@ -115,6 +131,14 @@ pub enum WireError {
     /// A frame that is not allowed at this point of the conversation.
     #[error("unexpected {0:?} frame")]
     Unexpected(Kind),
+    /// A frame that does not belong in the connection's current phase ([`phase`]).
+    #[error("unexpected {kind:?} frame while {phase}")]
+    OutOfPhase {
+        /// The frame kind.
+        kind: Kind,
+        /// The phase the connection was in.
+        phase: &'static str,
+    },
 }
 
 /// Frame kinds.
@@ -153,6 +177,11 @@ pub enum Kind {
     DigestQuery = 15,
     /// Server → client (urgent): one u64 digest per chunk.
     Digests = 16,
+    /// Either way, any connection: nothing else was sent for a while; the sender is alive.
+    Heartbeat = 17,
+    /// Client → server (urgent): a bitmap of pages the destination will never need (removed
+    /// by the VMM before they arrived); they are not sent and not verified.
+    SkipMap = 18,
 }
 
 impl TryFrom<u16> for Kind {
@@ -176,6 +205,8 @@ impl TryFrom<u16> for Kind {
             14 => Kind::AuthOk,
             15 => Kind::DigestQuery,
             16 => Kind::Digests,
+            17 => Kind::Heartbeat,
+            18 => Kind::SkipMap,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -221,6 +252,12 @@ pub enum ErrorCode {
     Internal = 6,
     /// The peer failed authentication (or does not authenticate).
     AuthFailed = 7,
+    /// The source serves another memory image than the one this session started from.
+    ImageMismatch = 8,
+    /// The destination's pages differ from the source's (digest mismatch): keep the source.
+    VerifyFailed = 9,
+    /// The destination failed (its VMM went away, a placement failed): keep the source.
+    DestinationFailed = 10,
 }
 
 impl TryFrom<u32> for ErrorCode {
@@ -235,6 +272,9 @@ impl TryFrom<u32> for ErrorCode {
             5 => ErrorCode::Busy,
             6 => ErrorCode::Internal,
             7 => ErrorCode::AuthFailed,
+            8 => ErrorCode::ImageMismatch,
+            9 => ErrorCode::VerifyFailed,
+            10 => ErrorCode::DestinationFailed,
             other => return Err(WireError::UnknownErrorCode(other)),
         })
     }
@@ -261,8 +301,9 @@ struct HelloBody {
     reserved1: U32,
     total_pages: U64,
     session_id: U64,
+    image_id: U64,
 }
-const _: () = assert!(size_of::<HelloBody>() == 32);
+const _: () = assert!(size_of::<HelloBody>() == 40);
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy)]
 #[repr(C)]
@@ -298,8 +339,12 @@ pub struct SessionParams {
     pub page_size: u32,
     /// Guest RAM size in pages.
     pub total_pages: u64,
-    /// The session this connection belongs to (0 in an urgent `Hello`: a new session).
+    /// The session this connection belongs to. In an urgent `Hello`: 0 for a new session,
+    /// else the session to resume (replacing it if it still runs).
     pub session_id: u64,
+    /// The memory image: in `Welcome`, the one served; in `Hello`, the one the destination
+    /// pinned (0 before its first `Welcome`).
+    pub image_id: u64,
 }
 
 /// A contiguous range of page indices.
@@ -376,6 +421,10 @@ pub enum Message {
         /// Pages per chunk.
         chunk_pages: u64,
     },
+    /// The sender is alive (sent on an idle connection).
+    Heartbeat,
+    /// A bitmap (payload as for `DoneMap`) of pages the destination will never need.
+    SkipMap(PageRange),
 }
 
 impl Message {
@@ -398,6 +447,8 @@ impl Message {
             Message::AuthOk(_) => Kind::AuthOk,
             Message::DigestQuery { .. } => Kind::DigestQuery,
             Message::Digests { .. } => Kind::Digests,
+            Message::Heartbeat => Kind::Heartbeat,
+            Message::SkipMap(_) => Kind::SkipMap,
         }
     }
 }
@@ -474,10 +525,10 @@ impl Decoder {
             Kind::Request | Kind::ZeroRun | Kind::Skip if len != RANGE_BODY_LEN => {
                 return Err(bad(RANGE_BODY_LEN.to_string()));
             }
-            Kind::PageRun | Kind::DoneMap if len <= RANGE_BODY_LEN => {
+            Kind::PageRun | Kind::DoneMap | Kind::SkipMap if len <= RANGE_BODY_LEN => {
                 return Err(bad(format!("more than {RANGE_BODY_LEN}")));
             }
-            Kind::BulkDone | Kind::Goodbye | Kind::MapEnd if len != 0 => {
+            Kind::BulkDone | Kind::Goodbye | Kind::MapEnd | Kind::Heartbeat if len != 0 => {
                 return Err(bad("0".into()));
             }
             Kind::Challenge | Kind::AuthOk if len != AUTH_BYTES => {
@@ -548,6 +599,7 @@ impl Decoder {
                     page_size: raw.page_size.get(),
                     total_pages: raw.total_pages.get(),
                     session_id: raw.session_id.get(),
+                    image_id: raw.image_id.get(),
                 };
                 if kind == Kind::Hello {
                     Message::Hello {
@@ -584,7 +636,7 @@ impl Decoder {
                     }
                 }
             }
-            Kind::DoneMap => {
+            Kind::DoneMap | Kind::SkipMap => {
                 let (raw, payload) =
                     RangeBody::read_from_prefix(body).map_err(|_| self.short(header))?;
                 let range = self.check_range(raw.first_page.get(), raw.count.get())?;
@@ -598,7 +650,12 @@ impl Decoder {
                         ),
                     });
                 }
-                return Ok((Message::DoneMap(range), payload));
+                let message = if kind == Kind::DoneMap {
+                    Message::DoneMap(range)
+                } else {
+                    Message::SkipMap(range)
+                };
+                return Ok((message, payload));
             }
             Kind::MapEnd => Message::MapEnd,
             Kind::Challenge => Message::Challenge(body.try_into().map_err(|_| self.short(header))?),
@@ -637,6 +694,7 @@ impl Decoder {
             }
             Kind::BulkDone => Message::BulkDone,
             Kind::Goodbye => Message::Goodbye,
+            Kind::Heartbeat => Message::Heartbeat,
             Kind::Error => {
                 let (raw, text) =
                     ErrorBody::read_from_prefix(body).map_err(|_| self.short(header))?;
@@ -722,8 +780,8 @@ pub fn encode(message: &Message, payload_len: usize, out: &mut Vec<u8>) {
                 trailing = payload_len;
             }
         }
-        Message::BulkDone | Message::Goodbye | Message::MapEnd => {}
-        Message::DoneMap(r) => {
+        Message::BulkDone | Message::Goodbye | Message::MapEnd | Message::Heartbeat => {}
+        Message::DoneMap(r) | Message::SkipMap(r) => {
             let body = RangeBody {
                 first_page: r.first.into(),
                 count: r.count.into(),
@@ -769,6 +827,7 @@ fn encode_params(role: u8, params: &SessionParams, out: &mut Vec<u8>) {
         reserved1: 0.into(),
         total_pages: params.total_pages.into(),
         session_id: params.session_id.into(),
+        image_id: params.image_id.into(),
     };
     out.extend_from_slice(body.as_bytes());
 }
@@ -819,6 +878,7 @@ mod tests {
             page_size: 4096,
             total_pages: 1000,
             session_id: 7,
+            image_id: 0x1234_5678_9abc_def0,
         }
     }
 
@@ -852,6 +912,7 @@ mod tests {
             Message::Skip(r),
             Message::BulkDone,
             Message::Goodbye,
+            Message::Heartbeat,
         ] {
             assert_eq!(decode_all(&session(), &frame(&m, &[])).unwrap().0, m);
         }
@@ -869,6 +930,12 @@ mod tests {
         };
         let (m, p) = decode_all(&session(), &frame(&Message::DoneMap(r), &[0xFF; 3])).unwrap();
         assert_eq!((m, p.len()), (Message::DoneMap(r), 3));
+        let (m, p) = decode_all(&session(), &frame(&Message::SkipMap(r), &[0x0F; 3])).unwrap();
+        assert_eq!((m, p), (Message::SkipMap(r), vec![0x0F; 3]));
+        assert!(matches!(
+            session().decode(&frame(&Message::SkipMap(r), &[0xFF; 4])),
+            Err(WireError::BadLength { .. })
+        ));
         assert!(matches!(
             session().decode(&frame(&Message::DoneMap(r), &[0xFF; 2])),
             Err(WireError::BadLength { .. })
@@ -919,8 +986,8 @@ mod tests {
         let mut f = frame(&Message::Goodbye, &[]);
         f[0] = 99;
         assert_eq!(session().decode(&f), Err(WireError::UnknownKind(99)));
-        f[0] = 17;
-        assert_eq!(session().decode(&f), Err(WireError::UnknownKind(17)));
+        f[0] = 19;
+        assert_eq!(session().decode(&f), Err(WireError::UnknownKind(19)));
         let mut f = frame(&Message::Goodbye, &[]);
         f[2] = 1;
         assert!(matches!(

@@ -1,0 +1,397 @@
+//! The conversation of each connection as a state machine, one per side and role. Every frame
+//! a side receives goes through its machine first, so a frame in the wrong phase is refused
+//! by construction (the decoder already refuses handshake frames in a session and the
+//! reverse; these machines refuse the rest, e.g. a `Request` before `MapEnd`, a second
+//! `BulkDone`, `Digests` nobody asked for).
+//!
+//! ```text
+//!  handshake, server:  AwaitHello ─Hello─► [AwaitProof ─Proof─►] Admitted
+//!  handshake, client:  AwaitServer ─Challenge─► AwaitAuthOk ─AuthOk─► AwaitWelcome ─Welcome─► Welcomed
+//!                      AwaitServer ─Welcome─► Welcomed  (no key)          any ─Error─► Refused
+//!  urgent, source:     Maps ─MapEnd─► Serving ─DigestQuery─► Verifying ─Goodbye─► Closed
+//!                      (DoneMap, SkipMap)  (Request, Skip)   Serving ─Goodbye─► Closed (--no-verify)
+//!  urgent, destination: Serving ─(sends DigestQuery)─► AwaitDigests ─Digests─► Verified
+//!                      (PageRun, ZeroRun)            (late PageRun, ZeroRun)
+//!  bulk, destination:  Pushing ─BulkDone─► Pushed          bulk, source: Open
+//!                      (PageRun, ZeroRun)
+//!  every session phase takes Heartbeat and stays; Error ends every phase (Closed/Refused).
+//! ```
+
+use super::{Kind, WireError};
+
+/// A phase of one connection's conversation.
+pub trait Phase: Copy + std::fmt::Debug {
+    /// The phase after receiving a frame of `kind`, or `None` if the frame does not belong.
+    fn next(self, kind: Kind) -> Option<Self>;
+
+    /// A short name for errors and logs.
+    fn name(self) -> &'static str;
+
+    /// Moves to the phase after receiving a frame of `kind`.
+    ///
+    /// # Errors
+    /// [`WireError::OutOfPhase`] when the frame does not belong in this phase; the phase is
+    /// unchanged.
+    fn receive(&mut self, kind: Kind) -> Result<(), WireError> {
+        match self.next(kind) {
+            Some(next) => {
+                *self = next;
+                Ok(())
+            }
+            None => Err(WireError::OutOfPhase {
+                kind,
+                phase: self.name(),
+            }),
+        }
+    }
+}
+
+/// pagesrv's side of a connection's handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerHandshake {
+    /// Waiting for `Hello`.
+    AwaitHello {
+        /// Whether a proof of the key follows (`--psk-file`).
+        keyed: bool,
+    },
+    /// `Challenge` sent; waiting for `Proof`.
+    AwaitProof,
+    /// The client is admitted to the session stage (the server answers next).
+    Admitted,
+    /// The client gave up.
+    Closed,
+}
+
+impl Phase for ServerHandshake {
+    fn next(self, kind: Kind) -> Option<Self> {
+        use ServerHandshake::*;
+        Some(match (self, kind) {
+            (AwaitHello { keyed: true }, Kind::Hello) => AwaitProof,
+            (AwaitHello { keyed: false }, Kind::Hello) | (AwaitProof, Kind::Proof) => Admitted,
+            (AwaitHello { .. } | AwaitProof, Kind::Error) => Closed,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ServerHandshake::AwaitHello { .. } => "waiting for Hello",
+            ServerHandshake::AwaitProof => "waiting for the key proof",
+            ServerHandshake::Admitted => "admitted",
+            ServerHandshake::Closed => "closed",
+        }
+    }
+}
+
+/// faultd's side of a connection's handshake (after sending `Hello`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientHandshake {
+    /// Waiting for `Challenge` (with a key) or `Welcome` (without).
+    AwaitServer,
+    /// `Proof` sent; waiting for the server's proof.
+    AwaitAuthOk,
+    /// The server proved the key; its answer follows.
+    AwaitWelcome,
+    /// Welcomed: the session stage begins.
+    Welcomed,
+    /// The server refused.
+    Refused,
+}
+
+impl Phase for ClientHandshake {
+    fn next(self, kind: Kind) -> Option<Self> {
+        use ClientHandshake::*;
+        Some(match (self, kind) {
+            (AwaitServer, Kind::Challenge) => AwaitAuthOk,
+            (AwaitAuthOk, Kind::AuthOk) => AwaitWelcome,
+            (AwaitServer | AwaitWelcome, Kind::Welcome) => Welcomed,
+            (AwaitServer | AwaitAuthOk | AwaitWelcome, Kind::Error) => Refused,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ClientHandshake::AwaitServer => "waiting for Challenge or Welcome",
+            ClientHandshake::AwaitAuthOk => "waiting for the server's key proof",
+            ClientHandshake::AwaitWelcome => "waiting for Welcome",
+            ClientHandshake::Welcomed => "welcomed",
+            ClientHandshake::Refused => "refused",
+        }
+    }
+}
+
+/// pagesrv's side of a session's urgent connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceUrgent {
+    /// Receiving the destination's done and skip maps; the push waits.
+    Maps,
+    /// Answering requests while the push runs.
+    Serving,
+    /// Digests sent; waiting for the verdict.
+    Verifying,
+    /// Goodbye or Error received.
+    Closed,
+}
+
+impl Phase for SourceUrgent {
+    fn next(self, kind: Kind) -> Option<Self> {
+        use SourceUrgent::*;
+        Some(match (self, kind) {
+            (Closed, _) => return None,
+            (phase, Kind::Heartbeat) => phase,
+            (_, Kind::Error) => Closed,
+            (Maps, Kind::DoneMap | Kind::SkipMap) => Maps,
+            (Maps, Kind::MapEnd) => Serving,
+            (Serving, Kind::Request | Kind::Skip) => Serving,
+            (Serving, Kind::DigestQuery) => Verifying,
+            (Serving | Verifying, Kind::Goodbye) => Closed,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            SourceUrgent::Maps => "receiving the destination's page maps",
+            SourceUrgent::Serving => "serving requests",
+            SourceUrgent::Verifying => "waiting for the verdict",
+            SourceUrgent::Closed => "closed",
+        }
+    }
+}
+
+/// pagesrv's side of a session's bulk connection: the destination sends nothing but
+/// heartbeats (or an error) on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceBulk {
+    /// Pushing.
+    Open,
+    /// The destination reported an error.
+    Closed,
+}
+
+impl Phase for SourceBulk {
+    fn next(self, kind: Kind) -> Option<Self> {
+        match (self, kind) {
+            (SourceBulk::Open, Kind::Heartbeat) => Some(SourceBulk::Open),
+            (SourceBulk::Open, Kind::Error) => Some(SourceBulk::Closed),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            SourceBulk::Open => "pushing",
+            SourceBulk::Closed => "closed",
+        }
+    }
+}
+
+/// faultd's side of a session's urgent connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestUrgent {
+    /// Requests out, replies in.
+    Serving,
+    /// `DigestQuery` sent: late replies, then the digests.
+    AwaitDigests,
+    /// Digests received.
+    Verified,
+    /// The source reported an error.
+    Closed,
+}
+
+impl DestUrgent {
+    /// Moves to the phase after sending a frame of `kind` (only `DigestQuery` changes it).
+    ///
+    /// # Errors
+    /// [`WireError::OutOfPhase`] for a `DigestQuery` outside [`DestUrgent::Serving`].
+    pub fn send(&mut self, kind: Kind) -> Result<(), WireError> {
+        match (*self, kind) {
+            (DestUrgent::Serving, Kind::DigestQuery) => *self = DestUrgent::AwaitDigests,
+            (_, Kind::DigestQuery) => {
+                return Err(WireError::OutOfPhase {
+                    kind,
+                    phase: self.name(),
+                });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl Phase for DestUrgent {
+    fn next(self, kind: Kind) -> Option<Self> {
+        use DestUrgent::*;
+        Some(match (self, kind) {
+            (Closed, _) => return None,
+            (phase, Kind::Heartbeat) => phase,
+            (_, Kind::Error) => Closed,
+            (Serving | AwaitDigests, Kind::PageRun | Kind::ZeroRun) => self,
+            (AwaitDigests, Kind::Digests) => Verified,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            DestUrgent::Serving => "serving faults",
+            DestUrgent::AwaitDigests => "waiting for digests",
+            DestUrgent::Verified => "verified",
+            DestUrgent::Closed => "closed",
+        }
+    }
+}
+
+/// faultd's side of a session's bulk connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestBulk {
+    /// Pushed pages arrive.
+    Pushing,
+    /// `BulkDone` received.
+    Pushed,
+    /// The source reported an error.
+    Closed,
+}
+
+impl Phase for DestBulk {
+    fn next(self, kind: Kind) -> Option<Self> {
+        use DestBulk::*;
+        Some(match (self, kind) {
+            (Closed, _) => return None,
+            (phase, Kind::Heartbeat) => phase,
+            (_, Kind::Error) => Closed,
+            (Pushing, Kind::PageRun | Kind::ZeroRun) => Pushing,
+            (Pushing, Kind::BulkDone) => Pushed,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            DestBulk::Pushing => "receiving pushed pages",
+            DestBulk::Pushed => "push complete",
+            DestBulk::Closed => "closed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run<P: Phase>(mut phase: P, kinds: &[Kind]) -> Result<P, WireError> {
+        for &kind in kinds {
+            phase.receive(kind)?;
+        }
+        Ok(phase)
+    }
+
+    #[test]
+    fn test_source_urgent_follows_the_session_order() {
+        use Kind::*;
+        let ok = run(
+            SourceUrgent::Maps,
+            &[
+                DoneMap,
+                SkipMap,
+                Heartbeat,
+                MapEnd,
+                Request,
+                Skip,
+                Heartbeat,
+                DigestQuery,
+                Goodbye,
+            ],
+        );
+        assert_eq!(ok, Ok(SourceUrgent::Closed));
+        assert_eq!(
+            run(SourceUrgent::Maps, &[MapEnd, Goodbye]),
+            Ok(SourceUrgent::Closed)
+        );
+    }
+
+    #[test]
+    fn test_source_urgent_refuses_out_of_order_frames() {
+        use Kind::*;
+        for (before, bad) in [
+            (&[][..], Request),
+            (&[][..], DigestQuery),
+            (&[][..], Goodbye),
+            (&[MapEnd][..], DoneMap),
+            (&[MapEnd][..], MapEnd),
+            (&[MapEnd, DigestQuery][..], Request),
+            (&[MapEnd, DigestQuery][..], DigestQuery),
+            (&[MapEnd, Goodbye][..], Heartbeat),
+            (&[MapEnd][..], PageRun),
+            (&[MapEnd][..], Hello),
+        ] {
+            let mut phase = run(SourceUrgent::Maps, before).unwrap();
+            let was = phase;
+            let err = phase.receive(bad).unwrap_err();
+            assert!(
+                matches!(err, WireError::OutOfPhase { kind, .. } if kind == bad),
+                "{bad:?} after {before:?}: {err}"
+            );
+            assert_eq!(phase, was, "a refused frame leaves the phase unchanged");
+        }
+    }
+
+    #[test]
+    fn test_destination_machines() {
+        use Kind::*;
+        let mut urgent = DestUrgent::Serving;
+        assert!(urgent.receive(Digests).is_err(), "digests nobody asked for");
+        urgent.receive(PageRun).unwrap();
+        urgent.send(DigestQuery).unwrap();
+        assert!(urgent.send(DigestQuery).is_err());
+        urgent.receive(ZeroRun).unwrap();
+        urgent.receive(Digests).unwrap();
+        assert_eq!(urgent, DestUrgent::Verified);
+        assert!(urgent.receive(PageRun).is_err());
+        assert!(urgent.receive(Digests).is_err());
+
+        let bulk = run(DestBulk::Pushing, &[PageRun, Heartbeat, ZeroRun, BulkDone]);
+        assert_eq!(bulk, Ok(DestBulk::Pushed));
+        assert!(run(DestBulk::Pushed, &[PageRun]).is_err());
+        assert!(run(DestBulk::Pushed, &[BulkDone]).is_err());
+        assert!(run(DestBulk::Pushing, &[Request]).is_err());
+        assert_eq!(run(DestBulk::Pushing, &[Error]), Ok(DestBulk::Closed));
+        assert!(run(SourceBulk::Open, &[PageRun]).is_err());
+    }
+
+    #[test]
+    fn test_handshake_machines() {
+        use Kind::*;
+        assert_eq!(
+            run(ServerHandshake::AwaitHello { keyed: true }, &[Hello, Proof]),
+            Ok(ServerHandshake::Admitted)
+        );
+        assert_eq!(
+            run(ServerHandshake::AwaitHello { keyed: false }, &[Hello]),
+            Ok(ServerHandshake::Admitted)
+        );
+        assert!(run(ServerHandshake::AwaitHello { keyed: true }, &[Proof]).is_err());
+        assert!(
+            run(
+                ServerHandshake::AwaitHello { keyed: false },
+                &[Hello, Proof]
+            )
+            .is_err()
+        );
+        assert_eq!(
+            run(ClientHandshake::AwaitServer, &[Challenge, AuthOk, Welcome]),
+            Ok(ClientHandshake::Welcomed)
+        );
+        assert_eq!(
+            run(ClientHandshake::AwaitServer, &[Welcome]),
+            Ok(ClientHandshake::Welcomed)
+        );
+        assert_eq!(
+            run(ClientHandshake::AwaitServer, &[Challenge, AuthOk, Error]),
+            Ok(ClientHandshake::Refused)
+        );
+        assert!(run(ClientHandshake::AwaitServer, &[AuthOk]).is_err());
+        assert!(run(ClientHandshake::AwaitServer, &[Challenge, Welcome]).is_err());
+    }
+}

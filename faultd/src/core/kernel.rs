@@ -1,0 +1,339 @@
+//! The kernel operations the fault core needs, in page-index terms, behind a trait: reading
+//! the VMM's userfaultfd events, placing pages, waking waiting threads. [`UffdKernel`] is the
+//! real one (the VMM's uffd and region layout, and its memfd for memfd placement); the unit
+//! tests of the core use a fake that injects EAGAIN, EEXIST and REMOVE events.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::layout::{HostAddr, Layout};
+use common::uffd::{Event, Placement, Uffd, UffdError};
+
+/// A uffd event in page terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// A thread touched a missing page (or, `minor`, a page in the page cache not yet
+    /// mapped).
+    Fault {
+        /// The page.
+        page: u64,
+        /// A MINOR fault.
+        minor: bool,
+        /// The faulting thread.
+        thread_id: u32,
+    },
+    /// The VMM removed (balloon, `madvise(DONTNEED)`) or unmapped these pages: they read as
+    /// zero from now on.
+    Removed {
+        /// First page.
+        first: u64,
+        /// Pages.
+        count: u64,
+    },
+    /// A fault at an address no region declares.
+    Outside {
+        /// The address.
+        addr: u64,
+    },
+    /// The VMM moved guest memory (mremap), which faultd cannot follow.
+    Remapped {
+        /// Old start.
+        from: u64,
+        /// New start.
+        to: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Another event (fork, unknown kinds): logged and ignored.
+    Other(&'static str),
+}
+
+/// What one placement call achieved on a run of pages starting at `first`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Installed {
+    /// Pages from the start of the run that are present now.
+    pub present_pages: u64,
+    /// Of those, the pages whose bytes did not come from this call (`EEXIST`: another
+    /// placement won the race, and its bytes are the ones that landed).
+    pub existing: Vec<u64>,
+    /// The mapping is changing (`EAGAIN`: a REMOVE/UNMAP event is unread): read the events,
+    /// then place the rest of the run.
+    pub again: bool,
+}
+
+impl Installed {
+    /// Every page of a `count`-page run is present.
+    pub fn all(count: u64) -> Self {
+        Installed {
+            present_pages: count,
+            ..Installed::default()
+        }
+    }
+}
+
+/// Page placement and events, as the fault core sees them.
+pub trait Kernel: Sync {
+    /// Page size in bytes.
+    fn page_size(&self) -> u64;
+    /// Pages of guest RAM.
+    fn total_pages(&self) -> u64;
+    /// Appends every pending event to `out` without blocking.
+    ///
+    /// # Errors
+    /// The uffd failed (the VMM is gone).
+    fn read_events(&self, out: &mut Vec<VmEvent>) -> Result<(), UffdError>;
+    /// Places `data` (whole pages) at pages `first..`, waking their waiters.
+    ///
+    /// # Errors
+    /// The VMM is gone or the kernel refused the placement.
+    fn install(&self, first: u64, data: &[u8]) -> Result<Installed, UffdError>;
+    /// Places zero pages at `first..first+count`, waking their waiters.
+    ///
+    /// # Errors
+    /// As [`Kernel::install`].
+    fn install_zero(&self, first: u64, count: u64) -> Result<Installed, UffdError>;
+    /// Maps a page that is in the page cache but not mapped (a MINOR fault).
+    ///
+    /// # Errors
+    /// As [`Kernel::install`].
+    fn map_cached(&self, page: u64) -> Result<Installed, UffdError>;
+    /// Wakes threads waiting on pages `first..first+count`.
+    ///
+    /// # Errors
+    /// The VMM is gone.
+    fn wake(&self, first: u64, count: u64) -> Result<(), UffdError>;
+    /// Whether placement writes a shared page cache before mapping (memfd placement): then
+    /// every placement must hold the placement gate, the fault thread's too.
+    fn writes_page_cache(&self) -> bool;
+}
+
+/// The real kernel: the VMM's userfaultfd and regions.
+pub struct UffdKernel {
+    layout: Layout,
+    uffd: Uffd,
+    /// With memfd placement: the VMM's guest RAM file. Pages are written into it and mapped
+    /// with UFFDIO_CONTINUE (or woken, where the VMM registered MISSING only).
+    memfd: Option<File>,
+    /// Set when UFFDIO_CONTINUE is refused (RAM not registered in MINOR mode).
+    continue_refused: AtomicBool,
+    /// Zero bytes to copy from where UFFDIO_ZEROPAGE does not exist (hugetlbfs).
+    zero_source: Vec<u8>,
+    /// Scratch for raw events (only the fault thread reads events).
+    raw_events: Mutex<Vec<Event>>,
+}
+
+impl UffdKernel {
+    /// The kernel side of a VM: pages are placed by UFFDIO_COPY, or, with `memfd`, written
+    /// into the memory file and mapped in place.
+    pub fn new(layout: Layout, uffd: Uffd, memfd: Option<File>) -> Self {
+        let zero_source = if layout.page_size() > 4096 {
+            vec![0; layout.page_size() as usize]
+        } else {
+            Vec::new()
+        };
+        UffdKernel {
+            layout,
+            uffd,
+            memfd,
+            continue_refused: AtomicBool::new(false),
+            zero_source,
+            raw_events: Mutex::new(Vec::with_capacity(64)),
+        }
+    }
+
+    /// The VMM's regions.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The VMM's userfaultfd.
+    pub fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    fn is_hugetlb(&self) -> bool {
+        self.layout.page_size() > 4096
+    }
+
+    /// Runs `place` on every host-contiguous piece of `first..first+count`, converting the
+    /// outcome to pages; stops at the first piece that meets EAGAIN.
+    fn per_piece(
+        &self,
+        first: u64,
+        count: u64,
+        mut place: impl FnMut(HostAddr, u64, u64) -> Result<Placement, UffdError>,
+    ) -> Result<Installed, UffdError> {
+        let page_size = self.page_size();
+        let mut installed = Installed::default();
+        for (addr, page, n) in self.layout.host_pieces(first, count) {
+            let (placed_bytes, existing, again) = match place(addr, page, n)? {
+                Placement::Done { existing } => (n * page_size, existing, false),
+                Placement::Again {
+                    placed_bytes,
+                    existing,
+                } => (placed_bytes, existing, true),
+            };
+            installed
+                .existing
+                .extend(existing.iter().map(|offset| page + offset / page_size));
+            installed.present_pages = page - first + placed_bytes / page_size;
+            if again {
+                installed.again = true;
+                return Ok(installed);
+            }
+        }
+        Ok(installed)
+    }
+
+    /// Memfd placement: writes the pages into the guest RAM file (the page cache the VMM
+    /// maps), then maps them into the VMM with UFFDIO_CONTINUE (MINOR registration), or just
+    /// wakes the waiters where RAM is registered MISSING only (the next touch finds the page
+    /// in the page cache). The bytes land by the write, so no page counts as existing.
+    fn write_and_map(
+        &self,
+        file: &File,
+        addr: HostAddr,
+        page: u64,
+        src: &[u8],
+    ) -> Result<Placement, UffdError> {
+        let page_size = self.page_size();
+        let len = src.len() as u64;
+        file.write_all_at(src, page * page_size)
+            .map_err(|source| UffdError::Place {
+                op: "pwrite to the guest memfd",
+                addr: addr.0,
+                len,
+                source,
+            })?;
+        if !self.continue_refused.load(Ordering::Relaxed) {
+            match self.uffd.continue_range(addr.0, len, page_size) {
+                Err(UffdError::Place { source, .. })
+                    if source.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    self.continue_refused.store(true, Ordering::Relaxed);
+                }
+                Ok(Placement::Done { .. }) => return Ok(Placement::Done { existing: vec![] }),
+                Ok(Placement::Again { placed_bytes, .. }) => {
+                    // The bytes are in the page cache; the unmapped rest is mapped by the
+                    // retry or by the next touch (a MINOR fault).
+                    return Ok(Placement::Again {
+                        placed_bytes,
+                        existing: vec![],
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.uffd.wake(addr.0, len)?;
+        Ok(Placement::Done { existing: vec![] })
+    }
+
+    /// hugetlbfs has no UFFDIO_ZEROPAGE: copy a zero page into each huge page.
+    fn copy_zero_pages(&self, addr: HostAddr, pages: u64) -> Result<Placement, UffdError> {
+        let page_size = self.page_size();
+        let mut existing = Vec::new();
+        for i in 0..pages {
+            match self
+                .uffd
+                .copy(addr.0 + i * page_size, &self.zero_source, page_size)?
+            {
+                Placement::Done { existing: e } if !e.is_empty() => existing.push(i * page_size),
+                Placement::Done { .. } => {}
+                Placement::Again { placed_bytes, .. } => {
+                    return Ok(Placement::Again {
+                        placed_bytes: i * page_size + placed_bytes,
+                        existing,
+                    });
+                }
+            }
+        }
+        Ok(Placement::Done { existing })
+    }
+}
+
+impl Kernel for UffdKernel {
+    fn page_size(&self) -> u64 {
+        self.layout.page_size()
+    }
+
+    fn total_pages(&self) -> u64 {
+        self.layout.total_pages()
+    }
+
+    fn read_events(&self, out: &mut Vec<VmEvent>) -> Result<(), UffdError> {
+        let mut raw = self.raw_events.lock().unwrap_or_else(|p| p.into_inner());
+        raw.clear();
+        self.uffd.read_events(&mut raw)?;
+        for event in raw.drain(..) {
+            match event {
+                Event::PageFault {
+                    addr,
+                    thread_id,
+                    minor,
+                    ..
+                } => out.push(match self.layout.locate(HostAddr(addr)) {
+                    Some(page) => VmEvent::Fault {
+                        page,
+                        minor,
+                        thread_id,
+                    },
+                    None => VmEvent::Outside { addr },
+                }),
+                Event::Remove { start, end } | Event::Unmap { start, end } => {
+                    for (first, count) in self.layout.pages_in_host_range(start, end) {
+                        out.push(VmEvent::Removed { first, count });
+                    }
+                }
+                Event::Remap { from, to, len } => out.push(VmEvent::Remapped { from, to, len }),
+                Event::Fork => out.push(VmEvent::Other("fork")),
+                Event::Unknown(_) => out.push(VmEvent::Other("unknown")),
+            }
+        }
+        Ok(())
+    }
+
+    fn install(&self, first: u64, data: &[u8]) -> Result<Installed, UffdError> {
+        let page_size = self.page_size();
+        let count = data.len() as u64 / page_size;
+        self.per_piece(first, count, |addr, page, n| {
+            let at = ((page - first) * page_size) as usize;
+            let src = &data[at..at + (n * page_size) as usize];
+            match &self.memfd {
+                Some(file) => self.write_and_map(file, addr, page, src),
+                None => self.uffd.copy(addr.0, src, page_size),
+            }
+        })
+    }
+
+    fn install_zero(&self, first: u64, count: u64) -> Result<Installed, UffdError> {
+        let page_size = self.page_size();
+        self.per_piece(first, count, |addr, _, n| {
+            if self.is_hugetlb() {
+                self.copy_zero_pages(addr, n)
+            } else {
+                self.uffd.zeropage(addr.0, n * page_size, page_size)
+            }
+        })
+    }
+
+    fn map_cached(&self, page: u64) -> Result<Installed, UffdError> {
+        let page_size = self.page_size();
+        self.per_piece(page, 1, |addr, _, _| {
+            self.uffd.continue_range(addr.0, page_size, page_size)
+        })
+    }
+
+    fn wake(&self, first: u64, count: u64) -> Result<(), UffdError> {
+        let page_size = self.page_size();
+        for (addr, _, n) in self.layout.host_pieces(first, count) {
+            self.uffd.wake(addr.0, n * page_size)?;
+        }
+        Ok(())
+    }
+
+    fn writes_page_cache(&self) -> bool {
+        self.memfd.is_some()
+    }
+}

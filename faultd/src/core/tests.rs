@@ -1,0 +1,416 @@
+//! Unit tests of the fault core over a fake kernel that keeps guest memory in a vector and
+//! behaves as the kernel does where it bites: a REMOVE is queued as an event and makes every
+//! placement answer EAGAIN until it is read *and* the VMM's thread resumes; a page that is
+//! already present answers EEXIST (its bytes stay).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::digest::page_digest;
+use common::uffd::UffdError;
+use common::wire::{Decoded, Decoder, Message, PageRange};
+
+use super::fault::FaultCore;
+use super::kernel::{Installed, Kernel, VmEvent};
+use super::push::{Pushed, place_pushed};
+use super::vm::{Counters, Origin, Placed, Vm, ZeroPages};
+
+const PAGE: u64 = 64;
+const PAGES: u64 = 32;
+
+#[derive(Default)]
+struct FakeState {
+    /// Present pages and their bytes.
+    memory: Vec<Option<Vec<u8>>>,
+    /// Events not yet read.
+    queue: VecDeque<VmEvent>,
+    /// Removals read whose VMM thread has not resumed: placements still get EAGAIN.
+    unresumed: Vec<(u64, u64)>,
+    /// Removals not yet read.
+    unread: usize,
+    install_calls: u64,
+    woken: Vec<u64>,
+}
+
+struct FakeKernel {
+    state: Mutex<FakeState>,
+}
+
+impl FakeKernel {
+    fn new() -> Self {
+        FakeKernel {
+            state: Mutex::new(FakeState {
+                memory: vec![None; PAGES as usize],
+                ..FakeState::default()
+            }),
+        }
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap()
+    }
+
+    /// The VMM calls madvise(DONTNEED): the event is queued, the VMM's thread blocks.
+    fn remove(&self, first: u64, count: u64) {
+        let mut st = self.st();
+        st.queue.push_back(VmEvent::Removed { first, count });
+        st.unread += 1;
+    }
+
+    /// A vCPU touches a page.
+    fn fault(&self, page: u64) {
+        self.st().queue.push_back(VmEvent::Fault {
+            page,
+            minor: false,
+            thread_id: 1,
+        });
+    }
+
+    /// The VMM's threads whose events were read resume: the zap happens, EAGAIN ends.
+    fn resume_vmm(&self) {
+        let mut st = self.st();
+        for (first, count) in std::mem::take(&mut st.unresumed) {
+            for p in first..first + count {
+                st.memory[p as usize] = None;
+            }
+        }
+    }
+
+    fn page(&self, p: u64) -> Option<Vec<u8>> {
+        self.st().memory[p as usize].clone()
+    }
+
+    fn place_pages(&self, first: u64, pages: Vec<Vec<u8>>) -> Result<Installed, UffdError> {
+        let mut st = self.st();
+        st.install_calls += 1;
+        if st.unread > 0 || !st.unresumed.is_empty() {
+            return Ok(Installed {
+                again: true,
+                ..Installed::default()
+            });
+        }
+        let mut installed = Installed::all(pages.len() as u64);
+        for (p, bytes) in (first..).zip(pages) {
+            match &st.memory[p as usize] {
+                Some(_) => installed.existing.push(p),
+                None => st.memory[p as usize] = Some(bytes),
+            }
+            st.woken.push(p);
+        }
+        Ok(installed)
+    }
+}
+
+impl Kernel for FakeKernel {
+    fn page_size(&self) -> u64 {
+        PAGE
+    }
+
+    fn total_pages(&self) -> u64 {
+        PAGES
+    }
+
+    fn read_events(&self, out: &mut Vec<VmEvent>) -> Result<(), UffdError> {
+        let mut st = self.st();
+        while let Some(event) = st.queue.pop_front() {
+            if let VmEvent::Removed { first, count } = event {
+                st.unread -= 1;
+                st.unresumed.push((first, count));
+            }
+            out.push(event);
+        }
+        Ok(())
+    }
+
+    fn install(&self, first: u64, data: &[u8]) -> Result<Installed, UffdError> {
+        let pages = data.chunks(PAGE as usize).map(<[u8]>::to_vec).collect();
+        self.place_pages(first, pages)
+    }
+
+    fn install_zero(&self, first: u64, count: u64) -> Result<Installed, UffdError> {
+        self.place_pages(first, vec![vec![0; PAGE as usize]; count as usize])
+    }
+
+    fn map_cached(&self, _page: u64) -> Result<Installed, UffdError> {
+        Ok(Installed::all(1))
+    }
+
+    fn wake(&self, first: u64, count: u64) -> Result<(), UffdError> {
+        self.st().woken.extend(first..first + count);
+        Ok(())
+    }
+
+    fn writes_page_cache(&self) -> bool {
+        false
+    }
+}
+
+fn vm() -> Vm<FakeKernel> {
+    Vm::new(FakeKernel::new()).unwrap()
+}
+
+fn bytes_of(page: u64) -> Vec<u8> {
+    vec![page as u8 + 1; PAGE as usize]
+}
+
+/// The frames in an outbox.
+fn frames(outbox: &[u8]) -> Vec<Message> {
+    let decoder = Decoder::session(PAGE, PAGES);
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < outbox.len() {
+        match decoder.decode(&outbox[at..]).unwrap() {
+            Decoded::Frame {
+                message, consumed, ..
+            } => {
+                out.push(message);
+                at += consumed;
+            }
+            Decoded::Incomplete { .. } => panic!("partial frame in the outbox"),
+        }
+    }
+    out
+}
+
+fn request(page: u64) -> Message {
+    Message::Request(PageRange {
+        first: page,
+        count: 1,
+    })
+}
+
+fn range(first: u64, count: u64) -> PageRange {
+    PageRange { first, count }
+}
+
+#[test]
+fn test_faults_on_one_page_send_one_request_and_the_reply_wakes_them() {
+    let vm = vm();
+    let mut core = FaultCore::new(&vm);
+    core.link_up();
+    vm.kernel.fault(3);
+    vm.kernel.fault(3);
+    core.drain_events().unwrap();
+    assert_eq!(frames(&core.outbox), vec![request(3)]);
+    core.on_reply(range(3, 1), Some(&bytes_of(3))).unwrap();
+    assert_eq!(vm.kernel.page(3), Some(bytes_of(3)));
+    assert_eq!(core.latencies.summary().count, 2, "both waiters resolved");
+    assert!(vm.done.is_set(3));
+    assert_eq!(Counters::get(&vm.counters.pages_requested), 1);
+}
+
+#[test]
+fn test_fault_on_a_zero_page_is_served_locally() {
+    let vm = vm();
+    let mut core = FaultCore::new(&vm);
+    core.link_up();
+    vm.place(4, 2, None, Origin::Pushed, ZeroPages::Skip)
+        .unwrap();
+    assert_eq!(
+        vm.kernel.page(4),
+        None,
+        "zero pages are not placed until touched"
+    );
+    vm.kernel.fault(5);
+    core.drain_events().unwrap();
+    assert!(core.outbox.is_empty(), "no request for a zero page");
+    assert_eq!(vm.kernel.page(5), Some(vec![0; PAGE as usize]));
+}
+
+#[test]
+fn test_remove_before_the_reply_skips_the_page_and_it_reads_zero() {
+    let vm = vm();
+    let mut core = FaultCore::new(&vm);
+    core.link_up();
+    vm.kernel.fault(7);
+    core.drain_events().unwrap();
+    core.outbox.clear();
+    // The balloon takes page 7 while its request is in flight.
+    vm.kernel.remove(6, 3);
+    core.drain_events().unwrap();
+    assert_eq!(frames(&core.outbox), vec![Message::Skip(range(6, 3))]);
+    assert!(vm.skipped.is_set(7) && vm.zero.is_set(7));
+    // The waiter's zero page met EAGAIN (the VMM's thread has not resumed): deferred, and
+    // nothing spins on it.
+    assert!(core.has_deferred());
+    vm.kernel.resume_vmm();
+    core.drain_events().unwrap();
+    assert!(!core.has_deferred());
+    assert_eq!(vm.kernel.page(7), Some(vec![0; PAGE as usize]));
+    assert_eq!(core.latencies.summary().count, 1);
+    // The reply arrives late: it must not bring the old bytes back.
+    core.on_reply(range(7, 1), Some(&bytes_of(7))).unwrap();
+    assert_eq!(vm.kernel.page(7), Some(vec![0; PAGE as usize]));
+    assert_eq!(
+        vm.chunk_digests(),
+        vec![0],
+        "a skipped page is not digested"
+    );
+    assert_eq!(Counters::get(&vm.counters.pages_removed), 3);
+}
+
+#[test]
+fn test_remove_after_the_reply_keeps_the_digest_and_refaults_locally() {
+    let vm = vm();
+    let mut core = FaultCore::new(&vm);
+    core.link_up();
+    vm.kernel.fault(2);
+    core.drain_events().unwrap();
+    core.on_reply(range(2, 1), Some(&bytes_of(2))).unwrap();
+    core.outbox.clear();
+    vm.kernel.remove(2, 1);
+    core.drain_events().unwrap();
+    vm.kernel.resume_vmm();
+    assert!(core.outbox.is_empty(), "the page arrived: nothing to skip");
+    assert!(!vm.skipped.is_set(2));
+    assert_eq!(vm.kernel.page(2), None, "the VMM zapped it");
+    vm.kernel.fault(2);
+    core.drain_events().unwrap();
+    assert!(
+        core.outbox.is_empty(),
+        "a removed page is never fetched again"
+    );
+    assert_eq!(vm.kernel.page(2), Some(vec![0; PAGE as usize]));
+    assert_eq!(vm.chunk_digests(), vec![page_digest(2, &bytes_of(2))]);
+}
+
+#[test]
+fn test_a_fault_read_in_the_same_batch_as_an_earlier_remove_is_not_fetched() {
+    let vm = vm();
+    let mut core = FaultCore::new(&vm);
+    core.link_up();
+    vm.kernel.remove(9, 1);
+    vm.kernel.fault(9);
+    core.drain_events().unwrap();
+    assert_eq!(frames(&core.outbox), vec![Message::Skip(range(9, 1))]);
+    vm.kernel.resume_vmm();
+    core.drain_events().unwrap();
+    assert_eq!(vm.kernel.page(9), Some(vec![0; PAGE as usize]));
+}
+
+#[test]
+fn test_eexist_race_digests_only_the_bytes_that_landed() {
+    let vm = vm();
+    // Another placement's copy landed first but has not marked the page done yet.
+    vm.kernel.st().memory[11] = Some(bytes_of(100));
+    let placed = vm
+        .place(
+            10,
+            3,
+            Some(&[bytes_of(10), bytes_of(11), bytes_of(12)].concat()),
+            Origin::Pushed,
+            ZeroPages::Skip,
+        )
+        .unwrap();
+    assert_eq!(placed, Placed::Done);
+    assert!(vm.done.is_set(11));
+    assert_eq!(
+        vm.kernel.page(11),
+        Some(bytes_of(100)),
+        "EEXIST keeps the first bytes"
+    );
+    let expected = page_digest(10, &bytes_of(10)).wrapping_add(page_digest(12, &bytes_of(12)));
+    assert_eq!(
+        vm.chunk_digests(),
+        vec![expected],
+        "page 11 is the other placement's to digest"
+    );
+    assert_eq!(Counters::get(&vm.counters.pages_pushed), 2);
+}
+
+#[test]
+fn test_eagain_during_a_cut_stops_the_bulk_placement_without_spinning() {
+    let vm = vm();
+    // A REMOVE nobody reads: the event reader is busy elsewhere (or cutting the link).
+    vm.kernel.remove(0, 1);
+    let stop = AtomicBool::new(false);
+    let data = [bytes_of(20), bytes_of(21)].concat();
+    let started = Instant::now();
+    let result = std::thread::scope(|s| {
+        let bulk = s.spawn(|| place_pushed(&vm, 20, 2, Some(&data), &stop));
+        std::thread::sleep(Duration::from_millis(30));
+        // The cut: set the stop flag and wake the waiting placement; never join first.
+        stop.store(true, Ordering::Release);
+        vm.wake_waiting_placements();
+        bulk.join().unwrap()
+    });
+    assert_eq!(result.unwrap(), Pushed::Stopped);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let calls = vm.kernel.st().install_calls;
+    assert!(
+        (1..=200).contains(&calls),
+        "{calls} placement attempts in ~30 ms: retries wait for the event reader"
+    );
+    assert_eq!(vm.kernel.page(20), None);
+}
+
+#[test]
+fn test_eagain_is_retried_once_the_events_are_read() {
+    let vm = vm();
+    let mut core = FaultCore::new(&vm);
+    vm.kernel.remove(0, 1);
+    let stop = AtomicBool::new(false);
+    let data = [bytes_of(20), bytes_of(21)].concat();
+    let result = std::thread::scope(|s| {
+        let bulk = s.spawn(|| place_pushed(&vm, 20, 2, Some(&data), &stop));
+        std::thread::sleep(Duration::from_millis(5));
+        core.drain_events().unwrap();
+        vm.kernel.resume_vmm();
+        bulk.join().unwrap()
+    });
+    assert_eq!(result.unwrap(), Pushed::Done);
+    assert_eq!(vm.kernel.page(21), Some(bytes_of(21)));
+    assert!(Counters::get(&vm.counters.placement_retries) >= 1);
+}
+
+#[test]
+fn test_a_reply_deferred_by_eagain_is_placed_after_a_cut() {
+    let vm = vm();
+    let mut core = FaultCore::new(&vm);
+    core.link_up();
+    vm.kernel.fault(12);
+    core.drain_events().unwrap();
+    vm.kernel.remove(30, 1);
+    // The reply arrives while the REMOVE is unread: deferred with its bytes.
+    core.on_reply(range(12, 1), Some(&bytes_of(12))).unwrap();
+    assert!(core.has_deferred());
+    core.link_down();
+    core.drain_events().unwrap();
+    vm.kernel.resume_vmm();
+    core.drain_events().unwrap();
+    assert!(!core.has_deferred());
+    assert_eq!(vm.kernel.page(12), Some(bytes_of(12)));
+    core.link_up();
+    assert!(
+        !frames(&core.outbox).contains(&request(12)),
+        "a page placed from a deferred reply is not requested again"
+    );
+}
+
+#[test]
+fn test_requests_and_skips_go_out_again_on_a_new_link() {
+    let vm = vm();
+    let mut core = FaultCore::new(&vm);
+    core.link_up();
+    vm.kernel.fault(1);
+    core.drain_events().unwrap();
+    core.link_down();
+    assert!(core.outbox.is_empty());
+    vm.kernel.fault(2);
+    vm.kernel.remove(25, 2);
+    core.drain_events().unwrap();
+    assert!(
+        core.outbox.is_empty(),
+        "nothing is queued while the link is down"
+    );
+    vm.kernel.resume_vmm();
+    core.link_up();
+    let mut sent = frames(&core.outbox);
+    sent.sort_by_key(|m| format!("{m:?}"));
+    assert_eq!(
+        sent,
+        vec![request(1), request(2), Message::Skip(range(25, 2))]
+    );
+}

@@ -1,0 +1,393 @@
+//! One VM's state, shared by the fault thread and the bulk threads: page maps, the placement
+//! gate, the event epoch, counters and digests; and placement itself.
+//!
+//! Three bits per page:
+//! - `done`: never to be fetched again (present, known zero, or removed by the VMM);
+//! - `zero`: reads as zero and is *not* placed: pages pagesrv reported as zero, and pages the
+//!   VMM removed (balloon, `madvise(DONTNEED)`) or unmapped. A fault on such a page is filled
+//!   with a zero page locally; a zero page nobody touches costs no ioctl at all, and after
+//!   completion (memory unregistered) the kernel fills it with zeros itself;
+//! - `skipped`: removed before its bytes arrived. pagesrv is told (`Skip`, `SkipMap`), never
+//!   sends it, and leaves it out of the digests; every other page is verified.
+//!
+//! The placement gate orders placements against REMOVE/UNMAP events: the event reader holds
+//! it while reading the uffd and marking removed pages, and every placement that may race
+//! with the reader holds it while it checks the bits and copies. A placement therefore either
+//! finishes before a REMOVE is read (and the VMM's zap, which waits for that read, clears
+//! it), or sees the page marked and skips it. The kernel answers EAGAIN to a placement while
+//! an event is unread (and until the VMM's thread resumes after it): a placement that meets
+//! EAGAIN releases the gate and waits for the event epoch to move (see [`Vm::wait_for_events`]),
+//! never spinning and never waiting on a thread that waits on it.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use common::pagemap::PageMap;
+use common::uffd::UffdError;
+use thiserror::Error;
+
+use super::kernel::{Installed, Kernel, VmEvent};
+
+/// Pages per digest chunk: a mismatch is reported per chunk (64 MiB of 4 KiB pages).
+pub const DIGEST_CHUNK_PAGES: u64 = 16384;
+
+/// Why a VM could not be set up.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// The page maps could not be allocated.
+    #[error("cannot allocate the page maps of {total_pages} pages")]
+    Alloc {
+        /// Pages of guest RAM.
+        total_pages: u64,
+        /// Why.
+        #[source]
+        source: std::collections::TryReserveError,
+    },
+}
+
+/// Counters for the stats JSON.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Data pages placed from urgent replies.
+    pub pages_requested: AtomicU64,
+    /// Data pages placed from the background push.
+    pub pages_pushed: AtomicU64,
+    /// Pages pagesrv reported as zero.
+    pub pages_zero: AtomicU64,
+    /// Pages the VMM removed (balloon, DONTNEED) or unmapped before they arrived.
+    pub pages_removed: AtomicU64,
+    /// Zero pages mapped because a thread faulted on them.
+    pub zero_fills: AtomicU64,
+    /// Bytes received from pagesrv on every connection.
+    pub bytes_received: AtomicU64,
+    /// Placements that met EAGAIN and waited for the event reader.
+    pub placement_retries: AtomicU64,
+}
+
+impl Counters {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Where pages came from, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// An urgent reply to a fault.
+    Requested,
+    /// The background push.
+    Pushed,
+}
+
+/// What to do with pages marked zero (known zero, or removed by the VMM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroPages {
+    /// Leave them unplaced (nobody waits on them).
+    Skip,
+    /// Map zero pages there: a thread faulted on them and waits.
+    Fill,
+}
+
+/// Result of a placement attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// Every page of the range is handled.
+    Done,
+    /// The mapping is changing (an unread REMOVE/UNMAP): pages from `resume_at` on were not
+    /// handled. Read the uffd's events, then call again from there.
+    Again {
+        /// First page not yet handled.
+        resume_at: u64,
+    },
+}
+
+/// Counts the event reader's passes, so a placement that met EAGAIN can wait for the next
+/// one without spinning.
+#[derive(Debug, Default)]
+struct EventEpoch {
+    epoch: AtomicU64,
+    waiters: AtomicU32,
+    lock: Mutex<()>,
+    moved: Condvar,
+}
+
+/// One VM being migrated in.
+pub struct Vm<K> {
+    /// Placement and events.
+    pub kernel: K,
+    /// Pages never to be fetched again.
+    pub done: PageMap,
+    /// Pages that read as zero and are filled only on a fault.
+    pub zero: PageMap,
+    /// Pages removed before they arrived: not sent, not verified.
+    pub skipped: PageMap,
+    /// Counters for the stats.
+    pub counters: Counters,
+    /// Sum of the digests of the pages placed, per chunk of [`DIGEST_CHUNK_PAGES`].
+    chunk_digests: Box<[AtomicU64]>,
+    gate: Mutex<()>,
+    events: EventEpoch,
+}
+
+impl<K: Kernel> Vm<K> {
+    /// A VM with nothing present yet.
+    ///
+    /// # Errors
+    /// The page maps could not be allocated (a guest this host cannot hold).
+    pub fn new(kernel: K) -> Result<Self, VmError> {
+        let total_pages = kernel.total_pages();
+        let alloc = |source| VmError::Alloc {
+            total_pages,
+            source,
+        };
+        let chunks = usize::try_from(total_pages.div_ceil(DIGEST_CHUNK_PAGES)).unwrap_or(0);
+        let mut chunk_digests = Vec::new();
+        chunk_digests.try_reserve_exact(chunks).map_err(alloc)?;
+        chunk_digests.extend((0..chunks).map(|_| AtomicU64::new(0)));
+        Ok(Vm {
+            done: PageMap::try_new(total_pages).map_err(alloc)?,
+            zero: PageMap::try_new(total_pages).map_err(alloc)?,
+            skipped: PageMap::try_new(total_pages).map_err(alloc)?,
+            kernel,
+            counters: Counters::default(),
+            chunk_digests: chunk_digests.into_boxed_slice(),
+            gate: Mutex::new(()),
+            events: EventEpoch::default(),
+        })
+    }
+
+    /// Page size in bytes.
+    pub fn page_size(&self) -> u64 {
+        self.kernel.page_size()
+    }
+
+    /// Pages of guest RAM.
+    pub fn total_pages(&self) -> u64 {
+        self.kernel.total_pages()
+    }
+
+    /// True once every page is present (or will never be needed).
+    pub fn is_complete(&self) -> bool {
+        self.done.is_full()
+    }
+
+    /// Takes the placement gate (see the module docs).
+    pub fn gate(&self) -> MutexGuard<'_, ()> {
+        // The gate guards no data, so a panic elsewhere cannot leave anything inconsistent.
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads every pending event under the gate, marks removed pages before any placement
+    /// can see them, appends the events to `out` and the runs newly skipped (removed before
+    /// they arrived) to `skipped`; then tells waiting placements the events were read.
+    ///
+    /// # Errors
+    /// The uffd failed (the VMM is gone).
+    pub fn read_events(
+        &self,
+        out: &mut Vec<VmEvent>,
+        skipped: &mut Vec<(u64, u64)>,
+    ) -> Result<(), UffdError> {
+        let start = out.len();
+        let result = {
+            let _gate = self.gate();
+            let result = self.kernel.read_events(out);
+            for event in &out[start..] {
+                if let VmEvent::Removed { first, count } = *event {
+                    self.mark_removed(first, count, skipped);
+                }
+            }
+            result
+        };
+        self.events.epoch.fetch_add(1, Ordering::AcqRel);
+        if self.events.waiters.load(Ordering::Acquire) > 0 {
+            let _lock = self.events.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.events.moved.notify_all();
+        }
+        result
+    }
+
+    /// How many times the events were read so far.
+    pub fn events_epoch(&self) -> u64 {
+        self.events.epoch.load(Ordering::Acquire)
+    }
+
+    /// Waits until the events are read after `epoch`, `stop` is set, or `limit` passes: what
+    /// a placement does after EAGAIN. The limit matters: the kernel keeps answering EAGAIN
+    /// after the event is read until the VMM's thread resumes, and no further event may come.
+    pub fn wait_for_events(&self, epoch: u64, stop: &AtomicBool, limit: Duration) {
+        Counters::add(&self.counters.placement_retries, 1);
+        self.events.waiters.fetch_add(1, Ordering::AcqRel);
+        {
+            let mut lock = self.events.lock.lock().unwrap_or_else(|p| p.into_inner());
+            if self.events_epoch() == epoch && !stop.load(Ordering::Acquire) {
+                lock = self
+                    .events
+                    .moved
+                    .wait_timeout(lock, limit)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            drop(lock);
+        }
+        self.events.waiters.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Wakes every placement waiting in [`Vm::wait_for_events`] (after setting its stop flag).
+    pub fn wake_waiting_placements(&self) {
+        let _lock = self.events.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.events.moved.notify_all();
+    }
+
+    /// Marks pages that read as zero without placing them: they are done, and a fault on one
+    /// maps a zero page. Pages already done are left alone. Returns how many were new.
+    pub fn mark_zero(&self, first: u64, count: u64) -> u64 {
+        let mut newly = 0;
+        for (page, n) in self.done.clear_runs(first, count) {
+            self.zero.set_range(page, n);
+            newly += self.done.set_range(page, n);
+        }
+        newly
+    }
+
+    /// Marks pages the VMM removed or unmapped: zero from now on, never fetched. Pages not
+    /// done yet are skipped (appended to `skipped`): they never arrive and are not verified.
+    /// Pages that arrived before keep their digest (their bytes were right). Call with the
+    /// gate held.
+    fn mark_removed(&self, first: u64, count: u64, skipped: &mut Vec<(u64, u64)>) {
+        let end = first.saturating_add(count).min(self.total_pages());
+        let first = first.min(end);
+        for (page, n) in self.done.clear_runs(first, end - first) {
+            self.skipped.set_range(page, n);
+            skipped.push((page, n));
+            Counters::add(&self.counters.pages_removed, n);
+        }
+        self.zero.set_range(first, end - first);
+        self.done.set_range(first, end - first);
+    }
+
+    fn add_digest(&self, page: u64, bytes: &[u8]) {
+        let digest = common::digest::page_digest(page, bytes);
+        self.chunk_digests[(page / DIGEST_CHUNK_PAGES) as usize]
+            .fetch_add(digest, Ordering::Relaxed);
+    }
+
+    /// Per-chunk digests of the pages placed.
+    pub fn chunk_digests(&self) -> Vec<u64> {
+        self.chunk_digests
+            .iter()
+            .map(|d| d.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Places pages `first..first+count`: `data` holds their bytes, or `None` when pagesrv
+    /// reported them as zero. Pages already done are skipped; pages marked zero are skipped or
+    /// filled as `zero_pages` says. Only pages this call placed are counted and digested:
+    /// where another placement won a race (EEXIST), its bytes are the ones that landed.
+    ///
+    /// # Errors
+    /// The VMM is gone, or the kernel refused the placement.
+    pub fn place(
+        &self,
+        first: u64,
+        count: u64,
+        data: Option<&[u8]>,
+        origin: Origin,
+        zero_pages: ZeroPages,
+    ) -> Result<Placed, UffdError> {
+        // The gate orders placements against the event reader. The fault thread *is* the
+        // event reader, so its own UFFDIO_COPYs need no gate (a race with a bulk thread ends
+        // in EEXIST); memfd placement writes the page cache first, which only the done bits
+        // under the gate keep from overwriting a page the guest already uses.
+        let _gate =
+            (origin == Origin::Pushed || self.kernel.writes_page_cache()).then(|| self.gate());
+        if data.is_none() {
+            Counters::add(&self.counters.pages_zero, self.mark_zero(first, count));
+        }
+        let page_size = self.page_size();
+        let end = first + count;
+        let mut at = first;
+        while at < end {
+            let zero_run = self.zero.set_run(at, end - at);
+            if zero_run > 0 {
+                if zero_pages == ZeroPages::Fill {
+                    let installed = self.kernel.install_zero(at, zero_run)?;
+                    let fills = installed.present_pages - installed.existing.len() as u64;
+                    Counters::add(&self.counters.zero_fills, fills);
+                    if installed.again {
+                        return Ok(Placed::Again {
+                            resume_at: at + installed.present_pages,
+                        });
+                    }
+                }
+                at += zero_run;
+                continue;
+            }
+            let run = self.zero.clear_run(at, end - at);
+            for (page, n) in self.done.clear_runs(at, run) {
+                let bytes = data.map(|d| {
+                    let offset = ((page - first) * page_size) as usize;
+                    &d[offset..offset + (n * page_size) as usize]
+                });
+                let installed = match bytes {
+                    Some(b) => self.kernel.install(page, b)?,
+                    None => Installed::all(n),
+                };
+                let newly = self.record_installed(page, &installed, bytes);
+                let counter = match origin {
+                    Origin::Requested => &self.counters.pages_requested,
+                    Origin::Pushed => &self.counters.pages_pushed,
+                };
+                Counters::add(counter, newly);
+                if installed.again {
+                    return Ok(Placed::Again {
+                        resume_at: page + installed.present_pages,
+                    });
+                }
+            }
+            at += run;
+        }
+        Ok(Placed::Done)
+    }
+
+    /// Marks the present pages of a placement done and digests the ones it placed; returns
+    /// how many it placed.
+    fn record_installed(&self, page: u64, installed: &Installed, bytes: Option<&[u8]>) -> u64 {
+        let page_size = self.page_size() as usize;
+        let mut placed = 0;
+        for p in page..page + installed.present_pages {
+            self.done.set(p);
+            if installed.existing.contains(&p) {
+                continue;
+            }
+            placed += 1;
+            if let Some(b) = bytes {
+                let at = (p - page) as usize * page_size;
+                self.add_digest(p, &b[at..at + page_size]);
+            }
+        }
+        placed
+    }
+
+    /// A MINOR fault: the page is in the page cache but not mapped in the VMM (written by us
+    /// but not yet mapped, or zapped by the VMM): map it.
+    ///
+    /// # Errors
+    /// As [`Vm::place`].
+    pub fn map_cached_page(&self, page: u64) -> Result<Placed, UffdError> {
+        let _gate = self.gate();
+        let installed = self.kernel.map_cached(page)?;
+        if installed.again {
+            return Ok(Placed::Again { resume_at: page });
+        }
+        self.done.set(page);
+        Ok(Placed::Done)
+    }
+}

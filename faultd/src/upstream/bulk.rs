@@ -1,0 +1,118 @@
+//! A bulk thread: receives pushed pages and places them in runs, until pagesrv says every
+//! page has been pushed, the link is cut (`stop`), or the connection stays silent for the
+//! link timeout.
+
+use std::io::ErrorKind;
+use std::net::TcpStream;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use common::framed::{FrameReader, ReadError};
+use common::uffd::UffdError;
+use common::wire::phase::{DestBulk, Phase};
+use common::wire::{Message, RANGE_FRAME_BYTES};
+use thiserror::Error;
+use tracing::{debug, trace};
+
+use crate::core::kernel::Kernel;
+use crate::core::push::{Pushed, place_pushed};
+use crate::core::vm::{Counters, Vm};
+
+/// Why a bulk thread stopped early.
+#[derive(Debug, Error)]
+pub enum BulkError {
+    /// The connection failed, carried a bad frame, or went silent.
+    #[error("bulk connection failed")]
+    Receive(#[from] ReadError),
+    /// No frame for the link timeout.
+    #[error("no frame on the bulk connection for {0:?}")]
+    Silent(Duration),
+    /// pagesrv reported an error.
+    #[error("pagesrv reported {code:?}: {text}")]
+    Remote {
+        /// Its code.
+        code: common::wire::ErrorCode,
+        /// Its text.
+        text: String,
+    },
+    /// Placing pages failed.
+    #[error("placing pushed pages failed")]
+    Place(#[from] UffdError),
+}
+
+impl BulkError {
+    /// Whether the error is the link's (reconnect) rather than the VM's (fatal).
+    pub fn is_link_failure(&self) -> bool {
+        !matches!(self, BulkError::Place(_))
+    }
+}
+
+/// How a bulk thread ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BulkEnd {
+    /// pagesrv pushed every page.
+    Complete,
+    /// Told to stop.
+    Stopped,
+}
+
+/// Receives and places pushed pages until `BulkDone`, `stop`, or an error. A read that waits
+/// longer than `silence` is a dead link.
+///
+/// # Errors
+/// Any [`BulkError`].
+pub fn receive_pushed_pages<K: Kernel>(
+    vm: &Vm<K>,
+    mut conn: TcpStream,
+    mut reader: FrameReader,
+    stop: &AtomicBool,
+    silence: Duration,
+) -> Result<BulkEnd, BulkError> {
+    conn.set_read_timeout(Some(silence))
+        .map_err(ReadError::Io)?;
+    // Room for several maximal frames, so each read takes whatever the socket holds.
+    reader.reserve(4 * (common::wire::HEADER_LEN + common::wire::MAX_BODY_BYTES));
+    let mut phase = DestBulk::Pushing;
+    loop {
+        let (message, payload) = match reader.read_frame(&mut conn) {
+            Ok(frame) => frame,
+            Err(ReadError::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                return Err(BulkError::Silent(silence));
+            }
+            Err(_) if stop.load(std::sync::atomic::Ordering::Acquire) => {
+                return Ok(BulkEnd::Stopped);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        phase
+            .receive(message.kind())
+            .map_err(|e| BulkError::Receive(e.into()))?;
+        let (range, data) = match message {
+            Message::PageRun(range) => (range, Some(reader.payload(payload))),
+            Message::ZeroRun(range) => (range, None),
+            Message::Heartbeat => continue,
+            Message::BulkDone => {
+                debug!("pagesrv pushed every page");
+                return Ok(BulkEnd::Complete);
+            }
+            Message::Error { code, text } => return Err(BulkError::Remote { code, text }),
+            other => {
+                let e = common::wire::WireError::Unexpected(other.kind());
+                return Err(BulkError::Receive(e.into()));
+            }
+        };
+        let frame_bytes = RANGE_FRAME_BYTES + data.map_or(0, <[u8]>::len);
+        Counters::add(&vm.counters.bytes_received, frame_bytes as u64);
+        trace!(
+            first = range.first,
+            count = range.count,
+            zero = data.is_none(),
+            "pushed"
+        );
+        if place_pushed(vm, range.first, range.count, data, stop)? == Pushed::Stopped {
+            return Ok(BulkEnd::Stopped);
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Opening a session with pagesrv: both connections, the handshake (with the key, if any),
+//! and the checks that the source serves what this VM needs: same protocol, same layout,
+//! and, once pinned, the same memory image.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use common::auth::{self, Answer, Psk, Transcript};
+use common::framed::{FrameReader, ReadError, write_frame};
+use common::wire::phase::{ClientHandshake, Phase};
+use common::wire::{Decoder, ErrorCode, Message, PROTOCOL_VERSION, Role, SessionParams};
+use thiserror::Error;
+
+/// How long connecting plus the handshake of one connection may take, in all.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Errors reaching pagesrv; each names the step.
+#[derive(Debug, Error)]
+pub enum UpstreamError {
+    /// The address did not resolve.
+    #[error("cannot resolve {addr}")]
+    Resolve {
+        /// The address given.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TCP connect failed.
+    #[error("cannot connect to pagesrv at {addr} ({role:?} connection)")]
+    Connect {
+        /// The address.
+        addr: SocketAddr,
+        /// Which connection.
+        role: Role,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The handshake failed on the wire (including its deadline).
+    #[error("handshake with pagesrv failed ({role:?} connection)")]
+    Handshake {
+        /// Which connection.
+        role: Role,
+        /// Why.
+        #[source]
+        source: ReadError,
+    },
+    /// Sending failed.
+    #[error("failed to send to pagesrv")]
+    Send(#[source] std::io::Error),
+    /// pagesrv refused us.
+    #[error("pagesrv refused the session ({code:?}): {text}")]
+    Refused {
+        /// Its error code.
+        code: ErrorCode,
+        /// Its explanation.
+        text: String,
+        /// Whether the refusal came after pagesrv proved the key (and bound the refusal).
+        trusted: bool,
+    },
+    /// Authentication failed or was not possible.
+    #[error("authentication with pagesrv failed: {0}")]
+    Auth(&'static str),
+    /// The source's memory does not match the VMM's layout (or the pinned image).
+    #[error(
+        "the source has {source_pages} pages of {source_page_size} bytes (protocol v{source_version}, image {source_image:016x}), \
+         this VM needs {our_pages} pages of {our_page_size} bytes (protocol v{PROTOCOL_VERSION}{})",
+        if *.our_image == 0 { String::new() } else { format!(", image {:016x}", .our_image) }
+    )]
+    Mismatch {
+        /// pagesrv's page count.
+        source_pages: u64,
+        /// pagesrv's page size.
+        source_page_size: u32,
+        /// pagesrv's protocol version.
+        source_version: u16,
+        /// pagesrv's image.
+        source_image: u64,
+        /// Our page count.
+        our_pages: u64,
+        /// Our page size.
+        our_page_size: u32,
+        /// The image this session pinned (0: none yet).
+        our_image: u64,
+        /// Whether pagesrv proved the key.
+        trusted: bool,
+    },
+}
+
+impl UpstreamError {
+    /// Whether trying again cannot help and the migration must fail rather than wait. Only
+    /// what pagesrv itself says can be final: on the first contact (a misconfiguration is
+    /// better reported at once), or later when it proved the key; nothing an
+    /// unauthenticated peer says during a reconnect ends the migration (a stranger on the
+    /// port must not), and name resolution or connection failures are always transient.
+    pub fn is_fatal(&self, first_contact: bool) -> bool {
+        let final_answer = |trusted: bool| trusted || first_contact;
+        match self {
+            UpstreamError::Resolve { .. }
+            | UpstreamError::Connect { .. }
+            | UpstreamError::Handshake { .. }
+            | UpstreamError::Send(_) => false,
+            UpstreamError::Auth(_) => first_contact,
+            UpstreamError::Mismatch { trusted, .. } => final_answer(*trusted),
+            UpstreamError::Refused { code, trusted, .. } => {
+                matches!(
+                    code,
+                    ErrorCode::LayoutMismatch
+                        | ErrorCode::VersionMismatch
+                        | ErrorCode::AuthFailed
+                        | ErrorCode::ImageMismatch
+                ) && final_answer(*trusted)
+            }
+        }
+    }
+}
+
+/// What a destination asks pagesrv for.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// pagesrv's address.
+    pub addr: String,
+    /// The pre-shared key, if any.
+    pub psk: Option<Psk>,
+    /// Page size of the VMM's memory.
+    pub page_size: u32,
+    /// Pages of the VMM's memory.
+    pub total_pages: u64,
+}
+
+/// What a reconnect resumes: the session to replace and the image pinned (0: none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pins {
+    /// The session to resume.
+    pub session_id: u64,
+    /// The memory image every later connection must serve.
+    pub image_id: u64,
+}
+
+/// An open session with pagesrv.
+pub struct Upstream {
+    /// Requests out, requested pages in.
+    pub urgent: TcpStream,
+    /// Anything read past the urgent handshake.
+    pub urgent_reader: FrameReader,
+    /// Pushed pages in.
+    pub bulk: TcpStream,
+    /// Anything read past the bulk handshake.
+    pub bulk_reader: FrameReader,
+    /// The session and image pagesrv welcomed us to.
+    pub pins: Pins,
+}
+
+/// Connects both connections and checks the source against the target and the pins.
+///
+/// # Errors
+/// Any [`UpstreamError`].
+pub fn connect(
+    target: &Target,
+    pins: Pins,
+    link_timeout: Duration,
+) -> Result<Upstream, UpstreamError> {
+    let resolved = target
+        .addr
+        .to_socket_addrs()
+        .map_err(|source| UpstreamError::Resolve {
+            addr: target.addr.clone(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| UpstreamError::Resolve {
+            addr: target.addr.clone(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+    let ours = SessionParams {
+        version: PROTOCOL_VERSION,
+        page_size: target.page_size,
+        total_pages: target.total_pages,
+        session_id: pins.session_id,
+        image_id: pins.image_id,
+    };
+    let psk = target.psk.as_ref();
+    let (urgent, urgent_reader, welcome) = open(resolved, psk, Role::Urgent, ours, link_timeout)?;
+    let pins = Pins {
+        session_id: welcome.session_id,
+        image_id: welcome.image_id,
+    };
+    let bulk_hello = SessionParams {
+        session_id: pins.session_id,
+        image_id: pins.image_id,
+        ..ours
+    };
+    let (bulk, bulk_reader, _) = open(resolved, psk, Role::Bulk, bulk_hello, link_timeout)?;
+    let decoder = Decoder::session(u64::from(target.page_size), target.total_pages);
+    let (mut urgent_reader, mut bulk_reader) = (urgent_reader, bulk_reader);
+    urgent_reader.set_decoder(decoder);
+    bulk_reader.set_decoder(decoder);
+    Ok(Upstream {
+        urgent,
+        urgent_reader,
+        bulk,
+        bulk_reader,
+        pins,
+    })
+}
+
+/// Opens one connection: Hello, the key exchange if any, Welcome; within
+/// [`HANDSHAKE_DEADLINE`] in all.
+fn open(
+    addr: SocketAddr,
+    psk: Option<&Psk>,
+    role: Role,
+    hello: SessionParams,
+    link_timeout: Duration,
+) -> Result<(TcpStream, FrameReader, SessionParams), UpstreamError> {
+    let deadline = Instant::now() + HANDSHAKE_DEADLINE;
+    let connect_err = |source| UpstreamError::Connect { addr, role, source };
+    let mut conn = TcpStream::connect_timeout(&addr, HANDSHAKE_DEADLINE).map_err(connect_err)?;
+    common::netopt::detect_dead_peer(&conn, link_timeout).map_err(connect_err)?;
+    conn.set_write_timeout(Some(HANDSHAKE_DEADLINE))
+        .map_err(connect_err)?;
+    write_frame(
+        &mut conn,
+        &Message::Hello {
+            role,
+            params: hello,
+        },
+        &[],
+    )
+    .map_err(UpstreamError::Send)?;
+    let mut reader = FrameReader::new(Decoder::handshake());
+    let mut phase = ClientHandshake::AwaitServer;
+    let mut transcript: Option<Transcript> = None;
+    let mut server_tag = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let handshake_err = |source| UpstreamError::Handshake { role, source };
+        if left.is_zero() {
+            return Err(handshake_err(ReadError::Io(
+                std::io::ErrorKind::TimedOut.into(),
+            )));
+        }
+        conn.set_read_timeout(Some(left)).map_err(connect_err)?;
+        let (message, _) = reader.read_frame(&mut conn).map_err(handshake_err)?;
+        phase
+            .receive(message.kind())
+            .map_err(|e| handshake_err(ReadError::Wire(e)))?;
+        match message {
+            Message::Challenge(server_nonce) => {
+                let Some(psk) = psk else {
+                    return Err(UpstreamError::Auth(
+                        "pagesrv requires a key: give --psk-file",
+                    ));
+                };
+                let t = Transcript {
+                    server_nonce,
+                    client_nonce: auth::nonce(),
+                    role,
+                    hello,
+                };
+                let mac = psk.client_mac(&t);
+                let proof = Message::Proof {
+                    nonce: t.client_nonce,
+                    mac,
+                };
+                write_frame(&mut conn, &proof, &[]).map_err(UpstreamError::Send)?;
+                transcript = Some(t);
+            }
+            Message::AuthOk(tag) => server_tag = Some(tag),
+            Message::Error { code, text } => {
+                let trusted = matches!(
+                    (psk, &transcript, &server_tag),
+                    (Some(psk), Some(t), Some(tag)) if psk.verify_server(t, &Answer::Refuse(code), tag)
+                );
+                return Err(UpstreamError::Refused {
+                    code,
+                    text,
+                    trusted,
+                });
+            }
+            Message::Welcome(theirs) => {
+                let trusted = match (psk, &transcript, &server_tag) {
+                    (None, _, _) => false,
+                    (Some(psk), Some(t), Some(tag)) => {
+                        if !psk.verify_server(t, &Answer::Welcome(theirs), tag) {
+                            return Err(UpstreamError::Auth("pagesrv proved a different key"));
+                        }
+                        true
+                    }
+                    (Some(_), _, _) => {
+                        return Err(UpstreamError::Auth(
+                            "pagesrv does not authenticate itself; refusing to take pages from it with --psk-file",
+                        ));
+                    }
+                };
+                check_welcome(&hello, &theirs, trusted)?;
+                conn.set_read_timeout(None).map_err(connect_err)?;
+                conn.set_write_timeout(None).map_err(connect_err)?;
+                return Ok((conn, reader, theirs));
+            }
+            other => {
+                let kind = other.kind();
+                return Err(handshake_err(ReadError::Wire(
+                    common::wire::WireError::Unexpected(kind),
+                )));
+            }
+        }
+    }
+}
+
+fn check_welcome(
+    ours: &SessionParams,
+    theirs: &SessionParams,
+    trusted: bool,
+) -> Result<(), UpstreamError> {
+    let image_differs = ours.image_id != 0 && theirs.image_id != ours.image_id;
+    if theirs.version != ours.version
+        || theirs.page_size != ours.page_size
+        || theirs.total_pages != ours.total_pages
+        || image_differs
+    {
+        return Err(UpstreamError::Mismatch {
+            source_pages: theirs.total_pages,
+            source_page_size: theirs.page_size,
+            source_version: theirs.version,
+            source_image: theirs.image_id,
+            our_pages: ours.total_pages,
+            our_page_size: ours.page_size,
+            our_image: ours.image_id,
+            trusted,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_only_final_answers_end_the_migration() {
+        let refused = |code, trusted| UpstreamError::Refused {
+            code,
+            text: String::new(),
+            trusted,
+        };
+        let stranger = refused(ErrorCode::LayoutMismatch, false);
+        assert!(stranger.is_fatal(true), "first contact: report at once");
+        assert!(!stranger.is_fatal(false), "a stranger during a reconnect");
+        assert!(refused(ErrorCode::ImageMismatch, true).is_fatal(false));
+        assert!(!refused(ErrorCode::Busy, true).is_fatal(true));
+        assert!(!UpstreamError::Auth("x").is_fatal(false));
+        assert!(UpstreamError::Auth("x").is_fatal(true));
+        let resolve = UpstreamError::Resolve {
+            addr: "nowhere".into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        };
+        assert!(
+            !resolve.is_fatal(true),
+            "name resolution failures are transient"
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! The live link to pagesrv, and getting it, first and again after a cut.
+//!
+//! ```text
+//!   Down ──connector thread: connect with backoff, handshake, send the maps──► Up(link)
+//!     ▲                                                                         │
+//!     └──── cut: urgent or bulk failed, or silent for the link timeout ◄────────┘
+//!   while Down: faults are read and recorded, REMOVE events handled, zero pages filled
+//!   locally; opening a link: the connector sends the done map (pages here) and the skip map
+//!   (pages removed before they arrived) + MapEnd, the fault core re-sends every request
+//!   still in flight and every skip since the cut, and a bulk thread starts for the link
+//! ```
+//!
+//! A cut never waits for the bulk thread: it sets the thread's stop flag, wakes it if it
+//! waits for the event reader, and shuts its socket; the thread ends on its own (the scope
+//! joins it at the end). The connector never touches the uffd, and the fault thread never
+//! writes a blocking socket.
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::Scope;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use common::framed::{FrameReader, write_frame};
+use common::netopt::Liveness;
+use common::wire::phase::DestUrgent;
+use common::wire::{MAX_PAYLOAD_BYTES, Message, PageRange};
+use mio::{Interest, Registry, Token, Waker};
+use tracing::{debug, info, warn};
+
+use super::bulk::{BulkEnd, BulkError, receive_pushed_pages};
+use super::connect::{self, Pins, Target, Upstream};
+use crate::core::kernel::Kernel;
+use crate::core::vm::Vm;
+
+/// How often the connector says it is still waiting.
+const WAITING_LOG_EVERY: Duration = Duration::from_secs(3);
+
+/// Where pagesrv is and how patient to be with it.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// pagesrv and what to ask it for.
+    pub target: Target,
+    /// Give up after this long without a link (None: never).
+    pub reconnect_timeout: Option<Duration>,
+    /// Heartbeats and the link timeout.
+    pub liveness: Liveness,
+}
+
+/// What the helper threads report to the main loop (with a wake-up).
+pub enum LinkEvent {
+    /// A bulk thread ended.
+    BulkEnded {
+        /// Which link it belonged to.
+        generation: u64,
+        /// Why.
+        result: Result<BulkEnd, BulkError>,
+    },
+    /// The connector got a link (maps sent), or gave up for good.
+    Connected(Result<Upstream>),
+}
+
+/// An open link.
+pub struct Link {
+    /// Requests out, requested pages in (non-blocking, registered with the poll).
+    pub urgent: mio::net::TcpStream,
+    /// Frames read from `urgent`.
+    pub reader: FrameReader,
+    /// Where the urgent conversation stands.
+    pub phase: DestUrgent,
+    /// Which link this is (1 for the first).
+    pub generation: u64,
+    /// When a frame last arrived on `urgent`.
+    pub last_rx: Instant,
+    /// When bytes were last written on `urgent`.
+    pub last_tx: Instant,
+    /// Whether the poll also waits for `urgent` to become writable.
+    pub writable_armed: bool,
+    bulk: TcpStream,
+    bulk_stop: Arc<AtomicBool>,
+}
+
+/// Helper-thread plumbing shared by every link.
+pub struct Links<'scope, 'env, K> {
+    scope: &'scope Scope<'scope, 'env>,
+    vm: &'env Vm<K>,
+    events_tx: Sender<LinkEvent>,
+    /// Events from the bulk and connector threads.
+    pub events: Receiver<LinkEvent>,
+    waker: Arc<Waker>,
+    config: &'env LinkConfig,
+    connector_stop: Option<Sender<()>>,
+    generations: u64,
+    /// Links lost so far.
+    pub cuts: u64,
+    /// The session and image the next connection resumes.
+    pub pins: Pins,
+}
+
+impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
+    /// Plumbing for links of `vm`, waking the main loop through `waker`.
+    pub fn new(
+        scope: &'scope Scope<'scope, 'env>,
+        vm: &'env Vm<K>,
+        waker: Waker,
+        config: &'env LinkConfig,
+    ) -> Self {
+        let (events_tx, events) = mpsc::channel();
+        Links {
+            scope,
+            vm,
+            events_tx,
+            events,
+            waker: Arc::new(waker),
+            config,
+            connector_stop: None,
+            generations: 0,
+            cuts: 0,
+            pins: Pins::default(),
+        }
+    }
+
+    /// Puts a connected session to use: registers the urgent connection with `token` and
+    /// starts the bulk thread.
+    ///
+    /// # Errors
+    /// Registering the socket failed.
+    pub fn open(&mut self, up: Upstream, registry: &Registry, token: Token) -> Result<Link> {
+        let Upstream {
+            urgent,
+            urgent_reader,
+            bulk,
+            bulk_reader,
+            pins,
+        } = up;
+        self.pins = pins;
+        urgent.set_nonblocking(true)?;
+        let mut urgent = mio::net::TcpStream::from_std(urgent);
+        registry.register(&mut urgent, token, Interest::READABLE)?;
+        self.generations += 1;
+        let generation = self.generations;
+        let bulk_handle = bulk
+            .try_clone()
+            .context("failed to clone the bulk socket")?;
+        let bulk_stop = Arc::new(AtomicBool::new(false));
+        let (vm, tx, waker, stop) = (
+            self.vm,
+            self.events_tx.clone(),
+            self.waker.clone(),
+            bulk_stop.clone(),
+        );
+        let silence = self.config.liveness.timeout;
+        self.scope.spawn(move || {
+            let _ = common::sched::normal_priority();
+            let result = receive_pushed_pages(vm, bulk, bulk_reader, &stop, silence);
+            let _ = tx.send(LinkEvent::BulkEnded { generation, result });
+            let _ = waker.wake();
+        });
+        debug!(
+            generation,
+            session = format_args!("{:016x}", pins.session_id),
+            image = format_args!("{:016x}", pins.image_id),
+            "link open"
+        );
+        let now = Instant::now();
+        Ok(Link {
+            urgent,
+            reader: urgent_reader,
+            phase: DestUrgent::Serving,
+            generation,
+            last_rx: now,
+            last_tx: now,
+            writable_armed: false,
+            bulk: bulk_handle,
+            bulk_stop,
+        })
+    }
+
+    /// Drops a broken link (its bulk thread stops on its own) and starts reconnecting.
+    pub fn cut(&mut self, link: Link, registry: &Registry, why: &anyhow::Error) {
+        self.cuts += 1;
+        warn!(
+            generation = link.generation,
+            cuts = self.cuts,
+            error = %format!("{why:#}"),
+            "lost the link to pagesrv; faults wait while it reconnects"
+        );
+        self.close(link, registry);
+        self.start_connector();
+    }
+
+    /// Closes a link without reconnecting: the bulk thread is told to stop (and woken if it
+    /// waits for the event reader); nothing here waits for it.
+    pub fn close(&mut self, mut link: Link, registry: &Registry) {
+        let _ = registry.deregister(&mut link.urgent);
+        let _ = link.urgent.shutdown(Shutdown::Both);
+        link.bulk_stop.store(true, Ordering::Release);
+        self.vm.wake_waiting_placements();
+        let _ = link.bulk.shutdown(Shutdown::Both);
+    }
+
+    /// Stops a running connector.
+    pub fn stop_connector(&mut self) {
+        self.connector_stop = None;
+    }
+
+    /// Starts (or restarts) the connector thread.
+    pub fn start_connector(&mut self) {
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        self.connector_stop = Some(stop_tx);
+        let (tx, waker, config, vm) = (
+            self.events_tx.clone(),
+            self.waker.clone(),
+            self.config,
+            self.vm,
+        );
+        let (pins, first_contact) = (self.pins, self.generations == 0);
+        self.scope.spawn(move || {
+            let _ = common::sched::normal_priority();
+            if let Some(result) = connect_with_backoff(config, vm, pins, first_contact, &stop_rx) {
+                let _ = tx.send(LinkEvent::Connected(result));
+                let _ = waker.wake();
+            }
+        });
+    }
+}
+
+/// Tries to reach pagesrv until it answers (and takes the maps), a final refusal, the
+/// reconnect timeout, or `stop` (None).
+fn connect_with_backoff<K: Kernel>(
+    config: &LinkConfig,
+    vm: &Vm<K>,
+    pins: Pins,
+    first_contact: bool,
+    stop: &Receiver<()>,
+) -> Option<Result<Upstream>> {
+    let started = Instant::now();
+    let mut last_log = started;
+    let mut backoff = Duration::from_millis(10);
+    let mut attempts = 0u64;
+    let addr = &config.target.addr;
+    loop {
+        attempts += 1;
+        let attempt = connect::connect(&config.target, pins, config.liveness.timeout)
+            .map_err(|e| {
+                let fatal = e.is_fatal(first_contact);
+                (anyhow!(e), fatal)
+            })
+            .and_then(|mut up| {
+                send_maps(vm, &mut up.urgent, config.liveness.timeout)
+                    .map(|()| up)
+                    .map_err(|e| (anyhow!(e).context("failed to send the page maps"), false))
+            });
+        match attempt {
+            Ok(up) => {
+                let after_ms = started.elapsed().as_millis() as u64;
+                if first_contact {
+                    info!(attempts, after_ms, %addr, "connected to pagesrv");
+                } else {
+                    info!(attempts, after_ms, "reconnected to pagesrv");
+                }
+                return Some(Ok(up));
+            }
+            Err((e, true)) => {
+                let what = if first_contact {
+                    "pagesrv refused the migration"
+                } else {
+                    "pagesrv refused to resume"
+                };
+                return Some(Err(e.context(what)));
+            }
+            Err((e, false)) => {
+                if last_log.elapsed() >= WAITING_LOG_EVERY {
+                    info!(
+                        attempts,
+                        waited_s = started.elapsed().as_secs(),
+                        error = %format!("{e:#}"),
+                        "still waiting for pagesrv at {addr}"
+                    );
+                    last_log = Instant::now();
+                } else {
+                    debug!(attempts, error = %format!("{e:#}"), "connection attempt failed");
+                }
+            }
+        }
+        if let Some(limit) = config.reconnect_timeout
+            && started.elapsed() >= limit
+        {
+            return Some(Err(anyhow!(
+                "pagesrv at {addr} unreachable for {:.1} s (--reconnect-timeout); giving up after {attempts} attempts",
+                started.elapsed().as_secs_f64()
+            )));
+        }
+        match stop.recv_timeout(backoff) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return None,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Sends bitmaps of the pages already here and of the pages removed before they arrived
+/// (skipping empty stretches), then MapEnd. Runs on the connector thread, with a write
+/// timeout, before the fault thread takes the socket.
+fn send_maps<K: Kernel>(
+    vm: &Vm<K>,
+    urgent: &mut TcpStream,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    urgent.set_write_timeout(Some(timeout))?;
+    let total = vm.total_pages();
+    let chunk_pages = (MAX_PAYLOAD_BYTES as u64) * 8;
+    let mut first = 0;
+    while first < total {
+        let count = chunk_pages.min(total - first);
+        let range = PageRange { first, count };
+        let skipped = vm.skipped.bitmap(first, count);
+        let mut held = vm.done.bitmap(first, count);
+        for (h, s) in held.iter_mut().zip(&skipped) {
+            *h &= !s;
+        }
+        if held.iter().any(|&b| b != 0) {
+            write_frame(urgent, &Message::DoneMap(range), &held)?;
+        }
+        if skipped.iter().any(|&b| b != 0) {
+            write_frame(urgent, &Message::SkipMap(range), &skipped)?;
+        }
+        first += count;
+    }
+    write_frame(urgent, &Message::MapEnd, &[])?;
+    urgent.set_write_timeout(None)
+}

@@ -1,0 +1,104 @@
+//! Accepting the VMM: the Unix socket, Firecracker's handshake (regions, uffd, optional
+//! memfd), and the checks made before any memory is allocated for it.
+
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use common::uffd::Uffd;
+use common::vmm_link::receive_handshake;
+use tracing::info;
+
+use crate::core::kernel::UffdKernel;
+
+/// How long a connected VMM may take to send its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How pages are placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Placement {
+    /// UFFDIO_COPY.
+    Copy,
+    /// Write into the VMM's memfd and map with UFFDIO_CONTINUE.
+    Memfd,
+}
+
+/// Listens on `path`, replacing a stale socket (never another kind of file).
+///
+/// # Errors
+/// The path is taken by something else, or binding failed.
+pub fn bind_uds(path: &Path) -> Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("failed to remove stale socket {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("failed to listen on {}", path.display()))
+}
+
+/// Accepts one VMM and checks its guest fits this host: every page will be present at the
+/// end, so guest RAM larger than this host's memory and swap cannot be migrated here.
+///
+/// # Errors
+/// A failed accept, a malformed handshake, or a guest too large for this host.
+pub fn accept_vmm(
+    listener: &UnixListener,
+    placement: Placement,
+) -> Result<(UnixStream, UffdKernel)> {
+    let (vmm, _) = listener.accept().context("failed to accept the VMM")?;
+    vmm.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let handshake = receive_handshake(&vmm).context("malformed VMM handshake")?;
+    vmm.set_read_timeout(None)?;
+    let layout = handshake.layout;
+    info!(
+        pid = handshake.peer_pid,
+        regions = layout.regions().len(),
+        pages = layout.total_pages(),
+        page_size = layout.page_size(),
+        memfd = handshake.memfd.is_some(),
+        "VMM connected"
+    );
+    if let Some(limit) = host_memory_bytes()
+        && layout.total_bytes() > limit
+    {
+        bail!(
+            "the VMM declares {} MiB of guest RAM, more than this host's memory and swap ({} MiB)",
+            layout.total_bytes() >> 20,
+            limit >> 20
+        );
+    }
+    let memfd = match (placement, handshake.memfd) {
+        (Placement::Memfd, Some(fd)) => Some(std::fs::File::from(fd)),
+        (Placement::Memfd, None) => {
+            info!("the VMM passed no memfd: placing pages with UFFDIO_COPY");
+            None
+        }
+        (Placement::Copy, _) => None,
+    };
+    Ok((
+        vmm,
+        UffdKernel::new(layout, Uffd::from_fd(handshake.uffd), memfd),
+    ))
+}
+
+/// This host's memory plus swap (`/proc/meminfo`), if it can be read.
+fn host_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((kib("MemTotal:")? + kib("SwapTotal:").unwrap_or(0)) << 10)
+}

@@ -1,0 +1,72 @@
+//! What a session shows while it runs (a progress bar on a terminal, a line every 2 s
+//! otherwise) and the line it leaves when it ends.
+
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tracing::info;
+
+use crate::session::{Outcome, Session};
+
+/// Shows progress until `done` is dropped: a bar on a terminal, a line every 2 s otherwise.
+pub fn report_progress(session: &Session<'_>, done: mpsc::Receiver<()>) {
+    let total = session.total_pages();
+    if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(total).with_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} pages ({percent}%) {msg}",
+            )
+            .expect("static template"),
+        );
+        while done.recv_timeout(Duration::from_millis(100)) == Err(mpsc::RecvTimeoutError::Timeout)
+        {
+            bar.set_position(session.pages_settled());
+            bar.set_message(format!(
+                "{} MiB sent",
+                session.stats.bytes_sent.load(Ordering::Relaxed) >> 20
+            ));
+        }
+        bar.finish_and_clear();
+    } else {
+        while done.recv_timeout(Duration::from_secs(2)) == Err(mpsc::RecvTimeoutError::Timeout) {
+            let settled = session.pages_settled();
+            info!(
+                pages = settled,
+                total,
+                percent = settled * 100 / total.max(1),
+                sent_mib = session.stats.bytes_sent.load(Ordering::Relaxed) >> 20,
+                "progress"
+            );
+        }
+    }
+}
+
+/// Prints one line about a finished session on stderr.
+pub fn print_summary(session: &Session<'_>, outcome: &Outcome) {
+    let s = &session.stats;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let secs = session.elapsed().as_secs_f64();
+    let bytes = get(&s.bytes_sent);
+    eprintln!(
+        "pagesrv: session {}: id {:016x}, {:.3} s, {} pages requested (urgent: {} data, {} zero), pushed {} data + {} zero pages, {} held, {} skipped, {:.1} MiB sent ({:.0} MiB/s)",
+        match outcome {
+            Outcome::Completed => "completed".to_string(),
+            Outcome::Failed(why) => format!("FAILED ({why})"),
+            Outcome::Aborted(why) => format!("aborted ({why})"),
+        },
+        session.id,
+        secs,
+        get(&s.requested_pages),
+        get(&s.urgent_data_pages),
+        get(&s.urgent_zero_pages),
+        get(&s.pushed_data_pages),
+        get(&s.pushed_zero_pages),
+        get(&s.held_pages),
+        get(&s.skipped_pages),
+        bytes as f64 / (1 << 20) as f64,
+        bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
+    );
+}
