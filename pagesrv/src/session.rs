@@ -218,6 +218,9 @@ impl<'a> Session<'a> {
             }
             let (message, payload) = match reader.read_frame(&mut conn) {
                 Ok(frame) => frame,
+                Err(_) if self.is_stopped() => {
+                    return Outcome::Aborted("replaced by a reconnect of the same session".into());
+                }
                 Err(ReadError::Io(e))
                     if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
                 {

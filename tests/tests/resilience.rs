@@ -184,7 +184,7 @@ fn test_pagesrv_refuses_non_loopback_without_a_key() {
 }
 
 #[test]
-fn test_corrupted_page_is_caught_by_the_digest() {
+fn test_corrupted_page_fails_both_sides() {
     if !require_userfaultfd() {
         return;
     }
@@ -195,12 +195,18 @@ fn test_corrupted_page_is_caught_by_the_digest() {
         dir.path("stats.json"),
     );
     write_source(&mem, 40_000, 9, 4, 0..0);
-    let (_pagesrv, addr) = start_pagesrv(&mem, &["--corrupt-page", "20001"]);
+    let (mut pagesrv, addr) = start_pagesrv(&mem, &["--corrupt-page", "20001"]);
     let mut faultd = start_faultd(&addr, &uds, &stats);
     let _vmm = start_vmm(&uds, &mem, &["--no-touch"]);
     let (status, stderr) = faultd.wait(LIMIT);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("DIGEST MISMATCH"), "{stderr}");
+    // The source hears the verdict: it must keep the VM, and says so with its exit code.
+    let (status, pagesrv_err) = pagesrv.wait(LIMIT);
+    assert_eq!(status.code(), Some(1), "{pagesrv_err}");
+    assert!(pagesrv_err.contains("VerifyFailed"), "{pagesrv_err}");
+    assert!(pagesrv_err.contains("keep the source VM"), "{pagesrv_err}");
+    assert!(!pagesrv_err.contains("session completed"), "{pagesrv_err}");
     let stats = json(&std::fs::read_to_string(&stats).unwrap());
     assert_eq!(stats["digest_check"], "mismatch", "{stats}");
     // Page 20001 lies in the second 16384-page chunk.

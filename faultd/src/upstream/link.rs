@@ -237,7 +237,7 @@ fn connect_with_backoff<K: Kernel>(
     stop: &Receiver<()>,
 ) -> Option<Result<Upstream>> {
     let started = Instant::now();
-    let mut last_log = started;
+    let mut last_log: Option<Instant> = None;
     let mut backoff = Duration::from_millis(10);
     let mut attempts = 0u64;
     let addr = &config.target.addr;
@@ -272,14 +272,14 @@ fn connect_with_backoff<K: Kernel>(
                 return Some(Err(e.context(what)));
             }
             Err((e, false)) => {
-                if last_log.elapsed() >= WAITING_LOG_EVERY {
+                if last_log.is_none_or(|t| t.elapsed() >= WAITING_LOG_EVERY) {
                     info!(
                         attempts,
                         waited_s = started.elapsed().as_secs(),
                         error = %format!("{e:#}"),
-                        "still waiting for pagesrv at {addr}"
+                        "waiting for pagesrv at {addr}; retrying"
                     );
-                    last_log = Instant::now();
+                    last_log = Some(Instant::now());
                 } else {
                     debug!(attempts, error = %format!("{e:#}"), "connection attempt failed");
                 }

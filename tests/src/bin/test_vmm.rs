@@ -6,13 +6,17 @@
 //! the memfd, with `--memfd`) to faultd, then touches pages from several threads in random
 //! order and checks every byte against the source memory file. With `--remove START:COUNT`
 //! it gives those pages back (`madvise` DONTNEED, or REMOVE for a memfd) early in the
-//! migration, like a balloon, and expects them to read zero. It waits for faultd to close the
+//! migration, like a balloon, and expects them to read zero; with `--balloon START:COUNT:CHUNK`
+//! a balloon thread gives pages back `CHUNK` at a time (every `--balloon-interval-ms`, default
+//! 5) while the touchers run: those pages are touched but not compared while it inflates,
+//! and must all read zero at the end. It waits for faultd to close the
 //! socket (migration complete), checks every page again, prints a JSON report on stdout and
 //! exits 0 only if every byte was right.
 //!
 //! ```text
 //! test-vmm --uds PATH --source FILE [--regions N] [--memfd] [--threads N] [--seed N]
-//!          [--remove START:COUNT] [--ram-bytes N] [--no-touch]
+//!          [--remove START:COUNT] [--balloon START:COUNT:CHUNK] [--balloon-interval-ms N]
+//!          [--ram-bytes N] [--no-touch]
 //!          [--order random|seq|hot] [--touches N] [--latency-out FILE] [--no-wait]
 //! ```
 
@@ -61,6 +65,8 @@ struct Args {
     threads: usize,
     seed: u64,
     remove: Option<(usize, usize)>,
+    balloon: Option<(usize, usize, usize)>,
+    balloon_interval_ms: u64,
     ram_bytes: Option<usize>,
     touch: bool,
     order: String,
@@ -78,6 +84,8 @@ fn parse_args() -> Result<Args, String> {
         threads: 2,
         seed: 1,
         remove: None,
+        balloon: None,
+        balloon_interval_ms: 5,
         ram_bytes: None,
         touch: true,
         order: "random".into(),
@@ -116,6 +124,25 @@ fn parse_args() -> Result<Args, String> {
                     a.parse().map_err(|e| format!("--remove: {e}"))?,
                     b.parse().map_err(|e| format!("--remove: {e}"))?,
                 ));
+            }
+            "--balloon" => {
+                let v = value()?;
+                let parts: Vec<usize> = v
+                    .split(':')
+                    .map(|x| x.parse().map_err(|e| format!("--balloon: {e}")))
+                    .collect::<Result<_, _>>()?;
+                let [start, count, chunk] = parts[..] else {
+                    return Err("--balloon START:COUNT:CHUNK".into());
+                };
+                if chunk == 0 {
+                    return Err("--balloon: CHUNK must be at least 1".into());
+                }
+                args.balloon = Some((start, count, chunk));
+            }
+            "--balloon-interval-ms" => {
+                args.balloon_interval_ms = value()?
+                    .parse()
+                    .map_err(|e| format!("--balloon-interval-ms: {e}"))?
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -298,13 +325,28 @@ fn send_handshake(sock: &UnixStream, json: &str, fds: &[RawFd]) -> Result<(), St
     Ok(())
 }
 
-fn expected_page(
-    source: &std::fs::File,
-    page: usize,
+/// What the pages should hold: the source's bytes, except zeros where the VMM gave pages
+/// back.
+#[derive(Clone, Copy)]
+struct Expect {
     removed: Option<(usize, usize)>,
-    buf: &mut [u8],
-) {
-    if removed.is_some_and(|(s, c)| (s..s + c).contains(&page)) {
+    balloon: Option<(usize, usize)>,
+    /// The balloon has finished: its pages must read zero (before: not compared).
+    balloon_done: bool,
+}
+
+impl Expect {
+    fn in_balloon(&self, page: usize) -> bool {
+        self.balloon
+            .is_some_and(|(s, c)| (s..s + c).contains(&page))
+    }
+}
+
+fn expected_page(source: &std::fs::File, page: usize, expect: Expect, buf: &mut [u8]) {
+    let removed = expect
+        .removed
+        .is_some_and(|(s, c)| (s..s + c).contains(&page));
+    if removed || expect.in_balloon(page) {
         buf.fill(0);
     } else {
         source
@@ -319,7 +361,7 @@ fn check_pages(
     ram: &GuestRam,
     source: &std::fs::File,
     pages: &[usize],
-    removed: Option<(usize, usize)>,
+    expect: Expect,
     touched: &[std::sync::atomic::AtomicBool],
 ) -> (u64, Vec<u64>) {
     let mut want = vec![0u8; PAGE];
@@ -333,7 +375,11 @@ fn check_pages(
         if first {
             first_touch_ns.push(t0.elapsed().as_nanos() as u64);
         }
-        expected_page(source, p, removed, &mut want);
+        if expect.in_balloon(p) && !expect.balloon_done {
+            // Being given back right now: it may read either way mid-compare.
+            continue;
+        }
+        expected_page(source, p, expect, &mut want);
         if ram.page(p) != want.as_slice() {
             if mismatches < 5 {
                 eprintln!("test-vmm: page {p} differs from the source");
@@ -423,6 +469,65 @@ fn latency_json(all: Vec<u64>) -> String {
     )
 }
 
+/// Touches pages from `args.threads` threads in the chosen order, checking each; returns the
+/// mismatches (and writes the first-touch latencies where asked).
+fn touch_pages(
+    args: &Args,
+    ram: &GuestRam,
+    source: &std::fs::File,
+    pages: usize,
+    expect: Expect,
+) -> Result<u64, String> {
+    let order = touch_order(&args.order, pages, args.touches, args.seed)?;
+    let touched: Vec<std::sync::atomic::AtomicBool> = (0..pages)
+        .map(|_| std::sync::atomic::AtomicBool::new(false))
+        .collect();
+    let chunk = order.len().div_ceil(args.threads.max(1)).max(1);
+    let (bad, latencies) = std::thread::scope(|s| {
+        let handles: Vec<_> = order
+            .chunks(chunk)
+            .map(|mine| s.spawn(|| check_pages(ram, source, mine, expect, &touched)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("toucher panicked"))
+            .fold((0, Vec::new()), |(m, mut all), (b, l)| {
+                all.extend(l);
+                (m + b, all)
+            })
+    });
+    if let Some(path) = &args.latency_out {
+        std::fs::write(path, latency_json(latencies)).map_err(|e| format!("write {path}: {e}"))?;
+    }
+    Ok(bad)
+}
+
+/// Gives pages `start..start+count` back `chunk` pages at a time, like a balloon inflating
+/// (each `madvise` blocks until faultd has read its REMOVE event).
+fn inflate_balloon(
+    ram: &GuestRam,
+    (start, count, chunk): (usize, usize, usize),
+    interval_ms: u64,
+    memfd: bool,
+) -> Result<(), String> {
+    let advice = if memfd {
+        libc::MADV_REMOVE
+    } else {
+        libc::MADV_DONTNEED
+    };
+    let mut page = start;
+    while page < start + count {
+        let n = chunk.min(start + count - page);
+        // SAFETY: the range lies inside guest RAM (the caller keeps it within one region).
+        if unsafe { libc::madvise(ram.page_addr(page) as *mut _, n * PAGE, advice) } < 0 {
+            return Err(os_err("madvise (balloon)"));
+        }
+        page += n;
+        std::thread::sleep(Duration::from_millis(interval_ms));
+    }
+    Ok(())
+}
+
 fn run() -> Result<bool, String> {
     let args = parse_args()?;
     let source =
@@ -459,32 +564,24 @@ fn run() -> Result<bool, String> {
         }
     }
 
+    let mut expect = Expect {
+        removed: args.remove,
+        balloon: args.balloon.map(|(s, c, _)| (s, c)),
+        balloon_done: false,
+    };
     let mut mismatches = 0;
-    if args.touch {
-        let order = touch_order(&args.order, pages, args.touches, args.seed)?;
-        let touched: Vec<std::sync::atomic::AtomicBool> = (0..pages)
-            .map(|_| std::sync::atomic::AtomicBool::new(false))
-            .collect();
-        let chunk = order.len().div_ceil(args.threads.max(1)).max(1);
-        let (bad, latencies) = std::thread::scope(|s| {
-            let handles: Vec<_> = order
-                .chunks(chunk)
-                .map(|mine| s.spawn(|| check_pages(&ram, &source, mine, args.remove, &touched)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("toucher panicked"))
-                .fold((0, Vec::new()), |(m, mut all), (b, l)| {
-                    all.extend(l);
-                    (m + b, all)
-                })
-        });
-        mismatches += bad;
-        if let Some(path) = &args.latency_out {
-            std::fs::write(path, latency_json(latencies))
-                .map_err(|e| format!("write {path}: {e}"))?;
+    let (ram_ref, interval, memfd) = (&ram, args.balloon_interval_ms, args.memfd);
+    let balloon_result = std::thread::scope(|s| {
+        let balloon = args
+            .balloon
+            .map(|b| s.spawn(move || inflate_balloon(ram_ref, b, interval, memfd)));
+        if args.touch {
+            mismatches += touch_pages(&args, &ram, &source, pages, expect)?;
         }
-    }
+        balloon.map_or(Ok(()), |h| h.join().expect("balloon thread panicked"))
+    });
+    balloon_result?;
+    expect.balloon_done = true;
     let touched_ms = started.elapsed().as_secs_f64() * 1e3;
 
     if !args.wait {
@@ -513,7 +610,7 @@ fn run() -> Result<bool, String> {
         let touched: Vec<std::sync::atomic::AtomicBool> = (0..pages)
             .map(|_| std::sync::atomic::AtomicBool::new(true))
             .collect();
-        check_pages(&ram, &source, &all, args.remove, &touched).0
+        check_pages(&ram, &source, &all, expect, &touched).0
     } else {
         0
     };

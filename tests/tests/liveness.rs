@@ -1,0 +1,311 @@
+//! Never hang, never report a false success: links that go silent without closing, faultd
+//! started before pagesrv, a balloon inflating while the link is cut, stale and silent
+//! clients, a source restarted on another image.
+
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use tests::*;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn source_digest(mem: &std::path::Path) -> String {
+    let image = std::fs::read(mem).expect("read the source");
+    format!("{:016x}", common::digest::run_digest(0, &image, PAGE))
+}
+
+/// A proxy in front of `target`; returns it and its address.
+fn start_proxy(target: &str, args: &[&str]) -> (Proc, String) {
+    let mut proxy = Proc::spawn(
+        "cut-proxy",
+        Command::new(bin("cut-proxy"))
+            .args(["--target", target])
+            .args(args),
+    );
+    let addr = proxy
+        .read_line()
+        .strip_prefix("proxy listening on ")
+        .expect("proxy started")
+        .to_owned();
+    (proxy, addr)
+}
+
+#[test]
+fn test_links_that_freeze_twice_are_detected_and_the_migration_completes() {
+    if !require_userfaultfd() {
+        return;
+    }
+    let dir = Scratch::new("freeze");
+    let (mem, uds, stats) = (
+        dir.path("vm.mem"),
+        dir.path("faultd.sock"),
+        dir.path("stats.json"),
+    );
+    write_source(&mem, 256 << 20 >> 12, 0xF2EE, 4, 0..0);
+    let (mut pagesrv, addr) = start_pagesrv(&mem, &[]);
+    let (mut proxy, proxy_addr) = start_proxy(
+        &addr,
+        &[
+            "--mode",
+            "freeze",
+            "--cuts",
+            "2",
+            "--min-mib",
+            "8",
+            "--max-mib",
+            "30",
+        ],
+    );
+    let mut faultd = start_faultd(&proxy_addr, &uds, &stats);
+    let mut vmm = start_vmm(&uds, &mem, &["--threads", "2"]);
+    let (status, vmm_err) = vmm.wait(LIMIT);
+    let report = vmm.rest_of_stdout();
+    let (faultd_status, faultd_err) = faultd.wait(LIMIT);
+    assert!(
+        status.success(),
+        "test-vmm: {report}\n{vmm_err}\nfaultd:\n{faultd_err}"
+    );
+    assert!(faultd_status.success(), "{faultd_err}");
+    let (pagesrv_status, pagesrv_err) = pagesrv.wait(LIMIT);
+    assert!(pagesrv_status.success(), "{pagesrv_err}");
+    assert_eq!(proxy.read_line(), "freeze 1");
+    assert_eq!(proxy.read_line(), "freeze 2");
+    let vmm = json(&report);
+    assert_eq!(vmm["mismatches_during"], 0, "{vmm}");
+    assert_eq!(vmm["mismatches_after"], 0, "{vmm}");
+    let stats = json(&std::fs::read_to_string(&stats).unwrap());
+    assert!(stats["reconnects"].as_u64().unwrap() >= 2, "{stats}");
+    assert_eq!(stats["digest_check"], "match", "{stats}");
+    assert_eq!(stats["received_digest"], source_digest(&mem).as_str());
+    assert!(faultd_err.contains("no frame from pagesrv"), "{faultd_err}");
+    eprintln!(
+        "longest fault (a silent link costs the link timeout plus a reconnect): {} µs",
+        stats["fault_latency_us"]["max"]
+    );
+}
+
+#[test]
+fn test_faultd_started_before_pagesrv_waits_and_serves_the_guest() {
+    if !require_userfaultfd() {
+        return;
+    }
+    let dir = Scratch::new("order");
+    let (mem, uds, stats) = (
+        dir.path("vm.mem"),
+        dir.path("faultd.sock"),
+        dir.path("stats.json"),
+    );
+    write_source(&mem, 64 << 20 >> 12, 0x0DE2, 4, 0..0);
+    let addr = free_loopback_addr();
+    let mut faultd = start_faultd(&addr, &uds, &stats);
+    // The guest starts faulting at once; nobody serves it for 3 s.
+    let mut vmm = start_vmm(&uds, &mem, &["--threads", "2"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(faultd.is_running(), "faultd must wait for pagesrv");
+    let mut pagesrv = Proc::spawn(
+        "pagesrv",
+        Command::new(bin("pagesrv"))
+            .arg("--vm-mem")
+            .arg(&mem)
+            .args(["--listen", &addr]),
+    );
+    let (status, vmm_err) = vmm.wait(LIMIT);
+    let report = vmm.rest_of_stdout();
+    let (faultd_status, faultd_err) = faultd.wait(LIMIT);
+    assert!(
+        status.success(),
+        "test-vmm: {report}\n{vmm_err}\nfaultd:\n{faultd_err}"
+    );
+    assert!(faultd_status.success(), "{faultd_err}");
+    assert!(faultd_err.contains("waiting for pagesrv"), "{faultd_err}");
+    let (pagesrv_status, pagesrv_err) = pagesrv.wait(LIMIT);
+    assert!(pagesrv_status.success(), "{pagesrv_err}");
+    let vmm = json(&report);
+    assert_eq!(vmm["mismatches_during"], 0, "{vmm}");
+    assert_eq!(vmm["mismatches_after"], 0, "{vmm}");
+    let stats = json(&std::fs::read_to_string(&stats).unwrap());
+    assert_eq!(stats["digest_check"], "match", "{stats}");
+    assert!(stats["faults"].as_u64().unwrap() > 0, "{stats}");
+}
+
+/// One migration of 256 MiB with a 64 MiB balloon inflating in 256 KiB chunks while a proxy
+/// cuts the link 3 times.
+fn balloon_during_cuts(run: u64) {
+    let dir = Scratch::new(&format!("balloon{run}"));
+    let (mem, uds, stats) = (
+        dir.path("vm.mem"),
+        dir.path("faultd.sock"),
+        dir.path("stats.json"),
+    );
+    let pages = 256 << 20 >> 12;
+    write_source(&mem, pages, 0xBA11 + run, 4, 0..0);
+    let (mut pagesrv, addr) = start_pagesrv(&mem, &[]);
+    let seed = (run + 1).to_string();
+    let (_proxy, proxy_addr) = start_proxy(
+        &addr,
+        &[
+            "--cuts",
+            "3",
+            "--min-mib",
+            "4",
+            "--max-mib",
+            "24",
+            "--seed",
+            &seed,
+        ],
+    );
+    let memfd = run % 2 == 1;
+    let placement: &[&str] = if memfd {
+        &["--placement", "memfd"]
+    } else {
+        &[]
+    };
+    let mut faultd = start_faultd_with(&proxy_addr, &uds, &stats, placement);
+    let balloon = format!("{}:{}:64", pages / 4, pages / 4);
+    let mut vmm_args = vec![
+        "--threads",
+        "2",
+        "--balloon",
+        &balloon,
+        "--balloon-interval-ms",
+        "2",
+    ];
+    if memfd {
+        vmm_args.push("--memfd");
+    }
+    let mut vmm = start_vmm(&uds, &mem, &vmm_args);
+    let (status, vmm_err) = vmm.wait(LIMIT);
+    let report = vmm.rest_of_stdout();
+    let (faultd_status, faultd_err) = faultd.wait(LIMIT);
+    assert!(
+        status.success(),
+        "run {run}: test-vmm: {report}\n{vmm_err}\nfaultd:\n{faultd_err}"
+    );
+    assert!(faultd_status.success(), "run {run}: {faultd_err}");
+    let (pagesrv_status, pagesrv_err) = pagesrv.wait(LIMIT);
+    assert!(pagesrv_status.success(), "run {run}: {pagesrv_err}");
+    let vmm = json(&report);
+    // Every ballooned page reads zero at the end and every other byte is right.
+    assert_eq!(vmm["mismatches_during"], 0, "run {run}: {vmm}");
+    assert_eq!(vmm["mismatches_after"], 0, "run {run}: {vmm}");
+    let stats = json(&std::fs::read_to_string(&stats).unwrap());
+    assert_eq!(stats["digest_check"], "match", "run {run}: {stats}");
+    assert!(
+        stats["reconnects"].as_u64().unwrap() >= 1,
+        "run {run}: {stats}"
+    );
+}
+
+#[test]
+fn test_balloon_inflating_while_the_link_is_cut_never_hangs() {
+    if !require_userfaultfd() {
+        return;
+    }
+    for run in 0..5 {
+        balloon_during_cuts(run);
+    }
+}
+
+#[test]
+fn test_silent_clients_do_not_delay_a_destination() {
+    if !require_userfaultfd() {
+        return;
+    }
+    let dir = Scratch::new("silent");
+    let (mem, uds, stats) = (
+        dir.path("vm.mem"),
+        dir.path("faultd.sock"),
+        dir.path("stats.json"),
+    );
+    write_source(&mem, 4096, 5, 4, 0..0);
+    let (mut pagesrv, addr) = start_pagesrv(&mem, &[]);
+    // 40 clients connect and say nothing; their handshakes wait out the deadline.
+    let silent: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    let mut faultd = start_faultd(&addr, &uds, &stats);
+    let _vmm = start_vmm(&uds, &mem, &["--no-touch"]);
+    let (status, stderr) = faultd.wait(LIMIT);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("connected to pagesrv attempts=1"),
+        "the first attempt must get through: {stderr}"
+    );
+    let (status, stderr) = pagesrv.wait(LIMIT);
+    assert!(status.success(), "{stderr}");
+    drop(silent);
+}
+
+/// A migration that never completes on its own (no push, no touches), paused after both
+/// connections are up; returns the processes, the address and the scratch paths.
+fn stalled_migration(dir: &Scratch, key: &[&str]) -> (Proc, String, Proc, Proc) {
+    let (mem, uds, stats) = (
+        dir.path("vm.mem"),
+        dir.path("faultd.sock"),
+        dir.path("stats.json"),
+    );
+    write_source(&mem, 1024, 1, 4, 0..0);
+    let pagesrv_args = [&["--no-push"][..], key].concat();
+    let (pagesrv, addr) = start_pagesrv(&mem, &pagesrv_args);
+    let faultd_args = [&["--reconnect-timeout", "3"][..], key].concat();
+    let faultd = start_faultd_with(&addr, &uds, &stats, &faultd_args);
+    let vmm = start_vmm(&uds, &mem, &["--no-touch"]);
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    wait_established(port, 2);
+    (pagesrv, addr, faultd, vmm)
+}
+
+#[test]
+fn test_a_source_restarted_on_another_image_is_refused() {
+    if !require_userfaultfd() {
+        return;
+    }
+    let dir = Scratch::new("image");
+    let other = dir.path("other.mem");
+    write_source(&other, 1024, 2, 4, 0..0);
+    let key = dir.path("key");
+    std::fs::write(&key, "the image test's secret key").unwrap();
+    let key_args = ["--psk-file", key.to_str().unwrap()];
+
+    // With a key, the refusal is the source's own: final.
+    let (mut pagesrv, addr, mut faultd, _vmm) = stalled_migration(&dir, &key_args);
+    pagesrv.kill9();
+    let mut impostor = Proc::spawn(
+        "pagesrv",
+        Command::new(bin("pagesrv"))
+            .arg("--vm-mem")
+            .arg(&other)
+            .args(["--listen", &addr])
+            .args(key_args),
+    );
+    let (status, stderr) = faultd.wait(LIMIT);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("ImageMismatch"), "{stderr}");
+    assert!(stderr.contains("pagesrv refused to resume"), "{stderr}");
+    assert!(impostor.is_running());
+    let impostor_err = impostor.kill_and_collect();
+    assert!(impostor_err.contains("memory image"), "{impostor_err}");
+
+    // Without a key anyone could be on the port: keep trying until --reconnect-timeout.
+    let dir = Scratch::new("image-nokey");
+    let other = dir.path("other.mem");
+    write_source(&other, 1024, 2, 4, 0..0);
+    let (mut pagesrv, addr, mut faultd, _vmm) = stalled_migration(&dir, &[]);
+    pagesrv.kill9();
+    let impostor = Proc::spawn(
+        "pagesrv",
+        Command::new(bin("pagesrv"))
+            .arg("--vm-mem")
+            .arg(&other)
+            .args(["--listen", &addr]),
+    );
+    let (status, stderr) = faultd.wait(LIMIT);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--reconnect-timeout"), "{stderr}");
+    let impostor_err = impostor.kill_and_collect();
+    assert!(
+        impostor_err.contains("ImageMismatch") || impostor_err.contains("memory image"),
+        "{impostor_err}"
+    );
+}
