@@ -1,5 +1,6 @@
 //! Shared pieces of pagesrv and faultd: the wire protocol, the guest RAM layout, the page
-//! map, and the few modules that talk to the kernel unsafely (userfaultfd, mmap, SCM_RIGHTS).
+//! map, and the few modules that talk to the kernel unsafely (userfaultfd, mmap, SCM_RIGHTS,
+//! the SIGBUS guard).
 #![deny(missing_docs)]
 
 pub mod auth;
@@ -10,6 +11,7 @@ pub mod mmap;
 pub mod netopt;
 pub mod pagemap;
 pub mod sched;
+pub mod sigbus;
 pub mod uffd;
 pub mod vmm_link;
 pub mod wire;

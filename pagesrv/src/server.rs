@@ -227,6 +227,9 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         if let Err((code, text)) = check_params(&admitted.hello, &ours) {
             return self.refuse(admitted, code, &text);
         }
+        if let Err(e) = self.source.check_intact() {
+            return self.refuse(admitted, ErrorCode::Internal, &error_chain(&e));
+        }
         let wanted = admitted.hello.session_id;
         if let Some(running) = &self.running {
             if wanted != running.session.id {

@@ -206,9 +206,16 @@ impl<'a> Session<'a> {
         let mut phase = SourceUrgent::Maps;
         let mut pieces = Vec::new();
         let (mut last_rx, mut last_tx) = (Instant::now(), Instant::now());
+        let mut last_source_check = Instant::now();
         loop {
             if self.is_stopped() {
                 return Outcome::Aborted("replaced by a reconnect of the same session".into());
+            }
+            if !self.source.pages_intact() || last_source_check.elapsed() >= liveness.heartbeat {
+                if let Some(outcome) = self.broken_source(&mut conn) {
+                    return outcome;
+                }
+                last_source_check = Instant::now();
             }
             if last_tx.elapsed() >= liveness.heartbeat {
                 if let Err(e) = self.write_urgent(&mut conn, &Message::Heartbeat, &[]) {
@@ -258,7 +265,9 @@ impl<'a> Session<'a> {
                 Ok(None) => {}
                 Ok(Some(outcome)) => return outcome,
                 Err(e) => {
-                    return Outcome::Aborted(format!("failed to answer the destination: {e}"));
+                    return self.broken_source(&mut conn).unwrap_or_else(|| {
+                        Outcome::Aborted(format!("failed to answer the destination: {e}"))
+                    });
                 }
             }
         }
@@ -307,6 +316,11 @@ impl<'a> Session<'a> {
             }
             Message::DigestQuery { chunk_pages } => {
                 let digests = self.digests(chunk_pages);
+                if !self.source.pages_intact() {
+                    return Err(std::io::Error::other(
+                        "the memory file shrank while it was read",
+                    ));
+                }
                 self.write_urgent(conn, &Message::Digests { chunk_pages }, &digests)?;
             }
             Message::Goodbye => {
@@ -338,6 +352,15 @@ impl<'a> Session<'a> {
             }
         }
         Ok(None)
+    }
+
+    /// `Failed` (and the destination told) if the memory file shrank: what was read from it
+    /// cannot be trusted, and its missing pages cannot be served by anyone.
+    fn broken_source(&self, conn: &mut TcpStream) -> Option<Outcome> {
+        let e = self.source.check_intact().err()?;
+        let text = error_chain(&e);
+        send_error(conn, ErrorCode::Internal, &text);
+        Some(Outcome::Failed(text))
     }
 
     /// Writes a frame on the urgent connection, under the write lock (the naive baseline
@@ -484,6 +507,12 @@ impl<'a> Session<'a> {
                     data += count;
                 }
             }
+        }
+        if !self.source.pages_intact() {
+            // A read went past the end of a shrunk file: the pieces may be wrong.
+            return Err(std::io::Error::other(
+                "the memory file shrank while it was read",
+            ));
         }
         {
             // Frames of one batch never interleave with another thread's on a shared socket.

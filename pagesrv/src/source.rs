@@ -57,6 +57,27 @@ pub enum SourceError {
         #[source]
         source: MapError,
     },
+    /// The SIGBUS guard could not be set up.
+    #[error("failed to guard the mapping of {path}")]
+    Guard {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: common::sigbus::GuardError,
+    },
+    /// The file shrank while it was served: its missing pages cannot be served.
+    #[error(
+        "the memory file {path} shrank while it was served ({size_bytes} of {expected_bytes} bytes left); its pages are gone"
+    )]
+    Shrank {
+        /// The file.
+        path: PathBuf,
+        /// Its size now (0 if unknown).
+        size_bytes: u64,
+        /// Its size when pagesrv started.
+        expected_bytes: u64,
+    },
 }
 
 /// A run of pages of one kind.
@@ -81,7 +102,11 @@ pub enum Piece {
 /// The memory file.
 #[derive(Debug)]
 pub struct MemorySource {
+    /// Turns a read past a shrunk file's end into zeros and a count, not a crash; dropped
+    /// before `map` (field order).
+    _sigbus_guard: common::sigbus::Guard,
     map: Mapping,
+    path: PathBuf,
     page_size: u64,
     total_pages: u64,
     file: File,
@@ -128,6 +153,13 @@ impl MemorySource {
                 source,
             }
         })?;
+        let sigbus_guard =
+            common::sigbus::guard(map.addr() as usize, map.len(), page_size as usize).map_err(
+                |source| SourceError::Guard {
+                    path: path.to_owned(),
+                    source,
+                },
+            )?;
         let image_id = common::digest::identity(&[
             meta.dev(),
             meta.ino(),
@@ -137,7 +169,9 @@ impl MemorySource {
             page_size,
         ]);
         Ok(MemorySource {
+            _sigbus_guard: sigbus_guard,
             map,
+            path: path.to_owned(),
             page_size,
             total_pages: size_bytes / page_size,
             file,
@@ -167,6 +201,29 @@ impl MemorySource {
     pub fn bytes(&self, first: u64, count: u64) -> &[u8] {
         let start = (first * self.page_size) as usize;
         &self.map.as_slice()[start..start + (count * self.page_size) as usize]
+    }
+
+    /// Whether every read of the mapping so far found the file's pages (no read past a
+    /// shrunk end). Cheap: check it before sending what was read.
+    pub fn pages_intact(&self) -> bool {
+        common::sigbus::hits() == 0
+    }
+
+    /// Checks that the file still has its size and no read went past its end.
+    ///
+    /// # Errors
+    /// [`SourceError::Shrank`].
+    pub fn check_intact(&self) -> Result<(), SourceError> {
+        let expected_bytes = self.total_pages * self.page_size;
+        let size_bytes = self.file.metadata().map_or(0, |m| m.len());
+        if size_bytes < expected_bytes || !self.pages_intact() {
+            return Err(SourceError::Shrank {
+                path: self.path.clone(),
+                size_bytes,
+                expected_bytes,
+            });
+        }
+        Ok(())
     }
 
     /// Reads the file's holes again (call when a session starts).

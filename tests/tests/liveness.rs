@@ -309,3 +309,31 @@ fn test_a_source_restarted_on_another_image_is_refused() {
         "{impostor_err}"
     );
 }
+
+#[test]
+fn test_a_memory_file_that_shrinks_fails_the_session_not_the_process() {
+    if !require_userfaultfd() {
+        return;
+    }
+    let dir = Scratch::new("shrink");
+    let (mut pagesrv, _addr, mut faultd, _vmm) = stalled_migration(&dir, &[]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path("vm.mem"))
+        .unwrap()
+        .set_len(512 * PAGE as u64)
+        .unwrap();
+    let (status, stderr) = pagesrv.wait(LIMIT);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "an error, not a signal: {status:?}\n{stderr}"
+    );
+    assert!(stderr.contains("shrank while it was served"), "{stderr}");
+    let (status, stderr) = faultd.wait(LIMIT);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("shrank"),
+        "the destination hears why: {stderr}"
+    );
+}
