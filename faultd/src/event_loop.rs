@@ -31,7 +31,7 @@ use crate::core::fault::FaultCore;
 use crate::core::kernel::UffdKernel;
 use crate::core::vm::{Counters, DIGEST_CHUNK_PAGES, Vm};
 use crate::stats::Stats;
-use crate::upstream::link::{Link, LinkConfig, LinkEvent, Links};
+use crate::upstream::link::{Link, LinkConfig, LinkEvent, Links, encode_maps};
 
 const UFFD: Token = Token(0);
 const URGENT: Token = Token(1);
@@ -165,7 +165,7 @@ impl FaultLoop<'_, '_> {
                 return Ok(verdict.clone());
             }
             self.flush(poll);
-            let timeout = if self.core.has_deferred() {
+            let timeout = if self.migrating() && self.core.has_deferred() {
                 DEFERRED_RETRY
             } else {
                 self.config.liveness.heartbeat / 2
@@ -187,7 +187,7 @@ impl FaultLoop<'_, '_> {
                     _ => {}
                 }
             }
-            if !drained && self.core.has_deferred() {
+            if !drained && self.migrating() && self.core.has_deferred() {
                 self.on_uffd()?;
             }
             self.check_liveness(poll);
@@ -223,6 +223,10 @@ impl FaultLoop<'_, '_> {
         match &mut self.stage {
             Stage::Verifying { asked_on } if generation.is_some() && *asked_on != generation => {
                 let link = self.link.as_mut().expect("checked above");
+                // Every page is here: say so in full (pagesrv accepts the end only when every
+                // page is accounted for, and pages placed from an earlier link's data after
+                // this link's maps were taken would be missing from its count).
+                self.core.outbox.extend_from_slice(&encode_maps(self.vm));
                 if self.verify {
                     let query = Message::DigestQuery {
                         chunk_pages: DIGEST_CHUNK_PAGES,
@@ -338,7 +342,8 @@ impl FaultLoop<'_, '_> {
             );
             return;
         }
-        if link.last_tx.elapsed() >= liveness.heartbeat && self.core.outbox.is_empty() {
+        let closing = matches!(self.stage, Stage::Closing { .. });
+        if !closing && link.last_tx.elapsed() >= liveness.heartbeat && self.core.outbox.is_empty() {
             encode(&Message::Heartbeat, 0, &mut self.core.outbox);
         }
     }
@@ -347,16 +352,20 @@ impl FaultLoop<'_, '_> {
         let Some(link) = self.link.take() else {
             return;
         };
-        self.core.link_down();
         if let Stage::Closing { verdict, .. } = &self.stage {
-            if matches!(verdict, Verdict::Mismatch(_)) {
-                // The verdict is ours; the source learns it or keeps waiting, safe either way.
+            // Written in full, the verdict reached pagesrv's socket (which may close with a
+            // reset once it has it); a mismatch is ours whether it arrived or not (the source
+            // keeps waiting, which is safe). Either way, done.
+            if self.core.outbox.is_empty() || matches!(verdict, Verdict::Mismatch(_)) {
+                debug!(error = %format!("{why:#}"), "link closed after the verdict");
                 self.stage = Stage::Done(verdict.clone());
+                self.core.link_down();
                 self.links.close(link, poll.registry());
                 return;
             }
             self.stage = Stage::Verifying { asked_on: None };
         }
+        self.core.link_down();
         self.links.cut(link, poll.registry(), &why);
     }
 
@@ -426,6 +435,11 @@ impl FaultLoop<'_, '_> {
                     }
                 }
                 Message::Heartbeat => {}
+                Message::Digests { chunk_pages } if chunk_pages != DIGEST_CHUNK_PAGES => {
+                    return Err(FrameError::Link(anyhow!(
+                        "pagesrv sent digests of {chunk_pages}-page chunks, not {DIGEST_CHUNK_PAGES}"
+                    )));
+                }
                 Message::Digests { .. } => {
                     let theirs = link.reader.payload(payload).to_vec();
                     let verdict = compare_digests(self.vm, &theirs);
@@ -445,8 +459,10 @@ impl FaultLoop<'_, '_> {
                     };
                 }
                 Message::Error { code, text } => {
-                    return Err(FrameError::Link(anyhow!(
-                        "pagesrv reported {code:?}: {text}"
+                    // pagesrv ends a session with an error only for good (a protocol
+                    // violation, a memory file that shrank, a refused completion).
+                    return Err(FrameError::Fatal(anyhow!(
+                        "pagesrv ended the session ({code:?}): {text}"
                     )));
                 }
                 other => {

@@ -111,6 +111,8 @@ pub struct Stats {
     pub reconnects: u64,
     /// Placements that met EAGAIN (an unread REMOVE) and waited for the event reader.
     pub placement_retries: u64,
+    /// Pages the VMM removed while the link to pagesrv was down.
+    pub removed_while_link_down: u64,
     /// From the VMM's handshake to the last page.
     pub duration_ms: f64,
     /// Fault latency percentiles.
@@ -157,6 +159,7 @@ impl Stats {
             },
             reconnects,
             placement_retries: Counters::get(&c.placement_retries),
+            removed_while_link_down: Counters::get(&c.removed_while_link_down),
             duration_ms: duration.as_secs_f64() * 1000.0,
             fault_latency_us: latencies.summary(),
             latency_dist_us: latencies.distribution(),

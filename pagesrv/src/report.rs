@@ -53,7 +53,10 @@ pub fn print_summary(session: &Session<'_>, outcome: &Outcome) {
     eprintln!(
         "pagesrv: session {}: id {:016x}, {:.3} s, {} pages requested (urgent: {} data, {} zero), pushed {} data + {} zero pages, {} held, {} skipped, {:.1} MiB sent ({:.0} MiB/s)",
         match outcome {
-            Outcome::Completed => "completed".to_string(),
+            Outcome::Completed if session.verified() => "completed".to_string(),
+            Outcome::Completed => {
+                "completed (NOT verified: the destination skipped the digest check)".to_string()
+            }
             Outcome::Failed(why) => format!("FAILED ({why})"),
             Outcome::Aborted(why) => format!("aborted ({why})"),
         },

@@ -12,6 +12,21 @@
 //! ```
 //!
 //! With `--serve-forever` neither a completed nor a failed session ends pagesrv.
+//!
+//! # Threads, what each owns, and every lock
+//!
+//! | thread | owns | blocks on |
+//! | --- | --- | --- |
+//! | acceptor | the listening socket | `accept` |
+//! | handshake, one per new connection (≤ 64) | that connection until admitted | its reads, within one 5 s deadline |
+//! | manager (main thread) | the running session's handle, the urgent connection waiting for its bulk connection | its event channel (500 ms ticks); joining a replaced session, which ends at once (its sockets are shut down) |
+//! | urgent, one per session (SCHED_FIFO) | the urgent socket (writes under the session's write lock) | reads with a 200 ms timeout (heartbeats, link timeout, source checks); writes time out after the link timeout |
+//! | pusher, one per session | the bulk socket | writes (flow control; shut down by the session's end); the push-ready condvar (200 ms ticks, heartbeats) |
+//! | progress, one per session | nothing | a channel, 100 ms or 2 s ticks |
+//!
+//! Locks: a session's push order (`Mutex<PushScheduler>`, held for one pick), its write lock
+//! (only shared with the pusher in the naive baseline), its push-ready flag and condvar, and
+//! the list of its sockets (for abort). Page maps and counters are atomics.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -374,10 +389,13 @@ fn check_params(theirs: &SessionParams, ours: &SessionParams) -> Result<(), (Err
                 "destination expects {} pages of {} bytes ({} MiB), the source memory file has {} pages of {} bytes ({} MiB)",
                 theirs.total_pages,
                 theirs.page_size,
-                (theirs.total_pages * u64::from(theirs.page_size)) >> 20,
+                theirs
+                    .total_pages
+                    .saturating_mul(u64::from(theirs.page_size))
+                    >> 20,
                 ours.total_pages,
                 ours.page_size,
-                (ours.total_pages * u64::from(ours.page_size)) >> 20,
+                ours.total_pages.saturating_mul(u64::from(ours.page_size)) >> 20,
             ),
         ));
     }

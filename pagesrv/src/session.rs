@@ -26,6 +26,10 @@ use tracing::{debug, info, warn};
 use crate::push_order::PushScheduler;
 use crate::source::{MemorySource, Piece};
 
+/// Pages hashed between two looks at the link while computing digests (32 MiB of 4 KiB
+/// pages: a few milliseconds).
+const DIGEST_RUN_PAGES: u64 = 8192;
+
 /// Pages per bulk frame: 512 KiB of 4 KiB pages, or one 2 MiB page.
 const BULK_RUN_BYTES: u64 = 512 << 10;
 
@@ -88,6 +92,8 @@ pub struct Session<'a> {
     skipped: PageMap,
     /// Clones of the session's sockets, shut down by [`Session::abort`].
     sockets: Mutex<Vec<TcpStream>>,
+    /// Set once the destination was sent the digests (it verifies every page).
+    digests_sent: AtomicBool,
     push_order: Mutex<PushScheduler>,
     stop: AtomicBool,
     /// Held while writing a batch of frames (the naive baseline shares one socket).
@@ -109,6 +115,7 @@ impl<'a> Session<'a> {
             sent: PageMap::new(source.total_pages()),
             skipped: PageMap::new(source.total_pages()),
             sockets: Mutex::new(Vec::new()),
+            digests_sent: AtomicBool::new(false),
             push_order: Mutex::new(PushScheduler::new(config.prepage_window_pages)),
             stop: AtomicBool::new(false),
             push_ready: (Mutex::new(false), Condvar::new()),
@@ -132,6 +139,11 @@ impl<'a> Session<'a> {
     /// Time since the session began.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// Whether the destination was sent the digests (so a `Goodbye` means it verified).
+    pub fn verified(&self) -> bool {
+        self.digests_sent.load(Ordering::Acquire)
     }
 
     /// True once either thread has ended the session.
@@ -315,13 +327,14 @@ impl<'a> Session<'a> {
                 return Ok(Some(Outcome::Aborted(text)));
             }
             Message::DigestQuery { chunk_pages } => {
-                let digests = self.digests(chunk_pages);
+                let digests = self.digests(conn, chunk_pages)?;
                 if !self.source.pages_intact() {
                     return Err(std::io::Error::other(
                         "the memory file shrank while it was read",
                     ));
                 }
                 self.write_urgent(conn, &Message::Digests { chunk_pages }, &digests)?;
+                self.digests_sent.store(true, Ordering::Release);
             }
             Message::Goodbye => {
                 let unsent = self.total_pages() - self.sent.set_pages();
@@ -404,20 +417,31 @@ impl<'a> Session<'a> {
     }
 
     /// The digest of every chunk of `chunk_pages` pages of the memory file, little-endian;
-    /// pages the destination skipped count as zero (they are not verified).
-    fn digests(&self, chunk_pages: u64) -> Vec<u8> {
+    /// pages the destination skipped count as zero (they are not verified). Hashing a large
+    /// guest takes seconds: between runs of [`DIGEST_RUN_PAGES`] it sends heartbeats on
+    /// `conn` (the link stays alive) and stops if the session ended.
+    fn digests(&self, conn: &mut TcpStream, chunk_pages: u64) -> std::io::Result<Vec<u8>> {
         let total = self.source.total_pages();
         let page_size = self.source.page_size() as usize;
         let mut out = Vec::with_capacity((total.div_ceil(chunk_pages) * 8) as usize);
+        let mut last_tx = Instant::now();
         let mut first = 0;
         while first < total {
-            let count = chunk_pages.min(total - first);
+            let end = first + chunk_pages.min(total - first);
             let mut digest = 0u64;
             let mut page = first;
-            while page < first + count {
-                let skipped = self.skipped.set_run(page, first + count - page);
-                page += skipped;
-                let run = self.skipped.clear_run(page, first + count - page);
+            while page < end {
+                if self.is_stopped() {
+                    return Err(std::io::Error::other("the session ended while hashing"));
+                }
+                if last_tx.elapsed() >= self.config.liveness.heartbeat {
+                    self.write_urgent(conn, &Message::Heartbeat, &[])?;
+                    last_tx = Instant::now();
+                }
+                page += self.skipped.set_run(page, end - page);
+                let run = self
+                    .skipped
+                    .clear_run(page, (end - page).min(DIGEST_RUN_PAGES));
                 if run > 0 {
                     let bytes = self.source.bytes(page, run);
                     digest =
@@ -426,9 +450,9 @@ impl<'a> Session<'a> {
                 page += run;
             }
             out.extend_from_slice(&digest.to_le_bytes());
-            first += count;
+            first = end;
         }
-        out
+        Ok(out)
     }
 
     fn answer_request(

@@ -9,7 +9,8 @@
 //!  handshake, client:  AwaitServer ─Challenge─► AwaitAuthOk ─AuthOk─► AwaitWelcome ─Welcome─► Welcomed
 //!                      AwaitServer ─Welcome─► Welcomed  (no key)          any ─Error─► Refused
 //!  urgent, source:     Maps ─MapEnd─► Serving ─DigestQuery─► Verifying ─Goodbye─► Closed
-//!                      (DoneMap, SkipMap)  (Request, Skip)   Serving ─Goodbye─► Closed (--no-verify)
+//!                      (DoneMap, SkipMap)  (Request, Skip,    Serving ─Goodbye─► Closed (--no-verify)
+//!                                           final maps)
 //!  urgent, destination: Serving ─(sends DigestQuery)─► AwaitDigests ─Digests─► Verified
 //!                      (PageRun, ZeroRun)            (late PageRun, ZeroRun)
 //!  bulk, destination:  Pushing ─BulkDone─► Pushed          bulk, source: Open
@@ -143,7 +144,8 @@ impl Phase for SourceUrgent {
             (_, Kind::Error) => Closed,
             (Maps, Kind::DoneMap | Kind::SkipMap) => Maps,
             (Maps, Kind::MapEnd) => Serving,
-            (Serving, Kind::Request | Kind::Skip) => Serving,
+            // Requests and skips; and, once every page is there, the final maps.
+            (Serving, Kind::Request | Kind::Skip | Kind::DoneMap | Kind::SkipMap) => Serving,
             (Serving, Kind::DigestQuery) => Verifying,
             (Serving | Verifying, Kind::Goodbye) => Closed,
             _ => return None,
@@ -300,6 +302,8 @@ mod tests {
                 Request,
                 Skip,
                 Heartbeat,
+                DoneMap,
+                SkipMap,
                 DigestQuery,
                 Goodbye,
             ],
@@ -318,7 +322,7 @@ mod tests {
             (&[][..], Request),
             (&[][..], DigestQuery),
             (&[][..], Goodbye),
-            (&[MapEnd][..], DoneMap),
+            (&[MapEnd, DigestQuery][..], DoneMap),
             (&[MapEnd][..], MapEnd),
             (&[MapEnd, DigestQuery][..], Request),
             (&[MapEnd, DigestQuery][..], DigestQuery),

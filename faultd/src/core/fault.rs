@@ -25,7 +25,7 @@ use thiserror::Error;
 use tracing::{trace, warn};
 
 use super::kernel::{Kernel, VmEvent};
-use super::vm::{Origin, Placed, Vm, ZeroPages};
+use super::vm::{Counters, Origin, Placed, Vm, ZeroPages};
 use crate::stats::LatencyRecorder;
 
 /// Fatal errors of the fault path: the VM cannot be served any more.
@@ -125,6 +125,9 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
                     self.faults += 1;
                     trace!(page, thread_id, minor, "fault");
                     self.handle_page_fault(page, minor, now)?;
+                }
+                VmEvent::Removed { count, .. } if !self.link_up => {
+                    Counters::add(&self.vm.counters.removed_while_link_down, count);
                 }
                 VmEvent::Removed { .. } => {}
                 VmEvent::Outside { addr } => {

@@ -215,13 +215,11 @@ impl UffdKernel {
                     self.continue_refused.store(true, Ordering::Relaxed);
                 }
                 Ok(Placement::Done { .. }) => return Ok(Placement::Done { existing: vec![] }),
-                Ok(Placement::Again { placed_bytes, .. }) => {
-                    // The bytes are in the page cache; the unmapped rest is mapped by the
-                    // retry or by the next touch (a MINOR fault).
-                    return Ok(Placement::Again {
-                        placed_bytes,
-                        existing: vec![],
-                    });
+                Ok(Placement::Again { .. }) => {
+                    // The mapping is changing (an unread REMOVE), but the bytes are in the
+                    // page cache already: the pages are placed. Wake the waiters; their next
+                    // touch is a MINOR fault that maps the page (or, if the REMOVE punches
+                    // it, a MISSING fault on a page marked zero).
                 }
                 Err(e) => return Err(e),
             }

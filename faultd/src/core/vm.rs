@@ -63,6 +63,8 @@ pub struct Counters {
     pub bytes_received: AtomicU64,
     /// Placements that met EAGAIN and waited for the event reader.
     pub placement_retries: AtomicU64,
+    /// Pages the VMM removed while there was no link to pagesrv.
+    pub removed_while_link_down: AtomicU64,
 }
 
 impl Counters {

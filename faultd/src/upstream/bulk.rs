@@ -41,9 +41,10 @@ pub enum BulkError {
 }
 
 impl BulkError {
-    /// Whether the error is the link's (reconnect) rather than the VM's (fatal).
+    /// Whether the error is the link's (reconnect) rather than final: placement failures are
+    /// the VM's, and pagesrv ends a session with an error only for good.
     pub fn is_link_failure(&self) -> bool {
-        !matches!(self, BulkError::Place(_))
+        !matches!(self, BulkError::Place(_) | BulkError::Remote { .. })
     }
 }
 

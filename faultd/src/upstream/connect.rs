@@ -191,7 +191,18 @@ pub fn connect(
         image_id: pins.image_id,
         ..ours
     };
-    let (bulk, bulk_reader, _) = open(resolved, psk, Role::Bulk, bulk_hello, link_timeout)?;
+    let (bulk, bulk_reader, bulk_welcome) =
+        open(resolved, psk, Role::Bulk, bulk_hello, link_timeout)?;
+    if bulk_welcome.session_id != pins.session_id || bulk_welcome.image_id != pins.image_id {
+        return Err(UpstreamError::Refused {
+            code: ErrorCode::UnknownSession,
+            text: format!(
+                "pagesrv welcomed the bulk connection to session {:016x} (image {:016x}), not {:016x} (image {:016x})",
+                bulk_welcome.session_id, bulk_welcome.image_id, pins.session_id, pins.image_id
+            ),
+            trusted: false,
+        });
+    }
     let decoder = Decoder::session(u64::from(target.page_size), target.total_pages);
     let (mut urgent_reader, mut bulk_reader) = (urgent_reader, bulk_reader);
     urgent_reader.set_decoder(decoder);

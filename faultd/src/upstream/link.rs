@@ -23,10 +23,12 @@ use std::thread::Scope;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use common::framed::{FrameReader, write_frame};
+use std::io::Write;
+
+use common::framed::FrameReader;
 use common::netopt::Liveness;
 use common::wire::phase::DestUrgent;
-use common::wire::{MAX_PAYLOAD_BYTES, Message, PageRange};
+use common::wire::{MAX_PAYLOAD_BYTES, Message, PageRange, encode};
 use mio::{Interest, Registry, Token, Waker};
 use tracing::{debug, info, warn};
 
@@ -301,17 +303,26 @@ fn connect_with_backoff<K: Kernel>(
     }
 }
 
-/// Sends bitmaps of the pages already here and of the pages removed before they arrived
-/// (skipping empty stretches), then MapEnd. Runs on the connector thread, with a write
-/// timeout, before the fault thread takes the socket.
+/// Sends the maps of the pages here ([`encode_maps`]), then MapEnd. Runs on the connector
+/// thread, with a write timeout, before the fault thread takes the socket.
 fn send_maps<K: Kernel>(
     vm: &Vm<K>,
     urgent: &mut TcpStream,
     timeout: Duration,
 ) -> std::io::Result<()> {
     urgent.set_write_timeout(Some(timeout))?;
+    let mut frames = encode_maps(vm);
+    encode(&Message::MapEnd, 0, &mut frames);
+    urgent.write_all(&frames)?;
+    urgent.set_write_timeout(None)
+}
+
+/// `DoneMap` frames for the pages already here and `SkipMap` frames for the pages removed
+/// before they arrived (empty stretches left out): a bitmap, pages / 8 bytes at most.
+pub fn encode_maps<K: Kernel>(vm: &Vm<K>) -> Vec<u8> {
     let total = vm.total_pages();
     let chunk_pages = (MAX_PAYLOAD_BYTES as u64) * 8;
+    let mut out = Vec::new();
     let mut first = 0;
     while first < total {
         let count = chunk_pages.min(total - first);
@@ -321,14 +332,16 @@ fn send_maps<K: Kernel>(
         for (h, s) in held.iter_mut().zip(&skipped) {
             *h &= !s;
         }
-        if held.iter().any(|&b| b != 0) {
-            write_frame(urgent, &Message::DoneMap(range), &held)?;
-        }
-        if skipped.iter().any(|&b| b != 0) {
-            write_frame(urgent, &Message::SkipMap(range), &skipped)?;
+        for (message, bitmap) in [
+            (Message::DoneMap(range), held),
+            (Message::SkipMap(range), skipped),
+        ] {
+            if bitmap.iter().any(|&b| b != 0) {
+                encode(&message, bitmap.len(), &mut out);
+                out.extend_from_slice(&bitmap);
+            }
         }
         first += count;
     }
-    write_frame(urgent, &Message::MapEnd, &[])?;
-    urgent.set_write_timeout(None)
+    out
 }
