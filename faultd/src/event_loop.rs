@@ -520,6 +520,11 @@ impl FaultLoop<'_, '_> {
                 }
                 LinkEvent::Connected(Ok(up)) => {
                     let link = self.links.open(up, poll.registry(), URGENT)?;
+                    // One line on stdout per link, for scripts and tests.
+                    println!(
+                        "faultd link to pagesrv up (session {:016x}, generation {})",
+                        self.links.pins.session_id, link.generation
+                    );
                     info!(
                         generation = link.generation,
                         waiting_faults = self.core.pages_in_flight(),

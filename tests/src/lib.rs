@@ -357,33 +357,3 @@ pub fn free_loopback_addr() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("local addr").to_string()
 }
-
-/// Waits until at least `n` TCP connections to local port `port` are established (read from
-/// /proc/net/tcp), polling; panics after 60 s.
-pub fn wait_established(port: u16, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        let established = table
-            .lines()
-            .skip(1)
-            .filter(|line| {
-                let cols: Vec<&str> = line.split_whitespace().collect();
-                let local_port = cols
-                    .get(1)
-                    .and_then(|a| a.rsplit(':').next())
-                    .and_then(|p| u16::from_str_radix(p, 16).ok());
-                // State 01 is ESTABLISHED.
-                local_port == Some(port) && cols.get(3) == Some(&"01")
-            })
-            .count();
-        if established >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{established} of {n} connections to port {port} after 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}

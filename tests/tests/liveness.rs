@@ -289,8 +289,9 @@ fn stalled_migration(dir: &Scratch, key: &[&str]) -> (Proc, String, Proc, Proc) 
     let faultd_args = [&["--reconnect-timeout", "3"][..], key].concat();
     let faultd = start_faultd_with(&addr, &uds, &stats, &faultd_args);
     let vmm = start_vmm(&uds, &mem, &["--no-touch"]);
-    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
-    wait_established(port, 2);
+    let mut faultd = faultd;
+    let line = faultd.read_line();
+    assert!(line.starts_with("faultd link to pagesrv up"), "{line}");
     (pagesrv, addr, faultd, vmm)
 }
 
