@@ -357,3 +357,55 @@ pub fn free_loopback_addr() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("local addr").to_string()
 }
+
+/// What a migration that succeeded left behind.
+pub struct Finished {
+    /// test-vmm's JSON report.
+    pub vmm: serde_json::Value,
+    /// faultd's stats JSON.
+    pub stats: serde_json::Value,
+    /// faultd's stderr.
+    pub faultd_err: String,
+    /// pagesrv's stderr.
+    pub pagesrv_err: String,
+}
+
+/// Waits for test-vmm, faultd and pagesrv to end; asserts that all three succeeded, that the
+/// VMM found every byte right during and after the migration, and that the digests matched.
+/// `what` names the run in failure messages.
+pub fn finish_migration(
+    what: &str,
+    vmm: &mut Proc,
+    faultd: &mut Proc,
+    pagesrv: &mut Proc,
+    stats: &Path,
+) -> Finished {
+    let limit = Duration::from_secs(120);
+    let (status, vmm_err) = vmm.wait(limit);
+    let report = vmm.rest_of_stdout();
+    let (faultd_status, faultd_err) = faultd.wait(limit);
+    assert!(
+        status.success(),
+        "{what}: test-vmm: {report}\n{vmm_err}\nfaultd:\n{faultd_err}"
+    );
+    assert!(faultd_status.success(), "{what}: {faultd_err}");
+    let (pagesrv_status, pagesrv_err) = pagesrv.wait(limit);
+    assert!(pagesrv_status.success(), "{what}: {pagesrv_err}");
+    let vmm = json(&report);
+    assert_eq!(vmm["mismatches_during"], 0, "{what}: {vmm}");
+    assert_eq!(vmm["mismatches_after"], 0, "{what}: {vmm}");
+    let stats = json(&std::fs::read_to_string(stats).expect("faultd wrote its stats"));
+    assert_eq!(stats["digest_check"], "match", "{what}: {stats}");
+    Finished {
+        vmm,
+        stats,
+        faultd_err,
+        pagesrv_err,
+    }
+}
+
+/// The digest of a whole memory file, as faultd's stats report it.
+pub fn source_digest(mem: &Path) -> String {
+    let image = std::fs::read(mem).expect("read the source");
+    format!("{:016x}", common::digest::run_digest(0, &image, PAGE))
+}
