@@ -29,7 +29,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::core::fault::FaultCore;
 use crate::core::kernel::UffdKernel;
-use crate::core::vm::{Counters, DIGEST_CHUNK_PAGES, Vm};
+use crate::core::vm::{Counters, Vm};
 use crate::stats::Stats;
 use crate::upstream::link::{Link, LinkConfig, LinkEvent, Links, encode_maps};
 
@@ -229,7 +229,7 @@ impl FaultLoop<'_, '_> {
                 self.core.outbox.extend_from_slice(&encode_maps(self.vm));
                 if self.verify {
                     let query = Message::DigestQuery {
-                        chunk_pages: DIGEST_CHUNK_PAGES,
+                        chunk_pages: self.vm.digest_chunk_pages(),
                     };
                     link.phase.send(query.kind())?;
                     encode(&query, 0, &mut self.core.outbox);
@@ -435,9 +435,10 @@ impl FaultLoop<'_, '_> {
                     }
                 }
                 Message::Heartbeat => {}
-                Message::Digests { chunk_pages } if chunk_pages != DIGEST_CHUNK_PAGES => {
+                Message::Digests { chunk_pages } if chunk_pages != self.vm.digest_chunk_pages() => {
                     return Err(FrameError::Link(anyhow!(
-                        "pagesrv sent digests of {chunk_pages}-page chunks, not {DIGEST_CHUNK_PAGES}"
+                        "pagesrv sent digests of {chunk_pages}-page chunks, not {}",
+                        self.vm.digest_chunk_pages()
                     )));
                 }
                 Message::Digests { .. } => {
@@ -583,8 +584,9 @@ fn compare_digests(vm: &Vm<UffdKernel>, theirs: &[u8]) -> Verdict {
     {
         let theirs = u64::from_le_bytes(theirs.try_into().expect("8-byte chunks"));
         if ours != theirs {
-            let first = i as u64 * DIGEST_CHUNK_PAGES;
-            let range = first..(first + DIGEST_CHUNK_PAGES).min(total);
+            let chunk_pages = vm.digest_chunk_pages();
+            let first = i as u64 * chunk_pages;
+            let range = first..(first + chunk_pages).min(total);
             match mismatched.last_mut() {
                 Some(last) if last.end == range.start => last.end = range.end,
                 _ => mismatched.push(range),

@@ -75,6 +75,10 @@ pub fn accept_vmm(
         );
     }
     let memfd = match (placement, handshake.memfd) {
+        (Placement::Memfd, Some(_)) if layout.page_size() > 4096 => {
+            info!("hugetlbfs memory cannot be written with pwrite: placing pages with UFFDIO_COPY");
+            None
+        }
         (Placement::Memfd, Some(fd)) => Some(std::fs::File::from(fd)),
         (Placement::Memfd, None) => {
             info!("the VMM passed no memfd: placing pages with UFFDIO_COPY");

@@ -35,15 +35,18 @@ use crate::source::MemorySource;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
-    /// The guest memory file (e.g. /dev/shm/vm1, or a hugetlbfs file with --page-size 2m).
+    /// The guest memory file (e.g. /dev/shm/vm1, a Firecracker snapshot's memory file, or a
+    /// hugetlbfs file).
     #[arg(long, value_name = "PATH")]
     vm_mem: PathBuf,
     /// Address to listen on.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Page size of the guest memory: 4k, or 2m for hugetlbfs-backed RAM.
-    #[arg(long, default_value = "4k", value_parser = parse_page_size)]
-    page_size: u64,
+    /// Serve only destinations with this page size (4k or 2m). Without it, pagesrv serves the
+    /// page size each destination asks for, if the file is a whole number of such pages (a
+    /// Firecracker snapshot of a huge-page guest is an ordinary file served in 2 MiB pages).
+    #[arg(long, value_parser = parse_page_size)]
+    page_size: Option<u64>,
     /// Keep serving further sessions instead of exiting after the first that completed or
     /// failed.
     #[arg(long)]
@@ -52,7 +55,8 @@ struct Cli {
     /// waits for a reconnect). Both sides send heartbeats on idle connections.
     #[arg(long, value_name = "SECS", default_value = "2", value_parser = common::netopt::parse_seconds)]
     link_timeout: std::time::Duration,
-    /// Pages pushed right after each requested page (pre-paging window; 0 disables).
+    /// Pages pushed right after each requested page (pre-paging window; 0 disables; at most
+    /// 8 MiB of pages, so 4 with 2 MiB pages).
     #[arg(long, value_name = "PAGES", default_value_t = 64)]
     prepage_window: u64,
     /// Do not push pages in the background: serve requested pages only.
@@ -85,8 +89,13 @@ fn parse_page_size(text: &str) -> Result<u64, String> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let source = MemorySource::open(&cli.vm_mem, cli.page_size)
+    let source = MemorySource::open(&cli.vm_mem)
         .with_context(|| format!("cannot serve {}", cli.vm_mem.display()))?;
+    if let Some(page_size) = cli.page_size {
+        source
+            .paged(page_size)
+            .with_context(|| format!("cannot serve {} with --page-size", cli.vm_mem.display()))?;
+    }
     let psk = cli
         .psk_file
         .as_deref()
@@ -97,6 +106,7 @@ fn run(cli: Cli) -> Result<()> {
         insecure_listen: cli.insecure_listen,
         listen: cli.listen,
         serve_forever: cli.serve_forever,
+        page_size: cli.page_size,
         session: SessionConfig {
             prepage_window_pages: cli.prepage_window,
             push: !cli.no_push,

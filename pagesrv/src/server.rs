@@ -64,6 +64,8 @@ pub struct ServerConfig {
     pub psk: Option<Psk>,
     /// Serve a non-loopback address without a key.
     pub insecure_listen: bool,
+    /// Serve only destinations with this page size (`--page-size`); any otherwise.
+    pub page_size: Option<u64>,
 }
 
 enum Event {
@@ -91,8 +93,7 @@ pub fn serve(source: &MemorySource, config: &ServerConfig) -> Result<()> {
     println!("pagesrv listening on {addr}");
     info!(
         %addr,
-        pages = source.total_pages(),
-        page_size = source.page_size(),
+        bytes = source.size_bytes(),
         image = format_args!("{:016x}", source.image_id()),
         "serving memory"
     );
@@ -177,7 +178,8 @@ struct Running<'scope, 'env> {
 /// An urgent connection welcomed, waiting for its bulk connection.
 struct Pending {
     admitted: Box<Admitted>,
-    session_id: u64,
+    /// What it was welcomed with (session id, page size).
+    welcome: SessionParams,
     since: Instant,
 }
 
@@ -192,16 +194,6 @@ struct Manager<'scope, 'env> {
 }
 
 impl<'scope, 'env> Manager<'scope, 'env> {
-    fn ours(&self) -> SessionParams {
-        SessionParams {
-            version: PROTOCOL_VERSION,
-            page_size: self.source.page_size() as u32,
-            total_pages: self.source.total_pages(),
-            session_id: 0,
-            image_id: self.source.image_id(),
-        }
-    }
-
     fn run(&mut self, events: &Receiver<Event>) -> Result<()> {
         loop {
             let event = match events.recv_timeout(Duration::from_millis(500)) {
@@ -238,10 +230,10 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     }
 
     fn on_urgent(&mut self, admitted: Box<Admitted>) {
-        let ours = self.ours();
-        if let Err((code, text)) = check_params(&admitted.hello, &ours) {
-            return self.refuse(admitted, code, &text);
-        }
+        let ours = match check_params(&admitted.hello, self.source, self.config.page_size) {
+            Ok(ours) => ours,
+            Err((code, text)) => return self.refuse(admitted, code, &text),
+        };
         if let Err(e) = self.source.check_intact() {
             return self.refuse(admitted, ErrorCode::Internal, &error_chain(&e));
         }
@@ -283,23 +275,24 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         info!(peer = %admitted.peer, role = "urgent", session = format_args!("{session_id:016x}"), "destination connected");
         self.pending = Some(Pending {
             admitted,
-            session_id,
+            welcome,
             since: Instant::now(),
         });
     }
 
     fn on_bulk(&mut self, mut admitted: Box<Admitted>) {
         let id = admitted.hello.session_id;
-        let matches = self.pending.as_ref().is_some_and(|p| p.session_id == id);
+        let matches = self.pending.as_ref().is_some_and(|p| {
+            p.welcome.session_id == id
+                && p.welcome.page_size == admitted.hello.page_size
+                && p.welcome.total_pages == admitted.hello.total_pages
+        });
         if !matches {
-            let text = format!("no pending session {id:#x}");
+            let text = format!("no pending session {id:#x} with this layout");
             return self.refuse(admitted, ErrorCode::UnknownSession, &text);
         }
         let pending = self.pending.take().expect("checked above");
-        let welcome = SessionParams {
-            session_id: id,
-            ..self.ours()
-        };
+        let welcome = pending.welcome;
         if let Err(e) = prepare_socket(&admitted.conn, Role::Bulk, self.config)
             .and_then(|()| Ok(admitted.welcome(self.config.psk.as_ref(), welcome)?))
         {
@@ -314,9 +307,13 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         self.serials += 1;
         let serial = self.serials;
         self.source.refresh_holes();
+        let paged = self
+            .source
+            .paged(u64::from(pending.welcome.page_size))
+            .expect("the page size was checked when the destination was welcomed");
         let session = Arc::new(Session::new(
-            self.source,
-            pending.session_id,
+            paged,
+            pending.welcome.session_id,
             self.config.session,
         ));
         let (tx, session_for_thread) = (self.events.clone(), session.clone());
@@ -372,43 +369,73 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     }
 }
 
-fn check_params(theirs: &SessionParams, ours: &SessionParams) -> Result<(), (ErrorCode, String)> {
-    if theirs.version != ours.version {
+/// Checks a destination's `Hello` against the memory file: the same protocol, a page size
+/// the file is a whole number of (and the one `--page-size` requires, if given), the same
+/// number of bytes, and the image it pinned. Returns the parameters to welcome it with
+/// (session id still 0).
+fn check_params(
+    theirs: &SessionParams,
+    source: &MemorySource,
+    required_page_size: Option<u64>,
+) -> Result<SessionParams, (ErrorCode, String)> {
+    if theirs.version != PROTOCOL_VERSION {
         return Err((
             ErrorCode::VersionMismatch,
             format!(
-                "destination speaks protocol version {}, source speaks {}",
-                theirs.version, ours.version
+                "destination speaks protocol version {}, source speaks {PROTOCOL_VERSION}",
+                theirs.version
             ),
         ));
     }
-    if theirs.page_size != ours.page_size || theirs.total_pages != ours.total_pages {
-        return Err((
+    let page_size = u64::from(theirs.page_size);
+    let theirs_bytes = theirs.total_pages.saturating_mul(page_size);
+    let layout_err = |why: String| {
+        Err((
             ErrorCode::LayoutMismatch,
             format!(
-                "destination expects {} pages of {} bytes ({} MiB), the source memory file has {} pages of {} bytes ({} MiB)",
+                "destination expects {} pages of {} bytes ({} MiB): {why}",
                 theirs.total_pages,
-                theirs.page_size,
-                theirs
-                    .total_pages
-                    .saturating_mul(u64::from(theirs.page_size))
-                    >> 20,
-                ours.total_pages,
-                ours.page_size,
-                ours.total_pages.saturating_mul(u64::from(ours.page_size)) >> 20,
+                page_size,
+                theirs_bytes >> 20
             ),
+        ))
+    };
+    if !common::layout::SUPPORTED_PAGE_SIZES.contains(&page_size) {
+        return layout_err("page size not supported (4096 or 2097152)".into());
+    }
+    if let Some(required) = required_page_size.filter(|&r| r != page_size) {
+        return layout_err(format!(
+            "this source serves {required}-byte pages only (--page-size)"
         ));
     }
-    if theirs.image_id != 0 && theirs.image_id != ours.image_id {
+    let paged = match source.paged(page_size) {
+        Ok(paged) => paged,
+        Err(e) => return layout_err(e.to_string()),
+    };
+    if theirs_bytes != source.size_bytes() {
+        return layout_err(format!(
+            "the source memory file has {} bytes ({} MiB)",
+            source.size_bytes(),
+            source.size_bytes() >> 20
+        ));
+    }
+    if theirs.image_id != 0 && theirs.image_id != source.image_id() {
         return Err((
             ErrorCode::ImageMismatch,
             format!(
                 "the destination's session started from memory image {:016x}; this source serves image {:016x} (another memory file, or one that changed)",
-                theirs.image_id, ours.image_id
+                theirs.image_id,
+                source.image_id()
             ),
         ));
     }
-    Ok(())
+    Ok(SessionParams {
+        version: PROTOCOL_VERSION,
+        page_size: theirs.page_size,
+        total_pages: paged.total_pages(),
+        session_id: 0,
+        image_id: source.image_id(),
+    })
 }
 
 fn prepare_socket(conn: &TcpStream, role: Role, config: &ServerConfig) -> Result<()> {

@@ -24,11 +24,15 @@ use common::wire::{Decoder, ErrorCode, MAX_PAYLOAD_BYTES, Message, PageRange, RA
 use tracing::{debug, info, warn};
 
 use crate::push_order::PushScheduler;
-use crate::source::{MemorySource, Piece};
+use crate::source::{Paged, Piece};
 
 /// Pages hashed between two looks at the link while computing digests (32 MiB of 4 KiB
 /// pages: a few milliseconds).
 const DIGEST_RUN_PAGES: u64 = 8192;
+
+/// Most bytes pre-paged after one request (64 pages of 4 KiB are 256 KiB; 2 MiB pages are
+/// capped at 4).
+const PREPAGE_MAX_BYTES: u64 = 8 << 20;
 
 /// Pages per bulk frame: 512 KiB of 4 KiB pages, or one 2 MiB page.
 const BULK_RUN_BYTES: u64 = 512 << 10;
@@ -82,7 +86,7 @@ pub struct SessionConfig {
 
 /// State shared by the session's threads.
 pub struct Session<'a> {
-    source: &'a MemorySource,
+    source: Paged<'a>,
     /// The session's id (kept across a takeover).
     pub id: u64,
     /// Pages sent, or held or skipped by the destination.
@@ -108,7 +112,7 @@ pub struct Session<'a> {
 
 impl<'a> Session<'a> {
     /// A new session over `source`.
-    pub fn new(source: &'a MemorySource, id: u64, config: SessionConfig) -> Self {
+    pub fn new(source: Paged<'a>, id: u64, config: SessionConfig) -> Self {
         Session {
             source,
             id,
@@ -116,7 +120,11 @@ impl<'a> Session<'a> {
             skipped: PageMap::new(source.total_pages()),
             sockets: Mutex::new(Vec::new()),
             digests_sent: AtomicBool::new(false),
-            push_order: Mutex::new(PushScheduler::new(config.prepage_window_pages)),
+            push_order: Mutex::new(PushScheduler::new(
+                config
+                    .prepage_window_pages
+                    .min((PREPAGE_MAX_BYTES / source.page_size()).max(1)),
+            )),
             stop: AtomicBool::new(false),
             push_ready: (Mutex::new(false), Condvar::new()),
             write_lock: Mutex::new(()),
@@ -223,7 +231,9 @@ impl<'a> Session<'a> {
             if self.is_stopped() {
                 return Outcome::Aborted("replaced by a reconnect of the same session".into());
             }
-            if !self.source.pages_intact() || last_source_check.elapsed() >= liveness.heartbeat {
+            if !self.source.file().pages_intact()
+                || last_source_check.elapsed() >= liveness.heartbeat
+            {
                 if let Some(outcome) = self.broken_source(&mut conn) {
                     return outcome;
                 }
@@ -328,7 +338,7 @@ impl<'a> Session<'a> {
             }
             Message::DigestQuery { chunk_pages } => {
                 let digests = self.digests(conn, chunk_pages)?;
-                if !self.source.pages_intact() {
+                if !self.source.file().pages_intact() {
                     return Err(std::io::Error::other(
                         "the memory file shrank while it was read",
                     ));
@@ -370,7 +380,7 @@ impl<'a> Session<'a> {
     /// `Failed` (and the destination told) if the memory file shrank: what was read from it
     /// cannot be trusted, and its missing pages cannot be served by anyone.
     fn broken_source(&self, conn: &mut TcpStream) -> Option<Outcome> {
-        let e = self.source.check_intact().err()?;
+        let e = self.source.file().check_intact().err()?;
         let text = error_chain(&e);
         send_error(conn, ErrorCode::Internal, &text);
         Some(Outcome::Failed(text))
@@ -532,7 +542,7 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        if !self.source.pages_intact() {
+        if !self.source.file().pages_intact() {
             // A read went past the end of a shrunk file: the pieces may be wrong.
             return Err(std::io::Error::other(
                 "the memory file shrank while it was read",

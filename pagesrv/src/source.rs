@@ -1,5 +1,10 @@
 //! The paused VM's memory file, mapped read-only, and how its pages are classified: holes in
 //! the file (known zero without reading), all-zero pages, and data.
+//!
+//! The file is bytes; its pages are whatever size the destination asks for
+//! ([`MemorySource::paged`]), as long as the file is a whole number of them. A Firecracker
+//! snapshot of a huge-page guest is an ordinary file served in 2 MiB pages; a hugetlbfs file
+//! can be served in 4 KiB pages too.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
@@ -26,25 +31,19 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
-    /// The file is empty or not a whole number of pages.
-    #[error(
-        "{path} is {size_bytes} bytes, not a non-zero multiple of the {page_size}-byte page size"
-    )]
+    /// The file is empty.
+    #[error("{path} is empty")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is not a whole number of pages of the size asked for.
+    #[error("{path} is {size_bytes} bytes, not a whole number of {page_size}-byte pages")]
     BadSize {
         /// The file.
         path: PathBuf,
         /// Its size.
         size_bytes: u64,
-        /// The page size asked for.
-        page_size: u64,
-    },
-    /// A hugetlbfs file served with 4 KiB pages, or the reverse.
-    #[error("{path} is {} but the page size is {page_size}", if *.hugetlbfs { "on hugetlbfs" } else { "not on hugetlbfs" })]
-    PageSizeMismatch {
-        /// The file.
-        path: PathBuf,
-        /// Whether the file lives on hugetlbfs.
-        hugetlbfs: bool,
         /// The page size asked for.
         page_size: u64,
     },
@@ -107,8 +106,7 @@ pub struct MemorySource {
     _sigbus_guard: common::sigbus::Guard,
     map: Mapping,
     path: PathBuf,
-    page_size: u64,
-    total_pages: u64,
+    size_bytes: u64,
     file: File,
     /// Byte ranges that hold data (everything else is a hole), sorted; read again at the
     /// start of every session, since the VM may have written holes since the last one.
@@ -121,8 +119,8 @@ impl MemorySource {
     /// Opens and maps `path` read-only.
     ///
     /// # Errors
-    /// Open, size, page-size or map failures.
-    pub fn open(path: &Path, page_size: u64) -> Result<Self, SourceError> {
+    /// Open, size or map failures.
+    pub fn open(path: &Path) -> Result<Self, SourceError> {
         let open_err = |source| SourceError::Open {
             path: path.to_owned(),
             source,
@@ -130,22 +128,18 @@ impl MemorySource {
         let file = File::open(path).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         let size_bytes = meta.len();
-        if size_bytes == 0 || size_bytes % page_size != 0 {
-            return Err(SourceError::BadSize {
+        if size_bytes == 0 {
+            return Err(SourceError::Empty {
                 path: path.to_owned(),
-                size_bytes,
-                page_size,
             });
         }
+        // A hugetlbfs file is mapped (and, if it shrinks, replaced) in its huge pages.
         let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| open_err(e.into()))?;
-        let hugetlbfs = fs.filesystem_type().0 as i64 == HUGETLBFS_MAGIC;
-        if hugetlbfs != (page_size > 4096) {
-            return Err(SourceError::PageSizeMismatch {
-                path: path.to_owned(),
-                hugetlbfs,
-                page_size,
-            });
-        }
+        let map_page_bytes = if fs.filesystem_type().0 as i64 == HUGETLBFS_MAGIC {
+            fs.block_size() as u64
+        } else {
+            4096
+        };
         let data_ranges = RwLock::new(data_ranges(&file, size_bytes));
         let map = Mapping::file_readonly(file.as_fd(), size_bytes as usize).map_err(|source| {
             SourceError::Map {
@@ -154,40 +148,51 @@ impl MemorySource {
             }
         })?;
         let sigbus_guard =
-            common::sigbus::guard(map.addr() as usize, map.len(), page_size as usize).map_err(
-                |source| SourceError::Guard {
+            common::sigbus::guard(map.addr() as usize, map.len(), map_page_bytes as usize)
+                .map_err(|source| SourceError::Guard {
                     path: path.to_owned(),
                     source,
-                },
-            )?;
+                })?;
         let image_id = common::digest::identity(&[
             meta.dev(),
             meta.ino(),
             size_bytes,
             meta.mtime() as u64,
             meta.mtime_nsec() as u64,
-            page_size,
         ]);
         Ok(MemorySource {
             _sigbus_guard: sigbus_guard,
             map,
             path: path.to_owned(),
-            page_size,
-            total_pages: size_bytes / page_size,
+            size_bytes,
             file,
             data_ranges,
             image_id,
         })
     }
 
-    /// Page size in bytes.
-    pub fn page_size(&self) -> u64 {
-        self.page_size
+    /// The file's size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
     }
 
-    /// Pages in the file.
-    pub fn total_pages(&self) -> u64 {
-        self.total_pages
+    /// The file in pages of `page_size` bytes.
+    ///
+    /// # Errors
+    /// [`SourceError::BadSize`]: the file is not a whole number of such pages.
+    pub fn paged(&self, page_size: u64) -> Result<Paged<'_>, SourceError> {
+        if page_size == 0 || !self.size_bytes.is_multiple_of(page_size) {
+            return Err(SourceError::BadSize {
+                path: self.path.clone(),
+                size_bytes: self.size_bytes,
+                page_size,
+            });
+        }
+        Ok(Paged {
+            source: self,
+            page_size,
+            total_pages: self.size_bytes / page_size,
+        })
     }
 
     /// Identity of the image served: the file's device, inode, size and modification time.
@@ -195,12 +200,6 @@ impl MemorySource {
     /// or one written since, is another image (destinations resuming a session refuse it).
     pub fn image_id(&self) -> u64 {
         self.image_id
-    }
-
-    /// The bytes of pages `first..first+count` (the caller keeps the range in bounds).
-    pub fn bytes(&self, first: u64, count: u64) -> &[u8] {
-        let start = (first * self.page_size) as usize;
-        &self.map.as_slice()[start..start + (count * self.page_size) as usize]
     }
 
     /// Whether every read of the mapping so far found the file's pages (no read past a
@@ -214,7 +213,7 @@ impl MemorySource {
     /// # Errors
     /// [`SourceError::Shrank`].
     pub fn check_intact(&self) -> Result<(), SourceError> {
-        let expected_bytes = self.total_pages * self.page_size;
+        let expected_bytes = self.size_bytes;
         let size_bytes = self.file.metadata().map_or(0, |m| m.len());
         if size_bytes < expected_bytes || !self.pages_intact() {
             return Err(SourceError::Shrank {
@@ -228,13 +227,48 @@ impl MemorySource {
 
     /// Reads the file's holes again (call when a session starts).
     pub fn refresh_holes(&self) {
-        let ranges = data_ranges(&self.file, self.total_pages * self.page_size);
+        let ranges = data_ranges(&self.file, self.size_bytes);
         *self.data_ranges.write().unwrap_or_else(|p| p.into_inner()) = ranges;
+    }
+}
+
+/// The memory file in pages of one size (a session's view).
+#[derive(Debug, Clone, Copy)]
+pub struct Paged<'a> {
+    source: &'a MemorySource,
+    page_size: u64,
+    total_pages: u64,
+}
+
+impl<'a> Paged<'a> {
+    /// Page size in bytes.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// Pages in the file.
+    pub fn total_pages(&self) -> u64 {
+        self.total_pages
+    }
+
+    /// The file.
+    pub fn file(&self) -> &'a MemorySource {
+        self.source
+    }
+
+    /// The bytes of pages `first..first+count` (the caller keeps the range in bounds).
+    pub fn bytes(&self, first: u64, count: u64) -> &[u8] {
+        let start = (first * self.page_size) as usize;
+        &self.source.map.as_slice()[start..start + (count * self.page_size) as usize]
     }
 
     /// Splits `first..first+count` into zero and data pieces, appending them to `out`.
     pub fn classify(&self, first: u64, count: u64, out: &mut Vec<Piece>) {
-        let data_ranges = self.data_ranges.read().unwrap_or_else(|p| p.into_inner());
+        let data_ranges = self
+            .source
+            .data_ranges
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let is_zero_page = |page| {
             in_hole(&data_ranges, page * self.page_size, self.page_size)
                 || is_zero(self.bytes(page, 1))
@@ -302,7 +336,8 @@ mod tests {
         f.seek(SeekFrom::Start(10 * 4096 + 100)).unwrap();
         f.write_all(&[1]).unwrap(); // page 10
         drop(f);
-        let src = MemorySource::open(&dir, 4096).unwrap();
+        let file = MemorySource::open(&dir).unwrap();
+        let src = file.paged(4096).unwrap();
         let mut pieces = Vec::new();
         src.classify(0, 16, &mut pieces);
         std::fs::remove_file(&dir).unwrap();
@@ -326,16 +361,49 @@ mod tests {
     }
 
     #[test]
+    fn test_serves_the_page_size_the_destination_asks_for() {
+        let path = std::env::temp_dir().join(format!("pagesrv-2m-{}", std::process::id()));
+        let mut f = File::create(&path).unwrap();
+        f.set_len(3 << 21).unwrap();
+        f.seek(SeekFrom::Start((2 << 21) + 4096)).unwrap();
+        f.write_all(&[9u8; 10]).unwrap(); // inside the third 2 MiB page
+        drop(f);
+        let file = MemorySource::open(&path).unwrap();
+        let huge = file.paged(2 << 20).unwrap();
+        assert_eq!((huge.total_pages(), huge.page_size()), (3, 2 << 20));
+        let mut pieces = Vec::new();
+        huge.classify(0, 3, &mut pieces);
+        assert_eq!(
+            pieces,
+            vec![
+                Piece::Zero { first: 0, count: 2 },
+                Piece::Data { first: 2, count: 1 },
+            ]
+        );
+        assert_eq!(huge.bytes(2, 1)[4096], 9);
+        assert_eq!(file.paged(4096).unwrap().total_pages(), 3 * 512);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
     fn test_rejects_bad_sizes() {
         let path = std::env::temp_dir().join(format!("pagesrv-bad-{}", std::process::id()));
-        File::create(&path).unwrap().set_len(4097).unwrap();
-        let err = MemorySource::open(&path, 4096).unwrap_err();
+        File::create(&path)
+            .unwrap()
+            .set_len((2 << 20) + 4096)
+            .unwrap();
+        let file = MemorySource::open(&path).unwrap();
+        assert!(file.paged(4096).is_ok());
+        let err = file.paged(2 << 20).unwrap_err();
         assert!(matches!(err, SourceError::BadSize { .. }), "{err}");
-        let err = MemorySource::open(&path, 2 << 20).unwrap_err();
-        assert!(matches!(
-            err,
-            SourceError::BadSize { .. } | SourceError::PageSizeMismatch { .. }
-        ));
+        assert!(
+            err.to_string()
+                .contains("not a whole number of 2097152-byte pages")
+        );
+        drop(file);
+        File::create(&path).unwrap();
+        let err = MemorySource::open(&path).unwrap_err();
+        assert!(matches!(err, SourceError::Empty { .. }), "{err}");
         std::fs::remove_file(&path).unwrap();
     }
 }

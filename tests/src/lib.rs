@@ -409,3 +409,68 @@ pub fn source_digest(mem: &Path) -> String {
     let image = std::fs::read(mem).expect("read the source");
     format!("{:016x}", common::digest::run_digest(0, &image, PAGE))
 }
+
+/// Huge pages reserved for a test (`/proc/sys/vm/nr_hugepages`), given back on drop. Tests
+/// that reserve them run one at a time.
+pub struct HugePages {
+    old: u64,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+}
+
+static HUGE_PAGES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+impl HugePages {
+    /// Reserves `pages` more 2 MiB pages. Under `CI=true` failing to is a failure; elsewhere
+    /// the test is skipped with the reason printed (`None`).
+    pub fn reserve(pages: u64) -> Option<HugePages> {
+        let guard = HUGE_PAGES.lock().unwrap_or_else(|p| p.into_inner());
+        let read = || -> Option<u64> {
+            std::fs::read_to_string(NR_HUGEPAGES)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let free = || -> u64 {
+            std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| {
+                    m.lines()
+                        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                        .and_then(|v| v.trim().parse().ok())
+                })
+                .unwrap_or(0)
+        };
+        let fail = |why: String| {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "huge pages are required in CI: {why}"
+            );
+            eprintln!("SKIPPED: {why}");
+        };
+        let Some(old) = read() else {
+            fail(format!("cannot read {NR_HUGEPAGES}"));
+            return None;
+        };
+        let reserved = HugePages {
+            old,
+            _one_at_a_time: guard,
+        };
+        if std::fs::write(NR_HUGEPAGES, (old + pages).to_string()).is_err() || free() < pages {
+            let why = format!("cannot reserve {pages} huge pages ({} free)", free());
+            drop(reserved);
+            fail(why);
+            return None;
+        }
+        Some(reserved)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.old.to_string());
+    }
+}

@@ -29,8 +29,8 @@ use thiserror::Error;
 
 use super::kernel::{Installed, Kernel, VmEvent};
 
-/// Pages per digest chunk: a mismatch is reported per chunk (64 MiB of 4 KiB pages).
-pub const DIGEST_CHUNK_PAGES: u64 = 16384;
+/// Bytes per digest chunk: a mismatch is reported per chunk.
+pub const DIGEST_CHUNK_BYTES: u64 = 64 << 20;
 
 /// Why a VM could not be set up.
 #[derive(Debug, Error)]
@@ -132,8 +132,10 @@ pub struct Vm<K> {
     pub skipped: PageMap,
     /// Counters for the stats.
     pub counters: Counters,
-    /// Sum of the digests of the pages placed, per chunk of [`DIGEST_CHUNK_PAGES`].
+    /// Sum of the digests of the pages placed, per chunk of `chunk_pages`.
     chunk_digests: Box<[AtomicU64]>,
+    /// Pages per digest chunk ([`DIGEST_CHUNK_BYTES`], at least one page).
+    chunk_pages: u64,
     gate: Mutex<()>,
     events: EventEpoch,
 }
@@ -149,7 +151,8 @@ impl<K: Kernel> Vm<K> {
             total_pages,
             source,
         };
-        let chunks = usize::try_from(total_pages.div_ceil(DIGEST_CHUNK_PAGES)).unwrap_or(0);
+        let chunk_pages = (DIGEST_CHUNK_BYTES / kernel.page_size()).max(1);
+        let chunks = usize::try_from(total_pages.div_ceil(chunk_pages)).unwrap_or(0);
         let mut chunk_digests = Vec::new();
         chunk_digests.try_reserve_exact(chunks).map_err(alloc)?;
         chunk_digests.extend((0..chunks).map(|_| AtomicU64::new(0)));
@@ -160,6 +163,7 @@ impl<K: Kernel> Vm<K> {
             kernel,
             counters: Counters::default(),
             chunk_digests: chunk_digests.into_boxed_slice(),
+            chunk_pages,
             gate: Mutex::new(()),
             events: EventEpoch::default(),
         })
@@ -277,12 +281,20 @@ impl<K: Kernel> Vm<K> {
 
     fn add_digest(&self, page: u64, bytes: &[u8]) {
         let digest = common::digest::page_digest(page, bytes);
-        self.chunk_digests[(page / DIGEST_CHUNK_PAGES) as usize]
-            .fetch_add(digest, Ordering::Relaxed);
+        self.chunk_digests[(page / self.chunk_pages) as usize].fetch_add(digest, Ordering::Relaxed);
     }
 
-    /// Per-chunk digests of the pages placed.
+    /// Pages per digest chunk: 64 MiB worth.
+    pub fn digest_chunk_pages(&self) -> u64 {
+        self.chunk_pages
+    }
+
+    /// Per-chunk digests of the pages placed. Call it once every page is done: it first
+    /// waits for placements still recording (a page is done as soon as a placement that lost
+    /// an EEXIST race sees it, which can be before the winner has digested it; the winner
+    /// holds the gate until it has, or is the caller's own thread).
     pub fn chunk_digests(&self) -> Vec<u64> {
+        drop(self.gate());
         self.chunk_digests
             .iter()
             .map(|d| d.load(Ordering::Relaxed))
@@ -343,6 +355,7 @@ impl<K: Kernel> Vm<K> {
                     None => Installed::all(n),
                 };
                 let newly = self.record_installed(page, &installed, bytes);
+                tracing::trace!(page, n, ?origin, newly, existing = ?installed.existing, "placed");
                 let counter = match origin {
                     Origin::Requested => &self.counters.pages_requested,
                     Origin::Pushed => &self.counters.pages_pushed,

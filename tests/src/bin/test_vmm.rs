@@ -1,7 +1,9 @@
 //! A stand-in VMM that speaks only Firecracker's UFFD handshake, written against the kernel
 //! and the public contract (it shares no code with faultd or pagesrv).
 //!
-//! It maps guest RAM (anonymous private memory, or a memfd shared mapping), registers it with
+//! It maps guest RAM (anonymous private memory, or a memfd shared mapping; with `--hugepages`
+//! 2 MiB hugetlb pages, as Firecracker does for huge-page guests, and `page_size: 2097152` in
+//! the handshake; ranges given in 4 KiB pages must then be 2 MiB aligned), registers it with
 //! a userfaultfd that also sees kernel-mode faults, sends the region list with the uffd (and
 //! the memfd, with `--memfd`) to faultd, then touches pages from several threads in random
 //! order and checks every byte against the source memory file. With `--remove START:COUNT`
@@ -16,7 +18,7 @@
 //! ```text
 //! test-vmm --uds PATH --source FILE [--regions N] [--memfd] [--threads N] [--seed N]
 //!          [--remove START:COUNT] [--balloon START:COUNT:CHUNK] [--balloon-interval-ms N]
-//!          [--ram-bytes N] [--no-touch]
+//!          [--ram-bytes N] [--no-touch] [--hugepages]
 //!          [--order random|seq|hot] [--touches N] [--latency-out FILE] [--no-wait]
 //! ```
 
@@ -38,6 +40,7 @@ const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+const UFFD_FEATURE_MISSING_HUGETLBFS: u64 = 1 << 4;
 const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
@@ -73,6 +76,7 @@ struct Args {
     touches: Option<usize>,
     latency_out: Option<String>,
     wait: bool,
+    hugepages: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -92,6 +96,7 @@ fn parse_args() -> Result<Args, String> {
         touches: None,
         latency_out: None,
         wait: true,
+        hugepages: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -117,6 +122,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--latency-out" => args.latency_out = Some(value()?),
             "--no-wait" => args.wait = false,
+            "--hugepages" => args.hugepages = true,
             "--remove" => {
                 let v = value()?;
                 let (a, b) = v.split_once(':').ok_or("--remove START:COUNT")?;
@@ -157,19 +163,31 @@ fn os_err(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 
+/// Size of a hugetlb page.
+const HUGE_PAGE: usize = 2 << 20;
+
 /// Guest RAM: one mapping per region, and the memfd behind them when shared.
 struct GuestRam {
     /// (host address, size, file offset) in file order.
     regions: Vec<(usize, usize, usize)>,
     memfd: Option<OwnedFd>,
+    /// The page size the handshake declares.
+    page_size: usize,
 }
 
 impl GuestRam {
-    fn map(total: usize, count: usize, memfd: bool) -> Result<Self, String> {
-        let pages = total / PAGE;
+    fn map(total: usize, count: usize, memfd: bool, huge: bool) -> Result<Self, String> {
+        let page_size = if huge { HUGE_PAGE } else { PAGE };
+        if !total.is_multiple_of(page_size) {
+            return Err(format!(
+                "guest RAM of {total} bytes is not a whole number of {page_size}-byte pages"
+            ));
+        }
+        let pages = total / page_size;
         let fd = if memfd {
+            let flags = libc::MFD_CLOEXEC | if huge { libc::MFD_HUGETLB } else { 0 };
             // SAFETY: creates a new anonymous file; the name is a valid C string.
-            let raw = unsafe { libc::memfd_create(c"test-vmm-ram".as_ptr(), libc::MFD_CLOEXEC) };
+            let raw = unsafe { libc::memfd_create(c"test-vmm-ram".as_ptr(), flags) };
             if raw < 0 {
                 return Err(os_err("memfd_create"));
             }
@@ -187,9 +205,13 @@ impl GuestRam {
         let mut offset = 0;
         for i in 0..count {
             let region_pages = pages / count + usize::from(i < pages % count);
-            let size = region_pages * PAGE;
+            let size = region_pages * page_size;
             let (flags, raw_fd) = match &fd {
                 Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
+                None if huge => (
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+                    -1,
+                ),
                 None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
             };
             // SAFETY: a new mapping at a kernel-chosen address; it lives until the process exits.
@@ -209,7 +231,11 @@ impl GuestRam {
             regions.push((addr as usize, size, offset));
             offset += size;
         }
-        Ok(GuestRam { regions, memfd: fd })
+        Ok(GuestRam {
+            regions,
+            memfd: fd,
+            page_size,
+        })
     }
 
     fn page_addr(&self, page: usize) -> usize {
@@ -236,7 +262,8 @@ impl GuestRam {
             .iter()
             .map(|(addr, size, offset)| {
                 format!(
-                    r#"{{"base_host_virt_addr":{addr},"size":{size},"offset":{offset},"page_size":{PAGE},"page_size_kib":{PAGE}}}"#
+                    r#"{{"base_host_virt_addr":{addr},"size":{size},"offset":{offset},"page_size":{},"page_size_kib":{}}}"#,
+                    self.page_size, self.page_size
                 )
             })
             .collect();
@@ -244,7 +271,7 @@ impl GuestRam {
     }
 }
 
-fn create_uffd(shared: bool) -> Result<OwnedFd, String> {
+fn create_uffd(shared: bool, huge: bool) -> Result<OwnedFd, String> {
     let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
     // SAFETY: open with a valid C string path.
     let dev = unsafe { libc::open(c"/dev/userfaultfd".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
@@ -267,6 +294,9 @@ fn create_uffd(shared: bool) -> Result<OwnedFd, String> {
         UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_THREAD_ID;
     if shared {
         features |= UFFD_FEATURE_MISSING_SHMEM;
+    }
+    if huge {
+        features |= UFFD_FEATURE_MISSING_HUGETLBFS;
     }
     let mut api = UffdioApi {
         api: UFFD_API,
@@ -535,8 +565,8 @@ fn run() -> Result<bool, String> {
     let source_bytes = source.metadata().map_err(|e| e.to_string())?.len() as usize;
     let total = args.ram_bytes.unwrap_or(source_bytes);
     let pages = total / PAGE;
-    let ram = GuestRam::map(total, args.regions, args.memfd)?;
-    let uffd = create_uffd(args.memfd)?;
+    let ram = GuestRam::map(total, args.regions, args.memfd, args.hugepages)?;
+    let uffd = create_uffd(args.memfd, args.hugepages)?;
     for &(addr, size, _) in &ram.regions {
         register(&uffd, addr, size)?;
     }
