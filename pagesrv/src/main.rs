@@ -91,11 +91,11 @@ fn parse_page_size(text: &str) -> Result<u64, String> {
 fn run(cli: Cli) -> Result<()> {
     let source = MemorySource::open(&cli.vm_mem)
         .with_context(|| format!("cannot serve {}", cli.vm_mem.display()))?;
-    if let Some(page_size) = cli.page_size {
-        source
-            .paged(page_size)
-            .with_context(|| format!("cannot serve {} with --page-size", cli.vm_mem.display()))?;
-    }
+    // Every destination asks for 4 KiB or 2 MiB pages: a file that is not even a whole
+    // number of 4 KiB pages (or of the --page-size pages) can serve none.
+    source
+        .paged(cli.page_size.unwrap_or(4096))
+        .with_context(|| format!("cannot serve {}", cli.vm_mem.display()))?;
     let psk = cli
         .psk_file
         .as_deref()

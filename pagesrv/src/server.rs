@@ -414,8 +414,8 @@ fn check_params(
     };
     if theirs_bytes != source.size_bytes() {
         return layout_err(format!(
-            "the source memory file has {} bytes ({} MiB)",
-            source.size_bytes(),
+            "the source memory file has {} pages of {page_size} bytes ({} MiB)",
+            paged.total_pages(),
             source.size_bytes() >> 20
         ));
     }

@@ -96,7 +96,7 @@ fn test_pagesrv_rejects_a_file_that_is_not_whole_pages() {
     let (status, stderr) = p.wait(LIMIT);
     assert_eq!(status.code(), Some(1));
     assert!(
-        stderr.contains("not a non-zero multiple of the 4096-byte page size"),
+        stderr.contains("not a whole number of 4096-byte pages"),
         "{stderr}"
     );
 }

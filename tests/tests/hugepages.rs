@@ -64,12 +64,10 @@ fn test_a_removed_huge_page_reads_zero() {
     let mut faultd = start_faultd(&addr, &uds, &stats);
     // Huge pages 4 and 5 (4 KiB pages 2048..3072) are given back early.
     let mut vmm = start_vmm(&uds, &mem, &["--hugepages", "--remove", "2048:1024"]);
-    let done = finish_migration("huge remove", &mut vmm, &mut faultd, &mut pagesrv, &stats);
-    assert!(
-        done.stats["pages_removed"].as_u64().unwrap() >= 1,
-        "{}",
-        done.stats
-    );
+    // test-vmm checks that the removed huge pages read zero, during and after: a REMOVE
+    // faultd did not handle leaves the page missing for good (the guest would hang), and one
+    // it handled late would bring the old bytes back.
+    finish_migration("huge remove", &mut vmm, &mut faultd, &mut pagesrv, &stats);
 }
 
 #[test]
