@@ -1,5 +1,5 @@
-//! Micro-benchmarks of the hot pieces: frame decoding, the page map, zero-page detection and
-//! page digests. `cargo bench -p bench`.
+//! Micro-benchmarks of the hot pieces: frame decoding, the page map, zero-page detection,
+//! page digests, and sealing frames (AES-256-GCM). `cargo bench -p bench`.
 
 use common::digest::{is_zero, page_digest};
 use common::framed::write_frames;
@@ -80,5 +80,59 @@ fn zero_and_digest(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, page_map, zero_and_digest);
+/// Sealing and opening page frames, as a keyed session does: one core's cipher throughput.
+fn sealing(c: &mut Criterion) {
+    use common::auth::{Psk, Transcript};
+    use common::framed::{FrameEncoder, FrameReader};
+    use common::wire::{PROTOCOL_VERSION, Role, SessionParams};
+    let transcript = Transcript {
+        server_nonce: [1; 32],
+        client_nonce: [2; 32],
+        role: Role::Bulk,
+        hello: SessionParams {
+            version: PROTOCOL_VERSION,
+            page_size: 4096,
+            total_pages: 1 << 20,
+            session_id: 1,
+            image_id: 1,
+        },
+    };
+    let psk = Psk::from_bytes(b"a benchmark key, 32 bytes long!!");
+    for (name, pages) in [("4 KiB", 1u64), ("512 KiB", 128), ("2 MiB", 512)] {
+        let payload = vec![0x5Au8; pages as usize * 4096];
+        let message = Message::PageRun(PageRange {
+            first: 0,
+            count: pages,
+        });
+        let mut g = c.benchmark_group(format!("sealed PageRun of {name}"));
+        g.throughput(Throughput::Bytes(payload.len() as u64));
+        let (sealer, _) = psk.channel_secrets(&transcript).client();
+        let mut encoder = FrameEncoder::sealed(sealer);
+        let mut out = Vec::with_capacity(payload.len() + 64);
+        g.bench_function("seal", |b| {
+            b.iter(|| {
+                out.clear();
+                encoder.encode(&message, black_box(&payload), &mut out);
+                out.len()
+            })
+        });
+        let (sealer, _) = psk.channel_secrets(&transcript).client();
+        let (_, opener) = psk.channel_secrets(&transcript).server();
+        let mut encoder = FrameEncoder::sealed(sealer);
+        let mut reader = FrameReader::new(Decoder::session(4096, 1 << 20));
+        reader.set_opener(opener);
+        reader.reserve(payload.len() + 64);
+        g.bench_function("seal + open", |b| {
+            b.iter(|| {
+                out.clear();
+                encoder.encode(&message, &payload, &mut out);
+                let (_, range) = reader.read_frame(&mut out.as_slice()).expect("opens");
+                range.len()
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, codec, page_map, zero_and_digest, sealing);
 criterion_main!(benches);

@@ -73,6 +73,10 @@ pub struct LatencyArgs {
     /// Write latency CDFs (scenarios against the floor) as SVG here.
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
+    /// Run the pair with a pre-shared key (made in the work directory): every frame after
+    /// the handshake encrypted and authenticated.
+    #[arg(long)]
+    pub psk: bool,
 }
 
 fn write_image(path: &Path, pages: u64) -> Result<()> {
@@ -116,8 +120,18 @@ fn run_scenario(sc: &Scenario, image: &Path, work: &Path, args: &LatencyArgs) ->
     if sc.naive {
         extra.push("--naive-single-connection");
     }
+    let key = work.join("bench.key");
+    let key_args: Vec<&str> = if args.psk {
+        if !key.exists() {
+            common::auth::Psk::generate(&key)?;
+        }
+        vec!["--psk-file", key.to_str().context("key path")?]
+    } else {
+        Vec::new()
+    };
+    extra.extend(&key_args);
     let (mut pagesrv, addr) = start_pagesrv(image, &extra, true)?;
-    let mut faultd = start_faultd(&addr, &uds, &stats_path, &[], true)?;
+    let mut faultd = start_faultd(&addr, &uds, &stats_path, &key_args, true)?;
     let faultd_rss = watch_anon_rss(faultd.0.id());
     let pagesrv_rss = watch_anon_rss(pagesrv.0.id());
     let mut vmm = Command::new(sibling("test-vmm")?);

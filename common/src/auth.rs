@@ -47,6 +47,23 @@ pub enum KeyError {
         /// Its length (after trimming).
         len: usize,
     },
+    /// Others than its owner may read the key file.
+    #[error("the key file {path} is readable by others (mode {mode:03o}); run: chmod 600 {path}")]
+    Exposed {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A new key file could not be written.
+    #[error("cannot create the key file {path} (an existing file is never replaced)")]
+    Create {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A pre-shared key.
@@ -84,16 +101,26 @@ pub enum Answer {
 }
 
 impl Psk {
-    /// Reads a key file (surrounding whitespace is ignored).
+    /// Reads a key file (surrounding whitespace is ignored), which only its owner may read.
     ///
     /// # Errors
-    /// An unreadable file or a key shorter than [`MIN_KEY_BYTES`].
+    /// An unreadable or exposed file, or a key shorter than [`MIN_KEY_BYTES`].
     pub fn load(path: &Path) -> Result<Self, KeyError> {
+        use std::os::unix::fs::PermissionsExt;
         let name = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
+        let read_err = |source| KeyError::Read {
             path: name.clone(),
             source,
-        })?;
+        };
+        let mode = std::fs::metadata(path)
+            .map_err(read_err)?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Exposed { path: name, mode });
+        }
+        let bytes = std::fs::read(path).map_err(read_err)?;
         let key = bytes.trim_ascii().to_vec();
         if key.len() < MIN_KEY_BYTES {
             return Err(KeyError::TooShort {
@@ -102,6 +129,31 @@ impl Psk {
             });
         }
         Ok(Psk(key))
+    }
+
+    /// Writes a new random key (32 bytes, hex) to `path`, readable by its owner only; an
+    /// existing file is never replaced.
+    ///
+    /// # Errors
+    /// The file exists or cannot be written.
+    pub fn generate(path: &Path) -> Result<(), KeyError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let create_err = |source| KeyError::Create {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(create_err)?;
+        let key: [u8; 32] = rand::random();
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        file.write_all(format!("{hex}\n").as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(create_err)
     }
 
     /// A key from bytes (tests).
@@ -135,6 +187,29 @@ impl Psk {
         let mut mac = self.keyed(b"pagemig server", t);
         feed_answer(&mut mac, answer);
         mac.verify_slice(tag).is_ok()
+    }
+
+    /// The keys that seal this connection's frames after the handshake (see
+    /// [`crate::seal`]): HKDF-SHA256 of the key, salted with both nonces, one key per
+    /// direction, bound to the role.
+    pub fn channel_secrets(&self, t: &Transcript) -> crate::seal::ChannelSecrets {
+        let salt = ring::hkdf::Salt::new(
+            ring::hkdf::HKDF_SHA256,
+            &[t.server_nonce, t.client_nonce].concat(),
+        );
+        let prk = salt.extract(&self.0);
+        let expand = |direction: &[u8]| -> [u8; 32] {
+            let info = [b"pagemig v2 channel".as_slice(), &[t.role as u8], direction];
+            let mut out = [0u8; 32];
+            prk.expand(&info, ring::hkdf::HKDF_SHA256)
+                .and_then(|okm| okm.fill(&mut out))
+                .expect("32 bytes is within HKDF-SHA256's output limit");
+            out
+        };
+        crate::seal::ChannelSecrets {
+            client_to_server: expand(b"c2s"),
+            server_to_client: expand(b"s2c"),
+        }
     }
 
     fn keyed(&self, label: &[u8], t: &Transcript) -> Hmac<Sha256> {
@@ -261,9 +336,42 @@ mod tests {
     }
 
     #[test]
+    fn test_generated_keys_are_private_and_never_overwritten() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("psk-gen-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        Psk::generate(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.trim().len(), 64);
+        assert!(Psk::load(&path).is_ok());
+        assert!(matches!(Psk::generate(&path), Err(KeyError::Create { .. })));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            text,
+            "not replaced"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Psk::load(&path).unwrap_err();
+        assert!(
+            matches!(err, KeyError::Exposed { mode: 0o644, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("chmod 600"));
+        assert!(
+            !err.to_string().contains(text.trim()),
+            "the key never appears"
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
     fn test_short_keys_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
         let path = std::env::temp_dir().join(format!("psk-{}", std::process::id()));
         std::fs::write(&path, b"short\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(matches!(
             Psk::load(&path),
             Err(KeyError::TooShort { len: 5, .. })

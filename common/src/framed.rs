@@ -1,14 +1,15 @@
 //! Frames over a byte stream: a buffered reader that works for blocking and non-blocking
-//! sockets, and a vectored writer that sends a header and page bytes without copying them.
+//! sockets, a vectored writer that sends a header and page bytes without copying them, and
+//! [`FrameEncoder`], which seals every frame after an authenticated handshake
+//! ([`crate::seal`]); the reader opens them in place.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::ops::Range;
 
 use thiserror::Error;
 
-use crate::wire::{
-    Decoded, Decoder, ErrorCode, HEADER_LEN, MAX_BODY_BYTES, Message, WireError, encode,
-};
+use crate::seal::{Opener, Sealer, TAG_BYTES};
+use crate::wire::{Decoder, ErrorCode, HEADER_LEN, MAX_BODY_BYTES, Message, WireError, encode};
 
 /// Errors reading frames.
 #[derive(Debug, Error)]
@@ -35,6 +36,8 @@ pub struct FrameReader {
     start: usize,
     end: usize,
     decoder: Decoder,
+    /// Opens sealed frames (after an authenticated handshake).
+    opener: Option<Opener>,
 }
 
 impl FrameReader {
@@ -45,6 +48,7 @@ impl FrameReader {
             start: 0,
             end: 0,
             decoder,
+            opener: None,
         }
     }
 
@@ -57,33 +61,51 @@ impl FrameReader {
 
     /// Switches the decoder (after the handshake).
     pub fn set_decoder(&mut self, decoder: Decoder) {
-        self.decoder = decoder;
+        self.decoder = match self.opener {
+            Some(_) => decoder.sealed(TAG_BYTES),
+            None => decoder,
+        };
     }
 
-    /// Decodes the next whole frame already buffered; returns the message and where its
-    /// payload sits (see [`FrameReader::payload`]). The frame is consumed.
+    /// From the next frame on, every frame is sealed: open it with `opener` before decoding.
+    pub fn set_opener(&mut self, opener: Opener) {
+        self.opener = Some(opener);
+        self.decoder = self.decoder.sealed(TAG_BYTES);
+    }
+
+    /// Decodes the next whole frame already buffered (opening it first on a sealed stream);
+    /// returns the message and where its payload sits (see [`FrameReader::payload`]). The
+    /// frame is consumed.
     ///
     /// # Errors
-    /// A malformed frame.
+    /// A malformed frame, or a sealed frame that fails authentication.
     pub fn next_buffered(&mut self) -> Result<Option<(Message, Range<usize>)>, WireError> {
-        match self.decoder.decode(&self.buf[self.start..self.end])? {
-            Decoded::Frame {
-                message,
-                payload,
-                consumed,
-            } => {
-                // A payload is always the tail of its frame.
-                let frame_end = self.start + consumed;
-                let range = frame_end - payload.len()..frame_end;
-                self.start = frame_end;
-                Ok(Some((message, range)))
-            }
-            Decoded::Incomplete { need_bytes } => {
-                debug_assert!(need_bytes <= HEADER_LEN + MAX_BODY_BYTES);
-                self.make_room(need_bytes);
-                Ok(None)
-            }
+        let Some(header_bytes) = self.buf[self.start..self.end].first_chunk::<HEADER_LEN>() else {
+            self.make_room(HEADER_LEN);
+            return Ok(None);
+        };
+        let header_bytes = *header_bytes;
+        let header = self.decoder.decode_header(&header_bytes)?;
+        let frame_len = HEADER_LEN + header.wire_len;
+        if self.end - self.start < frame_len {
+            debug_assert!(frame_len <= HEADER_LEN + MAX_BODY_BYTES + TAG_BYTES);
+            self.make_room(frame_len);
+            return Ok(None);
         }
+        let body_start = self.start + HEADER_LEN;
+        let frame_end = self.start + frame_len;
+        let body_len = match &mut self.opener {
+            Some(opener) => opener.open(&header_bytes, &mut self.buf[body_start..frame_end])?,
+            None => header.wire_len,
+        };
+        let body_end = body_start + body_len;
+        let (message, payload) = self
+            .decoder
+            .decode_body(header, &self.buf[body_start..body_end])?;
+        // A payload is always the tail of its (plaintext) body.
+        let range = body_end - payload.len()..body_end;
+        self.start = frame_end;
+        Ok(Some((message, range)))
     }
 
     /// The payload bytes of the frame last returned by [`FrameReader::next_buffered`]; valid
@@ -175,6 +197,105 @@ pub fn send_error(w: &mut impl Write, code: ErrorCode, text: &str) {
         },
         &[],
     );
+}
+
+/// Encodes and writes the frames one side sends on one connection after the handshake:
+/// sealed when the handshake was authenticated, plain otherwise.
+#[derive(Debug, Default)]
+pub struct FrameEncoder {
+    sealer: Option<Sealer>,
+    scratch: Vec<u8>,
+}
+
+impl FrameEncoder {
+    /// An encoder for a connection without a key: frames travel plain.
+    pub fn plain() -> Self {
+        FrameEncoder::default()
+    }
+
+    /// An encoder that seals every frame.
+    pub fn sealed(sealer: Sealer) -> Self {
+        FrameEncoder {
+            sealer: Some(sealer),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Whether frames are sealed.
+    pub fn is_sealed(&self) -> bool {
+        self.sealer.is_some()
+    }
+
+    /// Appends one whole frame (header, fixed body, `payload`) to `out`, sealed if need be.
+    /// Frames must reach the peer in the order they were encoded.
+    pub fn encode(&mut self, message: &Message, payload: &[u8], out: &mut Vec<u8>) {
+        let start = out.len();
+        encode(message, payload.len(), out);
+        out.extend_from_slice(payload);
+        if let Some(sealer) = &mut self.sealer {
+            let len_at = start + 4;
+            let body_len = u32::from_le_bytes(out[len_at..len_at + 4].try_into().expect("4 bytes"));
+            let with_tag = body_len + TAG_BYTES as u32;
+            out[len_at..len_at + 4].copy_from_slice(&with_tag.to_le_bytes());
+            sealer.seal(out, start);
+        }
+    }
+
+    /// Writes one frame. A plain frame's payload is sent without copying it.
+    ///
+    /// # Errors
+    /// The socket's error.
+    pub fn write_frame(
+        &mut self,
+        w: &mut impl Write,
+        message: &Message,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        if self.sealer.is_none() {
+            return write_frame(w, message, payload);
+        }
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        self.encode(message, payload, &mut out);
+        let result = write_all_slices(w, &mut [IoSlice::new(&out)]);
+        self.scratch = out;
+        result
+    }
+
+    /// Writes several frames with as few system calls as possible.
+    ///
+    /// # Errors
+    /// The socket's error.
+    pub fn write_frames(
+        &mut self,
+        w: &mut impl Write,
+        frames: &[(Message, &[u8])],
+    ) -> io::Result<()> {
+        if self.sealer.is_none() {
+            return write_frames(w, frames);
+        }
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        for (message, payload) in frames {
+            self.encode(message, payload, &mut out);
+        }
+        let result = write_all_slices(w, &mut [IoSlice::new(&out)]);
+        // Keep a scratch buffer no larger than a few frames.
+        if out.capacity() <= 4 * (HEADER_LEN + MAX_BODY_BYTES) {
+            self.scratch = out;
+        }
+        result
+    }
+
+    /// Sends an `Error` frame before giving up on a connection; a failure to send it is
+    /// ignored (the peer may already be gone).
+    pub fn send_error(&mut self, w: &mut impl Write, code: ErrorCode, text: &str) {
+        let error = Message::Error {
+            code,
+            text: text.to_owned(),
+        };
+        let _ = self.write_frame(w, &error, &[]);
+    }
 }
 
 fn write_all_vectored(w: &mut impl Write, a: &[u8], b: &[u8]) -> io::Result<()> {
@@ -328,5 +449,138 @@ mod tests {
             reader.read_frame(&mut wire.as_slice()),
             Err(ReadError::Closed { mid_frame: true })
         ));
+    }
+    fn sealed_pair(seed: u8) -> (FrameEncoder, FrameReader) {
+        let (sealer, _) = crate::seal::test_secrets(seed).client();
+        let (_, opener) = crate::seal::test_secrets(seed).server();
+        let mut reader = FrameReader::new(Decoder::session(4096, 100));
+        reader.set_opener(opener);
+        (FrameEncoder::sealed(sealer), reader)
+    }
+
+    fn sealed_stream(encoder: &mut FrameEncoder) -> (Vec<u8>, Vec<usize>) {
+        let mut wire = Vec::new();
+        let mut ends = Vec::new();
+        let pages: Vec<u8> = (0..2 * 4096).map(|i| (i % 253) as u8).collect();
+        for message in [
+            Message::PageRun(PageRange { first: 7, count: 2 }),
+            Message::Heartbeat,
+            Message::ZeroRun(PageRange { first: 9, count: 3 }),
+        ] {
+            let payload: &[u8] = if matches!(message, Message::PageRun(_)) {
+                &pages
+            } else {
+                &[]
+            };
+            encoder.write_frame(&mut wire, &message, payload).unwrap();
+            ends.push(wire.len());
+        }
+        (wire, ends)
+    }
+
+    #[test]
+    fn test_sealed_frames_round_trip_and_hide_their_bytes() {
+        let (mut encoder, mut reader) = sealed_pair(1);
+        let (wire, _) = sealed_stream(&mut encoder);
+        let plain: Vec<u8> = (0..2 * 4096).map(|i| (i % 253) as u8).collect();
+        assert!(
+            !wire.windows(64).any(|w| w == &plain[4096..4160]),
+            "page bytes travel encrypted"
+        );
+        let mut src = wire.as_slice();
+        let (m, p) = reader.read_frame(&mut src).unwrap();
+        assert_eq!(m, Message::PageRun(PageRange { first: 7, count: 2 }));
+        assert_eq!(reader.payload(p), plain.as_slice());
+        assert_eq!(reader.read_frame(&mut src).unwrap().0, Message::Heartbeat);
+        assert_eq!(
+            reader.read_frame(&mut src).unwrap().0,
+            Message::ZeroRun(PageRange { first: 9, count: 3 })
+        );
+    }
+
+    /// Reads every frame of `wire`; returns the messages before the first error and whether
+    /// it ended with an authentication failure.
+    fn read_all(reader: &mut FrameReader, wire: &[u8]) -> (Vec<Message>, Option<ReadError>) {
+        let mut src = wire;
+        let mut got = Vec::new();
+        loop {
+            match reader.read_frame(&mut src) {
+                Ok((m, _)) => got.push(m),
+                Err(e) => return (got, Some(e)),
+            }
+        }
+    }
+
+    #[test]
+    fn test_any_flipped_bit_ends_the_stream_before_the_frame_is_decoded() {
+        let (mut encoder, _) = sealed_pair(2);
+        let (wire, ends) = sealed_stream(&mut encoder);
+        // Every byte of the second and third frames (header, body, tag), one bit each.
+        for at in ends[0]..wire.len() {
+            let mut bad = wire.clone();
+            bad[at] ^= 1 << (at % 8);
+            let (_, mut reader) = sealed_pair(2);
+            let (got, err) = read_all(&mut reader, &bad);
+            let before = if at < ends[1] { 1 } else { 2 };
+            assert_eq!(got.len(), before, "byte {at}: {got:?}");
+            assert!(
+                !matches!(err, Some(ReadError::Closed { mid_frame: false })),
+                "byte {at}: the flip went unnoticed"
+            );
+        }
+    }
+
+    #[test]
+    fn test_replayed_reordered_and_foreign_frames_fail() {
+        let (mut encoder, _) = sealed_pair(3);
+        let (wire, ends) = sealed_stream(&mut encoder);
+        let first = &wire[..ends[0]];
+        // The first frame again after itself: a replay.
+        let (_, mut reader) = sealed_pair(3);
+        let (got, err) = read_all(&mut reader, &[first, first].concat());
+        assert_eq!(got.len(), 1);
+        assert!(
+            matches!(err, Some(ReadError::Wire(WireError::Unauthentic(_)))),
+            "{err:?}"
+        );
+        // The second frame first: reordered.
+        let (_, mut reader) = sealed_pair(3);
+        let (got, err) = read_all(&mut reader, &wire[ends[0]..ends[1]]);
+        assert!(got.is_empty());
+        assert!(
+            matches!(err, Some(ReadError::Wire(WireError::Unauthentic(_)))),
+            "{err:?}"
+        );
+        // A frame sealed for another connection (other keys).
+        let (mut other, _) = sealed_pair(4);
+        let (foreign, _) = sealed_stream(&mut other);
+        let (_, mut reader) = sealed_pair(3);
+        let (got, err) = read_all(&mut reader, &foreign);
+        assert!(got.is_empty());
+        assert!(
+            matches!(err, Some(ReadError::Wire(WireError::Unauthentic(_)))),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn test_a_truncated_tag_never_yields_the_frame() {
+        let (mut encoder, _) = sealed_pair(5);
+        let (wire, ends) = sealed_stream(&mut encoder);
+        for cut in 1..=16 {
+            let (_, mut reader) = sealed_pair(5);
+            let (got, err) = read_all(&mut reader, &wire[..ends[0] - cut]);
+            assert!(got.is_empty(), "cut {cut}");
+            assert!(
+                matches!(err, Some(ReadError::Closed { mid_frame: true })),
+                "cut {cut}: {err:?}"
+            );
+        }
+        // A header that claims less than a tag.
+        let (_, mut reader) = sealed_pair(5);
+        let mut short = wire[..HEADER_LEN].to_vec();
+        short[4..8].copy_from_slice(&8u32.to_le_bytes());
+        let (_, err) = read_all(&mut reader, &short);
+        assert!(matches!(err, Some(ReadError::Wire(_))), "{err:?}");
     }
 }

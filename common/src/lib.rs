@@ -11,6 +11,7 @@ pub mod mmap;
 pub mod netopt;
 pub mod pagemap;
 pub mod sched;
+pub mod seal;
 pub mod sigbus;
 pub mod uffd;
 pub mod vmm_link;

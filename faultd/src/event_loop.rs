@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use common::wire::phase::Phase;
-use common::wire::{ErrorCode, Message, RANGE_FRAME_BYTES, encode};
+use common::wire::{ErrorCode, Message, RANGE_FRAME_BYTES};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::{debug, error, info, warn};
@@ -226,16 +226,16 @@ impl FaultLoop<'_, '_> {
                 // Every page is here: say so in full (pagesrv accepts the end only when every
                 // page is accounted for, and pages placed from an earlier link's data after
                 // this link's maps were taken would be missing from its count).
-                self.core.outbox.extend_from_slice(&encode_maps(self.vm));
+                encode_maps(self.vm, &mut link.tx, &mut link.outbox);
                 if self.verify {
                     let query = Message::DigestQuery {
                         chunk_pages: self.vm.digest_chunk_pages(),
                     };
                     link.phase.send(query.kind())?;
-                    encode(&query, 0, &mut self.core.outbox);
+                    link.tx.encode(&query, &[], &mut link.outbox);
                     *asked_on = generation;
                 } else {
-                    encode(&Message::Goodbye, 0, &mut self.core.outbox);
+                    link.tx.encode(&Message::Goodbye, &[], &mut link.outbox);
                     self.stage = Stage::Closing {
                         verdict: Verdict::NotVerified,
                         until: Instant::now() + self.config.liveness.timeout,
@@ -278,7 +278,10 @@ impl FaultLoop<'_, '_> {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        let outbox = &mut self.core.outbox;
+        for message in self.core.pending.drain(..) {
+            link.tx.encode(&message, &[], &mut link.outbox);
+        }
+        let outbox = &mut link.outbox;
         let mut sent = 0;
         let mut failure = None;
         while sent < outbox.len() {
@@ -300,7 +303,7 @@ impl FaultLoop<'_, '_> {
             self.cut(poll, anyhow!(e).context("failed to send to pagesrv"));
             return;
         }
-        let want = !outbox.is_empty();
+        let want = !link.outbox.is_empty();
         if want != link.writable_armed {
             let interest = if want {
                 Interest::READABLE | Interest::WRITABLE
@@ -329,7 +332,7 @@ impl FaultLoop<'_, '_> {
         };
         if link.last_rx.elapsed() > liveness.timeout {
             let silent = link.last_rx.elapsed();
-            if matches!(self.stage, Stage::Closing { .. }) && self.core.outbox.is_empty() {
+            if matches!(self.stage, Stage::Closing { .. }) && link.outbox.is_empty() {
                 self.finish_closing("the source went silent after the verdict");
                 return;
             }
@@ -343,8 +346,12 @@ impl FaultLoop<'_, '_> {
             return;
         }
         let closing = matches!(self.stage, Stage::Closing { .. });
-        if !closing && link.last_tx.elapsed() >= liveness.heartbeat && self.core.outbox.is_empty() {
-            encode(&Message::Heartbeat, 0, &mut self.core.outbox);
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let idle = link.outbox.is_empty() && self.core.pending.is_empty();
+        if !closing && idle && link.last_tx.elapsed() >= liveness.heartbeat {
+            link.tx.encode(&Message::Heartbeat, &[], &mut link.outbox);
         }
     }
 
@@ -356,7 +363,7 @@ impl FaultLoop<'_, '_> {
             // Written in full, the verdict reached pagesrv's socket (which may close with a
             // reset once it has it); a mismatch is ours whether it arrived or not (the source
             // keeps waiting, which is safe). Either way, done.
-            if self.core.outbox.is_empty() || matches!(verdict, Verdict::Mismatch(_)) {
+            if link.outbox.is_empty() || matches!(verdict, Verdict::Mismatch(_)) {
                 debug!(error = %format!("{why:#}"), "link closed after the verdict");
                 self.stage = Stage::Done(verdict.clone());
                 self.core.link_down();
@@ -383,7 +390,7 @@ impl FaultLoop<'_, '_> {
             };
             match link.reader.fill(&mut link.urgent) {
                 Ok(0) => {
-                    if matches!(self.stage, Stage::Closing { .. }) && self.core.outbox.is_empty() {
+                    if matches!(self.stage, Stage::Closing { .. }) && link.outbox.is_empty() {
                         self.finish_closing("pagesrv closed the session");
                     } else {
                         self.cut(poll, anyhow!("pagesrv closed the urgent connection"));
@@ -453,7 +460,7 @@ impl FaultLoop<'_, '_> {
                         },
                         _ => Message::Goodbye,
                     };
-                    encode(&reply, 0, &mut self.core.outbox);
+                    link.tx.encode(&reply, &[], &mut link.outbox);
                     self.stage = Stage::Closing {
                         verdict,
                         until: Instant::now() + self.config.liveness.timeout,
@@ -529,6 +536,7 @@ impl FaultLoop<'_, '_> {
                     info!(
                         generation = link.generation,
                         waiting_faults = self.core.pages_in_flight(),
+                        sealed = link.tx.is_sealed(),
                         "link to pagesrv up"
                     );
                     self.link = Some(link);
@@ -546,13 +554,16 @@ impl FaultLoop<'_, '_> {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        let mut frame = std::mem::take(&mut self.core.outbox);
-        encode(
+        for message in self.core.pending.drain(..) {
+            link.tx.encode(&message, &[], &mut link.outbox);
+        }
+        let mut frame = std::mem::take(&mut link.outbox);
+        link.tx.encode(
             &Message::Error {
                 code: ErrorCode::DestinationFailed,
                 text: format!("{why:#}"),
             },
-            0,
+            &[],
             &mut frame,
         );
         let sock = socket2::SockRef::from(&link.urgent);

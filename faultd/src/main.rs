@@ -56,8 +56,9 @@ struct Cli {
     /// when the VMM passes no memfd.
     #[arg(long, value_enum, default_value = "copy")]
     placement: Placement,
-    /// Pre-shared key file: faultd and pagesrv prove to each other that they hold it
-    /// before any page moves.
+    /// Pre-shared key file (`pagesrv --gen-psk FILE` makes one; it must be readable by its
+    /// owner only): faultd and pagesrv prove to each other that they hold it before any page
+    /// moves, and every frame after the handshake is encrypted and authenticated.
     #[arg(long, value_name = "FILE")]
     psk_file: Option<PathBuf>,
     /// Give up when pagesrv stays unreachable this many seconds, at the start or after a

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::auth::{self, Answer, Psk, Transcript};
-use common::framed::{FrameReader, ReadError, send_error, write_frame, write_frames};
+use common::framed::{FrameEncoder, FrameReader, ReadError, send_error, write_frame, write_frames};
 use common::wire::phase::{Phase, ServerHandshake};
 use common::wire::{Decoder, ErrorCode, Message, Role, SessionParams};
 use thiserror::Error;
@@ -44,15 +44,25 @@ pub struct Admitted {
     pub hello: SessionParams,
     /// With a key: what both MACs cover.
     pub transcript: Option<Transcript>,
+    /// Encodes what pagesrv sends after `Welcome` (sealed with a key, see
+    /// [`Admitted::welcome`]).
+    pub encoder: FrameEncoder,
 }
 
 impl Admitted {
-    /// Answers with `Welcome` (after `AuthOk` with a key).
+    /// Answers with `Welcome` (after `AuthOk` with a key); with a key, every later frame in
+    /// both directions is sealed ([`common::seal`]): the reader opens, the encoder seals.
     ///
     /// # Errors
     /// The socket's error.
     pub fn welcome(&mut self, psk: Option<&Psk>, params: SessionParams) -> std::io::Result<()> {
-        self.answer(psk, Answer::Welcome(params), &Message::Welcome(params))
+        self.answer(psk, Answer::Welcome(params), &Message::Welcome(params))?;
+        if let (Some(psk), Some(t)) = (psk, &self.transcript) {
+            let (sealer, opener) = psk.channel_secrets(t).server();
+            self.reader.set_opener(opener);
+            self.encoder = FrameEncoder::sealed(sealer);
+        }
+        Ok(())
     }
 
     /// Refuses (after `AuthOk` with a key, so the client knows the refusal is ours); errors
@@ -122,6 +132,7 @@ pub fn admit(
             role,
             hello,
             transcript,
+            encoder: FrameEncoder::plain(),
         }),
         Err(reason) => Err(Box::new(Rejected {
             reason,

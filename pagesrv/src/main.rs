@@ -37,8 +37,12 @@ use crate::source::MemorySource;
 struct Cli {
     /// The guest memory file (e.g. /dev/shm/vm1, a Firecracker snapshot's memory file, or a
     /// hugetlbfs file).
-    #[arg(long, value_name = "PATH")]
-    vm_mem: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "gen_psk")]
+    vm_mem: Option<PathBuf>,
+    /// Write a new random pre-shared key to FILE (mode 0600; an existing file is never
+    /// replaced), then exit. Give the same file to pagesrv and faultd with --psk-file.
+    #[arg(long, value_name = "FILE", conflicts_with = "vm_mem")]
+    gen_psk: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -66,8 +70,9 @@ struct Cli {
     /// behind background pages (what a single-connection design does).
     #[arg(long)]
     naive_single_connection: bool,
-    /// Pre-shared key file: destinations must prove they hold the key before any page
-    /// moves, and pagesrv proves it too.
+    /// Pre-shared key file (make one with --gen-psk; it must be readable by its owner only):
+    /// destinations must prove they hold the key before any page moves, pagesrv proves it
+    /// too, and every frame after the handshake is encrypted and authenticated.
     #[arg(long, value_name = "FILE")]
     psk_file: Option<PathBuf>,
     /// Allow a non-loopback listen address without --psk-file (anyone who can connect gets
@@ -89,13 +94,22 @@ fn parse_page_size(text: &str) -> Result<u64, String> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let source = MemorySource::open(&cli.vm_mem)
-        .with_context(|| format!("cannot serve {}", cli.vm_mem.display()))?;
+    if let Some(path) = &cli.gen_psk {
+        common::auth::Psk::generate(path)?;
+        println!(
+            "pagesrv: wrote a new key to {} (mode 0600); give it to pagesrv and faultd with --psk-file",
+            path.display()
+        );
+        return Ok(());
+    }
+    let vm_mem = cli.vm_mem.as_deref().context("--vm-mem is required")?;
+    let source =
+        MemorySource::open(vm_mem).with_context(|| format!("cannot serve {}", vm_mem.display()))?;
     // Every destination asks for 4 KiB or 2 MiB pages: a file that is not even a whole
     // number of 4 KiB pages (or of the --page-size pages) can serve none.
     source
         .paged(cli.page_size.unwrap_or(4096))
-        .with_context(|| format!("cannot serve {}", cli.vm_mem.display()))?;
+        .with_context(|| format!("cannot serve {}", vm_mem.display()))?;
     let psk = cli
         .psk_file
         .as_deref()

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use common::auth::Psk;
+use common::framed::FrameEncoder;
 use common::wire::{ErrorCode, PROTOCOL_VERSION, Role, SessionParams};
 use socket2::SockRef;
 use tracing::{error, info, info_span, warn};
@@ -272,7 +273,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             warn!(peer = %admitted.peer, error = %format!("{e:#}"), "failed to welcome a destination");
             return;
         }
-        info!(peer = %admitted.peer, role = "urgent", session = format_args!("{session_id:016x}"), "destination connected");
+        info!(peer = %admitted.peer, role = "urgent", session = format_args!("{session_id:016x}"), sealed = admitted.encoder.is_sealed(), "destination connected");
         self.pending = Some(Pending {
             admitted,
             welcome,
@@ -299,11 +300,12 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             warn!(peer = %admitted.peer, error = %format!("{e:#}"), "failed to welcome a destination");
             return;
         }
-        info!(peer = %admitted.peer, role = "bulk", session = format_args!("{id:016x}"), "destination connected");
-        self.start_session(pending, admitted.conn);
+        info!(peer = %admitted.peer, role = "bulk", session = format_args!("{id:016x}"), sealed = admitted.encoder.is_sealed(), "destination connected");
+        let Admitted { conn, encoder, .. } = *admitted;
+        self.start_session(pending, conn, encoder);
     }
 
-    fn start_session(&mut self, pending: Pending, bulk: TcpStream) {
+    fn start_session(&mut self, pending: Pending, bulk: TcpStream, bulk_tx: FrameEncoder) {
         self.serials += 1;
         let serial = self.serials;
         self.source.refresh_holes();
@@ -317,14 +319,19 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             self.config.session,
         ));
         let (tx, session_for_thread) = (self.events.clone(), session.clone());
-        let Admitted { conn, reader, .. } = *pending.admitted;
+        let Admitted {
+            conn,
+            reader,
+            encoder: urgent_tx,
+            ..
+        } = *pending.admitted;
         let handle = self.scope.spawn(move || {
             let session = session_for_thread;
             let _span = info_span!("session", id = format_args!("{:016x}", session.id)).entered();
             let outcome = std::thread::scope(|s| {
                 let (done_tx, done_rx) = mpsc::channel::<()>();
                 let reporter = s.spawn(|| report_progress(&session, done_rx));
-                let outcome = session.run(conn, reader, bulk);
+                let outcome = session.run(conn, reader, urgent_tx, bulk, bulk_tx);
                 drop(done_tx);
                 let _ = reporter.join();
                 outcome

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use common::framed::{FrameReader, ReadError, send_error, write_frame, write_frames};
+use common::framed::{FrameEncoder, FrameReader, ReadError};
 use common::netopt::Liveness;
 use common::pagemap::PageMap;
 use common::wire::phase::{Phase, SourceUrgent};
@@ -101,7 +101,7 @@ pub struct Session<'a> {
     push_order: Mutex<PushScheduler>,
     stop: AtomicBool,
     /// Held while writing a batch of frames (the naive baseline shares one socket).
-    write_lock: Mutex<()>,
+    urgent_tx: Mutex<FrameEncoder>,
     /// Set when the destination's done map is complete; the pusher waits for it.
     push_ready: (Mutex<bool>, Condvar),
     /// Counters, read by the progress reporter.
@@ -127,7 +127,7 @@ impl<'a> Session<'a> {
             )),
             stop: AtomicBool::new(false),
             push_ready: (Mutex::new(false), Condvar::new()),
-            write_lock: Mutex::new(()),
+            urgent_tx: Mutex::new(FrameEncoder::plain()),
             stats: SessionStats::default(),
             config,
             started: Instant::now(),
@@ -176,7 +176,15 @@ impl<'a> Session<'a> {
 
     /// Runs the session on its two connections until the destination's verdict or a
     /// connection fails. `reader` holds anything already read from `urgent`.
-    pub fn run(&self, urgent: TcpStream, reader: FrameReader, bulk: TcpStream) -> Outcome {
+    pub fn run(
+        &self,
+        urgent: TcpStream,
+        reader: FrameReader,
+        urgent_tx: FrameEncoder,
+        bulk: TcpStream,
+        bulk_tx: FrameEncoder,
+    ) -> Outcome {
+        *self.urgent_tx.lock().unwrap_or_else(|p| p.into_inner()) = urgent_tx;
         {
             let mut sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
             sockets.extend(urgent.try_clone().ok());
@@ -193,7 +201,7 @@ impl<'a> Session<'a> {
             } else {
                 None
             };
-            let pusher = s.spawn(move || self.push_background(bulk, push_conn));
+            let pusher = s.spawn(move || self.push_background(bulk, bulk_tx, push_conn));
             // Requests preempt the pusher the moment they arrive.
             if let Err(e) = common::sched::realtime_priority() {
                 debug!(error = %e, "urgent thread runs at normal priority");
@@ -269,7 +277,7 @@ impl<'a> Session<'a> {
                 }
                 Err(e @ ReadError::Wire(_)) => {
                     let text = error_chain(&e);
-                    send_error(&mut conn, ErrorCode::Protocol, &text);
+                    self.urgent_error(&mut conn, ErrorCode::Protocol, &text);
                     return Outcome::Aborted(text);
                 }
                 Err(e) => return Outcome::Aborted(error_chain(&e)),
@@ -277,7 +285,7 @@ impl<'a> Session<'a> {
             last_rx = Instant::now();
             if let Err(e) = phase.receive(message.kind()) {
                 let text = format!("the destination broke the protocol: {e}");
-                send_error(&mut conn, ErrorCode::Protocol, &text);
+                self.urgent_error(&mut conn, ErrorCode::Protocol, &text);
                 return Outcome::Aborted(text);
             }
             let answers = matches!(message, Message::Request(_) | Message::DigestQuery { .. });
@@ -333,7 +341,7 @@ impl<'a> Session<'a> {
             {
                 let text =
                     format!("{chunk_pages}-page digest chunks need a reply over the frame limit");
-                send_error(conn, ErrorCode::Protocol, &text);
+                self.urgent_error(conn, ErrorCode::Protocol, &text);
                 return Ok(Some(Outcome::Aborted(text)));
             }
             Message::DigestQuery { chunk_pages } => {
@@ -352,7 +360,7 @@ impl<'a> Session<'a> {
                     let text = format!(
                         "the destination said goodbye with {unsent} pages it never received nor declared held"
                     );
-                    send_error(conn, ErrorCode::Protocol, &text);
+                    self.urgent_error(conn, ErrorCode::Protocol, &text);
                     return Ok(Some(Outcome::Failed(text)));
                 }
                 return Ok(Some(Outcome::Completed));
@@ -370,7 +378,7 @@ impl<'a> Session<'a> {
                     "unexpected {:?} frame on the urgent connection",
                     other.kind()
                 );
-                send_error(conn, ErrorCode::Protocol, &text);
+                self.urgent_error(conn, ErrorCode::Protocol, &text);
                 return Ok(Some(Outcome::Aborted(text)));
             }
         }
@@ -382,7 +390,7 @@ impl<'a> Session<'a> {
     fn broken_source(&self, conn: &mut TcpStream) -> Option<Outcome> {
         let e = self.source.file().check_intact().err()?;
         let text = error_chain(&e);
-        send_error(conn, ErrorCode::Internal, &text);
+        self.urgent_error(conn, ErrorCode::Internal, &text);
         Some(Outcome::Failed(text))
     }
 
@@ -394,8 +402,14 @@ impl<'a> Session<'a> {
         message: &Message,
         payload: &[u8],
     ) -> std::io::Result<()> {
-        let _write = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        write_frame(conn, message, payload)
+        let mut tx = self.urgent_tx.lock().unwrap_or_else(|p| p.into_inner());
+        tx.write_frame(conn, message, payload)
+    }
+
+    /// Sends an `Error` frame on the urgent connection before giving up on it.
+    fn urgent_error(&self, conn: &mut TcpStream, code: ErrorCode, text: &str) {
+        let mut tx = self.urgent_tx.lock().unwrap_or_else(|p| p.into_inner());
+        tx.send_error(conn, code, text);
     }
 
     /// Lets the pusher start (the destination's done map is complete).
@@ -406,7 +420,7 @@ impl<'a> Session<'a> {
 
     /// Waits until the push may start, with a heartbeat on `conn` every interval; false if
     /// the session ended first.
-    fn wait_for_push(&self, conn: &mut TcpStream) -> bool {
+    fn wait_for_push(&self, conn: &mut TcpStream, tx: &mut FrameEncoder) -> bool {
         let mut ready = self.push_ready.0.lock().unwrap_or_else(|p| p.into_inner());
         while !*ready && !self.is_stopped() {
             let (guard, waited) = self
@@ -417,7 +431,7 @@ impl<'a> Session<'a> {
             ready = guard;
             if waited.timed_out() && !*ready {
                 drop(ready);
-                if write_frame(conn, &Message::Heartbeat, &[]).is_err() {
+                if tx.write_frame(conn, &Message::Heartbeat, &[]).is_err() {
                     return false;
                 }
                 ready = self.push_ready.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -479,7 +493,10 @@ impl<'a> Session<'a> {
             .on_request(range.end(), self.source.total_pages());
         pieces.clear();
         self.source.classify(range.first, range.count, pieces);
-        let (zero, data) = self.send_pieces(conn, pieces)?;
+        let (zero, data) = {
+            let mut tx = self.urgent_tx.lock().unwrap_or_else(|p| p.into_inner());
+            self.send_pieces(conn, &mut tx, pieces)?
+        };
         self.stats
             .urgent_zero_pages
             .fetch_add(zero, Ordering::Relaxed);
@@ -491,7 +508,12 @@ impl<'a> Session<'a> {
 
     /// Sends pieces as ZeroRun/PageRun frames, batched into few writes; returns (zero
     /// pages, data pages).
-    fn send_pieces(&self, conn: &mut TcpStream, pieces: &[Piece]) -> std::io::Result<(u64, u64)> {
+    fn send_pieces(
+        &self,
+        conn: &mut TcpStream,
+        tx: &mut FrameEncoder,
+        pieces: &[Piece],
+    ) -> std::io::Result<(u64, u64)> {
         let page_size = self.source.page_size();
         let max_pages = (MAX_PAYLOAD_BYTES as u64 / page_size).max(1);
         let (mut zero, mut data) = (0, 0);
@@ -548,11 +570,7 @@ impl<'a> Session<'a> {
                 "the memory file shrank while it was read",
             ));
         }
-        {
-            // Frames of one batch never interleave with another thread's on a shared socket.
-            let _write = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-            write_frames(conn, &frames)?;
-        }
+        tx.write_frames(conn, &frames)?;
         let bytes: usize = frames
             .iter()
             .map(|(_, p)| RANGE_FRAME_BYTES + p.len())
@@ -579,12 +597,13 @@ impl<'a> Session<'a> {
     fn push_background(
         &self,
         mut conn: TcpStream,
+        mut tx: FrameEncoder,
         mut push_conn: Option<TcpStream>,
     ) -> Result<(), String> {
         let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
         let mut pieces = Vec::new();
         // The destination first says what it already holds (after a reconnect).
-        if !self.wait_for_push(&mut conn) {
+        if !self.wait_for_push(&mut conn, &mut tx) {
             return Ok(());
         }
         if self.config.push {
@@ -597,10 +616,16 @@ impl<'a> Session<'a> {
                 let Some((first, count)) = next else { break };
                 pieces.clear();
                 self.source.classify(first, count, &mut pieces);
-                let out = push_conn.as_mut().unwrap_or(&mut conn);
-                let (zero, data) = self
-                    .send_pieces(out, &pieces)
-                    .map_err(|e| format!("failed to push pages: {e}"))?;
+                let sent = match push_conn.as_mut() {
+                    // The naive baseline shares the urgent connection (and its encoder).
+                    Some(urgent) => {
+                        let mut urgent_tx =
+                            self.urgent_tx.lock().unwrap_or_else(|p| p.into_inner());
+                        self.send_pieces(urgent, &mut urgent_tx, &pieces)
+                    }
+                    None => self.send_pieces(&mut conn, &mut tx, &pieces),
+                };
+                let (zero, data) = sent.map_err(|e| format!("failed to push pages: {e}"))?;
                 self.stats
                     .pushed_zero_pages
                     .fetch_add(zero, Ordering::Relaxed);
@@ -616,7 +641,7 @@ impl<'a> Session<'a> {
                 "background push complete"
             );
         }
-        write_frame(&mut conn, &Message::BulkDone, &[])
+        tx.write_frame(&mut conn, &Message::BulkDone, &[])
             .map_err(|e| format!("failed to send BulkDone: {e}"))?;
         conn.flush().map_err(|e| e.to_string())?;
         // Keep the connection open until the session ends: the destination closes it.

@@ -474,3 +474,10 @@ impl Drop for HugePages {
         let _ = std::fs::write(NR_HUGEPAGES, self.old.to_string());
     }
 }
+
+/// Writes a key file readable by its owner only (as `pagesrv --psk-file` requires).
+pub fn write_key(path: &Path, key: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, key).expect("write key");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+}

@@ -92,8 +92,14 @@ struct Running {
 }
 
 fn running_migration(dir: &Scratch, faultd_args: &[&str]) -> Running {
+    running_migration_with(dir, &[], faultd_args)
+}
+
+/// [`running_migration`] with extra pagesrv arguments too.
+fn running_migration_with(dir: &Scratch, pagesrv_args: &[&str], faultd_args: &[&str]) -> Running {
     let (uds, stats) = (dir.path("faultd.sock"), dir.path("stats.json"));
-    let (pagesrv, addr) = start_pagesrv(&dir.path("vm.mem"), &["--no-push"]);
+    let pagesrv_args = [&["--no-push"][..], pagesrv_args].concat();
+    let (pagesrv, addr) = start_pagesrv(&dir.path("vm.mem"), &pagesrv_args);
     let faultd = start_faultd_with(&addr, &uds, &stats, faultd_args);
     let mut dest = start_dest(dir, &uds);
     dest.read_event_until(|e| e["event"] == "resumed");
@@ -170,14 +176,17 @@ fn test_migration_survives_pagesrv_killed_and_restarted() {
         return;
     }
     let dir = paused_source("kvm-pagesrv-restart");
-    let mem = dir.path("vm.mem");
+    let (mem, key) = (dir.path("vm.mem"), dir.path("key"));
+    // With a key: sealed frames, new keys on every connection, the restart included.
+    write_key(&key, "the restart test's shared secret");
+    let key_args = ["--psk-file", key.to_str().unwrap()];
     let Running {
         mut pagesrv,
         addr,
         mut faultd,
         mut dest,
         stats,
-    } = running_migration(&dir, &[]);
+    } = running_migration_with(&dir, &key_args, &key_args);
     pagesrv.kill9();
     // The guest waits on its faults while pagesrv is away; a new pagesrv on the same file
     // and address is just another reconnect.
@@ -186,7 +195,8 @@ fn test_migration_survives_pagesrv_killed_and_restarted() {
         Command::new(bin("pagesrv"))
             .arg("--vm-mem")
             .arg(&mem)
-            .args(["--listen", &addr]),
+            .args(["--listen", &addr])
+            .args(key_args),
     );
     dest.read_event_until(|e| e["event"] == "complete");
     let last = dest.read_event_until(|e| e["event"] == "report");

@@ -38,7 +38,10 @@ fn test_links_that_freeze_twice_are_detected_and_the_migration_completes() {
         dir.path("stats.json"),
     );
     write_source(&mem, 256 << 20 >> 12, 0xF2EE, 4, 0..0);
-    let (mut pagesrv, addr) = start_pagesrv(&mem, &[]);
+    let key = dir.path("key");
+    write_key(&key, "the freeze test's shared secret");
+    let key_args = ["--psk-file", key.to_str().unwrap()];
+    let (mut pagesrv, addr) = start_pagesrv(&mem, &key_args);
     let (mut proxy, proxy_addr) = start_proxy(
         &addr,
         &[
@@ -52,7 +55,7 @@ fn test_links_that_freeze_twice_are_detected_and_the_migration_completes() {
             "30",
         ],
     );
-    let mut faultd = start_faultd(&proxy_addr, &uds, &stats);
+    let mut faultd = start_faultd_with(&proxy_addr, &uds, &stats, &key_args);
     let mut vmm = start_vmm(&uds, &mem, &["--threads", "2"]);
     let done = finish_migration("freeze", &mut vmm, &mut faultd, &mut pagesrv, &stats);
     assert_eq!(proxy.read_line(), "freeze 1");
@@ -258,7 +261,7 @@ fn test_a_source_restarted_on_another_image_is_refused() {
     let other = dir.path("other.mem");
     write_source(&other, 1024, 2, 4, 0..0);
     let key = dir.path("key");
-    std::fs::write(&key, "the image test's secret key").unwrap();
+    write_key(&key, "the image test's secret key");
     let key_args = ["--psk-file", key.to_str().unwrap()];
 
     // With a key, the refusal is the source's own: final.

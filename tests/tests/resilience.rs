@@ -10,10 +10,6 @@ use tests::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-fn write_key(path: &std::path::Path, key: &str) {
-    std::fs::write(path, key).expect("write key");
-}
-
 #[test]
 fn test_migration_survives_repeated_cuts_with_every_byte_right() {
     if !require_userfaultfd() {
@@ -116,12 +112,20 @@ fn test_wrong_missing_or_unauthenticated_keys_move_no_page() {
     assert!(err.contains("does not authenticate itself"), "{err}");
 }
 
-#[test]
-fn test_pagesrv_survives_garbage_and_truncated_clients() {
-    let dir = Scratch::new("garbage");
-    let mem = dir.path("vm.mem");
+/// Garbage and truncated clients, then a real destination, with pagesrv started with
+/// `keyed` or not.
+fn garbage_then_a_destination(keyed: bool) {
+    let dir = Scratch::new(if keyed { "garbage-key" } else { "garbage" });
+    let (mem, key) = (dir.path("vm.mem"), dir.path("key"));
     write_source(&mem, 16, 1, 0, 0..0);
-    let (mut pagesrv, addr) = start_pagesrv(&mem, &["--serve-forever"]);
+    write_key(&key, "the garbage test's shared secret");
+    let key_args: Vec<&str> = if keyed {
+        vec!["--psk-file", key.to_str().unwrap()]
+    } else {
+        vec![]
+    };
+    let pagesrv_args = [&["--serve-forever"][..], &key_args].concat();
+    let (mut pagesrv, addr) = start_pagesrv(&mem, &pagesrv_args);
     for bytes in [
         &b"GET / HTTP/1.1\r\n\r\n"[..],
         &[1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f][..], // a Hello claiming a huge body
@@ -134,7 +138,7 @@ fn test_pagesrv_survives_garbage_and_truncated_clients() {
     // A real destination is still served afterwards.
     if require_userfaultfd() {
         let (uds, stats) = (dir.path("faultd.sock"), dir.path("stats.json"));
-        let mut faultd = start_faultd(&addr, &uds, &stats);
+        let mut faultd = start_faultd_with(&addr, &uds, &stats, &key_args);
         let _vmm = start_vmm(&uds, &mem, &["--no-touch"]);
         let (status, stderr) = faultd.wait(LIMIT);
         assert!(status.success(), "{stderr}");
@@ -146,6 +150,12 @@ fn test_pagesrv_survives_garbage_and_truncated_clients() {
         3,
         "{stderr}"
     );
+}
+
+#[test]
+fn test_pagesrv_survives_garbage_and_truncated_clients() {
+    garbage_then_a_destination(false);
+    garbage_then_a_destination(true);
 }
 
 #[test]

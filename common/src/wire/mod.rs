@@ -131,6 +131,12 @@ pub enum WireError {
     /// A frame that is not allowed at this point of the conversation.
     #[error("unexpected {0:?} frame")]
     Unexpected(Kind),
+    /// A sealed frame that failed authentication ([`crate::seal`]).
+    #[error(transparent)]
+    Unauthentic(#[from] crate::seal::TagMismatch),
+    /// [`Decoder::decode`] was given a sealed stream (open frames with a `FrameReader`).
+    #[error("a sealed stream cannot be decoded without opening its frames")]
+    Sealed,
     /// A frame that does not belong in the connection's current phase ([`phase`]).
     #[error("unexpected {kind:?} frame while {phase}")]
     OutOfPhase {
@@ -326,8 +332,10 @@ const _: () = assert!(size_of::<ErrorBody>() == 8);
 pub struct FrameHeader {
     /// The frame kind.
     pub kind: Kind,
-    /// Bytes that follow the header.
+    /// Bytes of the (plaintext) body.
     pub body_len: usize,
+    /// Bytes that follow the header on the wire: the body, and its tag when sealed.
+    pub wire_len: usize,
 }
 
 /// The parameters both sides must agree on, carried by `Hello` and `Welcome`.
@@ -459,6 +467,8 @@ impl Message {
 pub struct Decoder {
     page_size: u64,
     total_pages: u64,
+    /// Bytes of authentication tag after every body (0: a plain stream).
+    tag_bytes: usize,
 }
 
 /// Result of [`Decoder::decode`] on a buffer.
@@ -486,6 +496,7 @@ impl Decoder {
         Decoder {
             page_size: 0,
             total_pages: 0,
+            tag_bytes: 0,
         }
     }
 
@@ -494,7 +505,14 @@ impl Decoder {
         Decoder {
             page_size,
             total_pages,
+            tag_bytes: 0,
         }
+    }
+
+    /// This decoder for a sealed stream: every body is followed by a `tag_bytes` tag, which
+    /// `body_len` counts ([`crate::seal`]).
+    pub fn sealed(self, tag_bytes: usize) -> Self {
+        Decoder { tag_bytes, ..self }
     }
 
     /// Checks a frame header.
@@ -509,10 +527,17 @@ impl Decoder {
             return Err(WireError::ReservedNotZero { kind });
         }
         let body_len = raw.body_len.get();
-        if body_len as usize > MAX_BODY_BYTES {
+        if body_len as usize > MAX_BODY_BYTES + self.tag_bytes {
             return Err(WireError::TooLarge { body_len });
         }
-        let len = body_len as usize;
+        let wire_len = body_len as usize;
+        let Some(len) = wire_len.checked_sub(self.tag_bytes) else {
+            return Err(WireError::BadLength {
+                kind,
+                body_len,
+                expected: format!("at least the {}-byte tag", self.tag_bytes),
+            });
+        };
         let bad = |expected: String| WireError::BadLength {
             kind,
             body_len,
@@ -563,6 +588,7 @@ impl Decoder {
         Ok(FrameHeader {
             kind,
             body_len: len,
+            wire_len,
         })
     }
 
@@ -716,6 +742,9 @@ impl Decoder {
     /// # Errors
     /// As [`Decoder::decode_header`] and [`Decoder::decode_body`].
     pub fn decode<'a>(&self, buf: &'a [u8]) -> Result<Decoded<'a>, WireError> {
+        if self.tag_bytes != 0 {
+            return Err(WireError::Sealed);
+        }
         let Some(header_bytes) = buf.first_chunk::<HEADER_LEN>() else {
             return Ok(Decoded::Incomplete {
                 need_bytes: HEADER_LEN,

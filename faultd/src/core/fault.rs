@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use common::uffd::UffdError;
-use common::wire::{Message, PageRange, encode};
+use common::wire::{Message, PageRange};
 use thiserror::Error;
 use tracing::{trace, warn};
 
@@ -69,8 +69,8 @@ pub struct FaultCore<'v, K> {
     /// Skips recorded while the link is down, sent when it is up again.
     skips_while_down: Vec<(u64, u64)>,
     link_up: bool,
-    /// Encoded frames waiting to be written on the urgent connection.
-    pub outbox: Vec<u8>,
+    /// Frames (requests, skips) waiting to be encoded and written on the urgent connection.
+    pub pending: Vec<Message>,
     /// Fault latencies (read → placed or woken).
     pub latencies: LatencyRecorder,
     /// Fault events read.
@@ -91,7 +91,7 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
             newly_skipped: Vec::new(),
             skips_while_down: Vec::new(),
             link_up: false,
-            outbox: Vec::new(),
+            pending: Vec::new(),
             latencies: LatencyRecorder::default(),
             faults: 0,
             outside_warned: false,
@@ -154,11 +154,7 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
     fn skip(&mut self, first: u64, count: u64) -> Result<(), FaultError> {
         trace!(first, count, "pages removed before they arrived");
         if self.link_up {
-            encode(
-                &Message::Skip(PageRange { first, count }),
-                0,
-                &mut self.outbox,
-            );
+            self.pending.push(Message::Skip(PageRange { first, count }));
         } else {
             self.skips_while_down.push((first, count));
         }
@@ -207,7 +203,7 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
             None => {
                 self.in_flight.insert(page, vec![read_at]);
                 if self.link_up {
-                    encode_request(page, &mut self.outbox);
+                    self.pending.push(request(page));
                 }
             }
         }
@@ -314,14 +310,14 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
     /// re-sends what matters), skips are logged until it is back.
     pub fn link_down(&mut self) {
         self.link_up = false;
-        self.outbox.clear();
+        self.pending.clear();
     }
 
     /// A new link is up (its done and skip maps were sent): queue a request for every page
     /// still awaited and a skip for every removal since the cut.
     pub fn link_up(&mut self) {
         self.link_up = true;
-        self.outbox.clear();
+        self.pending.clear();
         let arrived: Vec<u64> = self
             .in_flight
             .keys()
@@ -332,14 +328,10 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
             self.resolve_page(page);
         }
         for &page in self.in_flight.keys() {
-            encode_request(page, &mut self.outbox);
+            self.pending.push(request(page));
         }
         for (first, count) in self.skips_while_down.drain(..) {
-            encode(
-                &Message::Skip(PageRange { first, count }),
-                0,
-                &mut self.outbox,
-            );
+            self.pending.push(Message::Skip(PageRange { first, count }));
         }
     }
 
@@ -357,13 +349,9 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
     }
 }
 
-fn encode_request(page: u64, out: &mut Vec<u8>) {
-    encode(
-        &Message::Request(PageRange {
-            first: page,
-            count: 1,
-        }),
-        0,
-        out,
-    );
+fn request(page: u64) -> Message {
+    Message::Request(PageRange {
+        first: page,
+        count: 1,
+    })
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::digest::page_digest;
 use common::uffd::UffdError;
-use common::wire::{Decoded, Decoder, Message, PageRange};
+use common::wire::{Message, PageRange};
 
 use super::fault::FaultCore;
 use super::kernel::{Installed, Kernel, VmEvent};
@@ -155,25 +155,6 @@ fn bytes_of(page: u64) -> Vec<u8> {
     vec![page as u8 + 1; PAGE as usize]
 }
 
-/// The frames in an outbox.
-fn frames(outbox: &[u8]) -> Vec<Message> {
-    let decoder = Decoder::session(PAGE, PAGES);
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < outbox.len() {
-        match decoder.decode(&outbox[at..]).unwrap() {
-            Decoded::Frame {
-                message, consumed, ..
-            } => {
-                out.push(message);
-                at += consumed;
-            }
-            Decoded::Incomplete { .. } => panic!("partial frame in the outbox"),
-        }
-    }
-    out
-}
-
 fn request(page: u64) -> Message {
     Message::Request(PageRange {
         first: page,
@@ -193,7 +174,7 @@ fn test_faults_on_one_page_send_one_request_and_the_reply_wakes_them() {
     vm.kernel.fault(3);
     vm.kernel.fault(3);
     core.drain_events().unwrap();
-    assert_eq!(frames(&core.outbox), vec![request(3)]);
+    assert_eq!(core.pending.clone(), vec![request(3)]);
     core.on_reply(range(3, 1), Some(&bytes_of(3))).unwrap();
     assert_eq!(vm.kernel.page(3), Some(bytes_of(3)));
     assert_eq!(core.latencies.summary().count, 2, "both waiters resolved");
@@ -215,7 +196,7 @@ fn test_fault_on_a_zero_page_is_served_locally() {
     );
     vm.kernel.fault(5);
     core.drain_events().unwrap();
-    assert!(core.outbox.is_empty(), "no request for a zero page");
+    assert!(core.pending.is_empty(), "no request for a zero page");
     assert_eq!(vm.kernel.page(5), Some(vec![0; PAGE as usize]));
 }
 
@@ -226,11 +207,11 @@ fn test_remove_before_the_reply_skips_the_page_and_it_reads_zero() {
     core.link_up();
     vm.kernel.fault(7);
     core.drain_events().unwrap();
-    core.outbox.clear();
+    core.pending.clear();
     // The balloon takes page 7 while its request is in flight.
     vm.kernel.remove(6, 3);
     core.drain_events().unwrap();
-    assert_eq!(frames(&core.outbox), vec![Message::Skip(range(6, 3))]);
+    assert_eq!(core.pending.clone(), vec![Message::Skip(range(6, 3))]);
     assert!(vm.skipped.is_set(7) && vm.zero.is_set(7));
     // The waiter's zero page met EAGAIN (the VMM's thread has not resumed): deferred, and
     // nothing spins on it.
@@ -259,17 +240,17 @@ fn test_remove_after_the_reply_keeps_the_digest_and_refaults_locally() {
     vm.kernel.fault(2);
     core.drain_events().unwrap();
     core.on_reply(range(2, 1), Some(&bytes_of(2))).unwrap();
-    core.outbox.clear();
+    core.pending.clear();
     vm.kernel.remove(2, 1);
     core.drain_events().unwrap();
     vm.kernel.resume_vmm();
-    assert!(core.outbox.is_empty(), "the page arrived: nothing to skip");
+    assert!(core.pending.is_empty(), "the page arrived: nothing to skip");
     assert!(!vm.skipped.is_set(2));
     assert_eq!(vm.kernel.page(2), None, "the VMM zapped it");
     vm.kernel.fault(2);
     core.drain_events().unwrap();
     assert!(
-        core.outbox.is_empty(),
+        core.pending.is_empty(),
         "a removed page is never fetched again"
     );
     assert_eq!(vm.kernel.page(2), Some(vec![0; PAGE as usize]));
@@ -284,7 +265,7 @@ fn test_a_fault_read_in_the_same_batch_as_an_earlier_remove_is_not_fetched() {
     vm.kernel.remove(9, 1);
     vm.kernel.fault(9);
     core.drain_events().unwrap();
-    assert_eq!(frames(&core.outbox), vec![Message::Skip(range(9, 1))]);
+    assert_eq!(core.pending.clone(), vec![Message::Skip(range(9, 1))]);
     vm.kernel.resume_vmm();
     core.drain_events().unwrap();
     assert_eq!(vm.kernel.page(9), Some(vec![0; PAGE as usize]));
@@ -384,7 +365,7 @@ fn test_a_reply_deferred_by_eagain_is_placed_after_a_cut() {
     assert_eq!(vm.kernel.page(12), Some(bytes_of(12)));
     core.link_up();
     assert!(
-        !frames(&core.outbox).contains(&request(12)),
+        !core.pending.clone().contains(&request(12)),
         "a page placed from a deferred reply is not requested again"
     );
 }
@@ -397,17 +378,17 @@ fn test_requests_and_skips_go_out_again_on_a_new_link() {
     vm.kernel.fault(1);
     core.drain_events().unwrap();
     core.link_down();
-    assert!(core.outbox.is_empty());
+    assert!(core.pending.is_empty());
     vm.kernel.fault(2);
     vm.kernel.remove(25, 2);
     core.drain_events().unwrap();
     assert!(
-        core.outbox.is_empty(),
+        core.pending.is_empty(),
         "nothing is queued while the link is down"
     );
     vm.kernel.resume_vmm();
     core.link_up();
-    let mut sent = frames(&core.outbox);
+    let mut sent = core.pending.clone();
     sent.sort_by_key(|m| format!("{m:?}"));
     assert_eq!(
         sent,

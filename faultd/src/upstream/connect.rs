@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use common::auth::{self, Answer, Psk, Transcript};
-use common::framed::{FrameReader, ReadError, write_frame};
+use common::framed::{FrameEncoder, FrameReader, ReadError, write_frame};
 use common::wire::phase::{ClientHandshake, Phase};
 use common::wire::{Decoder, ErrorCode, Message, PROTOCOL_VERSION, Role, SessionParams};
 use thiserror::Error;
@@ -142,7 +142,9 @@ pub struct Pins {
 pub struct Upstream {
     /// Requests out, requested pages in.
     pub urgent: TcpStream,
-    /// Anything read past the urgent handshake.
+    /// Encodes (with a key: seals) what faultd sends on `urgent`.
+    pub urgent_tx: FrameEncoder,
+    /// Anything read past the urgent handshake (with a key: opens what pagesrv sends).
     pub urgent_reader: FrameReader,
     /// Pushed pages in.
     pub bulk: TcpStream,
@@ -181,7 +183,8 @@ pub fn connect(
         image_id: pins.image_id,
     };
     let psk = target.psk.as_ref();
-    let (urgent, urgent_reader, welcome) = open(resolved, psk, Role::Urgent, ours, link_timeout)?;
+    let (urgent, urgent_reader, welcome, urgent_tx) =
+        open(resolved, psk, Role::Urgent, ours, link_timeout)?;
     let pins = Pins {
         session_id: welcome.session_id,
         image_id: welcome.image_id,
@@ -191,7 +194,8 @@ pub fn connect(
         image_id: pins.image_id,
         ..ours
     };
-    let (bulk, bulk_reader, bulk_welcome) =
+    // faultd sends nothing on the bulk connection: its encoder is not needed.
+    let (bulk, bulk_reader, bulk_welcome, _) =
         open(resolved, psk, Role::Bulk, bulk_hello, link_timeout)?;
     if bulk_welcome.session_id != pins.session_id || bulk_welcome.image_id != pins.image_id {
         return Err(UpstreamError::Refused {
@@ -209,6 +213,7 @@ pub fn connect(
     bulk_reader.set_decoder(decoder);
     Ok(Upstream {
         urgent,
+        urgent_tx,
         urgent_reader,
         bulk,
         bulk_reader,
@@ -217,14 +222,15 @@ pub fn connect(
 }
 
 /// Opens one connection: Hello, the key exchange if any, Welcome; within
-/// [`HANDSHAKE_DEADLINE`] in all.
+/// [`HANDSHAKE_DEADLINE`] in all. With a key, every later frame is sealed: the reader opens
+/// what pagesrv sends, the encoder seals what faultd sends.
 fn open(
     addr: SocketAddr,
     psk: Option<&Psk>,
     role: Role,
     hello: SessionParams,
     link_timeout: Duration,
-) -> Result<(TcpStream, FrameReader, SessionParams), UpstreamError> {
+) -> Result<(TcpStream, FrameReader, SessionParams, FrameEncoder), UpstreamError> {
     let deadline = Instant::now() + HANDSHAKE_DEADLINE;
     let connect_err = |source| UpstreamError::Connect { addr, role, source };
     let mut conn = TcpStream::connect_timeout(&addr, HANDSHAKE_DEADLINE).map_err(connect_err)?;
@@ -291,13 +297,15 @@ fn open(
                 });
             }
             Message::Welcome(theirs) => {
-                let trusted = match (psk, &transcript, &server_tag) {
-                    (None, _, _) => false,
+                let (trusted, encoder) = match (psk, &transcript, &server_tag) {
+                    (None, _, _) => (false, FrameEncoder::plain()),
                     (Some(psk), Some(t), Some(tag)) => {
                         if !psk.verify_server(t, &Answer::Welcome(theirs), tag) {
                             return Err(UpstreamError::Auth("pagesrv proved a different key"));
                         }
-                        true
+                        let (sealer, opener) = psk.channel_secrets(t).client();
+                        reader.set_opener(opener);
+                        (true, FrameEncoder::sealed(sealer))
                     }
                     (Some(_), _, _) => {
                         return Err(UpstreamError::Auth(
@@ -308,7 +316,7 @@ fn open(
                 check_welcome(&hello, &theirs, trusted)?;
                 conn.set_read_timeout(None).map_err(connect_err)?;
                 conn.set_write_timeout(None).map_err(connect_err)?;
-                return Ok((conn, reader, theirs));
+                return Ok((conn, reader, theirs, encoder));
             }
             other => {
                 let kind = other.kind();

@@ -25,10 +25,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use std::io::Write;
 
-use common::framed::FrameReader;
+use common::framed::{FrameEncoder, FrameReader};
 use common::netopt::Liveness;
 use common::wire::phase::DestUrgent;
-use common::wire::{MAX_PAYLOAD_BYTES, Message, PageRange, encode};
+use common::wire::{MAX_PAYLOAD_BYTES, Message, PageRange};
 use mio::{Interest, Registry, Token, Waker};
 use tracing::{debug, info, warn};
 
@@ -61,7 +61,7 @@ pub enum LinkEvent {
         result: Result<BulkEnd, BulkError>,
     },
     /// The connector got a link (maps sent), or gave up for good.
-    Connected(Result<Upstream>),
+    Connected(Result<Box<Upstream>>),
 }
 
 /// An open link.
@@ -70,6 +70,10 @@ pub struct Link {
     pub urgent: mio::net::TcpStream,
     /// Frames read from `urgent`.
     pub reader: FrameReader,
+    /// Encodes (with a key: seals) what faultd sends on `urgent`, in order.
+    pub tx: FrameEncoder,
+    /// Encoded frames not yet written on `urgent`.
+    pub outbox: Vec<u8>,
     /// Where the urgent conversation stands.
     pub phase: DestUrgent,
     /// Which link this is (1 for the first).
@@ -129,14 +133,15 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
     ///
     /// # Errors
     /// Registering the socket failed.
-    pub fn open(&mut self, up: Upstream, registry: &Registry, token: Token) -> Result<Link> {
+    pub fn open(&mut self, up: Box<Upstream>, registry: &Registry, token: Token) -> Result<Link> {
         let Upstream {
             urgent,
+            urgent_tx,
             urgent_reader,
             bulk,
             bulk_reader,
             pins,
-        } = up;
+        } = *up;
         self.pins = pins;
         urgent.set_nonblocking(true)?;
         let mut urgent = mio::net::TcpStream::from_std(urgent);
@@ -170,6 +175,8 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
         Ok(Link {
             urgent,
             reader: urgent_reader,
+            tx: urgent_tx,
+            outbox: Vec::new(),
             phase: DestUrgent::Serving,
             generation,
             last_rx: now,
@@ -222,7 +229,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
         self.scope.spawn(move || {
             let _ = common::sched::normal_priority();
             if let Some(result) = connect_with_backoff(config, vm, pins, first_contact, &stop_rx) {
-                let _ = tx.send(LinkEvent::Connected(result));
+                let _ = tx.send(LinkEvent::Connected(result.map(Box::new)));
                 let _ = waker.wake();
             }
         });
@@ -251,9 +258,14 @@ fn connect_with_backoff<K: Kernel>(
                 (anyhow!(e), fatal)
             })
             .and_then(|mut up| {
-                send_maps(vm, &mut up.urgent, config.liveness.timeout)
-                    .map(|()| up)
-                    .map_err(|e| (anyhow!(e).context("failed to send the page maps"), false))
+                send_maps(
+                    vm,
+                    &mut up.urgent,
+                    &mut up.urgent_tx,
+                    config.liveness.timeout,
+                )
+                .map(|()| up)
+                .map_err(|e| (anyhow!(e).context("failed to send the page maps"), false))
             });
         match attempt {
             Ok(up) => {
@@ -308,21 +320,23 @@ fn connect_with_backoff<K: Kernel>(
 fn send_maps<K: Kernel>(
     vm: &Vm<K>,
     urgent: &mut TcpStream,
+    tx: &mut FrameEncoder,
     timeout: Duration,
 ) -> std::io::Result<()> {
     urgent.set_write_timeout(Some(timeout))?;
-    let mut frames = encode_maps(vm);
-    encode(&Message::MapEnd, 0, &mut frames);
+    let mut frames = Vec::new();
+    encode_maps(vm, tx, &mut frames);
+    tx.encode(&Message::MapEnd, &[], &mut frames);
     urgent.write_all(&frames)?;
     urgent.set_write_timeout(None)
 }
 
-/// `DoneMap` frames for the pages already here and `SkipMap` frames for the pages removed
-/// before they arrived (empty stretches left out): a bitmap, pages / 8 bytes at most.
-pub fn encode_maps<K: Kernel>(vm: &Vm<K>) -> Vec<u8> {
+/// Appends `DoneMap` frames for the pages already here and `SkipMap` frames for the pages
+/// removed before they arrived (empty stretches left out) to `out`: a bitmap, pages / 8
+/// bytes at most.
+pub fn encode_maps<K: Kernel>(vm: &Vm<K>, tx: &mut FrameEncoder, out: &mut Vec<u8>) {
     let total = vm.total_pages();
     let chunk_pages = (MAX_PAYLOAD_BYTES as u64) * 8;
-    let mut out = Vec::new();
     let mut first = 0;
     while first < total {
         let count = chunk_pages.min(total - first);
@@ -337,11 +351,9 @@ pub fn encode_maps<K: Kernel>(vm: &Vm<K>) -> Vec<u8> {
             (Message::SkipMap(range), skipped),
         ] {
             if bitmap.iter().any(|&b| b != 0) {
-                encode(&message, bitmap.len(), &mut out);
-                out.extend_from_slice(&bitmap);
+                tx.encode(&message, &bitmap, out);
             }
         }
         first += count;
     }
-    out
 }
