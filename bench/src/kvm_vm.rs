@@ -80,7 +80,7 @@ pub enum RunExit {
 /// The VM.
 pub struct KvmVm {
     _kvm: Kvm,
-    _vm: VmFd,
+    _vm: std::sync::Arc<VmFd>,
     vcpu: VcpuFd,
     mem: GuestMemoryMmap,
     size_bytes: u64,
@@ -138,12 +138,17 @@ impl KvmVm {
         let tsc_khz = vcpu.get_tsc_khz().map(u64::from).unwrap_or(2_000_000);
         Ok(KvmVm {
             _kvm: kvm,
-            _vm: vm,
+            _vm: std::sync::Arc::new(vm),
             vcpu,
             mem,
             size_bytes,
             tsc_khz,
         })
+    }
+
+    /// The VM's fd, shared (dirty logging from another thread).
+    pub fn vm_fd(&self) -> std::sync::Arc<VmFd> {
+        self._vm.clone()
     }
 
     /// Guest TSC ticks per microsecond.

@@ -13,6 +13,7 @@ pub mod pagemap;
 pub mod sched;
 pub mod seal;
 pub mod sigbus;
+pub mod source_link;
 pub mod uffd;
 pub mod vmm_link;
 pub mod wire;

@@ -90,6 +90,43 @@ impl PageMap {
         newly
     }
 
+    /// Clears the bits of `first..first+count` (clipped to the map); returns how many this
+    /// call cleared.
+    pub fn clear_range(&self, first: u64, count: u64) -> u64 {
+        let end = first.saturating_add(count).min(self.total_pages);
+        let mut page = first;
+        let mut cleared = 0;
+        while page < end {
+            let word = page / 64;
+            let lo = page % 64;
+            let hi = (end - word * 64).min(64);
+            let mask = mask_bits(lo, hi);
+            let old = self.words[word as usize].fetch_and(!mask, Ordering::AcqRel);
+            cleared += u64::from((mask & old).count_ones());
+            page = (word + 1) * 64;
+        }
+        self.set_pages.fetch_sub(cleared, Ordering::AcqRel);
+        cleared
+    }
+
+    /// Calls `f(first, count)` for every run of pages a bitmap (as [`PageMap::bitmap`] makes
+    /// it, for pages `first..`) names.
+    pub fn bitmap_runs(first: u64, bitmap: &[u8], mut f: impl FnMut(u64, u64)) {
+        let count = bitmap.len() as u64 * 8;
+        let mut run_start = None;
+        for i in 0..=count {
+            let set = i < count && bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0;
+            match (set, run_start) {
+                (true, None) => run_start = Some(i),
+                (false, Some(start)) => {
+                    f(first + start, i - start);
+                    run_start = None;
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// The first clear page at or after `from`, if any.
     pub fn next_clear(&self, from: u64) -> Option<u64> {
         let mut page = from;
@@ -160,20 +197,12 @@ impl PageMap {
     /// Sets the bits of the pages a bitmap (as [`PageMap::bitmap`] makes it) names, for pages
     /// `first..first+count`; returns how many this call set.
     pub fn set_from_bitmap(&self, first: u64, count: u64, bitmap: &[u8]) -> u64 {
-        let count = count.min(bitmap.len() as u64 * 8);
+        let bytes = (count.div_ceil(8) as usize).min(bitmap.len());
+        let end = first.saturating_add(count);
         let mut newly = 0;
-        let mut run_start = None;
-        for i in 0..=count {
-            let set = i < count && bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0;
-            match (set, run_start) {
-                (true, None) => run_start = Some(i),
-                (false, Some(start)) => {
-                    newly += self.set_range(first + start, i - start);
-                    run_start = None;
-                }
-                _ => {}
-            }
-        }
+        Self::bitmap_runs(first, &bitmap[..bytes], |page, n| {
+            newly += self.set_range(page, n.min(end.saturating_sub(page)));
+        });
         newly
     }
 
@@ -261,6 +290,12 @@ mod tests {
             for p in probe..total {
                 prop_assert_eq!(copy.is_set(p), model.contains(&p));
             }
+            let cleared = copy.clear_range(probe, total);
+            prop_assert_eq!(cleared, ones);
+            prop_assert_eq!(copy.set_pages(), 0);
+            let mut from_bitmap = 0;
+            PageMap::bitmap_runs(probe, &bits, |_, n| from_bitmap += n);
+            prop_assert_eq!(from_bitmap, ones);
             let runs = m.clear_runs(0, total);
             let from_runs: BTreeSet<u64> = runs.iter().flat_map(|&(f, n)| f..f + n).collect();
             let clear: BTreeSet<u64> = (0..total).filter(|p| !model.contains(p)).collect();

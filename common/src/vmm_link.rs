@@ -100,15 +100,7 @@ pub struct Handshake {
 /// # Errors
 /// Any [`LinkError`]; every fd received is closed on error.
 pub fn receive_handshake(stream: &UnixStream) -> Result<Handshake, LinkError> {
-    let creds: UnixCredentials =
-        getsockopt(stream, PeerCredentials).map_err(|e| LinkError::Credentials(e.into()))?;
-    let ours = nix::unistd::geteuid().as_raw();
-    if creds.uid() != 0 && creds.uid() != ours {
-        return Err(LinkError::Forbidden {
-            uid: creds.uid(),
-            ours,
-        });
-    }
+    let creds = check_peer(stream)?;
     let mut json = Vec::new();
     let mut fds: Vec<OwnedFd> = Vec::new();
     let mut chunk = vec![0u8; 64 << 10];
@@ -159,8 +151,22 @@ pub fn receive_handshake(stream: &UnixStream) -> Result<Handshake, LinkError> {
     })
 }
 
+/// The peer's credentials, if it runs as root or as us.
+pub(crate) fn check_peer(stream: &UnixStream) -> Result<UnixCredentials, LinkError> {
+    let creds: UnixCredentials =
+        getsockopt(stream, PeerCredentials).map_err(|e| LinkError::Credentials(e.into()))?;
+    let ours = nix::unistd::geteuid().as_raw();
+    if creds.uid() != 0 && creds.uid() != ours {
+        return Err(LinkError::Forbidden {
+            uid: creds.uid(),
+            ours,
+        });
+    }
+    Ok(creds)
+}
+
 /// One `recvmsg`: bytes into `buf`, attached fds appended to `fds` (close-on-exec).
-fn receive_chunk(
+pub(crate) fn receive_chunk(
     stream: &UnixStream,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
