@@ -95,6 +95,7 @@ fn sealing(c: &mut Criterion) {
             total_pages: 1 << 20,
             session_id: 1,
             image_id: 1,
+            flags: 0,
         },
     };
     let psk = Psk::from_bytes(b"a benchmark key, 32 bytes long!!");

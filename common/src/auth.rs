@@ -230,6 +230,7 @@ fn feed_params(mac: &mut Hmac<Sha256>, params: &SessionParams) {
     mac.update(&params.total_pages.to_le_bytes());
     mac.update(&params.session_id.to_le_bytes());
     mac.update(&params.image_id.to_le_bytes());
+    mac.update(&params.flags.to_le_bytes());
 }
 
 fn feed_answer(mac: &mut Hmac<Sha256>, answer: &Answer) {
@@ -265,6 +266,7 @@ mod tests {
                 total_pages: 10,
                 session_id: 0,
                 image_id: 0,
+                flags: 0,
             },
         }
     }

@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+pub mod control;
 pub mod digest;
 pub mod framed;
 pub mod layout;

@@ -4,10 +4,15 @@
 //! verdict.
 //!
 //! ```text
-//!  Migrating ──every page present: unregister──► Verifying ──Digests──► Closing ──EOF──► end
-//!   (faults, replies, pushes)        (DigestQuery on each new link)   (Goodbye, or Error
-//!                                                                      VerifyFailed)
+//!  [Precopy ──Switchover──►] Migrating ──every page present: unregister──► Verifying
+//!   (rounds, discards)        (faults, replies, pushes)      (DigestQuery on each new link)
+//!        ──Digests──► Closing ──EOF──► end
+//!                     (Goodbye, or Error VerifyFailed)
 //! ```
+//!
+//! In precopy the guest here waits: faultd says when it may resume (a line on stdout, the
+//! `switched` event on the control socket), once the source is paused and the pages it wrote
+//! after sending them are dropped.
 //!
 //! A lost or silent link is not fatal in any stage: the connector gets a new one while the
 //! loop goes on reading faults. Only the VMM going away, a uffd failure, a placement the
@@ -18,13 +23,16 @@ use std::io::{ErrorKind, Read, Write};
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use common::control::ControlServer;
 use common::wire::phase::Phase;
 use common::wire::{ErrorCode, Message, RANGE_FRAME_BYTES};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use serde_json::{Value, json};
 use tracing::{debug, error, info, warn};
 
 use crate::core::fault::FaultCore;
@@ -52,6 +60,17 @@ pub enum Verdict {
     NotVerified,
 }
 
+impl Verdict {
+    /// As the stats and events name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Verdict::Verified => "match",
+            Verdict::Mismatch(_) => "mismatch",
+            Verdict::NotVerified => "not verified",
+        }
+    }
+}
+
 /// How a migration ended (without a fatal error).
 pub struct Report {
     /// The stats JSON.
@@ -68,7 +87,7 @@ pub struct Report {
 pub fn run(
     vm: &Vm<UffdKernel>,
     config: &LinkConfig,
-    verify: bool,
+    options: Options,
     vmm: UnixStream,
     started: Instant,
 ) -> Result<Report> {
@@ -82,13 +101,24 @@ pub fn run(
             link: None,
             stage: Stage::Migrating,
             config,
-            verify,
+            verify: options.verify,
+            control: options.control,
+            status: options.status,
+            status_at: started,
             vmm: &vmm,
             vmm_watched: true,
             completed_in: None,
+            switched_in: None,
             started,
         };
         let result = fl.run(&mut poll);
+        if let Some(control) = &fl.control {
+            let event = match &result {
+                Ok(verdict) => json!({"event": "completed", "verdict": verdict.name()}),
+                Err(e) => json!({"event": "failed", "error": format!("{e:#}")}),
+            };
+            control.emit(&event);
+        }
         fl.links.stop_connector();
         if let Err(e) = &result {
             fl.tell_source_we_failed(e);
@@ -99,7 +129,7 @@ pub fn run(
         let verdict = result?;
         fl.core.resolve_all();
         let duration = fl.completed_in.unwrap_or_else(|| started.elapsed());
-        let stats = Stats::collect(
+        let mut stats = Stats::collect(
             vm,
             fl.core.faults,
             &fl.core.latencies,
@@ -107,11 +137,25 @@ pub fn run(
             &verdict,
             fl.links.cuts,
         );
+        stats.switched_ms = fl.switched_in.map(|d| d.as_secs_f64() * 1000.0);
         Ok(Report { stats, verdict })
     })
 }
 
+/// How the loop runs, beyond the link.
+pub struct Options {
+    /// Compare digests with the source at the end.
+    pub verify: bool,
+    /// The control socket, for events.
+    pub control: Option<Arc<ControlServer>>,
+    /// What the control socket's `status` answers, refreshed by the loop.
+    pub status: Arc<Mutex<Value>>,
+}
+
 enum Stage {
+    /// The source still runs: precopy rounds arrive; the guest here waits for the switch
+    /// (its VMM may still fault pages while it restores).
+    Precopy,
     /// Pages still missing.
     Migrating,
     /// Every page is present; the source's digests are asked for on each new link.
@@ -137,9 +181,13 @@ struct FaultLoop<'s, 'e> {
     stage: Stage,
     config: &'e LinkConfig,
     verify: bool,
+    control: Option<Arc<ControlServer>>,
+    status: Arc<Mutex<Value>>,
+    status_at: Instant,
     vmm: &'e UnixStream,
     vmm_watched: bool,
     completed_in: Option<Duration>,
+    switched_in: Option<Duration>,
     started: Instant,
 }
 
@@ -165,7 +213,7 @@ impl FaultLoop<'_, '_> {
                 return Ok(verdict.clone());
             }
             self.flush(poll);
-            let timeout = if self.migrating() && self.core.has_deferred() {
+            let timeout = if self.serving() && self.core.has_deferred() {
                 DEFERRED_RETRY
             } else {
                 self.config.liveness.heartbeat / 2
@@ -187,19 +235,54 @@ impl FaultLoop<'_, '_> {
                     _ => {}
                 }
             }
-            if !drained && self.migrating() && self.core.has_deferred() {
+            if !drained && self.serving() && self.core.has_deferred() {
                 self.on_uffd()?;
             }
             self.check_liveness(poll);
+            self.refresh_status();
         }
     }
 
-    fn migrating(&self) -> bool {
-        matches!(self.stage, Stage::Migrating)
+    /// Whether the guest still depends on faultd (pages may be missing).
+    fn serving(&self) -> bool {
+        matches!(self.stage, Stage::Precopy | Stage::Migrating)
+    }
+
+    fn stage_name(&self) -> &'static str {
+        match self.stage {
+            Stage::Precopy => "precopy",
+            Stage::Migrating => "postcopy",
+            Stage::Verifying { .. } => "verifying",
+            Stage::Closing { .. } | Stage::Done(_) => "closing",
+        }
+    }
+
+    /// Refreshes what the control socket's `status` answers (every 100 ms at most).
+    fn refresh_status(&mut self) {
+        if self.control.is_none() || self.status_at.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        self.status_at = Instant::now();
+        let c = &self.vm.counters;
+        let status = json!({
+            "status": {
+                "phase": self.stage_name(),
+                "pages_total": self.vm.total_pages(),
+                "pages_present": self.vm.done.set_pages(),
+                "faults": self.core.faults,
+                "faults_waiting": self.core.pages_in_flight(),
+                "bytes_received": Counters::get(&c.bytes_received),
+                "bytes_precopy": Counters::get(&c.bytes_precopy),
+                "pages_discarded": Counters::get(&c.pages_discarded),
+                "reconnects": self.links.cuts,
+                "link_up": self.link.is_some(),
+            }
+        });
+        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
     }
 
     fn on_uffd(&mut self) -> Result<()> {
-        if self.migrating() {
+        if self.serving() {
             self.core.drain_events().context("failed to serve faults")
         } else {
             // Unregistered: only events that raced with it remain, and a REMOVE among them
@@ -216,7 +299,7 @@ impl FaultLoop<'_, '_> {
 
     /// Moves the stages on: completion, asking for digests on a new link, the end.
     fn advance_stage(&mut self) -> Result<()> {
-        if self.migrating() && self.vm.is_complete() {
+        if matches!(self.stage, Stage::Migrating) && self.vm.is_complete() {
             self.complete();
         }
         let generation = self.link.as_ref().map(|l| l.generation);
@@ -435,7 +518,7 @@ impl FaultLoop<'_, '_> {
                         .then(|| link.reader.payload(payload.clone()));
                     let frame_bytes = RANGE_FRAME_BYTES + data.map_or(0, <[u8]>::len);
                     Counters::add(&self.vm.counters.bytes_received, frame_bytes as u64);
-                    if matches!(self.stage, Stage::Migrating) {
+                    if matches!(self.stage, Stage::Precopy | Stage::Migrating) {
                         self.core.on_reply(range, data).map_err(|e| {
                             FrameError::Fatal(anyhow!(e).context("failed to place requested pages"))
                         })?;
@@ -491,7 +574,7 @@ impl FaultLoop<'_, '_> {
         let mut buf = [0u8; 256];
         loop {
             match (&*self.vmm).read(&mut buf) {
-                Ok(0) if self.migrating() => {
+                Ok(0) if self.serving() => {
                     bail!("the VMM closed its socket before the migration completed")
                 }
                 Ok(0) => {
@@ -522,12 +605,34 @@ impl FaultLoop<'_, '_> {
                         Err(e) if !e.is_link_failure() => {
                             return Err(anyhow!(e).context("failed to place pushed pages"));
                         }
-                        Err(e) if current && self.migrating() => self.cut(poll, anyhow!(e)),
+                        Err(e) if current && self.serving() => self.cut(poll, anyhow!(e)),
                         Err(e) => debug!(generation, error = %e, "bulk thread ended"),
                     }
                 }
                 LinkEvent::Connected(Ok(up)) => {
+                    if up.precopy && !self.vm.kernel.can_drop_pages() {
+                        bail!(
+                            "pagesrv runs precopy rounds first, which needs the VMM's memfd and --placement memfd (pages sent early must be dropped when the source writes them again)"
+                        );
+                    }
+                    let in_precopy = matches!(self.stage, Stage::Precopy);
+                    if in_precopy && !up.precopy {
+                        bail!(
+                            "pagesrv no longer runs the precopy this guest started with: pages sent early cannot be checked against what the source wrote since"
+                        );
+                    }
                     let link = self.links.open(up, poll.registry(), URGENT)?;
+                    let first_link = self.switched_in.is_none() && link.generation == 1;
+                    if link.precopy && matches!(self.stage, Stage::Migrating) && first_link {
+                        info!(
+                            "precopy: the source still runs; the guest here waits for the switch"
+                        );
+                        self.stage = Stage::Precopy;
+                    } else if !link.precopy {
+                        // The guest runs (it never waited, or the switch came): say so on
+                        // every later connection.
+                        self.links.pins.resumed = true;
+                    }
                     // One line on stdout per link, for scripts and tests.
                     println!(
                         "faultd link to pagesrv up (session {:016x}, generation {})",
@@ -543,9 +648,39 @@ impl FaultLoop<'_, '_> {
                     self.core.link_up();
                 }
                 LinkEvent::Connected(Err(e)) => return Err(e),
+                LinkEvent::Switched { generation } => self.on_switched(generation),
             }
         }
         Ok(())
+    }
+
+    /// The source paused and switched to postcopy: the guest here may resume (the pages
+    /// written after they were sent are dropped already, in order, by the bulk thread).
+    fn on_switched(&mut self, generation: u64) {
+        if !matches!(self.stage, Stage::Precopy) {
+            return;
+        }
+        let switched = self.started.elapsed();
+        self.switched_in = Some(switched);
+        self.stage = Stage::Migrating;
+        self.links.pins.resumed = true;
+        let c = &self.vm.counters;
+        info!(
+            generation,
+            ms = switched.as_millis() as u64,
+            pages_present = self.vm.done.set_pages(),
+            pages_discarded = Counters::get(&c.pages_discarded),
+            "switched to postcopy: the guest may resume"
+        );
+        // One line on stdout for scripts, and the event for orchestrators: resume now.
+        println!("faultd switched to postcopy: resume the guest");
+        if let Some(control) = &self.control {
+            control.emit(&json!({
+                "event": "switched",
+                "pages_present": self.vm.done.set_pages(),
+                "pages_discarded": Counters::get(&c.pages_discarded),
+            }));
+        }
     }
 
     /// After a fatal error: tell pagesrv, if it can be told at once, that this destination

@@ -16,12 +16,15 @@ mod vmm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use common::auth::Psk;
+use common::control::{ControlServer, Handler};
 use common::netopt::{Liveness, parse_seconds};
+use serde_json::json;
 use tracing::info;
 
 use crate::core::vm::Vm;
@@ -74,10 +77,30 @@ struct Cli {
     /// present). Without it, a check that cannot run is a failure.
     #[arg(long)]
     no_verify: bool,
+    /// Control socket for orchestrators: newline-delimited JSON; `{"cmd":"status"}`, and
+    /// the events `switched` (precopy is over: resume the guest now), `completed`, `failed`.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 fn run(cli: &Cli) -> Result<Report> {
     let psk = cli.psk_file.as_deref().map(Psk::load).transpose()?;
+    // The control socket is up before the VMM may look for it.
+    let status = Arc::new(Mutex::new(json!({"status": {"phase": "starting"}})));
+    let control = cli
+        .control
+        .as_deref()
+        .map(|path| {
+            let status = status.clone();
+            let handler: Arc<Handler> = Arc::new(move |name, _| match name {
+                "status" => status.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                other => {
+                    json!({"error": format!("unknown command {other:?} (faultd knows: status)")})
+                }
+            });
+            ControlServer::bind(path, handler)
+        })
+        .transpose()?;
     let listener = bind_uds(&cli.uds)?;
     // One line on stdout for scripts and tests: the socket is ready.
     println!("faultd waiting for the VMM on {}", cli.uds.display());
@@ -98,7 +121,12 @@ fn run(cli: &Cli) -> Result<Report> {
         reconnect_timeout: cli.reconnect_timeout,
         liveness: Liveness::new(cli.link_timeout),
     };
-    let report = event_loop::run(&vm, &config, !cli.no_verify, vmm, started);
+    let options = event_loop::Options {
+        verify: !cli.no_verify,
+        control,
+        status,
+    };
+    let report = event_loop::run(&vm, &config, options, vmm, started);
     // The VMM's socket is closed now (dropped by run): it learns the migration is over.
     let report =
         report.context("migration failed; VMM threads waiting on missing pages stay blocked")?;

@@ -113,6 +113,13 @@ pub struct Stats {
     pub placement_retries: u64,
     /// Pages the VMM removed while the link to pagesrv was down.
     pub removed_while_link_down: u64,
+    /// Page bytes received in precopy rounds, before the switch.
+    pub bytes_precopy: u64,
+    /// Pages dropped because the source wrote them after they were sent (precopy).
+    pub pages_discarded: u64,
+    /// From the VMM's handshake to the switch from precopy to postcopy (none without
+    /// precopy).
+    pub switched_ms: Option<f64>,
     /// From the VMM's handshake to the last page.
     pub duration_ms: f64,
     /// Fault latency percentiles.
@@ -147,12 +154,7 @@ impl Stats {
             zero_fills: Counters::get(&c.zero_fills),
             bytes_received: Counters::get(&c.bytes_received),
             received_digest: format!("{total_digest:016x}"),
-            digest_check: match verdict {
-                Verdict::Verified => "match",
-                Verdict::Mismatch(_) => "mismatch",
-                Verdict::NotVerified => "not verified",
-            }
-            .into(),
+            digest_check: verdict.name().into(),
             digest_mismatch_pages: match verdict {
                 Verdict::Mismatch(ranges) => ranges.iter().map(|r| [r.start, r.end]).collect(),
                 _ => Vec::new(),
@@ -160,6 +162,9 @@ impl Stats {
             reconnects,
             placement_retries: Counters::get(&c.placement_retries),
             removed_while_link_down: Counters::get(&c.removed_while_link_down),
+            bytes_precopy: Counters::get(&c.bytes_precopy),
+            pages_discarded: Counters::get(&c.pages_discarded),
+            switched_ms: None,
             duration_ms: duration.as_secs_f64() * 1000.0,
             fault_latency_us: latencies.summary(),
             latency_dist_us: latencies.distribution(),

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod handshake;
+mod precopy;
 mod push_order;
 mod report;
 mod server;
@@ -16,9 +17,21 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
-use clap::Parser;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use common::control::{ControlServer, Handler};
+use common::source_link::SourceVmm;
+use serde_json::json;
+use tracing::info;
+
+use crate::precopy::{Precopy, Strategy};
+use crate::report::Events;
 use crate::server::{ServerConfig, serve};
 use crate::session::SessionConfig;
 use crate::source::MemorySource;
@@ -36,9 +49,28 @@ use crate::source::MemorySource;
 #[command(version, about, long_about)]
 struct Cli {
     /// The guest memory file (e.g. /dev/shm/vm1, a Firecracker snapshot's memory file, or a
-    /// hugetlbfs file).
-    #[arg(long, value_name = "PATH", required_unless_present = "gen_psk")]
+    /// hugetlbfs file) of a paused VM.
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["gen_psk", "vmm_uds"])]
     vm_mem: Option<PathBuf>,
+    /// Take a running VM's RAM from its VMM instead (a Unix socket this pagesrv listens on;
+    /// the VMM hands over its RAM fd, answers dirty-page requests and pauses on request: see
+    /// `common/src/source_link.rs`). Needed for --strategy precopy and hybrid.
+    #[arg(long, value_name = "PATH", conflicts_with = "vm_mem")]
+    vmm_uds: Option<PathBuf>,
+    /// What happens before the destination resumes: `postcopy` (pause the source first, move
+    /// every page afterwards), `precopy` (rounds while the source runs until they converge,
+    /// then stop-and-copy), `hybrid` (rounds, then postcopy for what changed since).
+    #[arg(long, value_enum, default_value = "postcopy")]
+    strategy: Strategy,
+    /// Downtime budget of the precopy convergence rule: switch once what is left can be sent
+    /// in this many milliseconds at the last round's bandwidth.
+    #[arg(long, value_name = "MS", default_value_t = 20)]
+    max_downtime_ms: u64,
+    /// Control socket for orchestrators: newline-delimited JSON; `{"cmd":"status"}`,
+    /// `{"cmd":"start-postcopy"}` (switch at the end of the current round), and the events
+    /// `round`, `converged`, `switched`, `completed`, `failed`.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// Write a new random pre-shared key to FILE (mode 0600; an existing file is never
     /// replaced), then exit. Give the same file to pagesrv and faultd with --psk-file.
     #[arg(long, value_name = "FILE", conflicts_with = "vm_mem")]
@@ -102,9 +134,12 @@ fn run(cli: Cli) -> Result<()> {
         );
         return Ok(());
     }
-    let vm_mem = cli.vm_mem.as_deref().context("--vm-mem is required")?;
-    let source =
-        MemorySource::open(vm_mem).with_context(|| format!("cannot serve {}", vm_mem.display()))?;
+    let (source, precopy) = open_source(&cli)?;
+    let vm_mem = cli
+        .vm_mem
+        .as_deref()
+        .or(cli.vmm_uds.as_deref())
+        .context("--vm-mem or --vmm-uds is required")?;
     // Every destination asks for 4 KiB or 2 MiB pages: a file that is not even a whole
     // number of 4 KiB pages (or of the --page-size pages) can serve none.
     source
@@ -129,7 +164,105 @@ fn run(cli: Cli) -> Result<()> {
             liveness: common::netopt::Liveness::new(cli.link_timeout),
         },
     };
-    serve(&source, &config)
+    let events = Events(
+        cli.control
+            .as_deref()
+            .map(|path| control_server(path, precopy.clone()))
+            .transpose()?,
+    );
+    serve(&source, &config, precopy, events)
+}
+
+/// The memory to serve: a paused VM's file, or a running VM's RAM from its VMM (paused at
+/// once for `--strategy postcopy`, or handed to the precopy engine).
+fn open_source(cli: &Cli) -> Result<(MemorySource, Option<Arc<Precopy>>)> {
+    if let Some(path) = &cli.vm_mem {
+        if cli.strategy != Strategy::Postcopy {
+            bail!(
+                "--strategy precopy and hybrid need a running VM: give --vmm-uds instead of --vm-mem"
+            );
+        }
+        let source =
+            MemorySource::open(path).with_context(|| format!("cannot serve {}", path.display()))?;
+        return Ok((source, None));
+    }
+    let path = cli
+        .vmm_uds
+        .as_deref()
+        .context("--vm-mem or --vmm-uds is required")?;
+    let listener = bind_uds(path)?;
+    // One line on stdout for scripts: the VMM may connect.
+    println!("pagesrv waiting for the source VMM on {}", path.display());
+    info!(uds = %path.display(), "waiting for the source VMM");
+    let (stream, _) = listener
+        .accept()
+        .context("failed to accept the source VMM")?;
+    let _ = std::fs::remove_file(path);
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (link, fd) = SourceVmm::accept(stream.try_clone()?).context("the source VMM's hello")?;
+    // Dirty bitmaps of a large guest take a while; the VMM answers between its own work.
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    info!(
+        pid = link.peer_pid,
+        bytes = link.hello.size_bytes,
+        page_size = link.hello.page_size,
+        strategy = ?cli.strategy,
+        "source VMM connected"
+    );
+    let source = MemorySource::running(std::fs::File::from(fd), path)
+        .context("cannot serve the source VMM's RAM")?;
+    let engine = Precopy::new(
+        link,
+        cli.strategy,
+        Duration::from_millis(cli.max_downtime_ms),
+    );
+    if cli.strategy == Strategy::Postcopy {
+        engine.pause_now().context("the source VMM did not pause")?;
+        source.paused();
+        info!("the source VM is paused");
+        return Ok((source, None));
+    }
+    Ok((source, Some(Arc::new(engine))))
+}
+
+fn bind_uds(path: &Path) -> Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)?;
+    }
+    UnixListener::bind(path).with_context(|| format!("failed to listen on {}", path.display()))
+}
+
+/// The control socket: `status` (where precopy stands) and `start-postcopy`.
+fn control_server(path: &Path, precopy: Option<Arc<Precopy>>) -> Result<Arc<ControlServer>> {
+    let handler: Arc<Handler> = Arc::new(move |name, _| match (name, &precopy) {
+        ("status", Some(engine)) => {
+            let state = engine.snapshot();
+            json!({"status": {
+                "strategy": engine.strategy,
+                "phase": if state.switched { "postcopy" } else { "precopy" },
+                "round": state.rounds.len(),
+                "last_round": state.rounds.last(),
+                "converged_by": state.converged_by,
+                "max_downtime_ms": engine.max_downtime.as_millis() as u64,
+            }})
+        }
+        ("status", None) => json!({"status": {"strategy": "postcopy", "phase": "postcopy"}}),
+        ("start-postcopy", Some(engine)) => {
+            engine.force();
+            json!({"ok": "start-postcopy"})
+        }
+        ("start-postcopy", None) => json!({"error": "no precopy runs (--strategy postcopy)"}),
+        (other, _) => json!({
+            "error": format!("unknown command {other:?} (pagesrv knows: status, start-postcopy)")
+        }),
+    });
+    Ok(ControlServer::bind(path, handler)?)
 }
 
 fn main() -> ExitCode {

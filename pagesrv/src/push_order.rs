@@ -25,6 +25,12 @@ impl PushScheduler {
         }
     }
 
+    /// Starts over from the first page (a new precopy round).
+    pub fn rewind(&mut self) {
+        self.cursor = 0;
+        self.prepage = None;
+    }
+
     /// An urgent request for pages `first..end` arrived: pre-page from `end` on.
     pub fn on_request(&mut self, end: u64, total_pages: u64) {
         if self.window_pages > 0 && end < total_pages {

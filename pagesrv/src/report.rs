@@ -11,6 +11,19 @@ use tracing::info;
 
 use crate::session::{Outcome, Session};
 
+/// Events for orchestrators on the control socket (`--control`), if there is one.
+#[derive(Debug, Clone, Default)]
+pub struct Events(pub Option<std::sync::Arc<common::control::ControlServer>>);
+
+impl Events {
+    /// Sends `event` to every control client.
+    pub fn emit(&self, event: serde_json::Value) {
+        if let Some(control) = &self.0 {
+            control.emit(&event);
+        }
+    }
+}
+
 /// Shows progress until `done` is dropped: a bar on a terminal, a line every 2 s otherwise.
 pub fn report_progress(session: &Session<'_>, done: mpsc::Receiver<()>) {
     let total = session.total_pages();

@@ -38,13 +38,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use common::auth::Psk;
 use common::framed::FrameEncoder;
-use common::wire::{ErrorCode, PROTOCOL_VERSION, Role, SessionParams};
+use common::wire::{ErrorCode, FLAG_PRECOPY, PROTOCOL_VERSION, Role, SessionParams};
+use serde_json::json;
 use socket2::SockRef;
 use tracing::{error, info, info_span, warn};
 
 use crate::handshake::{Admitted, HANDSHAKE_DEADLINE, admit};
+use crate::precopy::Precopy;
+use crate::report::Events;
 use crate::report::{print_summary, report_progress};
-use crate::session::{Outcome, Session, SessionConfig, error_chain};
+use crate::session::{Outcome, Session, SessionConfig, Switch, error_chain};
 use crate::source::MemorySource;
 
 /// Send buffer of the bulk connection: small enough that pre-paging takes effect quickly.
@@ -80,7 +83,12 @@ enum Event {
 /// # Errors
 /// Refusing an unsafe address, failing to bind it, or a failed session (the destination
 /// reported a failure or a digest mismatch: the source must keep the VM).
-pub fn serve(source: &MemorySource, config: &ServerConfig) -> Result<()> {
+pub fn serve(
+    source: &MemorySource,
+    config: &ServerConfig,
+    precopy: Option<Arc<Precopy>>,
+    events: Events,
+) -> Result<()> {
     if !config.listen.ip().is_loopback() && config.psk.is_none() && !config.insecure_listen {
         bail!(
             "refusing to serve VM memory on {} without authentication: give --psk-file (or --insecure-listen)",
@@ -105,10 +113,12 @@ pub fn serve(source: &MemorySource, config: &ServerConfig) -> Result<()> {
             scope,
             source,
             config,
-            events: tx,
+            notify: tx,
             running: None,
             pending: None,
             serials: 0,
+            precopy,
+            events,
         };
         let result = manager.run(&rx);
         if let Some(running) = manager.running.take() {
@@ -188,7 +198,11 @@ struct Manager<'scope, 'env> {
     scope: &'scope Scope<'scope, 'env>,
     source: &'env MemorySource,
     config: &'env ServerConfig,
-    events: Sender<Event>,
+    notify: Sender<Event>,
+    /// The precopy engine (`--vmm-uds` with `--strategy precopy|hybrid`).
+    precopy: Option<Arc<Precopy>>,
+    /// Control-socket events.
+    events: Events,
     running: Option<Running<'scope, 'env>>,
     pending: Option<Pending>,
     serials: u64,
@@ -260,13 +274,28 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 .unwrap_or_else(|_| Outcome::Aborted("session thread panicked".into()));
             print_summary(&running.session, &outcome);
         }
+        let resumed = admitted.hello.resumed();
+        let flags = match &self.precopy {
+            None => 0,
+            Some(engine) if !engine.switched() && resumed => {
+                let text = "the source still runs (precopy): a destination whose guest runs already cannot be served";
+                return self.refuse(admitted, ErrorCode::Protocol, text);
+            }
+            // Precopy rounds, or the discards and the switch this destination missed.
+            Some(_) if !resumed => FLAG_PRECOPY,
+            Some(_) => 0,
+        };
         let session_id = if wanted != 0 {
             wanted
         } else {
             rand::random::<u64>() | 1
         };
         let mut admitted = admitted;
-        let welcome = SessionParams { session_id, ..ours };
+        let welcome = SessionParams {
+            session_id,
+            flags,
+            ..ours
+        };
         if let Err(e) = prepare_socket(&admitted.conn, Role::Urgent, self.config)
             .and_then(|()| Ok(admitted.welcome(self.config.psk.as_ref(), welcome)?))
         {
@@ -313,12 +342,18 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             .source
             .paged(u64::from(pending.welcome.page_size))
             .expect("the page size was checked when the destination was welcomed");
+        let switch = Switch {
+            engine: self.precopy.clone(),
+            first: pending.welcome.precopy(),
+        };
         let session = Arc::new(Session::new(
             paged,
             pending.welcome.session_id,
             self.config.session,
+            switch,
+            self.events.clone(),
         ));
-        let (tx, session_for_thread) = (self.events.clone(), session.clone());
+        let (tx, session_for_thread) = (self.notify.clone(), session.clone());
         let Admitted {
             conn,
             reader,
@@ -357,6 +392,16 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             .join()
             .unwrap_or_else(|_| Outcome::Aborted("session thread panicked".into()));
         print_summary(&running.session, &outcome);
+        match &outcome {
+            Outcome::Completed => self.events.emit(json!({
+                "event": "completed",
+                "verified": running.session.verified(),
+            })),
+            Outcome::Failed(why) => self.events.emit(json!({"event": "failed", "error": why})),
+            Outcome::Aborted(why) => self
+                .events
+                .emit(json!({"event": "session-broke-off", "why": why})),
+        }
         match (outcome, self.config.serve_forever) {
             (Outcome::Completed, false) => Some(Ok(())),
             (Outcome::Completed, true) => None,
@@ -442,6 +487,7 @@ fn check_params(
         total_pages: paged.total_pages(),
         session_id: 0,
         image_id: source.image_id(),
+        flags: 0,
     })
 }
 

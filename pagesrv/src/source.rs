@@ -11,6 +11,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::digest::is_zero;
 use common::mmap::{MapError, Mapping};
@@ -113,6 +114,8 @@ pub struct MemorySource {
     data_ranges: RwLock<Vec<(u64, u64)>>,
     /// Identity of the image served (see [`MemorySource::image_id`]).
     image_id: u64,
+    /// Whether the guest is paused (its holes can be trusted).
+    paused: AtomicBool,
 }
 
 impl MemorySource {
@@ -121,11 +124,27 @@ impl MemorySource {
     /// # Errors
     /// Open, size or map failures.
     pub fn open(path: &Path) -> Result<Self, SourceError> {
+        let file = File::open(path).map_err(|source| SourceError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_file(file, path, true)
+    }
+
+    /// Maps the RAM of a running guest that its VMM handed over (`--vmm-uds`). Its identity
+    /// leaves out the modification time: the guest writes it while it is served.
+    ///
+    /// # Errors
+    /// Size or map failures.
+    pub fn running(file: File, name: &Path) -> Result<Self, SourceError> {
+        Self::from_file(file, name, false)
+    }
+
+    fn from_file(file: File, path: &Path, paused: bool) -> Result<Self, SourceError> {
         let open_err = |source| SourceError::Open {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         let size_bytes = meta.len();
         if size_bytes == 0 {
@@ -140,7 +159,13 @@ impl MemorySource {
         } else {
             4096
         };
-        let data_ranges = RwLock::new(data_ranges(&file, size_bytes));
+        // A running guest fills holes while it is served: until it is paused, every page is
+        // read (a hole found at the start may hold data by the time it is sent).
+        let data_ranges = RwLock::new(if paused {
+            data_ranges(&file, size_bytes)
+        } else {
+            vec![(0, size_bytes)]
+        });
         let map = Mapping::file_readonly(file.as_fd(), size_bytes as usize).map_err(|source| {
             SourceError::Map {
                 path: path.to_owned(),
@@ -153,13 +178,17 @@ impl MemorySource {
                     path: path.to_owned(),
                     source,
                 })?;
-        let image_id = common::digest::identity(&[
-            meta.dev(),
-            meta.ino(),
-            size_bytes,
-            meta.mtime() as u64,
-            meta.mtime_nsec() as u64,
-        ]);
+        let image_id = if paused {
+            common::digest::identity(&[
+                meta.dev(),
+                meta.ino(),
+                size_bytes,
+                meta.mtime() as u64,
+                meta.mtime_nsec() as u64,
+            ])
+        } else {
+            common::digest::identity(&[meta.dev(), meta.ino(), size_bytes])
+        };
         Ok(MemorySource {
             _sigbus_guard: sigbus_guard,
             map,
@@ -168,6 +197,7 @@ impl MemorySource {
             file,
             data_ranges,
             image_id,
+            paused: AtomicBool::new(paused),
         })
     }
 
@@ -225,10 +255,20 @@ impl MemorySource {
         Ok(())
     }
 
-    /// Reads the file's holes again (call when a session starts).
+    /// Reads the file's holes again (call when a session starts). For a running guest's RAM
+    /// nothing changes until [`MemorySource::paused`].
     pub fn refresh_holes(&self) {
+        if !self.paused.load(Ordering::Acquire) {
+            return;
+        }
         let ranges = data_ranges(&self.file, self.size_bytes);
         *self.data_ranges.write().unwrap_or_else(|p| p.into_inner()) = ranges;
+    }
+
+    /// The guest was paused: its holes stay holes from now on, and are read again.
+    pub fn paused(&self) {
+        self.paused.store(true, Ordering::Release);
+        self.refresh_holes();
     }
 }
 

@@ -188,6 +188,12 @@ pub enum Kind {
     /// Client → server (urgent): a bitmap of pages the destination will never need (removed
     /// by the VMM before they arrived); they are not sent and not verified.
     SkipMap = 18,
+    /// Server → client (bulk, precopy): a bitmap of pages written since they were sent:
+    /// drop them (they are sent again, or requested).
+    Discard = 19,
+    /// Server → client (bulk): the source is paused and precopy is over; the destination may
+    /// resume the guest. Postcopy follows on the same connections.
+    Switchover = 20,
 }
 
 impl TryFrom<u16> for Kind {
@@ -213,6 +219,8 @@ impl TryFrom<u16> for Kind {
             16 => Kind::Digests,
             17 => Kind::Heartbeat,
             18 => Kind::SkipMap,
+            19 => Kind::Discard,
+            20 => Kind::Switchover,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -304,7 +312,8 @@ struct HelloBody {
     role: u8,
     reserved0: u8,
     page_size: U32,
-    reserved1: U32,
+    /// [`FLAG_PRECOPY`] in a `Welcome`; zero in a `Hello`.
+    flags: U32,
     total_pages: U64,
     session_id: U64,
     image_id: U64,
@@ -353,7 +362,28 @@ pub struct SessionParams {
     /// The memory image: in `Welcome`, the one served; in `Hello`, the one the destination
     /// pinned (0 before its first `Welcome`).
     pub image_id: u64,
+    /// In `Welcome`: [`FLAG_PRECOPY`]; in `Hello`: [`FLAG_RESUMED`].
+    pub flags: u32,
 }
+
+impl SessionParams {
+    /// Whether the destination must wait for `Switchover` (a `Welcome` flag).
+    pub fn precopy(&self) -> bool {
+        self.flags & FLAG_PRECOPY != 0
+    }
+
+    /// Whether the destination's guest runs already (a `Hello` flag).
+    pub fn resumed(&self) -> bool {
+        self.flags & FLAG_RESUMED != 0
+    }
+}
+
+/// `Welcome` flag: the destination must wait for `Switchover` on the bulk connection before
+/// its guest resumes: precopy rounds (with `Discard` of pages written since they were sent)
+/// come first, or, if the source switched already, the discards this destination missed.
+pub const FLAG_PRECOPY: u32 = 1;
+/// `Hello` flag: the destination's guest runs already; nothing it holds may be dropped.
+pub const FLAG_RESUMED: u32 = 2;
 
 /// A contiguous range of page indices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -433,6 +463,10 @@ pub enum Message {
     Heartbeat,
     /// A bitmap (payload as for `DoneMap`) of pages the destination will never need.
     SkipMap(PageRange),
+    /// A bitmap (payload as for `DoneMap`) of pages to drop: written since they were sent.
+    Discard(PageRange),
+    /// Precopy is over: the source is paused.
+    Switchover,
 }
 
 impl Message {
@@ -457,6 +491,8 @@ impl Message {
             Message::Digests { .. } => Kind::Digests,
             Message::Heartbeat => Kind::Heartbeat,
             Message::SkipMap(_) => Kind::SkipMap,
+            Message::Discard(_) => Kind::Discard,
+            Message::Switchover => Kind::Switchover,
         }
     }
 }
@@ -550,10 +586,14 @@ impl Decoder {
             Kind::Request | Kind::ZeroRun | Kind::Skip if len != RANGE_BODY_LEN => {
                 return Err(bad(RANGE_BODY_LEN.to_string()));
             }
-            Kind::PageRun | Kind::DoneMap | Kind::SkipMap if len <= RANGE_BODY_LEN => {
+            Kind::PageRun | Kind::DoneMap | Kind::SkipMap | Kind::Discard
+                if len <= RANGE_BODY_LEN =>
+            {
                 return Err(bad(format!("more than {RANGE_BODY_LEN}")));
             }
-            Kind::BulkDone | Kind::Goodbye | Kind::MapEnd | Kind::Heartbeat if len != 0 => {
+            Kind::BulkDone | Kind::Goodbye | Kind::MapEnd | Kind::Heartbeat | Kind::Switchover
+                if len != 0 =>
+            {
                 return Err(bad("0".into()));
             }
             Kind::Challenge | Kind::AuthOk if len != AUTH_BYTES => {
@@ -617,7 +657,12 @@ impl Decoder {
                 if raw.magic.get() != MAGIC {
                     return Err(WireError::BadMagic(raw.magic.get()));
                 }
-                if raw.reserved0 != 0 || raw.reserved1.get() != 0 {
+                let known_flags = if kind == Kind::Welcome {
+                    FLAG_PRECOPY
+                } else {
+                    FLAG_RESUMED
+                };
+                if raw.reserved0 != 0 || raw.flags.get() & !known_flags != 0 {
                     return Err(WireError::ReservedNotZero { kind });
                 }
                 let params = SessionParams {
@@ -626,6 +671,7 @@ impl Decoder {
                     total_pages: raw.total_pages.get(),
                     session_id: raw.session_id.get(),
                     image_id: raw.image_id.get(),
+                    flags: raw.flags.get(),
                 };
                 if kind == Kind::Hello {
                     Message::Hello {
@@ -662,7 +708,7 @@ impl Decoder {
                     }
                 }
             }
-            Kind::DoneMap | Kind::SkipMap => {
+            Kind::DoneMap | Kind::SkipMap | Kind::Discard => {
                 let (raw, payload) =
                     RangeBody::read_from_prefix(body).map_err(|_| self.short(header))?;
                 let range = self.check_range(raw.first_page.get(), raw.count.get())?;
@@ -676,10 +722,10 @@ impl Decoder {
                         ),
                     });
                 }
-                let message = if kind == Kind::DoneMap {
-                    Message::DoneMap(range)
-                } else {
-                    Message::SkipMap(range)
+                let message = match kind {
+                    Kind::DoneMap => Message::DoneMap(range),
+                    Kind::SkipMap => Message::SkipMap(range),
+                    _ => Message::Discard(range),
                 };
                 return Ok((message, payload));
             }
@@ -721,6 +767,7 @@ impl Decoder {
             Kind::BulkDone => Message::BulkDone,
             Kind::Goodbye => Message::Goodbye,
             Kind::Heartbeat => Message::Heartbeat,
+            Kind::Switchover => Message::Switchover,
             Kind::Error => {
                 let (raw, text) =
                     ErrorBody::read_from_prefix(body).map_err(|_| self.short(header))?;
@@ -809,8 +856,12 @@ pub fn encode(message: &Message, payload_len: usize, out: &mut Vec<u8>) {
                 trailing = payload_len;
             }
         }
-        Message::BulkDone | Message::Goodbye | Message::MapEnd | Message::Heartbeat => {}
-        Message::DoneMap(r) | Message::SkipMap(r) => {
+        Message::BulkDone
+        | Message::Goodbye
+        | Message::MapEnd
+        | Message::Heartbeat
+        | Message::Switchover => {}
+        Message::DoneMap(r) | Message::SkipMap(r) | Message::Discard(r) => {
             let body = RangeBody {
                 first_page: r.first.into(),
                 count: r.count.into(),
@@ -853,7 +904,7 @@ fn encode_params(role: u8, params: &SessionParams, out: &mut Vec<u8>) {
         role,
         reserved0: 0,
         page_size: params.page_size.into(),
-        reserved1: 0.into(),
+        flags: params.flags.into(),
         total_pages: params.total_pages.into(),
         session_id: params.session_id.into(),
         image_id: params.image_id.into(),
@@ -908,6 +959,7 @@ mod tests {
             total_pages: 1000,
             session_id: 7,
             image_id: 0x1234_5678_9abc_def0,
+            flags: 0,
         }
     }
 
@@ -942,6 +994,7 @@ mod tests {
             Message::BulkDone,
             Message::Goodbye,
             Message::Heartbeat,
+            Message::Switchover,
         ] {
             assert_eq!(decode_all(&session(), &frame(&m, &[])).unwrap().0, m);
         }
@@ -961,6 +1014,8 @@ mod tests {
         assert_eq!((m, p.len()), (Message::DoneMap(r), 3));
         let (m, p) = decode_all(&session(), &frame(&Message::SkipMap(r), &[0x0F; 3])).unwrap();
         assert_eq!((m, p), (Message::SkipMap(r), vec![0x0F; 3]));
+        let (m, p) = decode_all(&session(), &frame(&Message::Discard(r), &[0x11; 3])).unwrap();
+        assert_eq!((m, p), (Message::Discard(r), vec![0x11; 3]));
         assert!(matches!(
             session().decode(&frame(&Message::SkipMap(r), &[0xFF; 4])),
             Err(WireError::BadLength { .. })
@@ -1015,8 +1070,8 @@ mod tests {
         let mut f = frame(&Message::Goodbye, &[]);
         f[0] = 99;
         assert_eq!(session().decode(&f), Err(WireError::UnknownKind(99)));
-        f[0] = 19;
-        assert_eq!(session().decode(&f), Err(WireError::UnknownKind(19)));
+        f[0] = 21;
+        assert_eq!(session().decode(&f), Err(WireError::UnknownKind(21)));
         let mut f = frame(&Message::Goodbye, &[]);
         f[2] = 1;
         assert!(matches!(

@@ -13,8 +13,8 @@
 //!                                           final maps)
 //!  urgent, destination: Serving ─(sends DigestQuery)─► AwaitDigests ─Digests─► Verified
 //!                      (PageRun, ZeroRun)            (late PageRun, ZeroRun)
-//!  bulk, destination:  Pushing ─BulkDone─► Pushed          bulk, source: Open
-//!                      (PageRun, ZeroRun)
+//!  bulk, destination:  [Precopy ─Switchover─►] Pushing ─BulkDone─► Pushed    bulk, source: Open
+//!                      (PageRun, ZeroRun, Discard)  (PageRun, ZeroRun)
 //!  every session phase takes Heartbeat and stays; Error ends every phase (Closed/Refused).
 //! ```
 
@@ -248,6 +248,9 @@ impl Phase for DestUrgent {
 /// faultd's side of a session's bulk connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DestBulk {
+    /// Precopy rounds arrive while the source runs (pages, and discards of pages written
+    /// since they were sent), until `Switchover`.
+    Precopy,
     /// Pushed pages arrive.
     Pushing,
     /// `BulkDone` received.
@@ -263,6 +266,8 @@ impl Phase for DestBulk {
             (Closed, _) => return None,
             (phase, Kind::Heartbeat) => phase,
             (_, Kind::Error) => Closed,
+            (Precopy, Kind::PageRun | Kind::ZeroRun | Kind::Discard) => Precopy,
+            (Precopy, Kind::Switchover) => Pushing,
             (Pushing, Kind::PageRun | Kind::ZeroRun) => Pushing,
             (Pushing, Kind::BulkDone) => Pushed,
             _ => return None,
@@ -271,6 +276,7 @@ impl Phase for DestBulk {
 
     fn name(self) -> &'static str {
         match self {
+            DestBulk::Precopy => "receiving precopy rounds",
             DestBulk::Pushing => "receiving pushed pages",
             DestBulk::Pushed => "push complete",
             DestBulk::Closed => "closed",
@@ -362,6 +368,22 @@ mod tests {
         assert!(run(DestBulk::Pushing, &[Request]).is_err());
         assert_eq!(run(DestBulk::Pushing, &[Error]), Ok(DestBulk::Closed));
         assert!(run(SourceBulk::Open, &[PageRun]).is_err());
+        assert_eq!(
+            run(
+                DestBulk::Precopy,
+                &[PageRun, Discard, ZeroRun, Switchover, PageRun, BulkDone]
+            ),
+            Ok(DestBulk::Pushed)
+        );
+        assert!(
+            run(DestBulk::Precopy, &[BulkDone]).is_err(),
+            "no end before the switch"
+        );
+        assert!(
+            run(DestBulk::Pushing, &[Discard]).is_err(),
+            "no discard after it"
+        );
+        assert!(run(DestBulk::Pushing, &[Switchover]).is_err());
     }
 
     #[test]

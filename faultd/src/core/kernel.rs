@@ -107,6 +107,16 @@ pub trait Kernel: Sync {
     /// Whether placement writes a shared page cache before mapping (memfd placement): then
     /// every placement must hold the placement gate, the fault thread's too.
     fn writes_page_cache(&self) -> bool;
+    /// Reads the current contents of a placed page into `buf` (one page).
+    ///
+    /// # Errors
+    /// Pages cannot be read back (no memfd) or the read failed.
+    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), UffdError>;
+    /// Drops pages `first..first+count` so the next touch faults (MISSING) again.
+    ///
+    /// # Errors
+    /// Pages cannot be dropped (no memfd) or the kernel refused.
+    fn drop_pages(&self, first: u64, count: u64) -> Result<(), UffdError>;
 }
 
 /// The real kernel: the VMM's userfaultfd and regions.
@@ -332,6 +342,59 @@ impl Kernel for UffdKernel {
     }
 
     fn writes_page_cache(&self) -> bool {
+        self.memfd.is_some()
+    }
+
+    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), UffdError> {
+        let page_size = self.page_size();
+        let file = self.memfd_for("read back a page", page, 1)?;
+        file.read_exact_at(buf, page * page_size)
+            .map_err(|source| UffdError::Place {
+                op: "read back a page of the guest memfd",
+                addr: page * page_size,
+                len: page_size,
+                source,
+            })
+    }
+
+    fn drop_pages(&self, first: u64, count: u64) -> Result<(), UffdError> {
+        use std::os::fd::AsRawFd;
+        let page_size = self.page_size();
+        let file = self.memfd_for("drop pages", first, count)?;
+        // Punching the hole unmaps the pages from the VMM too: its next touch is a MISSING
+        // fault (memory registered with the uffd), never stale bytes.
+        nix::fcntl::fallocate(
+            file.as_raw_fd(),
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            (first * page_size) as i64,
+            (count * page_size) as i64,
+        )
+        .map_err(|e| UffdError::Place {
+            op: "punch a hole in the guest memfd",
+            addr: first * page_size,
+            len: count * page_size,
+            source: e.into(),
+        })
+    }
+}
+
+impl UffdKernel {
+    /// The memfd, or an error naming `what` needed it.
+    fn memfd_for(&self, what: &'static str, first: u64, count: u64) -> Result<&File, UffdError> {
+        self.memfd.as_ref().ok_or_else(|| UffdError::Place {
+            op: what,
+            addr: first * self.page_size(),
+            len: count * self.page_size(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "precopy needs the VMM's memfd and --placement memfd",
+            ),
+        })
+    }
+
+    /// Whether pages can be read back and dropped (memfd placement): what precopy needs.
+    pub fn can_drop_pages(&self) -> bool {
         self.memfd.is_some()
     }
 }

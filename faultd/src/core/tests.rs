@@ -145,6 +145,23 @@ impl Kernel for FakeKernel {
     fn writes_page_cache(&self) -> bool {
         false
     }
+
+    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), UffdError> {
+        let st = self.st();
+        let bytes = st.memory[page as usize]
+            .clone()
+            .unwrap_or(vec![0; PAGE as usize]);
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    fn drop_pages(&self, first: u64, count: u64) -> Result<(), UffdError> {
+        let mut st = self.st();
+        for p in first..first + count {
+            st.memory[p as usize] = None;
+        }
+        Ok(())
+    }
 }
 
 fn vm() -> Vm<FakeKernel> {
@@ -394,4 +411,44 @@ fn test_requests_and_skips_go_out_again_on_a_new_link() {
         sent,
         vec![request(1), request(2), Message::Skip(range(25, 2))]
     );
+}
+
+#[test]
+fn test_a_discard_drops_pages_takes_back_their_digests_and_they_arrive_again() {
+    let vm = vm();
+    let mut core = FaultCore::new(&vm);
+    core.link_up();
+    // Precopy round 1: pages 0..4 with data, 4..6 zero.
+    let old: Vec<u8> = (0..4).flat_map(bytes_of).collect();
+    vm.place(0, 4, Some(&old), Origin::Pushed, ZeroPages::Skip)
+        .unwrap();
+    vm.place(4, 2, None, Origin::Pushed, ZeroPages::Skip)
+        .unwrap();
+    // The source wrote pages 1 and 4 after sending them, and page 9 it never sent.
+    let dropped = vm.discard(0, 16, &[0b0001_0010, 0b10]).unwrap();
+    assert_eq!(dropped, 2);
+    assert_eq!(vm.kernel.page(1), None, "dropped: the next touch faults");
+    assert!(!vm.done.is_set(1) && !vm.done.is_set(4) && !vm.zero.is_set(4));
+    assert_eq!(vm.kernel.page(0), Some(bytes_of(0)), "the others stay");
+    // Round 2 sends their new contents; the digest is of what is there now.
+    let new = vec![0xEE; PAGE as usize];
+    vm.place(1, 1, Some(&new), Origin::Pushed, ZeroPages::Skip)
+        .unwrap();
+    vm.place(4, 1, Some(&new), Origin::Pushed, ZeroPages::Skip)
+        .unwrap();
+    let expected = [
+        page_digest(0, &bytes_of(0)),
+        page_digest(1, &new),
+        page_digest(2, &bytes_of(2)),
+        page_digest(3, &bytes_of(3)),
+        page_digest(4, &new),
+    ]
+    .iter()
+    .fold(0u64, |a, d| a.wrapping_add(*d));
+    assert_eq!(vm.chunk_digests(), vec![expected]);
+    // A fault on a dropped page that was not sent again is requested.
+    vm.discard(0, 8, &[0b1]).unwrap();
+    vm.kernel.fault(0);
+    core.drain_events().unwrap();
+    assert_eq!(core.pending, vec![request(0)]);
 }

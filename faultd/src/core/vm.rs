@@ -65,6 +65,10 @@ pub struct Counters {
     pub placement_retries: AtomicU64,
     /// Pages the VMM removed while there was no link to pagesrv.
     pub removed_while_link_down: AtomicU64,
+    /// Pages dropped because the source wrote them after they were sent (precopy).
+    pub pages_discarded: AtomicU64,
+    /// Page bytes received in precopy rounds (before the switch).
+    pub bytes_precopy: AtomicU64,
 }
 
 impl Counters {
@@ -389,6 +393,44 @@ impl<K: Kernel> Vm<K> {
             }
         }
         placed
+    }
+
+    /// Drops the pages a bitmap names (for pages `first..first+count`) that are here: the source wrote
+    /// them after it sent them (precopy). Their digests are taken back (read back before the
+    /// drop), and they are missing again: sent again, or requested on the next touch.
+    /// Returns how many were dropped.
+    ///
+    /// # Errors
+    /// Pages cannot be read back or dropped (no memfd), or the kernel refused.
+    pub fn discard(&self, first: u64, count: u64, bitmap: &[u8]) -> Result<u64, UffdError> {
+        let _gate = self.gate();
+        let mut page_buf = vec![0u8; self.page_size() as usize];
+        let mut runs = Vec::new();
+        PageMap::bitmap_runs(first, bitmap, |page, n| runs.push((page, n)));
+        let limit = first.saturating_add(count).min(self.total_pages());
+        let mut dropped = 0;
+        for (page, n) in runs {
+            let end = (page + n).min(limit);
+            for p in page..end {
+                if !self.done.is_set(p) {
+                    continue;
+                }
+                if !self.zero.is_set(p) {
+                    self.kernel.read_page(p, &mut page_buf)?;
+                    let digest = common::digest::page_digest(p, &page_buf);
+                    self.chunk_digests[(p / self.chunk_pages) as usize]
+                        .fetch_sub(digest, Ordering::Relaxed);
+                }
+                dropped += 1;
+            }
+            if page < end {
+                self.kernel.drop_pages(page, end - page)?;
+                self.zero.clear_range(page, end - page);
+                self.done.clear_range(page, end - page);
+            }
+        }
+        Counters::add(&self.counters.pages_discarded, dropped);
+        Ok(dropped)
     }
 
     /// A MINOR fault: the page is in the page cache but not mapped in the VMM (written by us

@@ -68,12 +68,18 @@ pub fn receive_pushed_pages<K: Kernel>(
     mut reader: FrameReader,
     stop: &AtomicBool,
     silence: Duration,
+    precopy: bool,
+    on_switchover: &dyn Fn(),
 ) -> Result<BulkEnd, BulkError> {
     conn.set_read_timeout(Some(silence))
         .map_err(ReadError::Io)?;
     // Room for several maximal frames, so each read takes whatever the socket holds.
     reader.reserve(4 * (common::wire::HEADER_LEN + common::wire::MAX_BODY_BYTES));
-    let mut phase = DestBulk::Pushing;
+    let mut phase = if precopy {
+        DestBulk::Precopy
+    } else {
+        DestBulk::Pushing
+    };
     loop {
         let (message, payload) = match reader.read_frame(&mut conn) {
             Ok(frame) => frame,
@@ -94,6 +100,22 @@ pub fn receive_pushed_pages<K: Kernel>(
             Message::PageRun(range) => (range, Some(reader.payload(payload))),
             Message::ZeroRun(range) => (range, None),
             Message::Heartbeat => continue,
+            Message::Discard(range) => {
+                let bitmap = reader.payload(payload);
+                let dropped = vm.discard(range.first, range.count, bitmap)?;
+                trace!(
+                    first = range.first,
+                    count = range.count,
+                    dropped,
+                    "discarded"
+                );
+                continue;
+            }
+            Message::Switchover => {
+                debug!("the source switched to postcopy");
+                on_switchover();
+                continue;
+            }
             Message::BulkDone => {
                 debug!("pagesrv pushed every page");
                 return Ok(BulkEnd::Complete);
@@ -106,6 +128,9 @@ pub fn receive_pushed_pages<K: Kernel>(
         };
         let frame_bytes = RANGE_FRAME_BYTES + data.map_or(0, <[u8]>::len);
         Counters::add(&vm.counters.bytes_received, frame_bytes as u64);
+        if phase == DestBulk::Precopy {
+            Counters::add(&vm.counters.bytes_precopy, frame_bytes as u64);
+        }
         trace!(
             first = range.first,
             count = range.count,

@@ -136,6 +136,8 @@ pub struct Pins {
     pub session_id: u64,
     /// The memory image every later connection must serve.
     pub image_id: u64,
+    /// The guest here runs already: pagesrv must not ask to drop pages.
+    pub resumed: bool,
 }
 
 /// An open session with pagesrv.
@@ -152,6 +154,8 @@ pub struct Upstream {
     pub bulk_reader: FrameReader,
     /// The session and image pagesrv welcomed us to.
     pub pins: Pins,
+    /// Precopy rounds come first (the source still runs).
+    pub precopy: bool,
 }
 
 /// Connects both connections and checks the source against the target and the pins.
@@ -181,6 +185,11 @@ pub fn connect(
         total_pages: target.total_pages,
         session_id: pins.session_id,
         image_id: pins.image_id,
+        flags: if pins.resumed {
+            common::wire::FLAG_RESUMED
+        } else {
+            0
+        },
     };
     let psk = target.psk.as_ref();
     let (urgent, urgent_reader, welcome, urgent_tx) =
@@ -188,10 +197,12 @@ pub fn connect(
     let pins = Pins {
         session_id: welcome.session_id,
         image_id: welcome.image_id,
+        resumed: pins.resumed,
     };
     let bulk_hello = SessionParams {
         session_id: pins.session_id,
         image_id: pins.image_id,
+        flags: 0,
         ..ours
     };
     // faultd sends nothing on the bulk connection: its encoder is not needed.
@@ -218,6 +229,7 @@ pub fn connect(
         bulk,
         bulk_reader,
         pins,
+        precopy: welcome.precopy(),
     })
 }
 

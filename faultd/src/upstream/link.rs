@@ -62,6 +62,11 @@ pub enum LinkEvent {
     },
     /// The connector got a link (maps sent), or gave up for good.
     Connected(Result<Box<Upstream>>),
+    /// The source switched from precopy to postcopy (its guest is paused).
+    Switched {
+        /// Which link said so.
+        generation: u64,
+    },
 }
 
 /// An open link.
@@ -84,6 +89,8 @@ pub struct Link {
     pub last_tx: Instant,
     /// Whether the poll also waits for `urgent` to become writable.
     pub writable_armed: bool,
+    /// Precopy rounds come first on this link.
+    pub precopy: bool,
     bulk: TcpStream,
     bulk_stop: Arc<AtomicBool>,
 }
@@ -141,6 +148,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             bulk,
             bulk_reader,
             pins,
+            precopy,
         } = *up;
         self.pins = pins;
         urgent.set_nonblocking(true)?;
@@ -161,7 +169,19 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
         let silence = self.config.liveness.timeout;
         self.scope.spawn(move || {
             let _ = common::sched::normal_priority();
-            let result = receive_pushed_pages(vm, bulk, bulk_reader, &stop, silence);
+            let on_switchover = || {
+                let _ = tx.send(LinkEvent::Switched { generation });
+                let _ = waker.wake();
+            };
+            let result = receive_pushed_pages(
+                vm,
+                bulk,
+                bulk_reader,
+                &stop,
+                silence,
+                precopy,
+                &on_switchover,
+            );
             let _ = tx.send(LinkEvent::BulkEnded { generation, result });
             let _ = waker.wake();
         });
@@ -182,6 +202,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             last_rx: now,
             last_tx: now,
             writable_armed: false,
+            precopy,
             bulk: bulk_handle,
             bulk_stop,
         })

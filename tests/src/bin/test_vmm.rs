@@ -1,6 +1,10 @@
 //! A stand-in VMM that speaks only Firecracker's UFFD handshake, written against the kernel
 //! and the public contract (it shares no code with faultd or pagesrv).
 //!
+//! With `--wait-switch`, it waits after the handshake until faultd's control socket says
+//! `switched` (precopy: the source paused) before it touches anything, as a VMM resuming a
+//! guest after a hybrid migration does.
+//!
 //! It maps guest RAM (anonymous private memory, or a memfd shared mapping; with `--hugepages`
 //! 2 MiB hugetlb pages, as Firecracker does for huge-page guests, and `page_size: 2097152` in
 //! the handshake; ranges given in 4 KiB pages must then be 2 MiB aligned), registers it with
@@ -18,7 +22,7 @@
 //! ```text
 //! test-vmm --uds PATH --source FILE [--regions N] [--memfd] [--threads N] [--seed N]
 //!          [--remove START:COUNT] [--balloon START:COUNT:CHUNK] [--balloon-interval-ms N]
-//!          [--ram-bytes N] [--no-touch] [--hugepages]
+//!          [--ram-bytes N] [--no-touch] [--hugepages] [--wait-switch CONTROL]
 //!          [--order random|seq|hot] [--touches N] [--latency-out FILE] [--no-wait]
 //! ```
 
@@ -77,6 +81,7 @@ struct Args {
     latency_out: Option<String>,
     wait: bool,
     hugepages: bool,
+    wait_switch: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -97,6 +102,7 @@ fn parse_args() -> Result<Args, String> {
         latency_out: None,
         wait: true,
         hugepages: false,
+        wait_switch: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -123,6 +129,7 @@ fn parse_args() -> Result<Args, String> {
             "--latency-out" => args.latency_out = Some(value()?),
             "--no-wait" => args.wait = false,
             "--hugepages" => args.hugepages = true,
+            "--wait-switch" => args.wait_switch = Some(value()?),
             "--remove" => {
                 let v = value()?;
                 let (a, b) = v.split_once(':').ok_or("--remove START:COUNT")?;
@@ -558,6 +565,26 @@ fn inflate_balloon(
     Ok(())
 }
 
+/// Waits until faultd's control socket says `switched` (a line holding `"event":"switched"`).
+fn wait_for_switch(path: &str) -> Result<(), String> {
+    let conn = UnixStream::connect(path).map_err(|e| format!("connect {path}: {e}"))?;
+    let mut lines = std::io::BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut lines, &mut line)
+            .map_err(|e| format!("read {path}: {e}"))?;
+        if n == 0 {
+            return Err("faultd closed its control socket before the switch".into());
+        }
+        if line.contains(r#""event":"switched""#) {
+            return Ok(());
+        }
+        if line.contains(r#""event":"failed""#) {
+            return Err(format!("faultd failed: {}", line.trim()));
+        }
+    }
+}
+
 fn run() -> Result<bool, String> {
     let args = parse_args()?;
     let source =
@@ -578,6 +605,9 @@ fn run() -> Result<bool, String> {
     }
     let started = Instant::now();
     send_handshake(&sock, &ram.layout_json(), &fds)?;
+    if let Some(control) = &args.wait_switch {
+        wait_for_switch(control)?;
+    }
 
     if let Some((start, count)) = args.remove {
         // Touch the first page of the range (it arrives with data), then give the range back.

@@ -13,7 +13,7 @@
 use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::framed::{FrameEncoder, FrameReader, ReadError};
@@ -23,8 +23,12 @@ use common::wire::phase::{Phase, SourceUrgent};
 use common::wire::{Decoder, ErrorCode, MAX_PAYLOAD_BYTES, Message, PageRange, RANGE_FRAME_BYTES};
 use tracing::{debug, info, warn};
 
+use crate::precopy::Precopy;
 use crate::push_order::PushScheduler;
+use crate::report::Events;
 use crate::source::{Paged, Piece};
+
+mod rounds;
 
 /// Pages hashed between two looks at the link while computing digests (32 MiB of 4 KiB
 /// pages: a few milliseconds).
@@ -56,6 +60,10 @@ pub struct SessionStats {
     pub held_pages: AtomicU64,
     /// Bytes written to both connections.
     pub bytes_sent: AtomicU64,
+    /// Pages sent in precopy rounds (before the switch).
+    pub precopy_pages: AtomicU64,
+    /// Pages the destination was told to drop (written after they were sent).
+    pub discarded_pages: AtomicU64,
 }
 
 /// How a session ended.
@@ -84,6 +92,16 @@ pub struct SessionConfig {
     pub liveness: Liveness,
 }
 
+/// What a session does before postcopy.
+#[derive(Debug, Clone, Default)]
+pub struct Switch {
+    /// The precopy engine, when the source VM was handed over running (`--vmm-uds`).
+    pub engine: Option<Arc<Precopy>>,
+    /// The destination was welcomed with `FLAG_PRECOPY`: precopy rounds (or the discards it
+    /// missed) and `Switchover` come first on the bulk connection.
+    pub first: bool,
+}
+
 /// State shared by the session's threads.
 pub struct Session<'a> {
     source: Paged<'a>,
@@ -98,6 +116,10 @@ pub struct Session<'a> {
     sockets: Mutex<Vec<TcpStream>>,
     /// Set once the destination was sent the digests (it verifies every page).
     digests_sent: AtomicBool,
+    /// Precopy, if any.
+    switch: Switch,
+    /// Control-socket events.
+    events: Events,
     push_order: Mutex<PushScheduler>,
     stop: AtomicBool,
     /// Held while writing a batch of frames (the naive baseline shares one socket).
@@ -112,7 +134,13 @@ pub struct Session<'a> {
 
 impl<'a> Session<'a> {
     /// A new session over `source`.
-    pub fn new(source: Paged<'a>, id: u64, config: SessionConfig) -> Self {
+    pub fn new(
+        source: Paged<'a>,
+        id: u64,
+        config: SessionConfig,
+        switch: Switch,
+        events: Events,
+    ) -> Self {
         Session {
             source,
             id,
@@ -120,6 +148,8 @@ impl<'a> Session<'a> {
             skipped: PageMap::new(source.total_pages()),
             sockets: Mutex::new(Vec::new()),
             digests_sent: AtomicBool::new(false),
+            switch,
+            events,
             push_order: Mutex::new(PushScheduler::new(
                 config
                     .prepage_window_pages
@@ -486,6 +516,10 @@ impl<'a> Session<'a> {
         pieces: &mut Vec<Piece>,
     ) -> std::io::Result<()> {
         debug!(first = range.first, count = range.count, "urgent request");
+        if let Some(engine) = &self.switch.engine {
+            // Read now: whatever the guest wrote before is in this answer.
+            engine.pending.clear_range(range.first, range.count);
+        }
         self.sent.set_range(range.first, range.count);
         self.push_order
             .lock()
@@ -605,6 +639,17 @@ impl<'a> Session<'a> {
         // The destination first says what it already holds (after a reconnect).
         if !self.wait_for_push(&mut conn, &mut tx) {
             return Ok(());
+        }
+        if self.switch.first {
+            let engine = self
+                .switch
+                .engine
+                .clone()
+                .ok_or("a precopy session without the precopy engine")?;
+            self.run_precopy(&engine, &mut conn, &mut tx)?;
+            if self.is_stopped() {
+                return Ok(());
+            }
         }
         if self.config.push {
             while !self.is_stopped() {

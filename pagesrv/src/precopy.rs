@@ -1,0 +1,303 @@
+//! Precopy before the switch: the source VM still runs while its pages are pushed in rounds;
+//! each round sends what the guest wrote since it was sent, until the convergence rules say
+//! switch. Then the source VMM pauses, the destination drops what went stale (hybrid) or gets
+//! it again (precopy), and the guest resumes on the destination.
+//!
+//! ```text
+//!  round 1: every page ─► ask the VMM what it wrote (dirty bitmap) ─► converged? ─no─► round 2:
+//!  Discard(written ∧ sent) + those pages again ─► ... ─yes─► pause ─► last bitmap ─►
+//!    hybrid:  Discard(written ∧ sent), Switchover, postcopy sends them (or they are requested)
+//!    precopy: Discard(written ∧ sent), those pages again, Switchover: nothing is missing
+//! ```
+//!
+//! Rules (KVM's classic migration): switch when what is left fits the downtime budget at the
+//! last round's bandwidth, after 2 rounds without progress, after 30 rounds, or when an
+//! orchestrator forces it (`start-postcopy`). A page's dirty state is taken *before* it is
+//! read for sending (the bitmap is read, then the pages), so a write racing with the read is
+//! in the next bitmap. `pending` (written since sent) outlives sessions: after a cut, pages the
+//! destination holds but the source wrote since are dropped first.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::pagemap::PageMap;
+use common::source_link::{SourceLinkError, SourceVmm};
+use serde::Serialize;
+
+/// What pagesrv does before the destination resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// No precopy: the source is paused first; every page moves after the guest resumed.
+    Postcopy,
+    /// Rounds until converged, then stop-and-copy: the guest resumes with every page.
+    Precopy,
+    /// Rounds until converged, then postcopy for what changed since.
+    Hybrid,
+}
+
+/// Why precopy ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConvergedBy {
+    /// What is left fits the downtime budget.
+    Budget,
+    /// Two rounds in a row did not shrink what is left.
+    NoProgress,
+    /// The round limit.
+    MaxRounds,
+    /// An orchestrator asked (`start-postcopy`).
+    Forced,
+}
+
+/// Most precopy rounds.
+pub const MAX_ROUNDS: u32 = 30;
+/// Rounds in a row without progress before giving up on converging.
+pub const NO_PROGRESS_ROUNDS: usize = 2;
+
+/// One finished round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Round {
+    /// 1 for the first.
+    pub round: u32,
+    /// Pages sent in the round.
+    pub pages_sent: u64,
+    /// Bytes sent in the round.
+    pub bytes: u64,
+    /// How long it took.
+    pub seconds: f64,
+    /// Pages sent (in this or an earlier round) that the guest wrote since: what is left.
+    pub dirty_pages: u64,
+}
+
+impl Round {
+    /// Expected downtime to send what is left at this round's bandwidth, in milliseconds.
+    pub fn expected_downtime_ms(&self, page_size: u64) -> f64 {
+        if self.dirty_pages == 0 {
+            return 0.0;
+        }
+        let bytes_per_s = self.bytes as f64 / self.seconds.max(1e-6);
+        if bytes_per_s <= 0.0 {
+            return f64::INFINITY;
+        }
+        (self.dirty_pages * page_size) as f64 / bytes_per_s * 1000.0
+    }
+}
+
+/// Whether to switch after the rounds so far (`None`: another round).
+pub fn converged(
+    rounds: &[Round],
+    page_size: u64,
+    max_downtime: Duration,
+    forced: bool,
+) -> Option<ConvergedBy> {
+    let last = rounds.last()?;
+    if forced {
+        return Some(ConvergedBy::Forced);
+    }
+    if last.expected_downtime_ms(page_size) <= max_downtime.as_secs_f64() * 1000.0 {
+        return Some(ConvergedBy::Budget);
+    }
+    if rounds.len() > NO_PROGRESS_ROUNDS {
+        let tail = &rounds[rounds.len() - NO_PROGRESS_ROUNDS - 1..];
+        if tail
+            .windows(2)
+            .all(|w| w[1].dirty_pages >= w[0].dirty_pages)
+        {
+            return Some(ConvergedBy::NoProgress);
+        }
+    }
+    if last.round >= MAX_ROUNDS {
+        return Some(ConvergedBy::MaxRounds);
+    }
+    None
+}
+
+/// Where precopy stands (shared by every session).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PrecopyState {
+    /// Rounds finished.
+    pub rounds: Vec<Round>,
+    /// Set once the source is paused and the switch was decided.
+    pub switched: bool,
+    /// Why precopy ended.
+    pub converged_by: Option<ConvergedBy>,
+    /// Pages the destination had to drop or get again at the switch.
+    pub pages_stale_at_switch: u64,
+    /// Whether the dirty tracking was started.
+    pub tracking: bool,
+}
+
+/// The precopy engine: the source VMM link, what is stale, and the rounds.
+pub struct Precopy {
+    /// How the migration runs.
+    pub strategy: Strategy,
+    /// The downtime budget.
+    pub max_downtime: Duration,
+    vmm: Mutex<SourceVmm>,
+    /// Pages the guest wrote since they were last sent (or since tracking began).
+    pub pending: PageMap,
+    /// Pages stale at the switch: a destination that missed the switch drops them first.
+    pub stale_at_switch: PageMap,
+    /// Set by `start-postcopy`.
+    pub forced: AtomicBool,
+    /// Rounds and outcome.
+    pub state: Mutex<PrecopyState>,
+}
+
+impl std::fmt::Debug for Precopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Precopy")
+            .field("strategy", &self.strategy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Precopy {
+    /// An engine over a connected source VMM.
+    pub fn new(vmm: SourceVmm, strategy: Strategy, max_downtime: Duration) -> Self {
+        let pages = vmm.hello.pages();
+        Precopy {
+            strategy,
+            max_downtime,
+            vmm: Mutex::new(vmm),
+            pending: PageMap::new(pages),
+            stale_at_switch: PageMap::new(pages),
+            forced: AtomicBool::new(false),
+            state: Mutex::new(PrecopyState {
+                rounds: Vec::new(),
+                switched: false,
+                converged_by: None,
+                pages_stale_at_switch: 0,
+                tracking: false,
+            }),
+        }
+    }
+
+    /// A snapshot of where precopy stands.
+    pub fn snapshot(&self) -> PrecopyState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether the switch happened (sessions from now on are postcopy).
+    pub fn switched(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .switched
+    }
+
+    /// Asks the VMM what the guest wrote since the last bitmap and adds it to `pending`;
+    /// returns how many pages it names.
+    ///
+    /// # Errors
+    /// The VMM link failed.
+    pub fn collect_dirty(&self) -> Result<u64, SourceLinkError> {
+        let bitmap = self.vmm.lock().unwrap_or_else(|p| p.into_inner()).dirty()?;
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .tracking = true;
+        Ok(self
+            .pending
+            .set_from_bitmap(0, self.pending.total_pages(), &bitmap))
+    }
+
+    /// Pauses the source guest and adds its last writes to `pending`.
+    ///
+    /// # Errors
+    /// The VMM link failed.
+    pub fn pause(&self) -> Result<u64, SourceLinkError> {
+        let bitmap = self.vmm.lock().unwrap_or_else(|p| p.into_inner()).pause()?;
+        Ok(self
+            .pending
+            .set_from_bitmap(0, self.pending.total_pages(), &bitmap))
+    }
+
+    /// Pauses the source guest without precopy (`--strategy postcopy` with `--vmm-uds`).
+    ///
+    /// # Errors
+    /// The VMM link failed.
+    pub fn pause_now(&self) -> Result<(), SourceLinkError> {
+        self.pause()?;
+        self.pending.clear_range(0, self.pending.total_pages());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.switched = true;
+        Ok(())
+    }
+
+    /// Forces the switch at the end of the current round.
+    pub fn force(&self) {
+        self.forced.store(true, Ordering::Release);
+    }
+
+    /// Whether the switch was forced.
+    pub fn is_forced(&self) -> bool {
+        self.forced.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(round: u32, dirty_pages: u64) -> Round {
+        Round {
+            round,
+            pages_sent: 1000,
+            bytes: 100 << 20,
+            seconds: 0.1, // 1000 MiB/s
+            dirty_pages,
+        }
+    }
+
+    const BUDGET: Duration = Duration::from_millis(20);
+
+    #[test]
+    fn test_switches_when_what_is_left_fits_the_budget() {
+        // 20 ms at 1000 MiB/s is 20 MiB: 5120 pages of 4 KiB.
+        assert_eq!(converged(&[round(1, 6000)], 4096, BUDGET, false), None);
+        assert_eq!(
+            converged(&[round(1, 6000), round(2, 5000)], 4096, BUDGET, false),
+            Some(ConvergedBy::Budget)
+        );
+        assert!((round(1, 5120).expected_downtime_ms(4096) - 20.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn test_gives_up_after_two_rounds_without_progress() {
+        let rounds = [round(1, 90_000), round(2, 60_000), round(3, 61_000)];
+        assert_eq!(
+            converged(&rounds, 4096, BUDGET, false),
+            None,
+            "one round without"
+        );
+        let rounds = [rounds[0], rounds[1], rounds[2], round(4, 61_000)];
+        assert_eq!(
+            converged(&rounds, 4096, BUDGET, false),
+            Some(ConvergedBy::NoProgress)
+        );
+    }
+
+    #[test]
+    fn test_stops_at_the_round_limit_and_when_forced() {
+        let rounds: Vec<Round> = (1..=MAX_ROUNDS)
+            .map(|r| round(r, 100_000 - u64::from(r)))
+            .collect();
+        assert_eq!(
+            converged(&rounds[..29], 4096, BUDGET, false),
+            None,
+            "still shrinking"
+        );
+        assert_eq!(
+            converged(&rounds, 4096, BUDGET, false),
+            Some(ConvergedBy::MaxRounds)
+        );
+        assert_eq!(
+            converged(&[round(1, 90_000)], 4096, BUDGET, true),
+            Some(ConvergedBy::Forced)
+        );
+        assert_eq!(converged(&[], 4096, BUDGET, true), None, "no round yet");
+    }
+}

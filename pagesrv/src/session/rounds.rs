@@ -1,0 +1,254 @@
+//! A session's precopy: rounds on the bulk connection while the source runs, the switch, and
+//! the catch-up for a destination that missed it (see `crate::precopy`).
+
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use common::framed::FrameEncoder;
+use common::pagemap::PageMap;
+use common::wire::{MAX_PAYLOAD_BYTES, Message, PageRange};
+use serde_json::json;
+use tracing::info;
+
+use super::{BULK_RUN_BYTES, Session};
+use crate::precopy::{Precopy, Round, Strategy, converged};
+
+impl Session<'_> {
+    /// Runs precopy until the switch (or the session ends); on return the bulk connection
+    /// carries postcopy.
+    ///
+    /// # Errors
+    /// The bulk connection or the source VMM link failed.
+    pub(super) fn run_precopy(
+        &self,
+        engine: &Precopy,
+        conn: &mut TcpStream,
+        tx: &mut FrameEncoder,
+    ) -> Result<(), String> {
+        let page_size = self.source.page_size();
+        // A destination that reconnected may hold pages the guest wrote since they were sent.
+        let stale = self.discard(conn, tx, &engine.pending)?;
+        if stale > 0 {
+            info!(
+                pages = stale,
+                "the destination dropped pages written since it got them"
+            );
+        }
+        if engine.switched() {
+            // It missed the switch: drop what went stale then, and switch.
+            self.discard(conn, tx, &engine.stale_at_switch)?;
+            return self.switchover(conn, tx);
+        }
+        if !engine.snapshot().tracking {
+            engine
+                .collect_dirty()
+                .map_err(|e| format!("the source VMM link failed: {e:#}"))?;
+        }
+        let converged_by = loop {
+            let round = self.send_round(engine, conn, tx)?;
+            let Some(mut round) = round else {
+                return Ok(()); // the session ended
+            };
+            engine
+                .collect_dirty()
+                .map_err(|e| format!("the source VMM link failed: {e:#}"))?;
+            round.dirty_pages = count_both(&engine.pending, &self.sent);
+            let rounds = {
+                let mut state = engine.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.rounds.push(round);
+                state.rounds.clone()
+            };
+            info!(
+                round = round.round,
+                pages_sent = round.pages_sent,
+                mib_per_s = (round.bytes as f64 / round.seconds.max(1e-6)) as u64 >> 20,
+                dirty_pages = round.dirty_pages,
+                expected_downtime_ms = round.expected_downtime_ms(page_size),
+                "precopy round"
+            );
+            self.events.emit(json!({
+                "event": "round",
+                "round": round.round,
+                "pages_sent": round.pages_sent,
+                "bytes": round.bytes,
+                "seconds": round.seconds,
+                "dirty_pages": round.dirty_pages,
+                "expected_downtime_ms": round.expected_downtime_ms(page_size),
+            }));
+            if let Some(by) = converged(&rounds, page_size, engine.max_downtime, engine.is_forced())
+            {
+                break by;
+            }
+            // The next round sends them again: drop them at the destination first.
+            self.discard(conn, tx, &engine.pending)?;
+        };
+        self.events
+            .emit(json!({"event": "converged", "by": converged_by}));
+        let paused_at = Instant::now();
+        engine
+            .pause()
+            .map_err(|e| format!("the source VMM did not pause: {e:#}"))?;
+        self.source.file().paused();
+        let stale = self.discard(conn, tx, &engine.pending)?;
+        PageMap::bitmap_runs(
+            0,
+            &engine.pending.bitmap(0, engine.pending.total_pages()),
+            |p, n| {
+                engine.stale_at_switch.set_range(p, n);
+            },
+        );
+        engine.pending.clear_range(0, engine.pending.total_pages());
+        if engine.strategy == Strategy::Precopy {
+            // Stop-and-copy: the rest now, before the guest resumes.
+            self.send_unsent(conn, tx)?;
+        }
+        // Postcopy pushes what is left from the first page on.
+        self.push_order
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .rewind();
+        {
+            let mut state = engine.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.switched = true;
+            state.converged_by = Some(converged_by);
+            state.pages_stale_at_switch = stale;
+        }
+        info!(
+            ?converged_by,
+            stale_pages = stale,
+            pause_to_switch_ms = paused_at.elapsed().as_secs_f64() * 1000.0,
+            "the source is paused: switching"
+        );
+        self.switchover(conn, tx)
+    }
+
+    /// Sends every page not sent yet (a round); `None` if the session ended meanwhile.
+    fn send_round(
+        &self,
+        engine: &Precopy,
+        conn: &mut TcpStream,
+        tx: &mut FrameEncoder,
+    ) -> Result<Option<Round>, String> {
+        let number = engine.snapshot().rounds.len() as u32 + 1;
+        let started = Instant::now();
+        let bytes_before = self.stats.bytes_sent.load(Ordering::Relaxed);
+        let pages = self.send_unsent_with(conn, tx, Some(engine))?;
+        if self.is_stopped() {
+            return Ok(None);
+        }
+        Ok(Some(Round {
+            round: number,
+            pages_sent: pages,
+            bytes: self.stats.bytes_sent.load(Ordering::Relaxed) - bytes_before,
+            seconds: started.elapsed().as_secs_f64(),
+            dirty_pages: 0,
+        }))
+    }
+
+    /// Sends every page not sent yet.
+    fn send_unsent(&self, conn: &mut TcpStream, tx: &mut FrameEncoder) -> Result<u64, String> {
+        self.send_unsent_with(conn, tx, None)
+    }
+
+    fn send_unsent_with(
+        &self,
+        conn: &mut TcpStream,
+        tx: &mut FrameEncoder,
+        engine: Option<&Precopy>,
+    ) -> Result<u64, String> {
+        let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
+        self.push_order
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .rewind();
+        let mut pieces = Vec::new();
+        let mut pages = 0;
+        while !self.is_stopped() {
+            let next = self
+                .push_order
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .next_run(&self.sent, run_pages);
+            let Some((first, count)) = next else { break };
+            if let Some(engine) = engine {
+                // Cleared before the pages are read: a write racing with the read is in the
+                // next bitmap.
+                engine.pending.clear_range(first, count);
+            }
+            pieces.clear();
+            self.source.classify(first, count, &mut pieces);
+            let (zero, data) = self
+                .send_pieces(conn, tx, &pieces)
+                .map_err(|e| format!("failed to push pages: {e}"))?;
+            self.stats
+                .precopy_pages
+                .fetch_add(zero + data, Ordering::Relaxed);
+            pages += count;
+        }
+        Ok(pages)
+    }
+
+    /// Tells the destination to drop the pages it got that `stale` names, and marks them
+    /// unsent; returns how many.
+    fn discard(
+        &self,
+        conn: &mut TcpStream,
+        tx: &mut FrameEncoder,
+        stale: &PageMap,
+    ) -> Result<u64, String> {
+        let total = self.source.total_pages();
+        let chunk = MAX_PAYLOAD_BYTES as u64 * 8;
+        let mut dropped = 0;
+        let mut first = 0;
+        while first < total {
+            let count = chunk.min(total - first);
+            let mut bitmap = stale.bitmap(first, count);
+            for (b, sent) in bitmap.iter_mut().zip(self.sent.bitmap(first, count)) {
+                *b &= sent;
+            }
+            if bitmap.iter().any(|&b| b != 0) {
+                tx.write_frame(conn, &Message::Discard(PageRange { first, count }), &bitmap)
+                    .map_err(|e| format!("failed to send a discard: {e}"))?;
+                PageMap::bitmap_runs(first, &bitmap, |p, n| {
+                    dropped += self.sent.clear_range(p, n);
+                });
+            }
+            first += count;
+        }
+        self.stats
+            .discarded_pages
+            .fetch_add(dropped, Ordering::Relaxed);
+        Ok(dropped)
+    }
+
+    fn switchover(&self, conn: &mut TcpStream, tx: &mut FrameEncoder) -> Result<(), String> {
+        tx.write_frame(conn, &Message::Switchover, &[])
+            .map_err(|e| format!("failed to send the switchover: {e}"))?;
+        self.events.emit(json!({
+            "event": "switched",
+            "session": format!("{:016x}", self.id),
+            "pages_unsent": self.total_pages() - self.sent.set_pages(),
+        }));
+        Ok(())
+    }
+}
+
+/// Pages set in both maps.
+fn count_both(a: &PageMap, b: &PageMap) -> u64 {
+    let total = a.total_pages();
+    let chunk = MAX_PAYLOAD_BYTES as u64 * 8;
+    let mut n = 0;
+    let mut first = 0;
+    while first < total {
+        let count = chunk.min(total - first);
+        n += a
+            .bitmap(first, count)
+            .iter()
+            .zip(b.bitmap(first, count))
+            .map(|(x, y)| u64::from((x & y).count_ones()))
+            .sum::<u64>();
+        first += count;
+    }
+    n
+}

@@ -1,0 +1,200 @@
+//! A stand-in source VMM that speaks pagesrv's source link (`pagesrv --vmm-uds`) and knows
+//! exactly what it writes: guest RAM is a memfd it fills with the fixtures' pattern, a writer
+//! thread keeps rewriting random pages at `--write-rate` pages per second (a new generation
+//! of the pattern each time) and records them in its own dirty bitmap, which it hands out
+//! (and clears) on `dirty`. On `pause` it stops writing, writes the final RAM to `--final`
+//! (what the destination must hold), answers with the last bitmap, prints
+//! `{"event":"paused",...}` and waits for stdin to close.
+//!
+//! ```text
+//! test-source --pagesrv-uds PATH --pages N --final FILE [--write-rate PAGES_PER_S]
+//!             [--seed N] [--zero-every N]
+//! ```
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::source_link::{CommandKind, SOURCE_LINK_VERSION, SourceHello, SourceVmmClient};
+use rand::{Rng, SeedableRng};
+
+const PAGE: usize = 4096;
+
+struct Args {
+    uds: String,
+    pages: usize,
+    final_path: String,
+    write_rate: u64,
+    seed: u64,
+    zero_every: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        uds: String::new(),
+        pages: 0,
+        final_path: String::new(),
+        write_rate: 0,
+        seed: 1,
+        zero_every: 4,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--pagesrv-uds" => a.uds = value()?,
+            "--pages" => a.pages = value()?.parse().map_err(|e| format!("--pages: {e}"))?,
+            "--final" => a.final_path = value()?,
+            "--write-rate" => {
+                a.write_rate = value()?.parse().map_err(|e| format!("--write-rate: {e}"))?
+            }
+            "--seed" => a.seed = value()?.parse().map_err(|e| format!("--seed: {e}"))?,
+            "--zero-every" => {
+                a.zero_every = value()?.parse().map_err(|e| format!("--zero-every: {e}"))?
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if a.uds.is_empty() || a.pages == 0 || a.final_path.is_empty() {
+        return Err("--pagesrv-uds, --pages and --final are required".into());
+    }
+    Ok(a)
+}
+
+/// The fixtures' pattern (`tests::write_source`) for `generation` 0, a different one after.
+fn pattern(page: usize, seed: u64, generation: u64, out: &mut [u8]) {
+    for (i, word) in out.chunks_exact_mut(8).enumerate() {
+        let v = (page as u64) << 32 ^ seed.rotate_left(i as u32 % 64) ^ i as u64 ^ generation << 56;
+        word.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Pages written since the last bitmap handed out.
+struct Dirty {
+    words: Vec<AtomicU64>,
+}
+
+impl Dirty {
+    fn mark(&self, page: usize) {
+        self.words[page / 64].fetch_or(1 << (page % 64), Ordering::AcqRel);
+    }
+
+    /// The bitmap (bit `i % 8` of byte `i / 8` for page `i`), cleared as it is taken.
+    fn take(&self, pages: usize) -> Vec<u8> {
+        let mut out = vec![0u8; pages.div_ceil(8)];
+        for (w, word) in self.words.iter().enumerate() {
+            let bits = word.swap(0, Ordering::AcqRel);
+            for b in 0..8 {
+                let at = w * 8 + b;
+                if at < out.len() {
+                    out[at] = (bits >> (b * 8)) as u8;
+                }
+            }
+        }
+        out
+    }
+}
+
+fn run() -> Result<(), String> {
+    let a = parse_args()?;
+    let bytes = a.pages * PAGE;
+    // SAFETY: creates a new anonymous file; the name is a valid C string.
+    let raw = unsafe { libc::memfd_create(c"test-source-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create returned a fresh fd that nothing else owns.
+    let ram = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    ram.set_len(bytes as u64).map_err(|e| e.to_string())?;
+    let mut page = vec![0u8; PAGE];
+    for p in 0..a.pages {
+        if a.zero_every > 0 && p % a.zero_every == 0 {
+            continue;
+        }
+        pattern(p, a.seed, 0, &mut page);
+        ram.write_all_at(&page, (p * PAGE) as u64)
+            .map_err(|e| e.to_string())?;
+    }
+    let hello = SourceHello {
+        version: SOURCE_LINK_VERSION,
+        size_bytes: bytes as u64,
+        page_size: PAGE as u64,
+    };
+    let mut link = SourceVmmClient::connect(std::path::Path::new(&a.uds), &hello, ram.as_fd())
+        .map_err(|e| format!("cannot reach pagesrv: {e:#}"))?;
+    let dirty = Arc::new(Dirty {
+        words: (0..a.pages.div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(Mutex::new(0u64));
+    let writer = {
+        let (ram, dirty, stop, written) = (
+            ram.try_clone().map_err(|e| e.to_string())?,
+            dirty.clone(),
+            stop.clone(),
+            written.clone(),
+        );
+        let (pages, seed, rate) = (a.pages, a.seed, a.write_rate);
+        std::thread::spawn(move || {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut page = vec![0u8; PAGE];
+            let started = Instant::now();
+            let mut count = 0u64;
+            while rate > 0 && !stop.load(Ordering::Acquire) {
+                let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+                if count >= due {
+                    std::thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                let p = rng.gen_range(0..pages);
+                count += 1;
+                pattern(p, seed, count, &mut page);
+                // The write, then its dirty bit: pagesrv takes the bitmap before it reads the
+                // pages, so a write is either in what it reads or in the next bitmap.
+                let _ = ram.write_all_at(&page, (p * PAGE) as u64);
+                dirty.mark(p);
+            }
+            *written.lock().unwrap() = count;
+        })
+    };
+    while let Some(cmd) = link.next_command().map_err(|e| format!("{e:#}"))? {
+        match cmd {
+            CommandKind::Dirty => {
+                let bitmap = dirty.take(a.pages);
+                link.send_bitmap(CommandKind::Dirty, &bitmap)
+                    .map_err(|e| format!("{e:#}"))?;
+            }
+            CommandKind::Pause => {
+                stop.store(true, Ordering::Release);
+                writer.join().map_err(|_| "the writer panicked")?;
+                let bitmap = dirty.take(a.pages);
+                let mut image = vec![0u8; bytes];
+                ram.read_exact_at(&mut image, 0)
+                    .map_err(|e| e.to_string())?;
+                std::fs::write(&a.final_path, &image).map_err(|e| e.to_string())?;
+                link.send_bitmap(CommandKind::Pause, &bitmap)
+                    .map_err(|e| format!("{e:#}"))?;
+                let written = *written.lock().unwrap();
+                println!(r#"{{"event":"paused","pages_written":{written}}}"#);
+                std::io::stdout().flush().map_err(|e| e.to_string())?;
+                // Keep the RAM (and pagesrv's link) until the driver is done with us.
+                let _ = std::io::stdin().read_to_end(&mut Vec::new());
+                let _ = ram.as_raw_fd();
+                return Ok(());
+            }
+        }
+    }
+    Err("pagesrv closed the link before pausing the guest".into())
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("test-source: error: {e}");
+        std::process::exit(1);
+    }
+}
