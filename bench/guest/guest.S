@@ -2,7 +2,9 @@
 #
 # It fills the data pages with a pattern (every 4th page left zero), then touches pages
 # forever in a pseudo-random (or sequential, or hot-set) order, verifying every word of each
-# page it reads and rewriting one page in 2^write_shift with the next generation. Every
+# page it reads and rewriting one page in 2^write_shift with the next generation (or, with a
+# write interval, the page it touches once that many TSC ticks passed since the last write:
+# a paced dirty rate). Every
 # report_interval TSC ticks it stores its counters and writes to an unbacked guest-physical
 # address (an MMIO exit: port I/O is blocked in ring 3 under kvm-pvm, and an MMIO exit needs
 # no ring-0 code at all).
@@ -24,6 +26,7 @@
     .set P_WRITE_SHIFT,   PARAMS + 0x30   # rewrite one touched page in 2^n
     .set P_STALL_TSC,     PARAMS + 0x38   # a touch at least this long is a stall
     .set P_FILL,          PARAMS + 0x40   # 1: fill before touching
+    .set P_WRITE_INTERVAL, PARAMS + 0x48  # >0: write a page every this many TSC ticks
 
     .set COUNTERS,        0x200
     .set C_PHASE,         COUNTERS + 0x00 # 0 filling, 1 touching
@@ -38,6 +41,7 @@
     .set C_FILLED,        COUNTERS + 0x48
     .set C_BAD_PAGE,      COUNTERS + 0x50 # last page that failed verification
     .set C_WIN_MAX,       COUNTERS + 0x58 # longest touch since the last report
+    .set C_LAST_WRITE,    COUNTERS + 0x60 # TSC of the last paced write
     .set C_HIST,          COUNTERS + 0x100 # 64 buckets: touches by log2(TSC ticks)
 
     .set K, 0x5851F42D
@@ -110,15 +114,27 @@ touch_loop:
     incq C_STALLS
 2:  incq C_TOUCHES
     incq C_VERIFIED
+    mov P_WRITE_INTERVAL, %rax
+    test %rax, %rax
+    jz 6f
+    # paced: rewrite this page if the interval passed since the last write (at once if the
+    # TSC went back, as after a restore elsewhere)
+    lea (%r8,%rcx), %rdx        # now: the end of this touch
+    mov %rdx, %rcx
+    sub C_LAST_WRITE, %rcx
+    cmp %rax, %rcx
+    jb 3f
+    mov %rdx, C_LAST_WRITE
+    jmp 7f
     # rewrite one page in 2^write_shift
-    mov C_TOUCHES, %rax
+6:  mov C_TOUCHES, %rax
     mov P_WRITE_SHIFT, %rcx
     mov $1, %rdx
     shl %cl, %rdx
     dec %rdx
     test %rdx, %rax
     jnz 3f
-    mov %rsi, %rdi
+7:  mov %rsi, %rdi
     shl $12, %rdi
     mov (%rdi), %rax
     shr $40, %rax

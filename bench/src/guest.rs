@@ -79,8 +79,11 @@ pub struct GuestParams {
     pub seed: u64,
     /// Access pattern.
     pub workload: Workload,
-    /// Rewrite one touched page in 2^write_shift.
+    /// Rewrite one touched page in 2^write_shift (unless `write_interval_tsc` paces writes).
     pub write_shift: u64,
+    /// If not 0: rewrite the touched page once this many TSC ticks passed since the last
+    /// write (a dirty rate independent of the touch rate).
+    pub write_interval_tsc: u64,
     /// TSC ticks between reports.
     pub report_interval_tsc: u64,
     /// A touch at least this many TSC ticks long counts as a stall.
@@ -158,6 +161,7 @@ pub fn write_system_area(ram: &mut [u8], p: &GuestParams) {
         p.write_shift,
         p.stall_tsc,
         1, // fill before touching
+        p.write_interval_tsc,
     ];
     for (i, v) in params.iter().enumerate() {
         put(PARAMS_GPA + 8 * i as u64, *v);
@@ -251,6 +255,7 @@ mod tests {
             seed: 1,
             workload: Workload::Hot,
             write_shift: 4,
+            write_interval_tsc: 7,
             report_interval_tsc: 100,
             stall_tsc: 10,
         };
@@ -264,6 +269,7 @@ mod tests {
         let last = report_gpa(size) / HUGE_2M;
         assert_eq!(get(PD_GPA + 8 * last), (last * HUGE_2M) | 0x87);
         assert_eq!(get(PARAMS_GPA + 8), (size - DATA_START_GPA) >> 12);
+        assert_eq!(get(PARAMS_GPA + 0x48), 7, "the write interval");
         assert_eq!(&ram[CODE_GPA as usize..][..GUEST_CODE.len()], GUEST_CODE);
     }
 }

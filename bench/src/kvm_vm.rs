@@ -50,6 +50,9 @@ pub enum VmError {
     /// Reading guest memory failed.
     #[error("failed to read guest memory")]
     Memory(#[source] vm_memory::GuestMemoryError),
+    /// KVM_GET_DIRTY_LOG failed.
+    #[error("failed to read KVM's dirty log")]
+    DirtyLog(#[source] kvm_ioctls::Error),
     /// The RAM size is unusable.
     #[error(transparent)]
     Guest(#[from] guest::GuestError),
@@ -77,6 +80,29 @@ pub enum RunExit {
     Interrupted,
 }
 
+/// Reads KVM's log of the pages the guest wrote (slot 0, all of guest RAM).
+pub struct DirtyLog {
+    vm: std::sync::Arc<VmFd>,
+    size_bytes: u64,
+}
+
+impl DirtyLog {
+    /// The pages written since the previous call (bit `i % 8` of byte `i / 8` for page `i`);
+    /// KVM clears its log as it is read.
+    ///
+    /// # Errors
+    /// KVM_GET_DIRTY_LOG failed.
+    pub fn take(&self) -> Result<Vec<u8>, VmError> {
+        let words = self
+            .vm
+            .get_dirty_log(0, self.size_bytes as usize)
+            .map_err(VmError::DirtyLog)?;
+        let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        bytes.truncate((self.size_bytes / 4096).div_ceil(8) as usize);
+        Ok(bytes)
+    }
+}
+
 /// The VM.
 pub struct KvmVm {
     _kvm: Kvm,
@@ -94,6 +120,15 @@ impl KvmVm {
     /// # Errors
     /// Any creation step.
     pub fn create(file: File, size_bytes: u64) -> Result<Self, VmError> {
+        Self::create_with(file, size_bytes, false)
+    }
+
+    /// As [`KvmVm::create`]; with `dirty_log`, KVM records the pages the guest writes
+    /// ([`KvmVm::dirty_log`]).
+    ///
+    /// # Errors
+    /// Any creation step.
+    pub fn create_with(file: File, size_bytes: u64, dirty_log: bool) -> Result<Self, VmError> {
         guest::check_size(size_bytes)?;
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
             GuestAddress(0),
@@ -111,7 +146,11 @@ impl KvmVm {
             guest_phys_addr: 0,
             memory_size: size_bytes,
             userspace_addr: host as u64,
-            flags: 0,
+            flags: if dirty_log {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
         };
         // SAFETY: the region is our mapping of guest RAM, which lives as long as `mem` in
         // this struct, which outlives the VM fd (fields drop in order, `_vm` first).
@@ -146,9 +185,13 @@ impl KvmVm {
         })
     }
 
-    /// The VM's fd, shared (dirty logging from another thread).
-    pub fn vm_fd(&self) -> std::sync::Arc<VmFd> {
-        self._vm.clone()
+    /// The pages the guest writes, readable from another thread while the vCPU runs (the VM
+    /// must have been created with `dirty_log`).
+    pub fn dirty_log(&self) -> DirtyLog {
+        DirtyLog {
+            vm: self._vm.clone(),
+            size_bytes: self.size_bytes,
+        }
     }
 
     /// Guest TSC ticks per microsecond.

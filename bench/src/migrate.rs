@@ -1,14 +1,17 @@
 //! `bench migrate`: a complete loopback live migration of a running KVM guest.
 //!
 //! ```text
-//!  vmm source ──(guest fills RAM, touches pages)── pause ── state file
-//!      │ RAM file /dev/shm/…                                   │
-//!  pagesrv ◄── urgent + bulk ──► faultd ◄── uffd+layout+memfd ── vmm dest (resumes at once)
+//!  postcopy:  vmm source ──(guest fills RAM, touches pages)── pause ── state file
+//!                 │ RAM file /dev/shm/…                                   │
+//!             pagesrv ◄── urgent + bulk ──► faultd ◄── uffd+layout+memfd ── vmm dest
+//!  hybrid, precopy: vmm source ──migrate──► pagesrv --vmm-uds (rounds while the guest runs,
+//!             KVM's dirty log) ── pause ── Switchover ──► faultd ──switched──► vmm dest resumes
 //! ```
 //!
 //! Downtime is from the source vCPU stopping to the destination vCPU running; total time from
-//! the pause until every page is present. The guest's own counters (touch rate, stalls,
-//! verification) come from its reports before, during and after postcopy.
+//! the start of the migration (the pause for postcopy, the handover for precopy and hybrid)
+//! until every page is present. The guest's own counters (touch rate, stalls, verification)
+//! come from its reports before, during and after.
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -22,7 +25,7 @@ use serde_json::{Value, json};
 
 use bench::guest::Workload;
 
-use crate::procs::{sibling, start_faultd, start_pagesrv};
+use crate::procs::{Guard, sibling, start_faultd, start_pagesrv};
 
 /// How faultd places pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -33,15 +36,37 @@ pub enum Mode {
     Minor,
 }
 
+/// What happens before the destination resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Strategy {
+    /// Pause first; every page moves after the guest resumed on the destination.
+    Postcopy,
+    /// Rounds while the guest runs, then stop-and-copy.
+    Precopy,
+    /// Rounds while the guest runs, then postcopy for what changed since.
+    Hybrid,
+}
+
 /// Options of `bench migrate`.
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
+    /// What happens before the destination resumes (hybrid and precopy place pages through
+    /// the shared memfd: `--mode minor`).
+    #[arg(long, value_enum, default_value = "hybrid")]
+    pub strategy: Strategy,
+    /// Downtime budget of the precopy convergence rule, in ms.
+    #[arg(long, default_value_t = 20)]
+    pub max_downtime_ms: u64,
     /// Guest RAM size in MiB.
     #[arg(long, default_value_t = 1024)]
     pub size_mib: u64,
     /// The guest's access pattern.
     #[arg(long, value_enum, default_value = "random")]
     pub workload: Workload,
+    /// The guest's write rate in pages/s (default: it rewrites one page in 16 it touches,
+    /// ≈ 50 000 pages/s on this machine's random workload).
+    #[arg(long, value_name = "PAGES_PER_S")]
+    pub dirty_rate: Option<u64>,
     /// How faultd places pages.
     #[arg(long, value_enum, default_value = "copy")]
     pub mode: Mode,
@@ -216,15 +241,23 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
         .expect("value")
         .get_name()
         .to_owned();
-    let mut source = Vmm::spawn(
-        Command::new(&vmm)
-            .arg("source")
-            .arg("--mem-file")
-            .arg(mem)
-            .args(["--size-mib", &size, "--workload", &workload])
-            .arg("--state-file")
-            .arg(&state),
-    )?;
+    let hybrid = args.strategy != Strategy::Postcopy;
+    let pagesrv_vmm_uds = work.join("pagesrv-vmm.sock");
+    let mut source_cmd = Command::new(&vmm);
+    source_cmd
+        .arg("source")
+        .arg("--mem-file")
+        .arg(mem)
+        .args(["--size-mib", &size, "--workload", &workload])
+        .arg("--state-file")
+        .arg(&state);
+    if hybrid {
+        source_cmd.arg("--pagesrv-uds").arg(&pagesrv_vmm_uds);
+    }
+    if let Some(rate) = args.dirty_rate {
+        source_cmd.args(["--dirty-rate", &rate.to_string()]);
+    }
+    let mut source = Vmm::spawn(&mut source_cmd)?;
     // Wait for the fill, then let the guest run for the warm-up.
     let data_pages = ((args.size_mib << 20) - bench::guest::DATA_START_GPA) >> 12;
     let limit = Duration::from_secs(600);
@@ -244,37 +277,96 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
         last_source = source.next(limit)?;
     }
     progress("source guest running; starting pagesrv and faultd\n");
-
-    let (mut pagesrv, addr) = start_pagesrv(mem, &[], false)?;
-    let placement = if args.mode == Mode::Minor {
-        "memfd"
-    } else {
-        "copy"
-    };
-    let mut faultd = start_faultd(&addr, &uds, &stats_path, &["--placement", placement], false)?;
-
-    source.send("pause")?;
-    let paused = loop {
-        let e = source.next(limit)?;
-        if event_is(&e, "paused") {
-            break e;
-        }
-        last_source = e;
-    };
-    let before = last_source;
-    let mode = match args.mode {
+    let mode = if hybrid { Mode::Minor } else { args.mode };
+    let placement = if mode == Mode::Minor { "memfd" } else { "copy" };
+    let faultd_ctl = work.join("faultd.ctl");
+    let mode = match mode {
         Mode::Copy => "copy",
         Mode::Minor => "minor",
     };
-    let mut dest = Vmm::spawn(
-        Command::new(&vmm)
-            .arg("dest")
-            .arg("--uds")
-            .arg(&uds)
-            .args(["--size-mib", &size, "--mode", mode])
-            .arg("--state-file")
-            .arg(&state),
-    )?;
+    let strategy = args
+        .strategy
+        .to_possible_value()
+        .expect("value")
+        .get_name()
+        .to_owned();
+    let mut dest_cmd = Command::new(&vmm);
+    dest_cmd
+        .arg("dest")
+        .arg("--uds")
+        .arg(&uds)
+        .args(["--size-mib", &size, "--mode", mode])
+        .arg("--state-file")
+        .arg(&state);
+    let mut pagesrv_events = None;
+    // `warm`: the guest's last report before the migration started.
+    let (mut pagesrv, mut faultd, start, paused, mut dest, warm) = if hybrid {
+        // pagesrv takes the running guest's RAM from the source VMM and runs precopy rounds.
+        let ctl = work.join("pagesrv.ctl");
+        let mut cmd = Command::new(sibling("pagesrv")?);
+        cmd.arg("--vmm-uds")
+            .arg(&pagesrv_vmm_uds)
+            .args(["--strategy", &strategy])
+            .args(["--max-downtime-ms", &args.max_downtime_ms.to_string()])
+            .arg("--control")
+            .arg(&ctl)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped());
+        let mut pagesrv = Guard(cmd.spawn().context("cannot start pagesrv")?);
+        let mut lines = BufReader::new(pagesrv.0.stdout.take().context("no stdout")?).lines();
+        let mut line = || -> Result<String> { Ok(lines.next().context("pagesrv ended")??) };
+        ensure!(
+            line()?.starts_with("pagesrv waiting for the source VMM"),
+            "pagesrv did not start"
+        );
+        source.send("migrate")?;
+        let addr = line()?
+            .strip_prefix("pagesrv listening on ")
+            .context("pagesrv did not take the source VMM's RAM")?
+            .to_owned();
+        std::thread::spawn(move || lines.for_each(drop));
+        pagesrv_events = Some(collect_events(&ctl)?);
+        let faultd = start_faultd(
+            &addr,
+            &uds,
+            &stats_path,
+            &[
+                "--placement",
+                placement,
+                "--control",
+                faultd_ctl.to_str().context("path")?,
+            ],
+            false,
+        )?;
+        let dest = Vmm::spawn(dest_cmd.arg("--wait-switch").arg(&faultd_ctl))?;
+        let mut start = None;
+        let warm = last_source.clone();
+        let paused = loop {
+            let e = source.next(limit)?;
+            if event_is(&e, "paused") {
+                break e;
+            }
+            if event_is(&e, "migrating") {
+                start = Some(e);
+                progress("precopy: pagesrv sends the guest's pages while it runs\n");
+            }
+        };
+        let start = start.context("the source VMM never handed over its RAM")?;
+        (pagesrv, faultd, start, paused, dest, warm)
+    } else {
+        let (pagesrv, addr) = start_pagesrv(mem, &[], false)?;
+        let faultd = start_faultd(&addr, &uds, &stats_path, &["--placement", placement], false)?;
+        source.send("pause")?;
+        let warm = last_source.clone();
+        let paused = loop {
+            let e = source.next(limit)?;
+            if event_is(&e, "paused") {
+                break e;
+            }
+        };
+        let dest = Vmm::spawn(&mut dest_cmd)?;
+        (pagesrv, faultd, paused.clone(), paused, dest, warm)
+    };
     let resumed = dest.next(limit)?;
     ensure!(
         event_is(&resumed, "resumed"),
@@ -301,6 +393,12 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
     let dest_status = dest.child.wait()?;
     let faultd_status = faultd.0.wait()?;
     let pagesrv_status = pagesrv.0.wait()?;
+    // The paused source VM lives until pagesrv lets it go.
+    let source_status = source.child.wait()?;
+    ensure!(
+        source_status.success(),
+        "the source VMM failed ({source_status})"
+    );
     ensure!(faultd_status.success(), "faultd failed ({faultd_status})");
     ensure!(
         pagesrv_status.success(),
@@ -313,7 +411,7 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
     let stats: Value = serde_json::from_str(&std::fs::read_to_string(&stats_path)?)?;
     let source_digest = file_digest(mem)?;
 
-    let tsc_per_us = before["tsc_per_us"].as_f64().unwrap_or(2000.0);
+    let tsc_per_us = paused["tsc_per_us"].as_f64().unwrap_or(2000.0);
     let last = after.last().expect("at least one report after completion");
     // The first report after completion closes the postcopy window.
     let post_end = after.first().expect("a report after completion");
@@ -323,7 +421,8 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
         .map(|r| counter(r, "window_max_tsc"))
         .max()
         .unwrap_or(0);
-    let blocktime_ms = (counter(post_end, "stall_tsc_sum") - counter(&before, "stall_tsc_sum"))
+    // From the pause (the guest's counters as it stopped): the downtime is one long stall.
+    let blocktime_ms = (counter(post_end, "stall_tsc_sum") - counter(&paused, "stall_tsc_sum"))
         as f64
         / tsc_per_us
         / 1000.0;
@@ -336,27 +435,49 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
     // to the last report before completion (or the first after it, if none came before).
     let postcopy_last = during.last().unwrap_or(post_end);
     let postcopy_rate = counter(postcopy_last, "touches")
-        .saturating_sub(counter(&before, "touches")) as f64
+        .saturating_sub(counter(&paused, "touches")) as f64
         / (t_us(postcopy_last).saturating_sub(t_us(&resumed)).max(1) as f64 / 1e6);
+    let events: Vec<Value> = pagesrv_events
+        .map(|rx| rx.try_iter().collect())
+        .unwrap_or_default();
+    let rounds: Vec<&Value> = events.iter().filter(|e| event_is(e, "round")).collect();
+    let converged_by = events
+        .iter()
+        .find(|e| event_is(e, "converged"))
+        .map_or(Value::Null, |e| e["by"].clone());
+    // When faultd placed the last page (the VMM's `complete` comes after the digest check).
+    let completed_us = (stats["completed_unix_ms"].as_f64().unwrap_or(0.0) * 1000.0) as u64;
+    let bytes_precopy = stats["bytes_precopy"].as_u64().unwrap_or(0);
+    let bytes_received = stats["bytes_received"].as_u64().unwrap_or(0);
     let summary = json!({
         "size_mib": args.size_mib,
         "workload": workload,
+        "strategy": strategy,
         "mode": mode,
         "downtime_ms": t_us(&resumed).saturating_sub(t_us(&paused)) as f64 / 1000.0,
-        "total_ms": t_us(&complete).saturating_sub(t_us(&paused)) as f64 / 1000.0,
+        "total_ms": completed_us.saturating_sub(t_us(&start)) as f64 / 1000.0,
+        "pause_to_complete_ms": completed_us.saturating_sub(t_us(&paused)) as f64 / 1000.0,
+        "precopy_ms": t_us(&paused).saturating_sub(t_us(&start)) as f64 / 1000.0,
+        "precopy_rounds": rounds.len(),
+        "rounds": rounds,
+        "converged_by": converged_by,
+        "bytes_precopy": bytes_precopy,
+        "bytes_postcopy": bytes_received - bytes_precopy,
+        "pages_discarded": stats["pages_discarded"],
         "blocktime_ms": blocktime_ms,
         "digest_match": stats["received_digest"] == format!("{source_digest:016x}"),
         "source_digest": format!("{source_digest:016x}"),
         "guest": {
             "pages_verified": counter(last, "pages_verified"),
             "mismatches": counter(last, "mismatches"),
-            "ran_on_destination": counter(last, "touches") > counter(&before, "touches"),
-            "touches_per_s_before": touch_rate(&first_touching, &before),
+            "ran_on_destination": counter(last, "touches") > counter(&paused, "touches"),
+            "touches_per_s_before": touch_rate(&first_touching, &warm),
+            "touches_per_s_during_precopy": if hybrid { touch_rate(&warm, &paused) } else { 0.0 },
             "touches_per_s_during_postcopy": postcopy_rate,
             "touches_per_s_after": touch_rate(first_after, last),
             "max_stall_us": window_max_tsc as f64 / tsc_per_us,
-            "fault_latency_us": guest_fault_percentiles(&before, post_end, 10.0 * tsc_per_us, tsc_per_us),
-            "before": before["counters"],
+            "fault_latency_us": guest_fault_percentiles(&paused, post_end, 10.0 * tsc_per_us, tsc_per_us),
+            "before": paused["counters"],
             "after": last["counters"],
         },
         "faultd": stats,
@@ -379,6 +500,21 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
         "the received pages' digest differs from the source's"
     );
     Ok(())
+}
+
+/// Events from a daemon's control socket, on a channel, until it closes.
+fn collect_events(path: &Path) -> Result<mpsc::Receiver<Value>> {
+    let mut client = common::control::ControlClient::connect(path)
+        .with_context(|| format!("cannot reach {}", path.display()))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        while let Ok(Some(event)) = client.next_line() {
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
 }
 
 fn file_digest(path: &Path) -> Result<u64> {
@@ -409,19 +545,46 @@ fn print_summary(s: &Value) {
     let fl = &f["fault_latency_us"];
     let gl = &g["fault_latency_us"];
     println!();
+    let ms = |v: &Value| v.as_f64().unwrap_or(0.0);
     println!(
-        "live migration of a {} MiB KVM guest over loopback ({} workload, {} mode)",
+        "live migration of a {} MiB KVM guest over loopback ({}, {} workload, {} mode)",
         s["size_mib"],
+        s["strategy"].as_str().unwrap_or(""),
         s["workload"].as_str().unwrap_or(""),
         s["mode"].as_str().unwrap_or("")
     );
+    if s["strategy"] != "postcopy" {
+        println!(
+            "  timeline                        precopy {:.1} ms ({} rounds, converged by {}) → pause → resumed {:.1} ms later → every page {:.1} ms after the pause",
+            ms(&s["precopy_ms"]),
+            s["precopy_rounds"],
+            s["converged_by"].as_str().unwrap_or("?"),
+            ms(&s["downtime_ms"]),
+            ms(&s["pause_to_complete_ms"])
+        );
+        let rounds: Vec<String> = s["rounds"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .map(|r| {
+                        format!(
+                            "{} in {:.0} ms",
+                            r["pages_sent"],
+                            r["seconds"].as_f64().unwrap_or(0.0) * 1000.0
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!("  pages sent per round            {}", rounds.join(", "));
+    }
     println!(
         "  downtime (pause to resume)      {:>10.1} ms",
-        s["downtime_ms"].as_f64().unwrap_or(0.0)
+        ms(&s["downtime_ms"])
     );
     println!(
-        "  total (pause to every page)     {:>10.1} ms",
-        s["total_ms"].as_f64().unwrap_or(0.0)
+        "  total (start to every page)     {:>10.1} ms",
+        ms(&s["total_ms"])
     );
     println!(
         "  vCPU blocktime (stalls ≥ 10 µs) {:>10.1} ms",
@@ -443,13 +606,19 @@ fn print_summary(s: &Value) {
         "  pages                           {} requested, {} pushed, {} zero, {} removed",
         f["pages_requested"], f["pages_pushed"], f["pages_zero"], f["pages_removed"]
     );
+    let mib = |v: &Value| v.as_f64().unwrap_or(0.0) / 1048576.0;
     println!(
-        "  bytes received                  {:>10.1} MiB",
-        f["bytes_received"].as_f64().unwrap_or(0.0) / 1048576.0
+        "  bytes received                  {:>10.1} MiB ({:.2} × RAM): {:.1} MiB before the pause, {:.1} MiB after; {} pages dropped as written again",
+        mib(&f["bytes_received"]),
+        mib(&f["bytes_received"]) / s["size_mib"].as_f64().unwrap_or(1.0),
+        mib(&s["bytes_precopy"]),
+        mib(&s["bytes_postcopy"]),
+        s["pages_discarded"]
     );
     println!(
-        "  guest touches/s                 before {:.0}, during postcopy {:.0}, after {:.0}",
+        "  guest touches/s                 before {:.0}, during precopy {:.0}, during postcopy {:.0}, after {:.0}",
         g["touches_per_s_before"].as_f64().unwrap_or(0.0),
+        g["touches_per_s_during_precopy"].as_f64().unwrap_or(0.0),
         g["touches_per_s_during_postcopy"].as_f64().unwrap_or(0.0),
         g["touches_per_s_after"].as_f64().unwrap_or(0.0)
     );

@@ -23,6 +23,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,7 +40,7 @@ use crate::core::fault::FaultCore;
 use crate::core::kernel::UffdKernel;
 use crate::core::vm::{Counters, Vm};
 use crate::stats::Stats;
-use crate::upstream::link::{Link, LinkConfig, LinkEvent, Links, encode_maps};
+use crate::upstream::link::{Link, LinkConfig, LinkEvent, Links, SwitchAnnouncer, encode_maps};
 
 const UFFD: Token = Token(0);
 const URGENT: Token = Token(1);
@@ -96,7 +97,7 @@ pub fn run(
     std::thread::scope(|s| {
         let mut fl = FaultLoop {
             vm,
-            links: Links::new(s, vm, waker, config),
+            links: Links::new(s, vm, waker, config, switch_announcer(vm, &options.control)),
             core: FaultCore::new(vm),
             link: None,
             stage: Stage::Migrating,
@@ -138,7 +139,37 @@ pub fn run(
             fl.links.cuts,
         );
         stats.switched_ms = fl.switched_in.map(|d| d.as_secs_f64() * 1000.0);
+        let since_completed = started.elapsed().saturating_sub(duration);
+        stats.completed_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_sub(since_completed)
+            .as_secs_f64()
+            * 1000.0;
         Ok(Report { stats, verdict })
+    })
+}
+
+/// Tells the VMM, once, that its guest may resume: one line on stdout for scripts, and the
+/// `switched` event for orchestrators.
+fn switch_announcer<'env>(
+    vm: &'env Vm<UffdKernel>,
+    control: &Option<Arc<ControlServer>>,
+) -> SwitchAnnouncer<'env> {
+    let control = control.clone();
+    let announced = AtomicBool::new(false);
+    Arc::new(move || {
+        if announced.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        println!("faultd switched to postcopy: resume the guest");
+        if let Some(control) = &control {
+            control.emit(&json!({
+                "event": "switched",
+                "pages_present": vm.done.set_pages(),
+                "pages_discarded": Counters::get(&vm.counters.pages_discarded),
+            }));
+        }
     })
 }
 
@@ -672,15 +703,6 @@ impl FaultLoop<'_, '_> {
             pages_discarded = Counters::get(&c.pages_discarded),
             "switched to postcopy: the guest may resume"
         );
-        // One line on stdout for scripts, and the event for orchestrators: resume now.
-        println!("faultd switched to postcopy: resume the guest");
-        if let Some(control) = &self.control {
-            control.emit(&json!({
-                "event": "switched",
-                "pages_present": self.vm.done.set_pages(),
-                "pages_discarded": Counters::get(&c.pages_discarded),
-            }));
-        }
     }
 
     /// After a fatal error: tell pagesrv, if it can be told at once, that this destination

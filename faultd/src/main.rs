@@ -141,8 +141,9 @@ fn run(cli: &Cli) -> Result<Report> {
 
 fn print_summary(s: &stats::Stats) {
     let mib = s.bytes_received as f64 / (1 << 20) as f64;
-    eprintln!(
-        "faultd: complete in {:.1} ms: {} pages ({} requested, {} pushed, {} zero, {} removed), {:.1} MiB received ({:.0} MiB/s); {} faults, latency p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; {} reconnects; digests: {}",
+    // One write, so the line does not interleave with other processes' output.
+    let line = format!(
+        "faultd: complete in {:.1} ms: {} pages ({} requested, {} pushed, {} zero, {} removed), {:.1} MiB received ({:.0} MiB/s); {} faults, latency p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; {} reconnects; digests: {}\n",
         s.duration_ms,
         s.total_pages,
         s.pages_requested,
@@ -158,6 +159,7 @@ fn print_summary(s: &stats::Stats) {
         s.reconnects,
         s.digest_check,
     );
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
 }
 
 fn main() -> ExitCode {

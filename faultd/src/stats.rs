@@ -122,6 +122,8 @@ pub struct Stats {
     pub switched_ms: Option<f64>,
     /// From the VMM's handshake to the last page.
     pub duration_ms: f64,
+    /// When the last page arrived, in ms since the Unix epoch (to line up with other logs).
+    pub completed_unix_ms: f64,
     /// Fault latency percentiles.
     pub fault_latency_us: LatencySummary,
     /// Power-of-two microsecond buckets.
@@ -166,6 +168,7 @@ impl Stats {
             pages_discarded: Counters::get(&c.pages_discarded),
             switched_ms: None,
             duration_ms: duration.as_secs_f64() * 1000.0,
+            completed_unix_ms: 0.0,
             fault_latency_us: latencies.summary(),
             latency_dist_us: latencies.distribution(),
         }

@@ -63,8 +63,9 @@ pub fn print_summary(session: &Session<'_>, outcome: &Outcome) {
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let secs = session.elapsed().as_secs_f64();
     let bytes = get(&s.bytes_sent);
-    eprintln!(
-        "pagesrv: session {}: id {:016x}, {:.3} s, {} pages requested (urgent: {} data, {} zero), pushed {} data + {} zero pages, {} held, {} skipped, {:.1} MiB sent ({:.0} MiB/s)",
+    // One write, so the line does not interleave with other processes' output.
+    let line = format!(
+        "pagesrv: session {}: id {:016x}, {:.3} s, {} pages requested (urgent: {} data, {} zero), pushed {} data + {} zero pages, {} in precopy rounds ({} dropped as written again), {} held, {} skipped, {:.1} MiB sent ({:.0} MiB/s)\n",
         match outcome {
             Outcome::Completed if session.verified() => "completed".to_string(),
             Outcome::Completed => {
@@ -80,9 +81,12 @@ pub fn print_summary(session: &Session<'_>, outcome: &Outcome) {
         get(&s.urgent_zero_pages),
         get(&s.pushed_data_pages),
         get(&s.pushed_zero_pages),
+        get(&s.precopy_pages),
+        get(&s.discarded_pages),
         get(&s.held_pages),
         get(&s.skipped_pages),
         bytes as f64 / (1 << 20) as f64,
         bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
     );
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
 }

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use common::auth::Psk;
-use common::framed::FrameEncoder;
+use common::framed::{FrameEncoder, FrameReader};
 use common::wire::{ErrorCode, FLAG_PRECOPY, PROTOCOL_VERSION, Role, SessionParams};
 use serde_json::json;
 use socket2::SockRef;
@@ -330,11 +330,16 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             return;
         }
         info!(peer = %admitted.peer, role = "bulk", session = format_args!("{id:016x}"), sealed = admitted.encoder.is_sealed(), "destination connected");
-        let Admitted { conn, encoder, .. } = *admitted;
-        self.start_session(pending, conn, encoder);
+        let Admitted {
+            conn,
+            reader,
+            encoder,
+            ..
+        } = *admitted;
+        self.start_session(pending, (conn, reader, encoder));
     }
 
-    fn start_session(&mut self, pending: Pending, bulk: TcpStream, bulk_tx: FrameEncoder) {
+    fn start_session(&mut self, pending: Pending, bulk: (TcpStream, FrameReader, FrameEncoder)) {
         self.serials += 1;
         let serial = self.serials;
         self.source.refresh_holes();
@@ -366,7 +371,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             let outcome = std::thread::scope(|s| {
                 let (done_tx, done_rx) = mpsc::channel::<()>();
                 let reporter = s.spawn(|| report_progress(&session, done_rx));
-                let outcome = session.run(conn, reader, urgent_tx, bulk, bulk_tx);
+                let outcome = session.run(conn, reader, urgent_tx, bulk);
                 drop(done_tx);
                 let _ = reporter.join();
                 outcome

@@ -3,7 +3,11 @@
 //!
 //! - `vmm source`: guest RAM in a file; boots the guest, which fills RAM and then touches,
 //!   verifies and rewrites pages; on `pause` (a line on stdin) stops at the next report, saves
-//!   the vCPU to the state file and exits, leaving RAM in the file for pagesrv.
+//!   the vCPU to the state file and exits, leaving RAM in the file for pagesrv. With
+//!   `--pagesrv-uds`, `migrate` on stdin hands the running guest's RAM to pagesrv
+//!   (`common::source_link`): KVM's dirty log answers pagesrv's `dirty` requests while the
+//!   guest keeps running, and pagesrv's `pause` stops the vCPU at once (a signal), saves it
+//!   and answers with the last dirty pages.
 //! - `vmm dest`: guest RAM in a memfd registered with a userfaultfd, handed to faultd with
 //!   Firecracker's handshake (plus the memfd); restores the vCPU and runs at once while
 //!   faultd fills RAM in. If faultd dies before every page is present, the vCPU is stopped
@@ -17,8 +21,8 @@ use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
@@ -54,6 +58,9 @@ enum Role {
         /// faultd writes into the shared memfd and maps pages in place).
         #[arg(long, value_enum, default_value = "copy")]
         mode: Mode,
+        /// faultd's control socket: resume only once it says `switched` (precopy first).
+        #[arg(long, value_name = "PATH")]
+        wait_switch: Option<PathBuf>,
     },
 }
 
@@ -122,6 +129,14 @@ struct SourceArgs {
     /// The guest rewrites one touched page in 2^N.
     #[arg(long, default_value_t = 4)]
     write_shift: u64,
+    /// Instead: the guest rewrites the page it touches this many times per second at most
+    /// (a dirty rate in pages/s, independent of how fast it touches).
+    #[arg(long, value_name = "PAGES_PER_S")]
+    dirty_rate: Option<u64>,
+    /// pagesrv's `--vmm-uds`: on `migrate`, hand the running guest's RAM to pagesrv
+    /// (precopy); pagesrv then pauses the guest.
+    #[arg(long, value_name = "PATH")]
+    pagesrv_uds: Option<PathBuf>,
 }
 
 fn run_source(a: SourceArgs) -> Result<()> {
@@ -134,36 +149,175 @@ fn run_source(a: SourceArgs) -> Result<()> {
         .open(&a.mem_file)
         .with_context(|| format!("cannot create {}", a.mem_file.display()))?;
     file.set_len(size_bytes)?;
-    let mut vm = KvmVm::create(file, size_bytes)?;
+    let ram_for_pagesrv = file.try_clone()?;
+    let mut vm = KvmVm::create_with(file, size_bytes, a.pagesrv_uds.is_some())?;
     let tsc_per_us = vm.tsc_per_us();
     vm.boot(&GuestParams {
         size_bytes,
         seed: a.seed,
         workload: a.workload,
         write_shift: a.write_shift,
+        write_interval_tsc: a
+            .dirty_rate
+            .map_or(0, |rate| (tsc_per_us * 1e6 / rate.max(1) as f64) as u64),
         report_interval_tsc: (50_000.0 * tsc_per_us) as u64,
         stall_tsc: (10.0 * tsc_per_us) as u64,
     })?;
-    let pause = watch_stdin("pause");
+    install_stop_signal();
+    let commands = stdin_lines();
+    let pause = Arc::new(AtomicBool::new(false));
+    let mut link: Option<std::thread::JoinHandle<Result<()>>> = None;
+    let mut saved_tx: Option<mpsc::Sender<()>> = None;
     loop {
-        if let RunExit::Report(c) = vm.run_until_report()? {
-            report(&c, tsc_per_us);
-            if c.mismatches > 0 {
-                bail!(
-                    "the guest found {} wrong pages on the source (last: page {})",
-                    c.mismatches,
-                    c.bad_page
-                );
+        match vm.run_until_report()? {
+            RunExit::Report(c) => {
+                report(&c, tsc_per_us);
+                if c.mismatches > 0 {
+                    bail!(
+                        "the guest found {} wrong pages on the source (last: page {})",
+                        c.mismatches,
+                        c.bad_page
+                    );
+                }
+            }
+            RunExit::Interrupted => {}
+        }
+        while let Ok(line) = commands.try_recv() {
+            match (line.as_deref(), &a.pagesrv_uds) {
+                (Some("migrate"), Some(uds)) if link.is_none() => {
+                    let (tx, rx) = mpsc::channel();
+                    saved_tx = Some(tx);
+                    let handover = Handover {
+                        uds: uds.clone(),
+                        ram: ram_for_pagesrv.try_clone()?,
+                        size_bytes,
+                        dirty: vm.dirty_log(),
+                        pause: pause.clone(),
+                        saved: rx,
+                    };
+                    link = Some(std::thread::spawn(move || serve_pagesrv(handover)));
+                }
+                (Some("pause") | None, _) => pause.store(true, Ordering::Release),
+                _ => {}
             }
         }
         if pause.load(Ordering::Acquire) {
+            let stopped_us = now_us();
             let state = vm.save()?;
             std::fs::write(&a.state_file, serde_json::to_vec(&state)?)
                 .with_context(|| format!("cannot write {}", a.state_file.display()))?;
-            emit(serde_json::json!({"event": "paused", "t_us": now_us()}));
+            // The guest keeps its counters in its RAM: as they were when it stopped.
+            let c = vm.counters()?;
+            emit(serde_json::json!({
+                "event": "paused",
+                "t_us": stopped_us,
+                "tsc_per_us": tsc_per_us,
+                "counters": c,
+                "hist": c.hist.to_vec(),
+            }));
+            if let (Some(link), Some(saved)) = (link, saved_tx) {
+                let _ = saved.send(());
+                link.join()
+                    .map_err(|_| anyhow::anyhow!("the pagesrv link thread panicked"))??;
+            }
             return Ok(());
         }
     }
+}
+
+/// What the pagesrv link thread needs.
+struct Handover {
+    uds: PathBuf,
+    ram: std::fs::File,
+    size_bytes: u64,
+    dirty: bench::kvm_vm::DirtyLog,
+    pause: Arc<AtomicBool>,
+    saved: mpsc::Receiver<()>,
+}
+
+/// Hands the running guest's RAM to pagesrv and answers its requests: dirty bitmaps from
+/// KVM's log; `pause` stops the vCPU (a signal makes KVM_RUN return), waits until it is
+/// saved, and answers with the last bitmap.
+fn serve_pagesrv(h: Handover) -> Result<()> {
+    use common::source_link::{CommandKind, SOURCE_LINK_VERSION, SourceHello, SourceVmmClient};
+    let hello = SourceHello {
+        version: SOURCE_LINK_VERSION,
+        size_bytes: h.size_bytes,
+        page_size: 4096,
+    };
+    let mut link = SourceVmmClient::connect(&h.uds, &hello, h.ram.as_fd())
+        .with_context(|| format!("cannot reach pagesrv at {}", h.uds.display()))?;
+    emit(serde_json::json!({"event": "migrating", "t_us": now_us()}));
+    while let Some(cmd) = link.next_command()? {
+        match cmd {
+            CommandKind::Dirty => link.send_bitmap(CommandKind::Dirty, &h.dirty.take()?)?,
+            CommandKind::Pause => {
+                h.pause.store(true, Ordering::Release);
+                interrupt_vcpu();
+                h.saved
+                    .recv()
+                    .context("the vCPU thread ended before it was saved")?;
+                link.send_bitmap(CommandKind::Pause, &h.dirty.take()?)?;
+                // A paused VM is kept until pagesrv lets it go (the migration ended): the
+                // source could resume it, and tearing it down would compete with the
+                // switchover for this machine's two cores.
+                while link.next_command()?.is_some() {}
+                return Ok(());
+            }
+        }
+    }
+    bail!("pagesrv closed the link before pausing the guest")
+}
+
+/// The vCPU thread, for signals that make a blocked KVM_RUN return.
+static VCPU_THREAD: std::sync::OnceLock<libc::pthread_t> = std::sync::OnceLock::new();
+
+/// Installs a SIGUSR1 handler that does nothing (without SA_RESTART, so the signal makes a
+/// blocked KVM_RUN return EINTR instead of killing the process) and remembers the calling
+/// thread as the vCPU thread.
+fn install_stop_signal() {
+    // SAFETY: installs a handler that does nothing; `action` is fully initialised.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_stop_signal as *const () as usize;
+        libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut());
+    }
+    // SAFETY: pthread_self has no preconditions.
+    let _ = VCPU_THREAD.set(unsafe { libc::pthread_self() });
+}
+
+/// Makes the vCPU thread's KVM_RUN return now.
+fn interrupt_vcpu() {
+    if let Some(&thread) = VCPU_THREAD.get() {
+        // SAFETY: signals the vCPU thread, which lives as long as the process and handles
+        // SIGUSR1 with a no-op handler.
+        unsafe { libc::pthread_kill(thread, libc::SIGUSR1) };
+    }
+}
+
+/// Lines from stdin (`None` once it ends: the driver is gone).
+fn stdin_lines() -> mpsc::Receiver<Option<String>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            match line {
+                Ok(l) => {
+                    let l = l.trim().to_owned();
+                    let pause = l == "pause";
+                    if tx.send(Some(l)).is_err() {
+                        return;
+                    }
+                    if pause {
+                        interrupt_vcpu();
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = tx.send(None);
+        interrupt_vcpu();
+    });
+    rx
 }
 
 /// Whether the mapping at `addr` is still registered with a userfaultfd (smaps flags `um`,
@@ -228,12 +382,14 @@ fn watch_faultd(
     });
 }
 
-fn run_dest(uds: PathBuf, size_mib: u64, state_file: PathBuf, mode: Mode) -> Result<()> {
+fn run_dest(
+    uds: PathBuf,
+    size_mib: u64,
+    state_file: PathBuf,
+    mode: Mode,
+    wait_switch: Option<PathBuf>,
+) -> Result<()> {
     let size_bytes = size_mib << 20;
-    let state: VcpuState = serde_json::from_slice(
-        &std::fs::read(&state_file)
-            .with_context(|| format!("cannot read {}", state_file.display()))?,
-    )?;
     let memfd = create_memfd(size_bytes)?;
     let memfd_for_faultd = memfd.try_clone()?;
     let mut vm = KvmVm::create(memfd, size_bytes)?;
@@ -257,15 +413,26 @@ fn run_dest(uds: PathBuf, size_mib: u64, state_file: PathBuf, mode: Mode) -> Res
         layout.as_bytes(),
         &[uffd.as_fd(), memfd_for_faultd.as_fd()],
     )?;
+    if let Some(control) = &wait_switch {
+        // Precopy: the source still runs; resume when faultd says the switch happened.
+        let mut client = common::control::ControlClient::connect(control).with_context(|| {
+            format!("cannot reach faultd's control socket {}", control.display())
+        })?;
+        let event = client
+            .wait_for(|e| e["event"] == "switched" || e["event"] == "failed")?
+            .context("faultd closed its control socket before the switch")?;
+        if event["event"] == "failed" {
+            bail!("faultd failed before the switch: {event}");
+        }
+    }
+    // The source saved the vCPU when it paused, before the switch.
+    let state: VcpuState = serde_json::from_slice(
+        &std::fs::read(&state_file)
+            .with_context(|| format!("cannot read {}", state_file.display()))?,
+    )?;
     vm.restore(&state)?;
     let tsc_per_us = vm.tsc_per_us();
-    // SAFETY: installs a handler that does nothing, without SA_RESTART, so the signal makes
-    // a blocked KVM_RUN return EINTR instead of killing the process.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_stop_signal as *const () as usize;
-        libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut());
-    }
+    install_stop_signal();
     let failed = Arc::new(AtomicBool::new(false));
     let vcpu_done = Arc::new(AtomicBool::new(false));
     watch_faultd(sock.try_clone()?, base, failed.clone(), vcpu_done.clone());
@@ -303,7 +470,8 @@ fn main() -> ExitCode {
             size_mib,
             state_file,
             mode,
-        } => run_dest(uds, size_mib, state_file, mode),
+            wait_switch,
+        } => run_dest(uds, size_mib, state_file, mode, wait_switch),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,6 +22,11 @@
 //!              ◄── Digests{chunk_pages}+u64s ───   (skipped pages count as zero)
 //!              ── Goodbye ─────────────────────►   verified; pagesrv closes, its job is done
 //!           or ── Error{VerifyFailed|DestinationFailed} ► the source must keep the VM
+//!  precopy first (Welcome flag PRECOPY: the source VM still runs), before the push above:
+//!  bulk        ◄── PageRun / ZeroRun … ─────────   a round: every page not sent yet
+//!              ◄── Discard{first,count}+bitmap ─   drop these: written since they were sent
+//!              ◄── Sync ────────────────────────   ── Synced ──► (bulk) all of it is applied
+//!              ◄── Switchover ──────────────────   the source is paused: the guest may resume
 //!  any conn, either way, after the handshake:
 //!              ◄─ Heartbeat ─►                       when the connection was idle 200 ms;
 //!                                                    silence for the link timeout = dead link
@@ -194,6 +199,11 @@ pub enum Kind {
     /// Server → client (bulk): the source is paused and precopy is over; the destination may
     /// resume the guest. Postcopy follows on the same connections.
     Switchover = 20,
+    /// Server → client (bulk, precopy): answer `Synced` once every frame before this one is
+    /// applied.
+    Sync = 21,
+    /// Client → server (bulk): every frame before the `Sync` is applied.
+    Synced = 22,
 }
 
 impl TryFrom<u16> for Kind {
@@ -221,6 +231,8 @@ impl TryFrom<u16> for Kind {
             18 => Kind::SkipMap,
             19 => Kind::Discard,
             20 => Kind::Switchover,
+            21 => Kind::Sync,
+            22 => Kind::Synced,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -467,6 +479,10 @@ pub enum Message {
     Discard(PageRange),
     /// Precopy is over: the source is paused.
     Switchover,
+    /// Answer `Synced` once everything before is applied.
+    Sync,
+    /// Everything before the `Sync` is applied.
+    Synced,
 }
 
 impl Message {
@@ -493,6 +509,8 @@ impl Message {
             Message::SkipMap(_) => Kind::SkipMap,
             Message::Discard(_) => Kind::Discard,
             Message::Switchover => Kind::Switchover,
+            Message::Sync => Kind::Sync,
+            Message::Synced => Kind::Synced,
         }
     }
 }
@@ -591,7 +609,13 @@ impl Decoder {
             {
                 return Err(bad(format!("more than {RANGE_BODY_LEN}")));
             }
-            Kind::BulkDone | Kind::Goodbye | Kind::MapEnd | Kind::Heartbeat | Kind::Switchover
+            Kind::BulkDone
+            | Kind::Goodbye
+            | Kind::MapEnd
+            | Kind::Heartbeat
+            | Kind::Switchover
+            | Kind::Sync
+            | Kind::Synced
                 if len != 0 =>
             {
                 return Err(bad("0".into()));
@@ -768,6 +792,8 @@ impl Decoder {
             Kind::Goodbye => Message::Goodbye,
             Kind::Heartbeat => Message::Heartbeat,
             Kind::Switchover => Message::Switchover,
+            Kind::Sync => Message::Sync,
+            Kind::Synced => Message::Synced,
             Kind::Error => {
                 let (raw, text) =
                     ErrorBody::read_from_prefix(body).map_err(|_| self.short(header))?;
@@ -860,7 +886,9 @@ pub fn encode(message: &Message, payload_len: usize, out: &mut Vec<u8>) {
         | Message::Goodbye
         | Message::MapEnd
         | Message::Heartbeat
-        | Message::Switchover => {}
+        | Message::Switchover
+        | Message::Sync
+        | Message::Synced => {}
         Message::DoneMap(r) | Message::SkipMap(r) | Message::Discard(r) => {
             let body = RangeBody {
                 first_page: r.first.into(),
@@ -995,6 +1023,8 @@ mod tests {
             Message::Goodbye,
             Message::Heartbeat,
             Message::Switchover,
+            Message::Sync,
+            Message::Synced,
         ] {
             assert_eq!(decode_all(&session(), &frame(&m, &[])).unwrap().0, m);
         }
@@ -1070,8 +1100,8 @@ mod tests {
         let mut f = frame(&Message::Goodbye, &[]);
         f[0] = 99;
         assert_eq!(session().decode(&f), Err(WireError::UnknownKind(99)));
-        f[0] = 21;
-        assert_eq!(session().decode(&f), Err(WireError::UnknownKind(21)));
+        f[0] = 23;
+        assert_eq!(session().decode(&f), Err(WireError::UnknownKind(23)));
         let mut f = frame(&Message::Goodbye, &[]);
         f[2] = 1;
         assert!(matches!(

@@ -14,7 +14,8 @@
 //!  urgent, destination: Serving ─(sends DigestQuery)─► AwaitDigests ─Digests─► Verified
 //!                      (PageRun, ZeroRun)            (late PageRun, ZeroRun)
 //!  bulk, destination:  [Precopy ─Switchover─►] Pushing ─BulkDone─► Pushed    bulk, source: Open
-//!                      (PageRun, ZeroRun, Discard)  (PageRun, ZeroRun)
+//!                      (PageRun, ZeroRun,           (PageRun, ZeroRun)              (Synced)
+//!                       Discard, Sync)
 //!  every session phase takes Heartbeat and stays; Error ends every phase (Closed/Refused).
 //! ```
 
@@ -163,7 +164,7 @@ impl Phase for SourceUrgent {
 }
 
 /// pagesrv's side of a session's bulk connection: the destination sends nothing but
-/// heartbeats (or an error) on it.
+/// heartbeats, answers to `Sync` (or an error) on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceBulk {
     /// Pushing.
@@ -175,7 +176,7 @@ pub enum SourceBulk {
 impl Phase for SourceBulk {
     fn next(self, kind: Kind) -> Option<Self> {
         match (self, kind) {
-            (SourceBulk::Open, Kind::Heartbeat) => Some(SourceBulk::Open),
+            (SourceBulk::Open, Kind::Heartbeat | Kind::Synced) => Some(SourceBulk::Open),
             (SourceBulk::Open, Kind::Error) => Some(SourceBulk::Closed),
             _ => None,
         }
@@ -266,7 +267,7 @@ impl Phase for DestBulk {
             (Closed, _) => return None,
             (phase, Kind::Heartbeat) => phase,
             (_, Kind::Error) => Closed,
-            (Precopy, Kind::PageRun | Kind::ZeroRun | Kind::Discard) => Precopy,
+            (Precopy, Kind::PageRun | Kind::ZeroRun | Kind::Discard | Kind::Sync) => Precopy,
             (Precopy, Kind::Switchover) => Pushing,
             (Pushing, Kind::PageRun | Kind::ZeroRun) => Pushing,
             (Pushing, Kind::BulkDone) => Pushed,
@@ -371,7 +372,9 @@ mod tests {
         assert_eq!(
             run(
                 DestBulk::Precopy,
-                &[PageRun, Discard, ZeroRun, Switchover, PageRun, BulkDone]
+                &[
+                    PageRun, Discard, Sync, ZeroRun, Switchover, PageRun, BulkDone
+                ]
             ),
             Ok(DestBulk::Pushed)
         );
@@ -384,6 +387,15 @@ mod tests {
             "no discard after it"
         );
         assert!(run(DestBulk::Pushing, &[Switchover]).is_err());
+        assert!(
+            run(DestBulk::Pushing, &[Sync]).is_err(),
+            "syncs are for precopy"
+        );
+        assert_eq!(
+            run(SourceBulk::Open, &[Synced, Heartbeat]),
+            Ok(SourceBulk::Open)
+        );
+        assert!(run(SourceBulk::Open, &[Sync]).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use common::framed::{FrameReader, ReadError};
+use common::framed::{FrameEncoder, FrameReader, ReadError};
 use common::uffd::UffdError;
 use common::wire::phase::{DestBulk, Phase};
 use common::wire::{Message, RANGE_FRAME_BYTES};
@@ -57,21 +57,23 @@ pub enum BulkEnd {
     Stopped,
 }
 
-/// Receives and places pushed pages until `BulkDone`, `stop`, or an error. A read that waits
-/// longer than `silence` is a dead link.
+/// Receives and places pushed pages until `BulkDone`, `stop`, or an error, answering each
+/// `Sync` once everything before it is applied. A read that waits longer than `silence` is a
+/// dead link.
 ///
 /// # Errors
 /// Any [`BulkError`].
 pub fn receive_pushed_pages<K: Kernel>(
     vm: &Vm<K>,
     mut conn: TcpStream,
-    mut reader: FrameReader,
+    (mut reader, mut tx): (FrameReader, FrameEncoder),
     stop: &AtomicBool,
     silence: Duration,
     precopy: bool,
     on_switchover: &dyn Fn(),
 ) -> Result<BulkEnd, BulkError> {
     conn.set_read_timeout(Some(silence))
+        .and_then(|()| conn.set_write_timeout(Some(silence)))
         .map_err(ReadError::Io)?;
     // Room for several maximal frames, so each read takes whatever the socket holds.
     reader.reserve(4 * (common::wire::HEADER_LEN + common::wire::MAX_BODY_BYTES));
@@ -102,13 +104,20 @@ pub fn receive_pushed_pages<K: Kernel>(
             Message::Heartbeat => continue,
             Message::Discard(range) => {
                 let bitmap = reader.payload(payload);
+                let started = std::time::Instant::now();
                 let dropped = vm.discard(range.first, range.count, bitmap)?;
-                trace!(
+                debug!(
                     first = range.first,
                     count = range.count,
                     dropped,
+                    us = started.elapsed().as_micros() as u64,
                     "discarded"
                 );
+                continue;
+            }
+            Message::Sync => {
+                tx.write_frame(&mut conn, &Message::Synced, &[])
+                    .map_err(ReadError::Io)?;
                 continue;
             }
             Message::Switchover => {

@@ -152,6 +152,8 @@ pub struct Upstream {
     pub bulk: TcpStream,
     /// Anything read past the bulk handshake.
     pub bulk_reader: FrameReader,
+    /// Encodes what faultd sends on `bulk` (answers to `Sync`).
+    pub bulk_tx: FrameEncoder,
     /// The session and image pagesrv welcomed us to.
     pub pins: Pins,
     /// Precopy rounds come first (the source still runs).
@@ -205,8 +207,7 @@ pub fn connect(
         flags: 0,
         ..ours
     };
-    // faultd sends nothing on the bulk connection: its encoder is not needed.
-    let (bulk, bulk_reader, bulk_welcome, _) =
+    let (bulk, bulk_reader, bulk_welcome, bulk_tx) =
         open(resolved, psk, Role::Bulk, bulk_hello, link_timeout)?;
     if bulk_welcome.session_id != pins.session_id || bulk_welcome.image_id != pins.image_id {
         return Err(UpstreamError::Refused {
@@ -228,6 +229,7 @@ pub fn connect(
         urgent_reader,
         bulk,
         bulk_reader,
+        bulk_tx,
         pins,
         precopy: welcome.precopy(),
     })

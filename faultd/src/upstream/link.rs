@@ -110,7 +110,13 @@ pub struct Links<'scope, 'env, K> {
     pub cuts: u64,
     /// The session and image the next connection resumes.
     pub pins: Pins,
+    /// Tells the VMM the guest may resume; called by the bulk thread that got `Switchover`,
+    /// the moment it did (no hand-off to the main loop first).
+    announce_switch: SwitchAnnouncer<'env>,
 }
+
+/// Says that the guest may resume (once, however many links say so).
+pub type SwitchAnnouncer<'env> = Arc<dyn Fn() + Send + Sync + 'env>;
 
 impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
     /// Plumbing for links of `vm`, waking the main loop through `waker`.
@@ -119,6 +125,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
         vm: &'env Vm<K>,
         waker: Waker,
         config: &'env LinkConfig,
+        announce_switch: SwitchAnnouncer<'env>,
     ) -> Self {
         let (events_tx, events) = mpsc::channel();
         Links {
@@ -132,6 +139,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             generations: 0,
             cuts: 0,
             pins: Pins::default(),
+            announce_switch,
         }
     }
 
@@ -147,6 +155,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             urgent_reader,
             bulk,
             bulk_reader,
+            bulk_tx,
             pins,
             precopy,
         } = *up;
@@ -167,16 +176,18 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             bulk_stop.clone(),
         );
         let silence = self.config.liveness.timeout;
+        let announce_switch = self.announce_switch.clone();
         self.scope.spawn(move || {
             let _ = common::sched::normal_priority();
             let on_switchover = || {
+                announce_switch();
                 let _ = tx.send(LinkEvent::Switched { generation });
                 let _ = waker.wake();
             };
             let result = receive_pushed_pages(
                 vm,
                 bulk,
-                bulk_reader,
+                (bulk_reader, bulk_tx),
                 &stop,
                 silence,
                 precopy,

@@ -205,14 +205,14 @@ impl<'a> Session<'a> {
     }
 
     /// Runs the session on its two connections until the destination's verdict or a
-    /// connection fails. `reader` holds anything already read from `urgent`.
+    /// connection fails. `reader` holds anything already read from `urgent`; `bulk` is the
+    /// bulk connection with its reader and encoder.
     pub fn run(
         &self,
         urgent: TcpStream,
         reader: FrameReader,
         urgent_tx: FrameEncoder,
-        bulk: TcpStream,
-        bulk_tx: FrameEncoder,
+        (bulk, bulk_rx, bulk_tx): (TcpStream, FrameReader, FrameEncoder),
     ) -> Outcome {
         *self.urgent_tx.lock().unwrap_or_else(|p| p.into_inner()) = urgent_tx;
         {
@@ -231,7 +231,7 @@ impl<'a> Session<'a> {
             } else {
                 None
             };
-            let pusher = s.spawn(move || self.push_background(bulk, bulk_tx, push_conn));
+            let pusher = s.spawn(move || self.push_background(bulk, (bulk_rx, bulk_tx), push_conn));
             // Requests preempt the pusher the moment they arrive.
             if let Err(e) = common::sched::realtime_priority() {
                 debug!(error = %e, "urgent thread runs at normal priority");
@@ -631,7 +631,7 @@ impl<'a> Session<'a> {
     fn push_background(
         &self,
         mut conn: TcpStream,
-        mut tx: FrameEncoder,
+        (mut rx, mut tx): (FrameReader, FrameEncoder),
         mut push_conn: Option<TcpStream>,
     ) -> Result<(), String> {
         let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
@@ -646,7 +646,11 @@ impl<'a> Session<'a> {
                 .engine
                 .clone()
                 .ok_or("a precopy session without the precopy engine")?;
-            self.run_precopy(&engine, &mut conn, &mut tx)?;
+            rx.set_decoder(Decoder::session(
+                self.source.page_size(),
+                self.source.total_pages(),
+            ));
+            self.run_precopy(&engine, &mut conn, &mut tx, &mut rx)?;
             if self.is_stopped() {
                 return Ok(());
             }

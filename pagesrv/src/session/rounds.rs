@@ -1,17 +1,19 @@
 //! A session's precopy: rounds on the bulk connection while the source runs, the switch, and
 //! the catch-up for a destination that missed it (see `crate::precopy`).
 
+use std::io::ErrorKind;
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use common::framed::FrameEncoder;
+use common::framed::{FrameEncoder, FrameReader, ReadError};
 use common::pagemap::PageMap;
+use common::wire::phase::{Phase, SourceBulk};
 use common::wire::{MAX_PAYLOAD_BYTES, Message, PageRange};
 use serde_json::json;
-use tracing::info;
+use tracing::{debug, info};
 
-use super::{BULK_RUN_BYTES, Session};
+use super::{BULK_RUN_BYTES, Session, error_chain};
 use crate::precopy::{Precopy, Round, Strategy, converged};
 
 impl Session<'_> {
@@ -25,6 +27,7 @@ impl Session<'_> {
         engine: &Precopy,
         conn: &mut TcpStream,
         tx: &mut FrameEncoder,
+        rx: &mut FrameReader,
     ) -> Result<(), String> {
         let page_size = self.source.page_size();
         // A destination that reconnected may hold pages the guest wrote since they were sent.
@@ -85,11 +88,26 @@ impl Session<'_> {
         };
         self.events
             .emit(json!({"event": "converged", "by": converged_by}));
+        let catch_up = Instant::now();
+        let dropped_early = if engine.strategy == Strategy::Hybrid {
+            // What the guest wrote during the last round is dropped at the destination while
+            // the guest still runs: only what it writes from now on waits on the pause.
+            self.discard(conn, tx, &engine.pending)?
+        } else {
+            0
+        };
+        // The destination applies everything sent so far before the source stops.
+        self.sync(conn, tx, rx)?;
+        debug!(
+            dropped_early,
+            ms = catch_up.elapsed().as_secs_f64() * 1000.0,
+            "the destination caught up"
+        );
         let paused_at = Instant::now();
         engine
             .pause()
             .map_err(|e| format!("the source VMM did not pause: {e:#}"))?;
-        self.source.file().paused();
+        let pause_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
         let stale = self.discard(conn, tx, &engine.pending)?;
         PageMap::bitmap_runs(
             0,
@@ -117,10 +135,15 @@ impl Session<'_> {
         info!(
             ?converged_by,
             stale_pages = stale,
+            pause_ms,
             pause_to_switch_ms = paused_at.elapsed().as_secs_f64() * 1000.0,
             "the source is paused: switching"
         );
-        self.switchover(conn, tx)
+        let switched = self.switchover(conn, tx);
+        // Its holes are final now; finding them takes a walk of the whole file (milliseconds
+        // per GiB), so not while the guest waits.
+        self.source.file().paused();
+        switched
     }
 
     /// Sends every page not sent yet (a round); `None` if the session ended meanwhile.
@@ -220,6 +243,55 @@ impl Session<'_> {
             .discarded_pages
             .fetch_add(dropped, Ordering::Relaxed);
         Ok(dropped)
+    }
+
+    /// Returns once the destination applied everything sent so far (`Sync`, `Synced`).
+    ///
+    /// # Errors
+    /// The bulk connection failed, went silent for the link timeout, or the destination
+    /// broke the protocol or reported an error.
+    fn sync(
+        &self,
+        conn: &mut TcpStream,
+        tx: &mut FrameEncoder,
+        rx: &mut FrameReader,
+    ) -> Result<(), String> {
+        let liveness = self.config.liveness;
+        tx.write_frame(conn, &Message::Sync, &[])
+            .and_then(|()| conn.set_read_timeout(Some(liveness.heartbeat)))
+            .map_err(|e| format!("failed to send a sync: {e}"))?;
+        let mut phase = SourceBulk::Open;
+        let asked = Instant::now();
+        loop {
+            let message = match rx.read_frame(conn) {
+                Ok((message, _)) => message,
+                Err(ReadError::Io(e))
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                {
+                    if asked.elapsed() > liveness.timeout || self.is_stopped() {
+                        return Err(format!(
+                            "the destination did not answer a sync for {:.1} s",
+                            asked.elapsed().as_secs_f64()
+                        ));
+                    }
+                    // It is busy applying; keep the link alive meanwhile.
+                    tx.write_frame(conn, &Message::Heartbeat, &[])
+                        .map_err(|e| format!("failed to send a heartbeat: {e}"))?;
+                    continue;
+                }
+                Err(e) => return Err(format!("no answer to a sync: {}", error_chain(&e))),
+            };
+            phase
+                .receive(message.kind())
+                .map_err(|e| format!("the destination broke the protocol: {e}"))?;
+            match message {
+                Message::Synced => return Ok(()),
+                Message::Error { code, text } => {
+                    return Err(format!("the destination failed ({code:?}): {text}"));
+                }
+                _ => {}
+            }
+        }
     }
 
     fn switchover(&self, conn: &mut TcpStream, tx: &mut FrameEncoder) -> Result<(), String> {
