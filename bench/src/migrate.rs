@@ -413,15 +413,24 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
 
     let tsc_per_us = paused["tsc_per_us"].as_f64().unwrap_or(2000.0);
     let last = after.last().expect("at least one report after completion");
-    // The first report after completion closes the postcopy window.
-    let post_end = after.first().expect("a report after completion");
-    let postcopy_reports: Vec<&Value> = during.iter().chain(std::iter::once(post_end)).collect();
-    let window_max_tsc = postcopy_reports
+    // When faultd placed the last page (the VMM's `complete` comes after the digest check).
+    let completed_us = (stats["completed_unix_ms"].as_f64().unwrap_or(0.0) * 1000.0) as u64;
+    // The guest's reports since it resumed; the first one after the last page closes the
+    // postcopy window.
+    let reports: Vec<&Value> = during.iter().chain(after.iter()).collect();
+    let end = reports
+        .iter()
+        .position(|r| t_us(r) >= completed_us)
+        .unwrap_or(reports.len() - 1);
+    let post_end = reports[end];
+    let window_max_tsc = reports[..=end]
         .iter()
         .map(|r| counter(r, "window_max_tsc"))
         .max()
         .unwrap_or(0);
-    // From the pause (the guest's counters as it stopped): the downtime is one long stall.
+    // From the guest's counters as it stopped. Its TSC is restored on the destination, so
+    // the downtime is not a stall to it: blocktime is the time it spent stalled after it
+    // resumed (QEMU's postcopy blocktime).
     let blocktime_ms = (counter(post_end, "stall_tsc_sum") - counter(&paused, "stall_tsc_sum"))
         as f64
         / tsc_per_us
@@ -433,7 +442,7 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
         .unwrap_or(&after[0]);
     // The guest does not run between pause and resume: rate over the time since resume, up
     // to the last report before completion (or the first after it, if none came before).
-    let postcopy_last = during.last().unwrap_or(post_end);
+    let postcopy_last = if end > 0 { reports[end - 1] } else { post_end };
     let postcopy_rate = counter(postcopy_last, "touches")
         .saturating_sub(counter(&paused, "touches")) as f64
         / (t_us(postcopy_last).saturating_sub(t_us(&resumed)).max(1) as f64 / 1e6);
@@ -445,13 +454,12 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
         .iter()
         .find(|e| event_is(e, "converged"))
         .map_or(Value::Null, |e| e["by"].clone());
-    // When faultd placed the last page (the VMM's `complete` comes after the digest check).
-    let completed_us = (stats["completed_unix_ms"].as_f64().unwrap_or(0.0) * 1000.0) as u64;
     let bytes_precopy = stats["bytes_precopy"].as_u64().unwrap_or(0);
     let bytes_received = stats["bytes_received"].as_u64().unwrap_or(0);
     let summary = json!({
         "size_mib": args.size_mib,
         "workload": workload,
+        "dirty_rate": args.dirty_rate,
         "strategy": strategy,
         "mode": mode,
         "downtime_ms": t_us(&resumed).saturating_sub(t_us(&paused)) as f64 / 1000.0,
@@ -555,10 +563,13 @@ fn print_summary(s: &Value) {
     );
     if s["strategy"] != "postcopy" {
         println!(
-            "  timeline                        precopy {:.1} ms ({} rounds, converged by {}) → pause → resumed {:.1} ms later → every page {:.1} ms after the pause",
+            "  timeline                        precopy {:.1} ms ({} rounds, {}) → pause → resumed {:.1} ms later → every page {:.1} ms after the pause",
             ms(&s["precopy_ms"]),
             s["precopy_rounds"],
-            s["converged_by"].as_str().unwrap_or("?"),
+            match s["converged_by"].as_str().unwrap_or("?") {
+                by @ ("budget" | "forced") => format!("converged by {by}"),
+                by => format!("did not converge: {by}"),
+            },
             ms(&s["downtime_ms"]),
             ms(&s["pause_to_complete_ms"])
         );
@@ -587,7 +598,7 @@ fn print_summary(s: &Value) {
         ms(&s["total_ms"])
     );
     println!(
-        "  vCPU blocktime (stalls ≥ 10 µs) {:>10.1} ms",
+        "  vCPU blocktime (stalls ≥ 10 µs) {:>10.1} ms   (after the resume, to the last page)",
         s["blocktime_ms"].as_f64().unwrap_or(0.0)
     );
     println!(

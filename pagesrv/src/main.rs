@@ -241,17 +241,7 @@ fn bind_uds(path: &Path) -> Result<UnixListener> {
 /// The control socket: `status` (where precopy stands) and `start-postcopy`.
 fn control_server(path: &Path, precopy: Option<Arc<Precopy>>) -> Result<Arc<ControlServer>> {
     let handler: Arc<Handler> = Arc::new(move |name, _| match (name, &precopy) {
-        ("status", Some(engine)) => {
-            let state = engine.snapshot();
-            json!({"status": {
-                "strategy": engine.strategy,
-                "phase": if state.switched { "postcopy" } else { "precopy" },
-                "round": state.rounds.len(),
-                "last_round": state.rounds.last(),
-                "converged_by": state.converged_by,
-                "max_downtime_ms": engine.max_downtime.as_millis() as u64,
-            }})
-        }
+        ("status", Some(engine)) => json!({"status": engine.status()}),
         ("status", None) => json!({"status": {"strategy": "postcopy", "phase": "postcopy"}}),
         ("start-postcopy", Some(engine)) => {
             engine.force();

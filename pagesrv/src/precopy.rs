@@ -129,12 +129,41 @@ pub struct PrecopyState {
     pub tracking: bool,
 }
 
+/// The control socket's view of precopy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PrecopyStatus {
+    /// How the migration runs.
+    pub strategy: Strategy,
+    /// `precopy` until the switch, then `postcopy`.
+    pub phase: &'static str,
+    /// Rounds finished.
+    pub round: usize,
+    /// Pages of guest RAM.
+    pub total_pages: u64,
+    /// Pages sent in precopy rounds so far.
+    pub transferred_pages: u64,
+    /// Pages sent and written since, after the last round (all of them before the first).
+    pub remaining_pages: u64,
+    /// Pages the guest wrote per second during the last round.
+    pub dirty_pages_rate: f64,
+    /// Time to send what remains at the last round's bandwidth.
+    pub expected_downtime_ms: Option<f64>,
+    /// The downtime budget.
+    pub max_downtime_ms: u64,
+    /// Why precopy ended, once it did.
+    pub converged_by: Option<ConvergedBy>,
+    /// The last round.
+    pub last_round: Option<Round>,
+}
+
 /// The precopy engine: the source VMM link, what is stale, and the rounds.
 pub struct Precopy {
     /// How the migration runs.
     pub strategy: Strategy,
     /// The downtime budget.
     pub max_downtime: Duration,
+    /// The VMM's page size (what its dirty bitmaps count).
+    pub page_size: u64,
     vmm: Mutex<SourceVmm>,
     /// Pages the guest wrote since they were last sent (or since tracking began).
     pub pending: PageMap,
@@ -161,6 +190,7 @@ impl Precopy {
         Precopy {
             strategy,
             max_downtime,
+            page_size: vmm.hello.page_size,
             vmm: Mutex::new(vmm),
             pending: PageMap::new(pages),
             stale_at_switch: PageMap::new(pages),
@@ -178,6 +208,31 @@ impl Precopy {
     /// A snapshot of where precopy stands.
     pub fn snapshot(&self) -> PrecopyState {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Where precopy stands, for the control socket's `status` (names after QEMU's
+    /// `query-migrate`).
+    pub fn status(&self) -> PrecopyStatus {
+        let state = self.snapshot();
+        let total_pages = self.pending.total_pages();
+        let last = state.rounds.last();
+        PrecopyStatus {
+            strategy: self.strategy,
+            phase: if state.switched {
+                "postcopy"
+            } else {
+                "precopy"
+            },
+            round: state.rounds.len(),
+            total_pages,
+            transferred_pages: state.rounds.iter().map(|r| r.pages_sent).sum(),
+            remaining_pages: last.map_or(total_pages, |r| r.dirty_pages),
+            dirty_pages_rate: last.map_or(0.0, |r| r.dirty_pages as f64 / r.seconds.max(1e-6)),
+            expected_downtime_ms: last.map(|r| r.expected_downtime_ms(self.page_size)),
+            max_downtime_ms: self.max_downtime.as_millis() as u64,
+            converged_by: state.converged_by,
+            last_round: last.copied(),
+        }
     }
 
     /// Whether the switch happened (sessions from now on are postcopy).

@@ -9,13 +9,14 @@ use tests::*;
 const LIMIT: Duration = Duration::from_secs(120);
 const SIZE_MIB: &str = "64";
 
-fn migrate_with_bench(mode: &str) -> serde_json::Value {
-    let dir = Scratch::new(&format!("kvm-{mode}"));
+fn migrate_with_bench(strategy: &str, mode: &str) -> serde_json::Value {
+    let dir = Scratch::new(&format!("kvm-{strategy}-{mode}"));
     let out = dir.path("out.json");
     let mut bench = Proc::spawn(
         "bench",
         Command::new(bin("bench"))
             .args(["migrate", "--size-mib", SIZE_MIB, "--mode", mode])
+            .args(["--strategy", strategy])
             .args(["--warmup-ms", "200", "--after-ms", "200", "--json"])
             .arg(&out)
             .arg("--ram-dir")
@@ -48,7 +49,7 @@ fn test_kvm_guest_migrates_in_copy_mode() {
     if !require_kvm() || !require_userfaultfd() {
         return;
     }
-    assert_migrated(&migrate_with_bench("copy"));
+    assert_migrated(&migrate_with_bench("postcopy", "copy"));
 }
 
 #[test]
@@ -56,7 +57,34 @@ fn test_kvm_guest_migrates_in_minor_mode() {
     if !require_kvm() || !require_userfaultfd() {
         return;
     }
-    assert_migrated(&migrate_with_bench("minor"));
+    assert_migrated(&migrate_with_bench("postcopy", "minor"));
+}
+
+#[test]
+fn test_kvm_guest_migrates_hybrid() {
+    if !require_kvm() || !require_userfaultfd() {
+        return;
+    }
+    let r = migrate_with_bench("hybrid", "minor");
+    assert_migrated(&r);
+    // Rounds while the guest ran on the source, KVM's dirty log naming what it wrote.
+    assert!(r["precopy_rounds"].as_u64().unwrap() >= 1, "{r}");
+    assert!(r["bytes_precopy"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["pages_discarded"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["converged_by"].is_string(), "{r}");
+}
+
+#[test]
+fn test_kvm_guest_migrates_precopy() {
+    if !require_kvm() || !require_userfaultfd() {
+        return;
+    }
+    let r = migrate_with_bench("precopy", "minor");
+    assert_migrated(&r);
+    // Stop-and-copy: nothing moved after the pause but what was sent while it lasted.
+    assert_eq!(r["bytes_postcopy"], 0, "{r}");
+    assert_eq!(r["faultd"]["pages_requested"], 0, "{r}");
+    assert!(r["precopy_rounds"].as_u64().unwrap() >= 1, "{r}");
 }
 
 /// Runs a source guest until it touches pages, pauses it, and returns the RAM and state

@@ -11,10 +11,10 @@ use common::pagemap::PageMap;
 use common::wire::phase::{Phase, SourceBulk};
 use common::wire::{MAX_PAYLOAD_BYTES, Message, PageRange};
 use serde_json::json;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{BULK_RUN_BYTES, Session, error_chain};
-use crate::precopy::{Precopy, Round, Strategy, converged};
+use crate::precopy::{ConvergedBy, Precopy, Round, Strategy, converged};
 
 impl Session<'_> {
     /// Runs precopy until the switch (or the session ends); on return the bulk connection
@@ -88,6 +88,21 @@ impl Session<'_> {
         };
         self.events
             .emit(json!({"event": "converged", "by": converged_by}));
+        if matches!(
+            converged_by,
+            ConvergedBy::NoProgress | ConvergedBy::MaxRounds
+        ) {
+            let left = count_both(&engine.pending, &self.sent);
+            warn!(
+                ?converged_by,
+                pages_left = left,
+                "precopy did not converge: the guest writes faster than the link sends; {}",
+                match engine.strategy {
+                    Strategy::Precopy => "stop-and-copy of what is left (a long downtime)",
+                    _ => "postcopy moves what is left",
+                }
+            );
+        }
         let catch_up = Instant::now();
         let dropped_early = if engine.strategy == Strategy::Hybrid {
             // What the guest wrote during the last round is dropped at the destination while

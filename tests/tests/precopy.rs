@@ -1,0 +1,257 @@
+//! Precopy and hybrid migrations from a running source: test-source (a source VMM that knows
+//! every page it writes, and writes the final RAM to a file when paused) hands its RAM to
+//! `pagesrv --vmm-uds`; faultd places the rounds in test-vmm's memfd; test-vmm waits for the
+//! switch, then checks every byte against the final RAM.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::control::ControlClient;
+use serde_json::{Value, json};
+use tests::*;
+
+/// 64 MiB of guest RAM.
+const PAGES: u64 = 16384;
+/// The guest's writes per second: several rounds, each dropping pages at the destination.
+const WRITE_RATE: &str = "20000";
+
+/// A migration under way.
+struct Run {
+    /// Holds the files until the run ends.
+    _dir: Scratch,
+    final_ram: PathBuf,
+    stats: PathBuf,
+    source: Proc,
+    pagesrv: Proc,
+    /// pagesrv's control socket: commands out.
+    control: ControlClient,
+    /// pagesrv's control events, as they come.
+    events: mpsc::Receiver<Value>,
+    faultd: Proc,
+    vmm: Proc,
+    proxy: Option<Proc>,
+}
+
+/// Starts test-source, pagesrv (`--strategy strategy`, plus `pagesrv_args`), faultd (through
+/// a cut-proxy with `proxy_args`, if given) and test-vmm.
+fn start(tag: &str, strategy: &str, pagesrv_args: &[&str], proxy_args: Option<&[&str]>) -> Run {
+    let dir = Scratch::new(tag);
+    let (final_ram, stats, uds) = (
+        dir.path("final.mem"),
+        dir.path("stats.json"),
+        dir.path("faultd.sock"),
+    );
+    let (src_uds, pagesrv_ctl, faultd_ctl) = (
+        dir.path("source.sock"),
+        dir.path("pagesrv.ctl"),
+        dir.path("faultd.ctl"),
+    );
+    // test-vmm opens it at once; test-source fills it in when it pauses.
+    std::fs::File::create(&final_ram)
+        .and_then(|f| f.set_len(PAGES * 4096))
+        .expect("create the final RAM file");
+    let mut pagesrv = Proc::spawn(
+        "pagesrv",
+        Command::new(bin("pagesrv"))
+            .arg("--vmm-uds")
+            .arg(&src_uds)
+            .args(["--strategy", strategy, "--listen", "127.0.0.1:0"])
+            .arg("--control")
+            .arg(&pagesrv_ctl)
+            .args(pagesrv_args),
+    );
+    let line = pagesrv.read_line();
+    assert!(
+        line.starts_with("pagesrv waiting for the source VMM"),
+        "{line}"
+    );
+    let source = Proc::spawn(
+        "test-source",
+        Command::new(bin("test-source"))
+            .arg("--pagesrv-uds")
+            .arg(&src_uds)
+            .args(["--pages", &PAGES.to_string(), "--write-rate", WRITE_RATE])
+            .arg("--final")
+            .arg(&final_ram),
+    );
+    let line = pagesrv.read_line();
+    let addr = line
+        .strip_prefix("pagesrv listening on ")
+        .unwrap_or_else(|| panic!("pagesrv did not take the source's RAM: {line}"))
+        .to_owned();
+    let control = ControlClient::connect(&pagesrv_ctl).expect("pagesrv's control socket");
+    let mut listener = ControlClient::connect(&pagesrv_ctl).expect("pagesrv's control socket");
+    let (tx, events) = mpsc::channel();
+    std::thread::spawn(move || {
+        while let Ok(Some(event)) = listener.next_line() {
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    let mut proxy = proxy_args.map(|args| {
+        Proc::spawn(
+            "cut-proxy",
+            Command::new(bin("cut-proxy"))
+                .args(["--target", &addr])
+                .args(args),
+        )
+    });
+    let upstream = match &mut proxy {
+        Some(p) => p
+            .read_line()
+            .strip_prefix("proxy listening on ")
+            .expect("proxy started")
+            .to_owned(),
+        None => addr,
+    };
+    let faultd = start_faultd_with(
+        &upstream,
+        &uds,
+        &stats,
+        &[
+            "--placement",
+            "memfd",
+            "--control",
+            faultd_ctl.to_str().expect("path"),
+        ],
+    );
+    let vmm = start_vmm(
+        &uds,
+        &final_ram,
+        &[
+            "--memfd",
+            "--threads",
+            "2",
+            "--wait-switch",
+            faultd_ctl.to_str().expect("path"),
+        ],
+    );
+    Run {
+        _dir: dir,
+        final_ram,
+        stats,
+        source,
+        pagesrv,
+        control,
+        events,
+        faultd,
+        vmm,
+        proxy,
+    }
+}
+
+impl Run {
+    /// Waits for the migration to end and checks it (every byte, the digests); returns
+    /// faultd's stats and pagesrv's control events.
+    fn finish(mut self, what: &str) -> (Value, Vec<Value>) {
+        let done = finish_migration(
+            what,
+            &mut self.vmm,
+            &mut self.faultd,
+            &mut self.pagesrv,
+            &self.stats,
+        );
+        // What the destination holds is the RAM as the source paused.
+        assert_eq!(
+            done.stats["received_digest"],
+            source_digest(&self.final_ram).as_str(),
+            "{what}: {}",
+            done.stats
+        );
+        self.source.close_stdin();
+        let (status, err) = self.source.wait(Duration::from_secs(30));
+        assert!(status.success(), "{what}: test-source: {err}");
+        if let Some(proxy) = self.proxy.take() {
+            proxy.kill_and_collect();
+        }
+        let events = self.events.try_iter().collect();
+        (done.stats, events)
+    }
+}
+
+fn converged_by(events: &[Value]) -> Value {
+    events
+        .iter()
+        .find(|e| e["event"] == "converged")
+        .map_or(Value::Null, |e| e["by"].clone())
+}
+
+fn rounds(events: &[Value]) -> usize {
+    events.iter().filter(|e| e["event"] == "round").count()
+}
+
+#[test]
+fn test_hybrid_pages_written_after_they_were_sent_arrive_with_their_new_contents() {
+    if !require_userfaultfd() {
+        return;
+    }
+    let (stats, events) = start("hybrid", "hybrid", &[], None).finish("hybrid");
+    // Pages went stale at the destination (written after they were sent) and were dropped;
+    // test-vmm found each with the contents the source had when it paused.
+    assert!(stats["pages_discarded"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["bytes_precopy"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["switched_ms"].as_f64().is_some(), "{stats}");
+    assert!(rounds(&events) >= 1, "{events:?}");
+    assert!(
+        ["budget", "no-progress", "max-rounds"].contains(&converged_by(&events).as_str().unwrap()),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e["event"] == "switched"),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn test_precopy_resumes_the_guest_with_every_page() {
+    if !require_userfaultfd() {
+        return;
+    }
+    let (stats, events) = start("precopy", "precopy", &[], None).finish("precopy");
+    // Stop-and-copy: every page was there before the switch; nothing was fetched on demand.
+    assert_eq!(stats["pages_requested"], 0, "{stats}");
+    assert_eq!(stats["bytes_precopy"], stats["bytes_received"], "{stats}");
+    assert!(stats["pages_discarded"].as_u64().unwrap() > 0, "{stats}");
+    assert!(converged_by(&events).is_string(), "{events:?}");
+}
+
+#[test]
+fn test_start_postcopy_forces_the_switch() {
+    if !require_userfaultfd() {
+        return;
+    }
+    // A budget nothing can meet while the source writes: only the command ends precopy
+    // this early (no-progress needs three rounds).
+    let mut run = start("forced", "hybrid", &["--max-downtime-ms", "0"], None);
+    run.control
+        .send(&json!({"cmd": "start-postcopy"}))
+        .expect("send start-postcopy");
+    let answer = run
+        .control
+        .wait_for(|v| v.get("ok").is_some() || v.get("error").is_some())
+        .expect("read the answer")
+        .expect("an answer");
+    assert_eq!(answer["ok"], "start-postcopy", "{answer}");
+    let (stats, events) = run.finish("forced");
+    assert_eq!(converged_by(&events), "forced", "{events:?}");
+    assert!(rounds(&events) <= 2, "{events:?}");
+    assert!(stats["switched_ms"].as_f64().is_some(), "{stats}");
+}
+
+#[test]
+fn test_a_cut_during_precopy_resumes_precopy() {
+    if !require_userfaultfd() {
+        return;
+    }
+    // One cut after 8–24 MiB: inside the first round (64 MiB).
+    let proxy: &[&str] = &["--cuts", "1", "--min-mib", "8", "--max-mib", "24"];
+    let (stats, events) = start("precopy-cut", "hybrid", &[], Some(proxy)).finish("cut");
+    assert!(stats["reconnects"].as_u64().unwrap() >= 1, "{stats}");
+    // The rounds went on over the new link and the switch came after it.
+    assert!(rounds(&events) >= 1, "{events:?}");
+    assert!(stats["switched_ms"].as_f64().is_some(), "{stats}");
+    assert!(stats["pages_discarded"].as_u64().unwrap() > 0, "{stats}");
+}
