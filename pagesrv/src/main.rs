@@ -219,6 +219,7 @@ fn open_source(cli: &Cli) -> Result<(MemorySource, Option<Arc<Precopy>>)> {
     if cli.strategy == Strategy::Postcopy {
         engine.pause_now().context("the source VMM did not pause")?;
         source.paused();
+        source.refresh_holes();
         info!("the source VM is paused");
         return Ok((source, None));
     }

@@ -265,10 +265,11 @@ impl MemorySource {
         *self.data_ranges.write().unwrap_or_else(|p| p.into_inner()) = ranges;
     }
 
-    /// The guest was paused: its holes stay holes from now on, and are read again.
+    /// The guest was paused: its holes stay holes from now on. Finding them walks the whole
+    /// file (milliseconds per GiB): that waits for [`MemorySource::refresh_holes`] (the next
+    /// session), not the switch.
     pub fn paused(&self) {
         self.paused.store(true, Ordering::Release);
-        self.refresh_holes();
     }
 }
 

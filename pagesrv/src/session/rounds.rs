@@ -122,6 +122,7 @@ impl Session<'_> {
         engine
             .pause()
             .map_err(|e| format!("the source VMM did not pause: {e:#}"))?;
+        self.source.file().paused();
         let pause_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
         let stale = self.discard(conn, tx, &engine.pending)?;
         PageMap::bitmap_runs(
@@ -154,11 +155,7 @@ impl Session<'_> {
             pause_to_switch_ms = paused_at.elapsed().as_secs_f64() * 1000.0,
             "the source is paused: switching"
         );
-        let switched = self.switchover(conn, tx);
-        // Its holes are final now; finding them takes a walk of the whole file (milliseconds
-        // per GiB), so not while the guest waits.
-        self.source.file().paused();
-        switched
+        self.switchover(conn, tx)
     }
 
     /// Sends every page not sent yet (a round); `None` if the session ended meanwhile.
