@@ -1,0 +1,504 @@
+//! `bench migrate`: a complete loopback live migration of a running KVM guest.
+//!
+//! ```text
+//!  postcopy:  vmm source ──(guest fills RAM, touches pages)── pause ── state file
+//!                 │ RAM file /dev/shm/…                                   │
+//!             pagesrv ◄── urgent + bulk ──► faultd ◄── uffd+layout+memfd ── vmm dest
+//!  hybrid, precopy: vmm source ──migrate──► pagesrv --vmm-uds (rounds while the guest runs,
+//!             KVM's dirty log) ── pause ── Switchover ──► faultd ──switched──► vmm dest resumes
+//! ```
+//!
+//! Downtime is from the source vCPU stopping to the destination vCPU running; total time from
+//! the start of the migration (the pause for postcopy, the handover for precopy and hybrid)
+//! until every page is present. The guest's own counters (touch rate, stalls, verification)
+//! come from its reports before, during and after.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Args, ValueEnum};
+use serde_json::Value;
+
+use bench::guest::Workload;
+
+use crate::procs::{Guard, sibling, start_faultd, start_pagesrv};
+
+mod summary;
+
+use summary::{Labels, Timeline, counter, event_is, file_digest, print_summary, t_us};
+
+/// How faultd places pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// UFFDIO_COPY into MISSING-registered RAM.
+    Copy,
+    /// Write into the shared memfd and UFFDIO_CONTINUE (MISSING|MINOR registration).
+    Minor,
+}
+
+/// What happens before the destination resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Strategy {
+    /// Pause first; every page moves after the guest resumed on the destination.
+    Postcopy,
+    /// Rounds while the guest runs, then stop-and-copy.
+    Precopy,
+    /// Rounds while the guest runs, then postcopy for what changed since.
+    Hybrid,
+}
+
+/// Options of `bench migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// What happens before the destination resumes (hybrid and precopy place pages through
+    /// the shared memfd: `--mode minor`).
+    #[arg(long, value_enum, default_value = "hybrid")]
+    pub strategy: Strategy,
+    /// Downtime budget of the precopy convergence rule, in ms.
+    #[arg(long, default_value_t = 20)]
+    pub max_downtime_ms: u64,
+    /// Guest RAM size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub size_mib: u64,
+    /// The guest's access pattern.
+    #[arg(long, value_enum, default_value = "random")]
+    pub workload: Workload,
+    /// The guest's write rate in pages/s (default: it rewrites one page in 16 it touches,
+    /// ≈ 50 000 pages/s on this machine's random workload).
+    #[arg(long, value_name = "PAGES_PER_S")]
+    pub dirty_rate: Option<u64>,
+    /// How faultd places pages.
+    #[arg(long, value_enum, default_value = "copy")]
+    pub mode: Mode,
+    /// How long the guest runs on the source after filling RAM, before the pause.
+    #[arg(long, default_value_t = 1000)]
+    pub warmup_ms: u64,
+    /// How long the guest keeps running on the destination after every page arrived; its
+    /// speed "after" is measured over the last second of this window (its first touch of
+    /// each page on the destination still costs a shadow-paging fault in KVM).
+    #[arg(long, default_value_t = 2000)]
+    pub after_ms: u64,
+    /// Directory for the source RAM file (tmpfs is best).
+    #[arg(long, default_value = "/dev/shm")]
+    pub ram_dir: PathBuf,
+    /// Write the results as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+/// A child process with its JSON-lines stdout on a channel; killed on drop.
+struct Vmm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    events: mpsc::Receiver<Value>,
+}
+
+impl Vmm {
+    fn spawn(cmd: &mut Command) -> Result<Self> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start the VMM")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        Ok(Vmm {
+            child,
+            stdin,
+            events,
+        })
+    }
+
+    fn send(&mut self, command: &str) -> Result<()> {
+        let stdin = self.stdin.as_mut().context("VMM stdin closed")?;
+        writeln!(stdin, "{command}").context("the VMM is gone")?;
+        Ok(())
+    }
+
+    /// Next event, or an error naming the VMM's exit status if it ended.
+    fn next(&mut self, timeout: Duration) -> Result<Value> {
+        match self.events.recv_timeout(timeout) {
+            Ok(v) => Ok(v),
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!("the VMM sent nothing for {timeout:?}"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = self.child.wait()?;
+                bail!("the VMM exited ({status})")
+            }
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs one migration and prints its summary.
+///
+/// # Errors
+/// Any step failing, or a guest that saw a wrong byte.
+pub fn run(args: &MigrateArgs) -> Result<()> {
+    ensure!(
+        args.size_mib >= 4 && args.size_mib.is_multiple_of(2),
+        "--size-mib must be even and at least 4"
+    );
+    let tag = format!("pagemig-{}", std::process::id());
+    let mem = args.ram_dir.join(format!("{tag}.mem"));
+    let work = std::env::temp_dir().join(&tag);
+    std::fs::create_dir_all(&work)?;
+    let result = migrate(args, &mem, &work);
+    let _ = std::fs::remove_file(&mem);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn progress(text: &str) {
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[2K{text}");
+    } else {
+        eprintln!("{text}");
+    }
+}
+
+/// Where one run keeps its files.
+struct Paths {
+    state: PathBuf,
+    faultd_uds: PathBuf,
+    faultd_stats: PathBuf,
+    faultd_ctl: PathBuf,
+    pagesrv_ctl: PathBuf,
+    pagesrv_vmm_uds: PathBuf,
+}
+
+impl Paths {
+    fn in_dir(work: &Path) -> Self {
+        Paths {
+            state: work.join("vcpu.json"),
+            faultd_uds: work.join("faultd.sock"),
+            faultd_stats: work.join("faultd.json"),
+            faultd_ctl: work.join("faultd.ctl"),
+            pagesrv_ctl: work.join("pagesrv.ctl"),
+            pagesrv_vmm_uds: work.join("pagesrv-vmm.sock"),
+        }
+    }
+}
+
+/// How long any one step may take.
+const STEP_LIMIT: Duration = Duration::from_secs(600);
+
+/// What the handover left running.
+struct Handover {
+    pagesrv: Guard,
+    faultd: Guard,
+    dest: Vmm,
+    /// The source VMM's `migrating` (precopy first) or `paused` event.
+    start: Value,
+    paused: Value,
+    /// pagesrv's control events, as they come (precopy first).
+    pagesrv_events: Option<mpsc::Receiver<Value>>,
+}
+
+fn value_name(v: &impl ValueEnum) -> String {
+    v.to_possible_value()
+        .expect("no skipped variants")
+        .get_name()
+        .to_owned()
+}
+
+fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
+    let paths = Paths::in_dir(work);
+    let precopy_first = args.strategy != Strategy::Postcopy;
+    // Precopy needs faultd to write into the VMM's memfd (it drops pages written again).
+    let mode = if precopy_first {
+        Mode::Minor
+    } else {
+        args.mode
+    };
+    let (workload, strategy, mode_name) = (
+        value_name(&args.workload),
+        value_name(&args.strategy),
+        value_name(&mode),
+    );
+    let (mut source, first_touching, warm) = boot_source(args, mem, &paths, &workload)?;
+    progress("source guest running; starting pagesrv and faultd\n");
+    let mut dest_cmd = Command::new(sibling("vmm")?);
+    dest_cmd
+        .arg("dest")
+        .arg("--uds")
+        .arg(&paths.faultd_uds)
+        .args([
+            "--size-mib",
+            &args.size_mib.to_string(),
+            "--mode",
+            &mode_name,
+        ])
+        .arg("--state-file")
+        .arg(&paths.state);
+    let placement = if mode == Mode::Minor { "memfd" } else { "copy" };
+    let mut h = if precopy_first {
+        hand_over_precopy(args, &paths, &mut source, &mut dest_cmd, &strategy)?
+    } else {
+        hand_over_postcopy(mem, &paths, &mut source, &mut dest_cmd, placement)?
+    };
+    let (resumed, during, after) = follow_destination(&mut h.dest, args.after_ms)?;
+    h.dest.send("stop")?;
+    let dest_status = h.dest.child.wait()?;
+    let faultd_status = h.faultd.0.wait()?;
+    let pagesrv_status = h.pagesrv.0.wait()?;
+    // The paused source VM lives until pagesrv lets it go.
+    let source_status = source.child.wait()?;
+    ensure!(
+        source_status.success(),
+        "the source VMM failed ({source_status})"
+    );
+    ensure!(faultd_status.success(), "faultd failed ({faultd_status})");
+    ensure!(
+        pagesrv_status.success(),
+        "pagesrv failed ({pagesrv_status})"
+    );
+    ensure!(
+        dest_status.success(),
+        "the destination VMM failed ({dest_status})"
+    );
+    let stats: Value = serde_json::from_str(&std::fs::read_to_string(&paths.faultd_stats)?)?;
+    let timeline = Timeline {
+        first_touching,
+        warm,
+        start: h.start,
+        paused: h.paused,
+        resumed,
+        during,
+        after,
+        pagesrv_events: h
+            .pagesrv_events
+            .map(|rx| rx.try_iter().collect())
+            .unwrap_or_default(),
+    };
+    let labels = Labels {
+        workload: &workload,
+        strategy: &strategy,
+        mode: &mode_name,
+    };
+    let summary = summary::summarize(args, &labels, &timeline, stats, file_digest(mem)?);
+    print_summary(&summary);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    ensure!(
+        summary["guest"]["mismatches"] == 0,
+        "the guest found wrong pages"
+    );
+    ensure!(
+        summary["guest"]["ran_on_destination"] == true,
+        "the guest made no progress on the destination"
+    );
+    ensure!(
+        summary["digest_match"] == true,
+        "the received pages' digest differs from the source's"
+    );
+    Ok(())
+}
+
+/// Starts the source VMM and lets its guest fill RAM and run for the warm-up; returns it
+/// with the guest's first report while touching pages and its last one before the handover.
+fn boot_source(
+    args: &MigrateArgs,
+    mem: &Path,
+    paths: &Paths,
+    workload: &str,
+) -> Result<(Vmm, Value, Value)> {
+    let mut cmd = Command::new(sibling("vmm")?);
+    cmd.arg("source")
+        .arg("--mem-file")
+        .arg(mem)
+        .args([
+            "--size-mib",
+            &args.size_mib.to_string(),
+            "--workload",
+            workload,
+        ])
+        .arg("--state-file")
+        .arg(&paths.state);
+    if args.strategy != Strategy::Postcopy {
+        cmd.arg("--pagesrv-uds").arg(&paths.pagesrv_vmm_uds);
+    }
+    if let Some(rate) = args.dirty_rate {
+        cmd.args(["--dirty-rate", &rate.to_string()]);
+    }
+    let mut source = Vmm::spawn(&mut cmd)?;
+    let data_pages = ((args.size_mib << 20) - bench::guest::DATA_START_GPA) >> 12;
+    let first_touching = loop {
+        let e = source.next(STEP_LIMIT)?;
+        if counter(&e, "phase") == 1 {
+            break e;
+        }
+        let filled = counter(&e, "filled");
+        progress(&format!(
+            "source guest filling RAM: {}%",
+            filled * 100 / data_pages.max(1)
+        ));
+    };
+    let mut last = first_touching.clone();
+    while t_us(&last) < t_us(&first_touching) + args.warmup_ms * 1000 {
+        last = source.next(STEP_LIMIT)?;
+    }
+    Ok((source, first_touching, last))
+}
+
+/// Precopy first: pagesrv takes the running guest's RAM from the source VMM and runs the
+/// rounds; the destination VMM waits for faultd's `switched`.
+fn hand_over_precopy(
+    args: &MigrateArgs,
+    paths: &Paths,
+    source: &mut Vmm,
+    dest_cmd: &mut Command,
+    strategy: &str,
+) -> Result<Handover> {
+    let mut cmd = Command::new(sibling("pagesrv")?);
+    cmd.arg("--vmm-uds")
+        .arg(&paths.pagesrv_vmm_uds)
+        .args(["--strategy", strategy])
+        .args(["--max-downtime-ms", &args.max_downtime_ms.to_string()])
+        .arg("--control")
+        .arg(&paths.pagesrv_ctl)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped());
+    let mut pagesrv = Guard(cmd.spawn().context("cannot start pagesrv")?);
+    let mut lines = BufReader::new(pagesrv.0.stdout.take().context("no stdout")?).lines();
+    let mut line = || -> Result<String> { Ok(lines.next().context("pagesrv ended")??) };
+    ensure!(
+        line()?.starts_with("pagesrv waiting for the source VMM"),
+        "pagesrv did not start"
+    );
+    source.send("migrate")?;
+    let addr = line()?
+        .strip_prefix("pagesrv listening on ")
+        .context("pagesrv did not take the source VMM's RAM")?
+        .to_owned();
+    std::thread::spawn(move || lines.for_each(drop));
+    let pagesrv_events = collect_events(&paths.pagesrv_ctl)?;
+    let faultd_ctl = paths.faultd_ctl.to_str().context("path")?;
+    let faultd = start_faultd(
+        &addr,
+        &paths.faultd_uds,
+        &paths.faultd_stats,
+        &["--placement", "memfd", "--control", faultd_ctl],
+        false,
+    )?;
+    let dest = Vmm::spawn(dest_cmd.arg("--wait-switch").arg(&paths.faultd_ctl))?;
+    let mut start = None;
+    let paused = loop {
+        let e = source.next(STEP_LIMIT)?;
+        if event_is(&e, "paused") {
+            break e;
+        }
+        if event_is(&e, "migrating") {
+            start = Some(e);
+            progress("precopy: pagesrv sends the guest's pages while it runs\n");
+        }
+    };
+    Ok(Handover {
+        pagesrv,
+        faultd,
+        dest,
+        start: start.context("the source VMM never handed over its RAM")?,
+        paused,
+        pagesrv_events: Some(pagesrv_events),
+    })
+}
+
+/// Postcopy: pause the source, serve its RAM file, resume the destination at once.
+fn hand_over_postcopy(
+    mem: &Path,
+    paths: &Paths,
+    source: &mut Vmm,
+    dest_cmd: &mut Command,
+    placement: &str,
+) -> Result<Handover> {
+    let (pagesrv, addr) = start_pagesrv(mem, &[], false)?;
+    let faultd = start_faultd(
+        &addr,
+        &paths.faultd_uds,
+        &paths.faultd_stats,
+        &["--placement", placement],
+        false,
+    )?;
+    source.send("pause")?;
+    let paused = loop {
+        let e = source.next(STEP_LIMIT)?;
+        if event_is(&e, "paused") {
+            break e;
+        }
+    };
+    let dest = Vmm::spawn(dest_cmd)?;
+    Ok(Handover {
+        pagesrv,
+        faultd,
+        dest,
+        start: paused.clone(),
+        paused,
+        pagesrv_events: None,
+    })
+}
+
+/// The destination's `resumed`, the guest's reports until its VMM said `complete`, and
+/// those for `after_ms` after.
+fn follow_destination(dest: &mut Vmm, after_ms: u64) -> Result<(Value, Vec<Value>, Vec<Value>)> {
+    let resumed = dest.next(STEP_LIMIT)?;
+    ensure!(
+        event_is(&resumed, "resumed"),
+        "unexpected first event from the destination: {resumed}"
+    );
+    let mut during = Vec::new();
+    let complete = loop {
+        let e = dest.next(STEP_LIMIT)?;
+        if event_is(&e, "complete") {
+            break e;
+        }
+        during.push(e);
+    };
+    let mut after = Vec::new();
+    loop {
+        let e = dest.next(STEP_LIMIT)?;
+        let done = t_us(&e) >= t_us(&complete) + after_ms * 1000;
+        after.push(e);
+        if done {
+            return Ok((resumed, during, after));
+        }
+    }
+}
+
+/// Events from a daemon's control socket, on a channel, until it closes.
+fn collect_events(path: &Path) -> Result<mpsc::Receiver<Value>> {
+    let mut client = common::control::ControlClient::connect(path)
+        .with_context(|| format!("cannot reach {}", path.display()))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        while let Ok(Some(event)) = client.next_line() {
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
