@@ -9,7 +9,8 @@
 //!  an unknown or malformed command           ◄──{"error":"..."}\n
 //! ```
 //!
-//! Clients are served by one small thread each (a control socket has a handful); a client
+//! Events that mark a state (`switched`, `completed`, `failed`) are replayed to a client
+//! that connects after them. Clients are served by one small thread each (a control socket has a handful); a client
 //! that stops reading is dropped when a write to it fails, never blocking the daemon.
 
 use std::io::{BufRead, BufReader, Write};
@@ -49,8 +50,16 @@ pub type Handler = dyn Fn(&str, &Value) -> Value + Send + Sync;
 
 /// A bound control socket.
 pub struct ControlServer {
-    clients: Mutex<Vec<UnixStream>>,
+    subscribers: Mutex<Subscribers>,
     path: PathBuf,
+}
+
+/// Who gets events, and the events a late client still gets.
+#[derive(Default)]
+struct Subscribers {
+    clients: Vec<UnixStream>,
+    /// Events that mark a state (`switched`, `completed`, …), replayed to new clients.
+    sticky: Vec<Value>,
 }
 
 impl std::fmt::Debug for ControlServer {
@@ -77,7 +86,7 @@ impl ControlServer {
             source,
         })?;
         let server = Arc::new(ControlServer {
-            clients: Mutex::new(Vec::new()),
+            subscribers: Mutex::new(Subscribers::default()),
             path: path.to_owned(),
         });
         let weak = Arc::downgrade(&server);
@@ -102,10 +111,18 @@ impl ControlServer {
         let (Ok(reader), Ok(writer)) = (conn.try_clone(), conn.try_clone()) else {
             return;
         };
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(conn);
+        {
+            // Under the lock `emit` takes: a client sees every sticky event exactly once.
+            let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut conn = conn;
+            if subscribers
+                .sticky
+                .iter()
+                .all(|event| write_line(&mut conn, event).is_ok())
+            {
+                subscribers.clients.push(conn);
+            }
+        }
         std::thread::spawn(move || {
             let mut writer = writer;
             let mut lines = BufReader::new(reader);
@@ -134,8 +151,20 @@ impl ControlServer {
 
     /// Sends an event to every client; clients that cannot take it are dropped.
     pub fn emit(&self, event: &Value) {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        clients.retain_mut(|c| write_line(c, event).is_ok());
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        subscribers
+            .clients
+            .retain_mut(|c| write_line(c, event).is_ok());
+    }
+
+    /// [`ControlServer::emit`] for an event that marks a state: clients that connect later
+    /// get it first (a VMM that subscribes after the switch still learns of it).
+    pub fn emit_sticky(&self, event: &Value) {
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        subscribers
+            .clients
+            .retain_mut(|c| write_line(c, event).is_ok());
+        subscribers.sticky.push(event.clone());
     }
 }
 
@@ -232,9 +261,23 @@ mod tests {
                 .unwrap(),
             json!({"event": "switched"})
         );
+        server.emit_sticky(&json!({"event": "completed"}));
+        server.emit(&json!({"event": "round"}));
+        let mut late = ControlClient::connect(&path).unwrap();
+        late.send(&json!({"cmd": "status"})).unwrap();
+        // The state it missed first, then the answer; not the passing event.
+        assert_eq!(
+            late.next_line().unwrap().unwrap(),
+            json!({"event": "completed"})
+        );
+        assert!(late.next_line().unwrap().unwrap()["status"].is_object());
         std::io::Write::write_all(&mut client.writer, b"not json\n").unwrap();
+        // (after the two events it got meanwhile)
         assert!(
-            client.next_line().unwrap().unwrap()["error"]
+            client
+                .wait_for(|v| v.get("error").is_some())
+                .unwrap()
+                .unwrap()["error"]
                 .as_str()
                 .unwrap()
                 .contains("not JSON")

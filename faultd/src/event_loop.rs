@@ -23,7 +23,6 @@ use std::io::{ErrorKind, Read, Write};
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -118,7 +117,7 @@ pub fn run(
                 Ok(verdict) => json!({"event": "completed", "verdict": verdict.name()}),
                 Err(e) => json!({"event": "failed", "error": format!("{e:#}")}),
             };
-            control.emit(&event);
+            control.emit_sticky(&event);
         }
         fl.links.stop_connector();
         if let Err(e) = &result {
@@ -150,21 +149,17 @@ pub fn run(
     })
 }
 
-/// Tells the VMM, once, that its guest may resume: one line on stdout for scripts, and the
-/// `switched` event for orchestrators.
+/// Tells the VMM that its guest may resume (the links do it once): one line on stdout for
+/// scripts, and the `switched` event for orchestrators.
 fn switch_announcer<'env>(
     vm: &'env Vm<UffdKernel>,
     control: &Option<Arc<ControlServer>>,
 ) -> SwitchAnnouncer<'env> {
     let control = control.clone();
-    let announced = AtomicBool::new(false);
     Arc::new(move || {
-        if announced.swap(true, Ordering::AcqRel) {
-            return;
-        }
         println!("faultd switched to postcopy: resume the guest");
         if let Some(control) = &control {
-            control.emit(&json!({
+            control.emit_sticky(&json!({
                 "event": "switched",
                 "pages_present": vm.done.set_pages(),
                 "pages_discarded": Counters::get(&vm.counters.pages_discarded),
@@ -184,8 +179,9 @@ pub struct Options {
 }
 
 enum Stage {
-    /// The source still runs: precopy rounds arrive; the guest here waits for the switch
-    /// (its VMM may still fault pages while it restores).
+    /// The source still runs: precopy rounds arrive; the guest here waits for the switch.
+    /// Faults its VMM takes meanwhile wait for it too (no request goes out: a reply could
+    /// race with a discard of the same page on the bulk connection).
     Precopy,
     /// Pages still missing.
     Migrating,
@@ -641,6 +637,11 @@ impl FaultLoop<'_, '_> {
                     }
                 }
                 LinkEvent::Connected(Ok(up)) => {
+                    if up.precopy && self.links.switch_announced() {
+                        bail!(
+                            "pagesrv wants to run precopy again after it switched and the guest here resumed: its discards would drop what the guest wrote"
+                        );
+                    }
                     if up.precopy && !self.vm.kernel.can_drop_pages() {
                         bail!(
                             "pagesrv runs precopy rounds first, which needs the VMM's memfd and --placement memfd (pages sent early must be dropped when the source writes them again)"
@@ -676,7 +677,9 @@ impl FaultLoop<'_, '_> {
                         "link to pagesrv up"
                     );
                     self.link = Some(link);
-                    self.core.link_up();
+                    if !matches!(self.stage, Stage::Precopy) {
+                        self.core.link_up();
+                    }
                 }
                 LinkEvent::Connected(Err(e)) => return Err(e),
                 LinkEvent::Switched { generation } => self.on_switched(generation),
@@ -695,6 +698,11 @@ impl FaultLoop<'_, '_> {
         self.switched_in = Some(switched);
         self.stage = Stage::Migrating;
         self.links.pins.resumed = true;
+        if self.link.is_some() {
+            // Faults taken before the switch were held (a reply could race with a discard
+            // of the same page on the other connection): ask for their pages now.
+            self.core.link_up();
+        }
         let c = &self.vm.counters;
         info!(
             generation,

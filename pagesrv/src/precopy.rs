@@ -173,6 +173,8 @@ pub struct Precopy {
     pub forced: AtomicBool,
     /// Rounds and outcome.
     pub state: Mutex<PrecopyState>,
+    /// Set when the source VMM link failed.
+    failure: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Precopy {
@@ -202,6 +204,7 @@ impl Precopy {
                 pages_stale_at_switch: 0,
                 tracking: false,
             }),
+            failure: Mutex::new(None),
         }
     }
 
@@ -280,6 +283,36 @@ impl Precopy {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.switched = true;
         Ok(())
+    }
+
+    /// The source is paused: everything written since it was sent is stale at the switch
+    /// (`stale_at_switch`), and sessions from now on finish the switch instead of running
+    /// rounds.
+    pub fn decide_switch(&self, by: ConvergedBy) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let total = self.pending.total_pages();
+        PageMap::bitmap_runs(0, &self.pending.bitmap(0, total), |p, n| {
+            self.stale_at_switch.set_range(p, n);
+        });
+        self.pending.clear_range(0, total);
+        state.switched = true;
+        state.converged_by = Some(by);
+    }
+
+    /// Records that the source VMM link failed (the migration cannot go on) and returns
+    /// `why`.
+    pub fn fail(&self, why: String) -> String {
+        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        failure.get_or_insert_with(|| why.clone());
+        why
+    }
+
+    /// Why the migration cannot go on, if the source VMM link failed.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Forces the switch at the end of the current round.

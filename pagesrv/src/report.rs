@@ -22,6 +22,14 @@ impl Events {
             control.emit(&event);
         }
     }
+
+    /// Sends an event that marks a state (converged, switched, completed, failed): clients
+    /// that connect later get it too.
+    pub fn emit_sticky(&self, event: serde_json::Value) {
+        if let Some(control) = &self.0 {
+            control.emit_sticky(&event);
+        }
+    }
 }
 
 /// Shows progress until `done` is dropped: a bar on a terminal, a line every 2 s otherwise.

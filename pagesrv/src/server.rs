@@ -277,6 +277,20 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         let resumed = admitted.hello.resumed();
         let flags = match &self.precopy {
             None => 0,
+            Some(engine) if engine.failure().is_some() => {
+                let text = format!(
+                    "the migration failed at the source: {}",
+                    engine.failure().unwrap_or_default()
+                );
+                return self.refuse(admitted, ErrorCode::Internal, &text);
+            }
+            Some(engine) if u64::from(admitted.hello.page_size) != engine.page_size => {
+                let text = format!(
+                    "precopy tracks the source VMM's {}-byte pages; a destination in {}-byte pages cannot follow its discards",
+                    engine.page_size, admitted.hello.page_size
+                );
+                return self.refuse(admitted, ErrorCode::LayoutMismatch, &text);
+            }
             Some(engine) if !engine.switched() && resumed => {
                 let text = "the source still runs (precopy): a destination whose guest runs already cannot be served";
                 return self.refuse(admitted, ErrorCode::Protocol, text);
@@ -398,11 +412,13 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             .unwrap_or_else(|_| Outcome::Aborted("session thread panicked".into()));
         print_summary(&running.session, &outcome);
         match &outcome {
-            Outcome::Completed => self.events.emit(json!({
+            Outcome::Completed => self.events.emit_sticky(json!({
                 "event": "completed",
                 "verified": running.session.verified(),
             })),
-            Outcome::Failed(why) => self.events.emit(json!({"event": "failed", "error": why})),
+            Outcome::Failed(why) => self
+                .events
+                .emit_sticky(json!({"event": "failed", "error": why})),
             Outcome::Aborted(why) => self
                 .events
                 .emit(json!({"event": "session-broke-off", "why": why})),

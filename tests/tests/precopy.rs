@@ -25,8 +25,6 @@ struct Run {
     stats: PathBuf,
     source: Proc,
     pagesrv: Proc,
-    /// pagesrv's control socket: commands out.
-    control: ControlClient,
     /// pagesrv's control events, as they come.
     events: mpsc::Receiver<Value>,
     faultd: Proc,
@@ -34,9 +32,23 @@ struct Run {
     proxy: Option<Proc>,
 }
 
-/// Starts test-source, pagesrv (`--strategy strategy`, plus `pagesrv_args`), faultd (through
-/// a cut-proxy with `proxy_args`, if given) and test-vmm.
-fn start(tag: &str, strategy: &str, pagesrv_args: &[&str], proxy_args: Option<&[&str]>) -> Run {
+/// What a run starts with besides the strategy.
+#[derive(Default)]
+struct Options<'a> {
+    pagesrv_args: &'a [&'a str],
+    /// Through a cut-proxy with these arguments.
+    proxy_args: Option<&'a [&'a str]>,
+    /// Sent on pagesrv's control socket before faultd starts (before any round).
+    command: Option<Value>,
+}
+
+/// Starts test-source, pagesrv (`--strategy strategy`), faultd and test-vmm.
+fn start(tag: &str, strategy: &str, options: Options<'_>) -> Run {
+    let Options {
+        pagesrv_args,
+        proxy_args,
+        command,
+    } = options;
     let dir = Scratch::new(tag);
     let (final_ram, stats, uds) = (
         dir.path("final.mem"),
@@ -81,7 +93,15 @@ fn start(tag: &str, strategy: &str, pagesrv_args: &[&str], proxy_args: Option<&[
         .strip_prefix("pagesrv listening on ")
         .unwrap_or_else(|| panic!("pagesrv did not take the source's RAM: {line}"))
         .to_owned();
-    let control = ControlClient::connect(&pagesrv_ctl).expect("pagesrv's control socket");
+    let mut control = ControlClient::connect(&pagesrv_ctl).expect("pagesrv's control socket");
+    if let Some(command) = command {
+        control.send(&command).expect("send the command");
+        let answer = control
+            .wait_for(|v| v.get("ok").is_some() || v.get("error").is_some())
+            .expect("read the answer")
+            .expect("an answer");
+        assert!(answer.get("ok").is_some(), "{command} → {answer}");
+    }
     let mut listener = ControlClient::connect(&pagesrv_ctl).expect("pagesrv's control socket");
     let (tx, events) = mpsc::channel();
     std::thread::spawn(move || {
@@ -135,7 +155,6 @@ fn start(tag: &str, strategy: &str, pagesrv_args: &[&str], proxy_args: Option<&[
         stats,
         source,
         pagesrv,
-        control,
         events,
         faultd,
         vmm,
@@ -188,7 +207,7 @@ fn test_hybrid_pages_written_after_they_were_sent_arrive_with_their_new_contents
     if !require_userfaultfd() {
         return;
     }
-    let (stats, events) = start("hybrid", "hybrid", &[], None).finish("hybrid");
+    let (stats, events) = start("hybrid", "hybrid", Options::default()).finish("hybrid");
     // Pages went stale at the destination (written after they were sent) and were dropped;
     // test-vmm found each with the contents the source had when it paused.
     assert!(stats["pages_discarded"].as_u64().unwrap() > 0, "{stats}");
@@ -210,7 +229,7 @@ fn test_precopy_resumes_the_guest_with_every_page() {
     if !require_userfaultfd() {
         return;
     }
-    let (stats, events) = start("precopy", "precopy", &[], None).finish("precopy");
+    let (stats, events) = start("precopy", "precopy", Options::default()).finish("precopy");
     // Stop-and-copy: every page was there before the switch; nothing was fetched on demand.
     assert_eq!(stats["pages_requested"], 0, "{stats}");
     assert_eq!(stats["bytes_precopy"], stats["bytes_received"], "{stats}");
@@ -223,21 +242,20 @@ fn test_start_postcopy_forces_the_switch() {
     if !require_userfaultfd() {
         return;
     }
-    // A budget nothing can meet while the source writes: only the command ends precopy
-    // this early (no-progress needs three rounds).
-    let mut run = start("forced", "hybrid", &["--max-downtime-ms", "0"], None);
-    run.control
-        .send(&json!({"cmd": "start-postcopy"}))
-        .expect("send start-postcopy");
-    let answer = run
-        .control
-        .wait_for(|v| v.get("ok").is_some() || v.get("error").is_some())
-        .expect("read the answer")
-        .expect("an answer");
-    assert_eq!(answer["ok"], "start-postcopy", "{answer}");
+    // Asked before the first round begins, with a budget nothing can meet while the source
+    // writes: only the command ends precopy after one round.
+    let run = start(
+        "forced",
+        "hybrid",
+        Options {
+            pagesrv_args: &["--max-downtime-ms", "0"],
+            command: Some(json!({"cmd": "start-postcopy"})),
+            ..Options::default()
+        },
+    );
     let (stats, events) = run.finish("forced");
     assert_eq!(converged_by(&events), "forced", "{events:?}");
-    assert!(rounds(&events) <= 2, "{events:?}");
+    assert_eq!(rounds(&events), 1, "{events:?}");
     assert!(stats["switched_ms"].as_f64().is_some(), "{stats}");
 }
 
@@ -248,10 +266,48 @@ fn test_a_cut_during_precopy_resumes_precopy() {
     }
     // One cut after 8–24 MiB: inside the first round (64 MiB).
     let proxy: &[&str] = &["--cuts", "1", "--min-mib", "8", "--max-mib", "24"];
-    let (stats, events) = start("precopy-cut", "hybrid", &[], Some(proxy)).finish("cut");
+    let options = Options {
+        proxy_args: Some(proxy),
+        ..Options::default()
+    };
+    let (stats, events) = start("precopy-cut", "hybrid", options).finish("cut");
     assert!(stats["reconnects"].as_u64().unwrap() >= 1, "{stats}");
     // The rounds went on over the new link and the switch came after it.
     assert!(rounds(&events) >= 1, "{events:?}");
     assert!(stats["switched_ms"].as_f64().is_some(), "{stats}");
     assert!(stats["pages_discarded"].as_u64().unwrap() > 0, "{stats}");
+}
+
+#[test]
+fn test_a_cut_during_stop_and_copy_precopy_resumes_it() {
+    if !require_userfaultfd() {
+        return;
+    }
+    let proxy: &[&str] = &["--cuts", "1", "--min-mib", "8", "--max-mib", "24"];
+    let options = Options {
+        proxy_args: Some(proxy),
+        ..Options::default()
+    };
+    let (stats, _) = start("precopy-cut-s", "precopy", options).finish("precopy cut");
+    assert!(stats["reconnects"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(stats["pages_requested"], 0, "{stats}");
+}
+
+#[test]
+fn test_a_cut_around_the_switch_loses_nothing() {
+    if !require_userfaultfd() {
+        return;
+    }
+    // One round (forced), then the switch: ≈ 49 MiB cross in the round (every 4th page is
+    // zero, a marker), ≈ 6 MiB after it; the cut lands around the switch and the postcopy
+    // of what went stale.
+    let proxy: &[&str] = &["--cuts", "1", "--min-mib", "48", "--max-mib", "53"];
+    let options = Options {
+        proxy_args: Some(proxy),
+        command: Some(json!({"cmd": "start-postcopy"})),
+        ..Options::default()
+    };
+    let (stats, events) = start("switch-cut", "hybrid", options).finish("switch cut");
+    assert!(stats["reconnects"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(converged_by(&events), "forced", "{events:?}");
 }

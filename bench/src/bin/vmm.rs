@@ -253,10 +253,17 @@ fn serve_pagesrv(h: Handover) -> Result<()> {
             CommandKind::Dirty => link.send_bitmap(CommandKind::Dirty, &h.dirty.take()?)?,
             CommandKind::Pause => {
                 h.pause.store(true, Ordering::Release);
-                interrupt_vcpu();
-                h.saved
-                    .recv()
-                    .context("the vCPU thread ended before it was saved")?;
+                // Again until it stopped: a signal that lands outside KVM_RUN is lost.
+                loop {
+                    interrupt_vcpu();
+                    match h.saved.recv_timeout(Duration::from_millis(1)) {
+                        Ok(()) => break,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => {
+                            bail!("the vCPU thread ended before it was saved")
+                        }
+                    }
+                }
                 link.send_bitmap(CommandKind::Pause, &h.dirty.take()?)?;
                 // A paused VM is kept until pagesrv lets it go (the migration ended): the
                 // source could resume it, and tearing it down would compete with the

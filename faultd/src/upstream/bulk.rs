@@ -95,6 +95,10 @@ pub fn receive_pushed_pages<K: Kernel>(
             }
             Err(e) => return Err(e.into()),
         };
+        if stop.load(std::sync::atomic::Ordering::Acquire) {
+            // Cut: nothing read before it may land after the next link's maps.
+            return Ok(BulkEnd::Stopped);
+        }
         phase
             .receive(message.kind())
             .map_err(|e| BulkError::Receive(e.into()))?;

@@ -17,7 +17,7 @@
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::Scope;
 use std::time::{Duration, Instant};
@@ -113,9 +113,14 @@ pub struct Links<'scope, 'env, K> {
     /// Tells the VMM the guest may resume; called by the bulk thread that got `Switchover`,
     /// the moment it did (no hand-off to the main loop first).
     announce_switch: SwitchAnnouncer<'env>,
+    /// Set once the VMM was told: from then on every connection says the guest resumed.
+    switch_announced: Arc<AtomicBool>,
+    /// Bulk threads still running: a new link waits for the old one's to end, so nothing
+    /// it read before the cut lands after the new link's maps.
+    bulk_threads: Arc<AtomicUsize>,
 }
 
-/// Says that the guest may resume (once, however many links say so).
+/// Says that the guest may resume.
 pub type SwitchAnnouncer<'env> = Arc<dyn Fn() + Send + Sync + 'env>;
 
 impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
@@ -140,6 +145,8 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             cuts: 0,
             pins: Pins::default(),
             announce_switch,
+            switch_announced: Arc::new(AtomicBool::new(false)),
+            bulk_threads: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -176,11 +183,16 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             bulk_stop.clone(),
         );
         let silence = self.config.liveness.timeout;
-        let announce_switch = self.announce_switch.clone();
+        let (announce_switch, announced) =
+            (self.announce_switch.clone(), self.switch_announced.clone());
+        let bulk_threads = self.bulk_threads.clone();
+        bulk_threads.fetch_add(1, Ordering::AcqRel);
         self.scope.spawn(move || {
             let _ = common::sched::normal_priority();
             let on_switchover = || {
-                announce_switch();
+                if !announced.swap(true, Ordering::AcqRel) {
+                    announce_switch();
+                }
                 let _ = tx.send(LinkEvent::Switched { generation });
                 let _ = waker.wake();
             };
@@ -195,6 +207,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             );
             let _ = tx.send(LinkEvent::BulkEnded { generation, result });
             let _ = waker.wake();
+            bulk_threads.fetch_sub(1, Ordering::AcqRel);
         });
         debug!(
             generation,
@@ -242,6 +255,11 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
         let _ = link.bulk.shutdown(Shutdown::Both);
     }
 
+    /// Whether the VMM was told that its guest may resume.
+    pub fn switch_announced(&self) -> bool {
+        self.switch_announced.load(Ordering::Acquire)
+    }
+
     /// Stops a running connector.
     pub fn stop_connector(&mut self) {
         self.connector_stop = None;
@@ -257,9 +275,20 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             self.config,
             self.vm,
         );
-        let (pins, first_contact) = (self.pins, self.generations == 0);
+        let (mut pins, first_contact) = (self.pins, self.generations == 0);
+        let (announced, bulk_threads) = (self.switch_announced.clone(), self.bulk_threads.clone());
         self.scope.spawn(move || {
             let _ = common::sched::normal_priority();
+            // The old link's bulk thread was told to stop; whatever it still applies (a
+            // switch, a discard) must come before the maps the new link sends.
+            while bulk_threads.load(Ordering::Acquire) > 0 {
+                if stop_rx.try_recv() != Err(mpsc::TryRecvError::Empty) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Once the guest was told to resume, the source must not run precopy with us again.
+            pins.resumed |= announced.load(Ordering::Acquire);
             if let Some(result) = connect_with_backoff(config, vm, pins, first_contact, &stop_rx) {
                 let _ = tx.send(LinkEvent::Connected(result.map(Box::new)));
                 let _ = waker.wake();

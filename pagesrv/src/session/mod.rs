@@ -231,7 +231,15 @@ impl<'a> Session<'a> {
             } else {
                 None
             };
-            let pusher = s.spawn(move || self.push_background(bulk, (bulk_rx, bulk_tx), push_conn));
+            let pusher = s.spawn(move || {
+                let pushed = self.push_background(bulk, (bulk_rx, bulk_tx), push_conn);
+                if pushed.is_err() {
+                    // The session cannot go on without its bulk connection: end it now (the
+                    // destination reconnects) rather than serve requests until a timeout.
+                    self.abort();
+                }
+                pushed
+            });
             // Requests preempt the pusher the moment they arrive.
             if let Err(e) = common::sched::realtime_priority() {
                 debug!(error = %e, "urgent thread runs at normal priority");
@@ -242,7 +250,11 @@ impl<'a> Session<'a> {
             let push_result = pusher
                 .join()
                 .unwrap_or_else(|_| Err("bulk thread panicked".into()));
+            let vmm_failure = self.switch.engine.as_ref().and_then(|e| e.failure());
             match (outcome, push_result) {
+                (_, Err(_)) if vmm_failure.is_some() => {
+                    Outcome::Failed(vmm_failure.expect("checked"))
+                }
                 (Outcome::Aborted(why), Err(bulk_why)) => {
                     Outcome::Aborted(format!("{why}; bulk: {bulk_why}"))
                 }

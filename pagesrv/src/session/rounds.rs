@@ -39,14 +39,13 @@ impl Session<'_> {
             );
         }
         if engine.switched() {
-            // It missed the switch: drop what went stale then, and switch.
-            self.discard(conn, tx, &engine.stale_at_switch)?;
-            return self.switchover(conn, tx);
+            // The source paused already; this destination missed (the end of) the switch.
+            return self.finish_switch(engine, conn, tx).map(drop);
         }
         if !engine.snapshot().tracking {
             engine
                 .collect_dirty()
-                .map_err(|e| format!("the source VMM link failed: {e:#}"))?;
+                .map_err(|e| engine.fail(format!("the source VMM link failed: {e:#}")))?;
         }
         let converged_by = loop {
             let round = self.send_round(engine, conn, tx)?;
@@ -55,7 +54,7 @@ impl Session<'_> {
             };
             engine
                 .collect_dirty()
-                .map_err(|e| format!("the source VMM link failed: {e:#}"))?;
+                .map_err(|e| engine.fail(format!("the source VMM link failed: {e:#}")))?;
             round.dirty_pages = count_both(&engine.pending, &self.sent);
             let rounds = {
                 let mut state = engine.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -87,7 +86,7 @@ impl Session<'_> {
             self.discard(conn, tx, &engine.pending)?;
         };
         self.events
-            .emit(json!({"event": "converged", "by": converged_by}));
+            .emit_sticky(json!({"event": "converged", "by": converged_by}));
         if matches!(
             converged_by,
             ConvergedBy::NoProgress | ConvergedBy::MaxRounds
@@ -121,18 +120,36 @@ impl Session<'_> {
         let paused_at = Instant::now();
         engine
             .pause()
-            .map_err(|e| format!("the source VMM did not pause: {e:#}"))?;
+            .map_err(|e| engine.fail(format!("the source VMM did not pause: {e:#}")))?;
         self.source.file().paused();
         let pause_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
-        let stale = self.discard(conn, tx, &engine.pending)?;
-        PageMap::bitmap_runs(
-            0,
-            &engine.pending.bitmap(0, engine.pending.total_pages()),
-            |p, n| {
-                engine.stale_at_switch.set_range(p, n);
-            },
+        // From here on the switch is decided: a destination that reconnects before it got
+        // all of it gets the rest (the VMM answers nothing more).
+        engine.decide_switch(converged_by);
+        let stale = self.finish_switch(engine, conn, tx)?;
+        info!(
+            ?converged_by,
+            stale_pages = stale,
+            pause_ms,
+            pause_to_switch_ms = paused_at.elapsed().as_secs_f64() * 1000.0,
+            "the source is paused: switched"
         );
-        engine.pending.clear_range(0, engine.pending.total_pages());
+        Ok(())
+    }
+
+    /// The source is paused: drops at the destination what went stale after it was sent,
+    /// sends what is left first for stop-and-copy, and switches; returns how many pages were
+    /// dropped.
+    ///
+    /// # Errors
+    /// The bulk connection failed.
+    fn finish_switch(
+        &self,
+        engine: &Precopy,
+        conn: &mut TcpStream,
+        tx: &mut FrameEncoder,
+    ) -> Result<u64, String> {
+        let stale = self.discard(conn, tx, &engine.stale_at_switch)?;
         if engine.strategy == Strategy::Precopy {
             // Stop-and-copy: the rest now, before the guest resumes.
             self.send_unsent(conn, tx)?;
@@ -142,20 +159,13 @@ impl Session<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .rewind();
-        {
-            let mut state = engine.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.switched = true;
-            state.converged_by = Some(converged_by);
-            state.pages_stale_at_switch = stale;
-        }
-        info!(
-            ?converged_by,
-            stale_pages = stale,
-            pause_ms,
-            pause_to_switch_ms = paused_at.elapsed().as_secs_f64() * 1000.0,
-            "the source is paused: switching"
-        );
-        self.switchover(conn, tx)
+        engine
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pages_stale_at_switch = stale;
+        self.switchover(conn, tx)?;
+        Ok(stale)
     }
 
     /// Sends every page not sent yet (a round); `None` if the session ended meanwhile.
@@ -297,7 +307,11 @@ impl Session<'_> {
                 .receive(message.kind())
                 .map_err(|e| format!("the destination broke the protocol: {e}"))?;
             match message {
-                Message::Synced => return Ok(()),
+                Message::Synced => {
+                    return conn
+                        .set_read_timeout(None)
+                        .map_err(|e| format!("socket setup failed: {e}"));
+                }
                 Message::Error { code, text } => {
                     return Err(format!("the destination failed ({code:?}): {text}"));
                 }
@@ -309,7 +323,7 @@ impl Session<'_> {
     fn switchover(&self, conn: &mut TcpStream, tx: &mut FrameEncoder) -> Result<(), String> {
         tx.write_frame(conn, &Message::Switchover, &[])
             .map_err(|e| format!("failed to send the switchover: {e}"))?;
-        self.events.emit(json!({
+        self.events.emit_sticky(json!({
             "event": "switched",
             "session": format!("{:016x}", self.id),
             "pages_unsent": self.total_pages() - self.sent.set_pages(),
