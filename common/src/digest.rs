@@ -42,6 +42,13 @@ pub fn run_digest(first: u64, bytes: &[u8], page_size: usize) -> u64 {
         })
 }
 
+/// The hash of a page offered to a destination that holds a base image: XXH3-128 seeded
+/// with the session id (random, never seen by the guest, so a guest cannot prepare a page
+/// that collides with one of the base's), little-endian.
+pub fn page_hash(seed: u64, bytes: &[u8]) -> [u8; crate::wire::PAGE_HASH_BYTES] {
+    xxhash_rust::xxh3::xxh3_128_with_seed(bytes, seed).to_le_bytes()
+}
+
 /// A non-zero 64-bit identity of some values (e.g. a memory file's device, inode, size and
 /// modification time): equal values give equal identities.
 pub fn identity(parts: &[u64]) -> u64 {
@@ -52,6 +59,16 @@ pub fn identity(parts: &[u64]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_page_hash_depends_on_bytes_and_seed() {
+        let mut page = vec![7u8; 4096];
+        let h = page_hash(1, &page);
+        assert_eq!(h, page_hash(1, &page));
+        assert_ne!(h, page_hash(2, &page));
+        page[4095] ^= 1;
+        assert_ne!(h, page_hash(1, &page));
+    }
 
     #[test]
     fn test_is_zero() {

@@ -8,6 +8,7 @@
 //! keeps the VM); 2 bad usage.
 #![forbid(unsafe_code)]
 
+mod base;
 mod core;
 mod event_loop;
 mod stats;
@@ -27,6 +28,7 @@ use common::netopt::{Liveness, parse_seconds};
 use serde_json::json;
 use tracing::info;
 
+use crate::base::BaseImage;
 use crate::core::vm::Vm;
 use crate::event_loop::{Report, Verdict};
 use crate::upstream::connect::Target;
@@ -81,10 +83,17 @@ struct Cli {
     /// the events `switched` (precopy is over: resume the guest now), `completed`, `failed`.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// A memory image this host already holds (an older copy of this VM, or the template it
+    /// was cloned from), as large as the guest's RAM: pages whose hash matches the source's
+    /// are placed from it instead of crossing the wire.
+    #[arg(long, value_name = "FILE")]
+    base: Option<PathBuf>,
 }
 
 fn run(cli: &Cli) -> Result<Report> {
     let psk = cli.psk_file.as_deref().map(Psk::load).transpose()?;
+    // An unreadable base image is refused before anything starts.
+    let base = cli.base.as_deref().map(BaseImage::open).transpose()?;
     // The control socket is up before the VMM may look for it.
     let status = Arc::new(Mutex::new(json!({"status": {"phase": "starting"}})));
     let control = cli
@@ -109,17 +118,23 @@ fn run(cli: &Cli) -> Result<Report> {
     let _ = std::fs::remove_file(&cli.uds);
     let (vmm, kernel) = accepted?;
     let started = Instant::now();
+    if let Some(base) = &base {
+        // Before any page moves.
+        base.check_size(kernel.layout().total_pages() * kernel.layout().page_size())?;
+    }
     let target = Target {
         addr: cli.connect.clone(),
         psk,
         page_size: u32::try_from(kernel.layout().page_size()).context("page size")?,
         total_pages: kernel.layout().total_pages(),
+        base: base.is_some(),
     };
     let vm = Vm::new(kernel).context("cannot serve this VM")?;
     let config = LinkConfig {
         target,
         reconnect_timeout: cli.reconnect_timeout,
         liveness: Liveness::new(cli.link_timeout),
+        base,
     };
     let options = event_loop::Options {
         verify: !cli.no_verify,
@@ -143,13 +158,14 @@ fn print_summary(s: &stats::Stats) {
     let mib = s.bytes_received as f64 / (1 << 20) as f64;
     // One write, so the line does not interleave with other processes' output.
     let line = format!(
-        "faultd: complete in {:.1} ms: {} pages ({} requested, {} pushed, {} zero, {} removed), {:.1} MiB received ({:.0} MiB/s); {} faults, latency p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; {} reconnects; digests: {}\n",
+        "faultd: complete in {:.1} ms: {} pages ({} requested, {} pushed, {} zero, {} removed, {} from the base image), {:.1} MiB received ({:.0} MiB/s); {} faults, latency p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; {} reconnects; digests: {}\n",
         s.duration_ms,
         s.total_pages,
         s.pages_requested,
         s.pages_pushed,
         s.pages_zero,
         s.pages_removed,
+        s.pages_reused,
         mib,
         mib / (s.duration_ms / 1000.0).max(1e-9),
         s.faults,

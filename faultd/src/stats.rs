@@ -117,6 +117,12 @@ pub struct Stats {
     pub bytes_precopy: u64,
     /// Pages dropped because the source wrote them after they were sent (precopy).
     pub pages_discarded: u64,
+    /// Pages placed from the base image (`--base`): their hashes matched the source's.
+    pub pages_reused: u64,
+    /// Page bytes that did not cross the wire thanks to the base image.
+    pub bytes_saved_base: u64,
+    /// Bytes of page hashes received (part of `bytes_received`).
+    pub bytes_hashes: u64,
     /// From the VMM's handshake to the switch from precopy to postcopy (none without
     /// precopy).
     pub switched_ms: Option<f64>,
@@ -166,6 +172,9 @@ impl Stats {
             removed_while_link_down: Counters::get(&c.removed_while_link_down),
             bytes_precopy: Counters::get(&c.bytes_precopy),
             pages_discarded: Counters::get(&c.pages_discarded),
+            pages_reused: Counters::get(&c.pages_reused),
+            bytes_saved_base: Counters::get(&c.pages_reused) * vm.page_size(),
+            bytes_hashes: Counters::get(&c.bytes_hashes),
             switched_ms: None,
             duration_ms: duration.as_secs_f64() * 1000.0,
             completed_unix_ms: 0.0,

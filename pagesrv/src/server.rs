@@ -364,6 +364,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         let switch = Switch {
             engine: self.precopy.clone(),
             first: pending.welcome.precopy(),
+            base: pending.admitted.hello.has_base(),
         };
         let session = Arc::new(Session::new(
             paged,

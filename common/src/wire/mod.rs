@@ -22,6 +22,10 @@
 //!              ◄── Digests{chunk_pages}+u64s ───   (skipped pages count as zero)
 //!              ── Goodbye ─────────────────────►   verified; pagesrv closes, its job is done
 //!           or ── Error{VerifyFailed|DestinationFailed} ► the source must keep the VM
+//!  a destination with a base image (Hello flag BASE), before the push (and any round):
+//!  bulk        ◄── PageHashes{first,count}+hashes  XXH3-128 of each page, seeded with the session id
+//!              ── DoneMap{first,count}+bitmap ─►   (bulk) the pages its base holds: placed from it
+//!              ◄── Sync ──── … ──── Synced ─────►   then only the pages it lacks are pushed
 //!  precopy first (Welcome flag PRECOPY: the source VM still runs), before the push above:
 //!  bulk        ◄── PageRun / ZeroRun … ─────────   a round: every page not sent yet
 //!              ◄── Discard{first,count}+bitmap ─   drop these: written since they were sent
@@ -204,6 +208,10 @@ pub enum Kind {
     Sync = 21,
     /// Client → server (bulk): every frame before the `Sync` is applied.
     Synced = 22,
+    /// Server → client (bulk, before the push, to a destination with a base image): a
+    /// [`PAGE_HASH_BYTES`]-byte hash of each page of a range; the destination answers with a
+    /// `DoneMap` of the pages its base holds, on the bulk connection.
+    PageHashes = 23,
 }
 
 impl TryFrom<u16> for Kind {
@@ -233,6 +241,7 @@ impl TryFrom<u16> for Kind {
             20 => Kind::Switchover,
             21 => Kind::Sync,
             22 => Kind::Synced,
+            23 => Kind::PageHashes,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -388,6 +397,11 @@ impl SessionParams {
     pub fn resumed(&self) -> bool {
         self.flags & FLAG_RESUMED != 0
     }
+
+    /// Whether the destination holds a base image (a `Hello` flag).
+    pub fn has_base(&self) -> bool {
+        self.flags & FLAG_BASE != 0
+    }
 }
 
 /// `Welcome` flag: the destination must wait for `Switchover` on the bulk connection before
@@ -396,6 +410,11 @@ impl SessionParams {
 pub const FLAG_PRECOPY: u32 = 1;
 /// `Hello` flag: the destination's guest runs already; nothing it holds may be dropped.
 pub const FLAG_RESUMED: u32 = 2;
+/// `Hello` flag: the destination holds a base image (an older copy of this VM, or its
+/// template): hash pages first, send only those it does not hold.
+pub const FLAG_BASE: u32 = 4;
+/// Bytes of a page hash in `PageHashes`: XXH3-128 seeded with the session id.
+pub const PAGE_HASH_BYTES: usize = 16;
 
 /// A contiguous range of page indices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -483,6 +502,8 @@ pub enum Message {
     Sync,
     /// Everything before the `Sync` is applied.
     Synced,
+    /// Hashes of the pages of a range (payload: [`PAGE_HASH_BYTES`] per page).
+    PageHashes(PageRange),
 }
 
 impl Message {
@@ -511,6 +532,7 @@ impl Message {
             Message::Switchover => Kind::Switchover,
             Message::Sync => Kind::Sync,
             Message::Synced => Kind::Synced,
+            Message::PageHashes(_) => Kind::PageHashes,
         }
     }
 }
@@ -604,7 +626,7 @@ impl Decoder {
             Kind::Request | Kind::ZeroRun | Kind::Skip if len != RANGE_BODY_LEN => {
                 return Err(bad(RANGE_BODY_LEN.to_string()));
             }
-            Kind::PageRun | Kind::DoneMap | Kind::SkipMap | Kind::Discard
+            Kind::PageRun | Kind::DoneMap | Kind::SkipMap | Kind::Discard | Kind::PageHashes
                 if len <= RANGE_BODY_LEN =>
             {
                 return Err(bad(format!("more than {RANGE_BODY_LEN}")));
@@ -684,7 +706,7 @@ impl Decoder {
                 let known_flags = if kind == Kind::Welcome {
                     FLAG_PRECOPY
                 } else {
-                    FLAG_RESUMED
+                    FLAG_RESUMED | FLAG_BASE
                 };
                 if raw.reserved0 != 0 || raw.flags.get() & !known_flags != 0 {
                     return Err(WireError::ReservedNotZero { kind });
@@ -752,6 +774,22 @@ impl Decoder {
                     _ => Message::Discard(range),
                 };
                 return Ok((message, payload));
+            }
+            Kind::PageHashes => {
+                let (raw, payload) =
+                    RangeBody::read_from_prefix(body).map_err(|_| self.short(header))?;
+                let range = self.check_range(raw.first_page.get(), raw.count.get())?;
+                if range.count.checked_mul(PAGE_HASH_BYTES as u64) != Some(payload.len() as u64) {
+                    return Err(WireError::BadLength {
+                        kind,
+                        body_len: header.body_len as u32,
+                        expected: format!(
+                            "{RANGE_BODY_LEN} + {} hashes of {PAGE_HASH_BYTES} bytes",
+                            range.count
+                        ),
+                    });
+                }
+                return Ok((Message::PageHashes(range), payload));
             }
             Kind::MapEnd => Message::MapEnd,
             Kind::Challenge => Message::Challenge(body.try_into().map_err(|_| self.short(header))?),
@@ -889,7 +927,10 @@ pub fn encode(message: &Message, payload_len: usize, out: &mut Vec<u8>) {
         | Message::Switchover
         | Message::Sync
         | Message::Synced => {}
-        Message::DoneMap(r) | Message::SkipMap(r) | Message::Discard(r) => {
+        Message::DoneMap(r)
+        | Message::SkipMap(r)
+        | Message::Discard(r)
+        | Message::PageHashes(r) => {
             let body = RangeBody {
                 first_page: r.first.into(),
                 count: r.count.into(),
@@ -1046,6 +1087,13 @@ mod tests {
         assert_eq!((m, p), (Message::SkipMap(r), vec![0x0F; 3]));
         let (m, p) = decode_all(&session(), &frame(&Message::Discard(r), &[0x11; 3])).unwrap();
         assert_eq!((m, p), (Message::Discard(r), vec![0x11; 3]));
+        let hashes = vec![0x5A; 17 * PAGE_HASH_BYTES];
+        let (m, p) = decode_all(&session(), &frame(&Message::PageHashes(r), &hashes)).unwrap();
+        assert_eq!((m, p), (Message::PageHashes(r), hashes.clone()));
+        assert!(matches!(
+            session().decode(&frame(&Message::PageHashes(r), &hashes[1..])),
+            Err(WireError::BadLength { .. })
+        ));
         assert!(matches!(
             session().decode(&frame(&Message::SkipMap(r), &[0xFF; 4])),
             Err(WireError::BadLength { .. })
@@ -1100,8 +1148,8 @@ mod tests {
         let mut f = frame(&Message::Goodbye, &[]);
         f[0] = 99;
         assert_eq!(session().decode(&f), Err(WireError::UnknownKind(99)));
-        f[0] = 23;
-        assert_eq!(session().decode(&f), Err(WireError::UnknownKind(23)));
+        f[0] = 24;
+        assert_eq!(session().decode(&f), Err(WireError::UnknownKind(24)));
         let mut f = frame(&Message::Goodbye, &[]);
         f[2] = 1;
         assert!(matches!(

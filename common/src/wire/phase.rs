@@ -14,8 +14,8 @@
 //!  urgent, destination: Serving ─(sends DigestQuery)─► AwaitDigests ─Digests─► Verified
 //!                      (PageRun, ZeroRun)            (late PageRun, ZeroRun)
 //!  bulk, destination:  [Precopy ─Switchover─►] Pushing ─BulkDone─► Pushed    bulk, source: Open
-//!                      (PageRun, ZeroRun,           (PageRun, ZeroRun)              (Synced)
-//!                       Discard, Sync)
+//!                      (PageRun, ZeroRun,           (PageRun, ZeroRun,         (Synced, DoneMap)
+//!                       Discard, Sync, PageHashes)    PageHashes, Sync)
 //!  every session phase takes Heartbeat and stays; Error ends every phase (Closed/Refused).
 //! ```
 
@@ -164,7 +164,7 @@ impl Phase for SourceUrgent {
 }
 
 /// pagesrv's side of a session's bulk connection: the destination sends nothing but
-/// heartbeats, answers to `Sync` (or an error) on it.
+/// heartbeats, answers to `Sync` and the maps of pages its base image holds (or an error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceBulk {
     /// Pushing.
@@ -176,7 +176,9 @@ pub enum SourceBulk {
 impl Phase for SourceBulk {
     fn next(self, kind: Kind) -> Option<Self> {
         match (self, kind) {
-            (SourceBulk::Open, Kind::Heartbeat | Kind::Synced) => Some(SourceBulk::Open),
+            (SourceBulk::Open, Kind::Heartbeat | Kind::Synced | Kind::DoneMap) => {
+                Some(SourceBulk::Open)
+            }
             (SourceBulk::Open, Kind::Error) => Some(SourceBulk::Closed),
             _ => None,
         }
@@ -270,6 +272,8 @@ impl Phase for DestBulk {
             (Precopy, Kind::PageRun | Kind::ZeroRun | Kind::Discard | Kind::Sync) => Precopy,
             (Precopy, Kind::Switchover) => Pushing,
             (Pushing, Kind::PageRun | Kind::ZeroRun) => Pushing,
+            // A destination with a base image: hashes first, then a sync (either stage).
+            (Precopy | Pushing, Kind::PageHashes | Kind::Sync) => self,
             (Pushing, Kind::BulkDone) => Pushed,
             _ => return None,
         })
@@ -388,11 +392,16 @@ mod tests {
         );
         assert!(run(DestBulk::Pushing, &[Switchover]).is_err());
         assert!(
-            run(DestBulk::Pushing, &[Sync]).is_err(),
-            "syncs are for precopy"
+            run(DestBulk::Pushed, &[Sync]).is_err(),
+            "nothing to sync after the push"
         );
         assert_eq!(
-            run(SourceBulk::Open, &[Synced, Heartbeat]),
+            run(DestBulk::Pushing, &[PageHashes, Sync, PageRun, BulkDone]),
+            Ok(DestBulk::Pushed)
+        );
+        assert!(run(DestBulk::Pushed, &[PageHashes]).is_err());
+        assert_eq!(
+            run(SourceBulk::Open, &[DoneMap, Synced, Heartbeat]),
             Ok(SourceBulk::Open)
         );
         assert!(run(SourceBulk::Open, &[Sync]).is_err());

@@ -35,6 +35,22 @@ pub fn place_pushed<K: Kernel>(
     data: Option<&[u8]>,
     stop: &AtomicBool,
 ) -> Result<Pushed, UffdError> {
+    place_run(vm, first, count, data, Origin::Pushed, stop)
+}
+
+/// Places a run from the bulk thread (pushed, or from the base image), in chunks that hold
+/// the gate briefly, waiting for the event reader where the kernel says EAGAIN.
+///
+/// # Errors
+/// As [`place_pushed`].
+pub fn place_run<K: Kernel>(
+    vm: &Vm<K>,
+    first: u64,
+    count: u64,
+    data: Option<&[u8]>,
+    origin: Origin,
+    stop: &AtomicBool,
+) -> Result<Pushed, UffdError> {
     let page_size = vm.page_size() as usize;
     let end = first + count;
     let chunk_pages = (GATE_HOLD_BYTES / vm.page_size()).max(1);
@@ -47,7 +63,7 @@ pub fn place_pushed<K: Kernel>(
         let epoch = vm.events_epoch();
         let n = chunk_pages.min(end - at);
         let bytes = data.map(|d| &d[(at - first) as usize * page_size..][..n as usize * page_size]);
-        match vm.place(at, n, bytes, Origin::Pushed, ZeroPages::Skip)? {
+        match vm.place(at, n, bytes, origin, ZeroPages::Skip)? {
             Placed::Done => at += n,
             Placed::Again { resume_at } => {
                 at = resume_at;

@@ -69,6 +69,10 @@ pub struct Counters {
     pub pages_discarded: AtomicU64,
     /// Page bytes received in precopy rounds (before the switch).
     pub bytes_precopy: AtomicU64,
+    /// Pages placed from the base image (`--base`): their hashes matched the source's.
+    pub pages_reused: AtomicU64,
+    /// Bytes of page hashes received (`--base`).
+    pub bytes_hashes: AtomicU64,
 }
 
 impl Counters {
@@ -90,6 +94,8 @@ pub enum Origin {
     Requested,
     /// The background push.
     Pushed,
+    /// The destination's base image (its hash matched the source's page).
+    Base,
 }
 
 /// What to do with pages marked zero (known zero, or removed by the VMM).
@@ -325,7 +331,7 @@ impl<K: Kernel> Vm<K> {
         // in EEXIST); memfd placement writes the page cache first, which only the done bits
         // under the gate keep from overwriting a page the guest already uses.
         let _gate =
-            (origin == Origin::Pushed || self.kernel.writes_page_cache()).then(|| self.gate());
+            (origin != Origin::Requested || self.kernel.writes_page_cache()).then(|| self.gate());
         if data.is_none() {
             Counters::add(&self.counters.pages_zero, self.mark_zero(first, count));
         }
@@ -363,6 +369,7 @@ impl<K: Kernel> Vm<K> {
                 let counter = match origin {
                     Origin::Requested => &self.counters.pages_requested,
                     Origin::Pushed => &self.counters.pages_pushed,
+                    Origin::Base => &self.counters.pages_reused,
                 };
                 Counters::add(counter, newly);
                 if installed.again {

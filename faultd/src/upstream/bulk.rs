@@ -10,10 +10,11 @@ use std::time::Duration;
 use common::framed::{FrameEncoder, FrameReader, ReadError};
 use common::uffd::UffdError;
 use common::wire::phase::{DestBulk, Phase};
-use common::wire::{Message, RANGE_FRAME_BYTES};
+use common::wire::{Kind, Message, RANGE_FRAME_BYTES};
 use thiserror::Error;
 use tracing::{debug, trace};
 
+use crate::base::BaseImage;
 use crate::core::kernel::Kernel;
 use crate::core::push::{Pushed, place_pushed};
 use crate::core::vm::{Counters, Vm};
@@ -38,13 +39,19 @@ pub enum BulkError {
     /// Placing pages failed.
     #[error("placing pushed pages failed")]
     Place(#[from] UffdError),
+    /// Placing pages from the base image failed.
+    #[error("placing pages from the base image failed")]
+    Base(#[from] crate::base::BaseError),
 }
 
 impl BulkError {
     /// Whether the error is the link's (reconnect) rather than final: placement failures are
     /// the VM's, and pagesrv ends a session with an error only for good.
     pub fn is_link_failure(&self) -> bool {
-        !matches!(self, BulkError::Place(_) | BulkError::Remote { .. })
+        !matches!(
+            self,
+            BulkError::Place(_) | BulkError::Base(_) | BulkError::Remote { .. }
+        )
     }
 }
 
@@ -57,9 +64,23 @@ pub enum BulkEnd {
     Stopped,
 }
 
+/// What a bulk thread works with besides the VM and its connection.
+pub struct BulkContext<'a> {
+    /// Set when the link is cut or closed: apply nothing more.
+    pub stop: &'a AtomicBool,
+    /// A read that waits this long is a dead link.
+    pub silence: Duration,
+    /// Precopy rounds come first.
+    pub precopy: bool,
+    /// Called when `Switchover` arrives.
+    pub on_switchover: &'a dyn Fn(),
+    /// The base image and the hash seed (the session id), with `--base`.
+    pub base: Option<(&'a BaseImage, u64)>,
+}
+
 /// Receives and places pushed pages until `BulkDone`, `stop`, or an error, answering each
-/// `Sync` once everything before it is applied. A read that waits longer than `silence` is a
-/// dead link.
+/// `Sync` once everything before it is applied, and each `PageHashes` with the map of the
+/// pages the base image held (placed from it).
 ///
 /// # Errors
 /// Any [`BulkError`].
@@ -67,11 +88,9 @@ pub fn receive_pushed_pages<K: Kernel>(
     vm: &Vm<K>,
     mut conn: TcpStream,
     (mut reader, mut tx): (FrameReader, FrameEncoder),
-    stop: &AtomicBool,
-    silence: Duration,
-    precopy: bool,
-    on_switchover: &dyn Fn(),
+    cx: &BulkContext<'_>,
 ) -> Result<BulkEnd, BulkError> {
+    let (stop, silence, precopy) = (cx.stop, cx.silence, cx.precopy);
     conn.set_read_timeout(Some(silence))
         .and_then(|()| conn.set_write_timeout(Some(silence)))
         .map_err(ReadError::Io)?;
@@ -126,7 +145,23 @@ pub fn receive_pushed_pages<K: Kernel>(
             }
             Message::Switchover => {
                 debug!("the source switched to postcopy");
-                on_switchover();
+                (cx.on_switchover)();
+                continue;
+            }
+            Message::PageHashes(range) => {
+                let Some((base, seed)) = cx.base else {
+                    let e = common::wire::WireError::Unexpected(Kind::PageHashes);
+                    return Err(BulkError::Receive(e.into()));
+                };
+                let hashes = reader.payload(payload);
+                let frame_bytes = (RANGE_FRAME_BYTES + hashes.len()) as u64;
+                Counters::add(&vm.counters.bytes_hashes, frame_bytes);
+                Counters::add(&vm.counters.bytes_received, frame_bytes);
+                let Some(held) = base.place_matching(vm, seed, range, hashes, stop)? else {
+                    return Ok(BulkEnd::Stopped);
+                };
+                tx.write_frame(&mut conn, &Message::DoneMap(range), &held)
+                    .map_err(ReadError::Io)?;
                 continue;
             }
             Message::BulkDone => {

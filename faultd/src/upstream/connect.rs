@@ -127,6 +127,8 @@ pub struct Target {
     pub page_size: u32,
     /// Pages of the VMM's memory.
     pub total_pages: u64,
+    /// Whether we hold a base image (pagesrv offers page hashes first).
+    pub base: bool,
 }
 
 /// What a reconnect resumes: the session to replace and the image pinned (0: none).
@@ -189,6 +191,10 @@ pub fn connect(
         image_id: pins.image_id,
         flags: if pins.resumed {
             common::wire::FLAG_RESUMED
+        } else {
+            0
+        } | if target.base {
+            common::wire::FLAG_BASE
         } else {
             0
         },

@@ -32,7 +32,7 @@ use common::wire::{MAX_PAYLOAD_BYTES, Message, PageRange};
 use mio::{Interest, Registry, Token, Waker};
 use tracing::{debug, info, warn};
 
-use super::bulk::{BulkEnd, BulkError, receive_pushed_pages};
+use super::bulk::{BulkContext, BulkEnd, BulkError, receive_pushed_pages};
 use super::connect::{self, Pins, Target, Upstream};
 use crate::core::kernel::Kernel;
 use crate::core::vm::Vm;
@@ -41,7 +41,7 @@ use crate::core::vm::Vm;
 const WAITING_LOG_EVERY: Duration = Duration::from_secs(3);
 
 /// Where pagesrv is and how patient to be with it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LinkConfig {
     /// pagesrv and what to ask it for.
     pub target: Target,
@@ -49,6 +49,8 @@ pub struct LinkConfig {
     pub reconnect_timeout: Option<Duration>,
     /// Heartbeats and the link timeout.
     pub liveness: Liveness,
+    /// The base image (`--base`): pages pagesrv offers by hash are placed from it.
+    pub base: Option<crate::base::BaseImage>,
 }
 
 /// What the helper threads report to the main loop (with a wake-up).
@@ -187,6 +189,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             (self.announce_switch.clone(), self.switch_announced.clone());
         let bulk_threads = self.bulk_threads.clone();
         bulk_threads.fetch_add(1, Ordering::AcqRel);
+        let (base, session_id) = (self.config.base.as_ref(), pins.session_id);
         self.scope.spawn(move || {
             let _ = common::sched::normal_priority();
             let on_switchover = || {
@@ -196,15 +199,14 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
                 let _ = tx.send(LinkEvent::Switched { generation });
                 let _ = waker.wake();
             };
-            let result = receive_pushed_pages(
-                vm,
-                bulk,
-                (bulk_reader, bulk_tx),
-                &stop,
+            let cx = BulkContext {
+                stop: &stop,
                 silence,
                 precopy,
-                &on_switchover,
-            );
+                on_switchover: &on_switchover,
+                base: base.map(|b| (b, session_id)),
+            };
+            let result = receive_pushed_pages(vm, bulk, (bulk_reader, bulk_tx), &cx);
             let _ = tx.send(LinkEvent::BulkEnded { generation, result });
             let _ = waker.wake();
             bulk_threads.fetch_sub(1, Ordering::AcqRel);

@@ -28,6 +28,7 @@ use crate::push_order::PushScheduler;
 use crate::report::Events;
 use crate::source::{Paged, Piece};
 
+mod base;
 mod rounds;
 
 /// Pages hashed between two looks at the link while computing digests (32 MiB of 4 KiB
@@ -64,6 +65,8 @@ pub struct SessionStats {
     pub precopy_pages: AtomicU64,
     /// Pages the destination was told to drop (written after they were sent).
     pub discarded_pages: AtomicU64,
+    /// Pages the destination's base image held (placed from it, never sent).
+    pub base_pages: AtomicU64,
 }
 
 /// How a session ended.
@@ -100,6 +103,9 @@ pub struct Switch {
     /// The destination was welcomed with `FLAG_PRECOPY`: precopy rounds (or the discards it
     /// missed) and `Switchover` come first on the bulk connection.
     pub first: bool,
+    /// The destination holds a base image (`FLAG_BASE`): page hashes go before anything
+    /// else on the bulk connection.
+    pub base: bool,
 }
 
 /// State shared by the session's threads.
@@ -652,16 +658,19 @@ impl<'a> Session<'a> {
         if !self.wait_for_push(&mut conn, &mut tx) {
             return Ok(());
         }
+        rx.set_decoder(Decoder::session(
+            self.source.page_size(),
+            self.source.total_pages(),
+        ));
+        if self.switch.base {
+            self.offer_hashes(&mut conn, &mut tx, &mut rx)?;
+        }
         if self.switch.first {
             let engine = self
                 .switch
                 .engine
                 .clone()
                 .ok_or("a precopy session without the precopy engine")?;
-            rx.set_decoder(Decoder::session(
-                self.source.page_size(),
-                self.source.total_pages(),
-            ));
             self.run_precopy(&engine, &mut conn, &mut tx, &mut rx)?;
             if self.is_stopped() {
                 return Ok(());

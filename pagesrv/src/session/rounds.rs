@@ -1,19 +1,17 @@
 //! A session's precopy: rounds on the bulk connection while the source runs, the switch, and
 //! the catch-up for a destination that missed it (see `crate::precopy`).
 
-use std::io::ErrorKind;
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use common::framed::{FrameEncoder, FrameReader, ReadError};
+use common::framed::{FrameEncoder, FrameReader};
 use common::pagemap::PageMap;
-use common::wire::phase::{Phase, SourceBulk};
 use common::wire::{MAX_PAYLOAD_BYTES, Message, PageRange};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use super::{BULK_RUN_BYTES, Session, error_chain};
+use super::{BULK_RUN_BYTES, Session};
 use crate::precopy::{ConvergedBy, Precopy, Round, Strategy, converged};
 
 impl Session<'_> {
@@ -111,7 +109,7 @@ impl Session<'_> {
             0
         };
         // The destination applies everything sent so far before the source stops.
-        self.sync(conn, tx, rx)?;
+        self.sync(conn, tx, rx, &mut |_, _| {})?;
         debug!(
             dropped_early,
             ms = catch_up.elapsed().as_secs_f64() * 1000.0,
@@ -265,59 +263,6 @@ impl Session<'_> {
             .discarded_pages
             .fetch_add(dropped, Ordering::Relaxed);
         Ok(dropped)
-    }
-
-    /// Returns once the destination applied everything sent so far (`Sync`, `Synced`).
-    ///
-    /// # Errors
-    /// The bulk connection failed, went silent for the link timeout, or the destination
-    /// broke the protocol or reported an error.
-    fn sync(
-        &self,
-        conn: &mut TcpStream,
-        tx: &mut FrameEncoder,
-        rx: &mut FrameReader,
-    ) -> Result<(), String> {
-        let liveness = self.config.liveness;
-        tx.write_frame(conn, &Message::Sync, &[])
-            .and_then(|()| conn.set_read_timeout(Some(liveness.heartbeat)))
-            .map_err(|e| format!("failed to send a sync: {e}"))?;
-        let mut phase = SourceBulk::Open;
-        let asked = Instant::now();
-        loop {
-            let message = match rx.read_frame(conn) {
-                Ok((message, _)) => message,
-                Err(ReadError::Io(e))
-                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-                {
-                    if asked.elapsed() > liveness.timeout || self.is_stopped() {
-                        return Err(format!(
-                            "the destination did not answer a sync for {:.1} s",
-                            asked.elapsed().as_secs_f64()
-                        ));
-                    }
-                    // It is busy applying; keep the link alive meanwhile.
-                    tx.write_frame(conn, &Message::Heartbeat, &[])
-                        .map_err(|e| format!("failed to send a heartbeat: {e}"))?;
-                    continue;
-                }
-                Err(e) => return Err(format!("no answer to a sync: {}", error_chain(&e))),
-            };
-            phase
-                .receive(message.kind())
-                .map_err(|e| format!("the destination broke the protocol: {e}"))?;
-            match message {
-                Message::Synced => {
-                    return conn
-                        .set_read_timeout(None)
-                        .map_err(|e| format!("socket setup failed: {e}"));
-                }
-                Message::Error { code, text } => {
-                    return Err(format!("the destination failed ({code:?}): {text}"));
-                }
-                _ => {}
-            }
-        }
     }
 
     fn switchover(&self, conn: &mut TcpStream, tx: &mut FrameEncoder) -> Result<(), String> {

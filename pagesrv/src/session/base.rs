@@ -1,0 +1,138 @@
+//! What a session asks of the destination on the bulk connection and waits for: a `Sync`
+//! (everything sent so far applied; precopy waits for it before the pause), and, for a
+//! destination that holds a base image (an older copy of this VM, or its template), the
+//! hashes of the pages not sent yet: it places those its base holds and says which.
+
+use std::io::ErrorKind;
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use common::framed::{FrameEncoder, FrameReader, ReadError};
+use common::wire::phase::{Phase, SourceBulk};
+use common::wire::{MAX_PAYLOAD_BYTES, Message, PAGE_HASH_BYTES, PageRange};
+use tracing::info;
+
+use super::{Session, error_chain};
+use crate::source::Piece;
+
+/// Pages hashed per `PageHashes` frame (1 MiB of hashes).
+const HASH_RUN_PAGES: u64 = (1 << 20) / PAGE_HASH_BYTES as u64;
+
+impl Session<'_> {
+    /// Offers the hash of every data page not sent yet, then waits until the destination
+    /// placed those its base image holds; they count as sent (never pushed). Returns how
+    /// many.
+    ///
+    /// # Errors
+    /// As [`Session::sync`].
+    pub(super) fn offer_hashes(
+        &self,
+        conn: &mut TcpStream,
+        tx: &mut FrameEncoder,
+        rx: &mut FrameReader,
+    ) -> Result<u64, String> {
+        let started = Instant::now();
+        let (total, page_size) = (self.source.total_pages(), self.source.page_size() as usize);
+        let run_pages = HASH_RUN_PAGES.min((MAX_PAYLOAD_BYTES / PAGE_HASH_BYTES) as u64);
+        let (mut pieces, mut hashes) = (Vec::new(), Vec::new());
+        let mut offered = 0;
+        for (first, count) in self.sent.clear_runs(0, total) {
+            let mut at = first;
+            while at < first + count && !self.is_stopped() {
+                let n = (first + count - at).min(run_pages);
+                pieces.clear();
+                self.source.classify(at, n, &mut pieces);
+                for piece in &pieces {
+                    let Piece::Data { first, count } = *piece else {
+                        continue; // zero pages cost nothing to send
+                    };
+                    hashes.clear();
+                    for page in self.source.bytes(first, count).chunks(page_size) {
+                        hashes.extend_from_slice(&common::digest::page_hash(self.id, page));
+                    }
+                    tx.write_frame(
+                        conn,
+                        &Message::PageHashes(PageRange { first, count }),
+                        &hashes,
+                    )
+                    .map_err(|e| format!("failed to send page hashes: {e}"))?;
+                    self.stats
+                        .bytes_sent
+                        .fetch_add(hashes.len() as u64, Ordering::Relaxed);
+                    offered += count;
+                }
+                at += n;
+            }
+        }
+        let mut held = 0;
+        self.sync(conn, tx, rx, &mut |range, bitmap| {
+            held += self.sent.set_from_bitmap(range.first, range.count, bitmap);
+        })?;
+        self.stats.base_pages.fetch_add(held, Ordering::Relaxed);
+        info!(
+            offered,
+            held,
+            ms = started.elapsed().as_millis() as u64,
+            "the destination's base image holds pages: they are not sent"
+        );
+        Ok(held)
+    }
+
+    /// Returns once the destination applied everything sent so far (`Sync`, `Synced`),
+    /// handing `on_map` each map of pages its base image holds that arrives meanwhile.
+    ///
+    /// # Errors
+    /// The bulk connection failed, went silent for the link timeout, or the destination
+    /// broke the protocol or reported an error.
+    pub(super) fn sync(
+        &self,
+        conn: &mut TcpStream,
+        tx: &mut FrameEncoder,
+        rx: &mut FrameReader,
+        on_map: &mut dyn FnMut(PageRange, &[u8]),
+    ) -> Result<(), String> {
+        let liveness = self.config.liveness;
+        tx.write_frame(conn, &Message::Sync, &[])
+            .and_then(|()| conn.set_read_timeout(Some(liveness.heartbeat)))
+            .map_err(|e| format!("failed to send a sync: {e}"))?;
+        let mut phase = SourceBulk::Open;
+        let mut heard = Instant::now();
+        loop {
+            let (message, payload) = match rx.read_frame(conn) {
+                Ok(frame) => frame,
+                Err(ReadError::Io(e))
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                {
+                    if heard.elapsed() > liveness.timeout || self.is_stopped() {
+                        return Err(format!(
+                            "the destination sent nothing for {:.1} s while applying",
+                            heard.elapsed().as_secs_f64()
+                        ));
+                    }
+                    // It is busy applying; keep the link alive meanwhile.
+                    tx.write_frame(conn, &Message::Heartbeat, &[])
+                        .map_err(|e| format!("failed to send a heartbeat: {e}"))?;
+                    continue;
+                }
+                Err(e) => return Err(format!("no answer to a sync: {}", error_chain(&e))),
+            };
+            heard = Instant::now();
+            phase
+                .receive(message.kind())
+                .map_err(|e| format!("the destination broke the protocol: {e}"))?;
+            match message {
+                Message::DoneMap(range) => on_map(range, rx.payload(payload)),
+                Message::Synced => {
+                    return conn
+                        .set_read_timeout(None)
+                        .map_err(|e| format!("socket setup failed: {e}"));
+                }
+                Message::Error { code, text } => {
+                    return Err(format!("the destination failed ({code:?}): {text}"));
+                }
+                _ => {}
+            }
+        }
+    }
+}
