@@ -71,8 +71,9 @@ impl BaseImage {
     }
 
     /// Places the pages of `range` whose hash (`hashes`, [`PAGE_HASH_BYTES`] each, seeded with
-    /// `seed`) matches the base's page there; returns the bitmap of those pages (bit `i % 8`
-    /// of byte `i / 8` for page `range.first + i`), `None` if `stop` was set meanwhile.
+    /// `seed`; all zero: not offered) matches the base's page there; returns the bitmap of
+    /// those pages (bit `i % 8` of byte `i / 8` for page `range.first + i`), `None` if `stop`
+    /// was set meanwhile.
     ///
     /// # Errors
     /// The base cannot be read, or a placement failed.
@@ -89,8 +90,17 @@ impl BaseImage {
         let mut buf = vec![0u8; (READ_PAGES * page_size) as usize];
         let mut at = range.first;
         let end = range.first + range.count;
+        let offered = |p: u64| {
+            let i = (p - range.first) as usize;
+            &hashes[i * PAGE_HASH_BYTES..][..PAGE_HASH_BYTES]
+        };
+        let is_offered = |p: u64| offered(p).iter().any(|&b| b != 0);
         while at < end {
             let n = (end - at).min(READ_PAGES);
+            if !(at..at + n).any(is_offered) {
+                at += n;
+                continue;
+            }
             let bytes = &mut buf[..(n * page_size) as usize];
             self.file
                 .read_exact_at(bytes, at * page_size)
@@ -108,9 +118,8 @@ impl BaseImage {
             let mut run_start = None;
             for page in at..at + n {
                 let i = (page - range.first) as usize;
-                let offered = &hashes[i * PAGE_HASH_BYTES..][..PAGE_HASH_BYTES];
                 let mine = &bytes[((page - at) * page_size) as usize..][..page_size as usize];
-                if common::digest::page_hash(seed, mine) == offered {
+                if is_offered(page) && common::digest::page_hash(seed, mine) == offered(page) {
                     bitmap[i / 8] |= 1 << (i % 8);
                     run_start.get_or_insert(page);
                 } else if let Some(start) = run_start.take()

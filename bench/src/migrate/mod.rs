@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, ValueEnum};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use bench::guest::Workload;
 
@@ -61,6 +61,10 @@ pub struct MigrateArgs {
     /// Downtime budget of the precopy convergence rule, in ms.
     #[arg(long, default_value_t = 20)]
     pub max_downtime_ms: u64,
+    /// Give faultd a base image (`--base`) that holds this percentage of the guest's pages as
+    /// they are when the migration starts (the others differ).
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub base_similarity: Option<u8>,
     /// Guest RAM size in MiB.
     #[arg(long, default_value_t = 1024)]
     pub size_mib: u64,
@@ -253,11 +257,36 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
         ])
         .arg("--state-file")
         .arg(&paths.state);
-    let placement = if mode == Mode::Minor { "memfd" } else { "copy" };
+    let mut faultd_args = vec![
+        "--placement".to_owned(),
+        if mode == Mode::Minor { "memfd" } else { "copy" }.to_owned(),
+    ];
+    let base = args.base_similarity.map(|pct| (work.join("base.mem"), pct));
+    if let Some((path, _)) = &base {
+        faultd_args.push("--base".to_owned());
+        faultd_args.push(path.to_str().context("path")?.to_owned());
+    }
     let mut h = if precopy_first {
-        hand_over_precopy(args, &paths, &mut source, &mut dest_cmd, &strategy)?
+        if let Some((path, pct)) = &base {
+            // An older copy of the running guest.
+            write_base_image(mem, path, *pct)?;
+        }
+        hand_over_precopy(
+            args,
+            &paths,
+            &mut source,
+            &mut dest_cmd,
+            &strategy,
+            &faultd_args,
+        )?
     } else {
-        hand_over_postcopy(mem, &paths, &mut source, &mut dest_cmd, placement)?
+        let handover = Postcopy {
+            mem,
+            paths: &paths,
+            faultd_args: &faultd_args,
+            base: base.as_ref().map(|(path, pct)| (path.as_path(), *pct)),
+        };
+        hand_over_postcopy(&handover, &mut source, &mut dest_cmd)?
     };
     let (resumed, during, after) = follow_destination(&mut h.dest, args.after_ms)?;
     h.dest.send("stop")?;
@@ -373,6 +402,7 @@ fn hand_over_precopy(
     source: &mut Vmm,
     dest_cmd: &mut Command,
     strategy: &str,
+    faultd_args: &[String],
 ) -> Result<Handover> {
     let mut cmd = Command::new(sibling("pagesrv")?);
     cmd.arg("--vmm-uds")
@@ -398,13 +428,9 @@ fn hand_over_precopy(
     std::thread::spawn(move || lines.for_each(drop));
     let pagesrv_events = collect_events(&paths.pagesrv_ctl)?;
     let faultd_ctl = paths.faultd_ctl.to_str().context("path")?;
-    let faultd = start_faultd(
-        &addr,
-        &paths.faultd_uds,
-        &paths.faultd_stats,
-        &["--placement", "memfd", "--control", faultd_ctl],
-        false,
-    )?;
+    let mut args: Vec<&str> = faultd_args.iter().map(String::as_str).collect();
+    args.extend(["--control", faultd_ctl]);
+    let faultd = start_faultd(&addr, &paths.faultd_uds, &paths.faultd_stats, &args, false)?;
     let dest = Vmm::spawn(dest_cmd.arg("--wait-switch").arg(&paths.faultd_ctl))?;
     let mut start = None;
     let paused = loop {
@@ -427,28 +453,55 @@ fn hand_over_precopy(
     })
 }
 
+/// What a postcopy handover needs.
+struct Postcopy<'a> {
+    mem: &'a Path,
+    paths: &'a Paths,
+    faultd_args: &'a [String],
+    /// `--base-similarity`: where to write the base image, and how similar.
+    base: Option<(&'a Path, u8)>,
+}
+
 /// Postcopy: pause the source, serve its RAM file, resume the destination at once.
 fn hand_over_postcopy(
-    mem: &Path,
-    paths: &Paths,
+    h: &Postcopy<'_>,
     source: &mut Vmm,
     dest_cmd: &mut Command,
-    placement: &str,
 ) -> Result<Handover> {
-    let (pagesrv, addr) = start_pagesrv(mem, &[], false)?;
-    let faultd = start_faultd(
-        &addr,
-        &paths.faultd_uds,
-        &paths.faultd_stats,
-        &["--placement", placement],
-        false,
-    )?;
+    let start_daemons = || -> Result<(Guard, Guard)> {
+        let (pagesrv, addr) = start_pagesrv(h.mem, &[], false)?;
+        let args: Vec<&str> = h.faultd_args.iter().map(String::as_str).collect();
+        let paths = h.paths;
+        let faultd = start_faultd(&addr, &paths.faultd_uds, &paths.faultd_stats, &args, false)?;
+        Ok((pagesrv, faultd))
+    };
+    let daemons = if h.base.is_none() {
+        Some(start_daemons()?)
+    } else {
+        None
+    };
     source.send("pause")?;
-    let paused = loop {
+    let mut paused = loop {
         let e = source.next(STEP_LIMIT)?;
         if event_is(&e, "paused") {
             break e;
         }
+    };
+    let (pagesrv, faultd) = match (daemons, h.base) {
+        (Some(daemons), _) => daemons,
+        (None, Some((path, pct))) => {
+            // The base is like the RAM as it paused; writing it is not part of the
+            // migration (the destination holds it already), so the clock starts after it.
+            write_base_image(h.mem, path, pct)?;
+            let daemons = start_daemons()?;
+            paused["t_us"] = json!(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_micros() as u64
+            );
+            daemons
+        }
+        (None, None) => unreachable!("daemons start first without a base"),
     };
     let dest = Vmm::spawn(dest_cmd)?;
     Ok(Handover {
@@ -486,6 +539,40 @@ fn follow_destination(dest: &mut Vmm, after_ms: u64) -> Result<(Value, Vec<Value
             return Ok((resumed, during, after));
         }
     }
+}
+
+/// Copies the guest's RAM file to `base`, changing one byte of every page not among the
+/// `pct` % kept (chosen by a hash of the page index, so they are spread out).
+fn write_base_image(mem: &Path, base: &Path, pct: u8) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut from = std::fs::File::open(mem)?;
+    let mut to = std::io::BufWriter::with_capacity(
+        4 << 20,
+        std::fs::File::create(base).with_context(|| format!("cannot create {}", base.display()))?,
+    );
+    let mut buf = vec![0u8; 4 << 20];
+    let mut page = 0u64;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match from.read(&mut buf[n..])? {
+                0 => break,
+                got => n += got,
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        for chunk in buf[..n].chunks_mut(4096) {
+            if page.wrapping_mul(0x9E37_79B9_7F4A_7C15) % 100 >= u64::from(pct) {
+                chunk[0] ^= 0x5A;
+            }
+            page += 1;
+        }
+        to.write_all(&buf[..n])?;
+    }
+    to.flush()?;
+    Ok(())
 }
 
 /// Events from a daemon's control socket, on a channel, until it closes.

@@ -96,6 +96,7 @@ pub(super) fn summarize(
         "size_mib": args.size_mib,
         "workload": workload,
         "dirty_rate": args.dirty_rate,
+        "base_similarity": args.base_similarity,
         "strategy": strategy,
         "mode": mode,
         "downtime_ms": t_us(resumed).saturating_sub(t_us(paused)) as f64 / 1000.0,
@@ -283,6 +284,15 @@ pub(super) fn print_summary(s: &Value) {
         mib(&s["bytes_postcopy"]),
         s["pages_discarded"]
     );
+    if f["pages_reused"].as_u64().unwrap_or(0) > 0 || s["base_similarity"].is_number() {
+        println!(
+            "  base image ({}% similar)        {} pages placed from it: {:.1} MiB not sent, {:.1} MiB of hashes",
+            s["base_similarity"],
+            f["pages_reused"],
+            mib(&f["bytes_saved_base"]),
+            mib(&f["bytes_hashes"])
+        );
+    }
     println!(
         "  guest touches/s                 before {:.0}, during precopy {:.0}, during postcopy {:.0}, after {:.0}",
         g["touches_per_s_before"].as_f64().unwrap_or(0.0),

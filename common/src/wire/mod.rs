@@ -209,8 +209,9 @@ pub enum Kind {
     /// Client → server (bulk): every frame before the `Sync` is applied.
     Synced = 22,
     /// Server → client (bulk, before the push, to a destination with a base image): a
-    /// [`PAGE_HASH_BYTES`]-byte hash of each page of a range; the destination answers with a
-    /// `DoneMap` of the pages its base holds, on the bulk connection.
+    /// [`PAGE_HASH_BYTES`]-byte hash of each page of a range (all zero: not offered, e.g. a
+    /// zero page); the destination answers with a `DoneMap` of the pages its base holds, on
+    /// the bulk connection.
     PageHashes = 23,
 }
 

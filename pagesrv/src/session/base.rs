@@ -43,24 +43,33 @@ impl Session<'_> {
                 let n = (first + count - at).min(run_pages);
                 pieces.clear();
                 self.source.classify(at, n, &mut pieces);
+                // Zero pages are offered as zero hashes (nothing): they cost nothing to send.
+                hashes.clear();
+                hashes.resize(n as usize * PAGE_HASH_BYTES, 0);
+                let mut data_pages = 0;
                 for piece in &pieces {
                     let Piece::Data { first, count } = *piece else {
-                        continue; // zero pages cost nothing to send
+                        continue;
                     };
-                    hashes.clear();
-                    for page in self.source.bytes(first, count).chunks(page_size) {
-                        hashes.extend_from_slice(&common::digest::page_hash(self.id, page));
+                    let slots = hashes[(first - at) as usize * PAGE_HASH_BYTES..]
+                        .chunks_exact_mut(PAGE_HASH_BYTES);
+                    let pages = self.source.bytes(first, count).chunks(page_size);
+                    for (slot, page) in slots.zip(pages) {
+                        slot.copy_from_slice(&common::digest::page_hash(self.id, page));
                     }
-                    tx.write_frame(
-                        conn,
-                        &Message::PageHashes(PageRange { first, count }),
-                        &hashes,
-                    )
-                    .map_err(|e| format!("failed to send page hashes: {e}"))?;
+                    data_pages += count;
+                }
+                if data_pages > 0 {
+                    let range = PageRange {
+                        first: at,
+                        count: n,
+                    };
+                    tx.write_frame(conn, &Message::PageHashes(range), &hashes)
+                        .map_err(|e| format!("failed to send page hashes: {e}"))?;
                     self.stats
                         .bytes_sent
                         .fetch_add(hashes.len() as u64, Ordering::Relaxed);
-                    offered += count;
+                    offered += data_pages;
                 }
                 at += n;
             }
