@@ -442,9 +442,11 @@ fn run_dest(
     install_stop_signal();
     let failed = Arc::new(AtomicBool::new(false));
     let vcpu_done = Arc::new(AtomicBool::new(false));
+    // Said before the watcher starts: faultd may be done already (stop-and-copy precopy), and
+    // `complete` must not come before `resumed`.
+    emit(serde_json::json!({"event": "resumed", "t_us": now_us()}));
     watch_faultd(sock.try_clone()?, base, failed.clone(), vcpu_done.clone());
     let stop = watch_stdin("stop");
-    emit(serde_json::json!({"event": "resumed", "t_us": now_us()}));
     let result = loop {
         if failed.load(Ordering::Acquire) {
             break Err(anyhow::anyhow!(
