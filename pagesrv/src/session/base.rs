@@ -35,12 +35,29 @@ impl Session<'_> {
         let started = Instant::now();
         let (total, page_size) = (self.source.total_pages(), self.source.page_size() as usize);
         let run_pages = HASH_RUN_PAGES.min((MAX_PAYLOAD_BYTES / PAGE_HASH_BYTES) as u64);
+        // A running source (precopy): track its writes from before the pages are read, so a
+        // page written after it was hashed is dropped at the destination and sent again.
+        let engine = (self.switch.first)
+            .then_some(self.switch.engine.as_deref())
+            .flatten()
+            .filter(|e| !e.switched());
+        if let Some(engine) = engine
+            && !engine.snapshot().tracking
+        {
+            engine
+                .collect_dirty()
+                .map_err(|e| engine.fail(format!("the source VMM link failed: {e:#}")))?;
+        }
         let (mut pieces, mut hashes) = (Vec::new(), Vec::new());
         let mut offered = 0;
         for (first, count) in self.sent.clear_runs(0, total) {
             let mut at = first;
             while at < first + count && !self.is_stopped() {
                 let n = (first + count - at).min(run_pages);
+                if let Some(engine) = engine {
+                    // Cleared before the pages are read: a racing write is in the next bitmap.
+                    engine.pending.clear_range(at, n);
+                }
                 pieces.clear();
                 self.source.classify(at, n, &mut pieces);
                 // Zero pages are offered as zero hashes (nothing): they cost nothing to send.
