@@ -5,6 +5,7 @@
 //! failure: keep the source VM); 2 bad usage.
 #![forbid(unsafe_code)]
 
+mod free;
 mod handshake;
 mod precopy;
 mod push_order;
@@ -57,6 +58,12 @@ struct Cli {
     /// `common/src/source_link.rs`). Needed for --strategy precopy and hybrid.
     #[arg(long, value_name = "PATH", conflicts_with = "vm_mem")]
     vmm_uds: Option<PathBuf>,
+    /// Free-page hints of the paused VM (with --vm-mem): a bitmap of its memory in 4 KiB
+    /// pages, bit i%8 of byte i/8 set for a page its allocator holds free, ceil(pages/8) bytes
+    /// (see pagesrv/src/free.rs). Those pages are never sent: the destination gets them as
+    /// zero, resolves faults on them locally, and the digests count them as zero.
+    #[arg(long, value_name = "FILE", conflicts_with = "vmm_uds")]
+    free_pages: Option<PathBuf>,
     /// What happens before the destination resumes: `postcopy` (pause the source first, move
     /// every page afterwards), `precopy` (rounds while the source runs until they converge,
     /// then stop-and-copy), `hybrid` (rounds, then postcopy for what changed since).
@@ -134,7 +141,15 @@ fn run(cli: Cli) -> Result<()> {
         );
         return Ok(());
     }
-    let (source, precopy) = open_source(&cli)?;
+    let (mut source, precopy) = open_source(&cli)?;
+    if let Some(path) = &cli.free_pages {
+        let hints = free::FreeHints::load(path, source.size_bytes())?;
+        info!(
+            free_pages = hints.free_pages(),
+            "free-page hints: those pages are served as zero"
+        );
+        source.set_free_hints(hints);
+    }
     let vm_mem = cli
         .vm_mem
         .as_deref()

@@ -17,6 +17,8 @@ use common::digest::is_zero;
 use common::mmap::{MapError, Mapping};
 use thiserror::Error;
 
+use crate::free::{FreeHints, HINT_PAGE_BYTES};
+
 /// `statfs` magic of hugetlbfs.
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
@@ -116,6 +118,8 @@ pub struct MemorySource {
     image_id: u64,
     /// Whether the guest is paused (its holes can be trusted).
     paused: AtomicBool,
+    /// Pages the guest's allocator holds free (`--free-pages`): served as zero.
+    free: FreeHints,
 }
 
 impl MemorySource {
@@ -198,7 +202,13 @@ impl MemorySource {
             data_ranges,
             image_id,
             paused: AtomicBool::new(paused),
+            free: FreeHints::none(size_bytes),
         })
+    }
+
+    /// Takes the guest's free-page hints: those pages are served as zero.
+    pub fn set_free_hints(&mut self, hints: FreeHints) {
+        self.free = hints;
     }
 
     /// The file's size in bytes.
@@ -303,7 +313,14 @@ impl<'a> Paged<'a> {
         &self.source.map.as_slice()[start..start + (count * self.page_size) as usize]
     }
 
-    /// Splits `first..first+count` into zero and data pieces, appending them to `out`.
+    /// Whether the guest holds `page` free (every 4 KiB of it): it is served as zero.
+    pub fn is_free(&self, page: u64) -> bool {
+        let per = self.page_size / HINT_PAGE_BYTES;
+        self.source.free.all_free(page * per, per)
+    }
+
+    /// Splits `first..first+count` into zero and data pieces (free pages count as zero),
+    /// appending them to `out`.
     pub fn classify(&self, first: u64, count: u64, out: &mut Vec<Piece>) {
         let data_ranges = self
             .source
@@ -311,7 +328,8 @@ impl<'a> Paged<'a> {
             .read()
             .unwrap_or_else(|p| p.into_inner());
         let is_zero_page = |page| {
-            in_hole(&data_ranges, page * self.page_size, self.page_size)
+            self.is_free(page)
+                || in_hole(&data_ranges, page * self.page_size, self.page_size)
                 || is_zero(self.bytes(page, 1))
         };
         let end = (first + count).min(self.total_pages);

@@ -20,6 +20,39 @@ use crate::source::Piece;
 const HASH_RUN_PAGES: u64 = (1 << 20) / PAGE_HASH_BYTES as u64;
 
 impl Session<'_> {
+    /// Sends the free pages (`--free-pages`) not sent yet as zero ranges, before anything
+    /// else: a fault on one is then resolved at the destination without a request.
+    ///
+    /// # Errors
+    /// The bulk connection failed.
+    pub(super) fn send_free_pages(
+        &self,
+        conn: &mut TcpStream,
+        tx: &mut FrameEncoder,
+    ) -> Result<(), String> {
+        let total = self.source.total_pages();
+        let mut page = 0;
+        while page < total {
+            if !self.source.is_free(page) || self.sent.is_set(page) {
+                page += 1;
+                continue;
+            }
+            let first = page;
+            while page < total && self.source.is_free(page) && !self.sent.is_set(page) {
+                page += 1;
+            }
+            let range = PageRange {
+                first,
+                count: page - first,
+            };
+            tx.write_frame(conn, &Message::ZeroRun(range), &[])
+                .map_err(|e| format!("failed to send free pages: {e}"))?;
+            let newly = self.sent.set_range(range.first, range.count);
+            self.stats.free_pages.fetch_add(newly, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// Offers the hash of every data page not sent yet, then waits until the destination
     /// placed those its base image holds; they count as sent (never pushed). Returns how
     /// many.

@@ -67,6 +67,8 @@ pub struct SessionStats {
     pub discarded_pages: AtomicU64,
     /// Pages the destination's base image held (placed from it, never sent).
     pub base_pages: AtomicU64,
+    /// Pages the guest holds free (hinted), sent as zero ranges before anything else.
+    pub free_pages: AtomicU64,
 }
 
 /// How a session ended.
@@ -514,10 +516,10 @@ impl<'a> Session<'a> {
                 let run = self
                     .skipped
                     .clear_run(page, (end - page).min(DIGEST_RUN_PAGES));
-                if run > 0 {
-                    let bytes = self.source.bytes(page, run);
-                    digest =
-                        digest.wrapping_add(common::digest::run_digest(page, bytes, page_size));
+                // Free pages (hinted) are zero at the destination: they count as zero.
+                for p in (page..page + run).filter(|&p| !self.source.is_free(p)) {
+                    let bytes = self.source.bytes(p, 1);
+                    digest = digest.wrapping_add(common::digest::run_digest(p, bytes, page_size));
                 }
                 page += run;
             }
@@ -662,6 +664,7 @@ impl<'a> Session<'a> {
             self.source.page_size(),
             self.source.total_pages(),
         ));
+        self.send_free_pages(&mut conn, &mut tx)?;
         if self.switch.base {
             self.offer_hashes(&mut conn, &mut tx, &mut rx)?;
         }

@@ -24,6 +24,7 @@
 //!          [--remove START:COUNT] [--balloon START:COUNT:CHUNK] [--balloon-interval-ms N]
 //!          [--ram-bytes N] [--no-touch] [--hugepages] [--wait-switch CONTROL]
 //!          [--order random|seq|hot] [--touches N] [--latency-out FILE] [--no-wait]
+//!          [--expect-zero BITMAP]
 //! ```
 
 use std::io::Read;
@@ -82,6 +83,7 @@ struct Args {
     wait: bool,
     hugepages: bool,
     wait_switch: Option<String>,
+    expect_zero: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -103,6 +105,7 @@ fn parse_args() -> Result<Args, String> {
         wait: true,
         hugepages: false,
         wait_switch: None,
+        expect_zero: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -130,6 +133,7 @@ fn parse_args() -> Result<Args, String> {
             "--no-wait" => args.wait = false,
             "--hugepages" => args.hugepages = true,
             "--wait-switch" => args.wait_switch = Some(value()?),
+            "--expect-zero" => args.expect_zero = Some(value()?),
             "--remove" => {
                 let v = value()?;
                 let (a, b) = v.split_once(':').ok_or("--remove START:COUNT")?;
@@ -370,6 +374,9 @@ struct Expect {
     balloon: Option<(usize, usize)>,
     /// The balloon has finished: its pages must read zero (before: not compared).
     balloon_done: bool,
+    /// Pages that must read zero whatever the source holds (`--expect-zero`: a bitmap, bit
+    /// `i % 8` of byte `i / 8` for page `i`, as pagesrv's free-page hints).
+    zero: Option<&'static [u8]>,
 }
 
 impl Expect {
@@ -383,7 +390,11 @@ fn expected_page(source: &std::fs::File, page: usize, expect: Expect, buf: &mut 
     let removed = expect
         .removed
         .is_some_and(|(s, c)| (s..s + c).contains(&page));
-    if removed || expect.in_balloon(page) {
+    let hinted = expect.zero.is_some_and(|bits| {
+        bits.get(page / 8)
+            .is_some_and(|b| b & (1 << (page % 8)) != 0)
+    });
+    if removed || hinted || expect.in_balloon(page) {
         buf.fill(0);
     } else {
         source
@@ -624,7 +635,16 @@ fn run() -> Result<bool, String> {
         }
     }
 
+    let zero = match &args.expect_zero {
+        Some(path) => Some(
+            &*std::fs::read(path)
+                .map_err(|e| format!("{path}: {e}"))?
+                .leak(),
+        ),
+        None => None,
+    };
     let mut expect = Expect {
+        zero,
         removed: args.remove,
         balloon: args.balloon.map(|(s, c, _)| (s, c)),
         balloon_done: false,
