@@ -1,7 +1,8 @@
-//! What a session asks of the destination on the bulk connection and waits for: a `Sync`
-//! (everything sent so far applied; precopy waits for it before the pause), and, for a
-//! destination that holds a base image (an older copy of this VM, or its template), the
-//! hashes of the pages not sent yet: it places those its base holds and says which.
+//! What a session sends on the bulk connection before the push so that less crosses the
+//! wire — the guest's free pages as zero ranges, and, for a destination that holds a base
+//! image (an older copy of this VM, or its template), the hashes of the pages not sent yet
+//! (it places those its base holds and says which) — and the `Sync` it then waits for
+//! (everything sent so far applied; precopy also waits for one before the pause).
 
 use std::io::ErrorKind;
 use std::net::TcpStream;
