@@ -66,9 +66,12 @@ pub(super) fn summarize(
         .map(|r| counter(r, "window_max_tsc"))
         .max()
         .unwrap_or(0);
-    // From the guest's counters as it stopped. Its TSC is restored on the destination, so
-    // the downtime is not a stall to it: blocktime is the time it spent stalled after it
-    // resumed (QEMU's postcopy blocktime).
+    // From the guest's counters as it stopped: the time it spent stalled after it resumed
+    // (QEMU's postcopy blocktime). Whether the pause itself counts depends on kvm-pvm's
+    // handling of the restored TSC: the guest sees it when its destination VM was created
+    // just before the restore (postcopy), not when the VM waited, created, for the switch
+    // (precopy, hybrid). The pause is milliseconds either way, except with
+    // --base-similarity in postcopy, where it includes writing the base image.
     let blocktime_ms = (counter(post_end, "stall_tsc_sum") - counter(paused, "stall_tsc_sum"))
         as f64
         / tsc_per_us
