@@ -3,13 +3,17 @@
 //! JSON and raw bitmaps, no library needed.
 //!
 //! ```text
-//!  VMM ──{"version":1,"size_bytes":N,"page_size":4096}\n + the RAM fd (SCM_RIGHTS)──► pagesrv
-//!        (a memfd or file holding guest RAM, shared: pagesrv maps it read-only)
+//!  VMM ──{"version":1,"size_bytes":N,"page_size":4096[,"free_hints":true]}\n + the RAM fd ──► pagesrv
+//!        (SCM_RIGHTS: a memfd or file holding guest RAM, shared: pagesrv maps it read-only)
 //!  pagesrv ──{"cmd":"dirty"}\n──►
 //!          ◄──{"bitmap":"dirty","bytes":B}\n + B bytes ──   pages written since the last bitmap
 //!  pagesrv ──{"cmd":"pause"}\n──►                            stop the guest (vCPUs, devices)
-//!          ◄──{"bitmap":"paused","bytes":B}\n + B bytes ──  the last writes; the guest stays paused
+//!          ◄──{"bitmap":"pause","bytes":B}\n + B bytes ──   the last writes; the guest stays paused
+//!  pagesrv ──{"cmd":"free"}\n──►   (after pause, to a VMM that said "free_hints"; 4 KiB pages)
+//!          ◄──{"bitmap":"free","bytes":B}\n + B bytes ──    pages the guest's allocator holds free
 //! ```
+//!
+//! Free pages are never sent as data: the destination reads them as zero.
 //!
 //! A bitmap has one bit per page, bit `i % 8` of byte `i / 8` for page `i` (B = pages / 8
 //! rounded up). The VMM must clear its dirty log when it answers, so each bitmap holds the
@@ -62,6 +66,9 @@ pub struct SourceHello {
     pub size_bytes: u64,
     /// The page size dirty bitmaps count in (4096 or 2097152).
     pub page_size: u64,
+    /// Whether the VMM answers `free` (the guest's free-page list; 4 KiB pages only).
+    #[serde(default)]
+    pub free_hints: bool,
 }
 
 impl SourceHello {
@@ -90,6 +97,8 @@ pub enum CommandKind {
     Dirty,
     /// Pause the guest; answer with the last bitmap.
     Pause,
+    /// The pages the paused guest's allocator holds free.
+    Free,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -217,6 +226,9 @@ impl SourceVmm {
                 hello.size_bytes, hello.page_size
             ));
         }
+        if hello.free_hints && hello.page_size != 4096 {
+            return refuse("free-page hints in pages of other than 4 KiB".into());
+        }
         if fds.len() != 1 {
             return refuse(format!(
                 "{} fds attached; send exactly the RAM fd",
@@ -269,6 +281,17 @@ impl SourceVmm {
     /// The link failed or the answer is malformed.
     pub fn pause(&mut self) -> Result<Vec<u8>, SourceLinkError> {
         self.bitmap(CommandKind::Pause)
+    }
+
+    /// The pages the paused guest holds free (`None`: the VMM gives no hints).
+    ///
+    /// # Errors
+    /// The link failed or the answer is malformed.
+    pub fn free(&mut self) -> Result<Option<Vec<u8>>, SourceLinkError> {
+        if !self.hello.free_hints {
+            return Ok(None);
+        }
+        self.bitmap(CommandKind::Free).map(Some)
     }
 }
 
@@ -351,6 +374,7 @@ mod tests {
             version: SOURCE_LINK_VERSION,
             size_bytes: 100 * 4096,
             page_size: 4096,
+            free_hints: true,
         };
         let vmm = std::thread::spawn({
             let dir = dir.clone();
@@ -362,6 +386,8 @@ mod tests {
                 let mut last = [0u8; 13];
                 last[12] = 0b1000;
                 c.send_bitmap(CommandKind::Pause, &last).unwrap();
+                assert_eq!(c.next_command().unwrap(), Some(CommandKind::Free));
+                c.send_bitmap(CommandKind::Free, &[0x0F; 13]).unwrap();
                 assert_eq!(c.next_command().unwrap(), None, "pagesrv closed");
             }
         });
@@ -375,6 +401,7 @@ mod tests {
         assert_eq!(link.dirty().unwrap(), vec![0xFF; 13]);
         let last = link.pause().unwrap();
         assert_eq!(last[12], 0b1000);
+        assert_eq!(link.free().unwrap(), Some(vec![0x0F; 13]));
         drop(link);
         vmm.join().unwrap();
         std::fs::remove_file(&dir).unwrap();

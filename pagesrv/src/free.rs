@@ -1,8 +1,8 @@
 //! Free-page hints (`pagesrv --free-pages FILE`): pages the guest's own allocator holds free.
 //! They are never sent: the destination gets them as zero ranges first, so a fault on one is
 //! resolved there at once with a zero page, and the digests count them as zero. The hints
-//! are those of a paused VM (`--vm-mem`): nothing writes its memory any more. (Hints from a
-//! running VM would have to yield to its dirty tracking; not built yet.)
+//! are those of a paused VM: given as a file with `--vm-mem`, or by the source VMM when it
+//! pauses (`common::source_link`'s `free`); nothing writes the memory after that.
 //!
 //! The file is a bitmap of the memory in 4 KiB pages, one bit per page, bit `i % 8` of byte
 //! `i / 8` set for free page `i`, exactly `ceil(pages / 8)` bytes long (what the VMM writes
@@ -79,6 +79,13 @@ impl FreeHints {
         let hints = FreeHints::none(size_bytes);
         hints.free.set_from_bitmap(0, pages, &bitmap);
         Ok(hints)
+    }
+
+    /// Takes a new hint bitmap (4 KiB pages) in place of the old; returns the free pages.
+    pub fn replace(&self, bitmap: &[u8]) -> u64 {
+        let total = self.free.total_pages();
+        self.free.clear_range(0, total);
+        self.free.set_from_bitmap(0, total, bitmap)
     }
 
     /// Whether every 4 KiB page of `first..first+count` is free.

@@ -315,6 +315,14 @@ impl Precopy {
             .clone()
     }
 
+    /// The paused guest's free pages, if its VMM gives hints.
+    ///
+    /// # Errors
+    /// The VMM link failed.
+    pub fn free_pages(&self) -> Result<Option<Vec<u8>>, SourceLinkError> {
+        self.vmm.lock().unwrap_or_else(|p| p.into_inner()).free()
+    }
+
     /// Forces the switch at the end of the current round.
     pub fn force(&self) {
         self.forced.store(true, Ordering::Release);

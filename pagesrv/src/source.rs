@@ -211,6 +211,12 @@ impl MemorySource {
         self.free = hints;
     }
 
+    /// The paused guest's free pages (a 4 KiB-page bitmap from its VMM): from now on they
+    /// are served as zero; returns how many.
+    pub fn hint_free(&self, bitmap: &[u8]) -> u64 {
+        self.free.replace(bitmap)
+    }
+
     /// The file's size in bytes.
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes

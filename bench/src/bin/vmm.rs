@@ -244,6 +244,7 @@ fn serve_pagesrv(h: Handover) -> Result<()> {
         version: SOURCE_LINK_VERSION,
         size_bytes: h.size_bytes,
         page_size: 4096,
+        free_hints: false,
     };
     let mut link = SourceVmmClient::connect(&h.uds, &hello, h.ram.as_fd())
         .with_context(|| format!("cannot reach pagesrv at {}", h.uds.display()))?;
@@ -251,6 +252,7 @@ fn serve_pagesrv(h: Handover) -> Result<()> {
     while let Some(cmd) = link.next_command()? {
         match cmd {
             CommandKind::Dirty => link.send_bitmap(CommandKind::Dirty, &h.dirty.take()?)?,
+            CommandKind::Free => bail!("pagesrv asked for free-page hints this VMM never offered"),
             CommandKind::Pause => {
                 h.pause.store(true, Ordering::Release);
                 // Again until it stopped: a signal that lands outside KVM_RUN is lost.

@@ -120,6 +120,17 @@ impl Session<'_> {
             .pause()
             .map_err(|e| engine.fail(format!("the source VMM did not pause: {e:#}")))?;
         self.source.file().paused();
+        let free = engine
+            .free_pages()
+            .map_err(|e| engine.fail(format!("the source VMM link failed: {e:#}")))?;
+        if let Some(free) = free {
+            // Served as zero from now on; the destination drops those it holds (old bytes).
+            let pages = self.source.file().hint_free(&free);
+            engine
+                .pending
+                .set_from_bitmap(0, engine.pending.total_pages(), &free);
+            self.stats.free_pages.fetch_add(pages, Ordering::Relaxed);
+        }
         let pause_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
         // From here on the switch is decided: a destination that reconnects before it got
         // all of it gets the rest (the VMM answers nothing more).

@@ -8,7 +8,14 @@
 //!
 //! ```text
 //! test-source --pagesrv-uds PATH --pages N --final FILE [--write-rate PAGES_PER_S]
-//!             [--seed N] [--zero-every N]
+//!             [--seed N] [--zero-every N] [--free-every N]
+//! ```
+//!
+//! With `--free-every N`, every page `p` with `p % N == 1` is free in the guest's allocator:
+//! it holds old bytes, is never written, and is named in the answer to pagesrv's `free`
+//! (after the pause); the final RAM has it zero, as the destination must read it.
+//!
+//! ```text
 //! ```
 
 use std::io::{Read, Write};
@@ -30,6 +37,7 @@ struct Args {
     write_rate: u64,
     seed: u64,
     zero_every: usize,
+    free_every: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -40,6 +48,7 @@ fn parse_args() -> Result<Args, String> {
         write_rate: 0,
         seed: 1,
         zero_every: 4,
+        free_every: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,6 +61,9 @@ fn parse_args() -> Result<Args, String> {
                 a.write_rate = value()?.parse().map_err(|e| format!("--write-rate: {e}"))?
             }
             "--seed" => a.seed = value()?.parse().map_err(|e| format!("--seed: {e}"))?,
+            "--free-every" => {
+                a.free_every = value()?.parse().map_err(|e| format!("--free-every: {e}"))?
+            }
             "--zero-every" => {
                 a.zero_every = value()?.parse().map_err(|e| format!("--zero-every: {e}"))?
             }
@@ -109,12 +121,17 @@ fn run() -> Result<(), String> {
     // SAFETY: memfd_create returned a fresh fd that nothing else owns.
     let ram = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
     ram.set_len(bytes as u64).map_err(|e| e.to_string())?;
+    let free_every = a.free_every;
+    let is_free = move |p: usize| free_every > 0 && p % free_every == 1;
     let mut page = vec![0u8; PAGE];
     for p in 0..a.pages {
-        if a.zero_every > 0 && p % a.zero_every == 0 {
+        if is_free(p) {
+            page.fill(0xDE); // freed memory keeps its old bytes
+        } else if a.zero_every > 0 && p % a.zero_every == 0 {
             continue;
+        } else {
+            pattern(p, a.seed, 0, &mut page);
         }
-        pattern(p, a.seed, 0, &mut page);
         ram.write_all_at(&page, (p * PAGE) as u64)
             .map_err(|e| e.to_string())?;
     }
@@ -122,6 +139,7 @@ fn run() -> Result<(), String> {
         version: SOURCE_LINK_VERSION,
         size_bytes: bytes as u64,
         page_size: PAGE as u64,
+        free_hints: a.free_every > 0,
     };
     let mut link = SourceVmmClient::connect(std::path::Path::new(&a.uds), &hello, ram.as_fd())
         .map_err(|e| format!("cannot reach pagesrv: {e:#}"))?;
@@ -152,6 +170,9 @@ fn run() -> Result<(), String> {
                     continue;
                 }
                 let p = rng.gen_range(0..pages);
+                if is_free(p) {
+                    continue; // nobody writes free memory
+                }
                 count += 1;
                 pattern(p, seed, count, &mut page);
                 // The write, then its dirty bit: pagesrv takes the bitmap before it reads the
@@ -169,6 +190,7 @@ fn run() -> Result<(), String> {
                 link.send_bitmap(CommandKind::Dirty, &bitmap)
                     .map_err(|e| format!("{e:#}"))?;
             }
+            CommandKind::Free => return Err("pagesrv asked for free pages before the pause".into()),
             CommandKind::Pause => {
                 stop.store(true, Ordering::Release);
                 writer.join().map_err(|_| "the writer panicked")?;
@@ -176,12 +198,27 @@ fn run() -> Result<(), String> {
                 let mut image = vec![0u8; bytes];
                 ram.read_exact_at(&mut image, 0)
                     .map_err(|e| e.to_string())?;
+                let mut free = vec![0u8; a.pages.div_ceil(8)];
+                for (p, bytes) in image.chunks_mut(PAGE).enumerate() {
+                    if is_free(p) {
+                        bytes.fill(0); // what the destination must read
+                        free[p / 8] |= 1 << (p % 8);
+                    }
+                }
                 std::fs::write(&a.final_path, &image).map_err(|e| e.to_string())?;
                 link.send_bitmap(CommandKind::Pause, &bitmap)
                     .map_err(|e| format!("{e:#}"))?;
                 let written = *written.lock().unwrap();
                 println!(r#"{{"event":"paused","pages_written":{written}}}"#);
                 std::io::stdout().flush().map_err(|e| e.to_string())?;
+                // The free list, if pagesrv asks; then hold on until it closes the link.
+                while let Some(cmd) = link.next_command().map_err(|e| format!("{e:#}"))? {
+                    if cmd != CommandKind::Free {
+                        return Err(format!("pagesrv asked for {cmd:?} after the pause"));
+                    }
+                    link.send_bitmap(CommandKind::Free, &free)
+                        .map_err(|e| format!("{e:#}"))?;
+                }
                 // Keep the RAM (and pagesrv's link) until the driver is done with us.
                 let _ = std::io::stdin().read_to_end(&mut Vec::new());
                 let _ = ram.as_raw_fd();
