@@ -9,6 +9,11 @@
 # address (an MMIO exit: port I/O is blocked in ring 3 under kvm-pvm, and an MMIO exit needs
 # no ring-0 code at all).
 #
+# With a free percentage, the fill leaves about that share of the data pages free: they get
+# old bytes (a generation nobody expects), their bit is set in the free bitmap (one bit per
+# data page, at free_map, past the data pages), and the touch loop never picks them, as a
+# guest's allocator would not hand out free memory. The VMM reads the bitmap when it pauses.
+#
 # Page content, for page index p (guest-physical address >> 12) and generation g:
 #   word[0] = g << 40 | p;  word[i] = (word[0] + i) * K ^ seed  (i = 1..511)
 # A page with p % 4 == 0 that was never written is all zero.
@@ -27,6 +32,8 @@
     .set P_STALL_TSC,     PARAMS + 0x38   # a touch at least this long is a stall
     .set P_FILL,          PARAMS + 0x40   # 1: fill before touching
     .set P_WRITE_INTERVAL, PARAMS + 0x48  # >0: write a page every this many TSC ticks
+    .set P_FREE_PCT,      PARAMS + 0x50   # % of data pages the fill leaves free
+    .set P_FREE_MAP,      PARAMS + 0x58   # address of the free bitmap
 
     .set COUNTERS,        0x200
     .set C_PHASE,         COUNTERS + 0x00 # 0 filling, 1 touching
@@ -74,7 +81,25 @@ fill_next:
     jae fill_done
     test $3, %rsi
     jz fill_skip
-    mov %rsi, %rax              # word0 = p (g = 0)
+    cmpq $0, P_FREE_PCT
+    je 6f
+    call next_random            # free with probability free_pct %
+    shr $32, %rax
+    xor %rdx, %rdx
+    mov $100, %rcx
+    div %rcx                    # rdx = random % 100
+    cmp P_FREE_PCT, %rdx
+    jae 6f
+    mov %rsi, %rax
+    sub %r14, %rax
+    mov P_FREE_MAP, %rdx
+    bts %rax, (%rdx)            # free: in the bitmap, with old bytes
+    mov $0xFFFF, %rax
+    shl $40, %rax
+    or %rsi, %rax
+    call write_page
+    jmp fill_skip
+6:  mov %rsi, %rax              # word0 = p (g = 0)
     call write_page
 fill_skip:
     inc %rsi
@@ -197,8 +222,20 @@ bad_page:
     mov %rsi, C_BAD_PAGE
     ret
 
-# Returns the next page index in rsi. Clobbers rax, rdx, rcx.
+# Returns the next page index that is not free in rsi. Clobbers rax, rdx, rcx.
 pick_page:
+    call pick_any
+    cmpq $0, P_FREE_PCT
+    je 1f
+    mov %rsi, %rax
+    sub %r14, %rax
+    mov P_FREE_MAP, %rdx
+    bt %rax, (%rdx)
+    jc pick_page
+1:  ret
+
+# Returns the next page index in rsi. Clobbers rax, rdx, rcx.
+pick_any:
     cmpq $1, P_WORKLOAD
     je 2f
     call next_random

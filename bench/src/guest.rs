@@ -84,6 +84,9 @@ pub struct GuestParams {
     /// If not 0: rewrite the touched page once this many TSC ticks passed since the last
     /// write (a dirty rate independent of the touch rate).
     pub write_interval_tsc: u64,
+    /// Percent of the data pages the fill leaves free (old bytes, never touched, named in
+    /// the free bitmap; see [`free_map`]).
+    pub free_pct: u64,
     /// TSC ticks between reports.
     pub report_interval_tsc: u64,
     /// A touch at least this many TSC ticks long counts as a stall.
@@ -128,6 +131,62 @@ pub fn check_size(size_bytes: u64) -> Result<(), GuestError> {
     Ok(())
 }
 
+/// Where the guest keeps its free bitmap: one bit per data page (bit `i % 8` of byte `i / 8`
+/// for data page `i`, the page at `DATA_START_GPA + i * 4096`), in the pages past the data
+/// pages (RAM is shortened by them when pages may be free).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreeMap {
+    /// Guest-physical address of the bitmap (0: no page is ever free).
+    pub gpa: u64,
+    /// Data pages the guest fills and touches.
+    pub data_pages: u64,
+}
+
+/// The free bitmap's place for a guest of `size_bytes` with `free_pct` % free.
+pub fn free_map(size_bytes: u64, free_pct: u64) -> FreeMap {
+    let pages = (size_bytes - DATA_START_GPA) >> 12;
+    if free_pct == 0 {
+        return FreeMap {
+            gpa: 0,
+            data_pages: pages,
+        };
+    }
+    let map_pages = pages.div_ceil(8 * 4096);
+    FreeMap {
+        gpa: DATA_START_GPA + ((pages - map_pages) << 12),
+        data_pages: pages - map_pages,
+    }
+}
+
+/// The guest's free pages as a bitmap of its RAM in 4 KiB pages (bit `i % 8` of byte `i / 8`
+/// for page `i`: what pagesrv takes as hints), read from the guest's own free bitmap in
+/// `ram` (the guest RAM file).
+///
+/// # Errors
+/// Reading the file failed.
+pub fn free_page_bitmap(
+    ram: &std::fs::File,
+    size_bytes: u64,
+    free_pct: u64,
+) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let pages = size_bytes / 4096;
+    let mut out = vec![0u8; pages.div_ceil(8) as usize];
+    let map = free_map(size_bytes, free_pct);
+    if map.gpa == 0 {
+        return Ok(out);
+    }
+    let mut guest_bits = vec![0u8; map.data_pages.div_ceil(8) as usize];
+    ram.read_exact_at(&mut guest_bits, map.gpa)?;
+    let first = DATA_START_GPA / 4096;
+    common::pagemap::PageMap::bitmap_runs(0, &guest_bits, |i, n| {
+        for page in first + i..first + (i + n).min(map.data_pages) {
+            out[(page / 8) as usize] |= 1 << (page % 8);
+        }
+    });
+    Ok(out)
+}
+
 /// Writes the system area (GDT, page tables, parameters, code) into `ram` (guest-physical
 /// address 0 at `ram[0]`).
 pub fn write_system_area(ram: &mut [u8], p: &GuestParams) {
@@ -147,9 +206,10 @@ pub fn write_system_area(ram: &mut [u8], p: &GuestParams) {
     for page in 0..mapped / HUGE_2M {
         put(PD_GPA + 8 * page, (page * HUGE_2M) | PTE_PWU | PTE_HUGE);
     }
+    let map = free_map(p.size_bytes, p.free_pct);
     let params = [
         DATA_START_GPA >> 12,
-        (p.size_bytes - DATA_START_GPA) >> 12,
+        map.data_pages,
         p.seed,
         match p.workload {
             Workload::Random => 0,
@@ -162,6 +222,8 @@ pub fn write_system_area(ram: &mut [u8], p: &GuestParams) {
         p.stall_tsc,
         1, // fill before touching
         p.write_interval_tsc,
+        p.free_pct,
+        map.gpa,
     ];
     for (i, v) in params.iter().enumerate() {
         put(PARAMS_GPA + 8 * i as u64, *v);
@@ -247,6 +309,28 @@ mod tests {
     }
 
     #[test]
+    fn test_free_map_sits_past_the_data_pages() {
+        let size = 1u64 << 30;
+        let pages = (size - DATA_START_GPA) >> 12;
+        assert_eq!(
+            free_map(size, 0),
+            FreeMap {
+                gpa: 0,
+                data_pages: pages
+            }
+        );
+        let m = free_map(size, 75);
+        let map_pages = pages.div_ceil(8 * 4096);
+        assert_eq!(m.data_pages + map_pages, pages);
+        assert!(
+            m.data_pages.div_ceil(8) <= map_pages * 4096,
+            "one bit per data page fits"
+        );
+        assert_eq!(m.gpa, DATA_START_GPA + (m.data_pages << 12));
+        assert!(m.gpa + (map_pages << 12) <= size);
+    }
+
+    #[test]
     fn test_system_area_maps_ram_and_report_page_as_user_pages() {
         let size = 6u64 << 30;
         let mut ram = vec![0u8; DATA_START_GPA as usize];
@@ -256,6 +340,7 @@ mod tests {
             workload: Workload::Hot,
             write_shift: 4,
             write_interval_tsc: 7,
+            free_pct: 0,
             report_interval_tsc: 100,
             stall_tsc: 10,
         };
@@ -269,6 +354,7 @@ mod tests {
         let last = report_gpa(size) / HUGE_2M;
         assert_eq!(get(PD_GPA + 8 * last), (last * HUGE_2M) | 0x87);
         assert_eq!(get(PARAMS_GPA + 8), (size - DATA_START_GPA) >> 12);
+        assert_eq!(get(PARAMS_GPA + 0x58), 0, "no free map without free pages");
         assert_eq!(get(PARAMS_GPA + 0x48), 7, "the write interval");
         assert_eq!(&ram[CODE_GPA as usize..][..GUEST_CODE.len()], GUEST_CODE);
     }

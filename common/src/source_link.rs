@@ -9,11 +9,13 @@
 //!          ◄──{"bitmap":"dirty","bytes":B}\n + B bytes ──   pages written since the last bitmap
 //!  pagesrv ──{"cmd":"pause"}\n──►                            stop the guest (vCPUs, devices)
 //!          ◄──{"bitmap":"pause","bytes":B}\n + B bytes ──   the last writes; the guest stays paused
-//!  pagesrv ──{"cmd":"free"}\n──►   (after pause, to a VMM that said "free_hints"; 4 KiB pages)
+//!  pagesrv ──{"cmd":"free"}\n──►   (to a VMM that said "free_hints"; 4 KiB pages; any time)
 //!          ◄──{"bitmap":"free","bytes":B}\n + B bytes ──    pages the guest's allocator holds free
 //! ```
 //!
-//! Free pages are never sent as data: the destination reads them as zero.
+//! Free pages are never sent as data: the destination reads them as zero. A hint taken while
+//! the guest runs is advisory (a page written after it is in the next dirty bitmap, which
+//! wins); the one taken after the pause is exact.
 //!
 //! A bitmap has one bit per page, bit `i % 8` of byte `i / 8` for page `i` (B = pages / 8
 //! rounded up). The VMM must clear its dirty log when it answers, so each bitmap holds the

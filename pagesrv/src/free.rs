@@ -88,6 +88,14 @@ impl FreeHints {
         self.free.set_from_bitmap(0, total, bitmap)
     }
 
+    /// The source wrote these 4 KiB pages (a dirty bitmap): they are not free, whatever the
+    /// last hint said.
+    pub fn written(&self, bitmap: &[u8]) {
+        PageMap::bitmap_runs(0, bitmap, |first, count| {
+            self.free.clear_range(first, count);
+        });
+    }
+
     /// Whether every 4 KiB page of `first..first+count` is free.
     pub fn all_free(&self, first: u64, count: u64) -> bool {
         count > 0 && self.free.set_run(first, count) >= count

@@ -247,19 +247,19 @@ impl Precopy {
     }
 
     /// Asks the VMM what the guest wrote since the last bitmap and adds it to `pending`;
-    /// returns how many pages it names.
+    /// returns the bitmap.
     ///
     /// # Errors
     /// The VMM link failed.
-    pub fn collect_dirty(&self) -> Result<u64, SourceLinkError> {
+    pub fn collect_dirty(&self) -> Result<Vec<u8>, SourceLinkError> {
         let bitmap = self.vmm.lock().unwrap_or_else(|p| p.into_inner()).dirty()?;
         self.state
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .tracking = true;
-        Ok(self
-            .pending
-            .set_from_bitmap(0, self.pending.total_pages(), &bitmap))
+        self.pending
+            .set_from_bitmap(0, self.pending.total_pages(), &bitmap);
+        Ok(bitmap)
     }
 
     /// Pauses the source guest and adds its last writes to `pending`.

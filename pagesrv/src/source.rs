@@ -211,10 +211,15 @@ impl MemorySource {
         self.free = hints;
     }
 
-    /// The paused guest's free pages (a 4 KiB-page bitmap from its VMM): from now on they
-    /// are served as zero; returns how many.
+    /// The guest's free pages (a 4 KiB-page bitmap from its VMM): from now on they are
+    /// served as zero; returns how many.
     pub fn hint_free(&self, bitmap: &[u8]) -> u64 {
         self.free.replace(bitmap)
+    }
+
+    /// The guest wrote these 4 KiB pages (a dirty bitmap): not free any more.
+    pub fn written(&self, bitmap: &[u8]) {
+        self.free.written(bitmap);
     }
 
     /// The file's size in bytes.

@@ -133,6 +133,13 @@ struct SourceArgs {
     /// (a dirty rate in pages/s, independent of how fast it touches).
     #[arg(long, value_name = "PAGES_PER_S")]
     dirty_rate: Option<u64>,
+    /// Percent of its data pages the guest leaves free (old bytes, never touched); their list
+    /// goes to pagesrv at the pause (`free` on the link, or `--free-out`).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=90))]
+    free_pct: u64,
+    /// At the pause, write the free pages as pagesrv's `--free-pages` bitmap here.
+    #[arg(long, value_name = "FILE")]
+    free_out: Option<PathBuf>,
     /// pagesrv's `--vmm-uds`: on `migrate`, hand the running guest's RAM to pagesrv
     /// (precopy); pagesrv then pauses the guest.
     #[arg(long, value_name = "PATH")]
@@ -160,6 +167,7 @@ fn run_source(a: SourceArgs) -> Result<()> {
         write_interval_tsc: a
             .dirty_rate
             .map_or(0, |rate| (tsc_per_us * 1e6 / rate.max(1) as f64) as u64),
+        free_pct: a.free_pct,
         report_interval_tsc: (50_000.0 * tsc_per_us) as u64,
         stall_tsc: (10.0 * tsc_per_us) as u64,
     })?;
@@ -191,6 +199,7 @@ fn run_source(a: SourceArgs) -> Result<()> {
                         uds: uds.clone(),
                         ram: ram_for_pagesrv.try_clone()?,
                         size_bytes,
+                        free_pct: a.free_pct,
                         dirty: vm.dirty_log(),
                         pause: pause.clone(),
                         saved: rx,
@@ -206,6 +215,13 @@ fn run_source(a: SourceArgs) -> Result<()> {
             let state = vm.save()?;
             std::fs::write(&a.state_file, serde_json::to_vec(&state)?)
                 .with_context(|| format!("cannot write {}", a.state_file.display()))?;
+            if let Some(path) = &a.free_out {
+                let bitmap =
+                    bench::guest::free_page_bitmap(&ram_for_pagesrv, size_bytes, a.free_pct)
+                        .context("cannot read the guest's free bitmap")?;
+                std::fs::write(path, bitmap)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
             // The guest keeps its counters in its RAM: as they were when it stopped.
             let c = vm.counters()?;
             emit(serde_json::json!({
@@ -230,6 +246,7 @@ struct Handover {
     uds: PathBuf,
     ram: std::fs::File,
     size_bytes: u64,
+    free_pct: u64,
     dirty: bench::kvm_vm::DirtyLog,
     pause: Arc<AtomicBool>,
     saved: mpsc::Receiver<()>,
@@ -244,7 +261,7 @@ fn serve_pagesrv(h: Handover) -> Result<()> {
         version: SOURCE_LINK_VERSION,
         size_bytes: h.size_bytes,
         page_size: 4096,
-        free_hints: false,
+        free_hints: h.free_pct > 0,
     };
     let mut link = SourceVmmClient::connect(&h.uds, &hello, h.ram.as_fd())
         .with_context(|| format!("cannot reach pagesrv at {}", h.uds.display()))?;
@@ -252,7 +269,10 @@ fn serve_pagesrv(h: Handover) -> Result<()> {
     while let Some(cmd) = link.next_command()? {
         match cmd {
             CommandKind::Dirty => link.send_bitmap(CommandKind::Dirty, &h.dirty.take()?)?,
-            CommandKind::Free => bail!("pagesrv asked for free-page hints this VMM never offered"),
+            CommandKind::Free => link.send_bitmap(
+                CommandKind::Free,
+                &bench::guest::free_page_bitmap(&h.ram, h.size_bytes, h.free_pct)?,
+            )?,
             CommandKind::Pause => {
                 h.pause.store(true, Ordering::Release);
                 // Again until it stopped: a signal that lands outside KVM_RUN is lost.
@@ -269,8 +289,15 @@ fn serve_pagesrv(h: Handover) -> Result<()> {
                 link.send_bitmap(CommandKind::Pause, &h.dirty.take()?)?;
                 // A paused VM is kept until pagesrv lets it go (the migration ended): the
                 // source could resume it, and tearing it down would compete with the
-                // switchover for this machine's two cores.
-                while link.next_command()?.is_some() {}
+                // switchover for this machine's two cores. pagesrv may still ask which pages
+                // the guest holds free.
+                while let Some(cmd) = link.next_command()? {
+                    if cmd != CommandKind::Free {
+                        bail!("pagesrv asked for {cmd:?} after the pause");
+                    }
+                    let free = bench::guest::free_page_bitmap(&h.ram, h.size_bytes, h.free_pct)?;
+                    link.send_bitmap(CommandKind::Free, &free)?;
+                }
                 return Ok(());
             }
         }

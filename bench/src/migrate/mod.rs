@@ -61,6 +61,11 @@ pub struct MigrateArgs {
     /// Downtime budget of the precopy convergence rule, in ms.
     #[arg(long, default_value_t = 20)]
     pub max_downtime_ms: u64,
+    /// The guest leaves this percentage of its data pages free (old bytes, never touched);
+    /// its free list reaches pagesrv as free-page hints (before each precopy round and at
+    /// the pause; for postcopy, as `--free-pages` written at the pause).
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u8).range(0..=90))]
+    pub free_pct: Option<u8>,
     /// Give faultd a base image (`--base`) that holds this percentage of the guest's pages as
     /// they are when the migration starts (the others differ).
     #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u8).range(0..=100))]
@@ -191,6 +196,7 @@ struct Paths {
     faultd_ctl: PathBuf,
     pagesrv_ctl: PathBuf,
     pagesrv_vmm_uds: PathBuf,
+    free_hints: PathBuf,
 }
 
 impl Paths {
@@ -202,6 +208,7 @@ impl Paths {
             faultd_ctl: work.join("faultd.ctl"),
             pagesrv_ctl: work.join("pagesrv.ctl"),
             pagesrv_vmm_uds: work.join("pagesrv-vmm.sock"),
+            free_hints: work.join("free.bitmap"),
         }
     }
 }
@@ -285,6 +292,7 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
             paths: &paths,
             faultd_args: &faultd_args,
             base: base.as_ref().map(|(path, pct)| (path.as_path(), *pct)),
+            free_hints: args.free_pct.map(|_| paths.free_hints.as_path()),
         };
         hand_over_postcopy(&handover, &mut source, &mut dest_cmd)?
     };
@@ -327,7 +335,17 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
         strategy: &strategy,
         mode: &mode_name,
     };
-    let summary = summary::summarize(args, &labels, &timeline, stats, file_digest(mem)?);
+    // The guest's free pages (as it paused) are zero at the destination.
+    let free = match args.free_pct {
+        Some(pct) => Some(bench::guest::free_page_bitmap(
+            &std::fs::File::open(mem)?,
+            args.size_mib << 20,
+            u64::from(pct),
+        )?),
+        None => None,
+    };
+    let digest = file_digest(mem, free.as_deref())?;
+    let summary = summary::summarize(args, &labels, &timeline, stats, digest);
     print_summary(&summary);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
@@ -373,6 +391,12 @@ fn boot_source(
     }
     if let Some(rate) = args.dirty_rate {
         cmd.args(["--dirty-rate", &rate.to_string()]);
+    }
+    if let Some(pct) = args.free_pct {
+        cmd.args(["--free-pct", &pct.to_string()]);
+        if args.strategy == Strategy::Postcopy {
+            cmd.arg("--free-out").arg(&paths.free_hints);
+        }
     }
     let mut source = Vmm::spawn(&mut cmd)?;
     let data_pages = ((args.size_mib << 20) - bench::guest::DATA_START_GPA) >> 12;
@@ -460,6 +484,8 @@ struct Postcopy<'a> {
     faultd_args: &'a [String],
     /// `--base-similarity`: where to write the base image, and how similar.
     base: Option<(&'a Path, u8)>,
+    /// `--free-pct`: the free-page hints the source VMM writes at the pause.
+    free_hints: Option<&'a Path>,
 }
 
 /// Postcopy: pause the source, serve its RAM file, resume the destination at once.
@@ -469,13 +495,18 @@ fn hand_over_postcopy(
     dest_cmd: &mut Command,
 ) -> Result<Handover> {
     let start_daemons = || -> Result<(Guard, Guard)> {
-        let (pagesrv, addr) = start_pagesrv(h.mem, &[], false)?;
+        let mut extra = Vec::new();
+        if let Some(path) = h.free_hints {
+            extra.extend(["--free-pages", path.to_str().context("path")?]);
+        }
+        let (pagesrv, addr) = start_pagesrv(h.mem, &extra, false)?;
         let args: Vec<&str> = h.faultd_args.iter().map(String::as_str).collect();
         let paths = h.paths;
         let faultd = start_faultd(&addr, &paths.faultd_uds, &paths.faultd_stats, &args, false)?;
         Ok((pagesrv, faultd))
     };
-    let daemons = if h.base.is_none() {
+    // The base image and the free-page hints exist only once the source paused.
+    let daemons = if h.base.is_none() && h.free_hints.is_none() {
         Some(start_daemons()?)
     } else {
         None
@@ -489,10 +520,13 @@ fn hand_over_postcopy(
     };
     let (pagesrv, faultd) = match (daemons, h.base) {
         (Some(daemons), _) => daemons,
-        (None, Some((path, pct))) => {
+        (None, base) => {
             // The base is like the RAM as it paused; writing it is not part of the
-            // migration (the destination holds it already), so the clock starts after it.
-            write_base_image(h.mem, path, pct)?;
+            // migration (the destination holds it already), nor is starting the daemons
+            // (they would be up before a real pause), so the clock starts after them.
+            if let Some((path, pct)) = base {
+                write_base_image(h.mem, path, pct)?;
+            }
             let daemons = start_daemons()?;
             paused["t_us"] = json!(
                 std::time::SystemTime::now()
@@ -501,7 +535,6 @@ fn hand_over_postcopy(
             );
             daemons
         }
-        (None, None) => unreachable!("daemons start first without a base"),
     };
     let dest = Vmm::spawn(dest_cmd)?;
     Ok(Handover {

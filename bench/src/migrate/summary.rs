@@ -100,6 +100,7 @@ pub(super) fn summarize(
         "workload": workload,
         "dirty_rate": args.dirty_rate,
         "base_similarity": args.base_similarity,
+        "free_pct": args.free_pct,
         "strategy": strategy,
         "mode": mode,
         "downtime_ms": t_us(resumed).saturating_sub(t_us(paused)) as f64 / 1000.0,
@@ -184,9 +185,16 @@ fn guest_fault_percentiles(a: &Value, b: &Value, min_tsc: f64, tsc_per_us: f64) 
     json!({"count": total, "p50_le": pick(0.5), "p99_le": pick(0.99)})
 }
 
-/// The digest of a RAM file, as faultd's stats report it.
-pub(super) fn file_digest(path: &Path) -> Result<u64> {
+/// The digest of a RAM file, as faultd's stats report it (pages set in `free`, a 4 KiB-page
+/// bitmap, count as zero: the destination holds zeros there).
+pub(super) fn file_digest(path: &Path, free: Option<&[u8]>) -> Result<u64> {
     use std::io::Read;
+    let is_free = |p: u64| {
+        free.is_some_and(|f| {
+            f.get((p / 8) as usize)
+                .is_some_and(|b| b & (1 << (p % 8)) != 0)
+        })
+    };
     let mut f = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 4 << 20];
     let (mut page, mut sum) = (0u64, 0u64);
@@ -202,7 +210,12 @@ pub(super) fn file_digest(path: &Path) -> Result<u64> {
         if filled == 0 {
             return Ok(sum);
         }
-        sum = sum.wrapping_add(common::digest::run_digest(page, &buf[..filled], 4096));
+        for (i, bytes) in buf[..filled].chunks(4096).enumerate() {
+            let p = page + i as u64;
+            if !is_free(p) {
+                sum = sum.wrapping_add(common::digest::page_digest(p, bytes));
+            }
+        }
         page += (filled / 4096) as u64;
     }
 }

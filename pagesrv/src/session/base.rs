@@ -49,6 +49,7 @@ impl Session<'_> {
             tx.write_frame(conn, &Message::ZeroRun(range), &[])
                 .map_err(|e| format!("failed to send free pages: {e}"))?;
             let newly = self.sent.set_range(range.first, range.count);
+            self.sent_zero.set_range(range.first, range.count);
             self.stats.free_pages.fetch_add(newly, Ordering::Relaxed);
         }
         Ok(())
@@ -78,9 +79,7 @@ impl Session<'_> {
         if let Some(engine) = engine
             && !engine.snapshot().tracking
         {
-            engine
-                .collect_dirty()
-                .map_err(|e| engine.fail(format!("the source VMM link failed: {e:#}")))?;
+            self.collect_dirty(engine)?;
         }
         let (mut pieces, mut hashes) = (Vec::new(), Vec::new());
         let mut offered = 0;

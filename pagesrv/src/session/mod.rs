@@ -117,6 +117,8 @@ pub struct Session<'a> {
     pub id: u64,
     /// Pages sent, or held or skipped by the destination.
     sent: PageMap,
+    /// Pages last sent as zero (a zero range): the destination holds zeros there.
+    sent_zero: PageMap,
     /// Pages the destination will never need (removed before they arrived): left out of the
     /// digests.
     skipped: PageMap,
@@ -153,6 +155,7 @@ impl<'a> Session<'a> {
             source,
             id,
             sent: PageMap::new(source.total_pages()),
+            sent_zero: PageMap::new(source.total_pages()),
             skipped: PageMap::new(source.total_pages()),
             sockets: Mutex::new(Vec::new()),
             digests_sent: AtomicBool::new(false),
@@ -577,9 +580,11 @@ impl<'a> Session<'a> {
             match *piece {
                 Piece::Zero { first, count } => {
                     frames.push((Message::ZeroRun(PageRange { first, count }), &[]));
+                    self.sent_zero.set_range(first, count);
                     zero += count;
                 }
                 Piece::Data { first, count } => {
+                    self.sent_zero.clear_range(first, count);
                     let mut at = first;
                     while at < first + count {
                         let n = (first + count - at).min(max_pages);

@@ -41,18 +41,15 @@ impl Session<'_> {
             return self.finish_switch(engine, conn, tx).map(drop);
         }
         if !engine.snapshot().tracking {
-            engine
-                .collect_dirty()
-                .map_err(|e| engine.fail(format!("the source VMM link failed: {e:#}")))?;
+            self.collect_dirty(engine)?;
         }
         let converged_by = loop {
+            self.refresh_free_hints(engine)?;
             let round = self.send_round(engine, conn, tx)?;
             let Some(mut round) = round else {
                 return Ok(()); // the session ended
             };
-            engine
-                .collect_dirty()
-                .map_err(|e| engine.fail(format!("the source VMM link failed: {e:#}")))?;
+            self.collect_dirty(engine)?;
             round.dirty_pages = count_both(&engine.pending, &self.sent);
             let rounds = {
                 let mut state = engine.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -123,9 +120,14 @@ impl Session<'_> {
         let free = engine
             .free_pages()
             .map_err(|e| engine.fail(format!("the source VMM link failed: {e:#}")))?;
-        if let Some(free) = free {
-            // Served as zero from now on; the destination drops those it holds (old bytes).
+        if let Some(mut free) = free {
+            // Served as zero from now on; the destination drops those it holds with old
+            // bytes (not those it got as zero ranges).
             let pages = self.source.file().hint_free(&free);
+            let zero = self.sent_zero.bitmap(0, engine.pending.total_pages());
+            for (f, z) in free.iter_mut().zip(zero) {
+                *f &= !z;
+            }
             engine
                 .pending
                 .set_from_bitmap(0, engine.pending.total_pages(), &free);
@@ -143,6 +145,35 @@ impl Session<'_> {
             pause_to_switch_ms = paused_at.elapsed().as_secs_f64() * 1000.0,
             "the source is paused: switched"
         );
+        Ok(())
+    }
+
+    /// Asks the source VMM what the guest wrote since the last bitmap: those pages are stale
+    /// at the destination, and no longer free whatever a hint said.
+    ///
+    /// # Errors
+    /// The VMM link failed (the migration cannot go on).
+    pub(super) fn collect_dirty(&self, engine: &Precopy) -> Result<(), String> {
+        let written = engine
+            .collect_dirty()
+            .map_err(|e| engine.fail(format!("the source VMM link failed: {e:#}")))?;
+        self.source.file().written(&written);
+        Ok(())
+    }
+
+    /// Takes the guest's free-page hints, if its VMM gives them, before a round: free pages
+    /// go as zero ranges (a page written after the hint was taken is in the next dirty
+    /// bitmap, which takes the hint back).
+    ///
+    /// # Errors
+    /// The VMM link failed.
+    fn refresh_free_hints(&self, engine: &Precopy) -> Result<(), String> {
+        let free = engine
+            .free_pages()
+            .map_err(|e| engine.fail(format!("the source VMM link failed: {e:#}")))?;
+        if let Some(free) = free {
+            self.source.file().hint_free(&free);
+        }
         Ok(())
     }
 

@@ -12,8 +12,8 @@
 //! ```
 //!
 //! With `--free-every N`, every page `p` with `p % N == 1` is free in the guest's allocator:
-//! it holds old bytes, is never written, and is named in the answer to pagesrv's `free`
-//! (after the pause); the final RAM has it zero, as the destination must read it.
+//! it holds old bytes, is never written, and is named in the answers to pagesrv's `free`;
+//! the final RAM has it zero, as the destination must read it.
 //!
 //! ```text
 //! ```
@@ -183,6 +183,10 @@ fn run() -> Result<(), String> {
             *written.lock().unwrap() = count;
         })
     };
+    let mut free_bitmap = vec![0u8; a.pages.div_ceil(8)];
+    for p in (0..a.pages).filter(|&p| is_free(p)) {
+        free_bitmap[p / 8] |= 1 << (p % 8);
+    }
     while let Some(cmd) = link.next_command().map_err(|e| format!("{e:#}"))? {
         match cmd {
             CommandKind::Dirty => {
@@ -190,7 +194,10 @@ fn run() -> Result<(), String> {
                 link.send_bitmap(CommandKind::Dirty, &bitmap)
                     .map_err(|e| format!("{e:#}"))?;
             }
-            CommandKind::Free => return Err("pagesrv asked for free pages before the pause".into()),
+            CommandKind::Free => {
+                link.send_bitmap(CommandKind::Free, &free_bitmap)
+                    .map_err(|e| format!("{e:#}"))?;
+            }
             CommandKind::Pause => {
                 stop.store(true, Ordering::Release);
                 writer.join().map_err(|_| "the writer panicked")?;
@@ -198,11 +205,9 @@ fn run() -> Result<(), String> {
                 let mut image = vec![0u8; bytes];
                 ram.read_exact_at(&mut image, 0)
                     .map_err(|e| e.to_string())?;
-                let mut free = vec![0u8; a.pages.div_ceil(8)];
                 for (p, bytes) in image.chunks_mut(PAGE).enumerate() {
                     if is_free(p) {
                         bytes.fill(0); // what the destination must read
-                        free[p / 8] |= 1 << (p % 8);
                     }
                 }
                 std::fs::write(&a.final_path, &image).map_err(|e| e.to_string())?;
@@ -216,7 +221,7 @@ fn run() -> Result<(), String> {
                     if cmd != CommandKind::Free {
                         return Err(format!("pagesrv asked for {cmd:?} after the pause"));
                     }
-                    link.send_bitmap(CommandKind::Free, &free)
+                    link.send_bitmap(CommandKind::Free, &free_bitmap)
                         .map_err(|e| format!("{e:#}"))?;
                 }
                 // Keep the RAM (and pagesrv's link) until the driver is done with us.
