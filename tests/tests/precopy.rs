@@ -321,8 +321,10 @@ fn test_free_pages_the_source_vmm_names_at_the_pause_read_zero() {
     if !require_userfaultfd() {
         return;
     }
-    // Every third page is free in the guest: old bytes at the source, sent in the rounds
-    // (nobody knew), named free at the pause: the destination must read zero there.
+    // Every third page starts free in the guest (old bytes): pagesrv takes the free list
+    // before each round and sends them as zero; meanwhile the writer hands thousands of them
+    // out and writes them (after the hint that said free: the dirty bitmap must win, and they
+    // must arrive with their contents); the final list at the pause says what must read zero.
     let options = Options {
         source_args: &["--free-every", "3"],
         ..Options::default()

@@ -11,9 +11,11 @@
 //!             [--seed N] [--zero-every N] [--free-every N]
 //! ```
 //!
-//! With `--free-every N`, every page `p` with `p % N == 1` is free in the guest's allocator:
-//! it holds old bytes, is never written, and is named in the answers to pagesrv's `free`;
-//! the final RAM has it zero, as the destination must read it.
+//! With `--free-every N`, every page `p` with `p % N == 1` starts free in the guest's
+//! allocator: it holds old bytes and is named in the answers to pagesrv's `free` until the
+//! writer hands it out (off the free list, then written: a hint taken before says free, the
+//! dirty bitmap says written); the final RAM has the pages still free zero, as the
+//! destination must read them.
 //!
 //! ```text
 //! ```
@@ -150,7 +152,16 @@ fn run() -> Result<(), String> {
     });
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(Mutex::new(0u64));
+    // The guest's free list: pages it has not handed out (yet).
+    let free_list = Arc::new(Mutex::new({
+        let mut bits = vec![0u8; a.pages.div_ceil(8)];
+        for p in (0..a.pages).filter(|&p| is_free(p)) {
+            bits[p / 8] |= 1 << (p % 8);
+        }
+        bits
+    }));
     let writer = {
+        let free_list = free_list.clone();
         let (ram, dirty, stop, written) = (
             ram.try_clone().map_err(|e| e.to_string())?,
             dirty.clone(),
@@ -170,8 +181,11 @@ fn run() -> Result<(), String> {
                     continue;
                 }
                 let p = rng.gen_range(0..pages);
-                if is_free(p) {
-                    continue; // nobody writes free memory
+                {
+                    // A free page is handed out (off the free list) before it is written: a
+                    // hint taken earlier still names it, the dirty bitmap then wins.
+                    let mut free = free_list.lock().unwrap();
+                    free[p / 8] &= !(1 << (p % 8));
                 }
                 count += 1;
                 pattern(p, seed, count, &mut page);
@@ -183,10 +197,6 @@ fn run() -> Result<(), String> {
             *written.lock().unwrap() = count;
         })
     };
-    let mut free_bitmap = vec![0u8; a.pages.div_ceil(8)];
-    for p in (0..a.pages).filter(|&p| is_free(p)) {
-        free_bitmap[p / 8] |= 1 << (p % 8);
-    }
     while let Some(cmd) = link.next_command().map_err(|e| format!("{e:#}"))? {
         match cmd {
             CommandKind::Dirty => {
@@ -195,7 +205,8 @@ fn run() -> Result<(), String> {
                     .map_err(|e| format!("{e:#}"))?;
             }
             CommandKind::Free => {
-                link.send_bitmap(CommandKind::Free, &free_bitmap)
+                let free = free_list.lock().unwrap().clone();
+                link.send_bitmap(CommandKind::Free, &free)
                     .map_err(|e| format!("{e:#}"))?;
             }
             CommandKind::Pause => {
@@ -205,9 +216,10 @@ fn run() -> Result<(), String> {
                 let mut image = vec![0u8; bytes];
                 ram.read_exact_at(&mut image, 0)
                     .map_err(|e| e.to_string())?;
+                let free_bitmap = free_list.lock().unwrap().clone();
                 for (p, bytes) in image.chunks_mut(PAGE).enumerate() {
-                    if is_free(p) {
-                        bytes.fill(0); // what the destination must read
+                    if free_bitmap[p / 8] & (1 << (p % 8)) != 0 {
+                        bytes.fill(0); // still free: what the destination must read
                     }
                 }
                 std::fs::write(&a.final_path, &image).map_err(|e| e.to_string())?;
