@@ -676,13 +676,26 @@ impl FaultLoop<'_, '_> {
                         sealed = link.tx.is_sealed(),
                         "link to pagesrv up"
                     );
+                    let hold = link.awaiting_free;
                     self.link = Some(link);
-                    if !matches!(self.stage, Stage::Precopy) {
+                    if !matches!(self.stage, Stage::Precopy) && !hold {
                         self.core.link_up();
                     }
                 }
                 LinkEvent::Connected(Err(e)) => return Err(e),
                 LinkEvent::Switched { generation } => self.on_switched(generation),
+                LinkEvent::Synced { generation } => {
+                    let Some(link) = self.link.as_mut() else {
+                        continue;
+                    };
+                    if link.generation == generation && link.awaiting_free {
+                        // The free pages are marked zero: faults on them fill locally.
+                        link.awaiting_free = false;
+                        if !matches!(self.stage, Stage::Precopy) {
+                            self.core.link_up();
+                        }
+                    }
+                }
             }
         }
         Ok(())
@@ -698,7 +711,7 @@ impl FaultLoop<'_, '_> {
         self.switched_in = Some(switched);
         self.stage = Stage::Migrating;
         self.links.pins.resumed = true;
-        if self.link.is_some() {
+        if self.link.as_ref().is_some_and(|l| !l.awaiting_free) {
             // Faults taken before the switch were held (a reply could race with a discard
             // of the same page on the other connection): ask for their pages now.
             self.core.link_up();

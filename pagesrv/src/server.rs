@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use common::auth::Psk;
 use common::framed::{FrameEncoder, FrameReader};
-use common::wire::{ErrorCode, FLAG_PRECOPY, PROTOCOL_VERSION, Role, SessionParams};
+use common::wire::{ErrorCode, FLAG_FREE, FLAG_PRECOPY, PROTOCOL_VERSION, Role, SessionParams};
 use serde_json::json;
 use socket2::SockRef;
 use tracing::{error, info, info_span, warn};
@@ -298,6 +298,10 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             // Precopy rounds, or the discards and the switch this destination missed.
             Some(_) if !resumed => FLAG_PRECOPY,
             Some(_) => 0,
+        } | if self.source.has_free_hints() {
+            FLAG_FREE
+        } else {
+            0
         };
         let session_id = if wanted != 0 {
             wanted
@@ -364,6 +368,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         let switch = Switch {
             engine: self.precopy.clone(),
             first: pending.welcome.precopy(),
+            free_first: pending.welcome.free_first(),
             base: pending.admitted.hello.has_base(),
         };
         let session = Arc::new(Session::new(

@@ -217,6 +217,11 @@ impl MemorySource {
         self.free.replace(bitmap)
     }
 
+    /// Whether some page is hinted free.
+    pub fn has_free_hints(&self) -> bool {
+        self.free.free_pages() > 0
+    }
+
     /// The guest wrote these 4 KiB pages (a dirty bitmap): not free any more.
     pub fn written(&self, bitmap: &[u8]) {
         self.free.written(bitmap);

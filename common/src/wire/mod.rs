@@ -384,7 +384,8 @@ pub struct SessionParams {
     /// The memory image: in `Welcome`, the one served; in `Hello`, the one the destination
     /// pinned (0 before its first `Welcome`).
     pub image_id: u64,
-    /// In `Welcome`: [`FLAG_PRECOPY`]; in `Hello`: [`FLAG_RESUMED`].
+    /// In `Welcome`: [`FLAG_PRECOPY`], [`FLAG_FREE`]; in `Hello`: [`FLAG_RESUMED`],
+    /// [`FLAG_BASE`].
     pub flags: u32,
 }
 
@@ -392,6 +393,11 @@ impl SessionParams {
     /// Whether the destination must wait for `Switchover` (a `Welcome` flag).
     pub fn precopy(&self) -> bool {
         self.flags & FLAG_PRECOPY != 0
+    }
+
+    /// Whether free pages come first on the bulk connection (a `Welcome` flag).
+    pub fn free_first(&self) -> bool {
+        self.flags & FLAG_FREE != 0
     }
 
     /// Whether the destination's guest runs already (a `Hello` flag).
@@ -414,6 +420,10 @@ pub const FLAG_RESUMED: u32 = 2;
 /// `Hello` flag: the destination holds a base image (an older copy of this VM, or its
 /// template): hash pages first, send only those it does not hold.
 pub const FLAG_BASE: u32 = 4;
+/// `Welcome` flag: the guest's free pages come first on the bulk connection, as zero ranges
+/// closed by a `Sync`; the destination asks for no page before that `Sync` (a fault on a
+/// free page is then a local zero fill, never a request).
+pub const FLAG_FREE: u32 = 8;
 /// Bytes of a page hash in `PageHashes`: XXH3-128 seeded with the session id.
 pub const PAGE_HASH_BYTES: usize = 16;
 
@@ -705,7 +715,7 @@ impl Decoder {
                     return Err(WireError::BadMagic(raw.magic.get()));
                 }
                 let known_flags = if kind == Kind::Welcome {
-                    FLAG_PRECOPY
+                    FLAG_PRECOPY | FLAG_FREE
                 } else {
                     FLAG_RESUMED | FLAG_BASE
                 };

@@ -327,6 +327,19 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
         for page in arrived {
             self.resolve_page(page);
         }
+        // Pages that turned out zero (free pages, zero ranges) while the link was down or
+        // held: filled here, never requested.
+        let zeroed: Vec<u64> = self
+            .in_flight
+            .keys()
+            .copied()
+            .filter(|&p| self.vm.zero.is_set(p))
+            .collect();
+        for page in zeroed {
+            for read_at in self.in_flight.remove(&page).unwrap_or_default() {
+                self.deferred_zero.push((page, read_at));
+            }
+        }
         for &page in self.in_flight.keys() {
             self.pending.push(request(page));
         }

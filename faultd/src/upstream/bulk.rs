@@ -74,6 +74,8 @@ pub struct BulkContext<'a> {
     pub precopy: bool,
     /// Called when `Switchover` arrives.
     pub on_switchover: &'a dyn Fn(),
+    /// Called after each `Sync` is answered.
+    pub on_sync: &'a dyn Fn(),
     /// The base image and the hash seed (the session id), with `--base`.
     pub base: Option<(&'a BaseImage, u64)>,
 }
@@ -141,6 +143,7 @@ pub fn receive_pushed_pages<K: Kernel>(
             Message::Sync => {
                 tx.write_frame(&mut conn, &Message::Synced, &[])
                     .map_err(ReadError::Io)?;
+                (cx.on_sync)();
                 continue;
             }
             Message::Switchover => {

@@ -160,6 +160,9 @@ pub struct Upstream {
     pub pins: Pins,
     /// Precopy rounds come first (the source still runs).
     pub precopy: bool,
+    /// The free pages come first on the bulk connection, closed by a `Sync`: ask for
+    /// nothing before it.
+    pub free_first: bool,
 }
 
 /// Connects both connections and checks the source against the target and the pins.
@@ -238,6 +241,7 @@ pub fn connect(
         bulk_tx,
         pins,
         precopy: welcome.precopy(),
+        free_first: welcome.free_first(),
     })
 }
 

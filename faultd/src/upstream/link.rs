@@ -69,6 +69,11 @@ pub enum LinkEvent {
         /// Which link said so.
         generation: u64,
     },
+    /// A bulk thread answered a `Sync`: everything before it (e.g. the free pages) is in.
+    Synced {
+        /// Which link.
+        generation: u64,
+    },
 }
 
 /// An open link.
@@ -93,6 +98,8 @@ pub struct Link {
     pub writable_armed: bool,
     /// Precopy rounds come first on this link.
     pub precopy: bool,
+    /// The free pages come first on the bulk connection: no request before its `Sync`.
+    pub awaiting_free: bool,
     bulk: TcpStream,
     bulk_stop: Arc<AtomicBool>,
 }
@@ -167,6 +174,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             bulk_tx,
             pins,
             precopy,
+            free_first,
         } = *up;
         self.pins = pins;
         urgent.set_nonblocking(true)?;
@@ -199,11 +207,16 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
                 let _ = tx.send(LinkEvent::Switched { generation });
                 let _ = waker.wake();
             };
+            let on_sync = || {
+                let _ = tx.send(LinkEvent::Synced { generation });
+                let _ = waker.wake();
+            };
             let cx = BulkContext {
                 stop: &stop,
                 silence,
                 precopy,
                 on_switchover: &on_switchover,
+                on_sync: &on_sync,
                 base: base.map(|b| (b, session_id)),
             };
             let result = receive_pushed_pages(vm, bulk, (bulk_reader, bulk_tx), &cx);
@@ -229,6 +242,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             last_tx: now,
             writable_armed: false,
             precopy,
+            awaiting_free: free_first,
             bulk: bulk_handle,
             bulk_stop,
         })

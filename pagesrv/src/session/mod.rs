@@ -108,6 +108,8 @@ pub struct Switch {
     /// The destination holds a base image (`FLAG_BASE`): page hashes go before anything
     /// else on the bulk connection.
     pub base: bool,
+    /// Welcomed with `FLAG_FREE`: the free pages, then a `Sync`, open the bulk connection.
+    pub free_first: bool,
 }
 
 /// State shared by the session's threads.
@@ -670,6 +672,11 @@ impl<'a> Session<'a> {
             self.source.total_pages(),
         ));
         self.send_free_pages(&mut conn, &mut tx)?;
+        if self.switch.free_first {
+            // The destination asks for nothing until this: no fault on a free page is a
+            // request.
+            self.sync(&mut conn, &mut tx, &mut rx, &mut |_, _| {})?;
+        }
         if self.switch.base {
             self.offer_hashes(&mut conn, &mut tx, &mut rx)?;
         }

@@ -190,6 +190,9 @@ impl Session<'_> {
         tx: &mut FrameEncoder,
     ) -> Result<u64, String> {
         let stale = self.discard(conn, tx, &engine.stale_at_switch)?;
+        // Free pages the destination lacks now go as zero before the guest resumes: a fault
+        // on one is a local zero fill.
+        self.send_free_pages(conn, tx)?;
         if engine.strategy == Strategy::Precopy {
             // Stop-and-copy: the rest now, before the guest resumes.
             self.send_unsent(conn, tx)?;
