@@ -22,6 +22,9 @@
 //!              ◄── Digests{chunk_pages}+u64s ───   (skipped pages count as zero)
 //!              ── Goodbye ─────────────────────►   verified; pagesrv closes, its job is done
 //!           or ── Error{VerifyFailed|DestinationFailed} ► the source must keep the VM
+//!  with the guest's free-page hints (Welcome flag FREE), first of all on the bulk connection:
+//!  bulk        ◄── ZeroRun … ◄── Sync ───────────   the free pages; the destination asks for
+//!              ── Synced ──►                        no page before this (a fault on one: zero)
 //!  a destination with a base image (Hello flag BASE), before the push (and any round):
 //!  bulk        ◄── PageHashes{first,count}+hashes  XXH3-128 of each page, seeded with the session id
 //!              ── DoneMap{first,count}+bitmap ─►   (bulk) the pages its base holds: placed from it
