@@ -2,7 +2,12 @@
 //! (a) an in-process uffd fault round trip, (b) a loopback TCP request/response of one 4 KiB
 //! page, (c) the remote fault floor (fault → fetch over loopback TCP from a trivial server →
 //! UFFDIO_COPY → wake), (d) the bulk floor (a plain loopback TCP stream placed with
-//! UFFDIO_COPY in 2 MiB runs into fresh memory).
+//! UFFDIO_COPY in 2 MiB runs into memory never touched before).
+//!
+//! Each is measured under a [`Placement`] of its threads, because a wake-up across this
+//! machine's vCPUs costs more than everything else in a fault: all on one CPU (the
+//! same-vCPU floor), the faulting thread on one CPU and the handler and server on another
+//! (the cross-vCPU floor, which the targets use), and wherever the scheduler puts them.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -16,6 +21,61 @@ use common::uffd::{Event, MODE_MISSING, Uffd};
 use serde_json::{Value, json};
 
 const PAGE: usize = 4096;
+
+/// Where a floor's threads run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Every thread on the first CPU we may use.
+    SameCpu,
+    /// The faulting (or placing) thread on the first CPU, the handler and the server (or
+    /// the sender) on the second.
+    CrossCpu,
+    /// No pinning: wherever the scheduler puts them.
+    Scheduler,
+}
+
+impl Placement {
+    /// The CPUs of (the faulting or placing thread, the handler and server threads), or
+    /// `None` where the thread is left to the scheduler; `Err` when the placement needs two
+    /// CPUs and we may use one.
+    fn cpus(self) -> Result<(Option<usize>, Option<usize>)> {
+        let ours = allowed_cpus()?;
+        Ok(match self {
+            Placement::Scheduler => (None, None),
+            Placement::SameCpu => (Some(ours[0]), Some(ours[0])),
+            Placement::CrossCpu => {
+                anyhow::ensure!(ours.len() >= 2, "a cross-vCPU floor needs two CPUs");
+                (Some(ours[0]), Some(ours[1]))
+            }
+        })
+    }
+}
+
+/// The CPUs this process may run on, in order.
+pub fn allowed_cpus() -> Result<Vec<usize>> {
+    let cpus = common::sched::allowed_cpus().context("sched_getaffinity")?;
+    anyhow::ensure!(!cpus.is_empty(), "no CPU in our affinity mask");
+    Ok(cpus)
+}
+
+fn pin(cpu: Option<usize>) -> Result<()> {
+    if let Some(cpu) = cpu {
+        common::sched::pin_current_thread(&[cpu]).with_context(|| format!("pin to CPU {cpu}"))?;
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread pinned to `cpu` (or unpinned), returning its result.
+fn on_cpu<T: Send>(cpu: Option<usize>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            pin(cpu)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("floor thread panicked"))?
+    })
+}
 
 /// Percentiles (µs) of samples in ns, with CDF samples for the plot.
 pub fn summarize(mut ns: Vec<u64>) -> Value {
@@ -67,32 +127,39 @@ fn serve_faults(uffd: &Uffd, faults: usize, mut place: impl FnMut(u64)) -> Resul
 /// serves the faults on another thread.
 fn timed_faults(
     pages: usize,
+    (fault_cpu, handler_cpu): (Option<usize>, Option<usize>),
     handler: impl FnOnce(Arc<Uffd>) -> Result<()> + Send,
 ) -> Result<Vec<u64>> {
     let uffd = Arc::new(Uffd::create(0).context("userfaultfd")?);
     let map = Mapping::anonymous(pages * PAGE)?;
     uffd.register(map.addr(), (pages * PAGE) as u64, MODE_MISSING)?;
     let base = map.addr();
-    let samples = std::thread::scope(|s| -> Result<Vec<u64>> {
-        let u = uffd.clone();
-        let h = s.spawn(move || handler(u));
-        let mut ns = Vec::with_capacity(pages);
-        for p in 0..pages {
-            let t = Instant::now();
-            // SAFETY: reads one byte of our own registered mapping; the handler places it.
-            let _ = unsafe { std::ptr::read_volatile((base + (p * PAGE) as u64) as *const u8) };
-            ns.push(t.elapsed().as_nanos() as u64);
-        }
-        h.join().expect("handler thread")?;
-        Ok(ns)
+    let samples = on_cpu(None, || {
+        std::thread::scope(|s| -> Result<Vec<u64>> {
+            let u = uffd.clone();
+            let h = s.spawn(move || {
+                pin(handler_cpu)?;
+                handler(u)
+            });
+            pin(fault_cpu)?;
+            let mut ns = Vec::with_capacity(pages);
+            for p in 0..pages {
+                let t = Instant::now();
+                // SAFETY: reads one byte of our own registered mapping; the handler places it.
+                let _ = unsafe { std::ptr::read_volatile((base + (p * PAGE) as u64) as *const u8) };
+                ns.push(t.elapsed().as_nanos() as u64);
+            }
+            h.join().expect("handler thread")?;
+            Ok(ns)
+        })
     })?;
     uffd.unregister(base, (pages * PAGE) as u64)?;
     Ok(samples)
 }
 
 /// (a) fault → read event → UFFDIO_COPY 4 KiB → wake, all in one process.
-pub fn uffd_fault(pages: usize) -> Result<Value> {
-    let ns = timed_faults(pages, |uffd| {
+pub fn uffd_fault(pages: usize, placement: Placement) -> Result<Value> {
+    let ns = timed_faults(pages, placement.cpus()?, |uffd| {
         let page = vec![7u8; PAGE];
         serve_faults(&uffd, pages, |addr| {
             let _ = uffd.copy(addr, &page, PAGE as u64);
@@ -102,10 +169,13 @@ pub fn uffd_fault(pages: usize) -> Result<Value> {
 }
 
 /// A trivial page server: answers each 24-byte request with a 24-byte header and a page.
-fn page_server() -> Result<(String, std::thread::JoinHandle<()>)> {
+fn page_server(cpu: Option<usize>) -> Result<(String, std::thread::JoinHandle<()>)> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
     let h = std::thread::spawn(move || {
+        if pin(cpu).is_err() {
+            return;
+        }
         let Ok((mut conn, _)) = listener.accept() else {
             return;
         };
@@ -127,9 +197,16 @@ fn fetch(conn: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
 }
 
 /// (b) loopback TCP request/response of one 4 KiB page.
-pub fn rtt_4k(rounds: usize) -> Result<Value> {
-    let (addr, server) = page_server()?;
-    let mut conn = TcpStream::connect(&addr)?;
+pub fn rtt_4k(rounds: usize, placement: Placement) -> Result<Value> {
+    let (client_cpu, server_cpu) = placement.cpus()?;
+    let (addr, server) = page_server(server_cpu)?;
+    let ns = on_cpu(client_cpu, move || rtt_rounds(&addr, rounds))?;
+    let _ = server.join();
+    Ok(summarize(ns))
+}
+
+fn rtt_rounds(addr: &str, rounds: usize) -> Result<Vec<u64>> {
+    let mut conn = TcpStream::connect(addr)?;
     conn.set_nodelay(true)?;
     let mut buf = vec![0u8; 24 + PAGE];
     let mut ns = Vec::with_capacity(rounds);
@@ -138,15 +215,14 @@ pub fn rtt_4k(rounds: usize) -> Result<Value> {
         fetch(&mut conn, &mut buf)?;
         ns.push(t.elapsed().as_nanos() as u64);
     }
-    drop(conn);
-    let _ = server.join();
-    Ok(summarize(ns))
+    Ok(ns)
 }
 
 /// (c) fault → handler fetches the page over loopback TCP → UFFDIO_COPY → wake.
-pub fn remote_fault(pages: usize) -> Result<Value> {
-    let (addr, server) = page_server()?;
-    let ns = timed_faults(pages, move |uffd| {
+pub fn remote_fault(pages: usize, placement: Placement) -> Result<Value> {
+    let cpus = placement.cpus()?;
+    let (addr, server) = page_server(cpus.1)?;
+    let ns = timed_faults(pages, cpus, move |uffd| {
         let mut conn = TcpStream::connect(&addr)?;
         conn.set_nodelay(true)?;
         let mut buf = vec![0u8; 24 + PAGE];
@@ -161,13 +237,19 @@ pub fn remote_fault(pages: usize) -> Result<Value> {
 }
 
 /// (d) a loopback TCP stream of `bytes` received in 2 MiB runs and placed with UFFDIO_COPY
-/// into fresh memory: MiB/s.
-pub fn bulk(bytes: usize) -> Result<f64> {
+/// into memory never touched before (a new mapping): MiB/s.
+pub fn bulk(bytes: usize, placement: Placement) -> Result<f64> {
+    let (placer_cpu, sender_cpu) = placement.cpus()?;
+    on_cpu(placer_cpu, move || bulk_placed(bytes, sender_cpu))
+}
+
+fn bulk_placed(bytes: usize, sender_cpu: Option<usize>) -> Result<f64> {
     const RUN: usize = 2 << 20;
     let bytes = bytes / RUN * RUN;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        pin(sender_cpu).map_err(std::io::Error::other)?;
         let (mut conn, _) = listener.accept()?;
         let chunk = vec![3u8; RUN];
         for _ in 0..bytes / RUN {

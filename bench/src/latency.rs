@@ -14,9 +14,10 @@ use anyhow::{Context, Result, ensure};
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 
-use crate::floor;
-use crate::procs::{sibling, start_faultd, start_pagesrv, watch_anon_rss};
+use crate::floor::{self, Placement};
+use crate::procs::{cpu_ms, sibling, start_faultd, start_pagesrv, watch};
 use crate::svg;
+use crate::tuning::Tuning;
 
 /// Which workloads to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -77,6 +78,14 @@ pub struct LatencyArgs {
     /// the handshake encrypted and authenticated.
     #[arg(long)]
     pub psk: bool,
+    /// Fault-path levers of the pair for every scenario: `default`, `same-cpu`,
+    /// `split-cpu`, `busy-poll[=US]`, joined by `+` (e.g. `same-cpu+busy-poll=30`).
+    #[arg(long, value_name = "LEVERS", default_value = "default", value_parser = Tuning::parse)]
+    pub tuning: Tuning,
+    /// Also run the first workload, push off and on, under each of these lever settings
+    /// (comma-separated), and report their ratios to the same floor.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = Tuning::parse)]
+    pub compare_levers: Vec<Tuning>,
 }
 
 fn write_image(path: &Path, pages: u64) -> Result<()> {
@@ -106,14 +115,21 @@ struct Scenario {
 }
 
 /// Runs one scenario; returns its JSON record.
-fn run_scenario(sc: &Scenario, image: &Path, work: &Path, args: &LatencyArgs) -> Result<Value> {
+fn run_scenario(
+    sc: &Scenario,
+    image: &Path,
+    work: &Path,
+    args: &LatencyArgs,
+    tuning: Tuning,
+) -> Result<Value> {
     let (uds, stats_path, lat_path) = (
         work.join("faultd.sock"),
         work.join("stats.json"),
         work.join("lat.json"),
     );
     let _ = std::fs::remove_file(&stats_path);
-    let mut extra = Vec::new();
+    let (pagesrv_tuning, faultd_tuning) = (tuning.pagesrv_args()?, tuning.faultd_args()?);
+    let mut extra: Vec<&str> = pagesrv_tuning.iter().map(String::as_str).collect();
     if !sc.push {
         extra.push("--no-push");
     }
@@ -131,9 +147,11 @@ fn run_scenario(sc: &Scenario, image: &Path, work: &Path, args: &LatencyArgs) ->
     };
     extra.extend(&key_args);
     let (mut pagesrv, addr) = start_pagesrv(image, &extra, true)?;
-    let mut faultd = start_faultd(&addr, &uds, &stats_path, &key_args, true)?;
-    let faultd_rss = watch_anon_rss(faultd.0.id());
-    let pagesrv_rss = watch_anon_rss(pagesrv.0.id());
+    let mut faultd_extra = key_args.clone();
+    faultd_extra.extend(faultd_tuning.iter().map(String::as_str));
+    let mut faultd = start_faultd(&addr, &uds, &stats_path, &faultd_extra, true)?;
+    let (faultd_pid, pagesrv_pid) = (faultd.0.id(), pagesrv.0.id());
+    let (faultd_usage, pagesrv_usage) = (watch(faultd_pid), watch(pagesrv_pid));
     let mut vmm = Command::new(sibling("test-vmm")?);
     vmm.arg("--uds")
         .arg(&uds)
@@ -142,6 +160,7 @@ fn run_scenario(sc: &Scenario, image: &Path, work: &Path, args: &LatencyArgs) ->
         .args(["--order", sc.workload, "--threads", "1"])
         .arg("--latency-out")
         .arg(&lat_path);
+    tuning.pin_workload(&mut vmm)?;
     if !sc.push {
         vmm.args(["--no-wait", "--touches", &args.demand_touches.to_string()]);
     }
@@ -159,9 +178,11 @@ fn run_scenario(sc: &Scenario, image: &Path, work: &Path, args: &LatencyArgs) ->
         "workload": sc.workload,
         "push": if sc.push { "on" } else { "off" },
         "naive_single_connection": sc.naive,
+        "levers": tuning.name(),
         "size_mib": args.size_mib,
         "fault_latency_us": latency,
         "faults": latency["count"],
+        "cpu_ms_during_workload": {"faultd": cpu_ms(faultd_pid), "pagesrv": cpu_ms(pagesrv_pid)},
     });
     if sc.push {
         let status = faultd.0.wait()?;
@@ -183,14 +204,48 @@ fn run_scenario(sc: &Scenario, image: &Path, work: &Path, args: &LatencyArgs) ->
         let pages = args_pages(args);
         let limit = (32u64 << 20) + pages.div_ceil(8);
         let (f, p) = (
-            faultd_rss.join().unwrap_or(0),
-            pagesrv_rss.join().unwrap_or(0),
+            faultd_usage.join().unwrap_or_default(),
+            pagesrv_usage.join().unwrap_or_default(),
         );
         record["peak_private_rss_bytes"] = json!({
-            "faultd": f, "pagesrv": p, "limit_32mib_plus_1_bit_per_page": limit,
+            "faultd": f.peak_anon_rss, "pagesrv": p.peak_anon_rss,
+            "limit_32mib_plus_1_bit_per_page": limit,
         });
+        record["cpu_ms"] = json!({"faultd": f.cpu_ms, "pagesrv": p.cpu_ms});
     }
     Ok(record)
+}
+
+/// Runs a scenario `--runs` times; the run with the median p99 represents it.
+fn run_median(
+    sc: &Scenario,
+    image: &Path,
+    work: &Path,
+    args: &LatencyArgs,
+    tuning: Tuning,
+) -> Result<Value> {
+    let mut attempts = Vec::new();
+    for i in 0..args.runs.max(1) {
+        eprintln!(
+            "bench: {} workload, push {}{}, levers {} (run {}/{})",
+            sc.workload,
+            if sc.push { "on" } else { "off" },
+            if sc.naive {
+                ", naive single connection"
+            } else {
+                ""
+            },
+            tuning.name(),
+            i + 1,
+            args.runs.max(1)
+        );
+        attempts.push(run_scenario(sc, image, work, args, tuning)?);
+    }
+    attempts.sort_by(|a, b| {
+        let p = |r: &Value| r["fault_latency_us"]["p99"].as_f64().unwrap_or(0.0);
+        p(a).total_cmp(&p(b))
+    });
+    Ok(attempts.swap_remove(attempts.len() / 2))
 }
 
 fn args_pages(args: &LatencyArgs) -> u64 {
@@ -218,15 +273,105 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
     result
 }
 
+/// The floors under each placement of their threads (see [`floor::Placement`]).
+fn measure_floors(args: &LatencyArgs) -> Result<Value> {
+    let bulk_bytes = (args.size_mib as usize).min(1024) << 20;
+    let mut floors = serde_json::Map::new();
+    for (name, placement) in [
+        ("cross_vcpu", Placement::CrossCpu),
+        ("same_vcpu", Placement::SameCpu),
+        ("scheduler", Placement::Scheduler),
+    ] {
+        eprintln!("bench: measuring the floor ({name})");
+        floors.insert(
+            name.into(),
+            json!({
+                "uffd_fault_us": floor::uffd_fault(4000, placement)?,
+                "rtt_4k_us": floor::rtt_4k(5000, placement)?,
+                "remote_fault_floor_us": floor::remote_fault(4000, placement)?,
+                "bulk_fresh_mib_s": floor::bulk(bulk_bytes, placement)?,
+            }),
+        );
+    }
+    Ok(Value::Object(floors))
+}
+
+/// The target ratios of the scenarios to one placement's floor.
+fn ratios_to(floor: &Value, runs: &[Value], first: &str) -> Value {
+    let floor_p = |q: &str| {
+        floor["remote_fault_floor_us"][q]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    };
+    let pick = |push: &str, naive: bool| {
+        runs.iter().find(|r| {
+            r["workload"] == first && r["push"] == push && r["naive_single_connection"] == naive
+        })
+    };
+    let ratio = |r: Option<&Value>, q: &str| {
+        r.and_then(|r| r["fault_latency_us"][q].as_f64())
+            .map(|v| v / floor_p(q))
+    };
+    let mut tput: Vec<f64> = runs
+        .iter()
+        .filter(|r| r["naive_single_connection"] == false)
+        .filter_map(|r| r["throughput_mib_s"].as_f64())
+        .collect();
+    json!({
+        "fault_p50_vs_floor": ratio(pick("off", false), "p50"),
+        "fault_p99_vs_floor": ratio(pick("off", false), "p99"),
+        "fault_p99_push_vs_floor": ratio(pick("on", false), "p99"),
+        "naive_fault_p99_vs_floor": ratio(pick("on", true), "p99"),
+        "throughput_vs_floor": if tput.is_empty() { Value::Null } else {
+            json!(median(&mut tput) / floor["bulk_fresh_mib_s"].as_f64().unwrap_or(f64::NAN))
+        },
+    })
+}
+
+/// `--compare-levers`: the first workload, with the push off and on, under each lever
+/// setting, with its ratios to this run's floors and the daemons' CPU time.
+fn compare_levers(
+    args: &LatencyArgs,
+    floor: &Value,
+    workload: &'static str,
+    pushes: &[bool],
+    image: &Path,
+    work: &Path,
+) -> Result<Value> {
+    let mut out = Vec::new();
+    for &tuning in &args.compare_levers {
+        let mut runs = Vec::new();
+        for &push in pushes {
+            let sc = Scenario {
+                workload,
+                push,
+                naive: false,
+            };
+            runs.push(run_median(&sc, image, work, args, tuning)?);
+        }
+        let pick = |push: &str, key: &str| {
+            runs.iter()
+                .find(|r| r["push"] == push)
+                .map_or(Value::Null, |r| r[key].clone())
+        };
+        out.push(json!({
+            "levers": tuning.name(),
+            "targets": ratios_to(&floor["cross_vcpu"], &runs, workload),
+            "same_vcpu_for_information": ratios_to(&floor["same_vcpu"], &runs, workload),
+            "push_off_fault_latency_us": pick("off", "fault_latency_us"),
+            "push_on_fault_latency_us": pick("on", "fault_latency_us"),
+            "push_off_cpu_ms": pick("off", "cpu_ms_during_workload"),
+            "push_off_faults": pick("off", "faults"),
+            "push_on_total_ms": pick("on", "total_ms"),
+            "push_on_throughput_mib_s": pick("on", "throughput_mib_s"),
+        }));
+    }
+    Ok(Value::Array(out))
+}
+
 fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
     let pages = args.size_mib << 8;
-    eprintln!("bench: measuring the floor");
-    let floor = json!({
-        "uffd_fault_us": floor::uffd_fault(4000)?,
-        "rtt_4k_us": floor::rtt_4k(5000)?,
-        "remote_fault_floor_us": floor::remote_fault(4000)?,
-        "bulk_mib_s": floor::bulk((args.size_mib as usize).min(1024) << 20)?,
-    });
+    let floor = measure_floors(args)?;
     eprintln!("bench: writing a {} MiB image", args.size_mib);
     write_image(image, pages)?;
     let workloads: &[&'static str] = match args.workload {
@@ -259,54 +404,14 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
     }
     let mut runs = Vec::new();
     for sc in &scenarios {
-        let mut attempts = Vec::new();
-        for i in 0..args.runs.max(1) {
-            eprintln!(
-                "bench: {} workload, push {}{} (run {}/{})",
-                sc.workload,
-                if sc.push { "on" } else { "off" },
-                if sc.naive {
-                    ", naive single connection"
-                } else {
-                    ""
-                },
-                i + 1,
-                args.runs.max(1)
-            );
-            attempts.push(run_scenario(sc, image, work, args)?);
-        }
-        // The run with the median p99 represents the scenario.
-        attempts.sort_by(|a, b| {
-            let p = |r: &Value| r["fault_latency_us"]["p99"].as_f64().unwrap_or(0.0);
-            p(a).total_cmp(&p(b))
-        });
-        runs.push(attempts.swap_remove(attempts.len() / 2));
+        runs.push(run_median(sc, image, work, args, args.tuning)?);
     }
-    let floor_p = |k: &str, q: &str| floor[k][q].as_f64().unwrap_or(f64::NAN);
-    let pick = |workload: &str, push: &str, naive: bool| {
-        runs.iter().find(|r| {
-            r["workload"] == workload && r["push"] == push && r["naive_single_connection"] == naive
-        })
-    };
-    let first = workloads[0];
-    let ratio = |r: Option<&Value>, q: &str, fk: &str| {
-        r.and_then(|r| r["fault_latency_us"][q].as_f64())
-            .map(|v| v / floor_p(fk, q))
-    };
-    let mut tput: Vec<f64> = runs
-        .iter()
-        .filter(|r| r["naive_single_connection"] == false)
-        .filter_map(|r| r["throughput_mib_s"].as_f64())
-        .collect();
     let ratios = json!({
-        "fault_p50_vs_floor": ratio(pick(first, "off", false), "p50", "remote_fault_floor_us"),
-        "fault_p99_vs_floor": ratio(pick(first, "off", false), "p99", "remote_fault_floor_us"),
-        "fault_p99_push_vs_floor": ratio(pick(first, "on", false), "p99", "remote_fault_floor_us"),
-        "naive_fault_p99_vs_floor": ratio(pick(first, "on", true), "p99", "remote_fault_floor_us"),
-        "throughput_vs_floor": if tput.is_empty() { Value::Null } else {
-            json!(median(&mut tput) / floor["bulk_mib_s"].as_f64().unwrap_or(f64::NAN))
-        },
+        "floor": "cross_vcpu",
+        "targets": ratios_to(&floor["cross_vcpu"], &runs, workloads[0]),
+        "same_vcpu_for_information": ratios_to(&floor["same_vcpu"], &runs, workloads[0]),
     });
+    let levers = compare_levers(args, &floor, workloads[0], pushes, image, work)?;
     let mut growth = Vec::new();
     for &size_mib in &args.growth_sizes {
         eprintln!("bench: growth run, {size_mib} MiB, random workload, push on");
@@ -316,6 +421,7 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
             json: None,
             svg: None,
             ram_dir: args.ram_dir.clone(),
+            compare_levers: Vec::new(),
             ..*args
         };
         let path = work.join(format!("growth-{size_mib}.mem"));
@@ -325,11 +431,13 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
             push: true,
             naive: false,
         };
-        let record = run_scenario(&sc, &path, work, &sized);
+        let record = run_scenario(&sc, &path, work, &sized, args.tuning);
         let _ = std::fs::remove_file(&path);
         growth.push(record?);
     }
-    let result = json!({ "floor": floor, "runs": runs, "growth": growth, "ratios": ratios });
+    let result = json!({
+        "floor": floor, "runs": runs, "growth": growth, "ratios": ratios, "levers": levers,
+    });
     print_table(&result);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&result)?)
@@ -343,9 +451,16 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
 }
 
 fn print_table(r: &Value) {
-    let f = &r["floor"];
     let us = |v: &Value, q: &str| v[q].as_f64().unwrap_or(0.0);
-    println!("floor (this machine, this run)                    p50 µs    p99 µs");
+    let f = &r["floor"];
+    let names = [
+        ("cross_vcpu", "cross-vCPU"),
+        ("same_vcpu", "same vCPU"),
+        ("scheduler", "scheduler"),
+    ];
+    println!(
+        "floor (this machine, this run), p50 / p99 µs     cross-vCPU       same vCPU       scheduler"
+    );
     for (name, key) in [
         ("  in-process uffd fault + UFFDIO_COPY", "uffd_fault_us"),
         ("  loopback TCP 4 KiB request/response", "rtt_4k_us"),
@@ -354,15 +469,31 @@ fn print_table(r: &Value) {
             "remote_fault_floor_us",
         ),
     ] {
-        println!(
-            "{name:<48} {:>8.1}  {:>8.1}",
-            us(&f[key], "p50"),
-            us(&f[key], "p99")
-        );
+        let cells: Vec<String> = names
+            .iter()
+            .map(|(k, _)| {
+                format!(
+                    "{:>7.1} /{:>7.1}",
+                    us(&f[*k][key], "p50"),
+                    us(&f[*k][key], "p99")
+                )
+            })
+            .collect();
+        println!("{name:<48} {}", cells.join(" "));
     }
+    let cells: Vec<String> = names
+        .iter()
+        .map(|(k, _)| {
+            format!(
+                "{:>10.0} MiB/s",
+                f[*k]["bulk_fresh_mib_s"].as_f64().unwrap_or(0.0)
+            )
+        })
+        .collect();
     println!(
-        "  bulk: TCP stream → UFFDIO_COPY 2 MiB runs      {:>8.0} MiB/s",
-        f["bulk_mib_s"].as_f64().unwrap_or(0.0)
+        "{:<48} {}",
+        "  bulk: TCP stream → UFFDIO_COPY, fresh memory",
+        cells.join(" ")
     );
     println!();
     println!(
@@ -423,5 +554,30 @@ fn print_table(r: &Value) {
         );
     }
     println!();
-    println!("ratios to the floor: {}", r["ratios"]);
+    if let Some(levers) = r["levers"].as_array().filter(|l| !l.is_empty()) {
+        println!();
+        println!(
+            "levers ({} workload)            off p50 µs  off p99 µs  on p99 µs  on MiB/s   off CPU ms (faultd/pagesrv)",
+            r["runs"][0]["workload"].as_str().unwrap_or("")
+        );
+        for l in levers {
+            let cpu = &l["push_off_cpu_ms"];
+            println!(
+                "  {:<30} {:>10.1} {:>11.1} {:>10.1} {:>9.0}   {:>6.0} / {:<6.0}",
+                l["levers"].as_str().unwrap_or(""),
+                us(&l["push_off_fault_latency_us"], "p50"),
+                us(&l["push_off_fault_latency_us"], "p99"),
+                us(&l["push_on_fault_latency_us"], "p99"),
+                l["push_on_throughput_mib_s"].as_f64().unwrap_or(0.0),
+                cpu["faultd"].as_f64().unwrap_or(0.0),
+                cpu["pagesrv"].as_f64().unwrap_or(0.0),
+            );
+        }
+    }
+    let t = &r["ratios"];
+    println!("ratios to the cross-vCPU floor (targets): {}", t["targets"]);
+    println!(
+        "ratios to the same-vCPU floor (information): {}",
+        t["same_vcpu_for_information"]
+    );
 }

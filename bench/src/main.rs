@@ -6,6 +6,7 @@ mod latency;
 mod migrate;
 mod procs;
 mod svg;
+mod tuning;
 
 use std::process::ExitCode;
 
@@ -39,5 +40,28 @@ fn main() -> ExitCode {
             eprintln!("bench: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+        let cli = <super::Cli as clap::Parser>::try_parse_from([
+            "bench",
+            "latency",
+            "--tuning",
+            "same-cpu",
+            "--compare-levers",
+            "default,split-cpu+busy-poll=20",
+        ])
+        .unwrap();
+        let super::Command::Latency(args) = cli.command else {
+            panic!("not latency")
+        };
+        assert_eq!(args.compare_levers.len(), 2);
+        assert_eq!(args.compare_levers[1].busy_poll_us, 20);
     }
 }

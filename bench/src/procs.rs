@@ -50,23 +50,47 @@ pub fn first_line(child: &mut Child) -> Result<String> {
     Ok(line.trim_end().to_owned())
 }
 
-/// Samples a process's private (anonymous) resident memory until it exits; returns the peak
-/// in bytes.
-pub fn watch_anon_rss(pid: u32) -> std::thread::JoinHandle<u64> {
+/// What [`watch`] saw of a process until it exited.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    /// Peak private (anonymous) resident memory, bytes.
+    pub peak_anon_rss: u64,
+    /// CPU time (user + system) at the last sample, ms (10 ms resolution).
+    pub cpu_ms: f64,
+}
+
+/// CPU time (user + system) a process has used so far, ms; `None` once it is gone.
+pub fn cpu_ms(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 * 1000.0 / hz)
+}
+
+/// Samples a process's private (anonymous) resident memory and CPU time until it exits.
+pub fn watch(pid: u32) -> std::thread::JoinHandle<Usage> {
     std::thread::spawn(move || {
-        let mut peak = 0u64;
+        let mut usage = Usage::default();
         while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
             let kib = status
                 .lines()
                 .find_map(|l| l.strip_prefix("RssAnon:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
             match kib {
-                Some(kib) => peak = peak.max(kib << 10),
+                Some(kib) => usage.peak_anon_rss = usage.peak_anon_rss.max(kib << 10),
                 None => break, // a zombie: exited
+            }
+            if let Some(ms) = cpu_ms(pid) {
+                usage.cpu_ms = ms;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        peak
+        usage
     })
 }
 

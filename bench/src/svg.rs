@@ -29,10 +29,15 @@ fn samples(v: &Value) -> Vec<f64> {
 
 /// The SVG document for a `bench latency` result.
 pub fn latency_cdfs(result: &Value) -> String {
-    let mut series: Vec<(String, Vec<f64>)> = vec![(
-        "floor: remote fault".into(),
-        samples(&result["floor"]["remote_fault_floor_us"]),
-    )];
+    let mut series: Vec<(String, Vec<f64>)> = ["cross_vcpu", "same_vcpu"]
+        .iter()
+        .map(|p| {
+            (
+                format!("floor: remote fault, {}", p.replace('_', "-")),
+                samples(&result["floor"][*p]["remote_fault_floor_us"]),
+            )
+        })
+        .collect();
     for run in result["runs"].as_array().into_iter().flatten() {
         let name = format!(
             "{} push {}{}",

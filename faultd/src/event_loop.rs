@@ -220,8 +220,8 @@ struct FaultLoop<'s, 'e> {
 
 impl FaultLoop<'_, '_> {
     fn run(&mut self, poll: &mut Poll) -> Result<Verdict> {
-        if let Err(e) = common::sched::realtime_priority() {
-            debug!(error = %e, "fault thread runs at normal priority");
+        for failed in self.config.fast_path.enter_latency_thread() {
+            debug!(what = %failed, "fault thread placement");
         }
         self.vmm.set_nonblocking(true)?;
         let uffd_fd = self.vm.kernel.uffd().as_fd().as_raw_fd();
@@ -245,9 +245,11 @@ impl FaultLoop<'_, '_> {
             } else {
                 self.config.liveness.heartbeat / 2
             };
-            match poll.poll(&mut events, Some(timeout)) {
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                other => other.context("poll failed")?,
+            if !self.busy_poll(poll, &mut events) {
+                match poll.poll(&mut events, Some(timeout)) {
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    other => other.context("poll failed")?,
+                }
             }
             let mut drained = false;
             for event in &events {
@@ -268,6 +270,18 @@ impl FaultLoop<'_, '_> {
             self.check_liveness(poll);
             self.refresh_status();
         }
+    }
+
+    /// With `--busy-poll-us`, while a requested page is on its way: polls without sleeping
+    /// until something is ready or the budget is spent. Returns whether `events` is filled.
+    fn busy_poll(&self, poll: &mut Poll, events: &mut Events) -> bool {
+        let budget = self.config.fast_path.busy_poll;
+        if budget.is_zero() || self.core.pages_in_flight() == 0 {
+            return false;
+        }
+        common::sched::spin_until(budget, || {
+            poll.poll(events, Some(Duration::ZERO)).is_ok() && !events.is_empty()
+        })
     }
 
     /// Whether the guest still depends on faultd (pages may be missing).

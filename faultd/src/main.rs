@@ -25,6 +25,7 @@ use clap::Parser;
 use common::auth::Psk;
 use common::control::{ControlServer, Handler};
 use common::netopt::{Liveness, parse_seconds};
+use common::sched::FastPath;
 use serde_json::json;
 use tracing::info;
 
@@ -88,12 +89,31 @@ struct Cli {
     /// are placed from it instead of crossing the wire.
     #[arg(long, value_name = "FILE")]
     base: Option<PathBuf>,
+    /// Pin the fault thread (the one that reads faults and requests pages) to this CPU;
+    /// best on the CPU of the vCPUs that fault, so no wake-up crosses CPUs.
+    #[arg(long, value_name = "CPU")]
+    fault_cpu: Option<usize>,
+    /// Pin the bulk threads (placing the background stream) to these CPUs, e.g. `1` or
+    /// `2-3` (default: every CPU faultd may use).
+    #[arg(long, value_name = "LIST", value_parser = common::sched::parse_cpu_list)]
+    bulk_cpus: Option<common::sched::CpuList>,
+    /// While a requested page is on its way, the fault thread polls for it this many
+    /// microseconds before sleeping (0: sleep at once). Costs CPU; helps where waking a
+    /// sleeping thread is slow.
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    busy_poll_us: u64,
 }
 
 fn run(cli: &Cli) -> Result<Report> {
     let psk = cli.psk_file.as_deref().map(Psk::load).transpose()?;
     // An unreadable base image is refused before anything starts.
     let base = cli.base.as_deref().map(BaseImage::open).transpose()?;
+    let fast_path = FastPath::new(
+        cli.fault_cpu,
+        cli.bulk_cpus.clone(),
+        Duration::from_micros(cli.busy_poll_us),
+    )
+    .context("bad --fault-cpu or --bulk-cpus")?;
     // The control socket is up before the VMM may look for it.
     let status = Arc::new(Mutex::new(json!({"status": {"phase": "starting"}})));
     let control = cli
@@ -135,6 +155,7 @@ fn run(cli: &Cli) -> Result<Report> {
         reconnect_timeout: cli.reconnect_timeout,
         liveness: Liveness::new(cli.link_timeout),
         base,
+        fast_path,
     };
     let options = event_loop::Options {
         verify: !cli.no_verify,
@@ -205,5 +226,37 @@ fn main() -> ExitCode {
             eprintln!("faultd: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::{CommandFactory, Parser};
+
+    const ARGS: &[&str] = &[
+        "faultd",
+        "--connect",
+        "h:1",
+        "--uds",
+        "/x",
+        "--fault-cpu",
+        "0",
+        "--bulk-cpus",
+        "1-3",
+        "--busy-poll-us",
+        "30",
+    ];
+
+    #[test]
+    fn the_command_line_is_consistent_and_takes_the_fast_path_flags() {
+        super::Cli::command().debug_assert();
+        let cli = super::Cli::try_parse_from(ARGS).unwrap();
+        assert_eq!(cli.busy_poll_us, 30);
+        assert_eq!(cli.bulk_cpus.unwrap().0, vec![1, 2, 3]);
+        let bad: Vec<&str> = ARGS
+            .iter()
+            .map(|a| if *a == "1-3" { "3-1" } else { a })
+            .collect();
+        assert!(super::Cli::try_parse_from(bad).is_err());
     }
 }

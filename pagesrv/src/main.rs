@@ -105,6 +105,18 @@ struct Cli {
     /// Do not push pages in the background: serve requested pages only.
     #[arg(long)]
     no_push: bool,
+    /// Pin the urgent thread (the one that answers page requests) to this CPU.
+    #[arg(long, value_name = "CPU")]
+    urgent_cpu: Option<usize>,
+    /// Pin the push thread (the background stream) to these CPUs, e.g. `1` or `2-3`
+    /// (default: every CPU pagesrv may use).
+    #[arg(long, value_name = "LIST", value_parser = common::sched::parse_cpu_list)]
+    push_cpus: Option<common::sched::CpuList>,
+    /// After each request the urgent thread polls for the next one this many microseconds
+    /// before sleeping (0: sleep at once). Costs CPU; helps where waking a sleeping thread
+    /// is slow.
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    busy_poll_us: u64,
     /// Benchmark baseline: push pages on the urgent connection too, so requested pages queue
     /// behind background pages (what a single-connection design does).
     #[arg(long)]
@@ -177,6 +189,12 @@ fn run(cli: Cli) -> Result<()> {
             corrupt_page: cli.corrupt_page,
             naive_single_connection: cli.naive_single_connection,
             liveness: common::netopt::Liveness::new(cli.link_timeout),
+            fast_path: common::sched::FastPath::new(
+                cli.urgent_cpu,
+                cli.push_cpus.clone(),
+                std::time::Duration::from_micros(cli.busy_poll_us),
+            )
+            .context("bad --urgent-cpu or --push-cpus")?,
         },
     };
     let events = Events(
@@ -287,5 +305,35 @@ fn main() -> ExitCode {
             eprintln!("pagesrv: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::{CommandFactory, Parser};
+
+    const ARGS: &[&str] = &[
+        "pagesrv",
+        "--vm-mem",
+        "/x",
+        "--urgent-cpu",
+        "0",
+        "--push-cpus",
+        "1-3",
+        "--busy-poll-us",
+        "30",
+    ];
+
+    #[test]
+    fn the_command_line_is_consistent_and_takes_the_fast_path_flags() {
+        super::Cli::command().debug_assert();
+        let cli = super::Cli::try_parse_from(ARGS).unwrap();
+        assert_eq!(cli.busy_poll_us, 30);
+        assert_eq!(cli.push_cpus.unwrap().0, vec![1, 2, 3]);
+        let bad: Vec<&str> = ARGS
+            .iter()
+            .map(|a| if *a == "1-3" { "3-1" } else { a })
+            .collect();
+        assert!(super::Cli::try_parse_from(bad).is_err());
     }
 }

@@ -374,7 +374,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         let session = Arc::new(Session::new(
             paged,
             pending.welcome.session_id,
-            self.config.session,
+            self.config.session.clone(),
             switch,
             self.events.clone(),
         ));

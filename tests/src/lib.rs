@@ -347,6 +347,22 @@ pub fn start_vmm(uds: &Path, source: &Path, args: &[&str]) -> Proc {
     )
 }
 
+/// A proxy in front of `target`; returns it and its address.
+pub fn start_proxy(target: &str, args: &[&str]) -> (Proc, String) {
+    let mut proxy = Proc::spawn(
+        "cut-proxy",
+        Command::new(bin("cut-proxy"))
+            .args(["--target", target])
+            .args(args),
+    );
+    let addr = proxy
+        .read_line()
+        .strip_prefix("proxy listening on ")
+        .expect("proxy started")
+        .to_owned();
+    (proxy, addr)
+}
+
 /// Parses a JSON document.
 pub fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))

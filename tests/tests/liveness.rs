@@ -10,22 +10,6 @@ use tests::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// A proxy in front of `target`; returns it and its address.
-fn start_proxy(target: &str, args: &[&str]) -> (Proc, String) {
-    let mut proxy = Proc::spawn(
-        "cut-proxy",
-        Command::new(bin("cut-proxy"))
-            .args(["--target", target])
-            .args(args),
-    );
-    let addr = proxy
-        .read_line()
-        .strip_prefix("proxy listening on ")
-        .expect("proxy started")
-        .to_owned();
-    (proxy, addr)
-}
-
 #[test]
 fn test_links_that_freeze_twice_are_detected_and_the_migration_completes() {
     if !require_userfaultfd() {

@@ -51,6 +51,8 @@ pub struct LinkConfig {
     pub liveness: Liveness,
     /// The base image (`--base`): pages pagesrv offers by hash are placed from it.
     pub base: Option<crate::base::BaseImage>,
+    /// CPU pinning and busy-polling of the fault thread and the bulk threads.
+    pub fast_path: common::sched::FastPath,
 }
 
 /// What the helper threads report to the main loop (with a wake-up).
@@ -198,8 +200,9 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
         let bulk_threads = self.bulk_threads.clone();
         bulk_threads.fetch_add(1, Ordering::AcqRel);
         let (base, session_id) = (self.config.base.as_ref(), pins.session_id);
+        let fast_path = &self.config.fast_path;
         self.scope.spawn(move || {
-            let _ = common::sched::normal_priority();
+            fast_path.enter_bulk_thread();
             let on_switchover = || {
                 if !announced.swap(true, Ordering::AcqRel) {
                     announce_switch();
@@ -294,7 +297,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
         let (mut pins, first_contact) = (self.pins, self.generations == 0);
         let (announced, bulk_threads) = (self.switch_announced.clone(), self.bulk_threads.clone());
         self.scope.spawn(move || {
-            let _ = common::sched::normal_priority();
+            config.fast_path.enter_bulk_thread();
             // The old link's bulk thread was told to stop; whatever it still applies (a
             // switch, a discard) must come before the maps the new link sends.
             while bulk_threads.load(Ordering::Acquire) > 0 {

@@ -12,6 +12,7 @@
 
 use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -83,7 +84,7 @@ pub enum Outcome {
 }
 
 /// Tuning of a session.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Pages pre-paged after each urgent request.
     pub prepage_window_pages: u64,
@@ -95,6 +96,8 @@ pub struct SessionConfig {
     pub naive_single_connection: bool,
     /// Heartbeats and the link timeout.
     pub liveness: Liveness,
+    /// CPU pinning of the urgent and push threads, busy-polling of the urgent thread.
+    pub fast_path: common::sched::FastPath,
 }
 
 /// What a session does before postcopy.
@@ -245,6 +248,7 @@ impl<'a> Session<'a> {
                 None
             };
             let pusher = s.spawn(move || {
+                self.config.fast_path.enter_bulk_thread();
                 let pushed = self.push_background(bulk, (bulk_rx, bulk_tx), push_conn);
                 if pushed.is_err() {
                     // The session cannot go on without its bulk connection: end it now (the
@@ -254,11 +258,11 @@ impl<'a> Session<'a> {
                 pushed
             });
             // Requests preempt the pusher the moment they arrive.
-            if let Err(e) = common::sched::realtime_priority() {
-                debug!(error = %e, "urgent thread runs at normal priority");
+            for failed in self.config.fast_path.enter_latency_thread() {
+                debug!(what = %failed, "urgent thread placement");
             }
             let outcome = self.serve_urgent(urgent, reader);
-            let _ = common::sched::normal_priority();
+            self.config.fast_path.enter_bulk_thread();
             self.abort();
             let push_result = pusher
                 .join()
@@ -307,6 +311,10 @@ impl<'a> Session<'a> {
                     return Outcome::Aborted(format!("failed to send a heartbeat: {e}"));
                 }
                 last_tx = Instant::now();
+            }
+            if !reader.has_partial() {
+                // With `--busy-poll-us`: a request soon after the last finds us awake.
+                common::sched::spin_until_readable(conn.as_fd(), self.config.fast_path.busy_poll);
             }
             let (message, payload) = match reader.read_frame(&mut conn) {
                 Ok(frame) => frame,
