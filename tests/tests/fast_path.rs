@@ -53,8 +53,7 @@ fn test_pinned_threads_land_on_their_cpus() {
     );
     write_source(&mem, 16384, 3, 4, 0..0);
     let (fast_s, bulk_s) = (fast.to_string(), bulk.to_string());
-    let (mut pagesrv, addr) =
-        start_pagesrv(&mem, &["--urgent-cpu", &fast_s, "--push-cpus", &bulk_s]);
+    let (pagesrv, addr) = start_pagesrv(&mem, &["--urgent-cpu", &fast_s, "--push-cpus", &bulk_s]);
     // The link freezes after 1 MiB, so every thread is still there while we look (no
     // reconnect within the long link timeout; the guest never touches memory).
     let (mut proxy, proxy_addr) = start_proxy(
@@ -70,7 +69,7 @@ fn test_pinned_threads_land_on_their_cpus() {
             "1",
         ],
     );
-    let mut faultd = start_faultd_with(
+    let faultd = start_faultd_with(
         &proxy_addr,
         &uds,
         &stats,
