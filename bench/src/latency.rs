@@ -15,7 +15,7 @@ use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 
 use crate::floor::{self, Placement};
-use crate::procs::{cpu_ms, sibling, start_faultd, start_pagesrv, watch};
+use crate::procs::{cpu_ms, log_tail, sibling, start_faultd, start_pagesrv, watch};
 use crate::svg;
 use crate::tuning::Tuning;
 
@@ -78,9 +78,14 @@ pub struct LatencyArgs {
     /// the handshake encrypted and authenticated.
     #[arg(long)]
     pub psk: bool,
-    /// Fault-path levers of the pair for every scenario: `default`, `same-cpu`,
-    /// `split-cpu`, `busy-poll[=US]`, joined by `+` (e.g. `same-cpu+busy-poll=30`).
-    #[arg(long, value_name = "LEVERS", default_value = "default", value_parser = Tuning::parse)]
+    /// Fault-path levers of the pair for every scenario: `default` (nothing pinned, no
+    /// busy-polling, UFFDIO_COPY), `same-cpu` (the workload, faultd's fault thread and
+    /// pagesrv's urgent thread on one CPU), `split-cpu` (the workload on one CPU, the fault
+    /// path on the other), `bulk-apart` (with one of those: bulk threads on the CPU the fault
+    /// path does not use), `busy-poll[=US]`, `memfd` (memfd placement), joined by `+`.
+    /// Default `same-cpu`: what an orchestrator that pins its vCPUs should do, and what
+    /// won in `--compare-levers` here.
+    #[arg(long, value_name = "LEVERS", default_value = "same-cpu", value_parser = Tuning::parse)]
     pub tuning: Tuning,
     /// Also run the first workload, push off and on, under each of these lever settings
     /// (comma-separated), and report their ratios to the same floor.
@@ -146,10 +151,11 @@ fn run_scenario(
         Vec::new()
     };
     extra.extend(&key_args);
-    let (mut pagesrv, addr) = start_pagesrv(image, &extra, true)?;
+    let (pagesrv_log, faultd_log) = (work.join("pagesrv.log"), work.join("faultd.log"));
+    let (mut pagesrv, addr) = start_pagesrv(image, &extra, Some(&pagesrv_log))?;
     let mut faultd_extra = key_args.clone();
     faultd_extra.extend(faultd_tuning.iter().map(String::as_str));
-    let mut faultd = start_faultd(&addr, &uds, &stats_path, &faultd_extra, true)?;
+    let mut faultd = start_faultd(&addr, &uds, &stats_path, &faultd_extra, Some(&faultd_log))?;
     let (faultd_pid, pagesrv_pid) = (faultd.0.id(), pagesrv.0.id());
     let (faultd_usage, pagesrv_usage) = (watch(faultd_pid), watch(pagesrv_pid));
     let mut vmm = Command::new(sibling("test-vmm")?);
@@ -160,7 +166,7 @@ fn run_scenario(
         .args(["--order", sc.workload, "--threads", "1"])
         .arg("--latency-out")
         .arg(&lat_path);
-    tuning.pin_workload(&mut vmm)?;
+    tuning.set_up_workload(&mut vmm)?;
     if !sc.push {
         vmm.args(["--no-wait", "--touches", &args.demand_touches.to_string()]);
     }
@@ -170,8 +176,10 @@ fn run_scenario(
         .context("the workload failed")?;
     ensure!(
         out.status.success(),
-        "the workload saw wrong bytes: {}",
-        String::from_utf8_lossy(&out.stdout)
+        "the workload failed ({}): {}\nthe end of faultd's log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        log_tail(&faultd_log, 15)
     );
     let latency: Value = serde_json::from_str(&std::fs::read_to_string(&lat_path)?)?;
     let mut record = json!({
@@ -186,7 +194,12 @@ fn run_scenario(
     });
     if sc.push {
         let status = faultd.0.wait()?;
-        ensure!(status.success(), "faultd failed ({status})");
+        ensure!(
+            status.success(),
+            "faultd failed ({status}); the end of its log:\n{}\npagesrv's:\n{}",
+            log_tail(&faultd_log, 15),
+            log_tail(&pagesrv_log, 15)
+        );
         let _ = pagesrv.0.wait();
         let stats: Value = serde_json::from_str(&std::fs::read_to_string(&stats_path)?)?;
         let total_ms = stats["duration_ms"].as_f64().unwrap_or(0.0);
@@ -273,8 +286,9 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
     result
 }
 
-/// The floors under each placement of their threads (see [`floor::Placement`]).
-fn measure_floors(args: &LatencyArgs) -> Result<Value> {
+/// The floors under each placement of their threads (see [`floor::Placement`]), and the
+/// bulk floor of a source that reads `image`.
+fn measure_floors(args: &LatencyArgs, image: &Path) -> Result<Value> {
     let bulk_bytes = (args.size_mib as usize).min(1024) << 20;
     let mut floors = serde_json::Map::new();
     for (name, placement) in [
@@ -293,7 +307,19 @@ fn measure_floors(args: &LatencyArgs) -> Result<Value> {
             }),
         );
     }
+    floors["cross_vcpu"]["bulk_from_memory_file_mib_s"] =
+        json!(floor::bulk_from_file(image, Placement::CrossCpu)?);
     Ok(Value::Object(floors))
+}
+
+/// The median throughput of the push-on scenarios (the naive baseline left out).
+fn median_throughput(runs: &[Value]) -> Option<f64> {
+    let mut tput: Vec<f64> = runs
+        .iter()
+        .filter(|r| r["naive_single_connection"] == false)
+        .filter_map(|r| r["throughput_mib_s"].as_f64())
+        .collect();
+    (!tput.is_empty()).then(|| median(&mut tput))
 }
 
 /// The target ratios of the scenarios to one placement's floor.
@@ -312,19 +338,13 @@ fn ratios_to(floor: &Value, runs: &[Value], first: &str) -> Value {
         r.and_then(|r| r["fault_latency_us"][q].as_f64())
             .map(|v| v / floor_p(q))
     };
-    let mut tput: Vec<f64> = runs
-        .iter()
-        .filter(|r| r["naive_single_connection"] == false)
-        .filter_map(|r| r["throughput_mib_s"].as_f64())
-        .collect();
+    let tput = median_throughput(runs);
     json!({
         "fault_p50_vs_floor": ratio(pick("off", false), "p50"),
         "fault_p99_vs_floor": ratio(pick("off", false), "p99"),
         "fault_p99_push_vs_floor": ratio(pick("on", false), "p99"),
         "naive_fault_p99_vs_floor": ratio(pick("on", true), "p99"),
-        "throughput_vs_floor": if tput.is_empty() { Value::Null } else {
-            json!(median(&mut tput) / floor["bulk_fresh_mib_s"].as_f64().unwrap_or(f64::NAN))
-        },
+        "throughput_vs_floor": tput.map(|t| t / floor["bulk_fresh_mib_s"].as_f64().unwrap_or(f64::NAN)),
     })
 }
 
@@ -371,9 +391,9 @@ fn compare_levers(
 
 fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
     let pages = args.size_mib << 8;
-    let floor = measure_floors(args)?;
     eprintln!("bench: writing a {} MiB image", args.size_mib);
     write_image(image, pages)?;
+    let floor = measure_floors(args, image)?;
     let workloads: &[&'static str] = match args.workload {
         WorkloadChoice::Random => &["random"],
         WorkloadChoice::Seq => &["seq"],
@@ -410,6 +430,9 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
         "floor": "cross_vcpu",
         "targets": ratios_to(&floor["cross_vcpu"], &runs, workloads[0]),
         "same_vcpu_for_information": ratios_to(&floor["same_vcpu"], &runs, workloads[0]),
+        "throughput_vs_memory_file_bulk_floor": median_throughput(&runs).map(|t| {
+            t / floor["cross_vcpu"]["bulk_from_memory_file_mib_s"].as_f64().unwrap_or(f64::NAN)
+        }),
     });
     let levers = compare_levers(args, &floor, workloads[0], pushes, image, work)?;
     let mut growth = Vec::new();
@@ -437,6 +460,7 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
     }
     let result = json!({
         "floor": floor, "runs": runs, "growth": growth, "ratios": ratios, "levers": levers,
+        "tuning": args.tuning.name(),
     });
     print_table(&result);
     if let Some(path) = &args.json {
@@ -495,7 +519,18 @@ fn print_table(r: &Value) {
         "  bulk: TCP stream → UFFDIO_COPY, fresh memory",
         cells.join(" ")
     );
+    println!(
+        "{:<48} {:>10.0} MiB/s  (information: a source that reads its memory)",
+        "  bulk: memory file → TCP → UFFDIO_COPY",
+        f["cross_vcpu"]["bulk_from_memory_file_mib_s"]
+            .as_f64()
+            .unwrap_or(0.0)
+    );
     println!();
+    println!(
+        "scenarios run with the levers {} (`--tuning`)",
+        r["tuning"].as_str().unwrap_or("")
+    );
     println!(
         "scenario                      faults   p50 µs   p90 µs   p99 µs  p99.9 µs   max µs   total ms   MiB/s"
     );
@@ -579,5 +614,9 @@ fn print_table(r: &Value) {
     println!(
         "ratios to the same-vCPU floor (information): {}",
         t["same_vcpu_for_information"]
+    );
+    println!(
+        "throughput vs the memory-file bulk floor (information): {}",
+        t["throughput_vs_memory_file_bulk_floor"]
     );
 }

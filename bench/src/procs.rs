@@ -94,21 +94,36 @@ pub fn watch(pid: u32) -> std::thread::JoinHandle<Usage> {
     })
 }
 
+/// Sends a child's stderr (its log) to `log`, or leaves it on ours.
+fn log_to(cmd: &mut Command, log: Option<&Path>) -> Result<()> {
+    if let Some(path) = log {
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        cmd.stderr(file);
+    }
+    Ok(())
+}
+
+/// The last `lines` lines of a log file, for an error message.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// Starts pagesrv on `mem` at a free loopback port with `extra` arguments; returns it and
-/// its address. With `quiet`, its log is dropped.
+/// its address. Its log goes to `log`, or to our stderr.
 ///
 /// # Errors
 /// pagesrv is missing or did not start.
-pub fn start_pagesrv(mem: &Path, extra: &[&str], quiet: bool) -> Result<(Guard, String)> {
+pub fn start_pagesrv(mem: &Path, extra: &[&str], log: Option<&Path>) -> Result<(Guard, String)> {
     let mut cmd = Command::new(sibling("pagesrv")?);
     cmd.arg("--vm-mem")
         .arg(mem)
         .args(["--listen", "127.0.0.1:0"])
         .args(extra)
         .stdout(Stdio::piped());
-    if quiet {
-        cmd.stderr(Stdio::null());
-    }
+    log_to(&mut cmd, log)?;
     let mut pagesrv = Guard(cmd.spawn().context("cannot start pagesrv")?);
     let addr = first_line(&mut pagesrv.0)?
         .strip_prefix("pagesrv listening on ")
@@ -127,7 +142,7 @@ pub fn start_faultd(
     uds: &Path,
     stats: &Path,
     extra: &[&str],
-    quiet: bool,
+    log: Option<&Path>,
 ) -> Result<Guard> {
     let mut cmd = Command::new(sibling("faultd")?);
     cmd.args(["--connect", addr])
@@ -137,9 +152,7 @@ pub fn start_faultd(
         .arg(stats)
         .args(extra)
         .stdout(Stdio::piped());
-    if quiet {
-        cmd.stderr(Stdio::null());
-    }
+    log_to(&mut cmd, log)?;
     let mut faultd = Guard(cmd.spawn().context("cannot start faultd")?);
     first_line(&mut faultd.0)?;
     Ok(faultd)

@@ -30,6 +30,9 @@ pub struct Tuning {
     /// With pinning: the bulk and push threads on the CPU the fault and urgent threads do
     /// not use (else they run anywhere, and the real-time fault path preempts them).
     pub bulk_apart: bool,
+    /// The workload hands faultd its memfd and faultd places by writing it and
+    /// UFFDIO_CONTINUE (`--placement memfd`), instead of UFFDIO_COPY into anonymous memory.
+    pub memfd: bool,
 }
 
 impl Tuning {
@@ -38,9 +41,10 @@ impl Tuning {
         pinning: Pinning::Scheduler,
         busy_poll_us: 0,
         bulk_apart: false,
+        memfd: false,
     };
 
-    /// Parses `default`, `same-cpu`, `split-cpu`, `bulk-apart`, `busy-poll[=US]` and
+    /// Parses `default`, `same-cpu`, `split-cpu`, `bulk-apart`, `busy-poll[=US]`, `memfd` and
     /// `+`-joined combinations such as `same-cpu+bulk-apart+busy-poll=30`.
     ///
     /// # Errors
@@ -53,6 +57,7 @@ impl Tuning {
                 _ if part == "same-cpu" => t.pinning = Pinning::SameCpu,
                 _ if part == "split-cpu" => t.pinning = Pinning::SplitCpu,
                 _ if part == "bulk-apart" => t.bulk_apart = true,
+                _ if part == "memfd" => t.memfd = true,
                 _ if part == "busy-poll" => t.busy_poll_us = 50,
                 Some(("busy-poll", us)) => {
                     t.busy_poll_us = us
@@ -61,7 +66,7 @@ impl Tuning {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown lever {part:?} (default, same-cpu, split-cpu, bulk-apart, busy-poll[=US], joined by +)"
+                        "unknown lever {part:?} (default, same-cpu, split-cpu, bulk-apart, busy-poll[=US], memfd, joined by +)"
                     ));
                 }
             }
@@ -82,6 +87,9 @@ impl Tuning {
         }
         if self.busy_poll_us > 0 {
             parts.push(format!("busy-poll={}", self.busy_poll_us));
+        }
+        if self.memfd {
+            parts.push("memfd".to_string());
         }
         if parts.is_empty() {
             "default".into()
@@ -128,6 +136,9 @@ impl Tuning {
     /// Fewer than two CPUs to pin to.
     pub fn faultd_args(&self) -> Result<Vec<String>> {
         let mut args = vec!["--busy-poll-us".to_string(), self.busy_poll_us.to_string()];
+        if self.memfd {
+            args.extend(["--placement".into(), "memfd".into()]);
+        }
         if let Some((_, fast, bulk)) = self.cpus()? {
             args.extend(["--fault-cpu".into(), fast.to_string()]);
             if let Some(bulk) = bulk {
@@ -137,12 +148,16 @@ impl Tuning {
         Ok(args)
     }
 
-    /// Pins the workload's process (all its threads) before it starts.
+    /// Sets up the workload (`test-vmm`): its memfd, and its CPU (all its threads), pinned
+    /// before it starts.
     ///
     /// # Errors
     /// Fewer than two CPUs to pin to.
-    pub fn pin_workload(&self, cmd: &mut Command) -> Result<()> {
+    pub fn set_up_workload(&self, cmd: &mut Command) -> Result<()> {
         use std::os::unix::process::CommandExt;
+        if self.memfd {
+            cmd.arg("--memfd");
+        }
         let Some((cpu, _, _)) = self.cpus()? else {
             return Ok(());
         };
@@ -166,6 +181,7 @@ mod tests {
             "same-cpu",
             "same-cpu+bulk-apart",
             "split-cpu+bulk-apart+busy-poll=30",
+            "same-cpu+memfd",
             "busy-poll=5",
         ] {
             assert_eq!(Tuning::parse(text).unwrap().name(), text);

@@ -347,6 +347,11 @@ impl FaultLoop<'_, '_> {
         match &mut self.stage {
             Stage::Verifying { asked_on } if generation.is_some() && *asked_on != generation => {
                 let link = self.link.as_mut().expect("checked above");
+                // Frames the fault path queued (skips) go before the maps and the query:
+                // nothing but the verdict may follow the query.
+                for message in self.core.pending.drain(..) {
+                    link.tx.encode(&message, &[], &mut link.outbox);
+                }
                 // Every page is here: say so in full (pagesrv accepts the end only when every
                 // page is accounted for, and pages placed from an earlier link's data after
                 // this link's maps were taken would be missing from its count).
@@ -402,8 +407,18 @@ impl FaultLoop<'_, '_> {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        for message in self.core.pending.drain(..) {
-            link.tx.encode(&message, &[], &mut link.outbox);
+        if matches!(self.stage, Stage::Precopy | Stage::Migrating) {
+            for message in self.core.pending.drain(..) {
+                link.tx.encode(&message, &[], &mut link.outbox);
+            }
+        } else if !self.core.pending.is_empty() {
+            // Every page is present and the maps and the query are out: only the verdict
+            // may follow (requests and skips are moot now).
+            debug!(
+                frames = self.core.pending.len(),
+                "dropping fault-path frames queued after completion"
+            );
+            self.core.pending.clear();
         }
         let outbox = &mut link.outbox;
         let mut sent = 0;

@@ -143,18 +143,22 @@ fn test_a_migration_with_every_lever_on_moves_every_byte_right() {
     let pages = 64 << 20 >> 12;
     write_source(&mem, pages, 7, 4, 100..200);
     let (fast_s, bulk_s) = (fast.to_string(), bulk.to_string());
-    for placement in ["copy", "memfd"] {
-        let (mut pagesrv, addr) = start_pagesrv(
-            &mem,
-            &[
-                "--urgent-cpu",
-                &fast_s,
-                "--push-cpus",
-                &bulk_s,
-                "--busy-poll-us",
-                "200",
-            ],
-        );
+    // The naive baseline (replies behind pushed pages on one connection) makes pages
+    // arrive by push while their requests wait to be written: none may go out once every
+    // page is present (pagesrv then waits only for the verdict).
+    for (placement, naive) in [("copy", false), ("memfd", false), ("copy", true)] {
+        let mut pagesrv_args = vec![
+            "--urgent-cpu",
+            &fast_s,
+            "--push-cpus",
+            &bulk_s,
+            "--busy-poll-us",
+            "200",
+        ];
+        if naive {
+            pagesrv_args.push("--naive-single-connection");
+        }
+        let (mut pagesrv, addr) = start_pagesrv(&mem, &pagesrv_args);
         let mut faultd = start_faultd_with(
             &addr,
             &uds,

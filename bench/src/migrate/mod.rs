@@ -454,7 +454,7 @@ fn hand_over_precopy(
     let faultd_ctl = paths.faultd_ctl.to_str().context("path")?;
     let mut args: Vec<&str> = faultd_args.iter().map(String::as_str).collect();
     args.extend(["--control", faultd_ctl]);
-    let faultd = start_faultd(&addr, &paths.faultd_uds, &paths.faultd_stats, &args, false)?;
+    let faultd = start_faultd(&addr, &paths.faultd_uds, &paths.faultd_stats, &args, None)?;
     let dest = Vmm::spawn(dest_cmd.arg("--wait-switch").arg(&paths.faultd_ctl))?;
     let mut start = None;
     let paused = loop {
@@ -499,10 +499,10 @@ fn hand_over_postcopy(
         if let Some(path) = h.free_hints {
             extra.extend(["--free-pages", path.to_str().context("path")?]);
         }
-        let (pagesrv, addr) = start_pagesrv(h.mem, &extra, false)?;
+        let (pagesrv, addr) = start_pagesrv(h.mem, &extra, None)?;
         let args: Vec<&str> = h.faultd_args.iter().map(String::as_str).collect();
         let paths = h.paths;
-        let faultd = start_faultd(&addr, &paths.faultd_uds, &paths.faultd_stats, &args, false)?;
+        let faultd = start_faultd(&addr, &paths.faultd_uds, &paths.faultd_stats, &args, None)?;
         Ok((pagesrv, faultd))
     };
     // The base image and the free-page hints exist only once the source paused.

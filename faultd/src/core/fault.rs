@@ -354,11 +354,16 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
     }
 
     /// Records every fault still waiting (their pages arrived on the bulk connection).
+    ///
+    /// Requests not yet written are dropped: no page is missing, and a request written
+    /// after the verification began would break the protocol (pagesrv waits for the
+    /// verdict). Skips stay queued: they go out before the maps and the digest query.
     pub fn resolve_all(&mut self) {
         let pages: Vec<u64> = self.in_flight.keys().copied().collect();
         for page in pages {
             self.resolve_page(page);
         }
+        self.pending.retain(|m| !matches!(m, Message::Request(_)));
     }
 }
 

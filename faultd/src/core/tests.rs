@@ -452,3 +452,32 @@ fn test_a_discard_drops_pages_takes_back_their_digests_and_they_arrive_again() {
     core.drain_events().unwrap();
     assert_eq!(core.pending, vec![request(0)]);
 }
+
+#[test]
+fn test_completion_drops_unsent_requests_and_keeps_skips() {
+    // A fault read while its page was missing queues a request; the bulk stream brings the
+    // page (and every other) before the request is written. Once every page is present
+    // the request must not go out: pagesrv waits for the verdict after the digests.
+    let vm = vm();
+    let mut core = FaultCore::new(&vm);
+    core.link_up();
+    vm.kernel.fault(9);
+    vm.kernel.remove(30, 2);
+    core.drain_events().unwrap();
+    assert_eq!(
+        core.pending.clone(),
+        vec![Message::Skip(range(30, 2)), request(9)]
+    );
+    let data: Vec<u8> = (0..30).flat_map(bytes_of).collect();
+    vm.kernel.resume_vmm();
+    let stop = AtomicBool::new(false);
+    assert_eq!(
+        place_pushed(&vm, 0, 30, Some(&data), &stop).unwrap(),
+        Pushed::Done
+    );
+    assert!(vm.is_complete());
+    core.resolve_all();
+    assert_eq!(core.pending.clone(), vec![Message::Skip(range(30, 2))]);
+    assert_eq!(core.pages_in_flight(), 0);
+    assert_eq!(core.latencies.summary().count, 1, "the waiter was resolved");
+}
