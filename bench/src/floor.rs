@@ -101,8 +101,13 @@ pub fn summarize(mut ns: Vec<u64>) -> Value {
     })
 }
 
-/// Serves `f` on every readable uffd event until `stop` faults are handled.
-fn serve_faults(uffd: &Uffd, faults: usize, mut place: impl FnMut(u64)) -> Result<()> {
+/// Serves `place` on every fault until `faults` faults are handled; stops at its first
+/// error.
+fn serve_faults(
+    uffd: &Uffd,
+    faults: usize,
+    mut place: impl FnMut(u64) -> Result<()>,
+) -> Result<()> {
     let mut events = Vec::new();
     let mut served = 0;
     let mut fds = [libc::pollfd {
@@ -117,7 +122,7 @@ fn serve_faults(uffd: &Uffd, faults: usize, mut place: impl FnMut(u64)) -> Resul
         uffd.read_events(&mut events)?;
         for e in &events {
             if let Event::PageFault { addr, .. } = *e {
-                place(addr & !(PAGE as u64 - 1));
+                place(addr & !(PAGE as u64 - 1))?;
                 served += 1;
             }
         }
@@ -135,15 +140,20 @@ fn timed_faults(
     let uffd = Arc::new(Uffd::create(0).context("userfaultfd")?);
     let map = Mapping::anonymous(pages * PAGE)?;
     uffd.register(map.addr(), (pages * PAGE) as u64, MODE_MISSING)?;
-    let base = map.addr();
-    let samples = on_cpu(None, || {
+    let (base, len) = (map.addr(), (pages * PAGE) as u64);
+    // The faulting thread is pinned before the handler exists, so a failed pin leaves no
+    // handler waiting for faults that never come.
+    let samples = on_cpu(fault_cpu, || {
         std::thread::scope(|s| -> Result<Vec<u64>> {
             let u = uffd.clone();
             let h = s.spawn(move || {
-                pin(handler_cpu)?;
-                handler(u)
+                let served = pin(handler_cpu).and_then(|()| handler(u.clone()));
+                if served.is_err() {
+                    // Wakes the faulting thread: its remaining touches fill zero pages.
+                    let _ = u.unregister(base, len);
+                }
+                served
             });
-            pin(fault_cpu)?;
             let mut ns = Vec::with_capacity(pages);
             for p in 0..pages {
                 let t = Instant::now();
@@ -155,7 +165,7 @@ fn timed_faults(
             Ok(ns)
         })
     })?;
-    uffd.unregister(base, (pages * PAGE) as u64)?;
+    uffd.unregister(base, len)?;
     Ok(samples)
 }
 
@@ -164,7 +174,8 @@ pub fn uffd_fault(pages: usize, placement: Placement) -> Result<Value> {
     let ns = timed_faults(pages, placement.cpus()?, |uffd| {
         let page = vec![7u8; PAGE];
         serve_faults(&uffd, pages, |addr| {
-            let _ = uffd.copy(addr, &page, PAGE as u64);
+            uffd.copy(addr, &page, PAGE as u64)?;
+            Ok(())
         })
     })?;
     Ok(summarize(ns))
@@ -229,9 +240,9 @@ pub fn remote_fault(pages: usize, placement: Placement) -> Result<Value> {
         conn.set_nodelay(true)?;
         let mut buf = vec![0u8; 24 + PAGE];
         serve_faults(&uffd, pages, |page_addr| {
-            if fetch(&mut conn, &mut buf).is_ok() {
-                let _ = uffd.copy(page_addr, &buf[24..], PAGE as u64);
-            }
+            fetch(&mut conn, &mut buf).context("fetch from the page server")?;
+            uffd.copy(page_addr, &buf[24..], PAGE as u64)?;
+            Ok(())
         })
     })?;
     let _ = server.join();
@@ -260,6 +271,7 @@ pub fn bulk_from_file(image: &Path, placement: Placement) -> Result<f64> {
 fn bulk_placed(bytes: usize, sender_cpu: Option<usize>, source: Option<File>) -> Result<f64> {
     const RUN: usize = 2 << 20;
     let bytes = bytes / RUN * RUN;
+    anyhow::ensure!(bytes > 0, "the bulk floor needs at least 2 MiB");
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let sender = std::thread::spawn(move || -> std::io::Result<()> {

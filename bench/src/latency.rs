@@ -170,6 +170,7 @@ fn run_scenario(
     if !sc.push {
         vmm.args(["--no-wait", "--touches", &args.demand_touches.to_string()]);
     }
+    let cpu_before = (cpu_ms(faultd_pid), cpu_ms(pagesrv_pid));
     let out = vmm
         .stderr(Stdio::null())
         .output()
@@ -190,7 +191,10 @@ fn run_scenario(
         "size_mib": args.size_mib,
         "fault_latency_us": latency,
         "faults": latency["count"],
-        "cpu_ms_during_workload": {"faultd": cpu_ms(faultd_pid), "pagesrv": cpu_ms(pagesrv_pid)},
+        "cpu_ms_during_workload": {
+            "faultd": cpu_delta(cpu_before.0, cpu_ms(faultd_pid)),
+            "pagesrv": cpu_delta(cpu_before.1, cpu_ms(pagesrv_pid)),
+        },
     });
     if sc.push {
         let status = faultd.0.wait()?;
@@ -227,6 +231,11 @@ fn run_scenario(
         record["cpu_ms"] = json!({"faultd": f.cpu_ms, "pagesrv": p.cpu_ms});
     }
     Ok(record)
+}
+
+/// CPU time between two readings (10 ms resolution); `None` if the process was gone.
+fn cpu_delta(before: Option<f64>, after: Option<f64>) -> Option<f64> {
+    Some(after? - before?)
 }
 
 /// Runs a scenario `--runs` times; the run with the median p99 represents it.
@@ -378,6 +387,10 @@ fn compare_levers(
             "levers": tuning.name(),
             "targets": ratios_to(&floor["cross_vcpu"], &runs, workload),
             "same_vcpu_for_information": ratios_to(&floor["same_vcpu"], &runs, workload),
+            "like_for_like": {
+                "floor": tuning.matching_floor(),
+                "ratios": ratios_to(&floor[tuning.matching_floor()], &runs, workload),
+            },
             "push_off_fault_latency_us": pick("off", "fault_latency_us"),
             "push_on_fault_latency_us": pick("on", "fault_latency_us"),
             "push_off_cpu_ms": pick("off", "cpu_ms_during_workload"),
@@ -430,6 +443,10 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
         "floor": "cross_vcpu",
         "targets": ratios_to(&floor["cross_vcpu"], &runs, workloads[0]),
         "same_vcpu_for_information": ratios_to(&floor["same_vcpu"], &runs, workloads[0]),
+        "like_for_like": {
+            "floor": args.tuning.matching_floor(),
+            "ratios": ratios_to(&floor[args.tuning.matching_floor()], &runs, workloads[0]),
+        },
         "throughput_vs_memory_file_bulk_floor": median_throughput(&runs).map(|t| {
             t / floor["cross_vcpu"]["bulk_from_memory_file_mib_s"].as_f64().unwrap_or(f64::NAN)
         }),
@@ -614,6 +631,11 @@ fn print_table(r: &Value) {
     println!(
         "ratios to the same-vCPU floor (information): {}",
         t["same_vcpu_for_information"]
+    );
+    println!(
+        "ratios to the floor of the same thread placement ({}; like for like): {}",
+        t["like_for_like"]["floor"].as_str().unwrap_or(""),
+        t["like_for_like"]["ratios"]
     );
     println!(
         "throughput vs the memory-file bulk floor (information): {}",

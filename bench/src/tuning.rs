@@ -27,8 +27,9 @@ pub struct Tuning {
     pub pinning: Pinning,
     /// `--busy-poll-us` for both daemons (0: off).
     pub busy_poll_us: u64,
-    /// With pinning: the bulk and push threads on the CPU the fault and urgent threads do
-    /// not use (else they run anywhere, and the real-time fault path preempts them).
+    /// With pinning: the bulk and push threads on a CPU neither the workload nor the fault
+    /// and urgent threads use (else they run anywhere, and the real-time fault path
+    /// preempts them).
     pub bulk_apart: bool,
     /// The workload hands faultd its memfd and faultd places by writing it and
     /// UFFDIO_CONTINUE (`--placement memfd`), instead of UFFDIO_COPY into anonymous memory.
@@ -74,6 +75,16 @@ impl Tuning {
         Ok(t)
     }
 
+    /// The floor measured with the same placement of the fault path's threads: the like-
+    /// for-like comparison.
+    pub fn matching_floor(&self) -> &'static str {
+        match self.pinning {
+            Pinning::Scheduler => "scheduler",
+            Pinning::SameCpu => "same_vcpu",
+            Pinning::SplitCpu => "cross_vcpu",
+        }
+    }
+
     /// The name `parse` reads back.
     pub fn name(&self) -> String {
         let mut parts = Vec::new();
@@ -100,6 +111,9 @@ impl Tuning {
 
     /// (the workload's CPU, the fault and urgent threads' CPU, the bulk threads' CPU if
     /// pinned).
+    ///
+    /// # Errors
+    /// Too few CPUs for the placement.
     fn cpus(&self) -> Result<Option<(usize, usize, Option<usize>)>> {
         if self.pinning == Pinning::Scheduler {
             ensure!(!self.bulk_apart, "bulk-apart needs same-cpu or split-cpu");
@@ -108,11 +122,18 @@ impl Tuning {
         let cpus = crate::floor::allowed_cpus()?;
         ensure!(cpus.len() >= 2, "pinning levers need two CPUs");
         let (a, b) = (cpus[0], cpus[1]);
-        let (fast, other) = match self.pinning {
-            Pinning::SameCpu => (a, b),
-            _ => (b, a),
-        };
-        Ok(Some((a, fast, self.bulk_apart.then_some(other))))
+        // bulk-apart keeps the stream off both the workload's CPU and the fault path's.
+        Ok(Some(match self.pinning {
+            Pinning::SameCpu => (a, a, self.bulk_apart.then_some(b)),
+            _ if self.bulk_apart => {
+                ensure!(
+                    cpus.len() >= 3,
+                    "split-cpu+bulk-apart needs a third CPU (the workload and the fault path take two)"
+                );
+                (a, b, Some(cpus[2]))
+            }
+            _ => (a, b, None),
+        }))
     }
 
     /// Extra arguments for pagesrv.

@@ -5,6 +5,10 @@
 
 use std::time::Duration;
 
+/// The longest busy-poll the daemons accept (`--busy-poll-us`): a spinning real-time thread
+/// keeps ordinary threads on its CPU waiting, and must still see heartbeats and stop flags.
+pub const MAX_BUSY_POLL_US: u64 = 1000;
+
 /// Where the latency-critical thread and the bulk threads of a daemon run, and how long the
 /// latency-critical thread spins (busy-polls) before it sleeps.
 #[derive(Debug, Clone, Default)]
@@ -225,15 +229,16 @@ mod tests {
 
     #[test]
     fn pinning_takes_effect_and_refuses_nonsense() {
-        let handle = std::thread::spawn(|| {
-            pin_current_thread(&[0]).unwrap();
+        let first = allowed_cpus().unwrap()[0];
+        let handle = std::thread::spawn(move || {
+            pin_current_thread(&[first]).unwrap();
             // SAFETY: sched_getcpu has no preconditions.
             let cpu = unsafe { libc::sched_getcpu() };
             let refused =
                 pin_current_thread(&[1 << 20]).is_err() && pin_current_thread(&[]).is_err();
             (cpu, refused)
         });
-        assert_eq!(handle.join().unwrap(), (0, true));
+        assert_eq!(handle.join().unwrap(), (first as i32, true));
     }
 
     #[test]

@@ -99,8 +99,9 @@ struct Cli {
     bulk_cpus: Option<common::sched::CpuList>,
     /// While a requested page is on its way, the fault thread polls for it this many
     /// microseconds before sleeping (0: sleep at once). Costs CPU; helps where waking a
-    /// sleeping thread is slow.
-    #[arg(long, value_name = "US", default_value_t = 0)]
+    /// sleeping thread is slow. At most 1000.
+    #[arg(long, value_name = "US", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=common::sched::MAX_BUSY_POLL_US))]
     busy_poll_us: u64,
 }
 

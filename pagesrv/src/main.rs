@@ -114,8 +114,9 @@ struct Cli {
     push_cpus: Option<common::sched::CpuList>,
     /// After each request the urgent thread polls for the next one this many microseconds
     /// before sleeping (0: sleep at once). Costs CPU; helps where waking a sleeping thread
-    /// is slow.
-    #[arg(long, value_name = "US", default_value_t = 0)]
+    /// is slow. At most 1000.
+    #[arg(long, value_name = "US", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=common::sched::MAX_BUSY_POLL_US))]
     busy_poll_us: u64,
     /// Benchmark baseline: push pages on the urgent connection too, so requested pages queue
     /// behind background pages (what a single-connection design does).
