@@ -18,3 +18,4 @@ pub mod source_link;
 pub mod uffd;
 pub mod vmm_link;
 pub mod wire;
+pub mod working_set;

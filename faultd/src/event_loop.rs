@@ -23,6 +23,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use common::control::ControlServer;
 use common::wire::phase::Phase;
 use common::wire::{ErrorCode, Message, RANGE_FRAME_BYTES};
+use common::working_set::WorkingSet;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use serde_json::{Value, json};
@@ -111,7 +113,13 @@ pub fn run(
             switched_in: None,
             started,
         };
+        if options.record_working_set.is_some() {
+            fl.core.record_working_set();
+        }
         let result = fl.run(&mut poll);
+        if let Some(path) = &options.record_working_set {
+            save_working_set(vm, &fl, path);
+        }
         if let Some(control) = &fl.control {
             let event = match &result {
                 Ok(verdict) => json!({"event": "completed", "verdict": verdict.name()}),
@@ -149,6 +157,28 @@ pub fn run(
     })
 }
 
+/// Writes the pages the guest faulted on to `path` (a failure is logged: the migration's
+/// outcome does not depend on it).
+fn save_working_set(vm: &Vm<UffdKernel>, fl: &FaultLoop<'_, '_>, path: &Path) {
+    let Some(pages) = fl.core.working_set() else {
+        return;
+    };
+    let set = WorkingSet {
+        page_size: u32::try_from(vm.page_size()).unwrap_or(u32::MAX),
+        total_pages: vm.total_pages(),
+        image_id: fl.links.pins.image_id,
+        pages: pages.to_vec(),
+    };
+    match set.write(path) {
+        Ok(()) => info!(
+            pages = set.pages.len(),
+            file = %path.display(),
+            "recorded the working set"
+        ),
+        Err(e) => warn!(error = %e, "failed to record the working set"),
+    }
+}
+
 /// Tells the VMM that its guest may resume (the links do it once): one line on stdout for
 /// scripts, and the `switched` event for orchestrators.
 fn switch_announcer<'env>(
@@ -176,6 +206,9 @@ pub struct Options {
     pub control: Option<Arc<ControlServer>>,
     /// What the control socket's `status` answers, refreshed by the loop.
     pub status: Arc<Mutex<Value>>,
+    /// Record the pages the guest faults on, in first-fault order, into this file when the
+    /// loop ends (also when it fails: the guest's accesses are worth keeping either way).
+    pub record_working_set: Option<PathBuf>,
 }
 
 enum Stage {

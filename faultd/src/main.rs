@@ -89,6 +89,11 @@ struct Cli {
     /// are placed from it instead of crossing the wire.
     #[arg(long, value_name = "FILE")]
     base: Option<PathBuf>,
+    /// Record the pages the guest faults on, in the order it first touches them, into FILE
+    /// at the end (`pagesrv --prefetch FILE` pushes them first next time this image is
+    /// migrated or restored).
+    #[arg(long, value_name = "FILE")]
+    record_working_set: Option<PathBuf>,
     /// Pin the fault thread (the one that reads faults and requests pages) to this CPU;
     /// best on the CPU of the vCPUs that fault, so no wake-up crosses CPUs.
     #[arg(long, value_name = "CPU")]
@@ -162,6 +167,7 @@ fn run(cli: &Cli) -> Result<Report> {
         verify: !cli.no_verify,
         control,
         status,
+        record_working_set: cli.record_working_set.clone(),
     };
     let report = event_loop::run(&vm, &config, options, vmm, started);
     // The VMM's socket is closed now (dropped by run): it learns the migration is over.

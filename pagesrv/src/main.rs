@@ -28,13 +28,14 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use common::control::{ControlServer, Handler};
 use common::source_link::SourceVmm;
+use common::working_set::WorkingSet;
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::precopy::{Precopy, Strategy};
 use crate::report::Events;
 use crate::server::{ServerConfig, serve};
-use crate::session::SessionConfig;
+use crate::session::{SessionConfig, error_chain};
 use crate::source::MemorySource;
 
 /// Serve a paused VM's memory to a postcopy destination.
@@ -105,6 +106,11 @@ struct Cli {
     /// Do not push pages in the background: serve requested pages only.
     #[arg(long)]
     no_push: bool,
+    /// A working set recorded by `faultd --record-working-set` on this memory image: its
+    /// pages are pushed first, in the order the guest first touched them. A file that is
+    /// damaged or was recorded on another image is reported and ignored.
+    #[arg(long, value_name = "FILE")]
+    prefetch: Option<PathBuf>,
     /// Pin the urgent thread (the one that answers page requests) to this CPU.
     #[arg(long, value_name = "CPU")]
     urgent_cpu: Option<usize>,
@@ -145,6 +151,34 @@ fn parse_page_size(text: &str) -> Result<u64, String> {
     }
 }
 
+/// The working set of `--prefetch`, if it is whole and was recorded on this image; else
+/// says why it is ignored (the migration goes on without it).
+fn load_prefetch(path: &Path, source: &MemorySource) -> Option<Arc<WorkingSet>> {
+    let checked = WorkingSet::read(path).and_then(|set| {
+        let total = source.size_bytes() / u64::from(set.page_size.max(1));
+        set.check_image(set.page_size, total, source.image_id())?;
+        Ok(set)
+    });
+    match checked {
+        Ok(set) => {
+            info!(
+                pages = set.pages.len(),
+                file = %path.display(),
+                "prefetch: the recorded working set is pushed first"
+            );
+            Some(Arc::new(set))
+        }
+        Err(e) => {
+            warn!(
+                file = %path.display(),
+                error = %error_chain(&e),
+                "ignoring the --prefetch working set"
+            );
+            None
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     if let Some(path) = &cli.gen_psk {
         common::auth::Psk::generate(path)?;
@@ -178,6 +212,10 @@ fn run(cli: Cli) -> Result<()> {
         .as_deref()
         .map(common::auth::Psk::load)
         .transpose()?;
+    let prefetch = cli
+        .prefetch
+        .as_deref()
+        .and_then(|path| load_prefetch(path, &source));
     let config = ServerConfig {
         psk,
         insecure_listen: cli.insecure_listen,
@@ -196,6 +234,7 @@ fn run(cli: Cli) -> Result<()> {
                 std::time::Duration::from_micros(cli.busy_poll_us),
             )
             .context("bad --urgent-cpu or --push-cpus")?,
+            prefetch,
         },
     };
     let events = Events(

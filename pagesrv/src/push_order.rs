@@ -1,6 +1,7 @@
 //! What the background push sends next: plain data, no I/O.
 //!
-//! Order: after an urgent request for pages `p..q`, the pages from `q` on for a window
+//! Order: a recorded working set in the order the guest first touched it (`--prefetch`),
+//! then, after an urgent request for pages `p..q`, the pages from `q` on for a window
 //! (pre-paging: guests touch neighbours next), then the background cursor through the file.
 //! Pages already sent (or that the destination said it no longer needs) are skipped, so no
 //! page is pushed twice.
@@ -13,22 +14,60 @@ pub struct PushScheduler {
     cursor: u64,
     prepage: Option<(u64, u64)>,
     window_pages: u64,
+    /// Pages to push first, in order (a recorded working set), and how far we are.
+    prefetch: Vec<u64>,
+    prefetched: usize,
+    /// Pages claimed from the prefetch list (pushed in its order).
+    prefetched_pages: u64,
 }
 
 impl PushScheduler {
-    /// A scheduler whose pre-paging window after each request is `window_pages` pages.
-    pub fn new(window_pages: u64) -> Self {
+    /// A scheduler whose pre-paging window after each request is `window_pages` pages, and
+    /// that pushes `prefetch` (page indices) before the rest.
+    pub fn new(window_pages: u64, prefetch: Vec<u64>) -> Self {
         PushScheduler {
             cursor: 0,
             prepage: None,
             window_pages,
+            prefetch,
+            prefetched: 0,
+            prefetched_pages: 0,
         }
+    }
+
+    /// Pages pushed from the prefetch list so far.
+    pub fn prefetched_pages(&self) -> u64 {
+        self.prefetched_pages
     }
 
     /// Starts over from the first page (a new precopy round).
     pub fn rewind(&mut self) {
         self.cursor = 0;
         self.prepage = None;
+        self.prefetched = 0;
+    }
+
+    /// The next run of the prefetch list: its next unsent page and the unsent pages that
+    /// follow it both in the list and in memory (at most `max_pages`).
+    fn next_prefetched(&mut self, sent: &PageMap, max_pages: u64) -> Option<(u64, u64)> {
+        while let Some(&first) = self.prefetch.get(self.prefetched) {
+            self.prefetched += 1;
+            if first >= sent.total_pages() || sent.is_set(first) {
+                continue;
+            }
+            let mut count = 1;
+            while count < max_pages
+                && self.prefetch.get(self.prefetched) == Some(&(first + count))
+                && !sent.is_set(first + count)
+            {
+                count += 1;
+                self.prefetched += 1;
+            }
+            sent.set_range(first, count);
+            self.prefetched_pages += count;
+            return Some((first, count));
+        }
+        None
     }
 
     /// An urgent request for pages `first..end` arrived: pre-page from `end` on.
@@ -41,6 +80,10 @@ impl PushScheduler {
     /// The next run of at most `max_pages` unsent pages, claimed in `sent`; `None` once every
     /// page has been sent.
     pub fn next_run(&mut self, sent: &PageMap, max_pages: u64) -> Option<(u64, u64)> {
+        // The recorded working set is what the guest did last time; pre-paging is a guess.
+        if let Some(run) = self.next_prefetched(sent, max_pages) {
+            return Some(run);
+        }
         if let Some((next, end)) = self.prepage.take()
             && let Some(first) = sent.next_clear(next).filter(|&p| p < end)
         {
@@ -70,7 +113,7 @@ mod tests {
     #[test]
     fn test_pushes_every_page_once_in_order() {
         let sent = PageMap::new(10);
-        let mut s = PushScheduler::new(0);
+        let mut s = PushScheduler::new(0, Vec::new());
         assert_eq!(drain(&mut s, &sent, 4), vec![(0, 4), (4, 4), (8, 2)]);
         assert!(sent.is_full());
     }
@@ -78,7 +121,7 @@ mod tests {
     #[test]
     fn test_prepages_after_a_request_then_resumes_background() {
         let sent = PageMap::new(100);
-        let mut s = PushScheduler::new(5);
+        let mut s = PushScheduler::new(5, Vec::new());
         assert_eq!(s.next_run(&sent, 4), Some((0, 4)));
         sent.set(50); // the urgent path sent page 50
         s.on_request(51, 100);
@@ -94,8 +137,29 @@ mod tests {
     fn test_skips_pages_marked_by_the_destination() {
         let sent = PageMap::new(20);
         sent.set_range(5, 10);
-        let mut s = PushScheduler::new(8);
+        let mut s = PushScheduler::new(8, Vec::new());
         s.on_request(3, 20);
         assert_eq!(drain(&mut s, &sent, 50), vec![(3, 2), (0, 3), (15, 5)]);
+    }
+
+    #[test]
+    fn test_a_working_set_goes_first_in_its_order() {
+        let sent = PageMap::new(30);
+        // Recorded order: 20, 21, 22, then 5, 3, 4, then 25 (sent meanwhile), 40 (past the
+        // end: ignored).
+        let mut s = PushScheduler::new(2, vec![20, 21, 22, 5, 3, 4, 25, 40]);
+        assert_eq!(s.next_run(&sent, 2), Some((20, 2)));
+        s.on_request(10, 30);
+        assert_eq!(s.next_run(&sent, 4), Some((22, 1)), "before pre-paging");
+        sent.set(25);
+        assert_eq!(s.next_run(&sent, 4), Some((5, 1)));
+        assert_eq!(s.next_run(&sent, 4), Some((3, 2)));
+        assert_eq!(s.next_run(&sent, 4), Some((10, 2)), "then pre-paging");
+        assert_eq!(s.prefetched_pages(), 6);
+        assert_eq!(
+            drain(&mut s, &sent, 100),
+            vec![(0, 3), (6, 4), (12, 8), (23, 2), (26, 4)]
+        );
+        assert!(sent.is_full());
     }
 }

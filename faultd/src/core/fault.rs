@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use common::uffd::UffdError;
 use common::wire::{Message, PageRange};
+use common::working_set::Recorder;
 use thiserror::Error;
 use tracing::{trace, warn};
 
@@ -76,6 +77,8 @@ pub struct FaultCore<'v, K> {
     /// Fault events read.
     pub faults: u64,
     outside_warned: bool,
+    /// With `--record-working-set`: the pages faulted on, in first-fault order.
+    recorder: Option<Recorder>,
 }
 
 impl<'v, K: Kernel> FaultCore<'v, K> {
@@ -95,7 +98,18 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
             latencies: LatencyRecorder::default(),
             faults: 0,
             outside_warned: false,
+            recorder: None,
         }
+    }
+
+    /// Records from now on the pages the guest faults on, in first-fault order.
+    pub fn record_working_set(&mut self) {
+        self.recorder = Some(Recorder::new(self.vm.total_pages()));
+    }
+
+    /// The pages recorded (with [`FaultCore::record_working_set`]), in first-fault order.
+    pub fn working_set(&self) -> Option<&[u64]> {
+        self.recorder.as_ref().map(Recorder::pages)
     }
 
     /// Reads every pending uffd event and handles it (removals are marked as they are read,
@@ -124,6 +138,9 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
                 } => {
                     self.faults += 1;
                     trace!(page, thread_id, minor, "fault");
+                    if let Some(recorder) = &mut self.recorder {
+                        recorder.fault(page);
+                    }
                     self.handle_page_fault(page, minor, now)?;
                 }
                 VmEvent::Removed { count, .. } if !self.link_up => {

@@ -22,6 +22,7 @@ use common::netopt::Liveness;
 use common::pagemap::PageMap;
 use common::wire::phase::{Phase, SourceUrgent};
 use common::wire::{Decoder, ErrorCode, MAX_PAYLOAD_BYTES, Message, PageRange, RANGE_FRAME_BYTES};
+use common::working_set::WorkingSet;
 use tracing::{debug, info, warn};
 
 use crate::precopy::Precopy;
@@ -98,6 +99,8 @@ pub struct SessionConfig {
     pub liveness: Liveness,
     /// CPU pinning of the urgent and push threads, busy-polling of the urgent thread.
     pub fast_path: common::sched::FastPath,
+    /// A recorded working set of this image (`--prefetch`): pushed first.
+    pub prefetch: Option<Arc<WorkingSet>>,
 }
 
 /// What a session does before postcopy.
@@ -170,6 +173,7 @@ impl<'a> Session<'a> {
                 config
                     .prepage_window_pages
                     .min((PREPAGE_MAX_BYTES / source.page_size()).max(1)),
+                prefetch_for(config.prefetch.as_ref(), source.page_size()),
             )),
             stop: AtomicBool::new(false),
             push_ready: (Mutex::new(false), Condvar::new()),
@@ -178,6 +182,14 @@ impl<'a> Session<'a> {
             config,
             started: Instant::now(),
         }
+    }
+
+    /// Pages pushed first from the recorded working set (`--prefetch`).
+    pub fn prefetched_pages(&self) -> u64 {
+        self.push_order
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .prefetched_pages()
     }
 
     /// Pages sent or no longer needed, for progress.
@@ -745,6 +757,23 @@ impl<'a> Session<'a> {
                 Ok(_) => warn!("ignoring bytes from the destination on the bulk connection"),
             }
         }
+    }
+}
+
+/// The working set's pages for a session of `page_size` pages (a set recorded with another
+/// page size is left out, and said so).
+fn prefetch_for(set: Option<&Arc<WorkingSet>>, page_size: u64) -> Vec<u64> {
+    match set {
+        Some(set) if u64::from(set.page_size) == page_size => set.pages.clone(),
+        Some(set) => {
+            warn!(
+                recorded = set.page_size,
+                session = page_size,
+                "the --prefetch working set was recorded with another page size: not used"
+            );
+            Vec::new()
+        }
+        None => Vec::new(),
     }
 }
 
