@@ -82,7 +82,8 @@ pub struct LatencyArgs {
     /// busy-polling, UFFDIO_COPY), `same-cpu` (the workload, faultd's fault thread and
     /// pagesrv's urgent thread on one CPU), `split-cpu` (the workload on one CPU, the fault
     /// path on the other), `bulk-apart` (with one of those: bulk threads on the CPU the fault
-    /// path does not use), `busy-poll[=US]`, `memfd` (memfd placement), joined by `+`.
+    /// path does not use), `busy-poll[=US]`, `memfd` (memfd placement), `fixed-prepage`
+    /// (64 pages after each request instead of the adaptive window), joined by `+`.
     /// Default `same-cpu`: what an orchestrator that pins its vCPUs should do, and what
     /// won in `--compare-levers` here.
     #[arg(long, value_name = "LEVERS", default_value = "same-cpu", value_parser = Tuning::parse)]
@@ -396,6 +397,7 @@ fn compare_levers(
             "push_off_cpu_ms": pick("off", "cpu_ms_during_workload"),
             "push_off_faults": pick("off", "faults"),
             "push_on_total_ms": pick("on", "total_ms"),
+            "push_on_pages_requested": pick("on", "pages")["requested"].clone(),
             "push_on_throughput_mib_s": pick("on", "throughput_mib_s"),
         }));
     }

@@ -34,6 +34,9 @@ pub struct Tuning {
     /// The workload hands faultd its memfd and faultd places by writing it and
     /// UFFDIO_CONTINUE (`--placement memfd`), instead of UFFDIO_COPY into anonymous memory.
     pub memfd: bool,
+    /// pagesrv pre-pages a fixed 64 pages after each request (the old default) instead of
+    /// learning the window from the requests.
+    pub fixed_prepage: bool,
 }
 
 impl Tuning {
@@ -43,9 +46,10 @@ impl Tuning {
         busy_poll_us: 0,
         bulk_apart: false,
         memfd: false,
+        fixed_prepage: false,
     };
 
-    /// Parses `default`, `same-cpu`, `split-cpu`, `bulk-apart`, `busy-poll[=US]`, `memfd` and
+    /// Parses `default`, `same-cpu`, `split-cpu`, `bulk-apart`, `busy-poll[=US]`, `memfd`, `fixed-prepage` and
     /// `+`-joined combinations such as `same-cpu+bulk-apart+busy-poll=30`.
     ///
     /// # Errors
@@ -59,6 +63,7 @@ impl Tuning {
                 _ if part == "split-cpu" => t.pinning = Pinning::SplitCpu,
                 _ if part == "bulk-apart" => t.bulk_apart = true,
                 _ if part == "memfd" => t.memfd = true,
+                _ if part == "fixed-prepage" => t.fixed_prepage = true,
                 _ if part == "busy-poll" => t.busy_poll_us = 50,
                 Some(("busy-poll", us)) => {
                     t.busy_poll_us = us
@@ -67,7 +72,7 @@ impl Tuning {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown lever {part:?} (default, same-cpu, split-cpu, bulk-apart, busy-poll[=US], memfd, joined by +)"
+                        "unknown lever {part:?} (default, same-cpu, split-cpu, bulk-apart, busy-poll[=US], memfd, fixed-prepage, joined by +)"
                     ));
                 }
             }
@@ -101,6 +106,9 @@ impl Tuning {
         }
         if self.memfd {
             parts.push("memfd".to_string());
+        }
+        if self.fixed_prepage {
+            parts.push("fixed-prepage".to_string());
         }
         if parts.is_empty() {
             "default".into()
@@ -142,6 +150,9 @@ impl Tuning {
     /// Fewer than two CPUs to pin to.
     pub fn pagesrv_args(&self) -> Result<Vec<String>> {
         let mut args = vec!["--busy-poll-us".to_string(), self.busy_poll_us.to_string()];
+        if self.fixed_prepage {
+            args.extend(["--prepage", "fixed", "--prepage-window", "64"].map(String::from));
+        }
         if let Some((_, fast, bulk)) = self.cpus()? {
             args.extend(["--urgent-cpu".into(), fast.to_string()]);
             if let Some(bulk) = bulk {
@@ -203,6 +214,7 @@ mod tests {
             "same-cpu+bulk-apart",
             "split-cpu+bulk-apart+busy-poll=30",
             "same-cpu+memfd",
+            "same-cpu+fixed-prepage",
             "busy-poll=5",
         ] {
             assert_eq!(Tuning::parse(text).unwrap().name(), text);

@@ -8,6 +8,7 @@
 mod free;
 mod handshake;
 mod precopy;
+mod prepage;
 mod push_order;
 mod report;
 mod server;
@@ -99,10 +100,16 @@ struct Cli {
     /// waits for a reconnect). Both sides send heartbeats on idle connections.
     #[arg(long, value_name = "SECS", default_value = "2", value_parser = common::netopt::parse_seconds)]
     link_timeout: std::time::Duration,
-    /// Pages pushed right after each requested page (pre-paging window; 0 disables; at most
-    /// 8 MiB of pages, so 4 with 2 MiB pages).
-    #[arg(long, value_name = "PAGES", default_value_t = 64)]
+    /// Most pages pushed after a requested page (the pre-paging window; 0 disables; at
+    /// most 8 MiB of pages, so 4 with 2 MiB pages). With `--prepage adaptive` the window
+    /// follows the guest up to this; with `fixed` it is always this.
+    #[arg(long, value_name = "PAGES", default_value_t = 1024)]
     prepage_window: u64,
+    /// `adaptive`: learn each access stream's stride and direction from the requests; grow
+    /// the window while the guest follows it, shrink it on random access. `fixed`: always
+    /// `--prepage-window` pages forward.
+    #[arg(long, value_enum, default_value = "adaptive")]
+    prepage: PrepageChoice,
     /// Do not push pages in the background: serve requested pages only.
     #[arg(long)]
     no_push: bool,
@@ -141,6 +148,15 @@ struct Cli {
     /// digest check must catch it).
     #[arg(long, hide = true, value_name = "PAGE")]
     corrupt_page: Option<u64>,
+}
+
+/// `--prepage`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PrepageChoice {
+    /// Learnt from the requests.
+    Adaptive,
+    /// Always `--prepage-window` pages forward.
+    Fixed,
 }
 
 fn parse_page_size(text: &str) -> Result<u64, String> {
@@ -224,6 +240,10 @@ fn run(cli: Cli) -> Result<()> {
         page_size: cli.page_size,
         session: SessionConfig {
             prepage_window_pages: cli.prepage_window,
+            prepage: match cli.prepage {
+                PrepageChoice::Adaptive => prepage::Policy::Adaptive,
+                PrepageChoice::Fixed => prepage::Policy::Fixed,
+            },
             push: !cli.no_push,
             corrupt_page: cli.corrupt_page,
             naive_single_connection: cli.naive_single_connection,

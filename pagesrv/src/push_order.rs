@@ -8,12 +8,17 @@
 
 use common::pagemap::PageMap;
 
+use crate::prepage::{Plan, Prepager};
+
 /// Chooses the next run of pages for the bulk connection.
 #[derive(Debug)]
 pub struct PushScheduler {
     cursor: u64,
+    /// Contiguous pre-paging still to push: `[next, end)`.
     prepage: Option<(u64, u64)>,
-    window_pages: u64,
+    /// Strided pre-paging still to push: the plan and how many of its pages are done.
+    strided: Option<(Plan, u64)>,
+    prepager: Prepager,
     /// Pages to push first, in order (a recorded working set), and how far we are.
     prefetch: Vec<u64>,
     prefetched: usize,
@@ -22,13 +27,14 @@ pub struct PushScheduler {
 }
 
 impl PushScheduler {
-    /// A scheduler whose pre-paging window after each request is `window_pages` pages, and
-    /// that pushes `prefetch` (page indices) before the rest.
-    pub fn new(window_pages: u64, prefetch: Vec<u64>) -> Self {
+    /// A scheduler that pre-pages as `prepager` decides after each request, and pushes
+    /// `prefetch` (page indices) before the rest.
+    pub fn new(prepager: Prepager, prefetch: Vec<u64>) -> Self {
         PushScheduler {
             cursor: 0,
             prepage: None,
-            window_pages,
+            strided: None,
+            prepager,
             prefetch,
             prefetched: 0,
             prefetched_pages: 0,
@@ -44,6 +50,7 @@ impl PushScheduler {
     pub fn rewind(&mut self) {
         self.cursor = 0;
         self.prepage = None;
+        self.strided = None;
         self.prefetched = 0;
     }
 
@@ -70,11 +77,55 @@ impl PushScheduler {
         None
     }
 
-    /// An urgent request for pages `first..end` arrived: pre-page from `end` on.
+    /// An urgent request for pages `first..end` arrived: pre-page after it, as the
+    /// pre-pager decides (a new request replaces what is left of the last plan).
     pub fn on_request(&mut self, end: u64, total_pages: u64) {
-        if self.window_pages > 0 && end < total_pages {
-            self.prepage = Some((end, (end + self.window_pages).min(total_pages)));
+        let Some(last) = end.checked_sub(1) else {
+            return;
+        };
+        self.prepage = None;
+        self.strided = None;
+        let Some(plan) = self.prepager.on_request(last) else {
+            return;
+        };
+        match plan.stride {
+            1 => {
+                let end = plan.first.saturating_add(plan.count).min(total_pages);
+                if plan.first < end {
+                    self.prepage = Some((plan.first, end));
+                }
+            }
+            -1 => {
+                // Downwards: the same pages as one range (their order within a run does
+                // not matter).
+                let end = (plan.first + 1).min(total_pages);
+                let start = end.saturating_sub(plan.count);
+                if start < end {
+                    self.prepage = Some((start, end));
+                }
+            }
+            _ => self.strided = Some((plan, 0)),
         }
+    }
+
+    /// The next unsent page of a strided plan (one page per run).
+    fn next_strided(&mut self, sent: &PageMap) -> Option<(u64, u64)> {
+        let (plan, done) = self.strided.as_mut()?;
+        let total = sent.total_pages();
+        let mut next = None;
+        for page in plan.pages(total).skip(*done as usize) {
+            *done += 1;
+            if !sent.is_set(page) {
+                next = Some(page);
+                break;
+            }
+        }
+        let Some(page) = next else {
+            self.strided = None;
+            return None;
+        };
+        sent.set(page);
+        Some((page, 1))
     }
 
     /// The next run of at most `max_pages` unsent pages, claimed in `sent`; `None` once every
@@ -94,6 +145,9 @@ impl PushScheduler {
             }
             return Some((first, count));
         }
+        if let Some(run) = self.next_strided(sent) {
+            return Some(run);
+        }
         let first = sent.next_clear(self.cursor)?;
         let count = sent.clear_run(first, max_pages);
         sent.set_range(first, count);
@@ -105,6 +159,11 @@ impl PushScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prepage::Policy;
+
+    fn fixed(window: u64) -> Prepager {
+        Prepager::new(Policy::Fixed, 0, window)
+    }
 
     fn drain(s: &mut PushScheduler, sent: &PageMap, max: u64) -> Vec<(u64, u64)> {
         std::iter::from_fn(|| s.next_run(sent, max)).collect()
@@ -113,7 +172,7 @@ mod tests {
     #[test]
     fn test_pushes_every_page_once_in_order() {
         let sent = PageMap::new(10);
-        let mut s = PushScheduler::new(0, Vec::new());
+        let mut s = PushScheduler::new(fixed(0), Vec::new());
         assert_eq!(drain(&mut s, &sent, 4), vec![(0, 4), (4, 4), (8, 2)]);
         assert!(sent.is_full());
     }
@@ -121,7 +180,7 @@ mod tests {
     #[test]
     fn test_prepages_after_a_request_then_resumes_background() {
         let sent = PageMap::new(100);
-        let mut s = PushScheduler::new(5, Vec::new());
+        let mut s = PushScheduler::new(fixed(5), Vec::new());
         assert_eq!(s.next_run(&sent, 4), Some((0, 4)));
         sent.set(50); // the urgent path sent page 50
         s.on_request(51, 100);
@@ -137,7 +196,7 @@ mod tests {
     fn test_skips_pages_marked_by_the_destination() {
         let sent = PageMap::new(20);
         sent.set_range(5, 10);
-        let mut s = PushScheduler::new(8, Vec::new());
+        let mut s = PushScheduler::new(fixed(8), Vec::new());
         s.on_request(3, 20);
         assert_eq!(drain(&mut s, &sent, 50), vec![(3, 2), (0, 3), (15, 5)]);
     }
@@ -147,7 +206,7 @@ mod tests {
         let sent = PageMap::new(30);
         // Recorded order: 20, 21, 22, then 5, 3, 4, then 25 (sent meanwhile), 40 (past the
         // end: ignored).
-        let mut s = PushScheduler::new(2, vec![20, 21, 22, 5, 3, 4, 25, 40]);
+        let mut s = PushScheduler::new(fixed(2), vec![20, 21, 22, 5, 3, 4, 25, 40]);
         assert_eq!(s.next_run(&sent, 2), Some((20, 2)));
         s.on_request(10, 30);
         assert_eq!(s.next_run(&sent, 4), Some((22, 1)), "before pre-paging");
@@ -161,5 +220,32 @@ mod tests {
             vec![(0, 3), (6, 4), (12, 8), (23, 2), (26, 4)]
         );
         assert!(sent.is_full());
+    }
+
+    #[test]
+    fn test_adaptive_prepaging_follows_strides_and_direction() {
+        let sent = PageMap::new(1000);
+        let mut s = PushScheduler::new(Prepager::new(Policy::Adaptive, 2, 64), Vec::new());
+        // Backward: 500, 499, 498 requested (and sent by the urgent path).
+        for page in [500, 499, 498] {
+            sent.set(page);
+            s.on_request(page + 1, 1000);
+        }
+        // The window doubled twice to 8, downwards from 497.
+        assert_eq!(s.next_run(&sent, 100), Some((490, 8)));
+        // Strided by 10: 100, 110, 120: the next pages at the stride, one per run.
+        for page in [100, 110, 120] {
+            sent.set(page);
+            s.on_request(page + 1, 1000);
+        }
+        assert_eq!(s.next_run(&sent, 100), Some((130, 1)));
+        assert_eq!(s.next_run(&sent, 100), Some((140, 1)));
+        assert_eq!(s.next_run(&sent, 100), Some((150, 1)));
+        assert_eq!(s.next_run(&sent, 100), Some((160, 1)));
+        assert_eq!(
+            s.next_run(&sent, 100),
+            Some((0, 100)),
+            "then the background"
+        );
     }
 }

@@ -26,6 +26,7 @@ use common::working_set::WorkingSet;
 use tracing::{debug, info, warn};
 
 use crate::precopy::Precopy;
+use crate::prepage::{Policy, Prepager};
 use crate::push_order::PushScheduler;
 use crate::report::Events;
 use crate::source::{Paged, Piece};
@@ -37,9 +38,11 @@ mod rounds;
 /// pages: a few milliseconds).
 const DIGEST_RUN_PAGES: u64 = 8192;
 
-/// Most bytes pre-paged after one request (64 pages of 4 KiB are 256 KiB; 2 MiB pages are
-/// capped at 4).
+/// Most bytes pre-paged after one request (2048 pages of 4 KiB; 2 MiB pages are capped
+/// at 4).
 const PREPAGE_MAX_BYTES: u64 = 8 << 20;
+/// Pages the adaptive pre-pager pushes after a request that follows no pattern.
+const PREPAGE_MIN_PAGES: u64 = 8;
 
 /// Pages per bulk frame: 512 KiB of 4 KiB pages, or one 2 MiB page.
 const BULK_RUN_BYTES: u64 = 512 << 10;
@@ -87,8 +90,10 @@ pub enum Outcome {
 /// Tuning of a session.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// Pages pre-paged after each urgent request.
+    /// Most pages pre-paged after an urgent request (every time, with the fixed policy).
     pub prepage_window_pages: u64,
+    /// Fixed or adaptive pre-paging.
+    pub prepage: Policy,
     /// Whether to push in the background at all (off: pure demand paging).
     pub push: bool,
     /// Test-only fault injection: send this page with one byte flipped.
@@ -170,9 +175,13 @@ impl<'a> Session<'a> {
             switch,
             events,
             push_order: Mutex::new(PushScheduler::new(
-                config
-                    .prepage_window_pages
-                    .min((PREPAGE_MAX_BYTES / source.page_size()).max(1)),
+                Prepager::new(
+                    config.prepage,
+                    PREPAGE_MIN_PAGES,
+                    config
+                        .prepage_window_pages
+                        .min((PREPAGE_MAX_BYTES / source.page_size()).max(1)),
+                ),
                 prefetch_for(config.prefetch.as_ref(), source.page_size()),
             )),
             stop: AtomicBool::new(false),
