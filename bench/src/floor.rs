@@ -19,6 +19,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use common::mmap::Mapping;
+
+use crate::link::{DelayLine, FLOOR_PORT, Link};
 use common::uffd::{Event, MODE_MISSING, Uffd};
 use serde_json::{Value, json};
 
@@ -182,13 +184,33 @@ pub fn uffd_fault(pages: usize, placement: Placement) -> Result<Value> {
 }
 
 /// A trivial page server: answers each 24-byte request with a 24-byte header and a page.
-fn page_server(cpu: Option<usize>) -> Result<(String, std::thread::JoinHandle<()>)> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?.to_string();
+/// On loopback, or inside a link's namespace behind a delay line (then the address is the
+/// delay line's, and the line lives as long as the returned guard).
+fn page_server(
+    cpu: Option<usize>,
+    via: Option<&Link>,
+) -> Result<(String, std::thread::JoinHandle<()>, Option<DelayLine>)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let netns = via.map(|l| (l.netns().to_owned(), l.source_addr(FLOOR_PORT)));
     let h = std::thread::spawn(move || {
-        if pin(cpu).is_err() {
-            return;
-        }
+        let bound = (|| -> Result<TcpListener> {
+            pin(cpu)?;
+            match &netns {
+                None => Ok(TcpListener::bind("127.0.0.1:0")?),
+                Some((name, addr)) => {
+                    crate::link::enter(name)?;
+                    Ok(TcpListener::bind(addr)?)
+                }
+            }
+        })();
+        let listener = match bound {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = tx.send(listener.local_addr().map_err(anyhow::Error::from));
         let Ok((mut conn, _)) = listener.accept() else {
             return;
         };
@@ -201,7 +223,14 @@ fn page_server(cpu: Option<usize>) -> Result<(String, std::thread::JoinHandle<()
             }
         }
     });
-    Ok((addr, h))
+    let addr = rx.recv().context("page server thread")??;
+    match via {
+        None => Ok((addr.to_string(), h, None)),
+        Some(link) => {
+            let line = DelayLine::start(addr, link.profile)?;
+            Ok((line.addr().to_string(), h, Some(line)))
+        }
+    }
 }
 
 fn fetch(conn: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
@@ -209,10 +238,10 @@ fn fetch(conn: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
     conn.read_exact(buf)
 }
 
-/// (b) loopback TCP request/response of one 4 KiB page.
-pub fn rtt_4k(rounds: usize, placement: Placement) -> Result<Value> {
+/// (b) TCP request/response of one 4 KiB page (loopback, or through `via`).
+pub fn rtt_4k(rounds: usize, placement: Placement, via: Option<&Link>) -> Result<Value> {
     let (client_cpu, server_cpu) = placement.cpus()?;
-    let (addr, server) = page_server(server_cpu)?;
+    let (addr, server, _line) = page_server(server_cpu, via)?;
     let ns = on_cpu(client_cpu, move || rtt_rounds(&addr, rounds))?;
     let _ = server.join();
     Ok(summarize(ns))
@@ -231,10 +260,11 @@ fn rtt_rounds(addr: &str, rounds: usize) -> Result<Vec<u64>> {
     Ok(ns)
 }
 
-/// (c) fault → handler fetches the page over loopback TCP → UFFDIO_COPY → wake.
-pub fn remote_fault(pages: usize, placement: Placement) -> Result<Value> {
+/// (c) fault → handler fetches the page over TCP (loopback, or through `via`) →
+/// UFFDIO_COPY → wake.
+pub fn remote_fault(pages: usize, placement: Placement, via: Option<&Link>) -> Result<Value> {
     let cpus = placement.cpus()?;
-    let (addr, server) = page_server(cpus.1)?;
+    let (addr, server, _line) = page_server(cpus.1, via)?;
     let ns = timed_faults(pages, cpus, move |uffd| {
         let mut conn = TcpStream::connect(&addr)?;
         conn.set_nodelay(true)?;

@@ -15,7 +15,11 @@ use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 
 use crate::floor::{self, Placement};
-use crate::procs::{cpu_ms, log_tail, sibling, start_faultd, start_pagesrv, watch};
+use crate::link::{self, DelayLine, Link, LinkChoice, Profile, SOURCE_PORT};
+use crate::procs::{
+    cpu_ms, log_tail, sibling, start_faultd, start_pagesrv, start_pagesrv_at, watch,
+};
+use crate::profiles;
 use crate::svg;
 use crate::tuning::Tuning;
 
@@ -92,7 +96,15 @@ pub struct LatencyArgs {
     /// (comma-separated), and report their ratios to the same floor.
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = Tuning::parse)]
     pub compare_levers: Vec<Tuning>,
+    /// Link profile: `loopback`; `dc` (10 Gbit/s, 50 µs one way), `wan` (1 Gbit/s, 5 ms),
+    /// `stall` (dc with a 20 ms stall every 500 ms): pagesrv in a network namespace behind a
+    /// veth pair shaped by tbf and a delay line (needs root); `all`: each in turn.
+    #[arg(long, value_enum, default_value = "loopback")]
+    pub link: LinkChoice,
 }
+
+/// Image size on shaped links (MiB).
+const LINK_IMAGE_MIB: u64 = 512;
 
 fn write_image(path: &Path, pages: u64) -> Result<()> {
     use std::io::Write;
@@ -114,15 +126,35 @@ fn write_image(path: &Path, pages: u64) -> Result<()> {
     Ok(())
 }
 
-struct Scenario {
-    workload: &'static str,
-    push: bool,
-    naive: bool,
+/// One run of the pair.
+pub(crate) struct Scenario<'a> {
+    pub workload: &'static str,
+    pub push: bool,
+    pub naive: bool,
+    /// More pagesrv arguments (e.g. `--prepage-window 0`).
+    pub pagesrv_extra: &'static [&'static str],
+    /// Touches of a push-off run (default `--demand-touches`).
+    pub touches: Option<u64>,
+    /// Through a shaped link (else loopback).
+    pub link: Option<&'a Link>,
+}
+
+impl Scenario<'_> {
+    fn plain(workload: &'static str, push: bool, naive: bool) -> Self {
+        Scenario {
+            workload,
+            push,
+            naive,
+            pagesrv_extra: &[],
+            touches: None,
+            link: None,
+        }
+    }
 }
 
 /// Runs one scenario; returns its JSON record.
-fn run_scenario(
-    sc: &Scenario,
+pub(crate) fn run_scenario(
+    sc: &Scenario<'_>,
     image: &Path,
     work: &Path,
     args: &LatencyArgs,
@@ -136,6 +168,7 @@ fn run_scenario(
     let _ = std::fs::remove_file(&stats_path);
     let (pagesrv_tuning, faultd_tuning) = (tuning.pagesrv_args()?, tuning.faultd_args()?);
     let mut extra: Vec<&str> = pagesrv_tuning.iter().map(String::as_str).collect();
+    extra.extend(sc.pagesrv_extra);
     if !sc.push {
         extra.push("--no-push");
     }
@@ -153,7 +186,24 @@ fn run_scenario(
     };
     extra.extend(&key_args);
     let (pagesrv_log, faultd_log) = (work.join("pagesrv.log"), work.join("faultd.log"));
-    let (mut pagesrv, addr) = start_pagesrv(image, &extra, Some(&pagesrv_log))?;
+    let (mut pagesrv, addr, _delay_line) = match sc.link {
+        None => {
+            let (p, a) = start_pagesrv(image, &extra, Some(&pagesrv_log))?;
+            (p, a, None)
+        }
+        Some(link) => {
+            let listen = link.source_addr(SOURCE_PORT).to_string();
+            let (p, a) = start_pagesrv_at(
+                image,
+                &listen,
+                Some(link.netns()),
+                &extra,
+                Some(&pagesrv_log),
+            )?;
+            let line = DelayLine::start(a.parse().context("pagesrv's address")?, link.profile)?;
+            (p, line.addr().to_string(), Some(line))
+        }
+    };
     let mut faultd_extra = key_args.clone();
     faultd_extra.extend(faultd_tuning.iter().map(String::as_str));
     let mut faultd = start_faultd(&addr, &uds, &stats_path, &faultd_extra, Some(&faultd_log))?;
@@ -169,7 +219,8 @@ fn run_scenario(
         .arg(&lat_path);
     tuning.set_up_workload(&mut vmm)?;
     if !sc.push {
-        vmm.args(["--no-wait", "--touches", &args.demand_touches.to_string()]);
+        let touches = sc.touches.unwrap_or(args.demand_touches);
+        vmm.args(["--no-wait", "--touches", &touches.to_string()]);
     }
     let cpu_before = (cpu_ms(faultd_pid), cpu_ms(pagesrv_pid));
     let out = vmm
@@ -214,6 +265,7 @@ fn run_scenario(
         record["throughput_mib_s"] =
             json!(data_pages as f64 * 4096.0 / 1048576.0 / (total_ms / 1000.0).max(1e-9));
         record["bytes_on_wire"] = stats["bytes_received"].clone();
+        record["demand_faults"] = stats["demand_faults"].clone();
         record["pages"] = json!({
             "requested": stats["pages_requested"], "pushed": stats["pages_pushed"],
             "zero": stats["pages_zero"], "removed": stats["pages_removed"],
@@ -240,8 +292,8 @@ fn cpu_delta(before: Option<f64>, after: Option<f64>) -> Option<f64> {
 }
 
 /// Runs a scenario `--runs` times; the run with the median p99 represents it.
-fn run_median(
-    sc: &Scenario,
+pub(crate) fn run_median(
+    sc: &Scenario<'_>,
     image: &Path,
     work: &Path,
     args: &LatencyArgs,
@@ -286,6 +338,11 @@ fn median(values: &mut [f64]) -> f64 {
 /// Any step failing.
 pub fn run(args: &LatencyArgs) -> Result<()> {
     ensure!(args.size_mib >= 4, "--size-mib must be at least 4");
+    if Profile::chosen(args.link).iter().any(Profile::is_shaped) {
+        link::check_available()?;
+        link::remove_stale();
+        link::clean_up_on_interrupt()?;
+    }
     let tag = format!("pagemig-lat-{}", std::process::id());
     let image = args.ram_dir.join(format!("{tag}.mem"));
     let work = std::env::temp_dir().join(&tag);
@@ -311,8 +368,8 @@ fn measure_floors(args: &LatencyArgs, image: &Path) -> Result<Value> {
             name.into(),
             json!({
                 "uffd_fault_us": floor::uffd_fault(4000, placement)?,
-                "rtt_4k_us": floor::rtt_4k(5000, placement)?,
-                "remote_fault_floor_us": floor::remote_fault(4000, placement)?,
+                "rtt_4k_us": floor::rtt_4k(5000, placement, None)?,
+                "remote_fault_floor_us": floor::remote_fault(4000, placement, None)?,
                 "bulk_fresh_mib_s": floor::bulk(bulk_bytes, placement)?,
             }),
         );
@@ -372,11 +429,7 @@ fn compare_levers(
     for &tuning in &args.compare_levers {
         let mut runs = Vec::new();
         for &push in pushes {
-            let sc = Scenario {
-                workload,
-                push,
-                naive: false,
-            };
+            let sc = Scenario::plain(workload, push, false);
             runs.push(run_median(&sc, image, work, args, tuning)?);
         }
         let pick = |push: &str, key: &str| {
@@ -404,7 +457,7 @@ fn compare_levers(
     Ok(Value::Array(out))
 }
 
-fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
+fn loopback_bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<Value> {
     let pages = args.size_mib << 8;
     eprintln!("bench: writing a {} MiB image", args.size_mib);
     write_image(image, pages)?;
@@ -423,19 +476,11 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
     let mut scenarios: Vec<Scenario> = Vec::new();
     for &workload in workloads {
         for &push in pushes {
-            scenarios.push(Scenario {
-                workload,
-                push,
-                naive: false,
-            });
+            scenarios.push(Scenario::plain(workload, push, false));
         }
     }
     if pushes.contains(&true) {
-        scenarios.push(Scenario {
-            workload: workloads[0],
-            push: true,
-            naive: true,
-        });
+        scenarios.push(Scenario::plain(workloads[0], true, true));
     }
     let mut runs = Vec::new();
     for sc in &scenarios {
@@ -464,29 +509,49 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
             svg: None,
             ram_dir: args.ram_dir.clone(),
             compare_levers: Vec::new(),
+            link: LinkChoice::Loopback,
             ..*args
         };
         let path = work.join(format!("growth-{size_mib}.mem"));
         write_image(&path, size_mib << 8)?;
-        let sc = Scenario {
-            workload: "random",
-            push: true,
-            naive: false,
-        };
+        let sc = Scenario::plain("random", true, false);
         let record = run_scenario(&sc, &path, work, &sized, args.tuning);
         let _ = std::fs::remove_file(&path);
         growth.push(record?);
     }
-    let result = json!({
+    Ok(json!({
         "floor": floor, "runs": runs, "growth": growth, "ratios": ratios, "levers": levers,
         "tuning": args.tuning.name(),
-    });
-    print_table(&result);
+    }))
+}
+
+/// The loopback benchmark (if `--link` includes it), then the shaped profiles; prints and
+/// writes the results.
+fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
+    let profiles = Profile::chosen(args.link);
+    let mut result = if profiles.iter().any(|p| !p.is_shaped()) {
+        loopback_bench(args, image, work)?
+    } else {
+        json!({ "tuning": args.tuning.name() })
+    };
+    if profiles.iter().any(Profile::is_shaped) {
+        // A smaller image on shaped links: a 1 Gbit/s push of 1 GiB alone takes 9 s.
+        let mib = args.size_mib.min(LINK_IMAGE_MIB);
+        let path = image.with_extension("link.mem");
+        write_image(&path, mib << 8)?;
+        let shaped = profiles::run(args, &profiles, &path, mib, work);
+        let _ = std::fs::remove_file(&path);
+        result["profiles"] = shaped?;
+    }
+    if result.get("runs").is_some() {
+        print_table(&result);
+    }
+    profiles::print(&result["profiles"]);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&result)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    if let Some(path) = &args.svg {
+    if let Some(path) = args.svg.as_ref().filter(|_| result.get("runs").is_some()) {
         std::fs::write(path, svg::latency_cdfs(&result))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }

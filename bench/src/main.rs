@@ -3,8 +3,10 @@
 
 mod floor;
 mod latency;
+mod link;
 mod migrate;
 mod procs;
+mod profiles;
 mod svg;
 mod tuning;
 

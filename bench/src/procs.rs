@@ -94,6 +94,26 @@ pub fn watch(pid: u32) -> std::thread::JoinHandle<Usage> {
     })
 }
 
+/// Starts the child inside network namespace `name`.
+fn in_netns(cmd: &mut Command, name: &str) -> Result<()> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let file = std::fs::File::open(format!("/var/run/netns/{name}"))
+        .with_context(|| format!("open network namespace {name}"))?;
+    let fd: OwnedFd = file.into();
+    // SAFETY: between fork and exec the closure makes one system call on an fd that stays
+    // open (moved into the closure, which lives in the Command) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Sends a child's stderr (its log) to `log`, or leaves it on ours.
 fn log_to(cmd: &mut Command, log: Option<&Path>) -> Result<()> {
     if let Some(path) = log {
@@ -117,12 +137,31 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 /// # Errors
 /// pagesrv is missing or did not start.
 pub fn start_pagesrv(mem: &Path, extra: &[&str], log: Option<&Path>) -> Result<(Guard, String)> {
+    start_pagesrv_at(mem, "127.0.0.1:0", None, extra, log)
+}
+
+/// [`start_pagesrv`] listening on `listen`, inside network namespace `netns` if given (then
+/// with `--insecure-listen`: its address exists only inside that namespace and its pair).
+///
+/// # Errors
+/// As [`start_pagesrv`], or the namespace cannot be entered.
+pub fn start_pagesrv_at(
+    mem: &Path,
+    listen: &str,
+    netns: Option<&str>,
+    extra: &[&str],
+    log: Option<&Path>,
+) -> Result<(Guard, String)> {
     let mut cmd = Command::new(sibling("pagesrv")?);
     cmd.arg("--vm-mem")
         .arg(mem)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", listen])
         .args(extra)
         .stdout(Stdio::piped());
+    if let Some(name) = netns {
+        cmd.arg("--insecure-listen");
+        in_netns(&mut cmd, name)?;
+    }
     log_to(&mut cmd, log)?;
     let mut pagesrv = Guard(cmd.spawn().context("cannot start pagesrv")?);
     let addr = first_line(&mut pagesrv.0)?

@@ -86,6 +86,9 @@ pub struct Stats {
     pub page_size: u64,
     /// Fault events read.
     pub faults: u64,
+    /// Faults that had to wait for pagesrv (the rest were served locally: zero pages,
+    /// pages that were present or awaited already).
+    pub demand_faults: u64,
     /// Data pages placed from urgent replies.
     pub pages_requested: u64,
     /// Data pages placed from the background push.
@@ -155,6 +158,7 @@ impl Stats {
             total_pages: vm.total_pages(),
             page_size: vm.page_size(),
             faults,
+            demand_faults: Counters::get(&c.demand_faults),
             pages_requested: Counters::get(&c.pages_requested),
             pages_pushed: Counters::get(&c.pages_pushed),
             pages_zero: Counters::get(&c.pages_zero),

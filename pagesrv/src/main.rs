@@ -110,7 +110,8 @@ struct Cli {
     /// `--prepage-window` pages forward.
     #[arg(long, value_enum, default_value = "adaptive")]
     prepage: PrepageChoice,
-    /// Do not push pages in the background: serve requested pages only.
+    /// No background push: serve requested pages, the pages pre-paging pushes after them
+    /// (`--prepage-window 0` for none) and a `--prefetch` working set, nothing else.
     #[arg(long)]
     no_push: bool,
     /// A working set recorded by `faultd --record-working-set` on this memory image: its

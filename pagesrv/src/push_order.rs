@@ -24,6 +24,8 @@ pub struct PushScheduler {
     prefetched: usize,
     /// Pages claimed from the prefetch list (pushed in its order).
     prefetched_pages: u64,
+    /// Whether the cursor pushes everything else (off: only pre-paging and prefetch).
+    background: bool,
 }
 
 impl PushScheduler {
@@ -38,7 +40,15 @@ impl PushScheduler {
             prefetch,
             prefetched: 0,
             prefetched_pages: 0,
+            background: true,
         }
+    }
+
+    /// With `on` false, pushes only what follows requests and the prefetch list, never the
+    /// rest (`--no-push`): [`PushScheduler::next_run`] then says `None` until a request.
+    pub fn background(mut self, on: bool) -> Self {
+        self.background = on;
+        self
     }
 
     /// Pages pushed from the prefetch list so far.
@@ -148,6 +158,9 @@ impl PushScheduler {
         if let Some(run) = self.next_strided(sent) {
             return Some(run);
         }
+        if !self.background {
+            return None;
+        }
         let first = sent.next_clear(self.cursor)?;
         let count = sent.clear_run(first, max_pages);
         sent.set_range(first, count);
@@ -247,5 +260,21 @@ mod tests {
             Some((0, 100)),
             "then the background"
         );
+    }
+
+    #[test]
+    fn test_without_the_background_only_prepaging_is_pushed() {
+        let sent = PageMap::new(100);
+        let mut s = PushScheduler::new(fixed(3), vec![50]).background(false);
+        assert_eq!(
+            s.next_run(&sent, 10),
+            Some((50, 1)),
+            "the prefetch list still goes"
+        );
+        assert_eq!(s.next_run(&sent, 10), None);
+        sent.set(10);
+        s.on_request(11, 100);
+        assert_eq!(s.next_run(&sent, 10), Some((11, 3)));
+        assert_eq!(s.next_run(&sent, 10), None);
     }
 }

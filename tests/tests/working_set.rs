@@ -57,10 +57,11 @@ fn test_a_recorded_working_set_is_pushed_first_and_saves_faults() {
     write_source(&mem, PAGES, 21, 0, 0..0);
     let ws = dir.path("ws");
     let ws_arg = ws.to_str().unwrap();
-    // Recording on a demand-paged restore (no push): every page the guest touches faults,
-    // and faultd keeps the record even though the guest leaves before the migration ends.
+    // Recording on a demand-paged restore (no push, no pre-paging): every page the guest
+    // touches faults, and faultd keeps the record even though the guest leaves before the
+    // migration ends.
     let (uds, stats) = (dir.path("rec.sock"), dir.path("rec.json"));
-    let (pagesrv, addr) = start_pagesrv(&mem, &["--no-push"]);
+    let (pagesrv, addr) = start_pagesrv(&mem, &["--no-push", "--prepage-window", "0"]);
     let mut faultd = start_faultd_with(&addr, &uds, &stats, &["--record-working-set", ws_arg]);
     let mut vmm = start_vmm(
         &uds,

@@ -219,6 +219,7 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
             Some(waiters) => waiters.push(read_at),
             None => {
                 self.in_flight.insert(page, vec![read_at]);
+                Counters::add(&self.vm.counters.demand_faults, 1);
                 if self.link_up {
                     self.pending.push(request(page));
                 }

@@ -197,6 +197,11 @@ fn test_faults_on_one_page_send_one_request_and_the_reply_wakes_them() {
     assert_eq!(core.latencies.summary().count, 2, "both waiters resolved");
     assert!(vm.done.is_set(3));
     assert_eq!(Counters::get(&vm.counters.pages_requested), 1);
+    assert_eq!(
+        Counters::get(&vm.counters.demand_faults),
+        1,
+        "one page awaited"
+    );
 }
 
 #[test]

@@ -49,6 +49,9 @@ pub enum VmError {
 /// Counters for the stats JSON.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Faults that had to wait for pagesrv (a page neither present, nor known zero, nor
+    /// already awaited): each a request, unless the page arrived by push first.
+    pub demand_faults: AtomicU64,
     /// Data pages placed from urgent replies.
     pub pages_requested: AtomicU64,
     /// Data pages placed from the background push.

@@ -41,6 +41,8 @@ const DIGEST_RUN_PAGES: u64 = 8192;
 /// Most bytes pre-paged after one request (2048 pages of 4 KiB; 2 MiB pages are capped
 /// at 4).
 const PREPAGE_MAX_BYTES: u64 = 8 << 20;
+/// Longest sleep of the pusher between requests without the background push.
+const PREPAGE_IDLE_WAIT: Duration = Duration::from_millis(50);
 /// Pages the adaptive pre-pager pushes after a request that follows no pattern.
 const PREPAGE_MIN_PAGES: u64 = 8;
 
@@ -174,16 +176,19 @@ impl<'a> Session<'a> {
             digests_sent: AtomicBool::new(false),
             switch,
             events,
-            push_order: Mutex::new(PushScheduler::new(
-                Prepager::new(
-                    config.prepage,
-                    PREPAGE_MIN_PAGES,
-                    config
-                        .prepage_window_pages
-                        .min((PREPAGE_MAX_BYTES / source.page_size()).max(1)),
-                ),
-                prefetch_for(config.prefetch.as_ref(), source.page_size()),
-            )),
+            push_order: Mutex::new(
+                PushScheduler::new(
+                    Prepager::new(
+                        config.prepage,
+                        PREPAGE_MIN_PAGES,
+                        config
+                            .prepage_window_pages
+                            .min((PREPAGE_MAX_BYTES / source.page_size()).max(1)),
+                    ),
+                    prefetch_for(config.prefetch.as_ref(), source.page_size()),
+                )
+                .background(config.push),
+            ),
             stop: AtomicBool::new(false),
             push_ready: (Mutex::new(false), Condvar::new()),
             urgent_tx: Mutex::new(FrameEncoder::plain()),
@@ -579,6 +584,8 @@ impl<'a> Session<'a> {
             .lock()
             .expect("scheduler lock poisoned")
             .on_request(range.end(), self.source.total_pages());
+        // Without the background push, the pusher sleeps between requests.
+        self.push_ready.1.notify_all();
         pieces.clear();
         self.source.classify(range.first, range.count, pieces);
         let (zero, data) = {
@@ -684,6 +691,64 @@ impl<'a> Session<'a> {
         Some((page, copy))
     }
 
+    /// Pushes runs as the scheduler picks them until every page is sent (or the session
+    /// ends). Without the background push (`--no-push`) only pre-paging and the prefetched
+    /// working set are pushed: between requests it waits, with heartbeats.
+    fn push_runs(
+        &self,
+        conn: &mut TcpStream,
+        tx: &mut FrameEncoder,
+        mut push_conn: Option<&mut TcpStream>,
+        run_pages: u64,
+    ) -> Result<(), String> {
+        let mut pieces = Vec::new();
+        let mut last_tx = Instant::now();
+        while !self.is_stopped() {
+            let next = self
+                .push_order
+                .lock()
+                .expect("scheduler lock poisoned")
+                .next_run(&self.sent, run_pages);
+            let Some((first, count)) = next else {
+                if self.config.push || self.sent.is_full() {
+                    return Ok(());
+                }
+                if last_tx.elapsed() >= self.config.liveness.heartbeat {
+                    tx.write_frame(conn, &Message::Heartbeat, &[])
+                        .map_err(|e| format!("failed to send a heartbeat: {e}"))?;
+                    last_tx = Instant::now();
+                }
+                self.wait_for_request(PREPAGE_IDLE_WAIT);
+                continue;
+            };
+            pieces.clear();
+            self.source.classify(first, count, &mut pieces);
+            let sent = match push_conn.as_deref_mut() {
+                // The naive baseline shares the urgent connection (and its encoder).
+                Some(urgent) => {
+                    let mut urgent_tx = self.urgent_tx.lock().unwrap_or_else(|p| p.into_inner());
+                    self.send_pieces(urgent, &mut urgent_tx, &pieces)
+                }
+                None => self.send_pieces(conn, tx, &pieces),
+            };
+            let (zero, data) = sent.map_err(|e| format!("failed to push pages: {e}"))?;
+            last_tx = Instant::now();
+            self.stats
+                .pushed_zero_pages
+                .fetch_add(zero, Ordering::Relaxed);
+            self.stats
+                .pushed_data_pages
+                .fetch_add(data, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Sleeps until a request arrives (it may give the pre-pager work) or `limit` passes.
+    fn wait_for_request(&self, limit: Duration) {
+        let guard = self.push_ready.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self.push_ready.1.wait_timeout(guard, limit);
+    }
+
     fn push_background(
         &self,
         mut conn: TcpStream,
@@ -691,7 +756,6 @@ impl<'a> Session<'a> {
         mut push_conn: Option<TcpStream>,
     ) -> Result<(), String> {
         let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
-        let mut pieces = Vec::new();
         // The destination first says what it already holds (after a reconnect).
         if !self.wait_for_push(&mut conn, &mut tx) {
             return Ok(());
@@ -720,41 +784,14 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
         }
-        if self.config.push {
-            while !self.is_stopped() {
-                let next = self
-                    .push_order
-                    .lock()
-                    .expect("scheduler lock poisoned")
-                    .next_run(&self.sent, run_pages);
-                let Some((first, count)) = next else { break };
-                pieces.clear();
-                self.source.classify(first, count, &mut pieces);
-                let sent = match push_conn.as_mut() {
-                    // The naive baseline shares the urgent connection (and its encoder).
-                    Some(urgent) => {
-                        let mut urgent_tx =
-                            self.urgent_tx.lock().unwrap_or_else(|p| p.into_inner());
-                        self.send_pieces(urgent, &mut urgent_tx, &pieces)
-                    }
-                    None => self.send_pieces(&mut conn, &mut tx, &pieces),
-                };
-                let (zero, data) = sent.map_err(|e| format!("failed to push pages: {e}"))?;
-                self.stats
-                    .pushed_zero_pages
-                    .fetch_add(zero, Ordering::Relaxed);
-                self.stats
-                    .pushed_data_pages
-                    .fetch_add(data, Ordering::Relaxed);
-            }
-            if self.is_stopped() {
-                return Ok(());
-            }
-            info!(
-                elapsed_ms = self.elapsed().as_millis() as u64,
-                "background push complete"
-            );
+        self.push_runs(&mut conn, &mut tx, push_conn.as_mut(), run_pages)?;
+        if self.is_stopped() {
+            return Ok(());
         }
+        info!(
+            elapsed_ms = self.elapsed().as_millis() as u64,
+            "every page is sent"
+        );
         tx.write_frame(&mut conn, &Message::BulkDone, &[])
             .map_err(|e| format!("failed to send BulkDone: {e}"))?;
         conn.flush().map_err(|e| e.to_string())?;
