@@ -20,6 +20,7 @@ use crate::procs::{
     cpu_ms, log_tail, sibling, start_faultd, start_pagesrv, start_pagesrv_at, watch,
 };
 use crate::profiles;
+use crate::restore;
 use crate::svg;
 use crate::tuning::Tuning;
 
@@ -101,6 +102,11 @@ pub struct LatencyArgs {
     /// veth pair shaped by tbf and a delay line (needs root); `all`: each in turn.
     #[arg(long, value_enum, default_value = "loopback")]
     pub link: LinkChoice,
+    /// Also restore the image three times on loopback: demand-paged while recording the
+    /// working set, then with the set pushed first, then with the push alone
+    /// (`--demand-touches` pages, the same each time).
+    #[arg(long)]
+    pub restore_twice: bool,
 }
 
 /// Image size on shaped links (MiB).
@@ -132,7 +138,9 @@ pub(crate) struct Scenario<'a> {
     pub push: bool,
     pub naive: bool,
     /// More pagesrv arguments (e.g. `--prepage-window 0`).
-    pub pagesrv_extra: &'static [&'static str],
+    pub pagesrv_extra: Vec<String>,
+    /// More faultd arguments.
+    pub faultd_extra: Vec<String>,
     /// Touches of a push-off run (default `--demand-touches`).
     pub touches: Option<u64>,
     /// Through a shaped link (else loopback).
@@ -140,12 +148,13 @@ pub(crate) struct Scenario<'a> {
 }
 
 impl Scenario<'_> {
-    fn plain(workload: &'static str, push: bool, naive: bool) -> Self {
+    pub(crate) fn plain(workload: &'static str, push: bool, naive: bool) -> Self {
         Scenario {
             workload,
             push,
             naive,
-            pagesrv_extra: &[],
+            pagesrv_extra: Vec::new(),
+            faultd_extra: Vec::new(),
             touches: None,
             link: None,
         }
@@ -168,7 +177,7 @@ pub(crate) fn run_scenario(
     let _ = std::fs::remove_file(&stats_path);
     let (pagesrv_tuning, faultd_tuning) = (tuning.pagesrv_args()?, tuning.faultd_args()?);
     let mut extra: Vec<&str> = pagesrv_tuning.iter().map(String::as_str).collect();
-    extra.extend(sc.pagesrv_extra);
+    extra.extend(sc.pagesrv_extra.iter().map(String::as_str));
     if !sc.push {
         extra.push("--no-push");
     }
@@ -206,6 +215,7 @@ pub(crate) fn run_scenario(
     };
     let mut faultd_extra = key_args.clone();
     faultd_extra.extend(faultd_tuning.iter().map(String::as_str));
+    faultd_extra.extend(sc.faultd_extra.iter().map(String::as_str));
     let mut faultd = start_faultd(&addr, &uds, &stats_path, &faultd_extra, Some(&faultd_log))?;
     let (faultd_pid, pagesrv_pid) = (faultd.0.id(), pagesrv.0.id());
     let (faultd_usage, pagesrv_usage) = (watch(faultd_pid), watch(pagesrv_pid));
@@ -221,6 +231,8 @@ pub(crate) fn run_scenario(
     if !sc.push {
         let touches = sc.touches.unwrap_or(args.demand_touches);
         vmm.args(["--no-wait", "--touches", &touches.to_string()]);
+    } else if let Some(touches) = sc.touches {
+        vmm.args(["--touches", &touches.to_string()]);
     }
     let cpu_before = (cpu_ms(faultd_pid), cpu_ms(pagesrv_pid));
     let out = vmm
@@ -248,6 +260,14 @@ pub(crate) fn run_scenario(
             "pagesrv": cpu_delta(cpu_before.1, cpu_ms(pagesrv_pid)),
         },
     });
+    if !sc.push && sc.faultd_extra.iter().any(|a| a == "--record-working-set") {
+        // The guest left before the migration ended: faultd ends by itself (status 1) and
+        // writes the working set first; give it the time.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while faultd.0.try_wait()?.is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
     if sc.push {
         let status = faultd.0.wait()?;
         ensure!(
@@ -510,6 +530,7 @@ fn loopback_bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<Value
             ram_dir: args.ram_dir.clone(),
             compare_levers: Vec::new(),
             link: LinkChoice::Loopback,
+            restore_twice: false,
             ..*args
         };
         let path = work.join(format!("growth-{size_mib}.mem"));
@@ -543,9 +564,17 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
         let _ = std::fs::remove_file(&path);
         result["profiles"] = shaped?;
     }
+    if args.restore_twice {
+        if !image.exists() {
+            write_image(image, args.size_mib << 8)?;
+        }
+        let restored = restore::run(args, image, work);
+        result["restore_twice"] = restored?;
+    }
     if result.get("runs").is_some() {
         print_table(&result);
     }
+    restore::print(&result["restore_twice"]);
     profiles::print(&result["profiles"]);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&result)?)

@@ -7,6 +7,7 @@ mod link;
 mod migrate;
 mod procs;
 mod profiles;
+mod restore;
 mod svg;
 mod tuning;
 

@@ -52,11 +52,12 @@ pub fn run(
         let touches = demand_touches(&profile, args.demand_touches);
         // Sequential, no background push: pre-paging alone decides how many touches wait.
         let seq_touches = (touches * 4).min(image_mib << 8);
-        let on = |workload, pagesrv_extra| Scenario {
+        let on = |workload, pagesrv_extra: &[&str]| Scenario {
             workload,
             push: true,
             naive: false,
-            pagesrv_extra,
+            pagesrv_extra: pagesrv_extra.iter().map(|a| a.to_string()).collect(),
+            faultd_extra: Vec::new(),
             touches: None,
             link: Some(&link),
         };

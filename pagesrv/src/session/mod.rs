@@ -41,6 +41,8 @@ const DIGEST_RUN_PAGES: u64 = 8192;
 /// Most bytes pre-paged after one request (2048 pages of 4 KiB; 2 MiB pages are capped
 /// at 4).
 const PREPAGE_MAX_BYTES: u64 = 8 << 20;
+/// Most runs gathered into one write of the push.
+const MAX_RUNS_PER_WRITE: usize = 256;
 /// Longest sleep of the pusher between requests without the background push.
 const PREPAGE_IDLE_WAIT: Duration = Duration::from_millis(50);
 /// Pages the adaptive pre-pager pushes after a request that follows no pattern.
@@ -702,14 +704,24 @@ impl<'a> Session<'a> {
         run_pages: u64,
     ) -> Result<(), String> {
         let mut pieces = Vec::new();
+        let mut runs = Vec::new();
         let mut last_tx = Instant::now();
         while !self.is_stopped() {
-            let next = self
-                .push_order
-                .lock()
-                .expect("scheduler lock poisoned")
-                .next_run(&self.sent, run_pages);
-            let Some((first, count)) = next else {
+            // Several short runs (a prefetched working set, strided pre-paging) go out in
+            // one write: up to `run_pages` pages, picked under the lock, read outside it.
+            runs.clear();
+            {
+                let mut order = self.push_order.lock().expect("scheduler lock poisoned");
+                let mut pages = 0;
+                while pages < run_pages && runs.len() < MAX_RUNS_PER_WRITE {
+                    let Some((first, count)) = order.next_run(&self.sent, run_pages - pages) else {
+                        break;
+                    };
+                    runs.push((first, count));
+                    pages += count;
+                }
+            }
+            if runs.is_empty() {
                 if self.config.push || self.sent.is_full() {
                     return Ok(());
                 }
@@ -720,9 +732,11 @@ impl<'a> Session<'a> {
                 }
                 self.wait_for_request(PREPAGE_IDLE_WAIT);
                 continue;
-            };
+            }
             pieces.clear();
-            self.source.classify(first, count, &mut pieces);
+            for &(first, count) in &runs {
+                self.source.classify(first, count, &mut pieces);
+            }
             let sent = match push_conn.as_deref_mut() {
                 // The naive baseline shares the urgent connection (and its encoder).
                 Some(urgent) => {

@@ -1,0 +1,77 @@
+//! `bench latency --restore-twice`: the snapshot-restore case of a recorded working set.
+//! The first restore is demand-paged (no push, no pre-paging: every page the guest touches
+//! faults) and records the order of its faults (`faultd --record-working-set`); the second
+//! restores the same image with the set pushed first (`pagesrv --prefetch`), the third
+//! without it (push on) for reference. The guest touches the same pages each time.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use crate::latency::{LatencyArgs, Scenario, run_median};
+
+/// Runs the three restores on `image`.
+///
+/// # Errors
+/// A run failing.
+pub fn run(args: &LatencyArgs, image: &Path, work: &Path) -> Result<Value> {
+    let ws = work.join("working-set");
+    let _ = std::fs::remove_file(&ws);
+    let touches = args.demand_touches;
+    let base = |push: bool| Scenario {
+        touches: Some(touches),
+        ..Scenario::plain("random", push, false)
+    };
+    let record = Scenario {
+        pagesrv_extra: vec!["--prepage-window".into(), "0".into()],
+        faultd_extra: vec!["--record-working-set".into(), ws.display().to_string()],
+        ..base(false)
+    };
+    eprintln!("bench: restore 1 (demand paging, recording the working set)");
+    let first = run_median(&record, image, work, args, args.tuning)?;
+    anyhow::ensure!(ws.exists(), "faultd wrote no working set");
+    let prefetch = Scenario {
+        pagesrv_extra: vec!["--prefetch".into(), ws.display().to_string()],
+        ..base(true)
+    };
+    eprintln!("bench: restore 2 (the working set pushed first)");
+    let second = run_median(&prefetch, image, work, args, args.tuning)?;
+    eprintln!("bench: restore 3 (push on, no working set: reference)");
+    let third = run_median(&base(true), image, work, args, args.tuning)?;
+    let pass = |r: &Value| r["fault_latency_us"]["pass_ms"].as_f64();
+    let first_faults = first["fault_latency_us"]["first_touches"].as_f64();
+    let demand = |r: &Value| r["demand_faults"].as_f64();
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b.max(1e-9));
+    Ok(json!({
+        "touches": touches,
+        "restores": [first, second, third],
+        "demand_faults": {"first": first_faults, "prefetched": demand(&second), "push_only": demand(&third)},
+        "first_pass_ms": {"first": pass(&first), "prefetched": pass(&second), "push_only": pass(&third)},
+        "ratios": {
+            "demand_faults_saved": ratio(demand(&second), first_faults).map(|r| 1.0 - r),
+            "first_pass_speedup": ratio(pass(&first), pass(&second)),
+            "first_pass_speedup_vs_push_only": ratio(pass(&third), pass(&second)),
+        },
+    }))
+}
+
+/// Prints the restores' lines.
+pub fn print(r: &Value) {
+    if r.is_null() {
+        return;
+    }
+    let f = |k: &str, w: &str| r[k][w].as_f64().unwrap_or(0.0);
+    println!();
+    println!(
+        "restore twice ({} touches): demand faults {:.0} → {:.0} with the working set ({:.0} with the push alone); first pass {:.0} ms → {:.0} ms ({:.0} ms)",
+        r["touches"],
+        f("demand_faults", "first"),
+        f("demand_faults", "prefetched"),
+        f("demand_faults", "push_only"),
+        f("first_pass_ms", "first"),
+        f("first_pass_ms", "prefetched"),
+        f("first_pass_ms", "push_only"),
+    );
+    println!("  ratios: {}", r["ratios"]);
+}
