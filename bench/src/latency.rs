@@ -580,7 +580,7 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&result)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    if let Some(path) = args.svg.as_ref().filter(|_| result.get("runs").is_some()) {
+    if let Some(path) = &args.svg {
         std::fs::write(path, svg::latency_cdfs(&result))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }

@@ -1,12 +1,18 @@
 //! Link profiles for the benchmark: this kernel has no netem, so a profile is built from a
-//! network namespace for the source joined by a veth pair (rate: the `tbf` qdisc on both
-//! ends) and a delay line of ours in front of it (one-way delay and stalls: it holds every
+//! network namespace for the source joined by a veth pair (rate: `htb` on both ends, with
+//! packets marked DSCP EF, the urgent connection's, in a class served first, as a network
+//! that honours DSCP does; `tbf` alone would queue fault replies behind up to 20 ms of bulk
+//! data) and a delay line of ours in front of it (one-way delay and stalls: it holds every
 //! chunk it forwards for the delay, in order). Nothing is sent outside the namespace pair:
 //! the source side's address exists only inside it, the delay line listens on loopback.
 //!
 //! ```text
 //! faultd ──loopback──► delay line ──veth (tbf)──► [netns pm-PID-N] pagesrv
 //! ```
+//!
+//! The delay line's threads run SCHED_FIFO above the daemons' fault path: the link is
+//! hardware in this emulation, and must not queue the pair's bytes behind the pair's own
+//! CPU use (on 2 CPUs the push would otherwise delay urgent replies inside the "link").
 //!
 //! Namespaces are named `pm-<pid>-<n>`; a [`Link`] removes its own on drop, an interrupted
 //! bench removes them from its signal thread ([`clean_up_on_interrupt`]), and every bench
@@ -107,6 +113,9 @@ pub const FLOOR_PORT: u16 = 7071;
 
 static LINKS: AtomicU64 = AtomicU64::new(0);
 
+/// SCHED_FIFO priority of the delay line's threads: above the daemons' fault path (1).
+const LINK_PRIORITY: i32 = 2;
+
 /// A shaped path to a namespace: created by [`Link::up`], removed on drop.
 #[derive(Debug)]
 pub struct Link {
@@ -176,6 +185,48 @@ fn free_subnet(n: u64) -> Result<(Ipv4Addr, Ipv4Addr)> {
         }
     }
     bail!("no free /30 left in 10.201.0.0/16")
+}
+
+/// Shapes `dev` (in namespace `ns`) to `rate` bit/s with htb: one class for packets marked
+/// DSCP EF (the urgent connection's), served first, and one for the rest, each with a
+/// queue of 20 ms at the rate (what a switch that honours DSCP does at a congested port).
+fn shape(ns: Option<&str>, dev: &str, rate: u64) -> Result<()> {
+    let run = |args: &[&str]| {
+        let mut all: Vec<&str> = ns.map(|n| vec!["-n", n]).unwrap_or_default();
+        all.extend_from_slice(args);
+        tc(&all)
+    };
+    let (rate_s, tenth, rest) = (
+        format!("{rate}bit"),
+        format!("{}bit", rate / 10),
+        format!("{}bit", rate - rate / 10),
+    );
+    // A burst of 1 ms at the rate (the kernel's timer cannot shape finer), at least 64 KiB.
+    let burst = (rate / 8 / 1000).max(64 << 10).to_string();
+    let queue = (rate / 8 / 50).max(256 << 10).to_string();
+    let quantum = "60000";
+    run(&[
+        "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "20",
+    ])?;
+    run(&[
+        "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", &rate_s,
+        "burst", &burst, "cburst", &burst, "quantum", quantum,
+    ])?;
+    for (class, share, prio) in [("1:10", &tenth, "0"), ("1:20", &rest, "1")] {
+        run(&[
+            "class", "add", "dev", dev, "parent", "1:1", "classid", class, "htb", "rate", share,
+            "ceil", &rate_s, "burst", &burst, "cburst", &burst, "prio", prio, "quantum", quantum,
+        ])?;
+        let leaf = format!("{}:", &class[2..]);
+        run(&[
+            "qdisc", "add", "dev", dev, "parent", class, "handle", &leaf, "bfifo", "limit", &queue,
+        ])?;
+    }
+    let ef = format!("{:#04x}", common::netopt::TOS_URGENT);
+    run(&[
+        "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match",
+        "ip", "tos", &ef, "0xfc", "flowid", "1:10",
+    ])
 }
 
 /// Our namespaces now present (all bench processes').
@@ -283,22 +334,9 @@ impl Link {
         inside(&["addr", "add", &format!("{source_ip}/30"), "dev", &peer])?;
         inside(&["link", "set", &peer, "up"])?;
         inside(&["link", "set", "lo", "up"])?;
-        // tbf: the rate, a burst of 1 ms worth (at least 64 KiB), and a queue of 20 ms.
-        let rate_s = format!("{rate}bit");
-        let burst = format!("{}", (rate / 8 / 1000).max(64 << 10));
-        for (ns, dev) in [
-            (None, link.veth.as_str()),
-            (Some(link.netns.as_str()), &peer),
-        ] {
-            let mut args = Vec::new();
-            if let Some(ns) = ns {
-                args.extend(["-n", ns]);
-            }
-            args.extend([
-                "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate_s, "burst", &burst,
-                "latency", "20ms",
-            ]);
-            tc(&args)?;
+        for ns in [None, Some(link.netns.as_str())] {
+            let dev = if ns.is_some() { &peer } else { &link.veth };
+            shape(ns, dev, rate)?;
         }
         Ok(link)
     }
@@ -397,6 +435,8 @@ fn splice_delayed(client: TcpStream, server: TcpStream, profile: Profile, epoch:
 fn pump(mut from: TcpStream, mut to: TcpStream, profile: Profile, epoch: Instant) {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     std::thread::spawn(move || {
+        // The link is hardware: it never waits for a CPU behind the endpoints.
+        let _ = common::sched::realtime_priority_at(LINK_PRIORITY);
         let mut buf = vec![0u8; 64 << 10];
         loop {
             match from.read(&mut buf) {
@@ -411,6 +451,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, profile: Profile, epoch: Instant
         let _ = from.shutdown(std::net::Shutdown::Read);
     });
     std::thread::spawn(move || {
+        let _ = common::sched::realtime_priority_at(LINK_PRIORITY);
         for (at, chunk) in rx {
             let due = at + profile.one_way;
             let now = Instant::now();

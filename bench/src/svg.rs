@@ -51,6 +51,24 @@ pub fn latency_cdfs(result: &Value) -> String {
         );
         series.push((name, samples(&run["fault_latency_us"])));
     }
+    // Link profiles: each one's floor, its demand faults and its faults under the push.
+    for p in result["profiles"].as_array().into_iter().flatten() {
+        let name = p["profile"].as_str().unwrap_or("");
+        series.push((
+            format!("{name}: floor"),
+            samples(&p["floor"]["remote_fault_floor_us"]),
+        ));
+        for run in p["runs"].as_array().into_iter().flatten() {
+            let which = run["profile_scenario"].as_str().unwrap_or("");
+            if which == "demand" || which == "push" {
+                series.push((
+                    format!("{name}: {which}"),
+                    samples(&run["fault_latency_us"]),
+                ));
+            }
+        }
+    }
+    series.retain(|(_, s)| !s.is_empty());
     let all = series.iter().flat_map(|(_, s)| s.iter().copied());
     let (lo, hi) = all.fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)));
     let (lo, hi) = if lo > hi {

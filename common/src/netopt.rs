@@ -57,6 +57,26 @@ pub fn detect_dead_peer(conn: &TcpStream, timeout: Duration) -> std::io::Result<
     sock.set_tcp_user_timeout(Some(timeout.max(Duration::from_millis(100))))
 }
 
+/// DSCP Expedited Forwarding (46) in the TOS byte: the urgent connection.
+pub const TOS_URGENT: u32 = 46 << 2;
+/// DSCP CS1 (8, lower effort) in the TOS byte: the bulk connection.
+pub const TOS_BULK: u32 = 8 << 2;
+
+/// Marks a connection's packets for networks that honour DSCP: the urgent connection as
+/// Expedited Forwarding (replies to faults go before queued bulk data at a congested hop),
+/// the bulk connection as lower effort. Networks that ignore DSCP are unaffected.
+///
+/// # Errors
+/// The kernel's refusal.
+pub fn mark_traffic(conn: &TcpStream, urgent: bool) -> std::io::Result<()> {
+    let tos = if urgent { TOS_URGENT } else { TOS_BULK };
+    let sock = SockRef::from(conn);
+    match conn.local_addr()? {
+        std::net::SocketAddr::V4(_) => sock.set_tos(tos),
+        std::net::SocketAddr::V6(_) => sock.set_tclass_v6(tos),
+    }
+}
+
 /// Parses a duration in seconds from the command line (`2`, `0.5`).
 ///
 /// # Errors
@@ -69,4 +89,20 @@ pub fn parse_seconds(text: &str) -> Result<Duration, String> {
         return Err(format!("{text:?}: give a number of seconds in (0, 86400]"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod marking_tests {
+    use super::*;
+
+    #[test]
+    fn urgent_and_bulk_connections_carry_their_dscp() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let conn = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        mark_traffic(&conn, true).unwrap();
+        assert_eq!(SockRef::from(&conn).tos().unwrap(), TOS_URGENT);
+        mark_traffic(&conn, false).unwrap();
+        assert_eq!(SockRef::from(&conn).tos().unwrap(), TOS_BULK);
+        assert_eq!((TOS_URGENT >> 2, TOS_BULK >> 2), (46, 8));
+    }
 }

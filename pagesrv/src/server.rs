@@ -41,7 +41,7 @@ use common::framed::{FrameEncoder, FrameReader};
 use common::wire::{ErrorCode, FLAG_FREE, FLAG_PRECOPY, PROTOCOL_VERSION, Role, SessionParams};
 use serde_json::json;
 use socket2::SockRef;
-use tracing::{error, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 
 use crate::handshake::{Admitted, HANDSHAKE_DEADLINE, admit};
 use crate::precopy::Precopy;
@@ -520,6 +520,9 @@ fn check_params(
 
 fn prepare_socket(conn: &TcpStream, role: Role, config: &ServerConfig) -> Result<()> {
     common::netopt::detect_dead_peer(conn, config.session.liveness.timeout)?;
+    if let Err(e) = common::netopt::mark_traffic(conn, role == Role::Urgent) {
+        debug!(error = %e, "cannot mark the connection's traffic class");
+    }
     if role == Role::Bulk {
         SockRef::from(conn).set_send_buffer_size(BULK_SNDBUF_BYTES)?;
     }

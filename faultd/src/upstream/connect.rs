@@ -259,6 +259,8 @@ fn open(
     let connect_err = |source| UpstreamError::Connect { addr, role, source };
     let mut conn = TcpStream::connect_timeout(&addr, HANDSHAKE_DEADLINE).map_err(connect_err)?;
     common::netopt::detect_dead_peer(&conn, link_timeout).map_err(connect_err)?;
+    // Best effort: a network that honours DSCP serves fault replies before bulk data.
+    let _ = common::netopt::mark_traffic(&conn, role == Role::Urgent);
     conn.set_write_timeout(Some(HANDSHAKE_DEADLINE))
         .map_err(connect_err)?;
     write_frame(
