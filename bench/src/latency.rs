@@ -148,12 +148,15 @@ pub(crate) struct Scenario<'a> {
 }
 
 impl Scenario<'_> {
+    /// A scenario on loopback; without the push it is pure demand paging (no pre-paging
+    /// either: its faults measure the fault path alone).
     pub(crate) fn plain(workload: &'static str, push: bool, naive: bool) -> Self {
+        let pure_demand = ["--prepage-window", "0"].map(String::from).to_vec();
         Scenario {
             workload,
             push,
             naive,
-            pagesrv_extra: Vec::new(),
+            pagesrv_extra: if push { Vec::new() } else { pure_demand },
             faultd_extra: Vec::new(),
             touches: None,
             link: None,
@@ -263,20 +266,17 @@ pub(crate) fn run_scenario(
     if !sc.push && sc.faultd_extra.iter().any(|a| a == "--record-working-set") {
         // The guest left before the migration ended: faultd ends by itself (status 1) and
         // writes the working set first; give it the time.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while faultd.0.try_wait()?.is_none() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let _ = faultd.wait_at_most(std::time::Duration::from_secs(10))?;
     }
     if sc.push {
-        let status = faultd.0.wait()?;
+        let status = faultd.wait()?;
         ensure!(
             status.success(),
             "faultd failed ({status}); the end of its log:\n{}\npagesrv's:\n{}",
             log_tail(&faultd_log, 15),
             log_tail(&pagesrv_log, 15)
         );
-        let _ = pagesrv.0.wait();
+        let _ = pagesrv.wait();
         let stats: Value = serde_json::from_str(&std::fs::read_to_string(&stats_path)?)?;
         let total_ms = stats["duration_ms"].as_f64().unwrap_or(0.0);
         let data_pages = stats["pages_requested"].as_u64().unwrap_or(0)

@@ -113,6 +113,10 @@ pub const FLOOR_PORT: u16 = 7071;
 
 static LINKS: AtomicU64 = AtomicU64::new(0);
 
+/// Held while a link is built or removed: the signal thread takes it before it removes our
+/// namespaces, so no `ip` command of ours finishes after the bench is gone.
+static SETUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// SCHED_FIFO priority of the delay line's threads: above the daemons' fault path (1).
 const LINK_PRIORITY: i32 = 2;
 
@@ -288,9 +292,10 @@ pub fn clean_up_on_interrupt() -> Result<()> {
     std::thread::spawn(move || {
         if let Ok(signal) = set.wait() {
             eprintln!("bench: {signal:?}: removing the link namespaces and stopping");
+            // Not released: no link is built after this.
+            let _setup = SETUP.lock().unwrap_or_else(|p| p.into_inner());
+            crate::procs::kill_children();
             remove_ours();
-            // The children (pagesrv, faultd, the workload) are in our process group and got
-            // the same signal from a terminal; from `kill` they would not.
             std::process::exit(130);
         }
     });
@@ -304,6 +309,7 @@ impl Link {
     /// `ip` or `tc` failing (not root, no iproute2, no veth or tbf in the kernel).
     pub fn up(profile: Profile) -> Result<Link> {
         let rate = profile.rate_bit_s.context("loopback needs no link")?;
+        let _setup = SETUP.lock().unwrap_or_else(|p| p.into_inner());
         let n = LINKS.fetch_add(1, Ordering::Relaxed);
         let netns = format!("{PREFIX}{}-{n}", std::process::id());
         ensure!(
@@ -367,6 +373,7 @@ pub fn enter(name: &str) -> Result<()> {
 
 impl Drop for Link {
     fn drop(&mut self) {
+        let _setup = SETUP.lock().unwrap_or_else(|p| p.into_inner());
         remove(&self.netns);
     }
 }
@@ -433,7 +440,12 @@ fn splice_delayed(client: TcpStream, server: TcpStream, profile: Profile, epoch:
 /// One direction: a reader stamps each chunk, a writer sends it once its delay passed
 /// (and outside the stalls), in order.
 fn pump(mut from: TcpStream, mut to: TcpStream, profile: Profile, epoch: Instant) {
-    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    // Holds what the link holds: its rate × (delay + stall), in 64 KiB chunks (so the
+    // sender's TCP feels the link, not an endless buffer).
+    let held = profile.one_way + profile.stall.map_or(Duration::ZERO, |(_, stall)| stall);
+    let bytes = profile.rate_bit_s.unwrap_or(0) as f64 / 8.0 * held.as_secs_f64();
+    let chunks = (bytes / (64 << 10) as f64) as usize + 16;
+    let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(chunks);
     std::thread::spawn(move || {
         // The link is hardware: it never waits for a CPU behind the endpoints.
         let _ = common::sched::realtime_priority_at(LINK_PRIORITY);

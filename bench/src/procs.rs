@@ -10,8 +10,79 @@ use anyhow::{Context, Result, ensure};
 /// A helper process, killed on drop if still running.
 pub struct Guard(pub Child);
 
+/// The daemons started and not yet reaped, for [`kill_children`].
+static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+impl Guard {
+    /// Wraps a started daemon (registered so an interrupted bench can stop it).
+    pub fn new(child: Child) -> Guard {
+        CHILDREN
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(child.id());
+        Guard(child)
+    }
+}
+
+impl Guard {
+    /// Waits for the process to end (it is no longer killed on interrupt: once reaped its
+    /// pid may name another process).
+    ///
+    /// # Errors
+    /// The wait failing.
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.forget();
+        self.0.wait()
+    }
+
+    /// Waits at most `limit` for the process to end; `None` if it still runs.
+    ///
+    /// # Errors
+    /// The wait failing.
+    pub fn wait_at_most(
+        &mut self,
+        limit: std::time::Duration,
+    ) -> std::io::Result<Option<std::process::ExitStatus>> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            // try_wait reaps: forget the pid first.
+            self.forget();
+            if let Some(status) = self.0.try_wait()? {
+                return Ok(Some(status));
+            }
+            if std::time::Instant::now() >= deadline {
+                CHILDREN
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(self.0.id());
+                return Ok(None);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    fn forget(&self) {
+        let id = self.0.id();
+        CHILDREN
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|&pid| pid != id);
+    }
+}
+
+/// Kills every daemon still registered (the bench is being interrupted; from a terminal
+/// they got the signal too, from `kill` they did not).
+pub fn kill_children() {
+    for &pid in CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        // SAFETY: kill(2) with a pid we started and have not reaped (a Guard drops it from
+        // the list before waiting for it), so it cannot name a recycled process.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
+
 impl Drop for Guard {
     fn drop(&mut self) {
+        self.forget();
         if let Ok(None) = self.0.try_wait() {
             let _ = self.0.kill();
         }
@@ -163,7 +234,7 @@ pub fn start_pagesrv_at(
         in_netns(&mut cmd, name)?;
     }
     log_to(&mut cmd, log)?;
-    let mut pagesrv = Guard(cmd.spawn().context("cannot start pagesrv")?);
+    let mut pagesrv = Guard::new(cmd.spawn().context("cannot start pagesrv")?);
     let addr = first_line(&mut pagesrv.0)?
         .strip_prefix("pagesrv listening on ")
         .context("pagesrv did not start")?
@@ -192,7 +263,7 @@ pub fn start_faultd(
         .args(extra)
         .stdout(Stdio::piped());
     log_to(&mut cmd, log)?;
-    let mut faultd = Guard(cmd.spawn().context("cannot start faultd")?);
+    let mut faultd = Guard::new(cmd.spawn().context("cannot start faultd")?);
     first_line(&mut faultd.0)?;
     Ok(faultd)
 }

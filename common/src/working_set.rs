@@ -166,12 +166,37 @@ impl WorkingSet {
     ///
     /// # Errors
     /// As [`WorkingSet::decode`], or the read failing.
+    /// Reads no more than the header says the file holds: a wrong file (an image, a
+    /// device) is refused without reading it whole.
     pub fn read(path: &Path) -> Result<Self, WorkingSetError> {
-        let bytes = std::fs::read(path).map_err(|source| WorkingSetError::Io {
+        use std::io::Read;
+        let io = |source| WorkingSetError::Io {
             what: "read",
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(WorkingSetError::Corrupt("not a regular file".into()));
+        }
+        let mut header = [0u8; HEADER_BYTES];
+        file.read_exact(&mut header)
+            .map_err(|_| WorkingSetError::Corrupt(format!("{} bytes is too short", meta.len())))?;
+        let count = u64::from_le_bytes(header[32..40].try_into().expect("8"));
+        let expected = (HEADER_BYTES as u64)
+            .saturating_add(count.saturating_mul(8))
+            .saturating_add(8);
+        if count > MAX_PAGES || meta.len() != expected {
+            return Err(WorkingSetError::Corrupt(format!(
+                "{} bytes, {expected} expected for {count} pages",
+                meta.len()
+            )));
+        }
+        let mut bytes = header.to_vec();
+        file.take(expected - HEADER_BYTES as u64)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
         Self::decode(&bytes)
     }
 
@@ -300,6 +325,11 @@ mod tests {
             assert!(err.contains(why), "{err} should say {why}");
         }
         assert!(WorkingSet::read(Path::new("/nonexistent/ws")).is_err());
+        // A device or a big unrelated file is refused from its header and size alone.
+        let err = WorkingSet::read(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]

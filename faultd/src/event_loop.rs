@@ -163,6 +163,12 @@ fn save_working_set(vm: &Vm<UffdKernel>, fl: &FaultLoop<'_, '_>, path: &Path) {
     let Some(pages) = fl.core.working_set() else {
         return;
     };
+    if pages.is_empty() || fl.links.pins.image_id == 0 {
+        // Nothing recorded, or never linked to pagesrv (no image to tie it to): an earlier
+        // recording in that file is worth more than an empty one.
+        warn!(file = %path.display(), "no working set recorded: the file is left as it was");
+        return;
+    }
     let set = WorkingSet {
         page_size: u32::try_from(vm.page_size()).unwrap_or(u32::MAX),
         total_pages: vm.total_pages(),

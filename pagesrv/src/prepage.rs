@@ -43,6 +43,7 @@ pub struct Plan {
 
 impl Plan {
     /// The pages of the plan within `0..total_pages`, in order.
+    #[cfg(test)]
     pub fn pages(&self, total_pages: u64) -> impl Iterator<Item = u64> + '_ {
         (0..self.count)
             .map(move |k| self.first as i128 + k as i128 * self.stride as i128)
@@ -244,10 +245,25 @@ mod tests {
     #[test]
     fn random_faults_keep_the_window_small() {
         let mut p = Prepager::new(Policy::Adaptive, 4, 256);
-        // A multiplicative walk over a big guest: no two requests near each other.
-        let pages = (1..500u64).map(|i| i.wrapping_mul(2_654_435_761) % 1_000_000);
+        // A xorshift walk over 4096 pages: neighbours, learnt strides and breaks all occur.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let pages: Vec<u64> = (0..2000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % 4096
+            })
+            .collect();
         let plans = feed(&mut p, pages);
-        assert!(plans.iter().all(|pl| pl.unwrap().count == 4), "{plans:?}");
+        let windows: Vec<u64> = plans.iter().flatten().map(|pl| pl.count).collect();
+        let small = windows.iter().filter(|&&w| w <= 8).count();
+        assert!(
+            small * 100 >= windows.len() * 95,
+            "{small} of {}",
+            windows.len()
+        );
+        assert!(windows.iter().all(|&w| w <= 32), "{windows:?}");
     }
 
     #[test]

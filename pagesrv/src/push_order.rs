@@ -24,8 +24,6 @@ pub struct PushScheduler {
     prefetched: usize,
     /// Pages claimed from the prefetch list (pushed in its order).
     prefetched_pages: u64,
-    /// Whether the cursor pushes everything else (off: only pre-paging and prefetch).
-    background: bool,
 }
 
 impl PushScheduler {
@@ -40,15 +38,7 @@ impl PushScheduler {
             prefetch,
             prefetched: 0,
             prefetched_pages: 0,
-            background: true,
         }
-    }
-
-    /// With `on` false, pushes only what follows requests and the prefetch list, never the
-    /// rest (`--no-push`): [`PushScheduler::next_run`] then says `None` until a request.
-    pub fn background(mut self, on: bool) -> Self {
-        self.background = on;
-        self
     }
 
     /// Pages pushed from the prefetch list so far.
@@ -121,26 +111,40 @@ impl PushScheduler {
     /// The next unsent page of a strided plan (one page per run).
     fn next_strided(&mut self, sent: &PageMap) -> Option<(u64, u64)> {
         let (plan, done) = self.strided.as_mut()?;
-        let total = sent.total_pages();
-        let mut next = None;
-        for page in plan.pages(total).skip(*done as usize) {
+        let total = sent.total_pages() as i128;
+        while *done < plan.count {
+            let page = plan.first as i128 + *done as i128 * plan.stride as i128;
             *done += 1;
-            if !sent.is_set(page) {
-                next = Some(page);
+            if page < 0 || page >= total {
                 break;
             }
+            let page = page as u64;
+            if !sent.is_set(page) {
+                sent.set(page);
+                return Some((page, 1));
+            }
         }
-        let Some(page) = next else {
-            self.strided = None;
-            return None;
-        };
-        sent.set(page);
-        Some((page, 1))
+        self.strided = None;
+        None
     }
 
     /// The next run of at most `max_pages` unsent pages, claimed in `sent`; `None` once every
     /// page has been sent.
     pub fn next_run(&mut self, sent: &PageMap, max_pages: u64) -> Option<(u64, u64)> {
+        if let Some(run) = self.next_prepaged(sent, max_pages) {
+            return Some(run);
+        }
+        let first = sent.next_clear(self.cursor)?;
+        let count = sent.clear_run(first, max_pages);
+        sent.set_range(first, count);
+        self.cursor = first + count;
+        Some((first, count))
+    }
+
+    /// Like [`PushScheduler::next_run`] without the background cursor: the prefetch list
+    /// and what pre-paging picked after requests only (`--no-push`); `None` until the next
+    /// request once those are sent.
+    pub fn next_prepaged(&mut self, sent: &PageMap, max_pages: u64) -> Option<(u64, u64)> {
         // The recorded working set is what the guest did last time; pre-paging is a guess.
         if let Some(run) = self.next_prefetched(sent, max_pages) {
             return Some(run);
@@ -155,17 +159,7 @@ impl PushScheduler {
             }
             return Some((first, count));
         }
-        if let Some(run) = self.next_strided(sent) {
-            return Some(run);
-        }
-        if !self.background {
-            return None;
-        }
-        let first = sent.next_clear(self.cursor)?;
-        let count = sent.clear_run(first, max_pages);
-        sent.set_range(first, count);
-        self.cursor = first + count;
-        Some((first, count))
+        self.next_strided(sent)
     }
 }
 
@@ -265,16 +259,15 @@ mod tests {
     #[test]
     fn test_without_the_background_only_prepaging_is_pushed() {
         let sent = PageMap::new(100);
-        let mut s = PushScheduler::new(fixed(3), vec![50]).background(false);
-        assert_eq!(
-            s.next_run(&sent, 10),
-            Some((50, 1)),
-            "the prefetch list still goes"
-        );
-        assert_eq!(s.next_run(&sent, 10), None);
+        let mut s = PushScheduler::new(fixed(3), vec![50]);
+        let first = s.next_prepaged(&sent, 10);
+        assert_eq!(first, Some((50, 1)), "the prefetch list still goes");
+        assert_eq!(s.next_prepaged(&sent, 10), None);
         sent.set(10);
         s.on_request(11, 100);
-        assert_eq!(s.next_run(&sent, 10), Some((11, 3)));
-        assert_eq!(s.next_run(&sent, 10), None);
+        assert_eq!(s.next_prepaged(&sent, 10), Some((11, 3)));
+        assert_eq!(s.next_prepaged(&sent, 10), None);
+        // Precopy rounds and the stop-and-copy still see every page.
+        assert_eq!(s.next_run(&sent, 10), Some((0, 10)));
     }
 }

@@ -65,29 +65,26 @@ fn test_a_link_profile_run_leaves_nothing_behind_and_removes_stale_ones() {
     assert!(made.success());
     let dir = Scratch::new("link");
     let json = dir.path("out.json");
-    let out = Command::new(bin("bench"))
-        .args([
-            "latency",
-            "--link",
-            "dc",
-            "--size-mib",
-            "8",
-            "--demand-touches",
-            "200",
-        ])
-        .arg("--json")
+    let bench = Command::new(bin("bench"))
+        .args(["latency", "--link", "dc", "--size-mib", "8"])
+        .args(["--demand-touches", "200", "--json"])
         .arg(&json)
         .env("TMPDIR", &dir.0)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run bench");
+    // Its namespaces and links carry its pid (other benches may run meanwhile).
+    let ours = format!("pm-{}-", bench.id());
+    let out = bench.wait_with_output().expect("wait for bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
         namespaces(stale).is_empty(),
         "the stale namespace is still there"
     );
-    assert!(namespaces("pm-").is_empty(), "{:?}", namespaces("pm-"));
-    assert!(links("pm-").is_empty(), "{:?}", links("pm-"));
+    assert!(namespaces(&ours).is_empty(), "{:?}", namespaces(&ours));
+    assert!(links(&ours).is_empty(), "{:?}", links(&ours));
     let result = json_file(&json);
     let dc = &result["profiles"][0];
     assert_eq!(dc["profile"], "dc", "{result}");

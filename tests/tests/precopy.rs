@@ -242,6 +242,22 @@ fn test_precopy_resumes_the_guest_with_every_page() {
 }
 
 #[test]
+fn test_precopy_sends_every_page_even_without_the_background_push() {
+    if !require_userfaultfd() {
+        return;
+    }
+    // --no-push turns off the postcopy push only: the rounds and the stop-and-copy still
+    // send every page (the guest resumes with all of them).
+    let options = Options {
+        pagesrv_args: &["--no-push"],
+        ..Options::default()
+    };
+    let (stats, _) = start("precopy-nopush", "precopy", options).finish("precopy --no-push");
+    assert_eq!(stats["pages_requested"], 0, "{stats}");
+    assert_eq!(stats["bytes_precopy"], stats["bytes_received"], "{stats}");
+}
+
+#[test]
 fn test_start_postcopy_forces_the_switch() {
     if !require_userfaultfd() {
         return;

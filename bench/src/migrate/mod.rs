@@ -299,8 +299,8 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
     let (resumed, during, after) = follow_destination(&mut h.dest, args.after_ms)?;
     h.dest.send("stop")?;
     let dest_status = h.dest.child.wait()?;
-    let faultd_status = h.faultd.0.wait()?;
-    let pagesrv_status = h.pagesrv.0.wait()?;
+    let faultd_status = h.faultd.wait()?;
+    let pagesrv_status = h.pagesrv.wait()?;
     // The paused source VM lives until pagesrv lets it go.
     let source_status = source.child.wait()?;
     ensure!(
@@ -437,7 +437,7 @@ fn hand_over_precopy(
         .arg(&paths.pagesrv_ctl)
         .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped());
-    let mut pagesrv = Guard(cmd.spawn().context("cannot start pagesrv")?);
+    let mut pagesrv = Guard::new(cmd.spawn().context("cannot start pagesrv")?);
     let mut lines = BufReader::new(pagesrv.0.stdout.take().context("no stdout")?).lines();
     let mut line = || -> Result<String> { Ok(lines.next().context("pagesrv ended")??) };
     ensure!(

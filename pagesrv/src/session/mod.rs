@@ -153,6 +153,8 @@ pub struct Session<'a> {
     urgent_tx: Mutex<FrameEncoder>,
     /// Set when the destination's done map is complete; the pusher waits for it.
     push_ready: (Mutex<bool>, Condvar),
+    /// Requests answered, for the pusher without the background push to sleep on.
+    request_count: (Mutex<u64>, Condvar),
     /// Counters, read by the progress reporter.
     pub stats: SessionStats,
     config: SessionConfig,
@@ -178,21 +180,19 @@ impl<'a> Session<'a> {
             digests_sent: AtomicBool::new(false),
             switch,
             events,
-            push_order: Mutex::new(
-                PushScheduler::new(
-                    Prepager::new(
-                        config.prepage,
-                        PREPAGE_MIN_PAGES,
-                        config
-                            .prepage_window_pages
-                            .min((PREPAGE_MAX_BYTES / source.page_size()).max(1)),
-                    ),
-                    prefetch_for(config.prefetch.as_ref(), source.page_size()),
-                )
-                .background(config.push),
-            ),
+            push_order: Mutex::new(PushScheduler::new(
+                Prepager::new(
+                    config.prepage,
+                    PREPAGE_MIN_PAGES,
+                    config
+                        .prepage_window_pages
+                        .min((PREPAGE_MAX_BYTES / source.page_size()).max(1)),
+                ),
+                prefetch_for(config.prefetch.as_ref(), source.page_size()),
+            )),
             stop: AtomicBool::new(false),
             push_ready: (Mutex::new(false), Condvar::new()),
+            request_count: (Mutex::new(0), Condvar::new()),
             urgent_tx: Mutex::new(FrameEncoder::plain()),
             stats: SessionStats::default(),
             config,
@@ -586,8 +586,15 @@ impl<'a> Session<'a> {
             .lock()
             .expect("scheduler lock poisoned")
             .on_request(range.end(), self.source.total_pages());
-        // Without the background push, the pusher sleeps between requests.
-        self.push_ready.1.notify_all();
+        if !self.config.push {
+            // Without the background push, the pusher sleeps between requests.
+            *self
+                .request_count
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) += 1;
+            self.request_count.1.notify_all();
+        }
         pieces.clear();
         self.source.classify(range.first, range.count, pieces);
         let (zero, data) = {
@@ -710,11 +717,18 @@ impl<'a> Session<'a> {
             // Several short runs (a prefetched working set, strided pre-paging) go out in
             // one write: up to `run_pages` pages, picked under the lock, read outside it.
             runs.clear();
+            let requests_seen = self.requests_seen();
             {
                 let mut order = self.push_order.lock().expect("scheduler lock poisoned");
                 let mut pages = 0;
                 while pages < run_pages && runs.len() < MAX_RUNS_PER_WRITE {
-                    let Some((first, count)) = order.next_run(&self.sent, run_pages - pages) else {
+                    let left = run_pages - pages;
+                    let next = if self.config.push {
+                        order.next_run(&self.sent, left)
+                    } else {
+                        order.next_prepaged(&self.sent, left)
+                    };
+                    let Some((first, count)) = next else {
                         break;
                     };
                     runs.push((first, count));
@@ -730,7 +744,7 @@ impl<'a> Session<'a> {
                         .map_err(|e| format!("failed to send a heartbeat: {e}"))?;
                     last_tx = Instant::now();
                 }
-                self.wait_for_request(PREPAGE_IDLE_WAIT);
+                self.wait_for_request(requests_seen, PREPAGE_IDLE_WAIT);
                 continue;
             }
             pieces.clear();
@@ -757,10 +771,27 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Sleeps until a request arrives (it may give the pre-pager work) or `limit` passes.
-    fn wait_for_request(&self, limit: Duration) {
-        let guard = self.push_ready.0.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = self.push_ready.1.wait_timeout(guard, limit);
+    /// Requests answered so far (the pusher sleeps on it without the background push).
+    fn requests_seen(&self) -> u64 {
+        *self
+            .request_count
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sleeps until a request after the `seen`-th arrives (it may give the pre-pager work)
+    /// or `limit` passes.
+    fn wait_for_request(&self, seen: u64, limit: Duration) {
+        let count = self
+            .request_count
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let _ = self
+            .request_count
+            .1
+            .wait_timeout_while(count, limit, |c| *c == seen);
     }
 
     fn push_background(
