@@ -41,6 +41,12 @@ impl PushScheduler {
         }
     }
 
+    /// Whether pre-paging or the prefetch list has pages to offer (without the background
+    /// push, the pusher is woken only then).
+    pub fn has_prepaging(&self) -> bool {
+        self.prepage.is_some() || self.strided.is_some() || self.prefetched < self.prefetch.len()
+    }
+
     /// Pages pushed from the prefetch list so far.
     pub fn prefetched_pages(&self) -> u64 {
         self.prefetched_pages
@@ -263,8 +269,10 @@ mod tests {
         let first = s.next_prepaged(&sent, 10);
         assert_eq!(first, Some((50, 1)), "the prefetch list still goes");
         assert_eq!(s.next_prepaged(&sent, 10), None);
+        assert!(!s.has_prepaging());
         sent.set(10);
         s.on_request(11, 100);
+        assert!(s.has_prepaging());
         assert_eq!(s.next_prepaged(&sent, 10), Some((11, 3)));
         assert_eq!(s.next_prepaged(&sent, 10), None);
         // Precopy rounds and the stop-and-copy still see every page.

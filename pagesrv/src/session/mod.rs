@@ -582,11 +582,12 @@ impl<'a> Session<'a> {
             engine.pending.clear_range(range.first, range.count);
         }
         self.sent.set_range(range.first, range.count);
-        self.push_order
-            .lock()
-            .expect("scheduler lock poisoned")
-            .on_request(range.end(), self.source.total_pages());
-        if !self.config.push {
+        let prepaging = {
+            let mut order = self.push_order.lock().expect("scheduler lock poisoned");
+            order.on_request(range.end(), self.source.total_pages());
+            order.has_prepaging()
+        };
+        if !self.config.push && prepaging {
             // Without the background push, the pusher sleeps between requests.
             *self
                 .request_count
