@@ -8,6 +8,7 @@ pub mod control;
 pub mod digest;
 pub mod framed;
 pub mod layout;
+pub mod metrics;
 pub mod mmap;
 pub mod netopt;
 pub mod pagemap;

@@ -104,6 +104,7 @@ pub fn run(
             stage: Stage::Migrating,
             config,
             verify: options.verify,
+            publish_status: options.control.is_some() || options.publish_status,
             control: options.control,
             status: options.status,
             status_at: started,
@@ -117,6 +118,7 @@ pub fn run(
             fl.core.record_working_set();
         }
         let result = fl.run(&mut poll);
+        fl.publish_status_now();
         if let Some(path) = &options.record_working_set {
             save_working_set(vm, &fl, path);
         }
@@ -210,8 +212,11 @@ pub struct Options {
     pub verify: bool,
     /// The control socket, for events.
     pub control: Option<Arc<ControlServer>>,
-    /// What the control socket's `status` answers, refreshed by the loop.
+    /// What the control socket's `status` answers (and the metrics show), refreshed by the
+    /// loop.
     pub status: Arc<Mutex<Value>>,
+    /// Refresh `status` even without a control socket (the metrics endpoint reads it).
+    pub publish_status: bool,
     /// Record the pages the guest faults on, in first-fault order, into this file when the
     /// loop ends (also when it fails: the guest's accesses are worth keeping either way).
     pub record_working_set: Option<PathBuf>,
@@ -248,6 +253,8 @@ struct FaultLoop<'s, 'e> {
     config: &'e LinkConfig,
     verify: bool,
     control: Option<Arc<ControlServer>>,
+    /// Keep `status` fresh (a control socket or the metrics endpoint reads it).
+    publish_status: bool,
     status: Arc<Mutex<Value>>,
     status_at: Instant,
     vmm: &'e UnixStream,
@@ -333,13 +340,21 @@ impl FaultLoop<'_, '_> {
             Stage::Precopy => "precopy",
             Stage::Migrating => "postcopy",
             Stage::Verifying { .. } => "verifying",
-            Stage::Closing { .. } | Stage::Done(_) => "closing",
+            Stage::Closing { .. } => "closing",
+            Stage::Done(_) => "done",
         }
     }
 
     /// Refreshes what the control socket's `status` answers (every 100 ms at most).
     fn refresh_status(&mut self) {
-        if self.control.is_none() || self.status_at.elapsed() < Duration::from_millis(100) {
+        if self.status_at.elapsed() >= Duration::from_millis(100) {
+            self.publish_status_now();
+        }
+    }
+
+    /// Refreshes `status` now (also the last time, with the verdict).
+    fn publish_status_now(&mut self) {
+        if !self.publish_status {
             return;
         }
         self.status_at = Instant::now();
@@ -356,6 +371,18 @@ impl FaultLoop<'_, '_> {
                 "pages_discarded": Counters::get(&c.pages_discarded),
                 "reconnects": self.links.cuts,
                 "link_up": self.link.is_some(),
+                "demand_faults": Counters::get(&c.demand_faults),
+                "pages_requested": Counters::get(&c.pages_requested),
+                "pages_pushed": Counters::get(&c.pages_pushed),
+                "pages_zero": Counters::get(&c.pages_zero),
+                "pages_removed": Counters::get(&c.pages_removed),
+                "pages_reused": Counters::get(&c.pages_reused),
+                "fault_latency_buckets_us": self.core.latencies.live().0,
+                "fault_latency_sum_seconds": self.core.latencies.live().1,
+                "verdict": match &self.stage {
+                    Stage::Done(v) | Stage::Closing { verdict: v, .. } => Value::from(v.name()),
+                    _ => Value::Null,
+                },
             }
         });
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status;

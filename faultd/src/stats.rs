@@ -13,13 +13,28 @@ use crate::event_loop::Verdict;
 #[derive(Debug, Default)]
 pub struct LatencyRecorder {
     samples_ns: Vec<u32>,
+    /// The power-of-two distribution kept as faults come (for live metrics).
+    live_buckets: Vec<u64>,
+    sum_ns: u64,
 }
 
 impl LatencyRecorder {
     /// Records one fault's latency.
     pub fn record(&mut self, latency: Duration) {
-        self.samples_ns
-            .push(latency.as_nanos().min(u128::from(u32::MAX)) as u32);
+        let ns = latency.as_nanos().min(u128::from(u32::MAX)) as u32;
+        self.samples_ns.push(ns);
+        let i = bucket_of(ns);
+        if self.live_buckets.len() <= i {
+            self.live_buckets.resize(i + 1, 0);
+        }
+        self.live_buckets[i] += 1;
+        self.sum_ns = self.sum_ns.saturating_add(u64::from(ns));
+    }
+
+    /// The distribution so far (as [`LatencyRecorder::distribution`], kept up to date at
+    /// no cost per read) and the sum of the latencies, in seconds.
+    pub fn live(&self) -> (&[u64], f64) {
+        (&self.live_buckets, self.sum_ns as f64 / 1e9)
     }
 
     /// Percentiles and maximum, in microseconds.
@@ -49,8 +64,7 @@ impl LatencyRecorder {
     pub fn distribution(&self) -> Vec<u64> {
         let mut buckets = vec![0u64; 1];
         for &ns in &self.samples_ns {
-            let us = (ns / 1000).max(1);
-            let i = (31 - us.leading_zeros()) as usize;
+            let i = bucket_of(ns);
             if buckets.len() <= i {
                 buckets.resize(i + 1, 0);
             }
@@ -58,6 +72,12 @@ impl LatencyRecorder {
         }
         buckets
     }
+}
+
+/// The power-of-two microsecond bucket of a latency in nanoseconds.
+fn bucket_of(ns: u32) -> usize {
+    let us = (ns / 1000).max(1);
+    (31 - us.leading_zeros()) as usize
 }
 
 /// Latency percentiles in microseconds.

@@ -7,6 +7,7 @@
 
 mod free;
 mod handshake;
+mod metrics;
 mod precopy;
 mod prepage;
 mod push_order;
@@ -33,6 +34,7 @@ use common::working_set::WorkingSet;
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::metrics::Published;
 use crate::precopy::{Precopy, Strategy};
 use crate::report::Events;
 use crate::server::{ServerConfig, serve};
@@ -119,6 +121,10 @@ struct Cli {
     /// damaged or was recorded on another image is reported and ignored.
     #[arg(long, value_name = "FILE")]
     prefetch: Option<PathBuf>,
+    /// Serve metrics (OpenMetrics text: the running session's pages by kind and bytes, the
+    /// sessions so far by outcome) on `GET /metrics` at this address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<SocketAddr>,
     /// Pin the urgent thread (the one that answers page requests) to this CPU.
     #[arg(long, value_name = "CPU")]
     urgent_cpu: Option<usize>,
@@ -258,11 +264,19 @@ fn run(cli: Cli) -> Result<()> {
             prefetch,
         },
     };
+    let published = cli.metrics_listen.map(|_| Arc::new(Published::default()));
+    if let (Some(addr), Some(published)) = (cli.metrics_listen, &published) {
+        let published = published.clone();
+        let server =
+            common::metrics::MetricsServer::start(addr, Arc::new(move || published.snapshot()))?;
+        info!(addr = %server.addr(), "serving metrics");
+    }
     let events = Events(
         cli.control
             .as_deref()
             .map(|path| control_server(path, precopy.clone()))
             .transpose()?,
+        published,
     );
     serve(&source, &config, precopy, events)
 }

@@ -11,9 +11,13 @@ use tracing::info;
 
 use crate::session::{Outcome, Session};
 
-/// Events for orchestrators on the control socket (`--control`), if there is one.
+/// Events for orchestrators on the control socket (`--control`), if there is one, and the
+/// figures the metrics endpoint (`--metrics-listen`) shows, if it runs.
 #[derive(Debug, Clone, Default)]
-pub struct Events(pub Option<std::sync::Arc<common::control::ControlServer>>);
+pub struct Events(
+    pub Option<std::sync::Arc<common::control::ControlServer>>,
+    pub Option<std::sync::Arc<crate::metrics::Published>>,
+);
 
 impl Events {
     /// Sends `event` to every control client.
@@ -32,9 +36,17 @@ impl Events {
     }
 }
 
-/// Shows progress until `done` is dropped: a bar on a terminal, a line every 2 s otherwise.
+/// Shows progress until `done` is dropped: a bar on a terminal, a line every 2 s otherwise;
+/// with the metrics endpoint, publishes the session's figures every 100 ms too.
 pub fn report_progress(session: &Session<'_>, done: mpsc::Receiver<()>) {
     let total = session.total_pages();
+    let publish = || {
+        if let Some(published) = session.published() {
+            published.session(session);
+        }
+    };
+    publish();
+    let tick = |period| done.recv_timeout(period) == Err(mpsc::RecvTimeoutError::Timeout);
     if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(total).with_style(
             ProgressStyle::with_template(
@@ -42,8 +54,8 @@ pub fn report_progress(session: &Session<'_>, done: mpsc::Receiver<()>) {
             )
             .expect("static template"),
         );
-        while done.recv_timeout(Duration::from_millis(100)) == Err(mpsc::RecvTimeoutError::Timeout)
-        {
+        while tick(Duration::from_millis(100)) {
+            publish();
             bar.set_position(session.pages_settled());
             bar.set_message(format!(
                 "{} MiB sent",
@@ -52,17 +64,29 @@ pub fn report_progress(session: &Session<'_>, done: mpsc::Receiver<()>) {
         }
         bar.finish_and_clear();
     } else {
-        while done.recv_timeout(Duration::from_secs(2)) == Err(mpsc::RecvTimeoutError::Timeout) {
-            let settled = session.pages_settled();
-            info!(
-                pages = settled,
-                total,
-                percent = settled * 100 / total.max(1),
-                sent_mib = session.stats.bytes_sent.load(Ordering::Relaxed) >> 20,
-                "progress"
-            );
+        // A line every 2 s; with metrics, fresh figures every 100 ms between them.
+        let ticks_per_line = if session.published().is_some() { 20 } else { 1 };
+        let period = Duration::from_secs(2) / ticks_per_line;
+        let mut ticks = 0u32;
+        while tick(period) {
+            publish();
+            ticks += 1;
+            if ticks.is_multiple_of(ticks_per_line) {
+                log_progress(session, total);
+            }
         }
     }
+}
+
+fn log_progress(session: &Session<'_>, total: u64) {
+    let settled = session.pages_settled();
+    info!(
+        pages = settled,
+        total,
+        percent = settled * 100 / total.max(1),
+        sent_mib = session.stats.bytes_sent.load(Ordering::Relaxed) >> 20,
+        "progress"
+    );
 }
 
 /// Prints one line about a finished session on stderr.

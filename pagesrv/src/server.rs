@@ -273,6 +273,9 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 .join()
                 .unwrap_or_else(|_| Outcome::Aborted("session thread panicked".into()));
             print_summary(&running.session, &outcome);
+            if let Some(published) = running.session.published() {
+                published.ended(&outcome, running.session.verified());
+            }
         }
         let resumed = admitted.hello.resumed();
         let flags = match &self.precopy {
@@ -417,6 +420,9 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             .join()
             .unwrap_or_else(|_| Outcome::Aborted("session thread panicked".into()));
         print_summary(&running.session, &outcome);
+        if let Some(published) = running.session.published() {
+            published.ended(&outcome, running.session.verified());
+        }
         match &outcome {
             Outcome::Completed => self.events.emit_sticky(json!({
                 "event": "completed",

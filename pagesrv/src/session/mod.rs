@@ -200,6 +200,11 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Where to publish figures for the metrics endpoint, if it runs.
+    pub fn published(&self) -> Option<&crate::metrics::Published> {
+        self.events.1.as_deref()
+    }
+
     /// Pages pushed first from the recorded working set (`--prefetch`).
     pub fn prefetched_pages(&self) -> u64 {
         self.push_order

@@ -1,0 +1,175 @@
+//! pagesrv's metrics (`--metrics-listen`): the running session's counters, published by its
+//! progress thread every 100 ms, and the sessions so far by outcome, as OpenMetrics. Names
+//! start with `pagesrv_`; one memory image per pagesrv, so no VM label.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use common::metrics::{Kind, Snapshot};
+
+use crate::session::{Outcome, Session};
+
+/// What the metrics endpoint shows, shared by the sessions and the manager.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// The running session's last published counters (`None`: no session running).
+    current: Mutex<Option<SessionFigures>>,
+    completed: AtomicU64,
+    verified: AtomicU64,
+    failed: AtomicU64,
+    aborted: AtomicU64,
+}
+
+/// One session's counters at a moment.
+#[derive(Debug, Clone, Copy, Default)]
+struct SessionFigures {
+    total: u64,
+    settled: u64,
+    requested: u64,
+    urgent_data: u64,
+    urgent_zero: u64,
+    pushed_data: u64,
+    pushed_zero: u64,
+    precopy: u64,
+    skipped: u64,
+    held: u64,
+    base: u64,
+    free: u64,
+    prefetched: u64,
+    bytes_sent: u64,
+}
+
+impl Published {
+    /// Publishes `session`'s counters now.
+    pub fn session(&self, session: &Session<'_>) {
+        let s = &session.stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let figures = SessionFigures {
+            total: session.total_pages(),
+            settled: session.pages_settled(),
+            requested: get(&s.requested_pages),
+            urgent_data: get(&s.urgent_data_pages),
+            urgent_zero: get(&s.urgent_zero_pages),
+            pushed_data: get(&s.pushed_data_pages),
+            pushed_zero: get(&s.pushed_zero_pages),
+            precopy: get(&s.precopy_pages),
+            skipped: get(&s.skipped_pages),
+            held: get(&s.held_pages),
+            base: get(&s.base_pages),
+            free: get(&s.free_pages),
+            prefetched: session.prefetched_pages(),
+            bytes_sent: get(&s.bytes_sent),
+        };
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(figures);
+    }
+
+    /// A session ended with `outcome`.
+    pub fn ended(&self, outcome: &Outcome, verified: bool) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let counter = match outcome {
+            Outcome::Completed if verified => &self.verified,
+            Outcome::Completed => &self.completed,
+            Outcome::Failed(_) => &self.failed,
+            Outcome::Aborted(_) => &self.aborted,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The metrics now.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut s = Snapshot::default();
+        let current = *self.current.lock().unwrap_or_else(|p| p.into_inner());
+        s.one(
+            "pagesrv_session_running",
+            "1 while a destination session runs.",
+            Kind::Gauge,
+            f64::from(u8::from(current.is_some())),
+        );
+        for (outcome, counter) in [
+            ("verified", &self.verified),
+            ("completed_unverified", &self.completed),
+            ("failed", &self.failed),
+            ("broke_off", &self.aborted),
+        ] {
+            s.labelled(
+                "pagesrv_sessions",
+                "Sessions ended, by outcome (failed: keep the source VM; broke off: the destination reconnects).",
+                Kind::Counter,
+                vec![("outcome".into(), outcome.into())],
+                counter.load(Ordering::Relaxed) as f64,
+            );
+        }
+        let Some(f) = current else { return s };
+        s.one(
+            "pagesrv_pages",
+            "Pages of the memory image.",
+            Kind::Gauge,
+            f.total as f64,
+        );
+        s.one(
+            "pagesrv_pages_settled",
+            "Pages of the running session sent or no longer needed.",
+            Kind::Gauge,
+            f.settled as f64,
+        );
+        s.one(
+            "pagesrv_requested_pages",
+            "Pages named in urgent requests (the running session).",
+            Kind::Counter,
+            f.requested as f64,
+        );
+        for (how, n) in [
+            ("urgent_data", f.urgent_data),
+            ("urgent_zero", f.urgent_zero),
+            ("pushed_data", f.pushed_data),
+            ("pushed_zero", f.pushed_zero),
+            ("precopy", f.precopy),
+            ("skipped", f.skipped),
+            ("held", f.held),
+            ("base", f.base),
+            ("free", f.free),
+            ("prefetched", f.prefetched),
+        ] {
+            s.labelled(
+                "pagesrv_session_pages",
+                "Pages of the running session by how they were settled.",
+                Kind::Counter,
+                vec![("how".into(), how.into())],
+                n as f64,
+            );
+        }
+        s.one(
+            "pagesrv_sent_bytes",
+            "Bytes sent to the destination (the running session).",
+            Kind::Counter,
+            f.bytes_sent as f64,
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_are_counted_by_outcome() {
+        let p = Published::default();
+        p.ended(&Outcome::Completed, true);
+        p.ended(&Outcome::Aborted("cut".into()), false);
+        p.ended(&Outcome::Aborted("cut".into()), false);
+        let text = p.snapshot().render();
+        for line in [
+            "pagesrv_session_running 0",
+            "pagesrv_sessions_total{outcome=\"verified\"} 1",
+            "pagesrv_sessions_total{outcome=\"broke_off\"} 2",
+            "pagesrv_sessions_total{outcome=\"failed\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert!(
+            !text.contains("pagesrv_sent_bytes"),
+            "no session, no session figures"
+        );
+    }
+}
