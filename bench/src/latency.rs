@@ -102,6 +102,10 @@ pub struct LatencyArgs {
     /// veth pair shaped by tbf and a delay line (needs root); `all`: each in turn.
     #[arg(long, value_enum, default_value = "loopback")]
     pub link: LinkChoice,
+    /// Also measure the aggregate demand-fault rate of 1 and 2 faulting threads (vCPUs) at
+    /// once, nothing pinned.
+    #[arg(long)]
+    pub fault_rate: bool,
     /// Also restore the image three times on loopback: demand-paged while recording the
     /// working set, then with the set pushed first, then with the push alone
     /// (`--demand-touches` pages, the same each time).
@@ -143,6 +147,8 @@ pub(crate) struct Scenario<'a> {
     pub faultd_extra: Vec<String>,
     /// Touches of a push-off run (default `--demand-touches`).
     pub touches: Option<u64>,
+    /// The workload's faulting threads (vCPUs).
+    pub threads: usize,
     /// Through a shaped link (else loopback).
     pub link: Option<&'a Link>,
 }
@@ -159,6 +165,7 @@ impl Scenario<'_> {
             pagesrv_extra: if push { Vec::new() } else { pure_demand },
             faultd_extra: Vec::new(),
             touches: None,
+            threads: 1,
             link: None,
         }
     }
@@ -227,7 +234,7 @@ pub(crate) fn run_scenario(
         .arg(&uds)
         .arg("--source")
         .arg(image)
-        .args(["--order", sc.workload, "--threads", "1"])
+        .args(["--order", sc.workload, "--threads", &sc.threads.to_string()])
         .arg("--latency-out")
         .arg(&lat_path);
     tuning.set_up_workload(&mut vmm)?;
@@ -309,6 +316,35 @@ pub(crate) fn run_scenario(
 /// CPU time between two readings (10 ms resolution); `None` if the process was gone.
 fn cpu_delta(before: Option<f64>, after: Option<f64>) -> Option<f64> {
     Some(after? - before?)
+}
+
+/// `--fault-rate`: pure demand faults (random pages, no push, no pre-paging) from one
+/// thread and from two at once, nothing pinned (pinning puts the workload on one CPU);
+/// the rate is faults over the workload's pass. The median of `--runs` each.
+fn fault_rate(args: &LatencyArgs, image: &Path, work: &Path) -> Result<Value> {
+    let mut rates = Vec::new();
+    for threads in [1, 2] {
+        let sc = Scenario {
+            threads,
+            ..Scenario::plain("random", false, false)
+        };
+        let mut per_run = Vec::new();
+        for _ in 0..args.runs.max(1) {
+            eprintln!("bench: fault rate, {threads} faulting thread(s)");
+            let r = run_scenario(&sc, image, work, args, Tuning::DEFAULT)?;
+            let faults = r["fault_latency_us"]["first_touches"]
+                .as_f64()
+                .unwrap_or(0.0);
+            let secs = r["fault_latency_us"]["pass_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+            per_run.push(faults / secs.max(1e-9));
+        }
+        rates.push(median(&mut per_run));
+    }
+    Ok(json!({
+        "one_thread_per_s": rates[0],
+        "two_threads_per_s": rates[1],
+        "ratio": rates[1] / rates[0].max(1e-9),
+    }))
 }
 
 /// Runs a scenario `--runs` times; the run with the median p99 represents it.
@@ -531,6 +567,7 @@ fn loopback_bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<Value
             compare_levers: Vec::new(),
             link: LinkChoice::Loopback,
             restore_twice: false,
+            fault_rate: false,
             ..*args
         };
         let path = work.join(format!("growth-{size_mib}.mem"));
@@ -564,6 +601,12 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
         let _ = std::fs::remove_file(&path);
         result["profiles"] = shaped?;
     }
+    if args.fault_rate {
+        if !image.exists() {
+            write_image(image, args.size_mib << 8)?;
+        }
+        result["fault_rate"] = fault_rate(args, image, work)?;
+    }
     if args.restore_twice {
         if !image.exists() {
             write_image(image, args.size_mib << 8)?;
@@ -575,6 +618,15 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
         print_table(&result);
     }
     restore::print(&result["restore_twice"]);
+    if let Some(r) = result.get("fault_rate") {
+        println!();
+        println!(
+            "demand faults per second, 1 thread {:.0}, 2 threads at once {:.0}: {:.2}×",
+            r["one_thread_per_s"].as_f64().unwrap_or(0.0),
+            r["two_threads_per_s"].as_f64().unwrap_or(0.0),
+            r["ratio"].as_f64().unwrap_or(0.0),
+        );
+    }
     profiles::print(&result["profiles"]);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&result)?)

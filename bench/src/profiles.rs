@@ -59,6 +59,7 @@ pub fn run(
             pagesrv_extra: pagesrv_extra.iter().map(|a| a.to_string()).collect(),
             faultd_extra: Vec::new(),
             touches: None,
+            threads: 1,
             link: Some(&link),
         };
         let demand = Scenario {
