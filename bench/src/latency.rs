@@ -15,6 +15,7 @@ use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 
 use crate::floor::{self, Placement};
+use crate::huge;
 use crate::link::{self, DelayLine, Link, LinkChoice, Profile, SOURCE_PORT};
 use crate::procs::{
     cpu_ms, log_tail, sibling, start_faultd, start_pagesrv, start_pagesrv_at, watch,
@@ -102,6 +103,10 @@ pub struct LatencyArgs {
     /// veth pair shaped by tbf and a delay line (needs root); `all`: each in turn.
     #[arg(long, value_enum, default_value = "loopback")]
     pub link: LinkChoice,
+    /// Also serve the image to a guest on 2 MiB hugetlb pages (reserved for the run, given
+    /// back after; root): demand-fault latency of a 2 MiB page, total time with the push.
+    #[arg(long)]
+    pub hugepages: bool,
     /// Also measure the aggregate demand-fault rate of 1 and 2 faulting threads (vCPUs) at
     /// once, nothing pinned.
     #[arg(long)]
@@ -149,6 +154,8 @@ pub(crate) struct Scenario<'a> {
     pub touches: Option<u64>,
     /// The workload's faulting threads (vCPUs).
     pub threads: usize,
+    /// More workload (test-vmm) arguments.
+    pub workload_extra: Vec<String>,
     /// Through a shaped link (else loopback).
     pub link: Option<&'a Link>,
 }
@@ -166,6 +173,7 @@ impl Scenario<'_> {
             faultd_extra: Vec::new(),
             touches: None,
             threads: 1,
+            workload_extra: Vec::new(),
             link: None,
         }
     }
@@ -238,6 +246,7 @@ pub(crate) fn run_scenario(
         .arg("--latency-out")
         .arg(&lat_path);
     tuning.set_up_workload(&mut vmm)?;
+    vmm.args(&sc.workload_extra);
     if !sc.push {
         let touches = sc.touches.unwrap_or(args.demand_touches);
         vmm.args(["--no-wait", "--touches", &touches.to_string()]);
@@ -568,6 +577,7 @@ fn loopback_bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<Value
             link: LinkChoice::Loopback,
             restore_twice: false,
             fault_rate: false,
+            hugepages: false,
             ..*args
         };
         let path = work.join(format!("growth-{size_mib}.mem"));
@@ -601,6 +611,17 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
         let _ = std::fs::remove_file(&path);
         result["profiles"] = shaped?;
     }
+    if args.hugepages {
+        if !image.exists() {
+            write_image(image, args.size_mib << 8)?;
+        }
+        let small = result["runs"].as_array().and_then(|runs| {
+            runs.iter()
+                .find(|r| r["workload"] == "random" && r["push"] == "on")
+                .cloned()
+        });
+        result["hugepages"] = huge::run(args, image, work, small.as_ref())?;
+    }
     if args.fault_rate {
         if !image.exists() {
             write_image(image, args.size_mib << 8)?;
@@ -618,6 +639,7 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
         print_table(&result);
     }
     restore::print(&result["restore_twice"]);
+    huge::print(&result["hugepages"]);
     if let Some(r) = result.get("fault_rate") {
         println!();
         println!(

@@ -2,6 +2,7 @@
 //! benchmark. Runs the real pagesrv, faultd and VMM binaries built beside it.
 
 mod floor;
+mod huge;
 mod latency;
 mod link;
 mod migrate;

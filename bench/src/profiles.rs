@@ -60,6 +60,7 @@ pub fn run(
             faultd_extra: Vec::new(),
             touches: None,
             threads: 1,
+            workload_extra: Vec::new(),
             link: Some(&link),
         };
         let demand = Scenario {

@@ -1,0 +1,101 @@
+//! `bench latency --hugepages`: the same image served to a guest on 2 MiB hugetlb pages (as
+//! Firecracker's huge-page guests are), against the 4 KiB guest in the same run: the latency
+//! of a demand fault on a 2 MiB page, and the total time with the push on.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::latency::{LatencyArgs, Scenario, run_median};
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// Huge pages reserved for the run, given back on drop.
+struct Reserved {
+    old: u64,
+}
+
+impl Reserved {
+    fn pages(n: u64) -> Result<Reserved> {
+        let read = || -> Result<u64> {
+            Ok(std::fs::read_to_string(NR_HUGEPAGES)
+                .with_context(|| format!("cannot read {NR_HUGEPAGES}"))?
+                .trim()
+                .parse()?)
+        };
+        let old = read()?;
+        let reserved = Reserved { old };
+        std::fs::write(NR_HUGEPAGES, (old + n).to_string())
+            .with_context(|| format!("cannot reserve {n} huge pages (root needed)"))?;
+        if read()? < old + n {
+            bail!("the kernel gave fewer than {n} more huge pages (memory too fragmented?)");
+        }
+        Ok(reserved)
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.old.to_string());
+    }
+}
+
+/// Runs the huge-page scenarios on `image` (an ordinary file: pagesrv serves it in 2 MiB
+/// pages to a destination that asks for them); `small_push` is the 4 KiB push-on run of the
+/// same image and workload, for the ratio.
+///
+/// # Errors
+/// Huge pages that cannot be reserved, or a run failing.
+pub fn run(
+    args: &LatencyArgs,
+    image: &Path,
+    work: &Path,
+    small_push: Option<&Value>,
+) -> Result<Value> {
+    ensure_whole(args.size_mib)?;
+    let _reserved = Reserved::pages(args.size_mib / 2 + 8)?;
+    let huge = |push: bool| Scenario {
+        workload_extra: vec!["--hugepages".into()],
+        // A 2 MiB page per fault: fewer touches keep the demand run short.
+        touches: (!push).then_some(args.demand_touches.min(args.size_mib / 2)),
+        ..Scenario::plain("random", push, false)
+    };
+    eprintln!("bench: 2 MiB pages, push off");
+    let demand = run_median(&huge(false), image, work, args, args.tuning)?;
+    eprintln!("bench: 2 MiB pages, push on");
+    let push = run_median(&huge(true), image, work, args, args.tuning)?;
+    let ratio = small_push
+        .and_then(|small| small["total_ms"].as_f64())
+        .zip(push["total_ms"].as_f64())
+        .map(|(small, huge)| huge / small);
+    Ok(json!({
+        "demand": demand,
+        "push": push,
+        "total_vs_4k": ratio,
+    }))
+}
+
+fn ensure_whole(size_mib: u64) -> Result<()> {
+    if size_mib % 2 != 0 {
+        bail!("--hugepages needs --size-mib to be a whole number of 2 MiB pages");
+    }
+    Ok(())
+}
+
+/// Prints the huge-page lines.
+pub fn print(r: &Value) {
+    if r.is_null() {
+        return;
+    }
+    let l = &r["demand"]["fault_latency_us"];
+    println!();
+    println!(
+        "2 MiB pages: demand fault p50 {:.0} µs, p99 {:.0} µs ({} faults); push on: total {:.0} ms ({:.2}× the 4 KiB guest)",
+        l["p50"].as_f64().unwrap_or(0.0),
+        l["p99"].as_f64().unwrap_or(0.0),
+        l["count"],
+        r["push"]["total_ms"].as_f64().unwrap_or(0.0),
+        r["total_vs_4k"].as_f64().unwrap_or(f64::NAN),
+    );
+}
