@@ -77,7 +77,7 @@ pub fn run(
 }
 
 fn ensure_whole(size_mib: u64) -> Result<()> {
-    if size_mib % 2 != 0 {
+    if !size_mib.is_multiple_of(2) {
         bail!("--hugepages needs --size-mib to be a whole number of 2 MiB pages");
     }
     Ok(())
