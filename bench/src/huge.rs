@@ -9,7 +9,18 @@ use serde_json::{Value, json};
 
 use crate::latency::{LatencyArgs, Scenario, run_median};
 
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+/// The 2 MiB pool (the default huge page size may be another).
+const NR_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+
+/// The pool size to give back if the bench is interrupted while pages are reserved.
+static RESTORE: std::sync::Mutex<Option<u64>> = std::sync::Mutex::new(None);
+
+/// Gives reserved huge pages back (the interrupt handler calls it before exiting).
+pub fn give_back() {
+    if let Some(old) = RESTORE.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let _ = std::fs::write(NR_HUGEPAGES, old.to_string());
+    }
+}
 
 /// Huge pages reserved for the run, given back on drop.
 struct Reserved {
@@ -25,6 +36,7 @@ impl Reserved {
                 .parse()?)
         };
         let old = read()?;
+        *RESTORE.lock().unwrap_or_else(|p| p.into_inner()) = Some(old);
         let reserved = Reserved { old };
         std::fs::write(NR_HUGEPAGES, (old + n).to_string())
             .with_context(|| format!("cannot reserve {n} huge pages (root needed)"))?;
@@ -37,6 +49,7 @@ impl Reserved {
 
 impl Drop for Reserved {
     fn drop(&mut self) {
+        RESTORE.lock().unwrap_or_else(|p| p.into_inner()).take();
         let _ = std::fs::write(NR_HUGEPAGES, self.old.to_string());
     }
 }
@@ -53,7 +66,7 @@ pub fn run(
     work: &Path,
     small_push: Option<&Value>,
 ) -> Result<Value> {
-    ensure_whole(args.size_mib)?;
+    check_size(args.size_mib)?;
     let _reserved = Reserved::pages(args.size_mib / 2 + 8)?;
     let huge = |push: bool| Scenario {
         workload_extra: vec!["--hugepages".into()],
@@ -76,7 +89,11 @@ pub fn run(
     }))
 }
 
-fn ensure_whole(size_mib: u64) -> Result<()> {
+/// `--size-mib` must be whole 2 MiB pages (checked before anything runs).
+///
+/// # Errors
+/// An odd size.
+pub fn check_size(size_mib: u64) -> Result<()> {
     if !size_mib.is_multiple_of(2) {
         bail!("--hugepages needs --size-mib to be a whole number of 2 MiB pages");
     }

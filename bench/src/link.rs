@@ -277,7 +277,8 @@ pub fn remove_ours() {
     }
 }
 
-/// Makes SIGINT and SIGTERM remove this process's namespaces before it exits (status 130).
+/// Makes SIGINT and SIGTERM stop this process's daemons, remove its namespaces and give
+/// back reserved huge pages before it exits (status 130).
 /// Call before any other thread starts: the signals are blocked in every thread and taken
 /// by one that waits for them.
 ///
@@ -296,6 +297,8 @@ pub fn clean_up_on_interrupt() -> Result<()> {
             let _setup = SETUP.lock().unwrap_or_else(|p| p.into_inner());
             crate::procs::kill_children();
             remove_ours();
+            crate::huge::give_back();
+            crate::procs::remove_leftovers();
             std::process::exit(130);
         }
     });

@@ -70,6 +70,42 @@ impl Guard {
     }
 }
 
+/// Runs `cmd` to its end like `Command::output`, registered meanwhile so an interrupted
+/// bench stops it too.
+///
+/// # Errors
+/// Starting or waiting for it.
+pub fn output_registered(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let pid = child.id();
+    CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+    let out = child.wait_with_output();
+    // A reaped pid may name another process soon: not ours to kill any more.
+    CHILDREN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|&p| p != pid);
+    out
+}
+
+/// Files and directories an interrupted bench removes on its way out.
+static LEFTOVERS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes `path` if the bench is interrupted (it is the caller's to remove otherwise).
+pub fn remove_on_interrupt(path: &Path) {
+    LEFTOVERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(path.to_path_buf());
+}
+
+/// Removes what [`remove_on_interrupt`] listed.
+pub fn remove_leftovers() {
+    for path in LEFTOVERS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
+    }
+}
+
 /// Kills every daemon still registered (the bench is being interrupted; from a terminal
 /// they got the signal too, from `kill` they did not).
 pub fn kill_children() {

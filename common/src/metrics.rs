@@ -132,7 +132,8 @@ impl Collector for SnapshotCollector {
                 family.encode_family(&h.labels)?
             };
             let mut buckets = h.buckets.clone();
-            buckets.push((f64::INFINITY, h.count));
+            // prometheus-client writes `le="+Inf"` for f64::MAX (not for infinity).
+            buckets.push((f64::MAX, h.count));
             // The encoder takes per-bucket counts and accumulates them itself.
             let mut previous = 0;
             let per_bucket: Vec<(f64, u64)> = buckets
@@ -202,8 +203,14 @@ impl MetricsServer {
         std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
-                for conn in listener.incoming().flatten() {
-                    let _ = serve_one(conn, &snapshot);
+                for conn in listener.incoming() {
+                    match conn {
+                        Ok(conn) => {
+                            let _ = serve_one(conn, &snapshot);
+                        }
+                        // Out of file descriptors, say: do not spin on it.
+                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                    }
                 }
             })
             .map_err(|source| MetricsError { addr, source })?;
@@ -216,13 +223,22 @@ impl MetricsServer {
     }
 }
 
-/// Answers one HTTP request (one per connection; 2 s to send it).
+/// Longest a client may take to send its request (and to take the answer).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Answers one HTTP request (one per connection; 2 s in all to send it).
 fn serve_one(mut conn: TcpStream, snapshot: &SnapshotFn) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+    // One deadline for the whole request, however slowly it trickles in.
+    let deadline = std::time::Instant::now() + REQUEST_DEADLINE;
+    conn.set_write_timeout(Some(REQUEST_DEADLINE))?;
     let mut request = Vec::with_capacity(512);
     let mut buf = [0u8; 512];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        conn.set_read_timeout(Some(left))?;
         let n = conn.read(&mut buf)?;
         if n == 0 {
             break;
@@ -330,6 +346,10 @@ mod tests {
             text.contains("faultd_fault_latency_seconds_count 3"),
             "{text}"
         );
+        assert!(
+            text.contains("faultd_fault_latency_seconds_bucket{le=\"+Inf\"} 3"),
+            "{text}"
+        );
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
     }
 
@@ -350,8 +370,23 @@ mod tests {
         assert!(ok.contains("faultd_pages_total 1024"), "{ok}");
         assert!(get("GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
         assert!(get("POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
-        // A silent client does not stop the next scrape for long.
+        // A silent client, or one that trickles its request, holds the endpoint 2 s at most.
         let _silent = TcpStream::connect(server.addr()).unwrap();
+        let mut slow = TcpStream::connect(server.addr()).unwrap();
+        let started = std::time::Instant::now();
+        std::thread::spawn(move || {
+            for _ in 0..40 {
+                if slow.write_all(b"G").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
         assert!(get("GET /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -105,6 +105,7 @@ pub fn run(
             config,
             verify: options.verify,
             publish_status: options.control.is_some() || options.publish_status,
+            failed: false,
             control: options.control,
             status: options.status,
             status_at: started,
@@ -118,6 +119,7 @@ pub fn run(
             fl.core.record_working_set();
         }
         let result = fl.run(&mut poll);
+        fl.failed = result.is_err();
         fl.publish_status_now();
         if let Some(path) = &options.record_working_set {
             save_working_set(vm, &fl, path);
@@ -255,6 +257,8 @@ struct FaultLoop<'s, 'e> {
     control: Option<Arc<ControlServer>>,
     /// Keep `status` fresh (a control socket or the metrics endpoint reads it).
     publish_status: bool,
+    /// The loop ended with an error.
+    failed: bool,
     status: Arc<Mutex<Value>>,
     status_at: Instant,
     vmm: &'e UnixStream,
@@ -336,6 +340,9 @@ impl FaultLoop<'_, '_> {
     }
 
     fn stage_name(&self) -> &'static str {
+        if self.failed {
+            return "failed";
+        }
         match self.stage {
             Stage::Precopy => "precopy",
             Stage::Migrating => "postcopy",

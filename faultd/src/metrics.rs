@@ -4,14 +4,18 @@
 use common::metrics::{Histogram, Kind, Snapshot, pow2_us_buckets};
 use serde_json::Value;
 
+/// Power-of-two microsecond buckets of the fault-latency histogram (1 µs .. 2^23 µs).
+const LATENCY_BUCKETS: usize = 23;
+
 /// The phases faultd reports (`faultd_phase{phase=...}` is 1 for the current one).
-const PHASES: [&str; 6] = [
+const PHASES: [&str; 7] = [
     "starting",
     "precopy",
     "postcopy",
     "verifying",
     "closing",
     "done",
+    "failed",
 ];
 
 /// The metrics of a status document (`{"status": {...}}` as the control socket answers).
@@ -102,10 +106,13 @@ pub fn snapshot(status: &Value) -> Snapshot {
             f64::from(u8::from(v == verdict.as_str())),
         );
     }
-    let counts: Vec<u64> = st["fault_latency_buckets_us"]
+    let mut counts: Vec<u64> = st["fault_latency_buckets_us"]
         .as_array()
         .map(|b| b.iter().filter_map(Value::as_u64).collect())
         .unwrap_or_default();
+    // Every bucket from the start (latencies are capped at 2^32 ns: 23 power-of-two µs
+    // buckets), so no series appears in the middle of a run.
+    counts.resize(counts.len().max(LATENCY_BUCKETS), 0);
     s.histograms.push(Histogram {
         name: "faultd_fault_latency_seconds".into(),
         help: "From reading a fault to waking its thread.".into(),
@@ -142,6 +149,8 @@ mod tests {
             "faultd_digest_verdict{verdict=\"none\"} 1",
             "faultd_fault_latency_seconds_count 7",
             "faultd_fault_latency_seconds_bucket{le=\"0.000032\"} 3",
+            "faultd_fault_latency_seconds_bucket{le=\"8.388608\"} 7",
+            "faultd_fault_latency_seconds_bucket{le=\"+Inf\"} 7",
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }

@@ -132,6 +132,15 @@ fn test_an_interrupted_link_profile_run_removes_its_namespace() {
     assert_eq!(status.code(), Some(130), "{status}");
     assert!(namespaces(&ours).is_empty(), "{:?}", namespaces(&ours));
     assert!(links(&ours).is_empty(), "{:?}", links(&ours));
+    // Nor its images and work files.
+    let tag = format!("pagemig-lat-{}", bench.id());
+    let left: Vec<_> = ["/dev/shm", dir.0.to_str().unwrap()]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&tag))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 fn json_file(path: &std::path::Path) -> serde_json::Value {
