@@ -1,26 +1,28 @@
 # Sourced by the other scripts: makes sure the build's few system tools are installed.
-# The guest is assembled at build time with binutils (as, objcopy).
 if ! command -v cargo >/dev/null; then
     echo "cargo not found: install Rust (https://rustup.rs) and rerun" >&2
     exit 1
 fi
-if ! command -v as >/dev/null || ! command -v objcopy >/dev/null; then
+
+# ensure_package PACKAGE WHY COMMAND...: installs PACKAGE (apt, as root) when a COMMAND is
+# missing, or says what to install.
+ensure_package() {
+    local package=$1 why=$2 missing=0 cmd
+    shift 2
+    for cmd in "$@"; do
+        command -v "$cmd" >/dev/null || missing=1
+    done
+    [ "$missing" = 0 ] && return 0
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-        echo "installing binutils (as, objcopy) for the guest build" >&2
-        apt-get update -qq && apt-get install -y -qq binutils >/dev/null
+        echo "installing $package ($*) for $why" >&2
+        apt-get update -qq && apt-get install -y -qq "$package" >/dev/null
     else
-        echo "binutils (as, objcopy) is missing: install it (e.g. apt-get install binutils)" >&2
+        echo "$package ($*) is missing: install it (e.g. apt-get install $package)" >&2
         exit 1
     fi
-fi
-# iproute2 (ip, tc) builds the benchmark's link profiles and their tests (network namespaces,
-# veth, tbf).
-if ! command -v ip >/dev/null || ! command -v tc >/dev/null; then
-    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-        echo "installing iproute2 (ip, tc) for the link profiles" >&2
-        apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
-    else
-        echo "iproute2 (ip, tc) is missing: install it (e.g. apt-get install iproute2)" >&2
-        exit 1
-    fi
-fi
+}
+
+# The guest is assembled at build time with binutils.
+ensure_package binutils "the guest build" as objcopy
+# The benchmark's link profiles and their tests (network namespaces, veth, htb).
+ensure_package iproute2 "the link profiles" ip tc

@@ -366,6 +366,7 @@ impl FaultLoop<'_, '_> {
         }
         self.status_at = Instant::now();
         let c = &self.vm.counters;
+        let (latency_buckets, latency_sum) = self.core.latencies.live();
         let status = json!({
             "status": {
                 "phase": self.stage_name(),
@@ -384,8 +385,8 @@ impl FaultLoop<'_, '_> {
                 "pages_zero": Counters::get(&c.pages_zero),
                 "pages_removed": Counters::get(&c.pages_removed),
                 "pages_reused": Counters::get(&c.pages_reused),
-                "fault_latency_buckets_us": self.core.latencies.live().0,
-                "fault_latency_sum_seconds": self.core.latencies.live().1,
+                "fault_latency_buckets_us": latency_buckets,
+                "fault_latency_sum_seconds": latency_sum,
                 "verdict": match &self.stage {
                     Stage::Done(v) | Stage::Closing { verdict: v, .. } => Value::from(v.name()),
                     _ => Value::Null,

@@ -149,7 +149,10 @@ fn run(cli: &Cli) -> Result<Report> {
             common::metrics::MetricsServer::start(
                 addr,
                 Arc::new(move || {
-                    metrics::snapshot(&status.lock().unwrap_or_else(|p| p.into_inner()))
+                    // Copied under the lock, turned into metrics outside it: a scrape never
+                    // holds up the fault thread's next publication.
+                    let now = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    metrics::snapshot(&now)
                 }),
             )
         })

@@ -4,8 +4,7 @@
 use common::metrics::{Histogram, Kind, Snapshot, pow2_us_buckets};
 use serde_json::Value;
 
-/// Power-of-two microsecond buckets of the fault-latency histogram (1 µs .. 2^23 µs).
-const LATENCY_BUCKETS: usize = 23;
+use crate::stats::LATENCY_BUCKETS;
 
 /// The phases faultd reports (`faultd_phase{phase=...}` is 1 for the current one).
 const PHASES: [&str; 7] = [
@@ -110,8 +109,8 @@ pub fn snapshot(status: &Value) -> Snapshot {
         .as_array()
         .map(|b| b.iter().filter_map(Value::as_u64).collect())
         .unwrap_or_default();
-    // Every bucket from the start (latencies are capped at 2^32 ns: 23 power-of-two µs
-    // buckets), so no series appears in the middle of a run.
+    // Every bucket from the start, so no series appears in the middle of a run (faultd
+    // publishes them all; a shorter list is padded).
     counts.resize(counts.len().max(LATENCY_BUCKETS), 0);
     s.histograms.push(Histogram {
         name: "faultd_fault_latency_seconds".into(),

@@ -13,28 +13,27 @@ use crate::event_loop::Verdict;
 #[derive(Debug, Default)]
 pub struct LatencyRecorder {
     samples_ns: Vec<u32>,
-    /// The power-of-two distribution kept as faults come (for live metrics).
-    live_buckets: Vec<u64>,
+    /// The power-of-two distribution, kept as faults come.
+    buckets: [u64; LATENCY_BUCKETS],
     sum_ns: u64,
 }
+
+/// Power-of-two microsecond buckets: latencies are capped at 2^32 ns, i.e. bucket 22.
+pub const LATENCY_BUCKETS: usize = 23;
 
 impl LatencyRecorder {
     /// Records one fault's latency.
     pub fn record(&mut self, latency: Duration) {
         let ns = latency.as_nanos().min(u128::from(u32::MAX)) as u32;
         self.samples_ns.push(ns);
-        let i = bucket_of(ns);
-        if self.live_buckets.len() <= i {
-            self.live_buckets.resize(i + 1, 0);
-        }
-        self.live_buckets[i] += 1;
+        self.buckets[bucket_of(ns)] += 1;
         self.sum_ns = self.sum_ns.saturating_add(u64::from(ns));
     }
 
-    /// The distribution so far (as [`LatencyRecorder::distribution`], kept up to date at
-    /// no cost per read) and the sum of the latencies, in seconds.
-    pub fn live(&self) -> (&[u64], f64) {
-        (&self.live_buckets, self.sum_ns as f64 / 1e9)
+    /// Every bucket of the distribution so far (see [`LatencyRecorder::distribution`]) and
+    /// the sum of the latencies, in seconds.
+    pub fn live(&self) -> (&[u64; LATENCY_BUCKETS], f64) {
+        (&self.buckets, self.sum_ns as f64 / 1e9)
     }
 
     /// Percentiles and maximum, in microseconds.
@@ -62,15 +61,12 @@ impl LatencyRecorder {
     /// `[2^i, 2^(i+1))` µs (bucket 0 also holds anything under 1 µs), like QEMU's
     /// postcopy-latency-dist.
     pub fn distribution(&self) -> Vec<u64> {
-        let mut buckets = vec![0u64; 1];
-        for &ns in &self.samples_ns {
-            let i = bucket_of(ns);
-            if buckets.len() <= i {
-                buckets.resize(i + 1, 0);
-            }
-            buckets[i] += 1;
-        }
-        buckets
+        let used = self
+            .buckets
+            .iter()
+            .rposition(|&n| n > 0)
+            .map_or(1, |i| i + 1);
+        self.buckets[..used].to_vec()
     }
 }
 
