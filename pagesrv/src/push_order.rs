@@ -14,10 +14,9 @@ use crate::prepage::{Plan, Prepager};
 #[derive(Debug)]
 pub struct PushScheduler {
     cursor: u64,
-    /// Contiguous pre-paging still to push: `[next, end)`.
-    prepage: Option<(u64, u64)>,
-    /// Strided pre-paging still to push: the plan and how many of its pages are done.
-    strided: Option<(Plan, u64)>,
+    /// Pre-paging still to push after the last request (a downward plan is kept as the same
+    /// pages upward: their order within a run does not matter); it shrinks as it is sent.
+    prepage: Option<Plan>,
     prepager: Prepager,
     /// Pages to push first, in order (a recorded working set), and how far we are.
     prefetch: Vec<u64>,
@@ -33,7 +32,6 @@ impl PushScheduler {
         PushScheduler {
             cursor: 0,
             prepage: None,
-            strided: None,
             prepager,
             prefetch,
             prefetched: 0,
@@ -44,7 +42,7 @@ impl PushScheduler {
     /// Whether pre-paging or the prefetch list has pages to offer (without the background
     /// push, the pusher is woken only then).
     pub fn has_prepaging(&self) -> bool {
-        self.prepage.is_some() || self.strided.is_some() || self.prefetched < self.prefetch.len()
+        self.prepage.is_some() || self.prefetched < self.prefetch.len()
     }
 
     /// Pages pushed from the prefetch list so far.
@@ -56,7 +54,6 @@ impl PushScheduler {
     pub fn rewind(&mut self) {
         self.cursor = 0;
         self.prepage = None;
-        self.strided = None;
         self.prefetched = 0;
     }
 
@@ -89,48 +86,54 @@ impl PushScheduler {
         let Some(last) = end.checked_sub(1) else {
             return;
         };
-        self.prepage = None;
-        self.strided = None;
-        let Some(plan) = self.prepager.on_request(last) else {
-            return;
-        };
-        match plan.stride {
-            1 => {
-                let end = plan.first.saturating_add(plan.count).min(total_pages);
-                if plan.first < end {
-                    self.prepage = Some((plan.first, end));
+        self.prepage = self.prepager.on_request(last).and_then(|plan| {
+            let plan = match plan.stride {
+                -1 => {
+                    let end = (plan.first + 1).min(total_pages);
+                    let first = end.saturating_sub(plan.count);
+                    Plan {
+                        first,
+                        stride: 1,
+                        count: end - first,
+                    }
                 }
-            }
-            -1 => {
-                // Downwards: the same pages as one range (their order within a run does
-                // not matter).
-                let end = (plan.first + 1).min(total_pages);
-                let start = end.saturating_sub(plan.count);
-                if start < end {
-                    self.prepage = Some((start, end));
-                }
-            }
-            _ => self.strided = Some((plan, 0)),
-        }
+                _ => plan,
+            };
+            (plan.count > 0 && plan.first < total_pages).then_some(plan)
+        });
     }
 
-    /// The next unsent page of a strided plan (one page per run).
-    fn next_strided(&mut self, sent: &PageMap) -> Option<(u64, u64)> {
-        let (plan, done) = self.strided.as_mut()?;
-        let total = sent.total_pages() as i128;
-        while *done < plan.count {
-            let page = plan.first as i128 + *done as i128 * plan.stride as i128;
-            *done += 1;
-            if page < 0 || page >= total {
+    /// The next run of the pre-paging plan: unsent pages in a row (stride 1, at most
+    /// `max_pages`), or the plan's next unsent page (other strides).
+    fn next_prepage(&mut self, sent: &PageMap, max_pages: u64) -> Option<(u64, u64)> {
+        let total = sent.total_pages();
+        while let Some(plan) = self.prepage.as_mut() {
+            // The plan ends at the end of memory (going down, after page 0: below).
+            if plan.count == 0 || plan.first >= total {
                 break;
             }
-            let page = page as u64;
+            if plan.stride == 1 {
+                let end = (plan.first + plan.count).min(total);
+                let Some(first) = sent.next_clear(plan.first).filter(|&p| p < end) else {
+                    break;
+                };
+                let count = sent.clear_run(first, max_pages.min(end - first));
+                sent.set_range(first, count);
+                plan.count = end - (first + count);
+                plan.first = first + count;
+                return Some((first, count));
+            }
+            let page = plan.first;
+            match page.checked_add_signed(plan.stride) {
+                Some(next) => (plan.first, plan.count) = (next, plan.count - 1),
+                None => plan.count = 0,
+            }
             if !sent.is_set(page) {
                 sent.set(page);
                 return Some((page, 1));
             }
         }
-        self.strided = None;
+        self.prepage = None;
         None
     }
 
@@ -155,17 +158,7 @@ impl PushScheduler {
         if let Some(run) = self.next_prefetched(sent, max_pages) {
             return Some(run);
         }
-        if let Some((next, end)) = self.prepage.take()
-            && let Some(first) = sent.next_clear(next).filter(|&p| p < end)
-        {
-            let count = sent.clear_run(first, max_pages.min(end - first));
-            sent.set_range(first, count);
-            if first + count < end {
-                self.prepage = Some((first + count, end));
-            }
-            return Some((first, count));
-        }
-        self.next_strided(sent)
+        self.next_prepage(sent, max_pages)
     }
 }
 
@@ -277,5 +270,19 @@ mod tests {
         assert_eq!(s.next_prepaged(&sent, 10), None);
         // Precopy rounds and the stop-and-copy still see every page.
         assert_eq!(s.next_run(&sent, 10), Some((0, 10)));
+    }
+
+    #[test]
+    fn test_a_downward_strided_plan_stops_at_page_zero() {
+        let sent = PageMap::new(1000);
+        let mut s = PushScheduler::new(Prepager::new(Policy::Adaptive, 2, 64), Vec::new());
+        for page in [30, 20, 10] {
+            sent.set(page);
+            s.on_request(page + 1, 1000);
+        }
+        // Stride -10, window 4 from page 0: only page 0 lies in memory.
+        assert_eq!(s.next_prepaged(&sent, 100), Some((0, 1)));
+        assert_eq!(s.next_prepaged(&sent, 100), None);
+        assert!(!s.has_prepaging());
     }
 }

@@ -587,12 +587,12 @@ impl<'a> Session<'a> {
             engine.pending.clear_range(range.first, range.count);
         }
         self.sent.set_range(range.first, range.count);
-        let prepaging = {
+        let wake_pusher = {
             let mut order = self.push_order.lock().expect("scheduler lock poisoned");
             order.on_request(range.end(), self.source.total_pages());
-            order.has_prepaging()
+            !self.config.push && order.has_prepaging()
         };
-        if !self.config.push && prepaging {
+        if wake_pusher {
             // Without the background push, the pusher sleeps between requests.
             *self
                 .request_count
@@ -723,7 +723,12 @@ impl<'a> Session<'a> {
             // Several short runs (a prefetched working set, strided pre-paging) go out in
             // one write: up to `run_pages` pages, picked under the lock, read outside it.
             runs.clear();
-            let requests_seen = self.requests_seen();
+            // Only the pusher without the background push sleeps on requests.
+            let requests_seen = if self.config.push {
+                0
+            } else {
+                self.requests_seen()
+            };
             {
                 let mut order = self.push_order.lock().expect("scheduler lock poisoned");
                 let mut pages = 0;
