@@ -620,10 +620,15 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
         let _ = std::fs::remove_file(&path);
         result["profiles"] = shaped?;
     }
-    if args.hugepages {
+    // The extra runs use the loopback image (written by the loopback bench, else here).
+    let ensure_image = || -> Result<()> {
         if !image.exists() {
             write_image(image, args.size_mib << 8)?;
         }
+        Ok(())
+    };
+    if args.hugepages {
+        ensure_image()?;
         let small = result["runs"].as_array().and_then(|runs| {
             runs.iter()
                 .find(|r| r["workload"] == "random" && r["push"] == "on")
@@ -632,15 +637,11 @@ fn bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<()> {
         result["hugepages"] = huge::run(args, image, work, small.as_ref())?;
     }
     if args.fault_rate {
-        if !image.exists() {
-            write_image(image, args.size_mib << 8)?;
-        }
+        ensure_image()?;
         result["fault_rate"] = fault_rate(args, image, work)?;
     }
     if args.restore_twice {
-        if !image.exists() {
-            write_image(image, args.size_mib << 8)?;
-        }
+        ensure_image()?;
         let restored = restore::run(args, image, work);
         result["restore_twice"] = restored?;
     }

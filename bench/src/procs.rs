@@ -13,13 +13,22 @@ pub struct Guard(pub Child);
 /// The daemons started and not yet reaped, for [`kill_children`].
 static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 
+fn register(pid: u32) {
+    CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+}
+
+/// Called before a child is reaped: a reaped pid may soon name another process.
+fn unregister(pid: u32) {
+    CHILDREN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|&p| p != pid);
+}
+
 impl Guard {
     /// Wraps a started daemon (registered so an interrupted bench can stop it).
     pub fn new(child: Child) -> Guard {
-        CHILDREN
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(child.id());
+        register(child.id());
         Guard(child)
     }
 }
@@ -51,10 +60,7 @@ impl Guard {
                 return Ok(Some(status));
             }
             if std::time::Instant::now() >= deadline {
-                CHILDREN
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(self.0.id());
+                register(self.0.id());
                 return Ok(None);
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -62,11 +68,7 @@ impl Guard {
     }
 
     fn forget(&self) {
-        let id = self.0.id();
-        CHILDREN
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|&pid| pid != id);
+        unregister(self.0.id());
     }
 }
 
@@ -78,13 +80,10 @@ impl Guard {
 pub fn output_registered(cmd: &mut Command) -> std::io::Result<std::process::Output> {
     let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let pid = child.id();
-    CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+    register(pid);
     let out = child.wait_with_output();
     // A reaped pid may name another process soon: not ours to kill any more.
-    CHILDREN
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain(|&p| p != pid);
+    unregister(pid);
     out
 }
 

@@ -53,15 +53,9 @@ pub fn run(
         // Sequential, no background push: pre-paging alone decides how many touches wait.
         let seq_touches = (touches * 4).min(image_mib << 8);
         let on = |workload, pagesrv_extra: &[&str]| Scenario {
-            workload,
-            push: true,
-            naive: false,
             pagesrv_extra: pagesrv_extra.iter().map(|a| a.to_string()).collect(),
-            faultd_extra: Vec::new(),
-            touches: None,
-            threads: 1,
-            workload_extra: Vec::new(),
             link: Some(&link),
+            ..Scenario::plain(workload, true, false)
         };
         let demand = Scenario {
             push: false,

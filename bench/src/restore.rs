@@ -23,8 +23,8 @@ pub fn run(args: &LatencyArgs, image: &Path, work: &Path) -> Result<Value> {
         touches: Some(touches),
         ..Scenario::plain("random", push, false)
     };
+    // Push off is pure demand paging (no pre-paging either): every touch is a fault.
     let record = Scenario {
-        pagesrv_extra: vec!["--prepage-window".into(), "0".into()],
         faultd_extra: vec!["--record-working-set".into(), ws.display().to_string()],
         ..base(false)
     };
