@@ -216,9 +216,20 @@ impl Proc {
         }
     }
 
-    /// The rest of stdout, after the process exited.
+    /// The rest of stdout, after the process exited: up to the end of the stream (the
+    /// reader thread may not have passed the last lines on yet when the exit is seen).
     pub fn rest_of_stdout(&mut self) -> String {
-        self.stdout.try_iter().collect::<Vec<_>>().join("\n")
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                // The stream ended, or something else holds it open: what came is all.
+                Err(_) => break,
+            }
+        }
+        lines.join("\n")
     }
 
     /// Waits up to `limit` for the process to exit; kills it and panics with its stderr if
