@@ -96,6 +96,7 @@ fn sealing(c: &mut Criterion) {
             session_id: 1,
             image_id: 1,
             flags: 0,
+            vm: common::wire::VmName::default(),
         },
     };
     let psk = Psk::from_bytes(b"a benchmark key, 32 bytes long!!");

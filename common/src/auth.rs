@@ -231,6 +231,9 @@ fn feed_params(mac: &mut Hmac<Sha256>, params: &SessionParams) {
     mac.update(&params.session_id.to_le_bytes());
     mac.update(&params.image_id.to_le_bytes());
     mac.update(&params.flags.to_le_bytes());
+    // Length first: no two (name, next field) pairs feed the same bytes.
+    mac.update(&[params.vm.as_str().len() as u8]);
+    mac.update(params.vm.as_str().as_bytes());
 }
 
 fn feed_answer(mac: &mut Hmac<Sha256>, answer: &Answer) {
@@ -267,6 +270,7 @@ mod tests {
                 session_id: 0,
                 image_id: 0,
                 flags: 0,
+                vm: crate::wire::VmName::default(),
             },
         }
     }

@@ -51,6 +51,10 @@ struct Cli {
     /// pagesrv's address.
     #[arg(long, value_name = "ADDR:PORT")]
     connect: String,
+    /// The VM to migrate, by the name pagesrv serves it under (`pagesrv --vm-mem NAME=PATH`
+    /// or `--vm-dir`). Needed when pagesrv serves several VMs; with one, it is checked.
+    #[arg(long, value_name = "NAME", default_value = "")]
+    vm: common::wire::VmName,
     /// Unix socket to accept the VMM on (created; a stale socket file is replaced).
     #[arg(long, value_name = "PATH")]
     uds: PathBuf,
@@ -178,6 +182,7 @@ fn run(cli: &Cli) -> Result<Report> {
         page_size: u32::try_from(kernel.layout().page_size()).context("page size")?,
         total_pages: kernel.layout().total_pages(),
         base: base.is_some(),
+        vm: cli.vm,
     };
     let vm = Vm::new(kernel).context("cannot serve this VM")?;
     let config = LinkConfig {

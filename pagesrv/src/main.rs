@@ -5,6 +5,7 @@
 //! failure: keep the source VM); 2 bad usage.
 #![forbid(unsafe_code)]
 
+mod fleet;
 mod free;
 mod handshake;
 mod metrics;
@@ -34,6 +35,7 @@ use common::working_set::WorkingSet;
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::fleet::ServedVm;
 use crate::metrics::Published;
 use crate::precopy::{Precopy, Strategy};
 use crate::report::Events;
@@ -54,9 +56,15 @@ use crate::source::MemorySource;
 #[command(version, about, long_about)]
 struct Cli {
     /// The guest memory file (e.g. /dev/shm/vm1, a Firecracker snapshot's memory file, or a
-    /// hugetlbfs file) of a paused VM.
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["gen_psk", "vmm_uds"])]
-    vm_mem: Option<PathBuf>,
+    /// hugetlbfs file) of a paused VM, served under its file name; `NAME=PATH` serves it
+    /// under NAME. Repeat to serve several VMs at once (destinations name theirs with
+    /// `faultd --vm NAME`).
+    #[arg(long, value_name = "[NAME=]PATH", value_parser = fleet::parse_vm_spec,
+          required_unless_present_any = ["gen_psk", "vmm_uds", "vm_dir"])]
+    vm_mem: Vec<fleet::VmSpec>,
+    /// Serve every regular file in DIR as a paused VM's memory, each under its file name.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["vm_mem", "vmm_uds", "gen_psk"])]
+    vm_dir: Option<PathBuf>,
     /// Take a running VM's RAM from its VMM instead (a Unix socket this pagesrv listens on;
     /// the VMM hands over its RAM fd, answers dirty-page requests and pauses on request: see
     /// `common/src/source_link.rs`). Needed for --strategy precopy and hybrid.
@@ -64,7 +72,7 @@ struct Cli {
     vmm_uds: Option<PathBuf>,
     /// Free-page hints of the paused VM (with --vm-mem): a bitmap of its memory in 4 KiB
     /// pages, bit i%8 of byte i/8 set for a page its allocator holds free, ceil(pages/8) bytes
-    /// (see pagesrv/src/free.rs). Those pages are never sent: the destination gets them as
+    /// (see pagesrv/src/free.rs); with one VM only. Those pages are never sent: the destination gets them as
     /// zero, resolves faults on them locally, and the digests count them as zero.
     #[arg(long, value_name = "FILE", conflicts_with = "vmm_uds")]
     free_pages: Option<PathBuf>,
@@ -116,8 +124,8 @@ struct Cli {
     /// (`--prepage-window 0` for none) and a `--prefetch` working set, nothing else.
     #[arg(long)]
     no_push: bool,
-    /// A working set recorded by `faultd --record-working-set` on this memory image: its
-    /// pages are pushed first, in the order the guest first touched them. A file that is
+    /// A working set recorded by `faultd --record-working-set` on this memory image (with
+    /// one VM only): its pages are pushed first, in the order the guest first touched them. A file that is
     /// damaged or was recorded on another image is reported and ignored.
     #[arg(long, value_name = "FILE")]
     prefetch: Option<PathBuf>,
@@ -211,8 +219,14 @@ fn run(cli: Cli) -> Result<()> {
         );
         return Ok(());
     }
-    let (mut source, precopy) = open_source(&cli)?;
+    let (mut vms, precopy) = open_vms(&cli)?;
+    if vms.len() > 1 && (cli.free_pages.is_some() || cli.prefetch.is_some()) {
+        bail!(
+            "--free-pages and --prefetch describe one VM's memory: give them with one --vm-mem only"
+        );
+    }
     if let Some(path) = &cli.free_pages {
+        let source = &mut vms[0].source;
         let hints = free::FreeHints::load(path, source.size_bytes())?;
         info!(
             free_pages = hints.free_pages(),
@@ -220,16 +234,13 @@ fn run(cli: Cli) -> Result<()> {
         );
         source.set_free_hints(hints);
     }
-    let vm_mem = cli
-        .vm_mem
-        .as_deref()
-        .or(cli.vmm_uds.as_deref())
-        .context("--vm-mem or --vmm-uds is required")?;
-    // Every destination asks for 4 KiB or 2 MiB pages: a file that is not even a whole
-    // number of 4 KiB pages (or of the --page-size pages) can serve none.
-    source
-        .paged(cli.page_size.unwrap_or(4096))
-        .with_context(|| format!("cannot serve {}", vm_mem.display()))?;
+    for vm in &vms {
+        // Every destination asks for 4 KiB or 2 MiB pages: a file that is not even a whole
+        // number of 4 KiB pages (or of the --page-size pages) can serve none.
+        vm.source
+            .paged(cli.page_size.unwrap_or(4096))
+            .with_context(|| format!("cannot serve VM {}", vm.name))?;
+    }
     let psk = cli
         .psk_file
         .as_deref()
@@ -238,7 +249,7 @@ fn run(cli: Cli) -> Result<()> {
     let prefetch = cli
         .prefetch
         .as_deref()
-        .and_then(|path| load_prefetch(path, &source));
+        .and_then(|path| load_prefetch(path, &vms[0].source));
     let config = ServerConfig {
         psk,
         insecure_listen: cli.insecure_listen,
@@ -264,7 +275,8 @@ fn run(cli: Cli) -> Result<()> {
             prefetch,
         },
     };
-    let published = cli.metrics_listen.map(|_| Arc::new(Published::default()));
+    let names: Vec<_> = vms.iter().map(|vm| vm.name).collect();
+    let published = cli.metrics_listen.map(|_| Arc::new(Published::new(&names)));
     if let (Some(addr), Some(published)) = (cli.metrics_listen, &published) {
         let published = published.clone();
         let server =
@@ -278,26 +290,42 @@ fn run(cli: Cli) -> Result<()> {
             .transpose()?,
         published,
     );
-    serve(&source, &config, precopy, events)
+    serve(&vms, &config, precopy, events)
 }
 
-/// The memory to serve: a paused VM's file, or a running VM's RAM from its VMM (paused at
-/// once for `--strategy postcopy`, or handed to the precopy engine).
-fn open_source(cli: &Cli) -> Result<(MemorySource, Option<Arc<Precopy>>)> {
-    if let Some(path) = &cli.vm_mem {
+/// The memory to serve: paused VMs' files (`--vm-mem`, `--vm-dir`), or a running VM's RAM
+/// from its VMM (paused at once for `--strategy postcopy`, or handed to the precopy engine).
+fn open_vms(cli: &Cli) -> Result<(Vec<ServedVm>, Option<Arc<Precopy>>)> {
+    let specs = match &cli.vm_dir {
+        Some(dir) => fleet::scan_vm_dir(dir)?,
+        None => cli.vm_mem.clone(),
+    };
+    if !specs.is_empty() {
         if cli.strategy != Strategy::Postcopy {
             bail!(
                 "--strategy precopy and hybrid need a running VM: give --vmm-uds instead of --vm-mem"
             );
         }
-        let source =
-            MemorySource::open(path).with_context(|| format!("cannot serve {}", path.display()))?;
-        return Ok((source, None));
+        fleet::check_unique(&specs)?;
+        let vms = specs
+            .into_iter()
+            .map(|spec| {
+                let source = MemorySource::open(&spec.path)
+                    .with_context(|| format!("cannot serve {}", spec.path.display()))?;
+                Ok(ServedVm {
+                    name: spec.name,
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return Ok((vms, None));
     }
     let path = cli
         .vmm_uds
         .as_deref()
         .context("--vm-mem or --vmm-uds is required")?;
+    // One VM: destinations need not name it (`faultd --vm vm` also works).
+    let name = common::wire::VmName::new("vm").map_err(anyhow::Error::msg)?;
     let listener = bind_uds(path)?;
     // One line on stdout for scripts: the VMM may connect.
     println!("pagesrv waiting for the source VMM on {}", path.display());
@@ -329,9 +357,9 @@ fn open_source(cli: &Cli) -> Result<(MemorySource, Option<Arc<Precopy>>)> {
         source.paused();
         source.refresh_holes();
         info!("the source VM is paused");
-        return Ok((source, None));
+        return Ok((vec![ServedVm { name, source }], None));
     }
-    Ok((source, Some(Arc::new(engine))))
+    Ok((vec![ServedVm { name, source }], Some(Arc::new(engine))))
 }
 
 fn bind_uds(path: &Path) -> Result<UnixListener> {

@@ -1,17 +1,25 @@
-//! pagesrv's metrics (`--metrics-listen`): the running session's counters, published by its
-//! progress thread every 100 ms, and the sessions so far by outcome, as OpenMetrics. Names
-//! start with `pagesrv_`; one memory image per pagesrv, so no VM label.
+//! pagesrv's metrics (`--metrics-listen`): per VM (label `vm`), the running session's
+//! counters, published by its progress thread every 100 ms, and the sessions so far by
+//! outcome, as OpenMetrics. Names start with `pagesrv_`.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::metrics::{Kind, Snapshot};
+use common::wire::VmName;
 
 use crate::session::{Outcome, Session};
 
 /// What the metrics endpoint shows, shared by the sessions and the manager.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Published {
+    /// One per served VM, in the order served.
+    vms: Vec<(VmName, VmFigures)>,
+}
+
+/// One VM's figures.
+#[derive(Debug, Default)]
+struct VmFigures {
     /// The running session's last published counters (`None`: no session running).
     current: Mutex<Option<SessionFigures>>,
     completed: AtomicU64,
@@ -40,8 +48,25 @@ struct SessionFigures {
 }
 
 impl Published {
+    /// Figures for these VMs (each shown from the start, with no session running).
+    pub fn new(vms: &[VmName]) -> Self {
+        Published {
+            vms: vms.iter().map(|&vm| (vm, VmFigures::default())).collect(),
+        }
+    }
+
+    fn vm(&self, vm: VmName) -> Option<&VmFigures> {
+        self.vms
+            .iter()
+            .find(|(name, _)| *name == vm)
+            .map(|(_, f)| f)
+    }
+
     /// Publishes `session`'s counters now.
     pub fn session(&self, session: &Session<'_>) {
+        let Some(vm) = self.vm(session.vm) else {
+            return;
+        };
         let s = &session.stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let figures = SessionFigures {
@@ -60,17 +85,20 @@ impl Published {
             prefetched: session.prefetched_pages(),
             bytes_sent: get(&s.bytes_sent),
         };
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(figures);
+        *vm.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(figures);
     }
 
-    /// A session ended with `outcome`.
-    pub fn ended(&self, outcome: &Outcome, verified: bool) {
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    /// A session of `vm` ended with `outcome`.
+    pub fn ended(&self, vm: VmName, outcome: &Outcome, verified: bool) {
+        let Some(vm) = self.vm(vm) else {
+            return;
+        };
+        *vm.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let counter = match outcome {
-            Outcome::Completed if verified => &self.verified,
-            Outcome::Completed => &self.completed,
-            Outcome::Failed(_) => &self.failed,
-            Outcome::Aborted(_) => &self.aborted,
+            Outcome::Completed if verified => &vm.verified,
+            Outcome::Completed => &vm.completed,
+            Outcome::Failed(_) => &vm.failed,
+            Outcome::Aborted(_) => &vm.aborted,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -78,11 +106,32 @@ impl Published {
     /// The metrics now.
     pub fn snapshot(&self) -> Snapshot {
         let mut s = Snapshot::default();
-        let current = *self.current.lock().unwrap_or_else(|p| p.into_inner());
         s.one(
+            "pagesrv_vms",
+            "VMs this pagesrv serves.",
+            Kind::Gauge,
+            self.vms.len() as f64,
+        );
+        for (name, vm) in &self.vms {
+            vm.render(name.as_str(), &mut s);
+        }
+        s
+    }
+}
+
+impl VmFigures {
+    fn render(&self, name: &str, s: &mut Snapshot) {
+        let label = |extra: Option<(&str, &str)>| {
+            let mut labels = vec![("vm".to_string(), name.to_string())];
+            labels.extend(extra.map(|(k, v)| (k.to_string(), v.to_string())));
+            labels
+        };
+        let current = *self.current.lock().unwrap_or_else(|p| p.into_inner());
+        s.labelled(
             "pagesrv_session_running",
             "1 while a destination session runs.",
             Kind::Gauge,
+            label(None),
             f64::from(u8::from(current.is_some())),
         );
         for (outcome, counter) in [
@@ -95,27 +144,30 @@ impl Published {
                 "pagesrv_sessions",
                 "Sessions ended, by outcome (failed: keep the source VM; broke off: the destination reconnects).",
                 Kind::Counter,
-                vec![("outcome".into(), outcome.into())],
+                label(Some(("outcome", outcome))),
                 counter.load(Ordering::Relaxed) as f64,
             );
         }
-        let Some(f) = current else { return s };
-        s.one(
+        let Some(f) = current else { return };
+        s.labelled(
             "pagesrv_pages",
             "Pages of the memory image.",
             Kind::Gauge,
+            label(None),
             f.total as f64,
         );
-        s.one(
+        s.labelled(
             "pagesrv_pages_settled",
             "Pages of the running session sent or no longer needed.",
             Kind::Gauge,
+            label(None),
             f.settled as f64,
         );
-        s.one(
+        s.labelled(
             "pagesrv_requested_pages",
             "Pages named in urgent requests (the running session).",
             Kind::Counter,
+            label(None),
             f.requested as f64,
         );
         for (how, n) in [
@@ -134,17 +186,17 @@ impl Published {
                 "pagesrv_session_pages",
                 "Pages of the running session by how they were settled.",
                 Kind::Counter,
-                vec![("how".into(), how.into())],
+                label(Some(("how", how))),
                 n as f64,
             );
         }
-        s.one(
+        s.labelled(
             "pagesrv_sent_bytes",
             "Bytes sent to the destination (the running session).",
             Kind::Counter,
+            label(None),
             f.bytes_sent as f64,
         );
-        s
     }
 }
 
@@ -154,16 +206,20 @@ mod tests {
 
     #[test]
     fn sessions_are_counted_by_outcome() {
-        let p = Published::default();
-        p.ended(&Outcome::Completed, true);
-        p.ended(&Outcome::Aborted("cut".into()), false);
-        p.ended(&Outcome::Aborted("cut".into()), false);
+        let (a, b) = (VmName::new("a").unwrap(), VmName::new("b").unwrap());
+        let p = Published::new(&[a, b]);
+        p.ended(a, &Outcome::Completed, true);
+        p.ended(b, &Outcome::Aborted("cut".into()), false);
+        p.ended(b, &Outcome::Aborted("cut".into()), false);
         let text = p.snapshot().render();
         for line in [
-            "pagesrv_session_running 0",
-            "pagesrv_sessions_total{outcome=\"verified\"} 1",
-            "pagesrv_sessions_total{outcome=\"broke_off\"} 2",
-            "pagesrv_sessions_total{outcome=\"failed\"} 0",
+            "pagesrv_vms 2",
+            "pagesrv_session_running{vm=\"a\"} 0",
+            "pagesrv_session_running{vm=\"b\"} 0",
+            "pagesrv_sessions_total{vm=\"a\",outcome=\"verified\"} 1",
+            "pagesrv_sessions_total{vm=\"b\",outcome=\"broke_off\"} 2",
+            "pagesrv_sessions_total{vm=\"a\",outcome=\"broke_off\"} 0",
+            "pagesrv_sessions_total{vm=\"b\",outcome=\"failed\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }

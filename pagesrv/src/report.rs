@@ -97,7 +97,7 @@ pub fn print_summary(session: &Session<'_>, outcome: &Outcome) {
     let bytes = get(&s.bytes_sent);
     // One write, so the line does not interleave with other processes' output.
     let line = format!(
-        "pagesrv: session {}: id {:016x}, {:.3} s, {} pages requested (urgent: {} data, {} zero), pushed {} data + {} zero pages, {} in precopy rounds ({} dropped as written again), {} held, {} in the destination's base, {} free (hinted), {} skipped, {} pushed first from the working set, {:.1} MiB sent ({:.0} MiB/s)\n",
+        "pagesrv: session {}: vm {}, id {:016x}, {:.3} s, {} pages requested (urgent: {} data, {} zero), pushed {} data + {} zero pages, {} in precopy rounds ({} dropped as written again), {} held, {} in the destination's base, {} free (hinted), {} skipped, {} pushed first from the working set, {:.1} MiB sent ({:.0} MiB/s)\n",
         match outcome {
             Outcome::Completed if session.verified() => "completed".to_string(),
             Outcome::Completed => {
@@ -106,6 +106,7 @@ pub fn print_summary(session: &Session<'_>, outcome: &Outcome) {
             Outcome::Failed(why) => format!("FAILED ({why})"),
             Outcome::Aborted(why) => format!("aborted ({why})"),
         },
+        session.vm,
         session.id,
         secs,
         get(&s.requested_pages),

@@ -1,17 +1,29 @@
 //! The listener and the session manager: handshakes run concurrently, so no stale session
 //! and no silent or hostile client delays a real destination by more than the handshake
-//! deadline.
+//! deadline; the sessions of different VMs run side by side.
 //!
 //! ```text
 //!  acceptor thread ──accept──► handshake thread per new connection (≤ MAX_HANDSHAKES at once,
 //!                               one deadline each) ──admitted──► manager (this thread)
-//!  manager: urgent Hello ─► check layout/image; resumes the running session? abort it, take
-//!           over; another session running? Busy; else pending ─► AuthOk + Welcome
+//!  manager: urgent Hello{vm} ─► which VM (unknown: UnknownVm); check layout/image; resumes
+//!           that VM's running session? abort it, take over; another session of that VM
+//!           running? Busy; else that VM's pending ─► AuthOk + Welcome{vm}
 //!           bulk Hello{pending id} ─► AuthOk + Welcome ─► session threads (urgent, pusher,
-//!           progress) ─► outcome: Completed → exit 0 | Failed → exit 1 | Aborted → wait
+//!           progress) ─► outcome: Completed or Failed → that VM is finished | Aborted → wait
+//!  every VM finished ─► exit 0 if all completed, else 1 naming the VMs that failed
 //! ```
 //!
 //! With `--serve-forever` neither a completed nor a failed session ends pagesrv.
+//!
+//! # Several VMs
+//!
+//! Each VM has at most one session, so pagesrv runs at most three threads per VM it serves
+//! (urgent, pusher, progress), a number fixed at start, never one per page or per request.
+//! Across VMs, requests go first the same way they do within one: every session's urgent
+//! thread is SCHED_FIFO (where allowed) and preempts every pusher, and urgent traffic is
+//! marked DSCP EF; the pushes share the link as their TCP connections do (one per VM, each
+//! with the same bounded send buffer) and the CPU as equal-priority threads. Each session's
+//! summary line and metrics carry its VM's name; at the end a line per VM gives its totals.
 //!
 //! # Threads, what each owns, and every lock
 //!
@@ -19,7 +31,7 @@
 //! | --- | --- | --- |
 //! | acceptor | the listening socket | `accept` |
 //! | handshake, one per new connection (≤ 64) | that connection until admitted | its reads, within one 5 s deadline |
-//! | manager (main thread) | the running session's handle, the urgent connection waiting for its bulk connection | its event channel (500 ms ticks); joining a replaced session, which ends at once (its sockets are shut down) |
+//! | manager (main thread) | per VM: the running session's handle, the urgent connection waiting for its bulk connection, the totals | its event channel (500 ms ticks); joining a replaced session, which ends at once (its sockets are shut down) |
 //! | urgent, one per session (SCHED_FIFO) | the urgent socket (writes under the session's write lock) | reads with a 200 ms timeout (heartbeats, link timeout, source checks); writes time out after the link timeout |
 //! | pusher, one per session | the bulk socket | writes (flow control; shut down by the session's end); the push-ready condvar (200 ms ticks, heartbeats) |
 //! | progress, one per session | nothing | a channel, 100 ms or 2 s ticks |
@@ -38,11 +50,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use common::auth::Psk;
 use common::framed::{FrameEncoder, FrameReader};
-use common::wire::{ErrorCode, FLAG_FREE, FLAG_PRECOPY, PROTOCOL_VERSION, Role, SessionParams};
+use common::wire::{
+    ErrorCode, FLAG_FREE, FLAG_PRECOPY, PROTOCOL_VERSION, Role, SessionParams, VmName,
+};
 use serde_json::json;
 use socket2::SockRef;
 use tracing::{debug, error, info, info_span, warn};
 
+use crate::fleet::{self, ServedVm};
 use crate::handshake::{Admitted, HANDSHAKE_DEADLINE, admit};
 use crate::precopy::Precopy;
 use crate::report::Events;
@@ -84,7 +99,7 @@ enum Event {
 /// Refusing an unsafe address, failing to bind it, or a failed session (the destination
 /// reported a failure or a digest mismatch: the source must keep the VM).
 pub fn serve(
-    source: &MemorySource,
+    vms: &[ServedVm],
     config: &ServerConfig,
     precopy: Option<Arc<Precopy>>,
     events: Events,
@@ -100,30 +115,31 @@ pub fn serve(
     let addr = listener.local_addr()?;
     // One line on stdout for scripts and tests: where to connect.
     println!("pagesrv listening on {addr}");
-    info!(
-        %addr,
-        bytes = source.size_bytes(),
-        image = format_args!("{:016x}", source.image_id()),
-        "serving memory"
-    );
+    for vm in vms {
+        info!(
+            %addr,
+            vm = %vm.name,
+            bytes = vm.source.size_bytes(),
+            image = format_args!("{:016x}", vm.source.image_id()),
+            "serving memory"
+        );
+    }
     let (tx, rx) = mpsc::channel();
     spawn_acceptor(listener, config.psk.clone(), tx.clone());
     std::thread::scope(|scope| {
         let mut manager = Manager {
             scope,
-            source,
+            vms,
+            slots: vms.iter().map(|_| Slot::new()).collect(),
             config,
             notify: tx,
-            running: None,
-            pending: None,
             serials: 0,
             precopy,
             events,
         };
         let result = manager.run(&rx);
-        if let Some(running) = manager.running.take() {
-            running.session.abort();
-            let _ = running.handle.join();
+        for index in 0..vms.len() {
+            manager.stop_running(index);
         }
         result
     })
@@ -194,17 +210,50 @@ struct Pending {
     since: Instant,
 }
 
+/// How a VM's migration ended (without `--serve-forever`, it is served no more).
+#[derive(Debug, Clone)]
+enum Finished {
+    Completed { verified: bool },
+    Failed(String),
+}
+
+/// One served VM's state: at most one session running and one waiting for its bulk
+/// connection, and the totals over its sessions.
+struct Slot<'scope, 'env> {
+    running: Option<Running<'scope, 'env>>,
+    pending: Option<Pending>,
+    finished: Option<Finished>,
+    sessions: u32,
+    bytes_sent: u64,
+    first_start: Option<Instant>,
+    last_end: Option<Instant>,
+}
+
+impl Slot<'_, '_> {
+    fn new() -> Self {
+        Slot {
+            running: None,
+            pending: None,
+            finished: None,
+            sessions: 0,
+            bytes_sent: 0,
+            first_start: None,
+            last_end: None,
+        }
+    }
+}
+
 struct Manager<'scope, 'env> {
     scope: &'scope Scope<'scope, 'env>,
-    source: &'env MemorySource,
+    vms: &'env [ServedVm],
+    /// One per VM, in the same order.
+    slots: Vec<Slot<'scope, 'env>>,
     config: &'env ServerConfig,
     notify: Sender<Event>,
-    /// The precopy engine (`--vmm-uds` with `--strategy precopy|hybrid`).
+    /// The precopy engine (`--vmm-uds` with `--strategy precopy|hybrid`; one VM).
     precopy: Option<Arc<Precopy>>,
     /// Control-socket events.
     events: Events,
-    running: Option<Running<'scope, 'env>>,
-    pending: Option<Pending>,
     serials: u64,
 }
 
@@ -216,13 +265,15 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => bail!("the acceptor stopped"),
             };
-            if self
-                .pending
-                .as_ref()
-                .is_some_and(|p| p.since.elapsed() > HANDSHAKE_DEADLINE)
-            {
-                let p = self.pending.take().expect("checked");
-                warn!(peer = %p.admitted.peer, "the destination never opened its bulk connection");
+            for slot in &mut self.slots {
+                if slot
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.since.elapsed() > HANDSHAKE_DEADLINE)
+                {
+                    let p = slot.pending.take().expect("checked");
+                    warn!(peer = %p.admitted.peer, vm = %p.welcome.vm, "the destination never opened its bulk connection");
+                }
             }
             match event {
                 Some(Event::Admitted(admitted)) => match admitted.role {
@@ -240,42 +291,74 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     }
 
     fn refuse(&self, mut admitted: Box<Admitted>, code: ErrorCode, text: &str) {
-        warn!(peer = %admitted.peer, role = ?admitted.role, %text, "refused a destination");
+        warn!(peer = %admitted.peer, role = ?admitted.role, vm = %admitted.hello.vm, %text, "refused a destination");
         admitted.refuse(self.config.psk.as_ref(), code, text);
     }
 
+    /// Stops a running session (replaced by a reconnect, or pagesrv ends) and accounts it.
+    fn stop_running(&mut self, index: usize) {
+        let Some(running) = self.slots[index].running.take() else {
+            return;
+        };
+        running.session.abort();
+        let outcome = running
+            .handle
+            .join()
+            .unwrap_or_else(|_| Outcome::Aborted("session thread panicked".into()));
+        self.account(index, &running.session, &outcome);
+    }
+
+    /// Prints, publishes and totals a session that ended.
+    fn account(&mut self, index: usize, session: &Session<'_>, outcome: &Outcome) {
+        print_summary(session, outcome);
+        if let Some(published) = session.published() {
+            published.ended(session.vm, outcome, session.verified());
+        }
+        let slot = &mut self.slots[index];
+        slot.bytes_sent += session.stats.bytes_sent.load(Ordering::Relaxed);
+        slot.last_end = Some(Instant::now());
+    }
+
     fn on_urgent(&mut self, admitted: Box<Admitted>) {
-        let ours = match check_params(&admitted.hello, self.source, self.config.page_size) {
+        let index = match fleet::find(self.vms, &admitted.hello.vm) {
+            Ok(index) => index,
+            Err(text) => return self.refuse(admitted, ErrorCode::UnknownVm, &text),
+        };
+        let vm = &self.vms[index];
+        if let Some(finished) = &self.slots[index].finished {
+            let text = format!(
+                "the migration of VM {} has ended ({}); it is served no more",
+                vm.name,
+                match finished {
+                    Finished::Completed { .. } => "completed".to_string(),
+                    Finished::Failed(why) => format!("failed: {why}"),
+                }
+            );
+            return self.refuse(admitted, ErrorCode::UnknownVm, &text);
+        }
+        let ours = match check_params(&admitted.hello, &vm.source, self.config.page_size) {
             Ok(ours) => ours,
             Err((code, text)) => return self.refuse(admitted, code, &text),
         };
-        if let Err(e) = self.source.check_intact() {
+        if let Err(e) = vm.source.check_intact() {
             return self.refuse(admitted, ErrorCode::Internal, &error_chain(&e));
         }
         let wanted = admitted.hello.session_id;
-        if let Some(running) = &self.running {
+        if let Some(running) = &self.slots[index].running {
             if wanted != running.session.id {
                 let text = format!(
-                    "serving session {:016x} to another destination; try again when it ends",
-                    running.session.id
+                    "serving VM {} to another destination (session {:016x}); try again when it ends",
+                    vm.name, running.session.id
                 );
                 return self.refuse(admitted, ErrorCode::Busy, &text);
             }
-            let running = self.running.take().expect("checked above");
             info!(
                 session = format_args!("{wanted:016x}"),
+                vm = %vm.name,
                 peer = %admitted.peer,
                 "the destination reconnected: replacing its old session"
             );
-            running.session.abort();
-            let outcome = running
-                .handle
-                .join()
-                .unwrap_or_else(|_| Outcome::Aborted("session thread panicked".into()));
-            print_summary(&running.session, &outcome);
-            if let Some(published) = running.session.published() {
-                published.ended(&outcome, running.session.verified());
-            }
+            self.stop_running(index);
         }
         let resumed = admitted.hello.resumed();
         let flags = match &self.precopy {
@@ -301,7 +384,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             // Precopy rounds, or the discards and the switch this destination missed.
             Some(_) if !resumed => FLAG_PRECOPY,
             Some(_) => 0,
-        } | if self.source.has_free_hints() {
+        } | if vm.source.has_free_hints() {
             FLAG_FREE
         } else {
             0
@@ -315,6 +398,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         let welcome = SessionParams {
             session_id,
             flags,
+            vm: vm.name,
             ..ours
         };
         if let Err(e) = prepare_socket(&admitted.conn, Role::Urgent, self.config)
@@ -323,8 +407,8 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             warn!(peer = %admitted.peer, error = %format!("{e:#}"), "failed to welcome a destination");
             return;
         }
-        info!(peer = %admitted.peer, role = "urgent", session = format_args!("{session_id:016x}"), sealed = admitted.encoder.is_sealed(), "destination connected");
-        self.pending = Some(Pending {
+        info!(peer = %admitted.peer, role = "urgent", vm = %vm.name, session = format_args!("{session_id:016x}"), sealed = admitted.encoder.is_sealed(), "destination connected");
+        self.slots[index].pending = Some(Pending {
             admitted,
             welcome,
             since: Instant::now(),
@@ -332,17 +416,23 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     }
 
     fn on_bulk(&mut self, mut admitted: Box<Admitted>) {
-        let id = admitted.hello.session_id;
-        let matches = self.pending.as_ref().is_some_and(|p| {
-            p.welcome.session_id == id
-                && p.welcome.page_size == admitted.hello.page_size
-                && p.welcome.total_pages == admitted.hello.total_pages
+        let hello = admitted.hello;
+        let index = self.slots.iter().position(|slot| {
+            slot.pending.as_ref().is_some_and(|p| {
+                p.welcome.session_id == hello.session_id
+                    && p.welcome.page_size == hello.page_size
+                    && p.welcome.total_pages == hello.total_pages
+                    && (hello.vm.is_empty() || hello.vm == p.welcome.vm)
+            })
         });
-        if !matches {
-            let text = format!("no pending session {id:#x} with this layout");
+        let Some(index) = index else {
+            let text = format!(
+                "no pending session {:#x} with this layout",
+                hello.session_id
+            );
             return self.refuse(admitted, ErrorCode::UnknownSession, &text);
-        }
-        let pending = self.pending.take().expect("checked above");
+        };
+        let pending = self.slots[index].pending.take().expect("checked above");
         let welcome = pending.welcome;
         if let Err(e) = prepare_socket(&admitted.conn, Role::Bulk, self.config)
             .and_then(|()| Ok(admitted.welcome(self.config.psk.as_ref(), welcome)?))
@@ -350,21 +440,27 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             warn!(peer = %admitted.peer, error = %format!("{e:#}"), "failed to welcome a destination");
             return;
         }
-        info!(peer = %admitted.peer, role = "bulk", session = format_args!("{id:016x}"), sealed = admitted.encoder.is_sealed(), "destination connected");
+        info!(peer = %admitted.peer, role = "bulk", vm = %welcome.vm, session = format_args!("{:016x}", hello.session_id), sealed = admitted.encoder.is_sealed(), "destination connected");
         let Admitted {
             conn,
             reader,
             encoder,
             ..
         } = *admitted;
-        self.start_session(pending, (conn, reader, encoder));
+        self.start_session(index, pending, (conn, reader, encoder));
     }
 
-    fn start_session(&mut self, pending: Pending, bulk: (TcpStream, FrameReader, FrameEncoder)) {
+    fn start_session(
+        &mut self,
+        index: usize,
+        pending: Pending,
+        bulk: (TcpStream, FrameReader, FrameEncoder),
+    ) {
         self.serials += 1;
         let serial = self.serials;
-        self.source.refresh_holes();
-        let paged = self
+        let vm = &self.vms[index];
+        vm.source.refresh_holes();
+        let paged = vm
             .source
             .paged(u64::from(pending.welcome.page_size))
             .expect("the page size was checked when the destination was welcomed");
@@ -376,7 +472,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         };
         let session = Arc::new(Session::new(
             paged,
-            pending.welcome.session_id,
+            (vm.name, pending.welcome.session_id),
             self.config.session.clone(),
             switch,
             self.events.clone(),
@@ -390,7 +486,12 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         } = *pending.admitted;
         let handle = self.scope.spawn(move || {
             let session = session_for_thread;
-            let _span = info_span!("session", id = format_args!("{:016x}", session.id)).entered();
+            let _span = info_span!(
+                "session",
+                vm = %session.vm,
+                id = format_args!("{:016x}", session.id)
+            )
+            .entered();
             let outcome = std::thread::scope(|s| {
                 let (done_tx, done_rx) = mpsc::channel::<()>();
                 let reporter = s.spawn(|| report_progress(&session, done_rx));
@@ -402,55 +503,100 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             let _ = tx.send(Event::SessionEnded { serial });
             outcome
         });
-        self.running = Some(Running {
+        let slot = &mut self.slots[index];
+        slot.sessions += 1;
+        slot.first_start.get_or_insert_with(Instant::now);
+        slot.running = Some(Running {
             serial,
             session,
             handle,
         });
     }
 
-    /// A session thread ended; `Some` ends the server.
+    /// A session thread ended; `Some` ends the server (every VM's migration ended).
     fn on_session_ended(&mut self, serial: u64) -> Option<Result<()>> {
-        if self.running.as_ref().is_none_or(|r| r.serial != serial) {
-            return None; // one that was replaced (and reported) already
-        }
-        let running = self.running.take().expect("checked above");
+        // None: one that was replaced (and accounted) already.
+        let index = self
+            .slots
+            .iter()
+            .position(|slot| slot.running.as_ref().is_some_and(|r| r.serial == serial))?;
+        let running = self.slots[index].running.take().expect("found above");
         let outcome = running
             .handle
             .join()
             .unwrap_or_else(|_| Outcome::Aborted("session thread panicked".into()));
-        print_summary(&running.session, &outcome);
-        if let Some(published) = running.session.published() {
-            published.ended(&outcome, running.session.verified());
-        }
+        self.account(index, &running.session, &outcome);
+        let vm = self.vms[index].name.to_string();
         match &outcome {
             Outcome::Completed => self.events.emit_sticky(json!({
                 "event": "completed",
+                "vm": vm,
                 "verified": running.session.verified(),
             })),
             Outcome::Failed(why) => self
                 .events
-                .emit_sticky(json!({"event": "failed", "error": why})),
+                .emit_sticky(json!({"event": "failed", "vm": vm, "error": why})),
             Outcome::Aborted(why) => self
                 .events
-                .emit(json!({"event": "session-broke-off", "why": why})),
+                .emit(json!({"event": "session-broke-off", "vm": vm, "why": why})),
         }
-        match (outcome, self.config.serve_forever) {
-            (Outcome::Completed, false) => Some(Ok(())),
-            (Outcome::Completed, true) => None,
-            (Outcome::Failed(why), serve_forever) => {
-                error!(%why, "the migration failed: the source must keep the VM");
-                (!serve_forever).then(|| {
-                    Err(anyhow::anyhow!(
-                        "the migration failed: {why}; keep the source VM (do not destroy it)"
-                    ))
-                })
+        let finished = match outcome {
+            Outcome::Completed => Finished::Completed {
+                verified: running.session.verified(),
+            },
+            Outcome::Failed(why) => {
+                error!(%vm, %why, "the migration failed: the source must keep the VM");
+                Finished::Failed(why)
             }
-            (Outcome::Aborted(why), _) => {
-                warn!(%why, "session broke off; waiting for the destination to reconnect");
-                None
+            Outcome::Aborted(why) => {
+                warn!(%vm, %why, "session broke off; waiting for the destination to reconnect");
+                return None;
+            }
+        };
+        if self.config.serve_forever {
+            return None;
+        }
+        self.slots[index].finished = Some(finished);
+        if self.slots.iter().any(|slot| slot.finished.is_none()) {
+            return None;
+        }
+        Some(self.verdict())
+    }
+
+    /// Every VM's migration ended: one line per VM, and an error naming those that failed.
+    fn verdict(&self) -> Result<()> {
+        let mut failed = Vec::new();
+        for (vm, slot) in self.vms.iter().zip(&self.slots) {
+            let secs = match (slot.first_start, slot.last_end) {
+                (Some(start), Some(end)) => end.duration_since(start).as_secs_f64(),
+                _ => 0.0,
+            };
+            let how = match &slot.finished {
+                Some(Finished::Completed { verified: true }) => "completed (verified)".into(),
+                Some(Finished::Completed { verified: false }) => "completed (NOT verified)".into(),
+                Some(Finished::Failed(why)) => {
+                    failed.push(format!("{}: {why}", vm.name));
+                    format!("FAILED ({why})")
+                }
+                None => "not finished".into(),
+            };
+            if self.vms.len() > 1 {
+                let mib = slot.bytes_sent as f64 / f64::from(1 << 20);
+                eprintln!(
+                    "pagesrv: VM {}: {how}, {} session(s), {mib:.1} MiB sent in {secs:.3} s ({:.0} MiB/s)",
+                    vm.name,
+                    slot.sessions,
+                    mib / secs.max(1e-9)
+                );
             }
         }
+        if failed.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "the migration failed: {}; keep the source VM (do not destroy it)",
+            failed.join("; ")
+        )
     }
 }
 
@@ -521,6 +667,7 @@ fn check_params(
         session_id: 0,
         image_id: source.image_id(),
         flags: 0,
+        vm: VmName::default(),
     })
 }
 

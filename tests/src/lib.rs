@@ -301,13 +301,19 @@ impl Drop for Proc {
 
 /// pagesrv serving `mem` on a free loopback port; returns the process and its address.
 pub fn start_pagesrv(mem: &Path, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec!["--vm-mem".into(), mem.as_os_str().to_owned()];
+    args.extend(extra.iter().map(Into::into));
+    start_pagesrv_with(&args)
+}
+
+/// pagesrv with exactly these arguments (the VMs among them) on a free loopback port;
+/// returns the process and its address.
+pub fn start_pagesrv_with(args: &[std::ffi::OsString]) -> (Proc, String) {
     let mut p = Proc::spawn(
         "pagesrv",
         Command::new(bin("pagesrv"))
-            .arg("--vm-mem")
-            .arg(mem)
             .args(["--listen", "127.0.0.1:0"])
-            .args(extra),
+            .args(args),
     );
     let line = p.read_line();
     let addr = line

@@ -68,14 +68,21 @@ fn test_both_daemons_serve_metrics_during_and_after_a_migration() {
             "# EOF",
         ],
     );
-    scrape_until(&pm, &["pagesrv_session_running 1", "pagesrv_pages 1024"]);
+    scrape_until(
+        &pm,
+        &[
+            "pagesrv_vms 1",
+            "pagesrv_session_running{vm=\"vm.mem\"} 1",
+            "pagesrv_pages{vm=\"vm.mem\"} 1024",
+        ],
+    );
     // The session breaks off (faultd goes): pagesrv counts it and keeps serving.
     drop(faultd);
     scrape_until(
         &pm,
         &[
-            "pagesrv_session_running 0",
-            "pagesrv_sessions_total{outcome=\"broke_off\"} 1",
+            "pagesrv_session_running{vm=\"vm.mem\"} 0",
+            "pagesrv_sessions_total{vm=\"vm.mem\",outcome=\"broke_off\"} 1",
         ],
     );
     assert!(pagesrv.is_running());

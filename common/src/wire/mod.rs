@@ -140,6 +140,9 @@ pub enum WireError {
     /// An error text that is not UTF-8.
     #[error("error text is not UTF-8")]
     BadErrorText,
+    /// A VM name with a byte outside the allowed set ([`VmName`]).
+    #[error("malformed VM name in the handshake")]
+    BadVmName,
     /// A frame that is not allowed at this point of the conversation.
     #[error("unexpected {0:?} frame")]
     Unexpected(Kind),
@@ -297,6 +300,9 @@ pub enum ErrorCode {
     VerifyFailed = 9,
     /// The destination failed (its VMM went away, a placement failed): keep the source.
     DestinationFailed = 10,
+    /// The source serves no VM of the name the destination asked for (or the destination
+    /// named none and the source serves several).
+    UnknownVm = 11,
 }
 
 impl TryFrom<u32> for ErrorCode {
@@ -314,6 +320,7 @@ impl TryFrom<u32> for ErrorCode {
             8 => ErrorCode::ImageMismatch,
             9 => ErrorCode::VerifyFailed,
             10 => ErrorCode::DestinationFailed,
+            11 => ErrorCode::UnknownVm,
             other => return Err(WireError::UnknownErrorCode(other)),
         })
     }
@@ -390,6 +397,91 @@ pub struct SessionParams {
     /// In `Welcome`: [`FLAG_PRECOPY`], [`FLAG_FREE`]; in `Hello`: [`FLAG_RESUMED`],
     /// [`FLAG_BASE`].
     pub flags: u32,
+    /// The VM: in `Hello`, the one the destination asks for (empty: the only one the source
+    /// serves); in `Welcome`, the one served. On the wire, the bytes after the fixed body.
+    pub vm: VmName,
+}
+
+/// Longest VM name, in bytes.
+pub const MAX_VM_NAME_BYTES: usize = 64;
+
+/// A VM's name in `Hello` and `Welcome`: 0 to [`MAX_VM_NAME_BYTES`] bytes of ASCII letters,
+/// digits, `.`, `_` and `-`, not starting with `.` or `-` (so a name is also a safe file
+/// name and metric label). Empty means "the only VM the source serves".
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VmName {
+    len: u8,
+    bytes: [u8; MAX_VM_NAME_BYTES],
+}
+
+impl Default for VmName {
+    fn default() -> Self {
+        VmName {
+            len: 0,
+            bytes: [0; MAX_VM_NAME_BYTES],
+        }
+    }
+}
+
+impl VmName {
+    /// Checks and wraps a name.
+    ///
+    /// # Errors
+    /// A name that is too long or has a character outside the allowed set (the text says
+    /// which).
+    pub fn new(name: &str) -> Result<Self, String> {
+        if name.len() > MAX_VM_NAME_BYTES {
+            return Err(format!(
+                "VM name {name:?} is longer than {MAX_VM_NAME_BYTES} bytes"
+            ));
+        }
+        if let Some(bad) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(format!(
+                "VM name {name:?} has {bad:?}: use letters, digits, '.', '_' and '-'"
+            ));
+        }
+        if name.starts_with(['.', '-']) {
+            return Err(format!("VM name {name:?} starts with {:?}", &name[..1]));
+        }
+        let mut out = VmName::default();
+        out.bytes[..name.len()].copy_from_slice(name.as_bytes());
+        out.len = name.len() as u8;
+        Ok(out)
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        // Only `new` fills the bytes, with checked ASCII.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+
+    /// Whether no VM is named.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::fmt::Display for VmName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for VmName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl std::str::FromStr for VmName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        VmName::new(s)
+    }
 }
 
 impl SessionParams {
@@ -634,8 +726,13 @@ impl Decoder {
             expected,
         };
         match kind {
-            Kind::Hello | Kind::Welcome if len != HELLO_BODY_LEN => {
-                return Err(bad(HELLO_BODY_LEN.to_string()));
+            Kind::Hello | Kind::Welcome
+                if !(HELLO_BODY_LEN..=HELLO_BODY_LEN + MAX_VM_NAME_BYTES).contains(&len) =>
+            {
+                return Err(bad(format!(
+                    "{HELLO_BODY_LEN}..={}",
+                    HELLO_BODY_LEN + MAX_VM_NAME_BYTES
+                )));
             }
             Kind::Request | Kind::ZeroRun | Kind::Skip if len != RANGE_BODY_LEN => {
                 return Err(bad(RANGE_BODY_LEN.to_string()));
@@ -713,10 +810,15 @@ impl Decoder {
         }
         let message = match kind {
             Kind::Hello | Kind::Welcome => {
-                let raw = HelloBody::read_from_bytes(body).map_err(|_| self.short(header))?;
+                let (raw, name) =
+                    HelloBody::read_from_prefix(body).map_err(|_| self.short(header))?;
                 if raw.magic.get() != MAGIC {
                     return Err(WireError::BadMagic(raw.magic.get()));
                 }
+                let vm = std::str::from_utf8(name)
+                    .map_err(|e| e.to_string())
+                    .and_then(VmName::new)
+                    .map_err(|_| WireError::BadVmName)?;
                 let known_flags = if kind == Kind::Welcome {
                     FLAG_PRECOPY | FLAG_FREE
                 } else {
@@ -732,6 +834,7 @@ impl Decoder {
                     session_id: raw.session_id.get(),
                     image_id: raw.image_id.get(),
                     flags: raw.flags.get(),
+                    vm,
                 };
                 if kind == Kind::Hello {
                     Message::Hello {
@@ -993,6 +1096,7 @@ fn encode_params(role: u8, params: &SessionParams, out: &mut Vec<u8>) {
         image_id: params.image_id.into(),
     };
     out.extend_from_slice(body.as_bytes());
+    out.extend_from_slice(params.vm.as_str().as_bytes());
 }
 
 fn truncate_utf8(text: &str, max_bytes: usize) -> &str {
@@ -1043,6 +1147,7 @@ mod tests {
             session_id: 7,
             image_id: 0x1234_5678_9abc_def0,
             flags: 0,
+            vm: VmName::default(),
         }
     }
 
@@ -1055,6 +1160,17 @@ mod tests {
                 params: params(),
             },
             Message::Welcome(params()),
+            Message::Hello {
+                role: Role::Urgent,
+                params: SessionParams {
+                    vm: VmName::new(&"v".repeat(MAX_VM_NAME_BYTES)).unwrap(),
+                    ..params()
+                },
+            },
+            Message::Welcome(SessionParams {
+                vm: VmName::new("web-1.prod_a").unwrap(),
+                ..params()
+            }),
             Message::Error {
                 code: ErrorCode::LayoutMismatch,
                 text: "sizes differ ✗".into(),
@@ -1062,6 +1178,45 @@ mod tests {
         ] {
             assert_eq!(decode_all(&d, &frame(&m, &[])).unwrap().0, m);
         }
+    }
+
+    #[test]
+    fn test_vm_names_are_checked_on_both_ends() {
+        for bad in [
+            "a b",
+            "-x",
+            ".x",
+            "é",
+            "a/b",
+            &"v".repeat(MAX_VM_NAME_BYTES + 1),
+        ] {
+            assert!(VmName::new(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(VmName::new("").unwrap().is_empty());
+        // A name with a bad byte on the wire is refused, not trusted.
+        let hello = Message::Hello {
+            role: Role::Urgent,
+            params: SessionParams {
+                vm: VmName::new("abc").unwrap(),
+                ..params()
+            },
+        };
+        let mut bytes = frame(&hello, &[]);
+        let last = bytes.len() - 1;
+        bytes[last] = b'/';
+        assert_eq!(
+            decode_all(&Decoder::handshake(), &bytes).unwrap_err(),
+            WireError::BadVmName
+        );
+        // A name longer than the limit cannot even be framed as a Hello.
+        let mut long = frame(&hello, &[]);
+        long.extend(std::iter::repeat_n(b'a', MAX_VM_NAME_BYTES));
+        let len = (long.len() - HEADER_LEN) as u32;
+        long[4..8].copy_from_slice(&len.to_le_bytes());
+        assert!(matches!(
+            decode_all(&Decoder::handshake(), &long),
+            Err(WireError::BadLength { .. })
+        ));
     }
 
     #[test]

@@ -110,6 +110,7 @@ impl UpstreamError {
                         | ErrorCode::VersionMismatch
                         | ErrorCode::AuthFailed
                         | ErrorCode::ImageMismatch
+                        | ErrorCode::UnknownVm
                 ) && final_answer(*trusted)
             }
         }
@@ -129,6 +130,8 @@ pub struct Target {
     pub total_pages: u64,
     /// Whether we hold a base image (pagesrv offers page hashes first).
     pub base: bool,
+    /// The VM to ask for (empty: the only one pagesrv serves).
+    pub vm: common::wire::VmName,
 }
 
 /// What a reconnect resumes: the session to replace and the image pinned (0: none).
@@ -201,6 +204,7 @@ pub fn connect(
         } else {
             0
         },
+        vm: target.vm,
     };
     let psk = target.psk.as_ref();
     let (urgent, urgent_reader, welcome, urgent_tx) =
@@ -360,6 +364,17 @@ fn check_welcome(
     trusted: bool,
 ) -> Result<(), UpstreamError> {
     let image_differs = ours.image_id != 0 && theirs.image_id != ours.image_id;
+    if !ours.vm.is_empty() && theirs.vm != ours.vm {
+        return Err(UpstreamError::Refused {
+            code: ErrorCode::UnknownVm,
+            text: format!(
+                "pagesrv welcomed us to VM {:?}, not {:?}",
+                theirs.vm.as_str(),
+                ours.vm.as_str()
+            ),
+            trusted,
+        });
+    }
     if theirs.version != ours.version
         || theirs.page_size != ours.page_size
         || theirs.total_pages != ours.total_pages

@@ -21,7 +21,9 @@ use common::framed::{FrameEncoder, FrameReader, ReadError};
 use common::netopt::Liveness;
 use common::pagemap::PageMap;
 use common::wire::phase::{Phase, SourceUrgent};
-use common::wire::{Decoder, ErrorCode, MAX_PAYLOAD_BYTES, Message, PageRange, RANGE_FRAME_BYTES};
+use common::wire::{
+    Decoder, ErrorCode, MAX_PAYLOAD_BYTES, Message, PageRange, RANGE_FRAME_BYTES, VmName,
+};
 use common::working_set::WorkingSet;
 use tracing::{debug, info, warn};
 
@@ -130,6 +132,8 @@ pub struct Switch {
 /// State shared by the session's threads.
 pub struct Session<'a> {
     source: Paged<'a>,
+    /// The VM served.
+    pub vm: VmName,
     /// The session's id (kept across a takeover).
     pub id: u64,
     /// Pages sent, or held or skipped by the destination.
@@ -162,16 +166,17 @@ pub struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    /// A new session over `source`.
+    /// A new session over `source`, VM `vm`'s memory, with session id `id`.
     pub fn new(
         source: Paged<'a>,
-        id: u64,
+        (vm, id): (VmName, u64),
         config: SessionConfig,
         switch: Switch,
         events: Events,
     ) -> Self {
         Session {
             source,
+            vm,
             id,
             sent: PageMap::new(source.total_pages()),
             sent_zero: PageMap::new(source.total_pages()),

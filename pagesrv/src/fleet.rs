@@ -1,0 +1,241 @@
+//! The VMs one pagesrv serves: `--vm-mem [NAME=]PATH` (repeated) and `--vm-dir DIR`, each
+//! under a name destinations ask for in their `Hello` (`faultd --vm NAME`).
+
+use std::path::{Path, PathBuf};
+
+use common::wire::{MAX_VM_NAME_BYTES, VmName};
+use thiserror::Error;
+
+use crate::source::MemorySource;
+
+/// Most VM names listed in an error before "and N more".
+const NAMES_LISTED: usize = 8;
+
+/// A `--vm-mem` argument: a memory file and the name it is served under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// The name destinations ask for.
+    pub name: VmName,
+    /// The memory file.
+    pub path: PathBuf,
+}
+
+/// Parses `NAME=PATH` or `PATH` (named after its file name). `NAME=` is taken as a name only
+/// when it is a valid [`VmName`] without `/`, so a path with `=` in it still works.
+///
+/// # Errors
+/// An empty path, or a file name that cannot be a name (`NAME=PATH` fixes it).
+pub fn parse_vm_spec(text: &str) -> Result<VmSpec, String> {
+    if let Some((name, path)) = text.split_once('=')
+        && !name.is_empty()
+        && let Ok(name) = VmName::new(name)
+    {
+        if path.is_empty() {
+            return Err(format!("--vm-mem {text:?}: no path after {name}="));
+        }
+        return Ok(VmSpec {
+            name,
+            path: PathBuf::from(path),
+        });
+    }
+    if text.is_empty() {
+        return Err("--vm-mem needs a path".into());
+    }
+    let path = PathBuf::from(text);
+    Ok(VmSpec {
+        name: name_of(&path)?,
+        path,
+    })
+}
+
+/// A file's name as a VM name.
+fn name_of(path: &Path) -> Result<VmName, String> {
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("{} has no file name to name its VM by", path.display()))?;
+    VmName::new(file_name).map_err(|why| {
+        format!(
+            "{why}; name the VM explicitly: --vm-mem NAME=PATH (NAME up to {MAX_VM_NAME_BYTES} letters, digits, '.', '_', '-')"
+        )
+    })
+}
+
+/// The memory files in `dir`, each named after its file name, sorted by name. Entries that
+/// are not regular files (or links to them) are left out.
+///
+/// # Errors
+/// An unreadable directory, one without a memory file, or a file name that cannot be a name.
+pub fn scan_vm_dir(dir: &Path) -> Result<Vec<VmSpec>, FleetError> {
+    let read_err = |source| FleetError::Dir {
+        dir: dir.to_owned(),
+        source,
+    };
+    let mut specs = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
+        let path = entry.map_err(read_err)?.path();
+        if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let name = name_of(&path).map_err(FleetError::Name)?;
+        specs.push(VmSpec { name, path });
+    }
+    if specs.is_empty() {
+        return Err(FleetError::EmptyDir(dir.to_owned()));
+    }
+    specs.sort_by_key(|s| s.name);
+    Ok(specs)
+}
+
+/// Errors setting up the VMs to serve.
+#[derive(Debug, Error)]
+pub enum FleetError {
+    /// `--vm-dir` could not be read.
+    #[error("cannot read --vm-dir {dir}")]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `--vm-dir` holds no regular file.
+    #[error("--vm-dir {0} holds no memory file")]
+    EmptyDir(PathBuf),
+    /// A file name that cannot be a VM name.
+    #[error("{0}")]
+    Name(String),
+    /// Two VMs under one name.
+    #[error(
+        "two VMs are named {name:?} ({first} and {second}): name them apart with --vm-mem NAME=PATH"
+    )]
+    Duplicate {
+        /// The name.
+        name: VmName,
+        /// One file.
+        first: PathBuf,
+        /// The other.
+        second: PathBuf,
+    },
+}
+
+/// One VM pagesrv serves.
+#[derive(Debug)]
+pub struct ServedVm {
+    /// The name destinations ask for.
+    pub name: VmName,
+    /// Its memory.
+    pub source: MemorySource,
+}
+
+/// Checks that no two specs share a name.
+///
+/// # Errors
+/// [`FleetError::Duplicate`].
+pub fn check_unique(specs: &[VmSpec]) -> Result<(), FleetError> {
+    let mut sorted: Vec<&VmSpec> = specs.iter().collect();
+    sorted.sort_by_key(|s| s.name);
+    for pair in sorted.windows(2) {
+        if pair[0].name == pair[1].name {
+            return Err(FleetError::Duplicate {
+                name: pair[0].name,
+                first: pair[0].path.clone(),
+                second: pair[1].path.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The VM a destination asked for: by name, or the only one when it named none. `Err` is the
+/// text to refuse it with.
+pub fn find(vms: &[ServedVm], asked: &VmName) -> Result<usize, String> {
+    if asked.is_empty() {
+        return match vms.len() {
+            1 => Ok(0),
+            n => Err(format!(
+                "this pagesrv serves {n} VMs ({}): name one (faultd --vm NAME)",
+                list_names(vms)
+            )),
+        };
+    }
+    vms.iter().position(|vm| vm.name == *asked).ok_or_else(|| {
+        format!(
+            "no VM named {:?} here (serving {})",
+            asked.as_str(),
+            list_names(vms)
+        )
+    })
+}
+
+fn list_names(vms: &[ServedVm]) -> String {
+    let mut names: Vec<&str> = vms
+        .iter()
+        .take(NAMES_LISTED)
+        .map(|vm| vm.name.as_str())
+        .collect();
+    let more = vms.len().saturating_sub(NAMES_LISTED);
+    let more = format!("and {more} more");
+    if vms.len() > NAMES_LISTED {
+        names.push(&more);
+    }
+    names.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_take_a_name_or_the_file_name() {
+        let named = parse_vm_spec("web-1=/dev/shm/a=b").unwrap();
+        assert_eq!(named.name.as_str(), "web-1");
+        assert_eq!(named.path, PathBuf::from("/dev/shm/a=b"));
+        let plain = parse_vm_spec("/dev/shm/vm1").unwrap();
+        assert_eq!(
+            (plain.name.as_str(), plain.path.to_str()),
+            ("vm1", Some("/dev/shm/vm1"))
+        );
+        // `=` inside a path is not a name.
+        let odd = parse_vm_spec("/tmp/x=y/mem").unwrap();
+        assert_eq!(
+            (odd.name.as_str(), odd.path.to_str()),
+            ("mem", Some("/tmp/x=y/mem"))
+        );
+        assert!(parse_vm_spec("").is_err());
+        assert!(parse_vm_spec("a=").is_err());
+        let bad = parse_vm_spec("/tmp/my vm").unwrap_err();
+        assert!(bad.contains("NAME=PATH"), "{bad}");
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let specs = [
+            parse_vm_spec("/a/vm").unwrap(),
+            parse_vm_spec("x=/b/c").unwrap(),
+            parse_vm_spec("/b/vm").unwrap(),
+        ];
+        let err = check_unique(&specs).unwrap_err().to_string();
+        assert!(
+            err.contains("\"vm\"") && err.contains("/a/vm") && err.contains("/b/vm"),
+            "{err}"
+        );
+        assert!(check_unique(&specs[..2]).is_ok());
+    }
+
+    #[test]
+    fn a_directory_serves_its_regular_files_by_name() {
+        let dir = std::env::temp_dir().join(format!("pagesrv-fleet-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("b"), [0u8; 4096]).unwrap();
+        std::fs::write(dir.join("a"), [0u8; 4096]).unwrap();
+        let specs = scan_vm_dir(&dir).unwrap();
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"], "sorted, the subdirectory left out");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(matches!(scan_vm_dir(&dir), Err(FleetError::EmptyDir(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(scan_vm_dir(&dir), Err(FleetError::Dir { .. })));
+    }
+}
