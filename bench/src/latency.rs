@@ -123,6 +123,11 @@ pub struct LatencyArgs {
 const LINK_IMAGE_MIB: u64 = 512;
 
 fn write_image(path: &Path, pages: u64) -> Result<()> {
+    write_image_seeded(path, pages, 0)
+}
+
+/// A patterned image whose data pages differ with `seed` (every 4th page zero).
+pub(crate) fn write_image_seeded(path: &Path, pages: u64, seed: u64) -> Result<()> {
     use std::io::Write;
     let file =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
@@ -133,7 +138,8 @@ fn write_image(path: &Path, pages: u64) -> Result<()> {
             page.fill(0);
         } else {
             for (i, word) in page.chunks_exact_mut(8).enumerate() {
-                word.copy_from_slice(&((p << 20) ^ i as u64 ^ 0x9E37_79B9_7F4A_7C15).to_le_bytes());
+                let value = (p << 20) ^ i as u64 ^ 0x9E37_79B9_7F4A_7C15 ^ seed.rotate_left(40);
+                word.copy_from_slice(&value.to_le_bytes());
             }
         }
         w.write_all(&page)?;

@@ -1,6 +1,7 @@
 //! bench: the main job (a full loopback live migration of a KVM guest) and the latency
 //! benchmark. Runs the real pagesrv, faultd and VMM binaries built beside it.
 
+mod fleet;
 mod floor;
 mod huge;
 mod latency;
@@ -30,6 +31,8 @@ enum Command {
     Migrate(migrate::MigrateArgs),
     /// Measure fault latency and throughput of the real pair against this machine's floor.
     Latency(latency::LatencyArgs),
+    /// Migrate many VMs at once through one pagesrv, against one VM alone.
+    Fleet(fleet::FleetArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Migrate(args) => migrate::run(&args),
         Command::Latency(args) => latency::run(&args),
+        Command::Fleet(args) => fleet::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -258,9 +258,38 @@ pub fn start_pagesrv_at(
     extra: &[&str],
     log: Option<&Path>,
 ) -> Result<(Guard, String)> {
+    let vm = [std::ffi::OsString::from("--vm-mem"), mem.into()];
+    start_pagesrv_serving(&vm, listen, netns, extra, log)
+}
+
+/// pagesrv serving the VMs `(name, memory file)` at a free loopback port.
+///
+/// # Errors
+/// As [`start_pagesrv`].
+pub fn start_pagesrv_fleet(
+    vms: &[(String, PathBuf)],
+    extra: &[&str],
+    log: Option<&Path>,
+) -> Result<(Guard, String)> {
+    let args: Vec<std::ffi::OsString> = vms
+        .iter()
+        .flat_map(|(name, path)| {
+            let spec = format!("{name}={}", path.display());
+            ["--vm-mem".into(), spec.into()]
+        })
+        .collect();
+    start_pagesrv_serving(&args, "127.0.0.1:0", None, extra, log)
+}
+
+fn start_pagesrv_serving(
+    vm_args: &[std::ffi::OsString],
+    listen: &str,
+    netns: Option<&str>,
+    extra: &[&str],
+    log: Option<&Path>,
+) -> Result<(Guard, String)> {
     let mut cmd = Command::new(sibling("pagesrv")?);
-    cmd.arg("--vm-mem")
-        .arg(mem)
+    cmd.args(vm_args)
         .args(["--listen", listen])
         .args(extra)
         .stdout(Stdio::piped());

@@ -231,9 +231,12 @@ fn feed_params(mac: &mut Hmac<Sha256>, params: &SessionParams) {
     mac.update(&params.session_id.to_le_bytes());
     mac.update(&params.image_id.to_le_bytes());
     mac.update(&params.flags.to_le_bytes());
-    // Length first: no two (name, next field) pairs feed the same bytes.
-    mac.update(&[params.vm.as_str().len() as u8]);
-    mac.update(params.vm.as_str().as_bytes());
+    // Only a named VM adds bytes (so peers that name none keep their MAC); length first, so
+    // no two names feed the same bytes.
+    if !params.vm.is_empty() {
+        mac.update(&[params.vm.as_str().len() as u8]);
+        mac.update(params.vm.as_str().as_bytes());
+    }
 }
 
 fn feed_answer(mac: &mut Hmac<Sha256>, answer: &Answer) {
@@ -307,9 +310,21 @@ mod tests {
                 image_id: 9,
                 ..t.hello
             },
+            SessionParams {
+                vm: crate::wire::VmName::new("other").expect("a valid name"),
+                ..t.hello
+            },
         ] {
             assert!(!key.verify_client(&Transcript { hello, ..t }, &tag));
         }
+        // Two named VMs differ too.
+        let mut named_a = t;
+        named_a.hello.vm = crate::wire::VmName::new("a").expect("a valid name");
+        let mut named_b = t;
+        named_b.hello.vm = crate::wire::VmName::new("b").expect("a valid name");
+        let tag_a = key.client_mac(&named_a);
+        assert!(key.verify_client(&named_a, &tag_a));
+        assert!(!key.verify_client(&named_b, &tag_a));
         let wrong = Psk::from_bytes(b"0123456789abcdeX");
         assert!(!wrong.verify_client(&t, &tag));
     }

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod mmap;
 pub mod netopt;
 pub mod pagemap;
+pub mod pi_mutex;
 pub mod sched;
 pub mod seal;
 pub mod sigbus;

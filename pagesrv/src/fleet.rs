@@ -14,10 +14,13 @@ const NAMES_LISTED: usize = 8;
 /// A `--vm-mem` argument: a memory file and the name it is served under.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
-    /// The name destinations ask for.
+    /// The name destinations ask for; empty until [`resolve_names`] when the file's name
+    /// cannot be one (`unnamed` says why).
     pub name: VmName,
     /// The memory file.
     pub path: PathBuf,
+    /// Why the file's name is not a VM name, if it is not.
+    pub unnamed: Option<String>,
 }
 
 /// Parses `NAME=PATH` or `PATH` (named after its file name). `NAME=` is taken as a name only
@@ -36,16 +39,43 @@ pub fn parse_vm_spec(text: &str) -> Result<VmSpec, String> {
         return Ok(VmSpec {
             name,
             path: PathBuf::from(path),
+            unnamed: None,
         });
     }
     if text.is_empty() {
         return Err("--vm-mem needs a path".into());
     }
     let path = PathBuf::from(text);
-    Ok(VmSpec {
-        name: name_of(&path)?,
-        path,
+    Ok(match name_of(&path) {
+        Ok(name) => VmSpec {
+            name,
+            path,
+            unnamed: None,
+        },
+        Err(why) => VmSpec {
+            name: VmName::default(),
+            path,
+            unnamed: Some(why),
+        },
     })
+}
+
+/// Names the VMs whose file names cannot be names: a lone VM is `vm` (destinations need not
+/// name it); among several, that is an error (name it with `NAME=PATH`).
+///
+/// # Errors
+/// [`FleetError::Name`] for an unnamed VM among several.
+pub fn resolve_names(specs: &mut [VmSpec]) -> Result<(), FleetError> {
+    let lone = specs.len() == 1;
+    for spec in specs.iter_mut() {
+        if let Some(why) = spec.unnamed.take() {
+            if !lone {
+                return Err(FleetError::Name(why));
+            }
+            spec.name = VmName::new("vm").map_err(FleetError::Name)?;
+        }
+    }
+    Ok(())
 }
 
 /// A file's name as a VM name.
@@ -62,10 +92,11 @@ fn name_of(path: &Path) -> Result<VmName, String> {
 }
 
 /// The memory files in `dir`, each named after its file name, sorted by name. Entries that
-/// are not regular files (or links to them) are left out.
+/// are not regular files (or links to them), hidden files and files whose name cannot be a
+/// VM name are left out (the last with a warning).
 ///
 /// # Errors
-/// An unreadable directory, one without a memory file, or a file name that cannot be a name.
+/// An unreadable directory, or one without a memory file.
 pub fn scan_vm_dir(dir: &Path) -> Result<Vec<VmSpec>, FleetError> {
     let read_err = |source| FleetError::Dir {
         dir: dir.to_owned(),
@@ -74,16 +105,25 @@ pub fn scan_vm_dir(dir: &Path) -> Result<Vec<VmSpec>, FleetError> {
     let mut specs = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(read_err)? {
         let path = entry.map_err(read_err)?.path();
-        if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
+        if hidden || !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
             continue;
         }
-        let name = name_of(&path).map_err(FleetError::Name)?;
-        specs.push(VmSpec { name, path });
+        match name_of(&path) {
+            Ok(name) => specs.push(VmSpec {
+                name,
+                path,
+                unnamed: None,
+            }),
+            Err(why) => tracing::warn!(file = %path.display(), %why, "--vm-dir: left out"),
+        }
     }
     if specs.is_empty() {
         return Err(FleetError::EmptyDir(dir.to_owned()));
     }
-    specs.sort_by_key(|s| s.name);
+    specs.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
     Ok(specs)
 }
 
@@ -133,7 +173,7 @@ pub struct ServedVm {
 /// [`FleetError::Duplicate`].
 pub fn check_unique(specs: &[VmSpec]) -> Result<(), FleetError> {
     let mut sorted: Vec<&VmSpec> = specs.iter().collect();
-    sorted.sort_by_key(|s| s.name);
+    sorted.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
     for pair in sorted.windows(2) {
         if pair[0].name == pair[1].name {
             return Err(FleetError::Duplicate {
@@ -203,7 +243,15 @@ mod tests {
         );
         assert!(parse_vm_spec("").is_err());
         assert!(parse_vm_spec("a=").is_err());
-        let bad = parse_vm_spec("/tmp/my vm").unwrap_err();
+        // A file name that cannot be a VM name: `vm` when it is the only VM, else an error.
+        let mut lone = vec![parse_vm_spec("/tmp/my vm").unwrap()];
+        resolve_names(&mut lone).unwrap();
+        assert_eq!(lone[0].name.as_str(), "vm");
+        let mut two = vec![
+            parse_vm_spec("/tmp/my vm").unwrap(),
+            parse_vm_spec("/a/b").unwrap(),
+        ];
+        let bad = resolve_names(&mut two).unwrap_err().to_string();
         assert!(bad.contains("NAME=PATH"), "{bad}");
     }
 
@@ -227,11 +275,16 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pagesrv-fleet-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("sub")).unwrap();
-        std::fs::write(dir.join("b"), [0u8; 4096]).unwrap();
-        std::fs::write(dir.join("a"), [0u8; 4096]).unwrap();
+        for name in ["b", "aa", ".hidden", "bad name"] {
+            std::fs::write(dir.join(name), [0u8; 4096]).unwrap();
+        }
         let specs = scan_vm_dir(&dir).unwrap();
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["a", "b"], "sorted, the subdirectory left out");
+        assert_eq!(
+            names,
+            ["aa", "b"],
+            "by name; the subdirectory, hidden and unnameable files left out"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::create_dir_all(&dir).unwrap();
         assert!(matches!(scan_vm_dir(&dir), Err(FleetError::EmptyDir(_))));

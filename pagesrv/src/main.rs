@@ -296,16 +296,17 @@ fn run(cli: Cli) -> Result<()> {
 /// The memory to serve: paused VMs' files (`--vm-mem`, `--vm-dir`), or a running VM's RAM
 /// from its VMM (paused at once for `--strategy postcopy`, or handed to the precopy engine).
 fn open_vms(cli: &Cli) -> Result<(Vec<ServedVm>, Option<Arc<Precopy>>)> {
-    let specs = match &cli.vm_dir {
+    let mut specs = match &cli.vm_dir {
         Some(dir) => fleet::scan_vm_dir(dir)?,
         None => cli.vm_mem.clone(),
     };
     if !specs.is_empty() {
         if cli.strategy != Strategy::Postcopy {
             bail!(
-                "--strategy precopy and hybrid need a running VM: give --vmm-uds instead of --vm-mem"
+                "--strategy precopy and hybrid need a running VM: give --vmm-uds instead of --vm-mem or --vm-dir"
             );
         }
+        fleet::resolve_names(&mut specs)?;
         fleet::check_unique(&specs)?;
         let vms = specs
             .into_iter()

@@ -26,6 +26,8 @@ struct VmFigures {
     verified: AtomicU64,
     failed: AtomicU64,
     aborted: AtomicU64,
+    /// Bytes sent in the VM's sessions that ended.
+    ended_bytes: AtomicU64,
 }
 
 /// One session's counters at a moment.
@@ -88,12 +90,13 @@ impl Published {
         *vm.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(figures);
     }
 
-    /// A session of `vm` ended with `outcome`.
-    pub fn ended(&self, vm: VmName, outcome: &Outcome, verified: bool) {
+    /// A session of `vm` ended with `outcome`, having sent `bytes`.
+    pub fn ended(&self, vm: VmName, outcome: &Outcome, verified: bool, bytes: u64) {
         let Some(vm) = self.vm(vm) else {
             return;
         };
         *vm.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        vm.ended_bytes.fetch_add(bytes, Ordering::Relaxed);
         let counter = match outcome {
             Outcome::Completed if verified => &vm.verified,
             Outcome::Completed => &vm.completed,
@@ -127,6 +130,14 @@ impl VmFigures {
             labels
         };
         let current = *self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let running_bytes = current.map_or(0, |f| f.bytes_sent);
+        s.labelled(
+            "pagesrv_vm_sent_bytes",
+            "Bytes sent for the VM over all its sessions (its share of the link).",
+            Kind::Counter,
+            label(None),
+            (self.ended_bytes.load(Ordering::Relaxed) + running_bytes) as f64,
+        );
         s.labelled(
             "pagesrv_session_running",
             "1 while a destination session runs.",
@@ -208,12 +219,14 @@ mod tests {
     fn sessions_are_counted_by_outcome() {
         let (a, b) = (VmName::new("a").unwrap(), VmName::new("b").unwrap());
         let p = Published::new(&[a, b]);
-        p.ended(a, &Outcome::Completed, true);
-        p.ended(b, &Outcome::Aborted("cut".into()), false);
-        p.ended(b, &Outcome::Aborted("cut".into()), false);
+        p.ended(a, &Outcome::Completed, true, 100);
+        p.ended(b, &Outcome::Aborted("cut".into()), false, 5);
+        p.ended(b, &Outcome::Aborted("cut".into()), false, 7);
         let text = p.snapshot().render();
         for line in [
             "pagesrv_vms 2",
+            "pagesrv_vm_sent_bytes_total{vm=\"a\"} 100",
+            "pagesrv_vm_sent_bytes_total{vm=\"b\"} 12",
             "pagesrv_session_running{vm=\"a\"} 0",
             "pagesrv_session_running{vm=\"b\"} 0",
             "pagesrv_sessions_total{vm=\"a\",outcome=\"verified\"} 1",

@@ -113,8 +113,6 @@ pub fn serve(
     let listener = TcpListener::bind(config.listen)
         .with_context(|| format!("failed to listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    // One line on stdout for scripts and tests: where to connect.
-    println!("pagesrv listening on {addr}");
     for vm in vms {
         info!(
             %addr,
@@ -124,6 +122,8 @@ pub fn serve(
             "serving memory"
         );
     }
+    // One line on stdout for scripts and tests: where to connect (after the log says what).
+    println!("pagesrv listening on {addr}");
     let (tx, rx) = mpsc::channel();
     spawn_acceptor(listener, config.psk.clone(), tx.clone());
     std::thread::scope(|scope| {
@@ -136,10 +136,11 @@ pub fn serve(
             serials: 0,
             precopy,
             events,
+            done: None,
         };
         let result = manager.run(&rx);
         for index in 0..vms.len() {
-            manager.stop_running(index);
+            manager.end_session(index, true);
         }
         result
     })
@@ -255,6 +256,8 @@ struct Manager<'scope, 'env> {
     /// Control-socket events.
     events: Events,
     serials: u64,
+    /// Set when every VM's migration ended: what pagesrv exits with.
+    done: Option<Result<()>>,
 }
 
 impl<'scope, 'env> Manager<'scope, 'env> {
@@ -265,14 +268,14 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => bail!("the acceptor stopped"),
             };
-            for slot in &mut self.slots {
+            for (slot, vm) in self.slots.iter_mut().zip(self.vms) {
                 if slot
                     .pending
                     .as_ref()
                     .is_some_and(|p| p.since.elapsed() > HANDSHAKE_DEADLINE)
                 {
                     let p = slot.pending.take().expect("checked");
-                    warn!(peer = %p.admitted.peer, vm = %p.welcome.vm, "the destination never opened its bulk connection");
+                    warn!(peer = %p.admitted.peer, vm = %vm.name, "the destination never opened its bulk connection");
                 }
             }
             match event {
@@ -280,12 +283,11 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                     Role::Urgent => self.on_urgent(admitted),
                     Role::Bulk => self.on_bulk(admitted),
                 },
-                Some(Event::SessionEnded { serial }) => {
-                    if let Some(done) = self.on_session_ended(serial) {
-                        return done;
-                    }
-                }
+                Some(Event::SessionEnded { serial }) => self.on_session_ended(serial),
                 None => {}
+            }
+            if let Some(done) = self.done.take() {
+                return done;
             }
         }
     }
@@ -295,28 +297,68 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         admitted.refuse(self.config.psk.as_ref(), code, text);
     }
 
-    /// Stops a running session (replaced by a reconnect, or pagesrv ends) and accounts it.
-    fn stop_running(&mut self, index: usize) {
+    /// Ends VM `index`'s running session, if any: aborts it first with `abort` (a reconnect
+    /// replaces it, or pagesrv ends), then joins and concludes it.
+    fn end_session(&mut self, index: usize, abort: bool) {
         let Some(running) = self.slots[index].running.take() else {
             return;
         };
-        running.session.abort();
+        if abort {
+            running.session.abort();
+        }
         let outcome = running
             .handle
             .join()
             .unwrap_or_else(|_| Outcome::Aborted("session thread panicked".into()));
-        self.account(index, &running.session, &outcome);
+        self.conclude(index, &running.session, outcome);
     }
 
-    /// Prints, publishes and totals a session that ended.
-    fn account(&mut self, index: usize, session: &Session<'_>, outcome: &Outcome) {
-        print_summary(session, outcome);
+    /// Prints, publishes and totals a session that ended; a completed or failed one finishes
+    /// its VM (without `--serve-forever`), and the last VM to finish sets the verdict.
+    fn conclude(&mut self, index: usize, session: &Session<'_>, outcome: Outcome) {
+        print_summary(session, &outcome);
+        let bytes = session.stats.bytes_sent.load(Ordering::Relaxed);
         if let Some(published) = session.published() {
-            published.ended(session.vm, outcome, session.verified());
+            published.ended(session.vm, &outcome, session.verified(), bytes);
         }
         let slot = &mut self.slots[index];
-        slot.bytes_sent += session.stats.bytes_sent.load(Ordering::Relaxed);
+        slot.bytes_sent += bytes;
         slot.last_end = Some(Instant::now());
+        let vm = self.vms[index].name.to_string();
+        match &outcome {
+            Outcome::Completed => self.events.emit_sticky(json!({
+                "event": "completed",
+                "vm": vm,
+                "verified": session.verified(),
+            })),
+            Outcome::Failed(why) => self
+                .events
+                .emit_sticky(json!({"event": "failed", "vm": vm, "error": why})),
+            Outcome::Aborted(why) => self
+                .events
+                .emit(json!({"event": "session-broke-off", "vm": vm, "why": why})),
+        }
+        let finished = match outcome {
+            Outcome::Completed => Finished::Completed {
+                verified: session.verified(),
+            },
+            Outcome::Failed(why) => {
+                error!(%vm, %why, "the migration failed: the source must keep the VM");
+                Finished::Failed(why)
+            }
+            Outcome::Aborted(why) => {
+                warn!(%vm, %why, "session broke off; waiting for the destination to reconnect");
+                return;
+            }
+        };
+        if self.config.serve_forever {
+            print_vm_totals(&self.vms[index], &self.slots[index], &finished);
+            return;
+        }
+        self.slots[index].finished = Some(finished);
+        if self.slots.iter().all(|slot| slot.finished.is_some()) {
+            self.done = Some(self.verdict());
+        }
     }
 
     fn on_urgent(&mut self, admitted: Box<Admitted>) {
@@ -358,8 +400,14 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 peer = %admitted.peer,
                 "the destination reconnected: replacing its old session"
             );
-            self.stop_running(index);
+            self.end_session(index, true);
+            if self.slots[index].finished.is_some() {
+                // It had ended before we stopped it: nothing to resume.
+                let text = format!("the migration of VM {} has ended", self.vms[index].name);
+                return self.refuse(admitted, ErrorCode::UnknownVm, &text);
+            }
         }
+        let vm = &self.vms[index];
         let resumed = admitted.hello.resumed();
         let flags = match &self.precopy {
             None => 0,
@@ -398,7 +446,9 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         let welcome = SessionParams {
             session_id,
             flags,
-            vm: vm.name,
+            // Echoed only to a destination that named it (one that did not may predate
+            // names and read only the fixed body).
+            vm: admitted.hello.vm,
             ..ours
         };
         if let Err(e) = prepare_socket(&admitted.conn, Role::Urgent, self.config)
@@ -417,12 +467,13 @@ impl<'scope, 'env> Manager<'scope, 'env> {
 
     fn on_bulk(&mut self, mut admitted: Box<Admitted>) {
         let hello = admitted.hello;
-        let index = self.slots.iter().position(|slot| {
-            slot.pending.as_ref().is_some_and(|p| {
+        // The VM by name, as for the urgent connection; then that VM's pending session only.
+        let index = fleet::find(self.vms, &hello.vm).ok().filter(|&index| {
+            self.slots[index].pending.as_ref().is_some_and(|p| {
                 p.welcome.session_id == hello.session_id
                     && p.welcome.page_size == hello.page_size
                     && p.welcome.total_pages == hello.total_pages
-                    && (hello.vm.is_empty() || hello.vm == p.welcome.vm)
+                    && p.welcome.vm == hello.vm
             })
         });
         let Some(index) = index else {
@@ -440,7 +491,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             warn!(peer = %admitted.peer, error = %format!("{e:#}"), "failed to welcome a destination");
             return;
         }
-        info!(peer = %admitted.peer, role = "bulk", vm = %welcome.vm, session = format_args!("{:016x}", hello.session_id), sealed = admitted.encoder.is_sealed(), "destination connected");
+        info!(peer = %admitted.peer, role = "bulk", vm = %self.vms[index].name, session = format_args!("{:016x}", hello.session_id), sealed = admitted.encoder.is_sealed(), "destination connected");
         let Admitted {
             conn,
             reader,
@@ -513,81 +564,26 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         });
     }
 
-    /// A session thread ended; `Some` ends the server (every VM's migration ended).
-    fn on_session_ended(&mut self, serial: u64) -> Option<Result<()>> {
-        // None: one that was replaced (and accounted) already.
-        let index = self
+    /// A session thread ended (one replaced by a reconnect was concluded already).
+    fn on_session_ended(&mut self, serial: u64) {
+        if let Some(index) = self
             .slots
             .iter()
-            .position(|slot| slot.running.as_ref().is_some_and(|r| r.serial == serial))?;
-        let running = self.slots[index].running.take().expect("found above");
-        let outcome = running
-            .handle
-            .join()
-            .unwrap_or_else(|_| Outcome::Aborted("session thread panicked".into()));
-        self.account(index, &running.session, &outcome);
-        let vm = self.vms[index].name.to_string();
-        match &outcome {
-            Outcome::Completed => self.events.emit_sticky(json!({
-                "event": "completed",
-                "vm": vm,
-                "verified": running.session.verified(),
-            })),
-            Outcome::Failed(why) => self
-                .events
-                .emit_sticky(json!({"event": "failed", "vm": vm, "error": why})),
-            Outcome::Aborted(why) => self
-                .events
-                .emit(json!({"event": "session-broke-off", "vm": vm, "why": why})),
+            .position(|slot| slot.running.as_ref().is_some_and(|r| r.serial == serial))
+        {
+            self.end_session(index, false);
         }
-        let finished = match outcome {
-            Outcome::Completed => Finished::Completed {
-                verified: running.session.verified(),
-            },
-            Outcome::Failed(why) => {
-                error!(%vm, %why, "the migration failed: the source must keep the VM");
-                Finished::Failed(why)
-            }
-            Outcome::Aborted(why) => {
-                warn!(%vm, %why, "session broke off; waiting for the destination to reconnect");
-                return None;
-            }
-        };
-        if self.config.serve_forever {
-            return None;
-        }
-        self.slots[index].finished = Some(finished);
-        if self.slots.iter().any(|slot| slot.finished.is_none()) {
-            return None;
-        }
-        Some(self.verdict())
     }
 
     /// Every VM's migration ended: one line per VM, and an error naming those that failed.
     fn verdict(&self) -> Result<()> {
         let mut failed = Vec::new();
         for (vm, slot) in self.vms.iter().zip(&self.slots) {
-            let secs = match (slot.first_start, slot.last_end) {
-                (Some(start), Some(end)) => end.duration_since(start).as_secs_f64(),
-                _ => 0.0,
-            };
-            let how = match &slot.finished {
-                Some(Finished::Completed { verified: true }) => "completed (verified)".into(),
-                Some(Finished::Completed { verified: false }) => "completed (NOT verified)".into(),
-                Some(Finished::Failed(why)) => {
-                    failed.push(format!("{}: {why}", vm.name));
-                    format!("FAILED ({why})")
+            if let Some(finished) = &slot.finished {
+                print_vm_totals(vm, slot, finished);
+                if let Finished::Failed(why) = finished {
+                    failed.push(format!("VM {}: {why}", vm.name));
                 }
-                None => "not finished".into(),
-            };
-            if self.vms.len() > 1 {
-                let mib = slot.bytes_sent as f64 / f64::from(1 << 20);
-                eprintln!(
-                    "pagesrv: VM {}: {how}, {} session(s), {mib:.1} MiB sent in {secs:.3} s ({:.0} MiB/s)",
-                    vm.name,
-                    slot.sessions,
-                    mib / secs.max(1e-9)
-                );
             }
         }
         if failed.is_empty() {
@@ -598,6 +594,26 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             failed.join("; ")
         )
     }
+}
+
+/// One line on stderr with a VM's totals over its sessions.
+fn print_vm_totals(vm: &ServedVm, slot: &Slot<'_, '_>, finished: &Finished) {
+    let secs = match (slot.first_start, slot.last_end) {
+        (Some(start), Some(end)) => end.duration_since(start).as_secs_f64(),
+        _ => 0.0,
+    };
+    let how = match finished {
+        Finished::Completed { verified: true } => "completed (verified)".to_string(),
+        Finished::Completed { verified: false } => "completed (NOT verified)".to_string(),
+        Finished::Failed(why) => format!("FAILED ({why})"),
+    };
+    let mib = slot.bytes_sent as f64 / f64::from(1 << 20);
+    eprintln!(
+        "pagesrv: VM {}: {how}, {} session(s), {mib:.1} MiB sent in {secs:.3} s ({:.0} MiB/s)",
+        vm.name,
+        slot.sessions,
+        mib / secs.max(1e-9)
+    );
 }
 
 /// Checks a destination's `Hello` against the memory file: the same protocol, a page size

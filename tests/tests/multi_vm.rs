@@ -23,9 +23,6 @@ fn test_three_vms_at_once_one_link_cut_the_others_unharmed() {
         args.push("--vm-mem".into());
         args.push(format!("{name}={}", dir.path(name).display()).into());
     }
-    args.push("--metrics-listen".into());
-    let metrics_addr = free_loopback_addr();
-    args.push(metrics_addr.clone().into());
     let (mut pagesrv, addr) = start_pagesrv_with(&args);
     // gamma's link is cut twice; alpha and beta go straight to pagesrv.
     let (mut proxy, proxy_addr) =
@@ -94,6 +91,59 @@ fn test_three_vms_at_once_one_link_cut_the_others_unharmed() {
     assert!(first_cut < position("completed: vm alpha"), "{err}");
     assert!(first_cut < position("completed: vm beta"), "{err}");
     assert_eq!(aborted("alpha") + aborted("beta"), 0, "{err}");
+}
+
+#[test]
+fn test_one_vm_failing_leaves_the_other_and_pagesrv_names_it() {
+    if !require_userfaultfd() {
+        return;
+    }
+    let dir = Scratch::new("multi-vm-fail");
+    // Page 6001 (a data page) is corrupted in flight: it exists in "bad" only.
+    write_source(&dir.path("good"), 4096, 1, 4, 0..0);
+    write_source(&dir.path("bad"), 8192, 2, 4, 0..0);
+    let args: Vec<OsString> = vec![
+        "--vm-mem".into(),
+        dir.path("good").into(),
+        "--vm-mem".into(),
+        dir.path("bad").into(),
+        "--corrupt-page".into(),
+        "6001".into(),
+    ];
+    let (mut pagesrv, addr) = start_pagesrv_with(&args);
+    let mut destinations = Vec::new();
+    for name in ["bad", "good"] {
+        let (uds, stats) = (
+            dir.path(&format!("{name}.sock")),
+            dir.path(&format!("{name}.json")),
+        );
+        let faultd = start_faultd_with(&addr, &uds, &stats, &["--vm", name]);
+        let vmm = start_vmm(&uds, &dir.path(name), &["--no-touch"]);
+        destinations.push((name, faultd, vmm, stats));
+    }
+    for (name, faultd, _vmm, stats) in &mut destinations {
+        let (status, err) = faultd.wait(LIMIT);
+        let stats = json(&std::fs::read_to_string(&stats).expect("stats written"));
+        if *name == "bad" {
+            assert_eq!(status.code(), Some(1), "{err}");
+            assert_eq!(stats["digest_check"], "mismatch", "{stats}");
+        } else {
+            assert!(status.success(), "{err}");
+            assert_eq!(stats["digest_check"], "match", "{stats}");
+        }
+    }
+    let (status, err) = pagesrv.wait(LIMIT);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("VM good: completed (verified), 1 session(s)"),
+        "{err}"
+    );
+    assert!(err.contains("VM bad: FAILED"), "{err}");
+    assert!(
+        err.contains("the migration failed: VM bad:") && !err.contains("VM good: V"),
+        "the error names the VM that failed, only it: {err}"
+    );
+    assert!(err.contains("keep the source VM"), "{err}");
 }
 
 #[test]

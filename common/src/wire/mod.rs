@@ -408,7 +408,7 @@ pub const MAX_VM_NAME_BYTES: usize = 64;
 /// A VM's name in `Hello` and `Welcome`: 0 to [`MAX_VM_NAME_BYTES`] bytes of ASCII letters,
 /// digits, `.`, `_` and `-`, not starting with `.` or `-` (so a name is also a safe file
 /// name and metric label). Empty means "the only VM the source serves".
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct VmName {
     len: u8,
     bytes: [u8; MAX_VM_NAME_BYTES],

@@ -20,7 +20,9 @@
 //! never spinning and never waiting on a thread that waits on it.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex};
+
+use common::pi_mutex::{PiGuard, PiMutex};
 use std::time::Duration;
 
 use common::pagemap::PageMap;
@@ -149,7 +151,8 @@ pub struct Vm<K> {
     chunk_digests: Box<[AtomicU64]>,
     /// Pages per digest chunk ([`DIGEST_CHUNK_BYTES`], at least one page).
     chunk_pages: u64,
-    gate: Mutex<()>,
+    /// Priority-inheriting: the fault thread (SCHED_FIFO) waits on it behind bulk threads.
+    gate: PiMutex,
     events: EventEpoch,
 }
 
@@ -177,7 +180,7 @@ impl<K: Kernel> Vm<K> {
             counters: Counters::default(),
             chunk_digests: chunk_digests.into_boxed_slice(),
             chunk_pages,
-            gate: Mutex::new(()),
+            gate: PiMutex::new(),
             events: EventEpoch::default(),
         })
     }
@@ -198,9 +201,8 @@ impl<K: Kernel> Vm<K> {
     }
 
     /// Takes the placement gate (see the module docs).
-    pub fn gate(&self) -> MutexGuard<'_, ()> {
-        // The gate guards no data, so a panic elsewhere cannot leave anything inconsistent.
-        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn gate(&self) -> PiGuard<'_> {
+        self.gate.lock()
     }
 
     /// Reads every pending event under the gate, marks removed pages before any placement

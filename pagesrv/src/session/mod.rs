@@ -592,6 +592,20 @@ impl<'a> Session<'a> {
             engine.pending.clear_range(range.first, range.count);
         }
         self.sent.set_range(range.first, range.count);
+        pieces.clear();
+        self.source.classify(range.first, range.count, pieces);
+        let (zero, data) = {
+            let mut tx = self.urgent_tx.lock().unwrap_or_else(|p| p.into_inner());
+            self.send_pieces(conn, &mut tx, pieces)?
+        };
+        self.stats
+            .urgent_zero_pages
+            .fetch_add(zero, Ordering::Relaxed);
+        self.stats
+            .urgent_data_pages
+            .fetch_add(data, Ordering::Relaxed);
+        // After the reply: the pusher holds this lock at times, and a pusher preempted while
+        // holding it (many VMs' threads on few CPUs) must not delay the answer.
         let wake_pusher = {
             let mut order = self.push_order.lock().expect("scheduler lock poisoned");
             order.on_request(range.end(), self.source.total_pages());
@@ -606,18 +620,6 @@ impl<'a> Session<'a> {
                 .unwrap_or_else(|p| p.into_inner()) += 1;
             self.request_count.1.notify_all();
         }
-        pieces.clear();
-        self.source.classify(range.first, range.count, pieces);
-        let (zero, data) = {
-            let mut tx = self.urgent_tx.lock().unwrap_or_else(|p| p.into_inner());
-            self.send_pieces(conn, &mut tx, pieces)?
-        };
-        self.stats
-            .urgent_zero_pages
-            .fetch_add(zero, Ordering::Relaxed);
-        self.stats
-            .urgent_data_pages
-            .fetch_add(data, Ordering::Relaxed);
         Ok(())
     }
 
