@@ -8,7 +8,7 @@
 //! runs and checking every page it touches and, at the end, every page.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -83,9 +83,14 @@ impl Round {
         median(self.vms.iter().map(|v| v.service_p99_us).collect())
     }
 
+    /// Every VM's data over the time until the last VM had all its pages: faultd's
+    /// duration runs from its VMM's connection (the guests start together) to its last page,
+    /// so this span is the migration's, without process start-up or the guests' final
+    /// checks; for one VM it is its own throughput.
     fn aggregate_throughput(&self) -> f64 {
         let bytes: u64 = self.vms.iter().map(|v| v.data_bytes).sum();
-        bytes as f64 / f64::from(1 << 20) / (self.makespan_ms / 1000.0).max(1e-9)
+        let span_ms = self.vms.iter().map(|v| v.total_ms).fold(0.0, f64::max);
+        bytes as f64 / f64::from(1 << 20) / (span_ms / 1000.0).max(1e-9)
     }
 
     /// The p99 over every VM's faults together (each sample weighs the faults it stands
@@ -178,7 +183,7 @@ fn bench(args: &FleetArgs, images: &[(String, PathBuf)], work: &Path) -> Result<
 
 fn summarize(args: &FleetArgs, alone: &[Round], fleet: &[Round]) -> Value {
     let med = |rounds: &[Round], f: fn(&Round) -> f64| median(rounds.iter().map(f).collect());
-    let alone_tput = med(alone, Round::sum_throughput);
+    let alone_tput = med(alone, Round::aggregate_throughput);
     let alone_p99 = med(alone, Round::pooled_p99);
     let sum_tput = med(fleet, Round::sum_throughput);
     let aggregate = med(fleet, Round::aggregate_throughput);
@@ -216,24 +221,24 @@ fn summarize(args: &FleetArgs, alone: &[Round], fleet: &[Round]) -> Value {
             "total_ms": med(alone, |r| r.makespan_ms),
         },
         "fleet": {
-            "sum_of_throughputs_mib_s": sum_tput,
             "aggregate_throughput_mib_s": aggregate,
+            "sum_of_throughputs_mib_s": sum_tput,
             "fault_p99_us": fleet_p99,
             "service_p99_us_median_vm": fleet_service,
             "makespan_ms": med(fleet, |r| r.makespan_ms),
             "rounds": per_vm,
         },
         "ratios": {
-            "sum_throughput_over_one": sum_tput / alone_tput.max(1e-9),
             "aggregate_throughput_over_one": aggregate / alone_tput.max(1e-9),
+            "sum_throughput_over_one": sum_tput / alone_tput.max(1e-9),
             "fault_p99_over_one": fleet_p99 / alone_p99.max(1e-9),
             "service_p99_over_one": fleet_service / alone_service.max(1e-9),
         },
         "targets": {
-            "sum_throughput_over_one_at_least": 0.85,
+            "aggregate_throughput_over_one_at_least": 0.85,
             "fault_p99_over_one_at_most": 3.0,
         },
-        "method": "one pagesrv serving every VM; per VM faultd (copy placement) and test-vmm (random touches while the push runs, then every page checked); nothing pinned; throughput = data pages / faultd's duration; p99 over all guests' faults pooled",
+        "method": "one pagesrv serving every VM; per VM faultd (copy placement) and test-vmm (random touches while the push runs, then every page checked); nothing pinned; aggregate throughput = every VM's data pages / the longest faultd duration (from its VMM's connection to its last page; one VM alone: its own); the sum of each VM's own throughput is shown beside it; guest fault p99 over all guests' faults pooled; faultd's service p99 = median over the VMs",
     })
 }
 
@@ -250,9 +255,9 @@ fn print_table(r: &Value) {
         f(&r["one_vm"]["total_ms"])
     );
     eprintln!(
-        "  all at once:   {:>7.0} MiB/s summed ({:.0} MiB/s over the makespan), fault p99 {:>8.0} µs, {:.0} ms",
-        f(&r["fleet"]["sum_of_throughputs_mib_s"]),
+        "  all at once:   {:>7.0} MiB/s in all ({:.0} MiB/s summed per VM), fault p99 {:>8.0} µs, {:.0} ms",
         f(&r["fleet"]["aggregate_throughput_mib_s"]),
+        f(&r["fleet"]["sum_of_throughputs_mib_s"]),
         f(&r["fleet"]["fault_p99_us"]),
         f(&r["fleet"]["makespan_ms"])
     );
@@ -262,9 +267,9 @@ fn print_table(r: &Value) {
         f(&r["fleet"]["service_p99_us_median_vm"])
     );
     eprintln!(
-        "  ratios:        throughput {:.2}× (target ≥ 0.85×; over the makespan {:.2}×), guest fault p99 {:.2}× (target ≤ 3×), service p99 {:.2}×",
-        f(&r["ratios"]["sum_throughput_over_one"]),
+        "  ratios:        throughput {:.2}× (target ≥ 0.85×; summed per VM {:.2}×), guest fault p99 {:.2}× (target ≤ 3×), service p99 {:.2}×",
         f(&r["ratios"]["aggregate_throughput_over_one"]),
+        f(&r["ratios"]["sum_throughput_over_one"]),
         f(&r["ratios"]["fault_p99_over_one"]),
         f(&r["ratios"]["service_p99_over_one"])
     );
@@ -310,7 +315,7 @@ fn migrate_at_once(vms: &[(String, PathBuf)], args: &FleetArgs, work: &Path) -> 
             .arg("--latency-out")
             .arg(&latency)
             .stdout(std::fs::File::create(&report)?)
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(work.join(format!("{name}.vmm.log")))?)
             .spawn()
             .context("cannot start test-vmm")?;
         running.push(Destination {
@@ -376,9 +381,10 @@ fn finish(d: &mut Destination) -> Result<VmRun> {
     let latency: Value = serde_json::from_str(&std::fs::read_to_string(&d.latency)?)?;
     let data_pages = stats["pages_requested"].as_u64().unwrap_or(0)
         + stats["pages_pushed"].as_u64().unwrap_or(0);
+    let page_size = stats["page_size"].as_u64().unwrap_or(4096);
     Ok(VmRun {
         total_ms: stats["duration_ms"].as_f64().unwrap_or(0.0),
-        data_bytes: data_pages * 4096,
+        data_bytes: data_pages * page_size,
         samples_us: latency["cdf_samples_us"]
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_f64).collect())

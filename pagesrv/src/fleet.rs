@@ -138,8 +138,10 @@ pub enum FleetError {
         /// Why.
         source: std::io::Error,
     },
-    /// `--vm-dir` holds no regular file.
-    #[error("--vm-dir {0} holds no memory file")]
+    /// `--vm-dir` holds no file it can serve.
+    #[error(
+        "--vm-dir {0} holds no memory file pagesrv can serve (hidden files and names outside letters, digits, '.', '_', '-' are left out)"
+    )]
     EmptyDir(PathBuf),
     /// A file name that cannot be a VM name.
     #[error("{0}")]

@@ -20,14 +20,14 @@ pub struct Published {
 /// One VM's figures.
 #[derive(Debug, Default)]
 struct VmFigures {
-    /// The running session's last published counters (`None`: no session running).
-    current: Mutex<Option<SessionFigures>>,
+    /// The running session's last published counters (`None`: no session running), and the
+    /// bytes of the VM's sessions that ended (one lock: a scrape never sees a session's
+    /// bytes in neither).
+    current: Mutex<(Option<SessionFigures>, u64)>,
     completed: AtomicU64,
     verified: AtomicU64,
     failed: AtomicU64,
     aborted: AtomicU64,
-    /// Bytes sent in the VM's sessions that ended.
-    ended_bytes: AtomicU64,
 }
 
 /// One session's counters at a moment.
@@ -87,7 +87,7 @@ impl Published {
             prefetched: session.prefetched_pages(),
             bytes_sent: get(&s.bytes_sent),
         };
-        *vm.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(figures);
+        vm.current.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(figures);
     }
 
     /// A session of `vm` ended with `outcome`, having sent `bytes`.
@@ -95,8 +95,11 @@ impl Published {
         let Some(vm) = self.vm(vm) else {
             return;
         };
-        *vm.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        vm.ended_bytes.fetch_add(bytes, Ordering::Relaxed);
+        {
+            let mut current = vm.current.lock().unwrap_or_else(|p| p.into_inner());
+            current.0 = None;
+            current.1 += bytes;
+        }
         let counter = match outcome {
             Outcome::Completed if verified => &vm.verified,
             Outcome::Completed => &vm.completed,
@@ -129,14 +132,14 @@ impl VmFigures {
             labels.extend(extra.map(|(k, v)| (k.to_string(), v.to_string())));
             labels
         };
-        let current = *self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let (current, ended_bytes) = *self.current.lock().unwrap_or_else(|p| p.into_inner());
         let running_bytes = current.map_or(0, |f| f.bytes_sent);
         s.labelled(
             "pagesrv_vm_sent_bytes",
             "Bytes sent for the VM over all its sessions (its share of the link).",
             Kind::Counter,
             label(None),
-            (self.ended_bytes.load(Ordering::Relaxed) + running_bytes) as f64,
+            (ended_bytes + running_bytes) as f64,
         );
         s.labelled(
             "pagesrv_session_running",

@@ -347,12 +347,15 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 Finished::Failed(why)
             }
             Outcome::Aborted(why) => {
-                warn!(%vm, %why, "session broke off; waiting for the destination to reconnect");
+                warn!(%vm, %why, "session broke off (its destination resumes it when it reconnects)");
                 return;
             }
         };
         if self.config.serve_forever {
-            print_vm_totals(&self.vms[index], &self.slots[index], &finished);
+            // Each migration's own totals: the next one of this VM starts from zero.
+            let slot = &mut self.slots[index];
+            print_vm_totals(&self.vms[index], slot, &finished);
+            (slot.sessions, slot.bytes_sent, slot.first_start) = (0, 0, None);
             return;
         }
         self.slots[index].finished = Some(finished);

@@ -152,7 +152,7 @@ pub struct Vm<K> {
     /// Pages per digest chunk ([`DIGEST_CHUNK_BYTES`], at least one page).
     chunk_pages: u64,
     /// Priority-inheriting: the fault thread (SCHED_FIFO) waits on it behind bulk threads.
-    gate: PiMutex,
+    gate: PiMutex<()>,
     events: EventEpoch,
 }
 
@@ -180,7 +180,7 @@ impl<K: Kernel> Vm<K> {
             counters: Counters::default(),
             chunk_digests: chunk_digests.into_boxed_slice(),
             chunk_pages,
-            gate: PiMutex::new(),
+            gate: PiMutex::new(()),
             events: EventEpoch::default(),
         })
     }
@@ -201,7 +201,7 @@ impl<K: Kernel> Vm<K> {
     }
 
     /// Takes the placement gate (see the module docs).
-    pub fn gate(&self) -> PiGuard<'_> {
+    pub fn gate(&self) -> PiGuard<'_, ()> {
         self.gate.lock()
     }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use common::framed::{FrameEncoder, FrameReader, ReadError};
 use common::netopt::Liveness;
 use common::pagemap::PageMap;
+use common::pi_mutex::PiMutex;
 use common::wire::phase::{Phase, SourceUrgent};
 use common::wire::{
     Decoder, ErrorCode, MAX_PAYLOAD_BYTES, Message, PageRange, RANGE_FRAME_BYTES, VmName,
@@ -151,7 +152,8 @@ pub struct Session<'a> {
     switch: Switch,
     /// Control-socket events.
     events: Events,
-    push_order: Mutex<PushScheduler>,
+    /// Priority-inheriting: the urgent thread (SCHED_FIFO) takes it after each reply.
+    push_order: PiMutex<PushScheduler>,
     stop: AtomicBool,
     /// Held while writing a batch of frames (the naive baseline shares one socket).
     urgent_tx: Mutex<FrameEncoder>,
@@ -185,7 +187,7 @@ impl<'a> Session<'a> {
             digests_sent: AtomicBool::new(false),
             switch,
             events,
-            push_order: Mutex::new(PushScheduler::new(
+            push_order: PiMutex::new(PushScheduler::new(
                 Prepager::new(
                     config.prepage,
                     PREPAGE_MIN_PAGES,
@@ -212,10 +214,7 @@ impl<'a> Session<'a> {
 
     /// Pages pushed first from the recorded working set (`--prefetch`).
     pub fn prefetched_pages(&self) -> u64 {
-        self.push_order
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .prefetched_pages()
+        self.push_order.lock().prefetched_pages()
     }
 
     /// Pages sent or no longer needed, for progress.
@@ -607,7 +606,7 @@ impl<'a> Session<'a> {
         // After the reply: the pusher holds this lock at times, and a pusher preempted while
         // holding it (many VMs' threads on few CPUs) must not delay the answer.
         let wake_pusher = {
-            let mut order = self.push_order.lock().expect("scheduler lock poisoned");
+            let mut order = self.push_order.lock();
             order.on_request(range.end(), self.source.total_pages());
             !self.config.push && order.has_prepaging()
         };
@@ -737,7 +736,7 @@ impl<'a> Session<'a> {
                 self.requests_seen()
             };
             {
-                let mut order = self.push_order.lock().expect("scheduler lock poisoned");
+                let mut order = self.push_order.lock();
                 let mut pages = 0;
                 while pages < run_pages && runs.len() < MAX_RUNS_PER_WRITE {
                     let left = run_pages - pages;

@@ -198,10 +198,7 @@ impl Session<'_> {
             self.send_unsent(conn, tx)?;
         }
         // Postcopy pushes what is left from the first page on.
-        self.push_order
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .rewind();
+        self.push_order.lock().rewind();
         engine
             .state
             .lock()
@@ -246,18 +243,11 @@ impl Session<'_> {
         engine: Option<&Precopy>,
     ) -> Result<u64, String> {
         let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
-        self.push_order
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .rewind();
+        self.push_order.lock().rewind();
         let mut pieces = Vec::new();
         let mut pages = 0;
         while !self.is_stopped() {
-            let next = self
-                .push_order
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .next_run(&self.sent, run_pages);
+            let next = self.push_order.lock().next_run(&self.sent, run_pages);
             let Some((first, count)) = next else { break };
             if let Some(engine) = engine {
                 // Cleared before the pages are read: a write racing with the read is in the
