@@ -10,13 +10,24 @@ const HUGE: usize = 2 << 20;
 
 #[test]
 fn test_huge_page_guest_served_from_an_ordinary_file() {
+    huge_page_migration("huge512", &[], &[]);
+}
+
+/// The same guest on a hugetlbfs memfd, placed in minor mode: faultd writes each huge page
+/// into the memfd's page cache and maps it in place.
+#[test]
+fn test_huge_page_guest_on_a_memfd_in_minor_mode() {
+    huge_page_migration("huge512-memfd", &["--placement", "memfd"], &["--memfd"]);
+}
+
+fn huge_page_migration(tag: &str, faultd_args: &[&str], vmm_args: &[&str]) {
     if !require_userfaultfd() {
         return;
     }
     let Some(_reserved) = HugePages::reserve(260) else {
         return;
     };
-    let dir = Scratch::new("huge512");
+    let dir = Scratch::new(tag);
     let (mem, uds, stats) = (
         dir.path("vm.mem"),
         dir.path("faultd.sock"),
@@ -26,9 +37,14 @@ fn test_huge_page_guest_served_from_an_ordinary_file() {
     let pages = 512 << 20 >> 12;
     write_source(&mem, pages, 0x4A6E, 4, 2048..3072);
     let (mut pagesrv, addr) = start_pagesrv(&mem, &[]);
-    let mut faultd = start_faultd(&addr, &uds, &stats);
-    let mut vmm = start_vmm(&uds, &mem, &["--hugepages", "--threads", "2"]);
-    let done = finish_migration("huge pages", &mut vmm, &mut faultd, &mut pagesrv, &stats);
+    let mut faultd = start_faultd_with(&addr, &uds, &stats, faultd_args);
+    let vmm_args = [&["--hugepages", "--threads", "2"][..], vmm_args].concat();
+    let mut vmm = start_vmm(&uds, &mem, &vmm_args);
+    let done = finish_migration(tag, &mut vmm, &mut faultd, &mut pagesrv, &stats);
+    if vmm_args.contains(&"--memfd") {
+        // The memfd reached faultd, so `--placement memfd` placed through it.
+        assert!(done.faultd_err.contains("memfd=true"), "{}", done.faultd_err);
+    }
     let s = &done.stats;
     assert_eq!(s["page_size"], HUGE, "{s}");
     assert_eq!(s["total_pages"], 256, "{s}");
