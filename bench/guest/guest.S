@@ -18,8 +18,9 @@
 #   word[0] = g << 40 | p;  word[i] = (word[0] + i) * K ^ seed  (i = 1..511)
 # A page with p % 4 == 0 that was never written is all zero.
 #
-# Register use: r15 seed, r14 data_start_page, r13 data_pages, r12 rng state,
-# r11 last report tsc, r10 sequential cursor.
+# Register use: rbx this vCPU's block (its parameters and counters: the VMM sets it at boot,
+# 0 for vCPU 0), r15 seed, r14 data_start_page, r13 data_pages (this vCPU's own range of
+# data pages), r12 rng state, r11 last report tsc, r10 sequential cursor.
 
     .set PARAMS,          0x100
     .set P_DATA_START,    PARAMS + 0x00   # first data page index
@@ -58,9 +59,9 @@
     .text
     .globl _start
 _start:
-    mov P_SEED, %r15
-    mov P_DATA_START, %r14
-    mov P_DATA_PAGES, %r13
+    mov P_SEED(%rbx), %r15
+    mov P_DATA_START(%rbx), %r14
+    mov P_DATA_PAGES(%rbx), %r13
     mov %r15, %r12
     or $1, %r12
     xor %r10, %r10
@@ -68,11 +69,11 @@ _start:
     shl $32, %rdx
     or %rdx, %rax
     mov %rax, %r11
-    cmpq $0, P_FILL
+    cmpq $0, P_FILL(%rbx)
     je touch_loop
 
     # ---- fill: every page but each 4th gets generation 0 ----
-    movq $0, C_PHASE
+    movq $0, C_PHASE(%rbx)
     mov %r14, %rsi              # page index
     mov %r14, %r9
     add %r13, %r9               # end page
@@ -81,18 +82,18 @@ fill_next:
     jae fill_done
     test $3, %rsi
     jz fill_skip
-    cmpq $0, P_FREE_PCT
+    cmpq $0, P_FREE_PCT(%rbx)
     je 6f
     call next_random            # free with probability free_pct %
     shr $32, %rax
     xor %rdx, %rdx
     mov $100, %rcx
     div %rcx                    # rdx = random % 100
-    cmp P_FREE_PCT, %rdx
+    cmp P_FREE_PCT(%rbx), %rdx
     jae 6f
     mov %rsi, %rax
     sub %r14, %rax
-    mov P_FREE_MAP, %rdx
+    mov P_FREE_MAP(%rbx), %rdx
     bts %rax, (%rdx)            # free: in the bitmap, with old bytes
     mov $0xFFFF, %rax
     shl $40, %rax
@@ -103,14 +104,14 @@ fill_next:
     call write_page
 fill_skip:
     inc %rsi
-    incq C_FILLED
+    incq C_FILLED(%rbx)
     call maybe_report
     jmp fill_next
 fill_done:
-    movq $0, P_FILL             # a restored guest must not fill again
+    movq $0, P_FILL(%rbx)             # a restored guest must not fill again
 
 touch_loop:
-    movq $1, C_PHASE
+    movq $1, C_PHASE(%rbx)
     call pick_page              # rsi = page index
     rdtsc
     shl $32, %rdx
@@ -122,38 +123,38 @@ touch_loop:
     or %rdx, %rax
     mov %rax, %rcx
     sub %r8, %rcx               # touch time
-    add %rcx, C_TOUCH_TSC_SUM
+    add %rcx, C_TOUCH_TSC_SUM(%rbx)
     bsr %rcx, %rax
     jz 4f
-    incq C_HIST(,%rax,8)
+    incq C_HIST(%rbx,%rax,8)
 4:
-    cmp C_MAX_STALL, %rcx
+    cmp C_MAX_STALL(%rbx), %rcx
     jbe 5f
-    mov %rcx, C_MAX_STALL
-5:  cmp C_WIN_MAX, %rcx
+    mov %rcx, C_MAX_STALL(%rbx)
+5:  cmp C_WIN_MAX(%rbx), %rcx
     jbe 1f
-    mov %rcx, C_WIN_MAX
-1:  cmp P_STALL_TSC, %rcx
+    mov %rcx, C_WIN_MAX(%rbx)
+1:  cmp P_STALL_TSC(%rbx), %rcx
     jb 2f
-    add %rcx, C_STALL_SUM
-    incq C_STALLS
-2:  incq C_TOUCHES
-    incq C_VERIFIED
-    mov P_WRITE_INTERVAL, %rax
+    add %rcx, C_STALL_SUM(%rbx)
+    incq C_STALLS(%rbx)
+2:  incq C_TOUCHES(%rbx)
+    incq C_VERIFIED(%rbx)
+    mov P_WRITE_INTERVAL(%rbx), %rax
     test %rax, %rax
     jz 6f
     # paced: rewrite this page if the interval passed since the last write (at once if the
     # TSC went back, as after a restore elsewhere)
     lea (%r8,%rcx), %rdx        # now: the end of this touch
     mov %rdx, %rcx
-    sub C_LAST_WRITE, %rcx
+    sub C_LAST_WRITE(%rbx), %rcx
     cmp %rax, %rcx
     jb 3f
-    mov %rdx, C_LAST_WRITE
+    mov %rdx, C_LAST_WRITE(%rbx)
     jmp 7f
     # rewrite one page in 2^write_shift
-6:  mov C_TOUCHES, %rax
-    mov P_WRITE_SHIFT, %rcx
+6:  mov C_TOUCHES(%rbx), %rax
+    mov P_WRITE_SHIFT(%rbx), %rcx
     mov $1, %rdx
     shl %cl, %rdx
     dec %rdx
@@ -218,29 +219,29 @@ verify_page:
     jne 3b
     ret
 bad_page:
-    incq C_MISMATCHES
-    mov %rsi, C_BAD_PAGE
+    incq C_MISMATCHES(%rbx)
+    mov %rsi, C_BAD_PAGE(%rbx)
     ret
 
 # Returns the next page index that is not free in rsi. Clobbers rax, rdx, rcx.
 pick_page:
     call pick_any
-    cmpq $0, P_FREE_PCT
+    cmpq $0, P_FREE_PCT(%rbx)
     je 1f
     mov %rsi, %rax
     sub %r14, %rax
-    mov P_FREE_MAP, %rdx
+    mov P_FREE_MAP(%rbx), %rdx
     bt %rax, (%rdx)
     jc pick_page
 1:  ret
 
 # Returns the next page index in rsi. Clobbers rax, rdx, rcx.
 pick_any:
-    cmpq $1, P_WORKLOAD
+    cmpq $1, P_WORKLOAD(%rbx)
     je 2f
     call next_random
     mov %r13, %rcx              # range: all data pages
-    cmpq $2, P_WORKLOAD
+    cmpq $2, P_WORKLOAD(%rbx)
     jne 1f
     mov %r12, %rax
     shr $56, %rax
@@ -291,13 +292,13 @@ maybe_report:
     or %rdx, %rax
     mov %rax, %rcx
     sub %r11, %rcx
-    cmp P_INTERVAL, %rcx
+    cmp P_INTERVAL(%rbx), %rcx
     jb 1f
     mov %rax, %r11
-    mov %rax, C_TSC
-    mov P_MMIO, %rdx
+    mov %rax, C_TSC(%rbx)
+    mov P_MMIO(%rbx), %rdx
     mov %rax, (%rdx)            # MMIO exit: the VMM reads the counters
-    movq $0, C_WIN_MAX
+    movq $0, C_WIN_MAX(%rbx)
 1:  pop %rcx
     pop %rdx
     pop %rax

@@ -7,7 +7,9 @@
 //!  0x0200   counters (written by the guest before each report)
 //!  0x1000   PML4        0x2000 PDPT      0x10000.. one PD per GiB (2 MiB user pages)
 //!  0x60000  guest code (bench/guest/guest.S)
-//!  0x1ff000 ring-3 stack top
+//!  0x100000 + (i-1) * 0x1000   vCPU i's parameters (+0x100) and counters (+0x200), i ≥ 1
+//!           (vCPU 0's are the ones at 0x100 and 0x200)
+//!  0x1ff000 - i * 0x2000       vCPU i's ring-3 stack top
 //!  2 MiB .. size            data pages the guest patterns, verifies and rewrites
 //!  size rounded up to 2 MiB the report page: mapped by the page tables, no memslot → MMIO exit
 //! ```
@@ -55,8 +57,30 @@ pub const USER_DS: u16 = 0x23;
 pub const GDT_BASE_LIMIT: (u64, u16) = (GDT_GPA, (GDT.len() * 8 - 1) as u16);
 /// Page-table root for CR3.
 pub const CR3: u64 = PML4_GPA;
-/// Initial stack pointer.
-pub const STACK_TOP: u64 = STACK_TOP_GPA;
+/// Most vCPUs the guest layout has room for.
+pub const MAX_VCPUS: u64 = 64;
+const VCPU_BLOCKS_GPA: u64 = 0x100000;
+const VCPU_STACK_BYTES: u64 = 0x2000;
+
+/// Guest-physical base of vCPU `i`'s block: its parameters at +0x100, counters at +0x200
+/// (the guest's `rbx`).
+pub fn vcpu_block(i: u64) -> u64 {
+    if i == 0 {
+        0
+    } else {
+        VCPU_BLOCKS_GPA + (i - 1) * 0x1000
+    }
+}
+
+/// vCPU `i`'s initial stack pointer.
+pub fn stack_top(i: u64) -> u64 {
+    STACK_TOP_GPA - i * VCPU_STACK_BYTES
+}
+
+const _: () = assert!(
+    VCPU_BLOCKS_GPA + (MAX_VCPUS - 1) * 0x1000 <= STACK_TOP_GPA - MAX_VCPUS * VCPU_STACK_BYTES
+);
+const _: () = assert!(CODE_GPA + 0x10000 <= VCPU_BLOCKS_GPA, "room for the code");
 
 /// Access pattern of the guest's touch loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -91,6 +115,8 @@ pub struct GuestParams {
     pub report_interval_tsc: u64,
     /// A touch at least this many TSC ticks long counts as a stall.
     pub stall_tsc: u64,
+    /// vCPUs: each patterns, verifies and rewrites its own share of the data pages.
+    pub vcpus: u64,
 }
 
 /// Layout errors.
@@ -106,6 +132,20 @@ pub enum GuestError {
         /// Largest supported size in GiB.
         max_gib: u64,
     },
+    /// An unusable vCPU count.
+    #[error("{0} vCPUs: the guest runs 1 to {MAX_VCPUS}, without free pages when more than one")]
+    BadVcpus(u64),
+}
+
+/// Checks a vCPU count (free pages, indexed from the first data page, need one vCPU).
+///
+/// # Errors
+/// [`GuestError::BadVcpus`].
+pub fn check_vcpus(vcpus: u64, free_pct: u64) -> Result<(), GuestError> {
+    if !(1..=MAX_VCPUS).contains(&vcpus) || (vcpus > 1 && free_pct > 0) {
+        return Err(GuestError::BadVcpus(vcpus));
+    }
+    Ok(())
 }
 
 /// The address whose write is a report (the first 2 MiB page past RAM).
@@ -207,26 +247,37 @@ pub fn write_system_area(ram: &mut [u8], p: &GuestParams) {
         put(PD_GPA + 8 * page, (page * HUGE_2M) | PTE_PWU | PTE_HUGE);
     }
     let map = free_map(p.size_bytes, p.free_pct);
-    let params = [
-        DATA_START_GPA >> 12,
-        map.data_pages,
-        p.seed,
-        match p.workload {
-            Workload::Random => 0,
-            Workload::Seq => 1,
-            Workload::Hot => 2,
-        },
-        p.report_interval_tsc,
-        report_gpa(p.size_bytes),
-        p.write_shift,
-        p.stall_tsc,
-        1, // fill before touching
-        p.write_interval_tsc,
-        p.free_pct,
-        map.gpa,
-    ];
-    for (i, v) in params.iter().enumerate() {
-        put(PARAMS_GPA + 8 * i as u64, *v);
+    let vcpus = p.vcpus.max(1);
+    let share = map.data_pages / vcpus;
+    for i in 0..vcpus {
+        // vCPU i's own pages; the last takes what the division leaves.
+        let first = (DATA_START_GPA >> 12) + i * share;
+        let pages = if i + 1 == vcpus {
+            map.data_pages - i * share
+        } else {
+            share
+        };
+        let params = [
+            first,
+            pages,
+            p.seed,
+            match p.workload {
+                Workload::Random => 0,
+                Workload::Seq => 1,
+                Workload::Hot => 2,
+            },
+            p.report_interval_tsc,
+            report_gpa(p.size_bytes),
+            p.write_shift,
+            p.stall_tsc,
+            1, // fill before touching
+            p.write_interval_tsc,
+            p.free_pct,
+            map.gpa,
+        ];
+        for (j, v) in params.iter().enumerate() {
+            put(vcpu_block(i) + PARAMS_GPA + 8 * j as u64, *v);
+        }
     }
     let code = CODE_GPA as usize;
     ram[code..code + GUEST_CODE.len()].copy_from_slice(GUEST_CODE);
@@ -267,6 +318,26 @@ pub struct Counters {
 impl Counters {
     /// Bytes of the counters block to read.
     pub const BYTES: usize = 0x100 + 64 * 8;
+
+    /// Adds another vCPU's counters: sums, maxima, the earliest phase; `tsc` stays ours.
+    pub fn merge(&mut self, other: &Counters) {
+        self.phase = self.phase.min(other.phase);
+        self.touches += other.touches;
+        self.pages_verified += other.pages_verified;
+        self.mismatches += other.mismatches;
+        self.max_stall_tsc = self.max_stall_tsc.max(other.max_stall_tsc);
+        self.stall_tsc_sum += other.stall_tsc_sum;
+        self.stalls += other.stalls;
+        self.touch_tsc_sum += other.touch_tsc_sum;
+        self.filled += other.filled;
+        if other.mismatches > 0 {
+            self.bad_page = other.bad_page;
+        }
+        self.window_max_tsc = self.window_max_tsc.max(other.window_max_tsc);
+        for (h, o) in self.hist.iter_mut().zip(&other.hist) {
+            *h += o;
+        }
+    }
 
     /// Decodes the counters block.
     pub fn from_bytes(b: &[u8]) -> Self {
@@ -343,6 +414,7 @@ mod tests {
             free_pct: 0,
             report_interval_tsc: 100,
             stall_tsc: 10,
+            vcpus: 1,
         };
         write_system_area(&mut ram, &p);
         let get =
@@ -357,5 +429,19 @@ mod tests {
         assert_eq!(get(PARAMS_GPA + 0x58), 0, "no free map without free pages");
         assert_eq!(get(PARAMS_GPA + 0x48), 7, "the write interval");
         assert_eq!(&ram[CODE_GPA as usize..][..GUEST_CODE.len()], GUEST_CODE);
+        // Two vCPUs: the data pages split in two ranges, each in its vCPU's block.
+        let two = GuestParams { vcpus: 2, ..p };
+        write_system_area(&mut ram, &two);
+        let get =
+            |gpa: u64| u64::from_le_bytes(ram[gpa as usize..gpa as usize + 8].try_into().unwrap());
+        let pages = (size - DATA_START_GPA) >> 12;
+        let (b0, b1) = (vcpu_block(0) + PARAMS_GPA, vcpu_block(1) + PARAMS_GPA);
+        assert_eq!((get(b0), get(b0 + 8)), (DATA_START_GPA >> 12, pages / 2));
+        assert_eq!(get(b1), (DATA_START_GPA >> 12) + pages / 2);
+        assert_eq!(get(b0 + 8) + get(b1 + 8), pages);
+        assert_eq!(get(b1 + 0x10), 1, "the same seed");
+        assert!(GUEST_CODE.len() < 0x10000);
+        assert!(check_vcpus(2, 0).is_ok() && check_vcpus(2, 10).is_err());
+        assert!(check_vcpus(0, 0).is_err() && check_vcpus(MAX_VCPUS + 1, 0).is_err());
     }
 }

@@ -1,5 +1,6 @@
-//! A one-vCPU KVM virtual machine over guest RAM mapped with vm-memory: create it, boot the
-//! benchmark guest or restore a saved vCPU, run it report by report, and save its state.
+//! A KVM virtual machine with one or more vCPUs over guest RAM mapped with vm-memory: create
+//! it, boot the benchmark guest or restore saved vCPUs, run each vCPU report by report (on
+//! a thread of its own: [`KvmVm::take_vcpus`]), and save their state.
 
 use std::fs::File;
 
@@ -71,13 +72,20 @@ pub struct VcpuState {
     pub size_bytes: u64,
 }
 
-/// Why [`KvmVm::run_until_report`] returned.
-#[derive(Debug, Clone)]
+/// Why [`Vcpu::run_until_report`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunExit {
-    /// The guest reported; its counters.
-    Report(Box<Counters>),
+    /// The vCPU reported (its counters are in guest RAM: [`KvmVm::counters`]).
+    Report,
     /// KVM_RUN was interrupted by a signal.
     Interrupted,
+}
+
+/// One vCPU: runs on whichever thread holds it.
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u64,
+    size_bytes: u64,
 }
 
 /// Reads KVM's log of the pages the guest wrote (slot 0, all of guest RAM).
@@ -105,22 +113,24 @@ impl DirtyLog {
 
 /// The VM.
 pub struct KvmVm {
-    _kvm: Kvm,
+    /// Taken out while threads run them ([`KvmVm::take_vcpus`]); dropped before the VM.
+    vcpus: Vec<Vcpu>,
+    vcpu_count: u64,
     _vm: std::sync::Arc<VmFd>,
-    vcpu: VcpuFd,
+    _kvm: Kvm,
     mem: GuestMemoryMmap,
     size_bytes: u64,
     tsc_khz: u64,
 }
 
 impl KvmVm {
-    /// Maps `file` (guest RAM, `size_bytes` long) shared and creates a VM with one vCPU over
-    /// it. Nothing is written to guest RAM.
+    /// Maps `file` (guest RAM, `size_bytes` long) shared and creates a VM with `vcpus` vCPUs
+    /// over it. Nothing is written to guest RAM.
     ///
     /// # Errors
     /// Any creation step.
-    pub fn create(file: File, size_bytes: u64) -> Result<Self, VmError> {
-        Self::create_with(file, size_bytes, false)
+    pub fn create(file: File, size_bytes: u64, vcpus: u64) -> Result<Self, VmError> {
+        Self::create_with(file, size_bytes, false, vcpus)
     }
 
     /// As [`KvmVm::create`]; with `dirty_log`, KVM records the pages the guest writes
@@ -128,8 +138,16 @@ impl KvmVm {
     ///
     /// # Errors
     /// Any creation step.
-    pub fn create_with(file: File, size_bytes: u64, dirty_log: bool) -> Result<Self, VmError> {
+    pub fn create_with(
+        file: File,
+        size_bytes: u64,
+        dirty_log: bool,
+        vcpus: u64,
+    ) -> Result<Self, VmError> {
         guest::check_size(size_bytes)?;
+        if !(1..=guest::MAX_VCPUS).contains(&vcpus) {
+            return Err(guest::GuestError::BadVcpus(vcpus).into());
+        }
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
             GuestAddress(0),
             size_bytes as usize,
@@ -155,10 +173,6 @@ impl KvmVm {
         // SAFETY: the region is our mapping of guest RAM, which lives as long as `mem` in
         // this struct, which outlives the VM fd (fields drop in order, `_vm` first).
         unsafe { vm.set_user_memory_region(region) }.map_err(VmError::Memslot)?;
-        let vcpu = vm.create_vcpu(0).map_err(|source| VmError::Vcpu {
-            step: "create",
-            source,
-        })?;
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|source| VmError::Vcpu {
@@ -170,19 +184,43 @@ impl KvmVm {
                 entry.eax &= !ASYNC_PF_BITS;
             }
         }
-        vcpu.set_cpuid2(&cpuid).map_err(|source| VmError::Vcpu {
-            step: "set cpuid",
-            source,
-        })?;
-        let tsc_khz = vcpu.get_tsc_khz().map(u64::from).unwrap_or(2_000_000);
+        let mut fds = Vec::new();
+        for index in 0..vcpus {
+            let fd = vm.create_vcpu(index).map_err(|source| VmError::Vcpu {
+                step: "create",
+                source,
+            })?;
+            fd.set_cpuid2(&cpuid).map_err(|source| VmError::Vcpu {
+                step: "set cpuid",
+                source,
+            })?;
+            fds.push(Vcpu {
+                fd,
+                index,
+                size_bytes,
+            });
+        }
+        let tsc_khz = fds[0].fd.get_tsc_khz().map(u64::from).unwrap_or(2_000_000);
         Ok(KvmVm {
-            _kvm: kvm,
+            vcpus: fds,
+            vcpu_count: vcpus,
             _vm: std::sync::Arc::new(vm),
-            vcpu,
+            _kvm: kvm,
             mem,
             size_bytes,
             tsc_khz,
         })
+    }
+
+    /// vCPUs of the VM.
+    pub fn vcpu_count(&self) -> u64 {
+        self.vcpu_count
+    }
+
+    /// Takes the vCPUs out, each to run on a thread of its own (index order); guest memory
+    /// stays readable through the VM meanwhile.
+    pub fn take_vcpus(&mut self) -> Vec<Vcpu> {
+        std::mem::take(&mut self.vcpus)
     }
 
     /// The pages the guest writes, readable from another thread while the vCPU runs (the VM
@@ -206,17 +244,31 @@ impl KvmVm {
             .expect("guest address 0 is mapped") as u64
     }
 
-    /// Writes the guest's system area and points the vCPU at its entry, in ring 3 of long mode.
+    /// Writes the guest's system area and points every vCPU at its entry, in ring 3 of long
+    /// mode, with its own stack and block (`rbx`).
     ///
     /// # Errors
     /// Memory or vCPU setup failures.
     pub fn boot(&mut self, params: &GuestParams) -> Result<(), VmError> {
+        let params = GuestParams {
+            vcpus: self.vcpu_count,
+            ..*params
+        };
         let mut area = vec![0u8; guest::DATA_START_GPA as usize];
-        guest::write_system_area(&mut area, params);
+        guest::write_system_area(&mut area, &params);
         self.mem
             .write_slice(&area, GuestAddress(0))
             .map_err(VmError::Memory)?;
-        let mut sregs = self.vcpu.get_sregs().map_err(|source| VmError::Vcpu {
+        for vcpu in &mut self.vcpus {
+            vcpu.boot()?;
+        }
+        Ok(())
+    }
+}
+
+impl Vcpu {
+    fn boot(&mut self) -> Result<(), VmError> {
+        let mut sregs = self.fd.get_sregs().map_err(|source| VmError::Vcpu {
             step: "get sregs",
             source,
         })?;
@@ -243,19 +295,18 @@ impl KvmVm {
         sregs.cs = segment(guest::USER_CS, 0xb, true);
         let data = segment(guest::USER_DS, 0x3, false);
         (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
-        self.vcpu
-            .set_sregs(&sregs)
-            .map_err(|source| VmError::Vcpu {
-                step: "set sregs",
-                source,
-            })?;
+        self.fd.set_sregs(&sregs).map_err(|source| VmError::Vcpu {
+            step: "set sregs",
+            source,
+        })?;
         let regs = kvm_regs {
             rip: guest::CODE_GPA,
-            rsp: guest::STACK_TOP,
+            rsp: guest::stack_top(self.index),
+            rbx: guest::vcpu_block(self.index),
             rflags: 0x2,
             ..Default::default()
         };
-        self.vcpu.set_regs(&regs).map_err(|source| VmError::Vcpu {
+        self.fd.set_regs(&regs).map_err(|source| VmError::Vcpu {
             step: "set regs",
             source,
         })
@@ -266,11 +317,11 @@ impl KvmVm {
     /// # Errors
     /// vCPU ioctl failures.
     pub fn save(&self) -> Result<VcpuState, VmError> {
-        let regs = self.vcpu.get_regs().map_err(|source| VmError::Vcpu {
+        let regs = self.fd.get_regs().map_err(|source| VmError::Vcpu {
             step: "get regs",
             source,
         })?;
-        let sregs = self.vcpu.get_sregs().map_err(|source| VmError::Vcpu {
+        let sregs = self.fd.get_sregs().map_err(|source| VmError::Vcpu {
             step: "get sregs",
             source,
         })?;
@@ -279,7 +330,7 @@ impl KvmVm {
             ..Default::default()
         }])
         .expect("one MSR fits");
-        self.vcpu
+        self.fd
             .get_msrs(&mut msrs)
             .map_err(|source| VmError::Vcpu {
                 step: "get tsc",
@@ -304,13 +355,13 @@ impl KvmVm {
                 state.size_bytes, self.size_bytes
             )));
         }
-        self.vcpu
+        self.fd
             .set_sregs(&state.sregs)
             .map_err(|source| VmError::Vcpu {
                 step: "set sregs",
                 source,
             })?;
-        self.vcpu
+        self.fd
             .set_regs(&state.regs)
             .map_err(|source| VmError::Vcpu {
                 step: "set regs",
@@ -322,7 +373,7 @@ impl KvmVm {
             ..Default::default()
         }])
         .expect("one MSR fits");
-        self.vcpu.set_msrs(&msrs).map_err(|source| VmError::Vcpu {
+        self.fd.set_msrs(&msrs).map_err(|source| VmError::Vcpu {
             step: "set tsc",
             source,
         })?;
@@ -336,28 +387,62 @@ impl KvmVm {
     pub fn run_until_report(&mut self) -> Result<RunExit, VmError> {
         let report = guest::report_gpa(self.size_bytes);
         loop {
-            match self.vcpu.run() {
+            match self.fd.run() {
                 Ok(VcpuExit::MmioWrite(addr, _)) if addr == report => {
-                    return Ok(RunExit::Report(Box::new(self.counters()?)));
+                    return Ok(RunExit::Report);
                 }
                 Ok(VcpuExit::Intr) => return Ok(RunExit::Interrupted),
-                Ok(other) => return Err(VmError::UnexpectedExit(format!("{other:?}"))),
+                Ok(other) => {
+                    return Err(VmError::UnexpectedExit(format!(
+                        "vCPU {}: {other:?}",
+                        self.index
+                    )));
+                }
                 Err(e) if e.errno() == libc::EINTR => return Ok(RunExit::Interrupted),
                 Err(e) if e.errno() == libc::EAGAIN => continue,
                 Err(e) => return Err(VmError::Run(e)),
             }
         }
     }
+}
 
-    /// Reads the guest's counters block.
+impl KvmVm {
+    /// Every vCPU's counters block, in vCPU order.
     ///
     /// # Errors
     /// A failed read of guest memory.
-    pub fn counters(&self) -> Result<Counters, VmError> {
+    pub fn vcpu_counters(&self) -> Result<Vec<Counters>, VmError> {
         let mut buf = vec![0u8; Counters::BYTES];
-        self.mem
-            .read_slice(&mut buf, GuestAddress(guest::COUNTERS_GPA))
-            .map_err(VmError::Memory)?;
-        Ok(Counters::from_bytes(&buf))
+        (0..self.vcpu_count)
+            .map(|i| {
+                self.mem
+                    .read_slice(
+                        &mut buf,
+                        GuestAddress(guest::vcpu_block(i) + guest::COUNTERS_GPA),
+                    )
+                    .map_err(VmError::Memory)?;
+                Ok(Counters::from_bytes(&buf))
+            })
+            .collect()
+    }
+}
+
+/// The guest's counters: every vCPU's added up ([`Counters::merge`]), and each one's
+/// touches.
+pub fn total_counters(per_vcpu: &[Counters]) -> (Counters, Vec<u64>) {
+    let mut total = per_vcpu[0];
+    for c in &per_vcpu[1..] {
+        total.merge(c);
+    }
+    (total, per_vcpu.iter().map(|c| c.touches).collect())
+}
+
+impl KvmVm {
+    /// Every vCPU's counters added up, and each vCPU's touches.
+    ///
+    /// # Errors
+    /// A failed read of guest memory.
+    pub fn counters(&self) -> Result<(Counters, Vec<u64>), VmError> {
+        Ok(total_counters(&self.vcpu_counters()?))
     }
 }

@@ -43,7 +43,11 @@ fn huge_page_migration(tag: &str, faultd_args: &[&str], vmm_args: &[&str]) {
     let done = finish_migration(tag, &mut vmm, &mut faultd, &mut pagesrv, &stats);
     if vmm_args.contains(&"--memfd") {
         // The memfd reached faultd, so `--placement memfd` placed through it.
-        assert!(done.faultd_err.contains("memfd=true"), "{}", done.faultd_err);
+        assert!(
+            done.faultd_err.contains("memfd=true"),
+            "{}",
+            done.faultd_err
+        );
     }
     let s = &done.stats;
     assert_eq!(s["page_size"], HUGE, "{s}");

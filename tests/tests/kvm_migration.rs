@@ -14,7 +14,11 @@ fn migrate_with_bench(strategy: &str, mode: &str) -> serde_json::Value {
 }
 
 fn migrate_with_bench_args(strategy: &str, mode: &str, extra: &[&str]) -> serde_json::Value {
-    let dir = Scratch::new(&format!("kvm-{strategy}-{mode}-{}", extra.len()));
+    // Named by every argument: tests that run at once never share a directory.
+    let dir = Scratch::new(&format!(
+        "kvm-{strategy}-{mode}-{}",
+        extra.join("").replace('-', "")
+    ));
     let out = dir.path("out.json");
     let mut bench = Proc::spawn(
         "bench",
@@ -63,6 +67,55 @@ fn test_kvm_guest_migrates_in_minor_mode() {
         return;
     }
     assert_migrated(&migrate_with_bench("postcopy", "minor"));
+}
+
+/// Two vCPUs, each on its own share of the pages: both filled theirs on the source and both
+/// kept touching (and checking) pages on the destination while faultd served their faults.
+fn assert_two_vcpus_migrated(r: &serde_json::Value) {
+    assert_migrated(r);
+    assert_eq!(r["vcpus"], 2, "{r}");
+    let g = &r["guest"];
+    let data_pages = (64 << 20 >> 12) - 512; // the first 2 MiB are the system area
+    assert_eq!(
+        g["before"]["filled"], data_pages,
+        "both vCPUs filled their pages: {r}"
+    );
+    let (before, after) = (&g["vcpu_touches_before"], &g["vcpu_touches_after"]);
+    for vcpu in 0..2 {
+        let (b, a) = (
+            before[vcpu].as_u64().unwrap(),
+            after[vcpu].as_u64().unwrap(),
+        );
+        assert!(
+            b > 0 && a > b,
+            "vCPU {vcpu} ran on both sides ({b} then {a}): {r}"
+        );
+    }
+}
+
+#[test]
+fn test_kvm_guest_with_two_vcpus_migrates_in_copy_mode() {
+    if !require_kvm() || !require_userfaultfd() {
+        return;
+    }
+    assert_two_vcpus_migrated(&migrate_with_bench_args(
+        "postcopy",
+        "copy",
+        &["--vcpus", "2"],
+    ));
+}
+
+#[test]
+fn test_kvm_guest_with_two_vcpus_migrates_hybrid() {
+    if !require_kvm() || !require_userfaultfd() {
+        return;
+    }
+    let r = migrate_with_bench_args("hybrid", "minor", &["--vcpus", "2"]);
+    assert_two_vcpus_migrated(&r);
+    assert!(
+        r["pages_discarded"].as_u64().unwrap() > 0,
+        "both vCPUs wrote during precopy: {r}"
+    );
 }
 
 #[test]
@@ -118,6 +171,10 @@ fn test_kvm_guest_with_free_pages_migrates() {
 /// Runs a source guest until it touches pages, pauses it, and returns the RAM and state
 /// files' scratch directory.
 fn paused_source(tag: &str) -> Scratch {
+    paused_source_with(tag, 1)
+}
+
+fn paused_source_with(tag: &str, vcpus: u32) -> Scratch {
     let dir = Scratch::new(tag);
     let mut source = Proc::spawn(
         "vmm source",
@@ -125,7 +182,8 @@ fn paused_source(tag: &str) -> Scratch {
             .arg("source")
             .arg("--mem-file")
             .arg(dir.path("vm.mem"))
-            .args(["--size-mib", SIZE_MIB, "--state-file"])
+            .args(["--size-mib", SIZE_MIB, "--vcpus", &vcpus.to_string()])
+            .arg("--state-file")
             .arg(dir.path("vcpu.json")),
     );
     source.read_event_until(|e| e["counters"]["phase"] == 1);
@@ -169,14 +227,17 @@ fn running_migration_with(dir: &Scratch, pagesrv_args: &[&str], faultd_args: &[&
     }
 }
 
+/// The destination VMM, with as many vCPUs as the source saved.
 fn start_dest(dir: &Scratch, uds: &std::path::Path) -> Proc {
+    let saved = json(&std::fs::read_to_string(dir.path("vcpu.json")).expect("saved vCPUs"));
+    let vcpus = saved.as_array().map_or(1, Vec::len).to_string();
     Proc::spawn(
         "vmm dest",
         Command::new(bin("vmm"))
             .arg("dest")
             .arg("--uds")
             .arg(uds)
-            .args(["--size-mib", SIZE_MIB, "--state-file"])
+            .args(["--size-mib", SIZE_MIB, "--vcpus", &vcpus, "--state-file"])
             .arg(dir.path("vcpu.json")),
     )
 }
@@ -202,15 +263,21 @@ fn test_source_vmm_saves_and_exits_when_its_driver_goes_away() {
     let (status, stderr) = source.wait(LIMIT);
     assert!(status.success(), "{stderr}");
     let state = json(&std::fs::read_to_string(dir.path("vcpu.json")).unwrap());
-    assert_eq!(state["size_bytes"], 64u64 << 20);
+    assert_eq!(
+        state[0]["size_bytes"],
+        64u64 << 20,
+        "one saved vCPU: {state}"
+    );
+    assert_eq!(state.as_array().map(Vec::len), Some(1), "{state}");
 }
 
 #[test]
-fn test_dest_vmm_stops_its_vcpu_when_faultd_dies() {
+fn test_dest_vmm_stops_its_vcpus_when_faultd_dies() {
     if !require_kvm() || !require_userfaultfd() {
         return;
     }
-    let dir = paused_source("kvm-faultd-dies");
+    // Two vCPUs: both wait on faults when faultd goes; both must stop.
+    let dir = paused_source_with("kvm-faultd-dies", 2);
     let Running {
         pagesrv: _pagesrv,
         mut faultd,

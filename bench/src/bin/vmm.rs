@@ -1,5 +1,6 @@
-//! vmm: the reference KVM VMM (one vCPU, ring-3 long-mode guest) for the main job and the
-//! benchmarks.
+//! vmm: the reference KVM VMM (`--vcpus N`, ring-3 long-mode guest) for the main job and
+//! the benchmarks. vCPU 0 runs on the main thread and reports; every other vCPU runs on a
+//! thread of its own, and all of them stop (a signal each) to pause or when faultd dies.
 //!
 //! - `vmm source`: guest RAM in a file; boots the guest, which fills RAM and then touches,
 //!   verifies and rewrites pages; on `pause` (a line on stdin) stops at the next report, saves
@@ -27,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use bench::guest::{Counters, GuestParams, Workload};
-use bench::kvm_vm::{KvmVm, RunExit, VcpuState};
+use bench::kvm_vm::{KvmVm, RunExit, Vcpu, VcpuState};
 use clap::{Parser, Subcommand, ValueEnum};
 use common::uffd::{MODE_MINOR, MODE_MISSING, Uffd};
 
@@ -51,9 +52,12 @@ enum Role {
         /// Guest RAM in MiB (as on the source).
         #[arg(long)]
         size_mib: u64,
-        /// The saved vCPU.
+        /// The saved vCPUs.
         #[arg(long)]
         state_file: PathBuf,
+        /// vCPUs (as on the source; the state file must hold as many).
+        #[arg(long, default_value_t = 1)]
+        vcpus: u64,
         /// Registration: `copy` (MISSING: faultd copies pages in) or `minor` (MISSING|MINOR:
         /// faultd writes into the shared memfd and maps pages in place).
         #[arg(long, value_enum, default_value = "copy")]
@@ -82,12 +86,13 @@ fn emit(event: serde_json::Value) {
     let _ = out.flush();
 }
 
-fn report(c: &Counters, tsc_per_us: f64) {
+fn report((c, vcpu_touches): &(Counters, Vec<u64>), tsc_per_us: f64) {
     emit(serde_json::json!({
         "event": "report",
         "t_us": now_us(),
         "tsc_per_us": tsc_per_us,
         "counters": c,
+        "vcpu_touches": vcpu_touches,
         "hist": c.hist.to_vec(),
     }));
 }
@@ -117,9 +122,12 @@ struct SourceArgs {
     /// Guest RAM in MiB (multiple of 2, at least 4).
     #[arg(long)]
     size_mib: u64,
-    /// Where to write the saved vCPU.
+    /// Where to write the saved vCPUs.
     #[arg(long)]
     state_file: PathBuf,
+    /// vCPUs: each patterns, touches and verifies its own share of the data pages.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u64,
     /// The guest's access pattern.
     #[arg(long, value_enum, default_value = "random")]
     workload: Workload,
@@ -157,7 +165,8 @@ fn run_source(a: SourceArgs) -> Result<()> {
         .with_context(|| format!("cannot create {}", a.mem_file.display()))?;
     file.set_len(size_bytes)?;
     let ram_for_pagesrv = file.try_clone()?;
-    let mut vm = KvmVm::create_with(file, size_bytes, a.pagesrv_uds.is_some())?;
+    bench::guest::check_vcpus(a.vcpus, a.free_pct)?;
+    let mut vm = KvmVm::create_with(file, size_bytes, a.pagesrv_uds.is_some(), a.vcpus)?;
     let tsc_per_us = vm.tsc_per_us();
     vm.boot(&GuestParams {
         size_bytes,
@@ -170,26 +179,30 @@ fn run_source(a: SourceArgs) -> Result<()> {
         free_pct: a.free_pct,
         report_interval_tsc: (50_000.0 * tsc_per_us) as u64,
         stall_tsc: (10.0 * tsc_per_us) as u64,
+        vcpus: a.vcpus,
     })?;
     install_stop_signal();
+    let mut vcpus = vm.take_vcpus();
+    let mut first = vcpus.remove(0);
+    let mut others = Secondaries::start(vcpus);
     let commands = stdin_lines();
     let pause = Arc::new(AtomicBool::new(false));
     let mut link: Option<std::thread::JoinHandle<Result<()>>> = None;
     let mut saved_tx: Option<mpsc::Sender<()>> = None;
     loop {
-        match vm.run_until_report()? {
-            RunExit::Report(c) => {
-                report(&c, tsc_per_us);
-                if c.mismatches > 0 {
-                    bail!(
-                        "the guest found {} wrong pages on the source (last: page {})",
-                        c.mismatches,
-                        c.bad_page
-                    );
-                }
+        if first.run_until_report()? == RunExit::Report {
+            let counters = vm.counters()?;
+            report(&counters, tsc_per_us);
+            let c = counters.0;
+            if c.mismatches > 0 {
+                bail!(
+                    "the guest found {} wrong pages on the source (last: page {})",
+                    c.mismatches,
+                    c.bad_page
+                );
             }
-            RunExit::Interrupted => {}
         }
+        others.check()?;
         while let Ok(line) = commands.try_recv() {
             match (line.as_deref(), &a.pagesrv_uds) {
                 (Some("migrate"), Some(uds)) if link.is_none() => {
@@ -212,7 +225,9 @@ fn run_source(a: SourceArgs) -> Result<()> {
         }
         if pause.load(Ordering::Acquire) {
             let stopped_us = now_us();
-            let state = vm.save()?;
+            let mut all = vec![first];
+            all.extend(others.stop()?);
+            let state = all.iter().map(Vcpu::save).collect::<Result<Vec<_>, _>>()?;
             std::fs::write(&a.state_file, serde_json::to_vec(&state)?)
                 .with_context(|| format!("cannot write {}", a.state_file.display()))?;
             if let Some(path) = &a.free_out {
@@ -223,12 +238,13 @@ fn run_source(a: SourceArgs) -> Result<()> {
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
             // The guest keeps its counters in its RAM: as they were when it stopped.
-            let c = vm.counters()?;
+            let (c, vcpu_touches) = vm.counters()?;
             emit(serde_json::json!({
                 "event": "paused",
                 "t_us": stopped_us,
                 "tsc_per_us": tsc_per_us,
                 "counters": c,
+                "vcpu_touches": vcpu_touches,
                 "hist": c.hist.to_vec(),
             }));
             if let (Some(link), Some(saved)) = (link, saved_tx) {
@@ -305,12 +321,13 @@ fn serve_pagesrv(h: Handover) -> Result<()> {
     bail!("pagesrv closed the link before pausing the guest")
 }
 
-/// The vCPU thread, for signals that make a blocked KVM_RUN return.
-static VCPU_THREAD: std::sync::OnceLock<libc::pthread_t> = std::sync::OnceLock::new();
+/// The running vCPU threads, for signals that make a blocked KVM_RUN return. A thread is
+/// taken off before it ends (under this lock), so no signal goes to a thread that is gone.
+static VCPU_THREADS: std::sync::Mutex<Vec<libc::pthread_t>> = std::sync::Mutex::new(Vec::new());
 
 /// Installs a SIGUSR1 handler that does nothing (without SA_RESTART, so the signal makes a
-/// blocked KVM_RUN return EINTR instead of killing the process) and remembers the calling
-/// thread as the vCPU thread.
+/// blocked KVM_RUN return EINTR instead of killing the process) and registers the calling
+/// thread as a vCPU thread.
 fn install_stop_signal() {
     // SAFETY: installs a handler that does nothing; `action` is fully initialised.
     unsafe {
@@ -318,16 +335,101 @@ fn install_stop_signal() {
         action.sa_sigaction = on_stop_signal as *const () as usize;
         libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut());
     }
-    // SAFETY: pthread_self has no preconditions.
-    let _ = VCPU_THREAD.set(unsafe { libc::pthread_self() });
+    register_vcpu_thread();
 }
 
-/// Makes the vCPU thread's KVM_RUN return now.
+fn register_vcpu_thread() {
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    VCPU_THREADS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(me);
+}
+
+fn unregister_vcpu_thread() {
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    VCPU_THREADS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|&t| t != me);
+}
+
+/// Makes every vCPU thread's KVM_RUN return now.
 fn interrupt_vcpu() {
-    if let Some(&thread) = VCPU_THREAD.get() {
-        // SAFETY: signals the vCPU thread, which lives as long as the process and handles
-        // SIGUSR1 with a no-op handler.
+    for &thread in VCPU_THREADS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        // SAFETY: a registered thread is alive (it unregisters under this lock before it
+        // ends) and handles SIGUSR1 with a no-op handler.
         unsafe { libc::pthread_kill(thread, libc::SIGUSR1) };
+    }
+}
+
+/// vCPUs 1.. on threads of their own: they run until [`Secondaries::stop`], reporting into
+/// guest RAM (vCPU 0's thread reads every vCPU's counters when it reports).
+struct Secondaries {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Result<Vcpu>>>,
+}
+
+impl Secondaries {
+    fn start(vcpus: Vec<Vcpu>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = vcpus
+            .into_iter()
+            .map(|mut vcpu| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    register_vcpu_thread();
+                    let mut result = Ok(());
+                    while !stop.load(Ordering::Acquire) {
+                        if let Err(e) = vcpu.run_until_report() {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                    unregister_vcpu_thread();
+                    result.map(|()| vcpu).map_err(Into::into)
+                })
+            })
+            .collect();
+        Secondaries { stop, threads }
+    }
+
+    /// Fails if a vCPU thread ended by itself (its vCPU failed).
+    fn check(&mut self) -> Result<()> {
+        if let Some(i) = self.threads.iter().position(|t| t.is_finished()) {
+            let failed = self.threads.remove(i);
+            return match failed.join() {
+                Ok(Err(e)) => Err(e.context(format!("vCPU {}", i + 1))),
+                Ok(Ok(_)) => bail!("vCPU {} stopped", i + 1),
+                Err(_) => bail!("vCPU {} panicked", i + 1),
+            };
+        }
+        Ok(())
+    }
+
+    /// Stops every vCPU (a signal each, again until they stopped: one that lands outside
+    /// KVM_RUN is lost) and returns them in order.
+    fn stop(self) -> Result<Vec<Vcpu>> {
+        self.stop.store(true, Ordering::Release);
+        while !self.threads.iter().all(|t| t.is_finished()) {
+            interrupt_vcpu();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.threads
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("vCPU {} panicked", i + 1))?
+                    .with_context(|| format!("vCPU {}", i + 1))
+            })
+            .collect()
     }
 }
 
@@ -400,8 +502,6 @@ fn watch_faultd(
     failed: Arc<AtomicBool>,
     vcpu_done: Arc<AtomicBool>,
 ) {
-    // SAFETY: pthread_self has no preconditions.
-    let vcpu_thread = unsafe { libc::pthread_self() };
     std::thread::spawn(move || {
         let mut buf = [0u8; 64];
         while matches!(sock.read(&mut buf), Ok(n) if n > 0) {}
@@ -411,8 +511,7 @@ fn watch_faultd(
         }
         failed.store(true, Ordering::Release);
         while !vcpu_done.load(Ordering::Acquire) {
-            // SAFETY: signals our own vCPU thread, which sets vcpu_done before it exits.
-            unsafe { libc::pthread_kill(vcpu_thread, libc::SIGUSR1) };
+            interrupt_vcpu();
             std::thread::sleep(Duration::from_millis(10));
         }
     });
@@ -421,14 +520,14 @@ fn watch_faultd(
 fn run_dest(
     uds: PathBuf,
     size_mib: u64,
-    state_file: PathBuf,
+    (state_file, vcpus): (PathBuf, u64),
     mode: Mode,
     wait_switch: Option<PathBuf>,
 ) -> Result<()> {
     let size_bytes = size_mib << 20;
     let memfd = create_memfd(size_bytes)?;
     let memfd_for_faultd = memfd.try_clone()?;
-    let mut vm = KvmVm::create(memfd, size_bytes)?;
+    let mut vm = KvmVm::create(memfd, size_bytes, vcpus)?;
     let base = vm.host_base();
     let (features, reg_mode) = match mode {
         Mode::Copy => (common::uffd::FEATURES_FOR_VMM, MODE_MISSING),
@@ -461,14 +560,26 @@ fn run_dest(
             bail!("faultd failed before the switch: {event}");
         }
     }
-    // The source saved the vCPU when it paused, before the switch.
-    let state: VcpuState = serde_json::from_slice(
+    // The source saved the vCPUs when it paused, before the switch.
+    let states: Vec<VcpuState> = serde_json::from_slice(
         &std::fs::read(&state_file)
             .with_context(|| format!("cannot read {}", state_file.display()))?,
     )?;
-    vm.restore(&state)?;
+    if states.len() as u64 != vcpus {
+        bail!(
+            "{} holds {} saved vCPUs; this VM has {vcpus} (--vcpus)",
+            state_file.display(),
+            states.len()
+        );
+    }
+    let mut vcpus = vm.take_vcpus();
+    for (vcpu, state) in vcpus.iter_mut().zip(&states) {
+        vcpu.restore(state)?;
+    }
     let tsc_per_us = vm.tsc_per_us();
     install_stop_signal();
+    let mut first = vcpus.remove(0);
+    let mut others = Secondaries::start(vcpus);
     let failed = Arc::new(AtomicBool::new(false));
     let vcpu_done = Arc::new(AtomicBool::new(false));
     // Said before the watcher starts: faultd may be done already (stop-and-copy precopy), and
@@ -482,16 +593,25 @@ fn run_dest(
                 "faultd closed its socket before every page was present; vCPU stopped"
             ));
         }
-        match vm.run_until_report() {
-            Ok(RunExit::Report(c)) => report(&c, tsc_per_us),
+        match first.run_until_report() {
+            Ok(RunExit::Report) => match vm.counters() {
+                Ok(c) => report(&c, tsc_per_us),
+                Err(e) => break Err(e.into()),
+            },
             Ok(RunExit::Interrupted) => {}
             Err(e) => break Err(e.into()),
+        }
+        if let Err(e) = others.check() {
+            break Err(e);
         }
         if stop.load(Ordering::Acquire) {
             break Ok(());
         }
     };
+    // Every vCPU stops before the uffd closes (below).
+    let stopped = others.stop();
     vcpu_done.store(true, Ordering::Release);
+    let result = result.and(stopped.map(drop));
     // The uffd stays open until the vCPU has stopped: closing it earlier would let the
     // guest read silent zero pages.
     drop(uffd);
@@ -507,9 +627,10 @@ fn main() -> ExitCode {
             uds,
             size_mib,
             state_file,
+            vcpus,
             mode,
             wait_switch,
-        } => run_dest(uds, size_mib, state_file, mode, wait_switch),
+        } => run_dest(uds, size_mib, (state_file, vcpus), mode, wait_switch),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -73,6 +73,10 @@ pub struct MigrateArgs {
     /// Guest RAM size in MiB.
     #[arg(long, default_value_t = 1024)]
     pub size_mib: u64,
+    /// The guest's vCPUs (each touches its own share of the pages; not with --free-pct).
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=bench::guest::MAX_VCPUS))]
+    pub vcpus: u64,
     /// The guest's access pattern.
     #[arg(long, value_enum, default_value = "random")]
     pub workload: Workload,
@@ -261,6 +265,8 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
             &args.size_mib.to_string(),
             "--mode",
             &mode_name,
+            "--vcpus",
+            &args.vcpus.to_string(),
         ])
         .arg("--state-file")
         .arg(&paths.state);
@@ -383,6 +389,8 @@ fn boot_source(
             &args.size_mib.to_string(),
             "--workload",
             workload,
+            "--vcpus",
+            &args.vcpus.to_string(),
         ])
         .arg("--state-file")
         .arg(&paths.state);

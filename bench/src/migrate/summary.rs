@@ -97,6 +97,7 @@ pub(super) fn summarize(
     let bytes_received = stats["bytes_received"].as_u64().unwrap_or(0);
     json!({
         "size_mib": args.size_mib,
+        "vcpus": args.vcpus,
         "workload": workload,
         "dirty_rate": args.dirty_rate,
         "base_similarity": args.base_similarity,
@@ -128,6 +129,8 @@ pub(super) fn summarize(
             "fault_latency_us": guest_fault_percentiles(paused, post_end, 10.0 * tsc_per_us, tsc_per_us),
             "before": paused["counters"],
             "after": last["counters"],
+            "vcpu_touches_before": paused["vcpu_touches"],
+            "vcpu_touches_after": last["vcpu_touches"],
         },
         "faultd": stats,
     })
@@ -229,8 +232,9 @@ pub(super) fn print_summary(s: &Value) {
     println!();
     let ms = |v: &Value| v.as_f64().unwrap_or(0.0);
     println!(
-        "live migration of a {} MiB KVM guest over loopback ({}, {} workload, {} mode)",
+        "live migration of a {} MiB KVM guest with {} vCPU(s) over loopback ({}, {} workload, {} mode)",
         s["size_mib"],
+        s["vcpus"],
         s["strategy"].as_str().unwrap_or(""),
         s["workload"].as_str().unwrap_or(""),
         s["mode"].as_str().unwrap_or("")
