@@ -37,6 +37,8 @@ pub const FEATURES_FOR_VMM: u64 = (uapi::UFFD_FEATURE_EVENT_REMOVE
 
 /// Feature needed to register shared memory in MINOR mode.
 pub const FEATURE_MINOR_SHMEM: u64 = uapi::UFFD_FEATURE_MINOR_SHMEM as u64;
+/// MINOR faults on hugetlbfs, for a VMM whose huge-page memfd faultd places pages into.
+pub const FEATURE_MINOR_HUGETLBFS: u64 = uapi::UFFD_FEATURE_MINOR_HUGETLBFS as u64;
 
 /// Errors from userfaultfd calls; each names the step.
 #[derive(Debug, Error)]

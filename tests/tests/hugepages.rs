@@ -13,8 +13,8 @@ fn test_huge_page_guest_served_from_an_ordinary_file() {
     huge_page_migration("huge512", &[], &[]);
 }
 
-/// The same guest on a hugetlbfs memfd, placed in minor mode: faultd writes each huge page
-/// into the memfd's page cache and maps it in place.
+/// The same guest on a hugetlbfs memfd with faultd asked for memfd placement: hugetlbfs cannot
+/// be written with pwrite, so faultd says so and places the pages with UFFDIO_COPY.
 #[test]
 fn test_huge_page_guest_on_a_memfd_in_minor_mode() {
     huge_page_migration("huge512-memfd", &["--placement", "memfd"], &["--memfd"]);

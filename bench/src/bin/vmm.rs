@@ -58,6 +58,10 @@ enum Role {
         /// vCPUs (as on the source; the state file must hold as many).
         #[arg(long, default_value_t = 1)]
         vcpus: u64,
+        /// Back guest RAM with 4 KiB pages (a shmem memfd) or 2 MiB pages (a hugetlbfs
+        /// memfd: reserve huge pages first).
+        #[arg(long, value_enum, default_value = "4k")]
+        page_size: PageSize,
         /// Registration: `copy` (MISSING: faultd copies pages in) or `minor` (MISSING|MINOR:
         /// faultd writes into the shared memfd and maps pages in place).
         #[arg(long, value_enum, default_value = "copy")]
@@ -72,6 +76,23 @@ enum Role {
 enum Mode {
     Copy,
     Minor,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PageSize {
+    #[value(name = "4k")]
+    Small,
+    #[value(name = "2m")]
+    Huge,
+}
+
+impl PageSize {
+    fn bytes(self) -> u64 {
+        match self {
+            PageSize::Small => 4096,
+            PageSize::Huge => 2 << 20,
+        }
+    }
 }
 
 fn now_us() -> u64 {
@@ -482,11 +503,24 @@ fn still_registered(addr: u64) -> bool {
 
 extern "C" fn on_stop_signal(_: libc::c_int) {}
 
-fn create_memfd(size_bytes: u64) -> Result<std::fs::File> {
+fn create_memfd(size_bytes: u64, page_size: PageSize) -> Result<std::fs::File> {
+    let flags = match page_size {
+        PageSize::Small => libc::MFD_CLOEXEC,
+        PageSize::Huge => libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+    };
     // SAFETY: creates a new anonymous file; the name is a valid C string.
-    let raw = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let raw = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), flags) };
     if raw < 0 {
-        return Err(std::io::Error::last_os_error()).context("memfd_create failed");
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!(
+                "memfd_create failed{}",
+                if page_size == PageSize::Huge {
+                    " (no 2 MiB huge pages reserved?)"
+                } else {
+                    ""
+                }
+            )
+        });
     }
     // SAFETY: memfd_create returned a fresh fd that nothing else owns.
     let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
@@ -519,20 +553,24 @@ fn watch_faultd(
 
 fn run_dest(
     uds: PathBuf,
-    size_mib: u64,
+    (size_mib, page_size): (u64, PageSize),
     (state_file, vcpus): (PathBuf, u64),
     mode: Mode,
     wait_switch: Option<PathBuf>,
 ) -> Result<()> {
     let size_bytes = size_mib << 20;
-    let memfd = create_memfd(size_bytes)?;
+    let memfd = create_memfd(size_bytes, page_size)?;
     let memfd_for_faultd = memfd.try_clone()?;
     let mut vm = KvmVm::create(memfd, size_bytes, vcpus)?;
     let base = vm.host_base();
+    let minor_feature = match page_size {
+        PageSize::Small => common::uffd::FEATURE_MINOR_SHMEM,
+        PageSize::Huge => common::uffd::FEATURE_MINOR_HUGETLBFS,
+    };
     let (features, reg_mode) = match mode {
         Mode::Copy => (common::uffd::FEATURES_FOR_VMM, MODE_MISSING),
         Mode::Minor => (
-            common::uffd::FEATURES_FOR_VMM | common::uffd::FEATURE_MINOR_SHMEM,
+            common::uffd::FEATURES_FOR_VMM | minor_feature,
             MODE_MISSING | MODE_MINOR,
         ),
     };
@@ -540,8 +578,9 @@ fn run_dest(
     uffd.register(base, size_bytes, reg_mode)?;
     let sock = UnixStream::connect(&uds)
         .with_context(|| format!("cannot reach faultd at {}", uds.display()))?;
+    let page = page_size.bytes();
     let layout = format!(
-        r#"[{{"base_host_virt_addr":{base},"size":{size_bytes},"offset":0,"page_size":4096,"page_size_kib":4096}}]"#
+        r#"[{{"base_host_virt_addr":{base},"size":{size_bytes},"offset":0,"page_size":{page},"page_size_kib":{page}}}]"#
     );
     common::vmm_link::send_handshake(
         &sock,
@@ -628,9 +667,16 @@ fn main() -> ExitCode {
             size_mib,
             state_file,
             vcpus,
+            page_size,
             mode,
             wait_switch,
-        } => run_dest(uds, size_mib, (state_file, vcpus), mode, wait_switch),
+        } => run_dest(
+            uds,
+            (size_mib, page_size),
+            (state_file, vcpus),
+            mode,
+            wait_switch,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -73,6 +73,11 @@ pub struct MigrateArgs {
     /// Guest RAM size in MiB.
     #[arg(long, default_value_t = 1024)]
     pub size_mib: u64,
+    /// The destination's guest RAM: `4k` (a shmem memfd) or `2m` (a hugetlbfs memfd; the
+    /// huge pages are reserved for the run and given back, also when interrupted; needs
+    /// root and `--strategy postcopy`: precopy tracks 4 KiB pages).
+    #[arg(long, value_enum, default_value = "4k")]
+    pub page_size: PageSize,
     /// The guest's vCPUs (each touches its own share of the pages; not with --free-pct).
     #[arg(long, default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(1..=bench::guest::MAX_VCPUS))]
@@ -174,6 +179,19 @@ pub fn run(args: &MigrateArgs) -> Result<()> {
         args.size_mib >= 4 && args.size_mib.is_multiple_of(2),
         "--size-mib must be even and at least 4"
     );
+    let _huge_pages = if args.page_size == PageSize::Huge {
+        ensure!(
+            args.strategy == Strategy::Postcopy && args.free_pct.is_none(),
+            "--page-size 2m needs --strategy postcopy and no --free-pct (precopy and free-page hints track the guest in 4 KiB pages)"
+        );
+        crate::link::clean_up_on_interrupt()?;
+        let pages = args.size_mib / 2 + 8;
+        let reserved = crate::huge::Reserved::pages(pages)?;
+        reserved.warm(pages);
+        Some(reserved)
+    } else {
+        None
+    };
     let tag = format!("pagemig-{}", std::process::id());
     let mem = args.ram_dir.join(format!("{tag}.mem"));
     let work = std::env::temp_dir().join(&tag);
@@ -232,6 +250,19 @@ struct Handover {
     pagesrv_events: Option<mpsc::Receiver<Value>>,
 }
 
+/// `--page-size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub enum PageSize {
+    /// 4 KiB pages.
+    #[value(name = "4k")]
+    #[serde(rename = "4k")]
+    Small,
+    /// 2 MiB hugetlbfs pages.
+    #[value(name = "2m")]
+    #[serde(rename = "2m")]
+    Huge,
+}
+
 fn value_name(v: &impl ValueEnum) -> String {
     v.to_possible_value()
         .expect("no skipped variants")
@@ -267,6 +298,8 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
             &mode_name,
             "--vcpus",
             &args.vcpus.to_string(),
+            "--page-size",
+            &value_name(&args.page_size),
         ])
         .arg("--state-file")
         .arg(&paths.state);
@@ -350,7 +383,11 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
         )?),
         None => None,
     };
-    let digest = file_digest(mem, free.as_deref())?;
+    let page_size = match args.page_size {
+        PageSize::Small => 4096,
+        PageSize::Huge => 2 << 20,
+    };
+    let digest = file_digest(mem, free.as_deref(), page_size)?;
     let summary = summary::summarize(args, &labels, &timeline, stats, digest);
     print_summary(&summary);
     if let Some(path) = &args.json {

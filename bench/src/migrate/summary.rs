@@ -98,6 +98,7 @@ pub(super) fn summarize(
     json!({
         "size_mib": args.size_mib,
         "vcpus": args.vcpus,
+        "page_size": args.page_size,
         "workload": workload,
         "dirty_rate": args.dirty_rate,
         "base_similarity": args.base_similarity,
@@ -188,9 +189,9 @@ fn guest_fault_percentiles(a: &Value, b: &Value, min_tsc: f64, tsc_per_us: f64) 
     json!({"count": total, "p50_le": pick(0.5), "p99_le": pick(0.99)})
 }
 
-/// The digest of a RAM file, as faultd's stats report it (pages set in `free`, a 4 KiB-page
-/// bitmap, count as zero: the destination holds zeros there).
-pub(super) fn file_digest(path: &Path, free: Option<&[u8]>) -> Result<u64> {
+/// The digest of a RAM file in `page_size` pages, as faultd's stats report it (pages set in
+/// `free`, a bitmap of the same pages, count as zero: the destination holds zeros there).
+pub(super) fn file_digest(path: &Path, free: Option<&[u8]>, page_size: usize) -> Result<u64> {
     use std::io::Read;
     let is_free = |p: u64| {
         free.is_some_and(|f| {
@@ -213,13 +214,13 @@ pub(super) fn file_digest(path: &Path, free: Option<&[u8]>) -> Result<u64> {
         if filled == 0 {
             return Ok(sum);
         }
-        for (i, bytes) in buf[..filled].chunks(4096).enumerate() {
+        for (i, bytes) in buf[..filled].chunks(page_size).enumerate() {
             let p = page + i as u64;
             if !is_free(p) {
                 sum = sum.wrapping_add(common::digest::page_digest(p, bytes));
             }
         }
-        page += (filled / 4096) as u64;
+        page += (filled / page_size) as u64;
     }
 }
 
@@ -232,9 +233,10 @@ pub(super) fn print_summary(s: &Value) {
     println!();
     let ms = |v: &Value| v.as_f64().unwrap_or(0.0);
     println!(
-        "live migration of a {} MiB KVM guest with {} vCPU(s) over loopback ({}, {} workload, {} mode)",
+        "live migration of a {} MiB KVM guest with {} vCPU(s) on {} pages over loopback ({}, {} workload, {} mode)",
         s["size_mib"],
         s["vcpus"],
+        s["page_size"].as_str().unwrap_or("4k"),
         s["strategy"].as_str().unwrap_or(""),
         s["workload"].as_str().unwrap_or(""),
         s["mode"].as_str().unwrap_or("")
