@@ -63,6 +63,7 @@ _start:
     mov P_DATA_START(%rbx), %r14
     mov P_DATA_PAGES(%rbx), %r13
     mov %r15, %r12
+    xor %rbx, %r12              # each vCPU its own sequence (vCPU 0's block is at 0)
     or $1, %r12
     xor %r10, %r10
     rdtsc

@@ -54,6 +54,9 @@ pub enum VmError {
     /// KVM_GET_DIRTY_LOG failed.
     #[error("failed to read KVM's dirty log")]
     DirtyLog(#[source] kvm_ioctls::Error),
+    /// Reading guest RAM's file failed.
+    #[error("failed to read guest RAM's file")]
+    File(#[source] std::io::Error),
     /// The RAM size is unusable.
     #[error(transparent)]
     Guest(#[from] guest::GuestError),
@@ -119,6 +122,9 @@ pub struct KvmVm {
     _vm: std::sync::Arc<VmFd>,
     _kvm: Kvm,
     mem: GuestMemoryMmap,
+    /// Guest RAM's file, read with pread for the counters: a page faultd has not placed yet
+    /// reads as zero there, where the mapping would wait on a userfault.
+    ram: File,
     size_bytes: u64,
     tsc_khz: u64,
 }
@@ -148,6 +154,7 @@ impl KvmVm {
         if !(1..=guest::MAX_VCPUS).contains(&vcpus) {
             return Err(guest::GuestError::BadVcpus(vcpus).into());
         }
+        let ram = file.try_clone().map_err(VmError::File)?;
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
             GuestAddress(0),
             size_bytes as usize,
@@ -207,6 +214,7 @@ impl KvmVm {
             _vm: std::sync::Arc::new(vm),
             _kvm: kvm,
             mem,
+            ram,
             size_bytes,
             tsc_khz,
         })
@@ -218,7 +226,8 @@ impl KvmVm {
     }
 
     /// Takes the vCPUs out, each to run on a thread of its own (index order); guest memory
-    /// stays readable through the VM meanwhile.
+    /// stays readable through the VM meanwhile. Every taken vCPU must have stopped running
+    /// before the VM drops (its guest RAM mapping goes with it).
     pub fn take_vcpus(&mut self) -> Vec<Vcpu> {
         std::mem::take(&mut self.vcpus)
     }
@@ -407,20 +416,20 @@ impl Vcpu {
 }
 
 impl KvmVm {
-    /// Every vCPU's counters block, in vCPU order.
+    /// Every vCPU's counters block, in vCPU order, read from the RAM file (on a destination
+    /// a block faultd has not placed yet reads as zero; the mapping would wait for it, for
+    /// ever if faultd died).
     ///
     /// # Errors
-    /// A failed read of guest memory.
+    /// A failed read of the RAM file.
     pub fn vcpu_counters(&self) -> Result<Vec<Counters>, VmError> {
+        use std::os::unix::fs::FileExt;
         let mut buf = vec![0u8; Counters::BYTES];
         (0..self.vcpu_count)
             .map(|i| {
-                self.mem
-                    .read_slice(
-                        &mut buf,
-                        GuestAddress(guest::vcpu_block(i) + guest::COUNTERS_GPA),
-                    )
-                    .map_err(VmError::Memory)?;
+                self.ram
+                    .read_exact_at(&mut buf, guest::vcpu_block(i) + guest::COUNTERS_GPA)
+                    .map_err(VmError::File)?;
                 Ok(Counters::from_bytes(&buf))
             })
             .collect()

@@ -13,12 +13,13 @@ pub struct Guard(pub Child);
 /// The daemons started and not yet reaped, for [`kill_children`].
 static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 
-fn register(pid: u32) {
+/// Lists a child for [`kill_children`] (call [`unregister`] before reaping it).
+pub(crate) fn register(pid: u32) {
     CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
 }
 
 /// Called before a child is reaped: a reaped pid may soon name another process.
-fn unregister(pid: u32) {
+pub(crate) fn unregister(pid: u32) {
     CHILDREN
         .lock()
         .unwrap_or_else(|p| p.into_inner())

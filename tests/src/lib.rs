@@ -78,7 +78,10 @@ impl Scratch {
         } else {
             std::env::temp_dir()
         };
-        let dir = base.join(format!("pm-test-{tag}-{}", std::process::id()));
+        // Unique within the process too: tests that run at once never share a directory.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = base.join(format!("pm-test-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create scratch dir");
         Scratch(dir)
@@ -443,8 +446,8 @@ pub fn source_digest(mem: &Path) -> String {
     format!("{:016x}", common::digest::run_digest(0, &image, PAGE))
 }
 
-/// Huge pages reserved for a test (`/proc/sys/vm/nr_hugepages`), given back on drop. Tests
-/// that reserve them run one at a time.
+/// Huge pages reserved for a test (the 2 MiB pool), given back on drop. Tests that reserve
+/// them run one at a time.
 pub struct HugePages {
     old: u64,
     _one_at_a_time: std::sync::MutexGuard<'static, ()>,
@@ -452,7 +455,7 @@ pub struct HugePages {
 
 static HUGE_PAGES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+const NR_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
 
 impl HugePages {
     /// Reserves `pages` more 2 MiB pages. Under `CI=true` failing to is a failure; elsewhere
@@ -498,6 +501,22 @@ impl HugePages {
             fail(why);
             return None;
         }
+        Some(reserved)
+    }
+}
+
+impl HugePages {
+    /// For a child that reserves its own pages (bench migrate --page-size 2m): checks that
+    /// `pages` can be reserved, gives them back at once, and keeps only the turn (no other
+    /// huge-page test in this process runs until the result drops). `None` as for
+    /// [`HugePages::reserve`].
+    pub fn probe(pages: u64) -> Option<HugePages> {
+        let mut reserved = HugePages::reserve(pages)?;
+        let _ = std::fs::write(NR_HUGEPAGES, reserved.old.to_string());
+        reserved.old = std::fs::read_to_string(NR_HUGEPAGES)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(reserved.old);
         Some(reserved)
     }
 }

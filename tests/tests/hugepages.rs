@@ -16,7 +16,7 @@ fn test_huge_page_guest_served_from_an_ordinary_file() {
 /// The same guest on a hugetlbfs memfd with faultd asked for memfd placement: hugetlbfs cannot
 /// be written with pwrite, so faultd says so and places the pages with UFFDIO_COPY.
 #[test]
-fn test_huge_page_guest_on_a_memfd_in_minor_mode() {
+fn test_huge_page_guest_on_a_memfd_with_memfd_placement_falls_back_to_copy() {
     huge_page_migration("huge512-memfd", &["--placement", "memfd"], &["--memfd"]);
 }
 

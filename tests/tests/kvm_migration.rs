@@ -128,8 +128,9 @@ fn test_kvm_guest_on_2m_pages_migrates_in_copy_and_minor_modes() {
     if !require_kvm() || !require_userfaultfd() {
         return;
     }
-    // Also one bench at a time: each adds its pages to the pool and restores it after.
-    let Some(_probe) = HugePages::reserve(40) else {
+    // The bench reserves its own 40 pages; this checks they can be had and keeps huge-page
+    // tests one at a time (each adds to the pool and restores it after).
+    let Some(_turn) = HugePages::probe(40) else {
         return;
     };
     for mode in ["copy", "minor"] {

@@ -390,11 +390,29 @@ fn interrupt_vcpu() {
     }
 }
 
-/// vCPUs 1.. on threads of their own: they run until [`Secondaries::stop`], reporting into
-/// guest RAM (vCPU 0's thread reads every vCPU's counters when it reports).
+/// Keeps the calling thread registered as a vCPU thread until dropped (also when the thread
+/// panics).
+struct Registered;
+
+impl Registered {
+    fn new() -> Self {
+        register_vcpu_thread();
+        Registered
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        unregister_vcpu_thread();
+    }
+}
+
+/// vCPUs 1.. on threads of their own: they run until [`Secondaries::stop`] (or the drop:
+/// declared after the VM and the uffd, they stop before either goes), reporting into guest
+/// RAM (vCPU 0's thread reads every vCPU's counters when it reports).
 struct Secondaries {
     stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<Result<Vcpu>>>,
+    threads: Vec<(u64, std::thread::JoinHandle<Result<Vcpu>>)>,
 }
 
 impl Secondaries {
@@ -402,20 +420,17 @@ impl Secondaries {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = vcpus
             .into_iter()
-            .map(|mut vcpu| {
+            .zip(1..)
+            .map(|(mut vcpu, index)| {
                 let stop = stop.clone();
-                std::thread::spawn(move || {
-                    register_vcpu_thread();
-                    let mut result = Ok(());
+                let thread = std::thread::spawn(move || {
+                    let _registered = Registered::new();
                     while !stop.load(Ordering::Acquire) {
-                        if let Err(e) = vcpu.run_until_report() {
-                            result = Err(e);
-                            break;
-                        }
+                        vcpu.run_until_report()?;
                     }
-                    unregister_vcpu_thread();
-                    result.map(|()| vcpu).map_err(Into::into)
-                })
+                    Ok(vcpu)
+                });
+                (index, thread)
             })
             .collect();
         Secondaries { stop, threads }
@@ -423,12 +438,12 @@ impl Secondaries {
 
     /// Fails if a vCPU thread ended by itself (its vCPU failed).
     fn check(&mut self) -> Result<()> {
-        if let Some(i) = self.threads.iter().position(|t| t.is_finished()) {
-            let failed = self.threads.remove(i);
+        if let Some(i) = self.threads.iter().position(|(_, t)| t.is_finished()) {
+            let (index, failed) = self.threads.remove(i);
             return match failed.join() {
-                Ok(Err(e)) => Err(e.context(format!("vCPU {}", i + 1))),
-                Ok(Ok(_)) => bail!("vCPU {} stopped", i + 1),
-                Err(_) => bail!("vCPU {} panicked", i + 1),
+                Ok(Err(e)) => Err(e.context(format!("vCPU {index}"))),
+                Ok(Ok(_)) => bail!("vCPU {index} stopped"),
+                Err(_) => bail!("vCPU {index} panicked"),
             };
         }
         Ok(())
@@ -436,21 +451,34 @@ impl Secondaries {
 
     /// Stops every vCPU (a signal each, again until they stopped: one that lands outside
     /// KVM_RUN is lost) and returns them in order.
-    fn stop(self) -> Result<Vec<Vcpu>> {
+    fn stop(mut self) -> Result<Vec<Vcpu>> {
+        self.halt();
+        std::mem::take(&mut self.threads)
+            .into_iter()
+            .map(|(index, t)| {
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("vCPU {index} panicked"))?
+                    .with_context(|| format!("vCPU {index}"))
+            })
+            .collect()
+    }
+
+    fn halt(&self) {
         self.stop.store(true, Ordering::Release);
-        while !self.threads.iter().all(|t| t.is_finished()) {
+        while !self.threads.iter().all(|(_, t)| t.is_finished()) {
             interrupt_vcpu();
             std::thread::sleep(Duration::from_millis(1));
         }
-        self.threads
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| {
-                t.join()
-                    .map_err(|_| anyhow::anyhow!("vCPU {} panicked", i + 1))?
-                    .with_context(|| format!("vCPU {}", i + 1))
-            })
-            .collect()
+    }
+}
+
+impl Drop for Secondaries {
+    fn drop(&mut self) {
+        // An early return: the vCPUs must not run on after guest RAM and the uffd are gone.
+        self.halt();
+        for (_, t) in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 

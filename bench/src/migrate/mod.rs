@@ -122,6 +122,8 @@ impl Vmm {
             .stdout(Stdio::piped())
             .spawn()
             .context("cannot start the VMM")?;
+        // Stopped by an interrupted bench too (it is unregistered before it is reaped).
+        crate::procs::register(child.id());
         let stdout = child.stdout.take().context("no stdout")?;
         let (tx, events) = mpsc::channel();
         std::thread::spawn(move || {
@@ -142,6 +144,12 @@ impl Vmm {
         })
     }
 
+    /// Waits for the VMM to exit (no longer stopped by an interrupt: its pid is reaped).
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        crate::procs::unregister(self.child.id());
+        self.child.wait()
+    }
+
     fn send(&mut self, command: &str) -> Result<()> {
         let stdin = self.stdin.as_mut().context("VMM stdin closed")?;
         writeln!(stdin, "{command}").context("the VMM is gone")?;
@@ -154,6 +162,7 @@ impl Vmm {
             Ok(v) => Ok(v),
             Err(mpsc::RecvTimeoutError::Timeout) => bail!("the VMM sent nothing for {timeout:?}"),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
+                crate::procs::unregister(self.child.id());
                 let status = self.child.wait()?;
                 bail!("the VMM exited ({status})")
             }
@@ -163,6 +172,7 @@ impl Vmm {
 
 impl Drop for Vmm {
     fn drop(&mut self) {
+        crate::procs::unregister(self.child.id());
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
         }
@@ -178,6 +188,10 @@ pub fn run(args: &MigrateArgs) -> Result<()> {
     ensure!(
         args.size_mib >= 4 && args.size_mib.is_multiple_of(2),
         "--size-mib must be even and at least 4"
+    );
+    ensure!(
+        args.vcpus == 1 || args.free_pct.is_none(),
+        "--free-pct needs one vCPU (the guest's free bitmap is indexed from its first data page)"
     );
     let _huge_pages = if args.page_size == PageSize::Huge {
         ensure!(
@@ -196,6 +210,9 @@ pub fn run(args: &MigrateArgs) -> Result<()> {
     let mem = args.ram_dir.join(format!("{tag}.mem"));
     let work = std::env::temp_dir().join(&tag);
     std::fs::create_dir_all(&work)?;
+    // Removed by the interrupt handler too, where one runs (--page-size 2m).
+    crate::procs::remove_on_interrupt(&mem);
+    crate::procs::remove_on_interrupt(&work);
     let result = migrate(args, &mem, &work);
     let _ = std::fs::remove_file(&mem);
     let _ = std::fs::remove_dir_all(&work);
@@ -337,11 +354,11 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
     };
     let (resumed, during, after) = follow_destination(&mut h.dest, args.after_ms)?;
     h.dest.send("stop")?;
-    let dest_status = h.dest.child.wait()?;
+    let dest_status = h.dest.wait()?;
     let faultd_status = h.faultd.wait()?;
     let pagesrv_status = h.pagesrv.wait()?;
     // The paused source VM lives until pagesrv lets it go.
-    let source_status = source.child.wait()?;
+    let source_status = source.wait()?;
     ensure!(
         source_status.success(),
         "the source VMM failed ({source_status})"
