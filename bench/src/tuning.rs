@@ -37,6 +37,8 @@ pub struct Tuning {
     /// pagesrv pre-pages a fixed 64 pages after each request (the old default) instead of
     /// learning the window from the requests.
     pub fixed_prepage: bool,
+    /// Bulk connections (`faultd --streams`).
+    pub streams: u32,
 }
 
 impl Tuning {
@@ -47,10 +49,12 @@ impl Tuning {
         bulk_apart: false,
         memfd: false,
         fixed_prepage: false,
+        streams: 1,
     };
 
-    /// Parses `default`, `same-cpu`, `split-cpu`, `bulk-apart`, `busy-poll[=US]`, `memfd`, `fixed-prepage` and
-    /// `+`-joined combinations such as `same-cpu+bulk-apart+busy-poll=30`.
+    /// Parses `default`, `same-cpu`, `split-cpu`, `bulk-apart`, `busy-poll[=US]`, `memfd`,
+    /// `fixed-prepage`, `streams=N` and `+`-joined combinations such as
+    /// `same-cpu+bulk-apart+busy-poll=30`.
     ///
     /// # Errors
     /// An unknown lever.
@@ -70,9 +74,21 @@ impl Tuning {
                         .parse()
                         .map_err(|e| format!("bad busy-poll microseconds {us:?}: {e}"))?;
                 }
+                Some(("streams", n)) => {
+                    t.streams = n
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=common::wire::MAX_STREAMS).contains(n))
+                        .ok_or_else(|| {
+                            format!(
+                                "bad stream count {n:?} (1 to {})",
+                                common::wire::MAX_STREAMS
+                            )
+                        })?;
+                }
                 _ => {
                     return Err(format!(
-                        "unknown lever {part:?} (default, same-cpu, split-cpu, bulk-apart, busy-poll[=US], memfd, fixed-prepage, joined by +)"
+                        "unknown lever {part:?} (default, same-cpu, split-cpu, bulk-apart, busy-poll[=US], memfd, fixed-prepage, streams=N, joined by +)"
                     ));
                 }
             }
@@ -109,6 +125,9 @@ impl Tuning {
         }
         if self.fixed_prepage {
             parts.push("fixed-prepage".to_string());
+        }
+        if self.streams > 1 {
+            parts.push(format!("streams={}", self.streams));
         }
         if parts.is_empty() {
             "default".into()
@@ -170,6 +189,9 @@ impl Tuning {
         let mut args = vec!["--busy-poll-us".to_string(), self.busy_poll_us.to_string()];
         if self.memfd {
             args.extend(["--placement".into(), "memfd".into()]);
+        }
+        if self.streams > 1 {
+            args.extend(["--streams".into(), self.streams.to_string()]);
         }
         if let Some((_, fast, bulk)) = self.cpus()? {
             args.extend(["--fault-cpu".into(), fast.to_string()]);

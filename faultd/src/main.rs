@@ -55,6 +55,12 @@ struct Cli {
     /// or `--vm-dir`). Needed when pagesrv serves several VMs; with one, it is checked.
     #[arg(long, value_name = "NAME", default_value = "")]
     vm: common::wire::VmName,
+    /// Bulk connections to pagesrv: the first carries everything; N-1 more share the
+    /// background push (each with a thread here placing what it brings). For a link one
+    /// connection cannot fill, or a host where one thread cannot place fast enough.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(common::wire::MAX_STREAMS)))]
+    streams: u32,
     /// Unix socket to accept the VMM on (created; a stale socket file is replaced).
     #[arg(long, value_name = "PATH")]
     uds: PathBuf,
@@ -183,6 +189,7 @@ fn run(cli: &Cli) -> Result<Report> {
         total_pages: kernel.layout().total_pages(),
         base: base.is_some(),
         vm: cli.vm,
+        streams: cli.streams,
     };
     let vm = Vm::new(kernel).context("cannot serve this VM")?;
     let config = LinkConfig {

@@ -51,7 +51,7 @@ use anyhow::{Context, Result, bail};
 use common::auth::Psk;
 use common::framed::{FrameEncoder, FrameReader};
 use common::wire::{
-    ErrorCode, FLAG_FREE, FLAG_PRECOPY, PROTOCOL_VERSION, Role, SessionParams, VmName,
+    ErrorCode, FLAG_FREE, FLAG_PRECOPY, MAX_STREAMS, PROTOCOL_VERSION, Role, SessionParams, VmName,
 };
 use serde_json::json;
 use socket2::SockRef;
@@ -201,6 +201,8 @@ struct Running<'scope, 'env> {
     serial: u64,
     session: Arc<Session<'env>>,
     handle: ScopedJoinHandle<'scope, Outcome>,
+    /// What its connections were welcomed with (extra streams get the same).
+    welcome: SessionParams,
 }
 
 /// An urgent connection welcomed, waiting for its bulk connection.
@@ -470,6 +472,9 @@ impl<'scope, 'env> Manager<'scope, 'env> {
 
     fn on_bulk(&mut self, mut admitted: Box<Admitted>) {
         let hello = admitted.hello;
+        if hello.extra_stream() {
+            return self.on_extra_stream(admitted);
+        }
         // The VM by name, as for the urgent connection; then that VM's pending session only.
         let index = fleet::find(self.vms, &hello.vm).ok().filter(|&index| {
             self.slots[index].pending.as_ref().is_some_and(|p| {
@@ -504,6 +509,50 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         self.start_session(index, pending, (conn, reader, encoder));
     }
 
+    /// Another bulk connection of a running session (`faultd --streams`): it takes a share
+    /// of the push on a thread of its own, at most [`MAX_STREAMS`] per session.
+    fn on_extra_stream(&mut self, mut admitted: Box<Admitted>) {
+        let hello = admitted.hello;
+        let running = fleet::find(self.vms, &hello.vm)
+            .ok()
+            .and_then(|index| self.slots[index].running.as_ref())
+            .filter(|r| {
+                r.welcome.session_id == hello.session_id
+                    && r.welcome.page_size == hello.page_size
+                    && r.welcome.total_pages == hello.total_pages
+                    && r.welcome.vm == hello.vm
+            });
+        let Some(running) = running else {
+            let text = format!(
+                "no running session {:#x} with this layout",
+                hello.session_id
+            );
+            return self.refuse(admitted, ErrorCode::UnknownSession, &text);
+        };
+        let (session, welcome) = (running.session.clone(), running.welcome);
+        if !session.admit_stream() {
+            let text = format!("a session has at most {MAX_STREAMS} bulk connections");
+            return self.refuse(admitted, ErrorCode::Protocol, &text);
+        }
+        if let Err(e) = prepare_socket(&admitted.conn, Role::Bulk, self.config)
+            .and_then(|()| Ok(admitted.welcome(self.config.psk.as_ref(), welcome)?))
+        {
+            warn!(peer = %admitted.peer, error = %format!("{e:#}"), "failed to welcome a destination");
+            return;
+        }
+        info!(peer = %admitted.peer, role = "bulk (extra stream)", vm = %session.vm, session = format_args!("{:016x}", session.id), "destination connected");
+        let Admitted { conn, encoder, .. } = *admitted;
+        self.scope.spawn(move || {
+            let _span = info_span!(
+                "session",
+                vm = %session.vm,
+                id = format_args!("{:016x}", session.id)
+            )
+            .entered();
+            session.push_extra(conn, encoder);
+        });
+    }
+
     fn start_session(
         &mut self,
         index: usize,
@@ -514,6 +563,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         let serial = self.serials;
         let vm = &self.vms[index];
         vm.source.refresh_holes();
+        let pending_welcome = pending.welcome;
         let paged = vm
             .source
             .paged(u64::from(pending.welcome.page_size))
@@ -564,6 +614,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             serial,
             session,
             handle,
+            welcome: pending_welcome,
         });
     }
 

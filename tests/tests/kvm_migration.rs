@@ -142,6 +142,19 @@ fn test_kvm_guest_on_2m_pages_migrates_in_copy_and_minor_modes() {
     }
 }
 
+/// Two bulk connections: the extra one waits through the precopy rounds (they and their
+/// discards go on the first) and shares the postcopy push.
+#[test]
+fn test_kvm_guest_migrates_hybrid_over_two_streams() {
+    if !require_kvm() || !require_userfaultfd() {
+        return;
+    }
+    let r = migrate_with_bench_args("hybrid", "minor", &["--streams", "2"]);
+    assert_migrated(&r);
+    assert_eq!(r["streams"], 2, "{r}");
+    assert!(r["precopy_rounds"].as_u64().unwrap() >= 1, "{r}");
+}
+
 #[test]
 fn test_kvm_guest_migrates_hybrid() {
     if !require_kvm() || !require_userfaultfd() {

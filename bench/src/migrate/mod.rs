@@ -78,6 +78,10 @@ pub struct MigrateArgs {
     /// root and `--strategy postcopy`: precopy tracks 4 KiB pages).
     #[arg(long, value_enum, default_value = "4k")]
     pub page_size: PageSize,
+    /// Bulk connections between the pair (`faultd --streams`).
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(common::wire::MAX_STREAMS)))]
+    pub streams: u32,
     /// The guest's vCPUs (each touches its own share of the pages; not with --free-pct).
     #[arg(long, default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(1..=bench::guest::MAX_VCPUS))]
@@ -323,6 +327,8 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
     let mut faultd_args = vec![
         "--placement".to_owned(),
         if mode == Mode::Minor { "memfd" } else { "copy" }.to_owned(),
+        "--streams".to_owned(),
+        args.streams.to_string(),
     ];
     let base = args.base_similarity.map(|pct| (work.join("base.mem"), pct));
     if let Some((path, _)) = &base {

@@ -98,6 +98,7 @@ pub(super) fn summarize(
     json!({
         "size_mib": args.size_mib,
         "vcpus": args.vcpus,
+        "streams": args.streams,
         "page_size": args.page_size,
         "workload": workload,
         "dirty_rate": args.dirty_rate,

@@ -18,6 +18,9 @@
 //!              ── Skip{first,count} ───────────►   removed by the VMM: never needed, not verified
 //!  bulk        ◄── PageRun / ZeroRun … ─────────   every page not yet sent, in file order,
 //!              ◄── BulkDone ────────────────────   pre-paging after each request
+//!  extra bulk conns (faultd --streams N: Hello{role=Bulk, session_id, flag EXTRA_STREAM},
+//!  opened once the session runs), once the push has begun on the first bulk connection:
+//!  extra bulk  ◄── PageRun / ZeroRun … ◄── BulkDone   the same push, shared between them
 //!  urgent      ── DigestQuery{chunk_pages} ────►   every page present: compare digests
 //!              ◄── Digests{chunk_pages}+u64s ───   (skipped pages count as zero)
 //!              ── Goodbye ─────────────────────►   verified; pagesrv closes, its job is done
@@ -395,7 +398,7 @@ pub struct SessionParams {
     /// pinned (0 before its first `Welcome`).
     pub image_id: u64,
     /// In `Welcome`: [`FLAG_PRECOPY`], [`FLAG_FREE`]; in `Hello`: [`FLAG_RESUMED`],
-    /// [`FLAG_BASE`].
+    /// [`FLAG_BASE`], [`FLAG_EXTRA_STREAM`].
     pub flags: u32,
     /// The VM: in `Hello`, the one the destination asks for (empty: the only one the source
     /// serves); in `Welcome`, the one served. On the wire, the bytes after the fixed body.
@@ -504,6 +507,12 @@ impl SessionParams {
     pub fn has_base(&self) -> bool {
         self.flags & FLAG_BASE != 0
     }
+
+    /// Whether this bulk connection is an extra stream of a running session (a `Hello`
+    /// flag).
+    pub fn extra_stream(&self) -> bool {
+        self.flags & FLAG_EXTRA_STREAM != 0
+    }
 }
 
 /// `Welcome` flag: the destination must wait for `Switchover` on the bulk connection before
@@ -515,6 +524,11 @@ pub const FLAG_RESUMED: u32 = 2;
 /// `Hello` flag: the destination holds a base image (an older copy of this VM, or its
 /// template): hash pages first, send only those it does not hold.
 pub const FLAG_BASE: u32 = 4;
+/// `Hello` flag (bulk): another bulk connection of a running session (`faultd --streams`):
+/// it carries part of the background push and nothing else.
+pub const FLAG_EXTRA_STREAM: u32 = 16;
+/// Most bulk connections of one session.
+pub const MAX_STREAMS: u32 = 8;
 /// `Welcome` flag: the guest's free pages come first on the bulk connection, as zero ranges
 /// closed by a `Sync`; the destination asks for no page before that `Sync` (a fault on a
 /// free page is then a local zero fill, never a request).
@@ -822,7 +836,7 @@ impl Decoder {
                 let known_flags = if kind == Kind::Welcome {
                     FLAG_PRECOPY | FLAG_FREE
                 } else {
-                    FLAG_RESUMED | FLAG_BASE
+                    FLAG_RESUMED | FLAG_BASE | FLAG_EXTRA_STREAM
                 };
                 if raw.reserved0 != 0 || raw.flags.get() & !known_flags != 0 {
                     return Err(WireError::ReservedNotZero { kind });

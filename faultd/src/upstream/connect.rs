@@ -132,6 +132,8 @@ pub struct Target {
     pub base: bool,
     /// The VM to ask for (empty: the only one pagesrv serves).
     pub vm: common::wire::VmName,
+    /// Bulk connections to open (the first carries everything; the others share the push).
+    pub streams: u32,
 }
 
 /// What a reconnect resumes: the session to replace and the image pinned (0: none).
@@ -159,6 +161,8 @@ pub struct Upstream {
     pub bulk_reader: FrameReader,
     /// Encodes what faultd sends on `bulk` (answers to `Sync`).
     pub bulk_tx: FrameEncoder,
+    /// Extra bulk connections (`--streams`), each with its reader and encoder.
+    pub extra_bulk: Vec<(TcpStream, FrameReader, FrameEncoder)>,
     /// The session and image pagesrv welcomed us to.
     pub pins: Pins,
     /// Precopy rounds come first (the source still runs).
@@ -233,6 +237,27 @@ pub fn connect(
         });
     }
     let decoder = Decoder::session(u64::from(target.page_size), target.total_pages);
+    let extra_hello = SessionParams {
+        flags: common::wire::FLAG_EXTRA_STREAM,
+        ..bulk_hello
+    };
+    let mut extra_bulk = Vec::new();
+    for _ in 1..target.streams {
+        let (conn, mut reader, welcome, tx) =
+            open(resolved, psk, Role::Bulk, extra_hello, link_timeout)?;
+        if welcome.session_id != pins.session_id {
+            return Err(UpstreamError::Refused {
+                code: ErrorCode::UnknownSession,
+                text: format!(
+                    "pagesrv welcomed an extra bulk connection to session {:016x}, not {:016x}",
+                    welcome.session_id, pins.session_id
+                ),
+                trusted: false,
+            });
+        }
+        reader.set_decoder(decoder);
+        extra_bulk.push((conn, reader, tx));
+    }
     let (mut urgent_reader, mut bulk_reader) = (urgent_reader, bulk_reader);
     urgent_reader.set_decoder(decoder);
     bulk_reader.set_decoder(decoder);
@@ -243,6 +268,7 @@ pub fn connect(
         bulk,
         bulk_reader,
         bulk_tx,
+        extra_bulk,
         pins,
         precopy: welcome.precopy(),
         free_first: welcome.free_first(),

@@ -103,6 +103,8 @@ pub struct Link {
     /// The free pages come first on the bulk connection: no request before its `Sync`.
     pub awaiting_free: bool,
     bulk: TcpStream,
+    /// Extra bulk connections (`--streams`), shut down with the first.
+    extra_bulk: Vec<TcpStream>,
     bulk_stop: Arc<AtomicBool>,
 }
 
@@ -174,6 +176,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             bulk,
             bulk_reader,
             bulk_tx,
+            extra_bulk,
             pins,
             precopy,
             free_first,
@@ -227,10 +230,44 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             let _ = waker.wake();
             bulk_threads.fetch_sub(1, Ordering::AcqRel);
         });
+        // Extra streams: pushed pages only, under the same stop flag and generation (one
+        // failing cuts the link, as the first one's does).
+        let mut extra_handles = Vec::new();
+        for (conn, reader, tx) in extra_bulk {
+            extra_handles.push(
+                conn.try_clone()
+                    .context("failed to clone an extra bulk socket")?,
+            );
+            let (vm, events, waker, stop) = (
+                self.vm,
+                self.events_tx.clone(),
+                self.waker.clone(),
+                bulk_stop.clone(),
+            );
+            let bulk_threads = self.bulk_threads.clone();
+            bulk_threads.fetch_add(1, Ordering::AcqRel);
+            let fast_path = &self.config.fast_path;
+            self.scope.spawn(move || {
+                fast_path.enter_bulk_thread();
+                let cx = BulkContext {
+                    stop: &stop,
+                    silence,
+                    precopy: false,
+                    on_switchover: &|| {},
+                    on_sync: &|| {},
+                    base: None,
+                };
+                let result = receive_pushed_pages(vm, conn, (reader, tx), &cx);
+                let _ = events.send(LinkEvent::BulkEnded { generation, result });
+                let _ = waker.wake();
+                bulk_threads.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
         debug!(
             generation,
             session = format_args!("{:016x}", pins.session_id),
             image = format_args!("{:016x}", pins.image_id),
+            streams = 1 + extra_handles.len(),
             "link open"
         );
         let now = Instant::now();
@@ -247,6 +284,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             precopy,
             awaiting_free: free_first,
             bulk: bulk_handle,
+            extra_bulk: extra_handles,
             bulk_stop,
         })
     }
@@ -272,6 +310,9 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
         link.bulk_stop.store(true, Ordering::Release);
         self.vm.wake_waiting_placements();
         let _ = link.bulk.shutdown(Shutdown::Both);
+        for extra in &link.extra_bulk {
+            let _ = extra.shutdown(Shutdown::Both);
+        }
     }
 
     /// Whether the VMM was told that its guest may resume.

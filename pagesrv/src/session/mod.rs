@@ -36,6 +36,7 @@ use crate::source::{Paged, Piece};
 
 mod base;
 mod rounds;
+mod streams;
 
 /// Pages hashed between two looks at the link while computing digests (32 MiB of 4 KiB
 /// pages: a few milliseconds).
@@ -161,6 +162,11 @@ pub struct Session<'a> {
     push_ready: (Mutex<bool>, Condvar),
     /// Requests answered, for the pusher without the background push to sleep on.
     request_count: (Mutex<u64>, Condvar),
+    /// Set when the first bulk connection begins the push (after maps, free pages, hashes
+    /// and precopy): extra streams wait for it.
+    pushing: (Mutex<bool>, Condvar),
+    /// Bulk connections of the session so far (at most [`MAX_STREAMS`]).
+    streams: std::sync::atomic::AtomicU32,
     /// Counters, read by the progress reporter.
     pub stats: SessionStats,
     config: SessionConfig,
@@ -200,6 +206,8 @@ impl<'a> Session<'a> {
             stop: AtomicBool::new(false),
             push_ready: (Mutex::new(false), Condvar::new()),
             request_count: (Mutex::new(0), Condvar::new()),
+            pushing: (Mutex::new(false), Condvar::new()),
+            streams: std::sync::atomic::AtomicU32::new(1),
             urgent_tx: Mutex::new(FrameEncoder::plain()),
             stats: SessionStats::default(),
             config,
@@ -247,6 +255,7 @@ impl<'a> Session<'a> {
     pub fn abort(&self) {
         self.stop.store(true, Ordering::Release);
         self.push_ready.1.notify_all();
+        self.pushing.1.notify_all();
         for sock in self
             .sockets
             .lock()
@@ -846,6 +855,8 @@ impl<'a> Session<'a> {
                 return Ok(());
             }
         }
+        *self.pushing.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.pushing.1.notify_all();
         self.push_runs(&mut conn, &mut tx, push_conn.as_mut(), run_pages)?;
         if self.is_stopped() {
             return Ok(());

@@ -1,0 +1,74 @@
+//! Several bulk connections (`faultd --streams N`): the push shared between them, every page
+//! once, and a cut on any of them survived like a cut of the link.
+
+use tests::*;
+
+#[test]
+fn test_three_streams_share_the_push_and_every_byte_arrives() {
+    if !require_userfaultfd() {
+        return;
+    }
+    let dir = Scratch::new("streams");
+    let (mem, uds, stats) = (dir.path("vm.mem"), dir.path("f.sock"), dir.path("s.json"));
+    let pages = 128 << 20 >> 12;
+    write_source(&mem, pages, 0x57EA, 4, 0..0);
+    let (mut pagesrv, addr) = start_pagesrv(&mem, &[]);
+    let mut faultd = start_faultd_with(&addr, &uds, &stats, &["--streams", "3"]);
+    let mut vmm = start_vmm(&uds, &mem, &["--threads", "2"]);
+    let done = finish_migration("three streams", &mut vmm, &mut faultd, &mut pagesrv, &stats);
+    let s = &done.stats;
+    let n = |k: &str| s[k].as_u64().unwrap();
+    assert_eq!(
+        n("pages_requested") + n("pages_pushed") + n("pages_zero"),
+        pages as u64,
+        "every page once: {s}"
+    );
+    assert_eq!(s["received_digest"], source_digest(&mem).as_str());
+    let extra = done
+        .pagesrv_err
+        .matches("role=\"bulk (extra stream)\"")
+        .count();
+    assert_eq!(extra, 2, "two extra bulk connections: {}", done.pagesrv_err);
+}
+
+#[test]
+fn test_cuts_with_several_streams_are_survived() {
+    if !require_userfaultfd() {
+        return;
+    }
+    let dir = Scratch::new("streams-cut");
+    let (mem, uds, stats) = (dir.path("vm.mem"), dir.path("f.sock"), dir.path("s.json"));
+    write_source(&mem, 256 << 20 >> 12, 0xC07, 4, 0..0);
+    let (mut pagesrv, addr) = start_pagesrv(&mem, &[]);
+    let (mut proxy, proxy_addr) =
+        start_proxy(&addr, &["--cuts", "2", "--min-mib", "4", "--max-mib", "24"]);
+    let mut faultd = start_faultd_with(&proxy_addr, &uds, &stats, &["--streams", "2"]);
+    let mut vmm = start_vmm(&uds, &mem, &["--threads", "2"]);
+    let done = finish_migration("streams cut", &mut vmm, &mut faultd, &mut pagesrv, &stats);
+    assert_eq!(proxy.read_line(), "cut 1");
+    assert_eq!(proxy.read_line(), "cut 2");
+    assert!(
+        done.stats["reconnects"].as_u64().unwrap() >= 2,
+        "{}",
+        done.stats
+    );
+    assert_eq!(done.stats["received_digest"], source_digest(&mem).as_str());
+}
+
+#[test]
+fn test_a_stream_count_out_of_range_is_a_usage_error() {
+    for bad in ["0", "9"] {
+        let out = std::process::Command::new(bin("faultd"))
+            .args([
+                "--connect",
+                "127.0.0.1:1",
+                "--uds",
+                "/nonexistent/x",
+                "--streams",
+                bad,
+            ])
+            .output()
+            .expect("run faultd");
+        assert_eq!(out.status.code(), Some(2), "--streams {bad}");
+    }
+}
