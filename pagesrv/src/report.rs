@@ -97,7 +97,7 @@ pub fn print_summary(session: &Session<'_>, outcome: &Outcome) {
     let bytes = get(&s.bytes_sent);
     // One write, so the line does not interleave with other processes' output.
     let line = format!(
-        "pagesrv: session {}: vm {}, id {:016x}, {:.3} s, {} pages requested (urgent: {} data, {} zero), pushed {} data + {} zero pages, {} in precopy rounds ({} dropped as written again), {} held, {} in the destination's base, {} free (hinted), {} skipped, {} pushed first from the working set, {:.1} MiB sent ({:.0} MiB/s)\n",
+        "pagesrv: session {}: vm {}, id {:016x}, {:.3} s, {} pages requested (urgent: {} data, {} zero), pushed {} data + {} zero pages, {} in precopy rounds ({} dropped as written again), {} held, {} in the destination's base, {} free (hinted), {} skipped, {} pushed first from the working set, {} on extra bulk connections, {:.1} MiB sent ({:.0} MiB/s)\n",
         match outcome {
             Outcome::Completed if session.verified() => "completed".to_string(),
             Outcome::Completed => {
@@ -121,6 +121,7 @@ pub fn print_summary(session: &Session<'_>, outcome: &Outcome) {
         get(&s.free_pages),
         get(&s.skipped_pages),
         session.prefetched_pages(),
+        get(&s.extra_stream_pages),
         bytes as f64 / (1 << 20) as f64,
         bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
     );

@@ -530,6 +530,11 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             return self.refuse(admitted, ErrorCode::UnknownSession, &text);
         };
         let (session, welcome) = (running.session.clone(), running.welcome);
+        if self.config.session.naive_single_connection {
+            let text =
+                "this pagesrv runs the single-connection baseline: no extra bulk connections";
+            return self.refuse(admitted, ErrorCode::Protocol, text);
+        }
         if !session.admit_stream() {
             let text = format!("a session has at most {MAX_STREAMS} bulk connections");
             return self.refuse(admitted, ErrorCode::Protocol, &text);

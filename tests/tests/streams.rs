@@ -29,6 +29,48 @@ fn test_three_streams_share_the_push_and_every_byte_arrives() {
         .matches("role=\"bulk (extra stream)\"")
         .count();
     assert_eq!(extra, 2, "two extra bulk connections: {}", done.pagesrv_err);
+    assert!(
+        extra_stream_pages(&done.pagesrv_err) > 0,
+        "the extra connections carried part of the push: {}",
+        done.pagesrv_err
+    );
+}
+
+/// Pages pushed on extra bulk connections, from pagesrv's summary line.
+fn extra_stream_pages(pagesrv_err: &str) -> u64 {
+    let line = pagesrv_err
+        .lines()
+        .find(|l| l.contains("session completed"))
+        .unwrap_or_else(|| panic!("no summary line: {pagesrv_err}"));
+    let before = line
+        .split(" on extra bulk connections")
+        .next()
+        .expect("the field");
+    before
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line}"))
+}
+
+#[test]
+fn test_the_naive_baseline_refuses_extra_streams_and_one_carries_all() {
+    if !require_userfaultfd() {
+        return;
+    }
+    let dir = Scratch::new("streams-naive");
+    let (mem, uds, stats) = (dir.path("vm.mem"), dir.path("f.sock"), dir.path("s.json"));
+    write_source(&mem, 4096, 0x9A1, 4, 0..0);
+    let (mut pagesrv, addr) = start_pagesrv(&mem, &["--naive-single-connection"]);
+    let mut faultd = start_faultd_with(&addr, &uds, &stats, &["--streams", "2"]);
+    let mut vmm = start_vmm(&uds, &mem, &[]);
+    let done = finish_migration("naive", &mut vmm, &mut faultd, &mut pagesrv, &stats);
+    assert!(
+        done.faultd_err.contains("going on with fewer"),
+        "{}",
+        done.faultd_err
+    );
+    assert_eq!(extra_stream_pages(&done.pagesrv_err), 0);
 }
 
 #[test]

@@ -10,6 +10,7 @@ use common::framed::{FrameEncoder, FrameReader, ReadError, write_frame};
 use common::wire::phase::{ClientHandshake, Phase};
 use common::wire::{Decoder, ErrorCode, Message, PROTOCOL_VERSION, Role, SessionParams};
 use thiserror::Error;
+use tracing::warn;
 
 /// How long connecting plus the handshake of one connection may take, in all.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
@@ -243,20 +244,27 @@ pub fn connect(
     };
     let mut extra_bulk = Vec::new();
     for _ in 1..target.streams {
-        let (conn, mut reader, welcome, tx) =
-            open(resolved, psk, Role::Bulk, extra_hello, link_timeout)?;
-        if welcome.session_id != pins.session_id {
-            return Err(UpstreamError::Refused {
-                code: ErrorCode::UnknownSession,
-                text: format!(
-                    "pagesrv welcomed an extra bulk connection to session {:016x}, not {:016x}",
-                    welcome.session_id, pins.session_id
-                ),
-                trusted: false,
-            });
+        // A refused extra stream (an older pagesrv, its limit, the naive baseline) costs only
+        // itself: the session goes on with the connections it has.
+        match open(resolved, psk, Role::Bulk, extra_hello, link_timeout) {
+            Ok((conn, mut reader, welcome, tx))
+                if welcome.session_id == pins.session_id && welcome.image_id == pins.image_id =>
+            {
+                reader.set_decoder(decoder);
+                extra_bulk.push((conn, reader, tx));
+            }
+            Ok((_, _, welcome, _)) => {
+                warn!(
+                    session = format_args!("{:016x}", welcome.session_id),
+                    "pagesrv welcomed an extra bulk connection to another session: not using it"
+                );
+                break;
+            }
+            Err(e) => {
+                warn!(error = %e, streams = 1 + extra_bulk.len(), "an extra bulk connection was not opened: going on with fewer");
+                break;
+            }
         }
-        reader.set_decoder(decoder);
-        extra_bulk.push((conn, reader, tx));
     }
     let (mut urgent_reader, mut bulk_reader) = (urgent_reader, bulk_reader);
     urgent_reader.set_decoder(decoder);

@@ -232,12 +232,12 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
         });
         // Extra streams: pushed pages only, under the same stop flag and generation (one
         // failing cuts the link, as the first one's does).
-        let mut extra_handles = Vec::new();
+        let extra_handles = extra_bulk
+            .iter()
+            .map(|(conn, _, _)| conn.try_clone())
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("failed to clone an extra bulk socket")?;
         for (conn, reader, tx) in extra_bulk {
-            extra_handles.push(
-                conn.try_clone()
-                    .context("failed to clone an extra bulk socket")?,
-            );
             let (vm, events, waker, stop) = (
                 self.vm,
                 self.events_tx.clone(),

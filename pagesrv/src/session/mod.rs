@@ -82,6 +82,8 @@ pub struct SessionStats {
     pub base_pages: AtomicU64,
     /// Pages the guest holds free (hinted), sent as zero ranges before anything else.
     pub free_pages: AtomicU64,
+    /// Pages pushed on extra bulk connections (`faultd --streams`).
+    pub extra_stream_pages: AtomicU64,
 }
 
 /// How a session ended.
@@ -730,10 +732,11 @@ impl<'a> Session<'a> {
         tx: &mut FrameEncoder,
         mut push_conn: Option<&mut TcpStream>,
         run_pages: u64,
-    ) -> Result<(), String> {
+    ) -> Result<u64, String> {
         let mut pieces = Vec::new();
         let mut runs = Vec::new();
         let mut last_tx = Instant::now();
+        let mut pushed = 0;
         while !self.is_stopped() {
             // Several short runs (a prefetched working set, strided pre-paging) go out in
             // one write: up to `run_pages` pages, picked under the lock, read outside it.
@@ -763,7 +766,7 @@ impl<'a> Session<'a> {
             }
             if runs.is_empty() {
                 if self.config.push || self.sent.is_full() {
-                    return Ok(());
+                    return Ok(pushed);
                 }
                 if last_tx.elapsed() >= self.config.liveness.heartbeat {
                     tx.write_frame(conn, &Message::Heartbeat, &[])
@@ -786,6 +789,7 @@ impl<'a> Session<'a> {
                 None => self.send_pieces(conn, tx, &pieces),
             };
             let (zero, data) = sent.map_err(|e| format!("failed to push pages: {e}"))?;
+            pushed += zero + data;
             last_tx = Instant::now();
             self.stats
                 .pushed_zero_pages
@@ -794,7 +798,7 @@ impl<'a> Session<'a> {
                 .pushed_data_pages
                 .fetch_add(data, Ordering::Relaxed);
         }
-        Ok(())
+        Ok(pushed)
     }
 
     /// Requests answered so far (the pusher sleeps on it without the background push).
@@ -854,6 +858,10 @@ impl<'a> Session<'a> {
             if self.is_stopped() {
                 return Ok(());
             }
+            // The switch's discards are applied before an extra stream may resend a page they
+            // drop (else the resent page is skipped as present, then dropped): one round trip
+            // after the destination resumed.
+            self.sync(&mut conn, &mut tx, &mut rx, &mut |_, _| {})?;
         }
         *self.pushing.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.pushing.1.notify_all();

@@ -29,10 +29,15 @@ impl Session<'_> {
     /// page taken for a connection that broke would otherwise never arrive (the destination
     /// reconnects and says what it holds).
     pub fn push_extra(&self, mut conn: TcpStream, mut tx: FrameEncoder) {
+        // Registered, so the session's end shuts it down (else its last read could wait).
+        let Ok(handle) = conn.try_clone() else {
+            warn!("cannot keep a handle on an extra bulk connection: not using it");
+            return;
+        };
         self.sockets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend(conn.try_clone().ok());
+            .push(handle);
         self.config.fast_path.enter_bulk_thread();
         if let Err(why) = self.push_extra_stream(&mut conn, &mut tx)
             && !self.is_stopped()
@@ -61,7 +66,10 @@ impl Session<'_> {
         }
         drop(pushing);
         let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
-        self.push_runs(conn, tx, None, run_pages)?;
+        let pushed = self.push_runs(conn, tx, None, run_pages)?;
+        self.stats
+            .extra_stream_pages
+            .fetch_add(pushed, Ordering::Relaxed);
         if self.is_stopped() {
             return Ok(());
         }
