@@ -37,6 +37,9 @@
 //!              ◄── Discard{first,count}+bitmap ─   drop these: written since they were sent
 //!              ◄── Sync ────────────────────────   ── Synced ──► (bulk) all of it is applied
 //!              ◄── Switchover ──────────────────   the source is paused: the guest may resume
+//!              ◄── Sync ───── … ───── Synced ──►   (after the switch's discards, which come
+//!                                                    before Switchover) the push, extra streams
+//!                                                    too, begins only once they are applied
 //!  any conn, either way, after the handshake:
 //!              ◄─ Heartbeat ─►                       when the connection was idle 200 ms;
 //!                                                    silence for the link timeout = dead link
