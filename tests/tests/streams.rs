@@ -114,3 +114,48 @@ fn test_a_stream_count_out_of_range_is_a_usage_error() {
         assert_eq!(out.status.code(), Some(2), "--streams {bad}");
     }
 }
+
+#[test]
+fn test_one_connection_broken_at_a_time_is_survived_with_three_streams() {
+    if !require_userfaultfd() {
+        return;
+    }
+    // `truncate` shuts only the connection whose chunk crossed the mark, mostly one of the
+    // three bulk connections: the session ends (a page taken for it may never arrive), faultd
+    // reconnects with all three and says what it holds.
+    let dir = Scratch::new("streams-one-broken");
+    let (mem, uds, stats) = (dir.path("vm.mem"), dir.path("f.sock"), dir.path("s.json"));
+    write_source(&mem, 256 << 20 >> 12, 0x1B0, 4, 0..0);
+    let (mut pagesrv, addr) = start_pagesrv(&mem, &[]);
+    let (mut proxy, proxy_addr) = start_proxy(
+        &addr,
+        &[
+            "--mode",
+            "truncate",
+            "--cuts",
+            "3",
+            "--min-mib",
+            "4",
+            "--max-mib",
+            "20",
+        ],
+    );
+    let mut faultd = start_faultd_with(&proxy_addr, &uds, &stats, &["--streams", "3"]);
+    let mut vmm = start_vmm(&uds, &mem, &["--threads", "2"]);
+    let done = finish_migration("one broken", &mut vmm, &mut faultd, &mut pagesrv, &stats);
+    for n in 1..=3 {
+        assert_eq!(proxy.read_line(), format!("truncate {n}"));
+    }
+    assert!(
+        done.stats["reconnects"].as_u64().unwrap() >= 1,
+        "{}",
+        done.stats
+    );
+    assert_eq!(done.stats["received_digest"], source_digest(&mem).as_str());
+    eprintln!(
+        "sessions ended by an extra stream: {}",
+        done.pagesrv_err
+            .matches("an extra bulk connection failed")
+            .count()
+    );
+}
