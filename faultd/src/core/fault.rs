@@ -336,30 +336,21 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
     pub fn link_up(&mut self) {
         self.link_up = true;
         self.pending.clear();
-        let arrived: Vec<u64> = self
-            .in_flight
-            .keys()
-            .copied()
-            .filter(|&p| self.vm.done.is_set(p))
-            .collect();
-        for page in arrived {
-            self.resolve_page(page);
-        }
-        // Pages that turned out zero (free pages, zero ranges) while the link was down or
-        // held: filled here, never requested.
-        let zeroed: Vec<u64> = self
-            .in_flight
-            .keys()
-            .copied()
-            .filter(|&p| self.vm.zero.is_set(p))
-            .collect();
-        for page in zeroed {
-            for read_at in self.in_flight.remove(&page).unwrap_or_default() {
-                self.deferred_zero.push((page, read_at));
+        // Each awaited page as a fault on it now would be handled: one that turned out zero
+        // (free pages, zero ranges, a removal) while the link was down or held is filled
+        // here (nothing was placed there, so nothing woke its threads); one that arrived was
+        // placed and woke them; the rest are requested.
+        let pages: Vec<u64> = self.in_flight.keys().copied().collect();
+        for page in pages {
+            if self.vm.zero.is_set(page) {
+                for read_at in self.in_flight.remove(&page).unwrap_or_default() {
+                    self.deferred_zero.push((page, read_at));
+                }
+            } else if self.vm.done.is_set(page) {
+                self.resolve_page(page);
+            } else {
+                self.pending.push(request(page));
             }
-        }
-        for &page in self.in_flight.keys() {
-            self.pending.push(request(page));
         }
         for (first, count) in self.skips_while_down.drain(..) {
             self.pending.push(Message::Skip(PageRange { first, count }));

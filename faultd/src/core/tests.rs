@@ -419,6 +419,28 @@ fn test_requests_and_skips_go_out_again_on_a_new_link() {
 }
 
 #[test]
+fn test_a_fault_held_while_its_page_turned_zero_is_filled_on_the_next_link() {
+    let vm = vm();
+    let mut core = FaultCore::new(&vm);
+    // Held: the link is down (or waits for the free pages); the fault is only recorded.
+    vm.kernel.fault(7);
+    core.drain_events().unwrap();
+    // The bulk connection says page 7 is zero (a free page, a zero range): nothing placed.
+    vm.place(7, 1, None, Origin::Pushed, ZeroPages::Skip)
+        .unwrap();
+    assert_eq!(vm.kernel.page(7), None);
+    core.link_up();
+    assert!(core.pending.is_empty(), "a zero page is never requested");
+    core.drain_events().unwrap();
+    assert_eq!(
+        vm.kernel.page(7),
+        Some(vec![0; PAGE as usize]),
+        "the waiting thread gets its zero page (else it sleeps until completion)"
+    );
+    assert_eq!(core.latencies.summary().count, 1);
+}
+
+#[test]
 fn test_a_discard_drops_pages_takes_back_their_digests_and_they_arrive_again() {
     let vm = vm();
     let mut core = FaultCore::new(&vm);
