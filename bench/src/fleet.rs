@@ -123,8 +123,7 @@ fn weighted_quantile(values: &mut [(f64, f64)], q: f64) -> f64 {
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
+    crate::latency::median(&mut values)
 }
 
 /// Runs the benchmark and prints its table.
@@ -379,12 +378,9 @@ fn finish(d: &mut Destination) -> Result<VmRun> {
         stats["digest_check"]
     );
     let latency: Value = serde_json::from_str(&std::fs::read_to_string(&d.latency)?)?;
-    let data_pages = stats["pages_requested"].as_u64().unwrap_or(0)
-        + stats["pages_pushed"].as_u64().unwrap_or(0);
-    let page_size = stats["page_size"].as_u64().unwrap_or(4096);
     Ok(VmRun {
         total_ms: stats["duration_ms"].as_f64().unwrap_or(0.0),
-        data_bytes: data_pages * page_size,
+        data_bytes: crate::latency::data_bytes(&stats),
         samples_us: latency["cdf_samples_us"]
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_f64).collect())

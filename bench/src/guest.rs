@@ -82,6 +82,29 @@ const _: () = assert!(
 );
 const _: () = assert!(CODE_GPA + 0x10000 <= VCPU_BLOCKS_GPA, "room for the code");
 
+/// The page size backing a destination guest's RAM (`--page-size`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum PageSize {
+    /// 4 KiB pages (a shmem memfd).
+    #[value(name = "4k")]
+    #[serde(rename = "4k")]
+    Small,
+    /// 2 MiB pages (a hugetlbfs memfd).
+    #[value(name = "2m")]
+    #[serde(rename = "2m")]
+    Huge,
+}
+
+impl PageSize {
+    /// Bytes per page.
+    pub fn bytes(self) -> u64 {
+        match self {
+            PageSize::Small => 4096,
+            PageSize::Huge => HUGE_2M,
+        }
+    }
+}
+
 /// Access pattern of the guest's touch loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]

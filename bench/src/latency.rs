@@ -298,12 +298,8 @@ pub(crate) fn run_scenario(
         );
         let _ = pagesrv.wait();
         let stats: Value = serde_json::from_str(&std::fs::read_to_string(&stats_path)?)?;
-        let total_ms = stats["duration_ms"].as_f64().unwrap_or(0.0);
-        let data_pages = stats["pages_requested"].as_u64().unwrap_or(0)
-            + stats["pages_pushed"].as_u64().unwrap_or(0);
-        record["total_ms"] = json!(total_ms);
-        record["throughput_mib_s"] =
-            json!(data_pages as f64 * 4096.0 / 1048576.0 / (total_ms / 1000.0).max(1e-9));
+        record["total_ms"] = json!(stats["duration_ms"].as_f64().unwrap_or(0.0));
+        record["throughput_mib_s"] = json!(data_mib_per_s(&stats));
         record["bytes_on_wire"] = stats["bytes_received"].clone();
         record["demand_faults"] = stats["demand_faults"].clone();
         record["pages"] = json!({
@@ -398,7 +394,21 @@ fn args_pages(args: &LatencyArgs) -> u64 {
     args.size_mib << 8
 }
 
-fn median(values: &mut [f64]) -> f64 {
+/// Bytes of data pages (requested and pushed, in the session's page size) over faultd's
+/// duration, from faultd's stats.
+pub(crate) fn data_bytes(stats: &Value) -> u64 {
+    let pages = stats["pages_requested"].as_u64().unwrap_or(0)
+        + stats["pages_pushed"].as_u64().unwrap_or(0);
+    pages * stats["page_size"].as_u64().unwrap_or(4096)
+}
+
+/// [`data_bytes`] per second of faultd's duration, in MiB/s.
+pub(crate) fn data_mib_per_s(stats: &Value) -> f64 {
+    let secs = stats["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+    data_bytes(stats) as f64 / f64::from(1 << 20) / secs.max(1e-9)
+}
+
+pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }

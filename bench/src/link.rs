@@ -132,27 +132,21 @@ pub struct Link {
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run `ip` (install iproute2: scripts/ensure-deps.sh does)")?;
-    ensure!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
+    run_iproute2("ip", args)
 }
 
 fn tc(args: &[&str]) -> Result<()> {
-    let out = Command::new("tc")
-        .args(args)
-        .output()
-        .context("cannot run `tc` (install iproute2)")?;
+    run_iproute2("tc", args)
+}
+
+/// Runs `ip` or `tc`; its stderr is the error.
+fn run_iproute2(tool: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(tool).args(args).output().with_context(|| {
+        format!("cannot run `{tool}` (install iproute2: scripts/ensure-deps.sh does)")
+    })?;
     ensure!(
         out.status.success(),
-        "tc {}: {}",
+        "{tool} {}: {}",
         args.join(" "),
         String::from_utf8_lossy(&out.stderr).trim()
     );

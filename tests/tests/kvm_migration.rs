@@ -14,11 +14,7 @@ fn migrate_with_bench(strategy: &str, mode: &str) -> serde_json::Value {
 }
 
 fn migrate_with_bench_args(strategy: &str, mode: &str, extra: &[&str]) -> serde_json::Value {
-    // Named by every argument: tests that run at once never share a directory.
-    let dir = Scratch::new(&format!(
-        "kvm-{strategy}-{mode}-{}",
-        extra.join("").replace('-', "")
-    ));
+    let dir = Scratch::new(&format!("kvm-{strategy}-{mode}"));
     let out = dir.path("out.json");
     let mut bench = Proc::spawn(
         "bench",

@@ -27,7 +27,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use bench::guest::{Counters, GuestParams, Workload};
+use bench::guest::{Counters, GuestParams, PageSize, Workload};
 use bench::kvm_vm::{KvmVm, RunExit, Vcpu, VcpuState};
 use clap::{Parser, Subcommand, ValueEnum};
 use common::uffd::{MODE_MINOR, MODE_MISSING, Uffd};
@@ -76,23 +76,6 @@ enum Role {
 enum Mode {
     Copy,
     Minor,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum PageSize {
-    #[value(name = "4k")]
-    Small,
-    #[value(name = "2m")]
-    Huge,
-}
-
-impl PageSize {
-    fn bytes(self) -> u64 {
-        match self {
-            PageSize::Small => 4096,
-            PageSize::Huge => 2 << 20,
-        }
-    }
 }
 
 fn now_us() -> u64 {

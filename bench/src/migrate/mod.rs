@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 
-use bench::guest::Workload;
+use bench::guest::{PageSize, Workload};
 
 use crate::procs::{Guard, sibling, start_faultd, start_pagesrv};
 
@@ -193,10 +193,7 @@ pub fn run(args: &MigrateArgs) -> Result<()> {
         args.size_mib >= 4 && args.size_mib.is_multiple_of(2),
         "--size-mib must be even and at least 4"
     );
-    ensure!(
-        args.vcpus == 1 || args.free_pct.is_none(),
-        "--free-pct needs one vCPU (the guest's free bitmap is indexed from its first data page)"
-    );
+    bench::guest::check_vcpus(args.vcpus, args.free_pct.map_or(0, u64::from))?;
     let _huge_pages = if args.page_size == PageSize::Huge {
         ensure!(
             args.strategy == Strategy::Postcopy && args.free_pct.is_none(),
@@ -269,19 +266,6 @@ struct Handover {
     paused: Value,
     /// pagesrv's control events, as they come (precopy first).
     pagesrv_events: Option<mpsc::Receiver<Value>>,
-}
-
-/// `--page-size`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-pub enum PageSize {
-    /// 4 KiB pages.
-    #[value(name = "4k")]
-    #[serde(rename = "4k")]
-    Small,
-    /// 2 MiB hugetlbfs pages.
-    #[value(name = "2m")]
-    #[serde(rename = "2m")]
-    Huge,
 }
 
 fn value_name(v: &impl ValueEnum) -> String {
@@ -406,11 +390,7 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
         )?),
         None => None,
     };
-    let page_size = match args.page_size {
-        PageSize::Small => 4096,
-        PageSize::Huge => 2 << 20,
-    };
-    let digest = file_digest(mem, free.as_deref(), page_size)?;
+    let digest = file_digest(mem, free.as_deref(), args.page_size.bytes() as usize)?;
     let summary = summary::summarize(args, &labels, &timeline, stats, digest);
     print_summary(&summary);
     if let Some(path) = &args.json {
