@@ -11,6 +11,12 @@ use crate::source::MemorySource;
 /// Most VM names listed in an error before "and N more".
 const NAMES_LISTED: usize = 8;
 
+/// The name of a lone VM that has none of its own (`--vmm-uds`, or a file whose name cannot
+/// be one).
+pub fn lone_vm_name() -> VmName {
+    VmName::new("vm").expect("a valid name")
+}
+
 /// A `--vm-mem` argument: a memory file and the name it is served under.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
@@ -72,7 +78,7 @@ pub fn resolve_names(specs: &mut [VmSpec]) -> Result<(), FleetError> {
             if !lone {
                 return Err(FleetError::Name(why));
             }
-            spec.name = VmName::new("vm").map_err(FleetError::Name)?;
+            spec.name = lone_vm_name();
         }
     }
     Ok(())

@@ -326,7 +326,7 @@ fn open_vms(cli: &Cli) -> Result<(Vec<ServedVm>, Option<Arc<Precopy>>)> {
         .as_deref()
         .context("--vm-mem or --vmm-uds is required")?;
     // One VM: destinations need not name it (`faultd --vm vm` also works).
-    let name = common::wire::VmName::new("vm").map_err(anyhow::Error::msg)?;
+    let name = fleet::lone_vm_name();
     let listener = bind_uds(path)?;
     // One line on stdout for scripts: the VMM may connect.
     println!("pagesrv waiting for the source VMM on {}", path.display());

@@ -130,7 +130,7 @@ pub fn serve(
         let mut manager = Manager {
             scope,
             vms,
-            slots: vms.iter().map(|_| Slot::new()).collect(),
+            slots: vms.iter().map(|_| Slot::default()).collect(),
             config,
             notify: tx,
             serials: 0,
@@ -222,6 +222,7 @@ enum Finished {
 
 /// One served VM's state: at most one session running and one waiting for its bulk
 /// connection, and the totals over its sessions.
+#[derive(Default)]
 struct Slot<'scope, 'env> {
     running: Option<Running<'scope, 'env>>,
     pending: Option<Pending>,
@@ -230,20 +231,6 @@ struct Slot<'scope, 'env> {
     bytes_sent: u64,
     first_start: Option<Instant>,
     last_end: Option<Instant>,
-}
-
-impl Slot<'_, '_> {
-    fn new() -> Self {
-        Slot {
-            running: None,
-            pending: None,
-            finished: None,
-            sessions: 0,
-            bytes_sent: 0,
-            first_start: None,
-            last_end: None,
-        }
-    }
 }
 
 struct Manager<'scope, 'env> {
@@ -366,6 +353,24 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         }
     }
 
+    /// Prepares the connection and answers with `welcome` (to VM `vm`); `false` (logged) if
+    /// that failed.
+    fn welcome(&self, admitted: &mut Admitted, welcome: SessionParams, vm: VmName) -> bool {
+        let role = match (admitted.role, admitted.hello.extra_stream()) {
+            (Role::Urgent, _) => "urgent",
+            (Role::Bulk, false) => "bulk",
+            (Role::Bulk, true) => "bulk (extra stream)",
+        };
+        if let Err(e) = prepare_socket(&admitted.conn, admitted.role, self.config)
+            .and_then(|()| Ok(admitted.welcome(self.config.psk.as_ref(), welcome)?))
+        {
+            warn!(peer = %admitted.peer, error = %format!("{e:#}"), "failed to welcome a destination");
+            return false;
+        }
+        info!(peer = %admitted.peer, role, vm = %vm, session = format_args!("{:016x}", welcome.session_id), sealed = admitted.encoder.is_sealed(), "destination connected");
+        true
+    }
+
     fn on_urgent(&mut self, admitted: Box<Admitted>) {
         let index = match fleet::find(self.vms, &admitted.hello.vm) {
             Ok(index) => index,
@@ -456,13 +461,9 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             vm: admitted.hello.vm,
             ..ours
         };
-        if let Err(e) = prepare_socket(&admitted.conn, Role::Urgent, self.config)
-            .and_then(|()| Ok(admitted.welcome(self.config.psk.as_ref(), welcome)?))
-        {
-            warn!(peer = %admitted.peer, error = %format!("{e:#}"), "failed to welcome a destination");
+        if !self.welcome(&mut admitted, welcome, vm.name) {
             return;
         }
-        info!(peer = %admitted.peer, role = "urgent", vm = %vm.name, session = format_args!("{session_id:016x}"), sealed = admitted.encoder.is_sealed(), "destination connected");
         self.slots[index].pending = Some(Pending {
             admitted,
             welcome,
@@ -477,12 +478,10 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         }
         // The VM by name, as for the urgent connection; then that VM's pending session only.
         let index = fleet::find(self.vms, &hello.vm).ok().filter(|&index| {
-            self.slots[index].pending.as_ref().is_some_and(|p| {
-                p.welcome.session_id == hello.session_id
-                    && p.welcome.page_size == hello.page_size
-                    && p.welcome.total_pages == hello.total_pages
-                    && p.welcome.vm == hello.vm
-            })
+            self.slots[index]
+                .pending
+                .as_ref()
+                .is_some_and(|p| joins(&p.welcome, &hello))
         });
         let Some(index) = index else {
             let text = format!(
@@ -492,14 +491,9 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             return self.refuse(admitted, ErrorCode::UnknownSession, &text);
         };
         let pending = self.slots[index].pending.take().expect("checked above");
-        let welcome = pending.welcome;
-        if let Err(e) = prepare_socket(&admitted.conn, Role::Bulk, self.config)
-            .and_then(|()| Ok(admitted.welcome(self.config.psk.as_ref(), welcome)?))
-        {
-            warn!(peer = %admitted.peer, error = %format!("{e:#}"), "failed to welcome a destination");
+        if !self.welcome(&mut admitted, pending.welcome, self.vms[index].name) {
             return;
         }
-        info!(peer = %admitted.peer, role = "bulk", vm = %self.vms[index].name, session = format_args!("{:016x}", hello.session_id), sealed = admitted.encoder.is_sealed(), "destination connected");
         let Admitted {
             conn,
             reader,
@@ -516,12 +510,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         let running = fleet::find(self.vms, &hello.vm)
             .ok()
             .and_then(|index| self.slots[index].running.as_ref())
-            .filter(|r| {
-                r.welcome.session_id == hello.session_id
-                    && r.welcome.page_size == hello.page_size
-                    && r.welcome.total_pages == hello.total_pages
-                    && r.welcome.vm == hello.vm
-            });
+            .filter(|r| joins(&r.welcome, &hello));
         let Some(running) = running else {
             let text = format!(
                 "no running session {:#x} with this layout",
@@ -539,13 +528,9 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             let text = format!("a session has at most {MAX_STREAMS} bulk connections");
             return self.refuse(admitted, ErrorCode::Protocol, &text);
         }
-        if let Err(e) = prepare_socket(&admitted.conn, Role::Bulk, self.config)
-            .and_then(|()| Ok(admitted.welcome(self.config.psk.as_ref(), welcome)?))
-        {
-            warn!(peer = %admitted.peer, error = %format!("{e:#}"), "failed to welcome a destination");
+        if !self.welcome(&mut admitted, welcome, session.vm) {
             return;
         }
-        info!(peer = %admitted.peer, role = "bulk (extra stream)", vm = %session.vm, session = format_args!("{:016x}", session.id), "destination connected");
         let Admitted { conn, encoder, .. } = *admitted;
         self.scope.spawn(move || {
             let _span = info_span!(
@@ -673,6 +658,15 @@ fn print_vm_totals(vm: &ServedVm, slot: &Slot<'_, '_>, finished: &Finished) {
         slot.sessions,
         mib / secs.max(1e-9)
     );
+}
+
+/// Whether a bulk `Hello` belongs to the session welcomed with `welcome`: same session, same
+/// layout, same VM name.
+fn joins(welcome: &SessionParams, hello: &SessionParams) -> bool {
+    welcome.session_id == hello.session_id
+        && welcome.page_size == hello.page_size
+        && welcome.total_pages == hello.total_pages
+        && welcome.vm == hello.vm
 }
 
 /// Checks a destination's `Hello` against the memory file: the same protocol, a page size

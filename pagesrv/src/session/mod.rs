@@ -84,6 +84,8 @@ pub struct SessionStats {
     pub free_pages: AtomicU64,
     /// Pages pushed on extra bulk connections (`faultd --streams`).
     pub extra_stream_pages: AtomicU64,
+    /// Pages pushed first from the recorded working set, as of the pusher's last pick.
+    pub prefetched_pages: AtomicU64,
 }
 
 /// How a session ended.
@@ -142,7 +144,8 @@ pub struct Session<'a> {
     pub id: u64,
     /// Pages sent, or held or skipped by the destination.
     sent: PageMap,
-    /// Pages last sent as zero (a zero range): the destination holds zeros there.
+    /// Pages last sent as zero (a zero range): the destination holds zeros there. Kept only
+    /// with the precopy engine (its pause reads it).
     sent_zero: PageMap,
     /// Pages the destination will never need (removed before they arrived): left out of the
     /// digests.
@@ -222,9 +225,10 @@ impl<'a> Session<'a> {
         self.events.1.as_deref()
     }
 
-    /// Pages pushed first from the recorded working set (`--prefetch`).
+    /// Pages pushed first from the recorded working set (`--prefetch`): as of the pusher's
+    /// last pick (read without the push-order lock the urgent thread takes).
     pub fn prefetched_pages(&self) -> u64 {
-        self.push_order.lock().prefetched_pages()
+        self.stats.prefetched_pages.load(Ordering::Relaxed)
     }
 
     /// Pages sent or no longer needed, for progress.
@@ -645,16 +649,22 @@ impl<'a> Session<'a> {
         let max_pages = (MAX_PAYLOAD_BYTES as u64 / page_size).max(1);
         let (mut zero, mut data) = (0, 0);
         let corrupted = self.corrupted_copy(pieces);
+        // Only the precopy pause reads which pages went as zero.
+        let track_zero = self.switch.engine.is_some();
         let mut frames: Vec<(Message, &[u8])> = Vec::with_capacity(pieces.len());
         for piece in pieces {
             match *piece {
                 Piece::Zero { first, count } => {
                     frames.push((Message::ZeroRun(PageRange { first, count }), &[]));
-                    self.sent_zero.set_range(first, count);
+                    if track_zero {
+                        self.sent_zero.set_range(first, count);
+                    }
                     zero += count;
                 }
                 Piece::Data { first, count } => {
-                    self.sent_zero.clear_range(first, count);
+                    if track_zero {
+                        self.sent_zero.clear_range(first, count);
+                    }
                     let mut at = first;
                     while at < first + count {
                         let n = (first + count - at).min(max_pages);
@@ -763,6 +773,9 @@ impl<'a> Session<'a> {
                     runs.push((first, count));
                     pages += count;
                 }
+                self.stats
+                    .prefetched_pages
+                    .store(order.prefetched_pages(), Ordering::Relaxed);
             }
             if runs.is_empty() {
                 if self.config.push || self.sent.is_full() {
