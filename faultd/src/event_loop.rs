@@ -326,7 +326,8 @@ impl FaultLoop<'_, '_> {
     /// until something is ready or the budget is spent. Returns whether `events` is filled.
     fn busy_poll(&self, poll: &mut Poll, events: &mut Events) -> bool {
         let budget = self.config.fast_path.busy_poll;
-        if budget.is_zero() || self.core.pages_in_flight() == 0 {
+        // Only while requests go out: no reply comes for a fault that is held.
+        if budget.is_zero() || self.core.pages_in_flight() == 0 || !self.faults_released() {
             return false;
         }
         common::sched::spin_until(budget, || {
@@ -779,11 +780,8 @@ impl FaultLoop<'_, '_> {
                         sealed = link.tx.is_sealed(),
                         "link to pagesrv up"
                     );
-                    let hold = link.awaiting_free;
                     self.link = Some(link);
-                    if !matches!(self.stage, Stage::Precopy) && !hold {
-                        self.core.link_up();
-                    }
+                    self.release_held_faults();
                 }
                 LinkEvent::Connected(Err(e)) => return Err(e),
                 LinkEvent::Switched { generation } => self.on_switched(generation),
@@ -794,14 +792,26 @@ impl FaultLoop<'_, '_> {
                     if link.generation == generation && link.awaiting_free {
                         // The free pages are marked zero: faults on them fill locally.
                         link.awaiting_free = false;
-                        if !matches!(self.stage, Stage::Precopy) {
-                            self.core.link_up();
-                        }
+                        self.release_held_faults();
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Whether faults may be requested: a link is up, its free pages are in (if they come
+    /// first) and no precopy holds the guest.
+    fn faults_released(&self) -> bool {
+        !matches!(self.stage, Stage::Precopy)
+            && self.link.as_ref().is_some_and(|l| !l.awaiting_free)
+    }
+
+    /// Once faults are released, requests (or fills) what faults were held for.
+    fn release_held_faults(&mut self) {
+        if self.faults_released() {
+            self.core.link_up();
+        }
     }
 
     /// The source paused and switched to postcopy: the guest here may resume (the pages
@@ -814,11 +824,9 @@ impl FaultLoop<'_, '_> {
         self.switched_in = Some(switched);
         self.stage = Stage::Migrating;
         self.links.pins.resumed = true;
-        if self.link.as_ref().is_some_and(|l| !l.awaiting_free) {
-            // Faults taken before the switch were held (a reply could race with a discard
-            // of the same page on the other connection): ask for their pages now.
-            self.core.link_up();
-        }
+        // Faults taken before the switch were held (a reply could race with a discard of the
+        // same page on the other connection): ask for their pages now.
+        self.release_held_faults();
         let c = &self.vm.counters;
         info!(
             generation,

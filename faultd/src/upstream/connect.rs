@@ -137,6 +137,13 @@ pub struct Target {
     pub streams: u32,
 }
 
+impl Pins {
+    /// Whether `welcome` is to the session and image these pin.
+    fn welcomed_to(&self, welcome: &SessionParams) -> bool {
+        welcome.session_id == self.session_id && welcome.image_id == self.image_id
+    }
+}
+
 /// What a reconnect resumes: the session to replace and the image pinned (0: none).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pins {
@@ -227,7 +234,7 @@ pub fn connect(
     };
     let (bulk, bulk_reader, bulk_welcome, bulk_tx) =
         open(resolved, psk, Role::Bulk, bulk_hello, link_timeout)?;
-    if bulk_welcome.session_id != pins.session_id || bulk_welcome.image_id != pins.image_id {
+    if !pins.welcomed_to(&bulk_welcome) {
         return Err(UpstreamError::Refused {
             code: ErrorCode::UnknownSession,
             text: format!(
@@ -247,9 +254,7 @@ pub fn connect(
         // A refused extra stream (an older pagesrv, its limit, the naive baseline) costs only
         // itself: the session goes on with the connections it has.
         match open(resolved, psk, Role::Bulk, extra_hello, link_timeout) {
-            Ok((conn, mut reader, welcome, tx))
-                if welcome.session_id == pins.session_id && welcome.image_id == pins.image_id =>
-            {
+            Ok((conn, mut reader, welcome, tx)) if pins.welcomed_to(&welcome) => {
                 reader.set_decoder(decoder);
                 extra_bulk.push((conn, reader, tx));
             }
