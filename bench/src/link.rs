@@ -248,6 +248,7 @@ fn remove(netns: &str) {
     // The root side of the pair goes first (at once); deleting the namespace takes its
     // side with it.
     let _ = ip(&["link", "del", &format!("{netns}-a")]);
+    let _machine_wide = common::netns::lock();
     let _ = ip(&["netns", "del", netns]);
 }
 
@@ -322,7 +323,12 @@ impl Link {
         };
         // From here on, drop removes whatever was made.
         let peer = format!("{}-b", link.netns);
-        ip(&["netns", "add", &link.netns])?;
+        {
+            // One process at a time on this machine: the first `ip netns add` makes
+            // /run/netns a mount point, and two first uses race (common::netns).
+            let _machine_wide = common::netns::lock().context("the namespace lock")?;
+            ip(&["netns", "add", &link.netns])?;
+        }
         ip(&[
             "link", "add", &link.veth, "type", "veth", "peer", "name", &peer,
         ])?;

@@ -10,6 +10,7 @@ pub mod framed;
 pub mod layout;
 pub mod metrics;
 pub mod mmap;
+pub mod netns;
 pub mod netopt;
 pub mod pagemap;
 pub mod pi_mutex;

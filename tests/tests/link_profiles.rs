@@ -58,10 +58,14 @@ fn test_a_link_profile_run_leaves_nothing_behind_and_removes_stale_ones() {
     }
     // What a bench killed earlier would have left: a namespace of a process that is gone.
     let stale = "pm-4194000-9";
-    let made = Command::new("ip")
-        .args(["netns", "add", stale])
-        .status()
-        .expect("ip netns add");
+    let made = {
+        // As the bench does: a brand-new machine makes its first namespaces one at a time.
+        let _machine_wide = common::netns::lock().expect("the namespace lock");
+        Command::new("ip")
+            .args(["netns", "add", stale])
+            .status()
+            .expect("ip netns add")
+    };
     assert!(made.success());
     let dir = Scratch::new("link");
     let json = dir.path("out.json");
