@@ -81,10 +81,11 @@ pub struct LatencyArgs {
     /// Write latency CDFs (scenarios against the floor) as SVG here.
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
-    /// Run the pair with a pre-shared key (made in the work directory): every frame after
-    /// the handshake encrypted and authenticated.
+    /// Run the pair without a key (`--insecure-no-key` on both: frames travel plain), to
+    /// measure what the key costs. By default the bench makes a key for the run and both
+    /// daemons use it: every frame after the handshake encrypted and authenticated.
     #[arg(long)]
-    pub psk: bool,
+    pub insecure_no_key: bool,
     /// Fault-path levers of the pair for every scenario: `default` (nothing pinned, no
     /// busy-polling, UFFDIO_COPY), `same-cpu` (the workload, faultd's fault thread and
     /// pagesrv's urgent thread on one CPU), `split-cpu` (the workload on one CPU, the fault
@@ -209,16 +210,6 @@ pub(crate) fn run_scenario(
     if sc.naive {
         extra.push("--naive-single-connection");
     }
-    let key = work.join("bench.key");
-    let key_args: Vec<&str> = if args.psk {
-        if !key.exists() {
-            common::auth::Psk::generate(&key)?;
-        }
-        vec!["--psk-file", key.to_str().context("key path")?]
-    } else {
-        Vec::new()
-    };
-    extra.extend(&key_args);
     let (pagesrv_log, faultd_log) = (work.join("pagesrv.log"), work.join("faultd.log"));
     let (mut pagesrv, addr, _delay_line) = match sc.link {
         None => {
@@ -238,7 +229,7 @@ pub(crate) fn run_scenario(
             (p, line.addr().to_string(), Some(line))
         }
     };
-    let mut faultd_extra = key_args.clone();
+    let mut faultd_extra: Vec<&str> = Vec::new();
     faultd_extra.extend(faultd_tuning.iter().map(String::as_str));
     faultd_extra.extend(sc.faultd_extra.iter().map(String::as_str));
     let mut faultd = start_faultd(&addr, &uds, &stats_path, &faultd_extra, Some(&faultd_log))?;
@@ -419,6 +410,9 @@ pub(crate) fn median(values: &mut [f64]) -> f64 {
 /// Any step failing.
 pub fn run(args: &LatencyArgs) -> Result<()> {
     ensure!(args.size_mib >= 4, "--size-mib must be at least 4");
+    if args.insecure_no_key {
+        crate::procs::run_without_key();
+    }
     let shaped = Profile::chosen(args.link).iter().any(Profile::is_shaped);
     if shaped {
         link::check_available()?;

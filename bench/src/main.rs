@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         Command::Latency(args) => latency::run(&args),
         Command::Fleet(args) => fleet::run(&args),
     };
+    procs::remove_key();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -88,6 +88,50 @@ pub fn output_registered(cmd: &mut Command) -> std::io::Result<std::process::Out
     out
 }
 
+/// How the daemons the bench starts authenticate: `None` until the first start, then a key
+/// made for this run (the default), or no key (`--insecure-no-key`, for comparisons).
+static KEYING: std::sync::Mutex<Option<Keying>> = std::sync::Mutex::new(None);
+
+#[derive(Debug, Clone)]
+enum Keying {
+    Key(PathBuf),
+    Insecure,
+}
+
+/// Runs the daemons without a key (`--insecure-no-key` on both): only for measuring what
+/// the key costs.
+pub fn run_without_key() {
+    *KEYING.lock().unwrap_or_else(|p| p.into_inner()) = Some(Keying::Insecure);
+}
+
+/// The arguments that give a daemon this run's key: made (`pagesrv --gen-psk` does the
+/// same) on first use, in a private file removed when the bench ends or is interrupted.
+///
+/// # Errors
+/// The key file cannot be made.
+pub fn key_args() -> Result<Vec<std::ffi::OsString>> {
+    let mut keying = KEYING.lock().unwrap_or_else(|p| p.into_inner());
+    if keying.is_none() {
+        let path = std::env::temp_dir().join(format!("pagemig-bench-{}.key", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        common::auth::Psk::generate(&path)
+            .with_context(|| format!("cannot make a key at {}", path.display()))?;
+        remove_on_interrupt(&path);
+        *keying = Some(Keying::Key(path));
+    }
+    Ok(match keying.as_ref().expect("set above") {
+        Keying::Key(path) => vec!["--psk-file".into(), path.into()],
+        Keying::Insecure => vec!["--insecure-no-key".into()],
+    })
+}
+
+/// Removes this run's key file (at the end of the bench).
+pub fn remove_key() {
+    if let Some(Keying::Key(path)) = KEYING.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Files and directories an interrupted bench removes on its way out.
 static LEFTOVERS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
 
@@ -247,8 +291,7 @@ pub fn start_pagesrv(mem: &Path, extra: &[&str], log: Option<&Path>) -> Result<(
     start_pagesrv_at(mem, "127.0.0.1:0", None, extra, log)
 }
 
-/// [`start_pagesrv`] listening on `listen`, inside network namespace `netns` if given (then
-/// with `--insecure-listen`: its address exists only inside that namespace and its pair).
+/// [`start_pagesrv`] listening on `listen`, inside network namespace `netns` if given.
 ///
 /// # Errors
 /// As [`start_pagesrv`], or the namespace cannot be entered.
@@ -290,12 +333,17 @@ fn start_pagesrv_serving(
     log: Option<&Path>,
 ) -> Result<(Guard, String)> {
     let mut cmd = Command::new(sibling("pagesrv")?);
+    let keys = key_args()?;
     cmd.args(vm_args)
         .args(["--listen", listen])
+        .args(&keys)
         .args(extra)
         .stdout(Stdio::piped());
     if let Some(name) = netns {
-        cmd.arg("--insecure-listen");
+        if keys.iter().any(|a| a == "--insecure-no-key") {
+            // Its address exists only inside that namespace and its pair.
+            cmd.arg("--insecure-listen");
+        }
         in_netns(&mut cmd, name)?;
     }
     log_to(&mut cmd, log)?;
@@ -325,6 +373,7 @@ pub fn start_faultd(
         .arg(uds)
         .arg("--stats-json")
         .arg(stats)
+        .args(key_args()?)
         .args(extra)
         .stdout(Stdio::piped());
     log_to(&mut cmd, log)?;

@@ -43,8 +43,13 @@ pub struct FrameReader {
 impl FrameReader {
     /// A reader decoding with `decoder`.
     pub fn new(decoder: Decoder) -> Self {
+        FrameReader::with_capacity(decoder, 64 << 10)
+    }
+
+    /// A reader whose buffer starts at `bytes` (it grows as frames need).
+    pub fn with_capacity(decoder: Decoder, bytes: usize) -> Self {
         FrameReader {
-            buf: vec![0; 64 << 10],
+            buf: vec![0; bytes],
             start: 0,
             end: 0,
             decoder,
@@ -151,6 +156,11 @@ impl FrameReader {
                 });
             }
         }
+    }
+
+    /// Bytes read and not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.end - self.start
     }
 
     /// True when bytes of an incomplete frame are buffered.

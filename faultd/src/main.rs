@@ -52,9 +52,10 @@ struct Cli {
     #[arg(long, value_name = "ADDR:PORT")]
     connect: String,
     /// The VM to migrate, by the name pagesrv serves it under (`pagesrv --vm-mem NAME=PATH`
-    /// or `--vm-dir`). Needed when pagesrv serves several VMs; with one, it is checked.
-    #[arg(long, value_name = "NAME", default_value = "")]
-    vm: common::wire::VmName,
+    /// or `--vm-dir`). Needed when pagesrv serves several VMs; with one, it is checked. A VM
+    /// key file names its VM already.
+    #[arg(long, value_name = "NAME")]
+    vm: Option<common::wire::VmName>,
     /// Bulk connections to pagesrv: the first carries everything; N-1 more share the
     /// background push (each with a thread here placing what it brings). For a link one
     /// connection cannot fill, or a host where one thread cannot place fast enough.
@@ -73,11 +74,18 @@ struct Cli {
     /// when the VMM passes no memfd.
     #[arg(long, value_enum, default_value = "copy")]
     placement: Placement,
-    /// Pre-shared key file (`pagesrv --gen-psk FILE` makes one; it must be readable by its
-    /// owner only): faultd and pagesrv prove to each other that they hold it before any page
-    /// moves, and every frame after the handshake is encrypted and authenticated.
+    /// Key file: pagesrv's master key (`pagesrv --gen-psk FILE`), or the key of this VM only
+    /// (`pagesrv --psk-file MASTER --derive-vm-key NAME=FILE`); it must belong to this user
+    /// and be readable by its owner only. faultd and pagesrv prove to each other that they
+    /// hold the VM's key before any page moves, and every frame after the handshake is
+    /// encrypted and authenticated.
     #[arg(long, value_name = "FILE")]
     psk_file: Option<PathBuf>,
+    /// INSECURE: connect without a key (pagesrv needs the same flag). Pages and the verdict
+    /// travel unauthenticated: anyone who can take pagesrv's port can feed this guest. Only
+    /// to a loopback address.
+    #[arg(long, conflicts_with = "psk_file")]
+    insecure_no_key: bool,
     /// Give up when pagesrv stays unreachable this many seconds, at the start or after a
     /// cut (default: wait; the guest's faults wait, pages already here keep being served,
     /// and each attempt is logged every few seconds).
@@ -125,8 +133,45 @@ struct Cli {
     busy_poll_us: u64,
 }
 
+/// The VM's key and name: from a master key and `--vm`, from a VM key file (which names its
+/// VM), or the public stand-in of `--insecure-no-key`.
+fn vm_key(cli: &Cli) -> Result<(Psk, common::wire::VmName)> {
+    let Some(path) = &cli.psk_file else {
+        let vm = cli.vm.unwrap_or_default();
+        tracing::warn!("--insecure-no-key: pages and the verdict travel unauthenticated");
+        return Ok((Psk::unkeyed().for_vm(&vm), vm));
+    };
+    let file = Psk::load(path)?;
+    match (file.vm, cli.vm) {
+        (None, vm) => {
+            let vm = vm.unwrap_or_default();
+            Ok((file.psk.for_vm(&vm), vm))
+        }
+        (Some(theirs), Some(ours)) if theirs != ours => anyhow::bail!(
+            "{} holds the key of VM {theirs}, not of --vm {ours}",
+            path.display()
+        ),
+        (Some(vm), _) => Ok((file.psk, vm)),
+    }
+}
+
 fn run(cli: &Cli) -> Result<Report> {
-    let psk = cli.psk_file.as_deref().map(Psk::load).transpose()?;
+    let (key, vm_name) = vm_key(cli)?;
+    if !key.is_keyed() {
+        // Checked again on every connection (the name may resolve elsewhere later).
+        use std::net::ToSocketAddrs;
+        if let Some(remote) = cli
+            .connect
+            .to_socket_addrs()
+            .into_iter()
+            .flatten()
+            .find(|a| !a.ip().is_loopback())
+        {
+            anyhow::bail!(
+                "refusing to connect to {remote} without a key: --insecure-no-key is for loopback only (give --psk-file)"
+            );
+        }
+    }
     // An unreadable base image is refused before anything starts.
     let base = cli.base.as_deref().map(BaseImage::open).transpose()?;
     let fast_path = FastPath::new(
@@ -184,11 +229,11 @@ fn run(cli: &Cli) -> Result<Report> {
     }
     let target = Target {
         addr: cli.connect.clone(),
-        psk,
+        key,
         page_size: u32::try_from(kernel.layout().page_size()).context("page size")?,
         total_pages: kernel.layout().total_pages(),
         base: base.is_some(),
-        vm: cli.vm,
+        vm: vm_name,
         streams: cli.streams,
     };
     let vm = Vm::new(kernel).context("cannot serve this VM")?;
@@ -245,6 +290,15 @@ fn print_summary(s: &stats::Stats) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.psk_file.is_none() && !cli.insecure_no_key {
+        use clap::CommandFactory;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "no key: give --psk-file FILE (pagesrv's key, or this VM's key), or --insecure-no-key to take pages unauthenticated (loopback only)",
+            )
+            .exit();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -281,6 +335,7 @@ mod cli_tests {
         "faultd",
         "--connect",
         "h:1",
+        "--insecure-no-key",
         "--uds",
         "/x",
         "--fault-cpu",

@@ -5,6 +5,7 @@
 //! failure: keep the source VM); 2 bad usage.
 #![forbid(unsafe_code)]
 
+mod admission;
 mod fleet;
 mod free;
 mod handshake;
@@ -60,7 +61,7 @@ struct Cli {
     /// under NAME. Repeat to serve several VMs at once (destinations name theirs with
     /// `faultd --vm NAME`).
     #[arg(long, value_name = "[NAME=]PATH", value_parser = fleet::parse_vm_spec,
-          required_unless_present_any = ["gen_psk", "vmm_uds", "vm_dir"])]
+          required_unless_present_any = ["gen_psk", "vmm_uds", "vm_dir", "derive_vm_key"])]
     vm_mem: Vec<fleet::VmSpec>,
     /// Serve every regular file in DIR as a paused VM's memory, each under its file name.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["vm_mem", "vmm_uds", "gen_psk"])]
@@ -150,15 +151,31 @@ struct Cli {
     /// behind background pages (what a single-connection design does).
     #[arg(long)]
     naive_single_connection: bool,
-    /// Pre-shared key file (make one with --gen-psk; it must be readable by its owner only):
-    /// destinations must prove they hold the key before any page moves, pagesrv proves it
-    /// too, and every frame after the handshake is encrypted and authenticated.
+    /// The master key file (make one with --gen-psk; it must belong to this user and be
+    /// readable by its owner only). Each VM's key derives from it and the VM's name:
+    /// destinations prove they hold their VM's key (this file, or the VM key file
+    /// --derive-vm-key writes) before any page moves, pagesrv proves it too, and every frame
+    /// after the handshake is encrypted and authenticated.
     #[arg(long, value_name = "FILE")]
     psk_file: Option<PathBuf>,
-    /// Allow a non-loopback listen address without --psk-file (anyone who can connect gets
-    /// the VM's memory).
-    #[arg(long)]
+    /// Write the key of VM NAME (derived from --psk-file) to a new FILE, then exit: a
+    /// destination that holds it can migrate that VM and no other. Repeatable.
+    #[arg(long, value_name = "NAME=FILE", requires = "psk_file", conflicts_with_all = ["vm_mem", "vm_dir", "vmm_uds"])]
+    derive_vm_key: Vec<String>,
+    /// INSECURE: serve without a key. Anyone who can connect (every local user on
+    /// loopback) can read the VM's memory and tell pagesrv the migration completed, so the
+    /// source VM may be destroyed while no destination holds it. faultd needs the same flag.
+    #[arg(long, conflicts_with = "psk_file")]
+    insecure_no_key: bool,
+    /// With --insecure-no-key, also allow a non-loopback listen address.
+    #[arg(long, requires = "insecure_no_key")]
     insecure_listen: bool,
+    /// Most connections in their handshake at once (at most 1024; fewer if the file limit
+    /// is low). When all are taken, a new connection makes room by closing the one that
+    /// made the least progress.
+    #[arg(long, value_name = "N", default_value_t = admission::MAX_HANDSHAKES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=admission::MAX_HANDSHAKES as u64))]
+    max_handshakes: usize,
     /// Test-only fault injection: send this page with one byte flipped (the destination's
     /// digest check must catch it).
     #[arg(long, hide = true, value_name = "PAGE")]
@@ -219,6 +236,28 @@ fn run(cli: Cli) -> Result<()> {
         );
         return Ok(());
     }
+    let key = match (&cli.psk_file, cli.insecure_no_key) {
+        (Some(path), _) => {
+            let file = common::auth::Psk::load(path)?;
+            if let Some(vm) = file.vm {
+                bail!(
+                    "{} holds the key of VM {vm} only; pagesrv needs the master key (the file --gen-psk wrote)",
+                    path.display()
+                );
+            }
+            file.psk
+        }
+        (None, true) => {
+            warn!(
+                "--insecure-no-key: anyone who can connect can read the VM's memory and end its migration"
+            );
+            common::auth::Psk::unkeyed()
+        }
+        (None, false) => bail!("no key: give --psk-file FILE, or --insecure-no-key"),
+    };
+    if !cli.derive_vm_key.is_empty() {
+        return derive_vm_keys(&key, &cli.derive_vm_key);
+    }
     let (mut vms, precopy) = open_vms(&cli)?;
     if vms.len() > 1 && (cli.free_pages.is_some() || cli.prefetch.is_some()) {
         bail!(
@@ -241,17 +280,13 @@ fn run(cli: Cli) -> Result<()> {
             .paged(cli.page_size.unwrap_or(4096))
             .with_context(|| format!("cannot serve VM {}", vm.name))?;
     }
-    let psk = cli
-        .psk_file
-        .as_deref()
-        .map(common::auth::Psk::load)
-        .transpose()?;
     let prefetch = cli
         .prefetch
         .as_deref()
         .and_then(|path| load_prefetch(path, &vms[0].source));
     let config = ServerConfig {
-        psk,
+        key,
+        handshake_capacity: handshake_capacity().min(cli.max_handshakes),
         insecure_listen: cli.insecure_listen,
         listen: cli.listen,
         serve_forever: cli.serve_forever,
@@ -363,6 +398,41 @@ fn open_vms(cli: &Cli) -> Result<(Vec<ServedVm>, Option<Arc<Precopy>>)> {
     Ok((vec![ServedVm { name, source }], Some(Arc::new(engine))))
 }
 
+/// `--derive-vm-key NAME=FILE`: writes each VM's key.
+fn derive_vm_keys(master: &common::auth::Psk, specs: &[String]) -> Result<()> {
+    for spec in specs {
+        let (name, file) = spec
+            .split_once('=')
+            .with_context(|| format!("--derive-vm-key {spec:?}: expected NAME=FILE"))?;
+        let vm = common::wire::VmName::new(name)
+            .map_err(|e| anyhow::anyhow!("--derive-vm-key {spec:?}: {e}"))?;
+        master.write_vm_key(&vm, Path::new(file))?;
+        println!(
+            "pagesrv: wrote the key of VM {name} to {file} (mode 0600); give it to that VM's faultd with --psk-file"
+        );
+    }
+    Ok(())
+}
+
+/// How many handshakes may run at once: [`admission::MAX_HANDSHAKES`], fewer where the
+/// file limit is low (after raising the soft limit to the hard one).
+fn handshake_capacity() -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let limit = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard))
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() =>
+        {
+            hard
+        }
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
+    };
+    // Half the descriptors for sessions, memory files and the rest.
+    usize::try_from(limit / 2)
+        .unwrap_or(usize::MAX)
+        .clamp(16, admission::MAX_HANDSHAKES)
+}
+
 fn bind_uds(path: &Path) -> Result<UnixListener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -395,6 +465,15 @@ fn control_server(path: &Path, precopy: Option<Arc<Precopy>>) -> Result<Arc<Cont
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.psk_file.is_none() && !cli.insecure_no_key && cli.gen_psk.is_none() {
+        use clap::CommandFactory;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "no key: give --psk-file FILE (make one with: pagesrv --gen-psk FILE), or --insecure-no-key to serve without authentication (anyone who can connect can then read the VM's memory and end its migration)",
+            )
+            .exit();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -420,6 +499,7 @@ mod cli_tests {
         "pagesrv",
         "--vm-mem",
         "/x",
+        "--insecure-no-key",
         "--urgent-cpu",
         "0",
         "--push-cpus",

@@ -3,13 +3,16 @@
 //! deadline; the sessions of different VMs run side by side.
 //!
 //! ```text
-//!  acceptor thread ──accept──► handshake thread per new connection (≤ MAX_HANDSHAKES at once,
-//!                               one deadline each) ──admitted──► manager (this thread)
-//!  manager: urgent Hello{vm} ─► which VM (unknown: UnknownVm); check layout/image; resumes
-//!           that VM's running session? abort it, take over; another session of that VM
-//!           running? Busy; else that VM's pending ─► AuthOk + Welcome{vm}
-//!           bulk Hello{pending id} ─► AuthOk + Welcome ─► session threads (urgent, pusher,
-//!           progress) ─► outcome: Completed or Failed → that VM is finished | Aborted → wait
+//!  admission thread (accept + every handshake, one deadline each; admission.rs)
+//!                               ──admitted (proved the named VM's key)──► manager (this thread)
+//!  manager: urgent Hello{vm} ─► which VM (unknown: UnknownVm); check layout/image; names that
+//!           VM's session and proves its resume secret? (running: abort it) take over, keep
+//!           the secret; names it without the proof? Busy, nothing changes; another session
+//!           of that VM running or connecting? Busy; else a new session (or one this pagesrv
+//!           does not know: adopted) with the secret of this handshake ─► AuthOk + Welcome{vm}
+//!           bulk Hello{pending id} + its secret ─► AuthOk + Welcome ─► session threads
+//!           (urgent, pusher, progress) ─► outcome: Completed or Failed → that VM is finished
+//!           | Aborted → wait for its destination to resume it
 //!  every VM finished ─► exit 0 if all completed, else 1 naming the VMs that failed
 //! ```
 //!
@@ -29,8 +32,7 @@
 //!
 //! | thread | owns | blocks on |
 //! | --- | --- | --- |
-//! | acceptor | the listening socket | `accept` |
-//! | handshake, one per new connection (≤ 64) | that connection until admitted | its reads, within one 5 s deadline |
+//! | admission | the listening socket, every connection until admitted (≤ 1024) | its poll (each handshake has one 5 s deadline) |
 //! | manager (main thread) | per VM: the running session's handle, the urgent connection waiting for its bulk connection, the totals | its event channel (500 ms ticks); joining a replaced session, which ends at once (its sockets are shut down) |
 //! | urgent, one per session (SCHED_FIFO) | the urgent socket (writes under the session's write lock) | reads with a 200 ms timeout (heartbeats, link timeout, source checks); writes time out after the link timeout |
 //! | pusher, one per session | the bulk socket | writes (flow control; shut down by the session's end); the push-ready condvar (200 ms ticks, heartbeats) |
@@ -42,23 +44,24 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use common::auth::Psk;
+use common::auth::{Psk, ResumeSecret};
 use common::framed::{FrameEncoder, FrameReader};
 use common::wire::{
-    ErrorCode, FLAG_FREE, FLAG_PRECOPY, MAX_STREAMS, PROTOCOL_VERSION, Role, SessionParams, VmName,
+    ErrorCode, FLAG_FREE, FLAG_PRECOPY, FLAG_PROVEN, MAX_STREAMS, PROTOCOL_VERSION, Role,
+    SessionParams, VmName,
 };
 use serde_json::json;
 use socket2::SockRef;
 use tracing::{debug, error, info, info_span, warn};
 
 use crate::fleet::{self, ServedVm};
-use crate::handshake::{Admitted, HANDSHAKE_DEADLINE, admit};
+use crate::handshake::{Admitted, HANDSHAKE_DEADLINE};
 use crate::precopy::Precopy;
 use crate::report::Events;
 use crate::report::{print_summary, report_progress};
@@ -67,8 +70,8 @@ use crate::source::MemorySource;
 
 /// Send buffer of the bulk connection: small enough that pre-paging takes effect quickly.
 const BULK_SNDBUF_BYTES: usize = 1 << 20;
-/// Most connections in their handshake at once; further ones are closed at once.
-pub const MAX_HANDSHAKES: usize = 64;
+/// How often a VM's refused takeover attempts are logged (one line per window).
+const TAKEOVER_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Server settings from the command line.
 #[derive(Debug, Clone)]
@@ -79,8 +82,11 @@ pub struct ServerConfig {
     pub serve_forever: bool,
     /// Per-session tuning.
     pub session: SessionConfig,
-    /// Pre-shared key: destinations must prove they hold it (and so must we).
-    pub psk: Option<Psk>,
+    /// The master key (each VM's key derives from it; destinations must prove they hold
+    /// theirs, and so must we), or [`Psk::unkeyed`] (`--insecure-no-key`).
+    pub key: Psk,
+    /// Most connections in their handshake at once (`admission.rs`).
+    pub handshake_capacity: usize,
     /// Serve a non-loopback address without a key.
     pub insecure_listen: bool,
     /// Serve only destinations with this page size (`--page-size`); any otherwise.
@@ -104,7 +110,7 @@ pub fn serve(
     precopy: Option<Arc<Precopy>>,
     events: Events,
 ) -> Result<()> {
-    if !config.listen.ip().is_loopback() && config.psk.is_none() && !config.insecure_listen {
+    if !config.listen.ip().is_loopback() && !config.key.is_keyed() && !config.insecure_listen {
         bail!(
             "refusing to serve VM memory on {} without authentication: give --psk-file (or --insecure-listen)",
             config.listen
@@ -125,7 +131,16 @@ pub fn serve(
     // One line on stdout for scripts and tests: where to connect (after the log says what).
     println!("pagesrv listening on {addr}");
     let (tx, rx) = mpsc::channel();
-    spawn_acceptor(listener, config.psk.clone(), tx.clone());
+    let deliver = tx.clone();
+    crate::admission::spawn(
+        listener,
+        config.key.clone(),
+        config.handshake_capacity,
+        Box::new(move |admitted| {
+            let _ = deliver.send(Event::Admitted(admitted));
+        }),
+    )
+    .context("cannot start the admission thread")?;
     std::thread::scope(|scope| {
         let mut manager = Manager {
             scope,
@@ -146,56 +161,6 @@ pub fn serve(
     })
 }
 
-/// Accepts connections and runs each handshake on its own thread, at most
-/// [`MAX_HANDSHAKES`] at once. Ends with the process.
-fn spawn_acceptor(listener: TcpListener, psk: Option<Psk>, tx: Sender<Event>) {
-    let psk = Arc::new(psk);
-    let in_handshake = Arc::new(AtomicUsize::new(0));
-    std::thread::spawn(move || {
-        let mut last_refusal_log: Option<Instant> = None;
-        loop {
-            let (conn, peer) = match listener.accept() {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
-                }
-            };
-            if in_handshake.load(Ordering::Acquire) >= MAX_HANDSHAKES {
-                if last_refusal_log.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
-                    warn!(%peer, "{MAX_HANDSHAKES} connections are in their handshake; closing new ones at once");
-                    last_refusal_log = Some(Instant::now());
-                }
-                drop(conn);
-                continue;
-            }
-            in_handshake.fetch_add(1, Ordering::AcqRel);
-            let (psk, tx, counter) = (psk.clone(), tx.clone(), in_handshake.clone());
-            let spawned = std::thread::Builder::new()
-                .name("handshake".into())
-                .spawn(move || {
-                    let result = admit(conn, peer, psk.as_ref().as_ref());
-                    counter.fetch_sub(1, Ordering::AcqRel);
-                    match result {
-                        Ok(admitted) => {
-                            let _ = tx.send(Event::Admitted(Box::new(admitted)));
-                        }
-                        Err(rejected) => {
-                            // Log first, then tell the peer: the log is never behind the wire.
-                            warn!(%peer, error = %error_chain(&rejected.reason), "rejected a connection");
-                            rejected.reply();
-                        }
-                    }
-                });
-            if spawned.is_err() {
-                in_handshake.fetch_sub(1, Ordering::AcqRel);
-                warn!(%peer, "cannot start a handshake thread; closing the connection");
-            }
-        }
-    });
-}
-
 /// A session's threads.
 struct Running<'scope, 'env> {
     serial: u64,
@@ -210,7 +175,16 @@ struct Pending {
     admitted: Box<Admitted>,
     /// What it was welcomed with (session id, page size).
     welcome: SessionParams,
+    /// The session's resume secret: its bulk connection proves it.
+    secret: ResumeSecret,
     since: Instant,
+}
+
+/// The session a VM's destination runs (or ran until a cut), and the secret every later
+/// connection of it proves.
+struct Established {
+    id: u64,
+    secret: ResumeSecret,
 }
 
 /// How a VM's migration ended (without `--serve-forever`, it is served no more).
@@ -226,6 +200,10 @@ enum Finished {
 struct Slot<'scope, 'env> {
     running: Option<Running<'scope, 'env>>,
     pending: Option<Pending>,
+    /// The session its destination resumes after a cut (set once a session started).
+    established: Option<Established>,
+    /// When a refused takeover attempt was last logged.
+    takeover_logged: Option<Instant>,
     finished: Option<Finished>,
     sessions: u32,
     bytes_sent: u64,
@@ -268,7 +246,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 }
             }
             match event {
-                Some(Event::Admitted(admitted)) => match admitted.role {
+                Some(Event::Admitted(admitted)) => match admitted.role() {
                     Role::Urgent => self.on_urgent(admitted),
                     Role::Bulk => self.on_bulk(admitted),
                 },
@@ -282,8 +260,22 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     }
 
     fn refuse(&self, mut admitted: Box<Admitted>, code: ErrorCode, text: &str) {
-        warn!(peer = %admitted.peer, role = ?admitted.role, vm = %admitted.hello.vm, %text, "refused a destination");
-        admitted.refuse(self.config.psk.as_ref(), code, text);
+        warn!(peer = %admitted.peer, role = ?admitted.role(), vm = %admitted.hello().vm, %text, "refused a destination");
+        admitted.refuse(code, text);
+    }
+
+    /// Refuses a connection that named VM `index`'s session without proving its secret:
+    /// nothing changes, and one line per [`TAKEOVER_LOG_EVERY`] says so.
+    fn refuse_takeover(&mut self, index: usize, mut admitted: Box<Admitted>) {
+        let slot = &mut self.slots[index];
+        if slot
+            .takeover_logged
+            .is_none_or(|t| t.elapsed() >= TAKEOVER_LOG_EVERY)
+        {
+            slot.takeover_logged = Some(Instant::now());
+            warn!(peer = %admitted.peer, role = ?admitted.role(), vm = %self.vms[index].name, "refused a connection that names this VM's session without proving its secret (a takeover attempt, or a destination from another run); the session goes on");
+        }
+        admitted.refuse(ErrorCode::Busy, &busy_text(self.vms[index].name));
     }
 
     /// Ends VM `index`'s running session, if any: aborts it first with `abort` (a reconnect
@@ -345,6 +337,8 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             let slot = &mut self.slots[index];
             print_vm_totals(&self.vms[index], slot, &finished);
             (slot.sessions, slot.bytes_sent, slot.first_start) = (0, 0, None);
+            // The next migration of this VM is a new session.
+            slot.established = None;
             return;
         }
         self.slots[index].finished = Some(finished);
@@ -356,13 +350,13 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     /// Prepares the connection and answers with `welcome` (to VM `vm`); `false` (logged) if
     /// that failed.
     fn welcome(&self, admitted: &mut Admitted, welcome: SessionParams, vm: VmName) -> bool {
-        let role = match (admitted.role, admitted.hello.extra_stream()) {
+        let role = match (admitted.role(), admitted.hello().extra_stream()) {
             (Role::Urgent, _) => "urgent",
             (Role::Bulk, false) => "bulk",
             (Role::Bulk, true) => "bulk (extra stream)",
         };
-        if let Err(e) = prepare_socket(&admitted.conn, admitted.role, self.config)
-            .and_then(|()| Ok(admitted.welcome(self.config.psk.as_ref(), welcome)?))
+        if let Err(e) = prepare_socket(&admitted.conn, admitted.role(), self.config)
+            .and_then(|()| Ok(admitted.welcome(welcome)?))
         {
             warn!(peer = %admitted.peer, error = %format!("{e:#}"), "failed to welcome a destination");
             return false;
@@ -372,7 +366,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     }
 
     fn on_urgent(&mut self, admitted: Box<Admitted>) {
-        let index = match fleet::find(self.vms, &admitted.hello.vm) {
+        let index = match fleet::find(self.vms, &admitted.hello().vm) {
             Ok(index) => index,
             Err(text) => return self.refuse(admitted, ErrorCode::UnknownVm, &text),
         };
@@ -388,24 +382,29 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             );
             return self.refuse(admitted, ErrorCode::UnknownVm, &text);
         }
-        let ours = match check_params(&admitted.hello, &vm.source, self.config.page_size) {
+        let ours = match check_params(admitted.hello(), &vm.source, self.config.page_size) {
             Ok(ours) => ours,
             Err((code, text)) => return self.refuse(admitted, code, &text),
         };
         if let Err(e) = vm.source.check_intact() {
             return self.refuse(admitted, ErrorCode::Internal, &error_chain(&e));
         }
-        let wanted = admitted.hello.session_id;
-        if let Some(running) = &self.slots[index].running {
-            if wanted != running.session.id {
-                let text = format!(
-                    "serving VM {} to another destination (session {:016x}); try again when it ends",
-                    vm.name, running.session.id
-                );
+        let (session_id, secret, proven) = match self.claim(index, &admitted) {
+            Claim::Resume { id, secret } => (id, secret, true),
+            Claim::Open { id } => (id, admitted.new_secret(id), false),
+            Claim::Busy => {
+                let text = busy_text(vm.name);
                 return self.refuse(admitted, ErrorCode::Busy, &text);
             }
+            Claim::Unproven => return self.refuse_takeover(index, admitted),
+        };
+        if self.slots[index]
+            .running
+            .as_ref()
+            .is_some_and(|r| r.session.id == session_id)
+        {
             info!(
-                session = format_args!("{wanted:016x}"),
+                session = format_args!("{session_id:016x}"),
                 vm = %vm.name,
                 peer = %admitted.peer,
                 "the destination reconnected: replacing its old session"
@@ -418,7 +417,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             }
         }
         let vm = &self.vms[index];
-        let resumed = admitted.hello.resumed();
+        let resumed = admitted.hello().resumed();
         let flags = match &self.precopy {
             None => 0,
             Some(engine) if engine.failure().is_some() => {
@@ -428,10 +427,11 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 );
                 return self.refuse(admitted, ErrorCode::Internal, &text);
             }
-            Some(engine) if u64::from(admitted.hello.page_size) != engine.page_size => {
+            Some(engine) if u64::from(admitted.hello().page_size) != engine.page_size => {
                 let text = format!(
                     "precopy tracks the source VMM's {}-byte pages; a destination in {}-byte pages cannot follow its discards",
-                    engine.page_size, admitted.hello.page_size
+                    engine.page_size,
+                    admitted.hello().page_size
                 );
                 return self.refuse(admitted, ErrorCode::LayoutMismatch, &text);
             }
@@ -446,19 +446,14 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             FLAG_FREE
         } else {
             0
-        };
-        let session_id = if wanted != 0 {
-            wanted
-        } else {
-            rand::random::<u64>() | 1
-        };
+        } | if proven { FLAG_PROVEN } else { 0 };
         let mut admitted = admitted;
         let welcome = SessionParams {
             session_id,
             flags,
             // Echoed only to a destination that named it (one that did not may predate
             // names and read only the fixed body).
-            vm: admitted.hello.vm,
+            vm: admitted.hello().vm,
             ..ours
         };
         if !self.welcome(&mut admitted, welcome, vm.name) {
@@ -467,28 +462,70 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         self.slots[index].pending = Some(Pending {
             admitted,
             welcome,
+            secret,
             since: Instant::now(),
         });
     }
 
+    /// Which session an urgent connection to VM `index` opens or resumes. Naming the VM's
+    /// session (running, cut off, or connecting) needs the proof of its resume secret; a
+    /// new session needs the VM free of others; a session this pagesrv never knew (a
+    /// restarted pagesrv) is adopted under its id.
+    fn claim(&self, index: usize, admitted: &Admitted) -> Claim {
+        let slot = &self.slots[index];
+        let wanted = admitted.hello().session_id;
+        if let Some(pending) = &slot.pending
+            && pending.welcome.session_id == wanted
+        {
+            // Its own urgent connection again (the bulk one never came).
+            return match admitted.proves(&pending.secret) {
+                true => Claim::Resume {
+                    id: wanted,
+                    secret: pending.secret.clone(),
+                },
+                false => Claim::Unproven,
+            };
+        }
+        if let Some(established) = &slot.established
+            && established.id == wanted
+        {
+            return match admitted.proves(&established.secret) {
+                true if slot.pending.is_none() => Claim::Resume {
+                    id: wanted,
+                    secret: established.secret.clone(),
+                },
+                true => Claim::Busy,
+                false => Claim::Unproven,
+            };
+        }
+        if slot.running.is_some() || slot.pending.is_some() {
+            return Claim::Busy;
+        }
+        Claim::Open {
+            id: if wanted != 0 {
+                wanted
+            } else {
+                rand::random::<u64>() | 1
+            },
+        }
+    }
+
     fn on_bulk(&mut self, mut admitted: Box<Admitted>) {
-        let hello = admitted.hello;
+        let hello = *admitted.hello();
         if hello.extra_stream() {
             return self.on_extra_stream(admitted);
         }
-        // The VM by name, as for the urgent connection; then that VM's pending session only.
+        // The VM by name, as for the urgent connection; then that VM's pending session only,
+        // with the proof of its secret.
         let index = fleet::find(self.vms, &hello.vm).ok().filter(|&index| {
             self.slots[index]
                 .pending
                 .as_ref()
-                .is_some_and(|p| joins(&p.welcome, &hello))
+                .is_some_and(|p| joins(&p.welcome, &hello) && admitted.proves(&p.secret))
         });
         let Some(index) = index else {
-            let text = format!(
-                "no pending session {:#x} with this layout",
-                hello.session_id
-            );
-            return self.refuse(admitted, ErrorCode::UnknownSession, &text);
+            let text = "no session of this VM waits for a bulk connection with this layout and this session's secret";
+            return self.refuse(admitted, ErrorCode::UnknownSession, text);
         };
         let pending = self.slots[index].pending.take().expect("checked above");
         if !self.welcome(&mut admitted, pending.welcome, self.vms[index].name) {
@@ -496,27 +533,30 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         }
         let Admitted {
             conn,
-            reader,
+            greeted,
             encoder,
             ..
         } = *admitted;
-        self.start_session(index, pending, (conn, reader, encoder));
+        self.start_session(index, pending, (conn, greeted.reader, encoder));
     }
 
     /// Another bulk connection of a running session (`faultd --streams`): it takes a share
     /// of the push on a thread of its own, at most [`MAX_STREAMS`] per session.
     fn on_extra_stream(&mut self, mut admitted: Box<Admitted>) {
-        let hello = admitted.hello;
-        let running = fleet::find(self.vms, &hello.vm)
-            .ok()
-            .and_then(|index| self.slots[index].running.as_ref())
-            .filter(|r| joins(&r.welcome, &hello));
+        let hello = *admitted.hello();
+        let running = fleet::find(self.vms, &hello.vm).ok().and_then(|index| {
+            let slot = &self.slots[index];
+            let proven = slot
+                .established
+                .as_ref()
+                .is_some_and(|e| admitted.proves(&e.secret));
+            slot.running
+                .as_ref()
+                .filter(|r| proven && joins(&r.welcome, &hello))
+        });
         let Some(running) = running else {
-            let text = format!(
-                "no running session {:#x} with this layout",
-                hello.session_id
-            );
-            return self.refuse(admitted, ErrorCode::UnknownSession, &text);
+            let text = "no running session of this VM with this layout and this session's secret";
+            return self.refuse(admitted, ErrorCode::UnknownSession, text);
         };
         let (session, welcome) = (running.session.clone(), running.welcome);
         if self.config.session.naive_single_connection {
@@ -562,7 +602,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             engine: self.precopy.clone(),
             first: pending.welcome.precopy(),
             free_first: pending.welcome.free_first(),
-            base: pending.admitted.hello.has_base(),
+            base: pending.admitted.hello().has_base(),
         };
         let session = Arc::new(Session::new(
             paged,
@@ -574,10 +614,11 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         let (tx, session_for_thread) = (self.notify.clone(), session.clone());
         let Admitted {
             conn,
-            reader,
+            greeted,
             encoder: urgent_tx,
             ..
         } = *pending.admitted;
+        let reader = greeted.reader;
         let handle = self.scope.spawn(move || {
             let session = session_for_thread;
             let _span = info_span!(
@@ -598,6 +639,10 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             outcome
         });
         let slot = &mut self.slots[index];
+        slot.established = Some(Established {
+            id: pending_welcome.session_id,
+            secret: pending.secret,
+        });
         slot.sessions += 1;
         slot.first_start.get_or_insert_with(Instant::now);
         slot.running = Some(Running {
@@ -638,6 +683,25 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             failed.join("; ")
         )
     }
+}
+
+/// Whose session an urgent connection opens or resumes ([`Manager::claim`]).
+enum Claim {
+    /// The VM's session, its secret proven.
+    Resume { id: u64, secret: ResumeSecret },
+    /// A new session (or one this pagesrv never knew, adopted).
+    Open { id: u64 },
+    /// Another destination's session runs or is connecting.
+    Busy,
+    /// Names the VM's session without proving its secret.
+    Unproven,
+}
+
+/// The refusal of a connection to a VM another session holds: it names no session.
+fn busy_text(vm: VmName) -> String {
+    format!(
+        "VM {vm} is being migrated to another destination (or its connection is being made); try again when it ends"
+    )
 }
 
 /// One line on stderr with a VM's totals over its sessions.

@@ -302,6 +302,37 @@ impl Drop for Proc {
     }
 }
 
+/// The key file every daemon a test starts uses (unless the test gives its own, or
+/// `--insecure-no-key`): made once per test process, as `pagesrv --gen-psk` makes one, and
+/// removed when the process exits.
+pub fn test_key() -> &'static Path {
+    static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("pm-test-{}.key", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        common::auth::Psk::generate(&path).expect("make the test key");
+        extern "C" fn remove_key() {
+            let path = std::env::temp_dir().join(format!("pm-test-{}.key", std::process::id()));
+            let _ = std::fs::remove_file(path);
+        }
+        // SAFETY: registers a plain function with no arguments to run at exit.
+        unsafe { libc::atexit(remove_key) };
+        path
+    })
+}
+
+/// `--psk-file` with [`test_key`], unless `args` already choose a key (or none).
+pub fn key_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Vec<std::ffi::OsString> {
+    let chosen = args.iter().any(|a| {
+        let a = a.as_ref();
+        a == "--psk-file" || a == "--insecure-no-key" || a == "--gen-psk"
+    });
+    if chosen {
+        return Vec::new();
+    }
+    vec!["--psk-file".into(), test_key().into()]
+}
+
 /// pagesrv serving `mem` on a free loopback port; returns the process and its address.
 pub fn start_pagesrv(mem: &Path, extra: &[&str]) -> (Proc, String) {
     let mut args = vec!["--vm-mem".into(), mem.as_os_str().to_owned()];
@@ -316,6 +347,7 @@ pub fn start_pagesrv_with(args: &[std::ffi::OsString]) -> (Proc, String) {
         "pagesrv",
         Command::new(bin("pagesrv"))
             .args(["--listen", "127.0.0.1:0"])
+            .args(key_args(args))
             .args(args),
     );
     let line = p.read_line();
@@ -344,6 +376,7 @@ pub fn start_faultd_with(addr: &str, uds: &Path, stats: &Path, extra: &[&str]) -
             .arg(uds)
             .arg("--stats-json")
             .arg(stats)
+            .args(key_args(extra))
             .args(extra),
     );
     let line = p.read_line();

@@ -89,6 +89,7 @@ fn test_pagesrv_rejects_a_file_that_is_not_whole_pages() {
     let mut p = Proc::spawn(
         "pagesrv",
         std::process::Command::new(bin("pagesrv"))
+            .args(tests::key_args::<&str>(&[]))
             .arg("--vm-mem")
             .arg(&mem)
             .args(["--listen", "127.0.0.1:0"]),

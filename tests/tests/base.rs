@@ -98,6 +98,7 @@ fn faultd_with_base(tag: &str, make_base: impl FnOnce(&std::path::Path)) -> (boo
     let mut faultd = Proc::spawn(
         "faultd",
         Command::new(bin("faultd"))
+            .args(tests::key_args::<&str>(&[]))
             .args(["--connect", &addr])
             .arg("--uds")
             .arg(&uds)

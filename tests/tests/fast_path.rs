@@ -111,6 +111,7 @@ fn test_bad_cpu_flags_are_refused_clearly() {
     let mem = dir.path("vm.mem");
     write_source(&mem, 16, 3, 4, 0..0);
     let out = std::process::Command::new(bin("pagesrv"))
+        .args(tests::key_args::<&str>(&[]))
         .arg("--vm-mem")
         .arg(&mem)
         .args(["--listen", "127.0.0.1:0", "--urgent-cpu", "4095"])
@@ -123,6 +124,7 @@ fn test_bad_cpu_flags_are_refused_clearly() {
         "{err}"
     );
     let out = std::process::Command::new(bin("faultd"))
+        .args(tests::key_args::<&str>(&[]))
         .args(["--connect", "127.0.0.1:1", "--uds"])
         .arg(dir.path("s"))
         .args(["--bulk-cpus", "2-1"])
@@ -133,6 +135,7 @@ fn test_bad_cpu_flags_are_refused_clearly() {
     assert!(err.contains("bad CPU range"), "{err}");
     // A CPU this process may not use: refused before faultd waits for a VMM.
     let out = std::process::Command::new(bin("faultd"))
+        .args(tests::key_args::<&str>(&[]))
         .args(["--connect", "127.0.0.1:1", "--uds"])
         .arg(dir.path("s"))
         .args(["--fault-cpu", "4095"])
@@ -150,6 +153,7 @@ fn test_bad_cpu_flags_are_refused_clearly() {
     );
     // Busy-polling is bounded.
     let out = std::process::Command::new(bin("pagesrv"))
+        .args(tests::key_args::<&str>(&[]))
         .arg("--vm-mem")
         .arg(&mem)
         .args(["--busy-poll-us", "5000"])

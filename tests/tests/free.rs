@@ -86,6 +86,7 @@ fn test_hints_that_do_not_fit_the_memory_are_refused_at_start() {
     let mut pagesrv = Proc::spawn(
         "pagesrv",
         Command::new(bin("pagesrv"))
+            .args(tests::key_args::<&str>(&[]))
             .arg("--vm-mem")
             .arg(&mem)
             .args(["--listen", "127.0.0.1:0", "--free-pages"])

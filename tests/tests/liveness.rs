@@ -76,6 +76,7 @@ fn test_faultd_started_before_pagesrv_waits_and_serves_the_guest() {
     let mut pagesrv = Proc::spawn(
         "pagesrv",
         Command::new(bin("pagesrv"))
+            .args(tests::key_args::<&str>(&[]))
             .arg("--vm-mem")
             .arg(&mem)
             .args(["--listen", &addr]),
@@ -162,9 +163,9 @@ fn test_balloon_inflating_while_the_link_is_cut_never_hangs() {
     );
 }
 
-/// `clients` connect to pagesrv and say nothing, then a real destination migrates a small
-/// guest; returns faultd's and pagesrv's stderr.
-fn migrate_behind_silent_clients(clients: usize) -> (String, String) {
+/// `clients` connect to pagesrv (with `pagesrv_args`) and say nothing, then a real
+/// destination migrates a small guest; returns faultd's and pagesrv's stderr.
+fn migrate_behind_silent_clients(clients: usize, pagesrv_args: &[&str]) -> (String, String) {
     let dir = Scratch::new(&format!("silent{clients}"));
     let (mem, uds, stats) = (
         dir.path("vm.mem"),
@@ -172,7 +173,7 @@ fn migrate_behind_silent_clients(clients: usize) -> (String, String) {
         dir.path("stats.json"),
     );
     write_source(&mem, 4096, 5, 4, 0..0);
-    let (mut pagesrv, addr) = start_pagesrv(&mem, &[]);
+    let (mut pagesrv, addr) = start_pagesrv(&mem, pagesrv_args);
     let silent: Vec<TcpStream> = (0..clients)
         .map(|_| TcpStream::connect(&addr).expect("connect"))
         .collect();
@@ -194,8 +195,8 @@ fn test_silent_clients_do_not_delay_a_destination() {
     if !require_userfaultfd() {
         return;
     }
-    // Their handshakes wait out the deadline, each on its own thread.
-    let (faultd_err, _) = migrate_behind_silent_clients(40);
+    // Their handshakes wait out the deadline beside the destination's.
+    let (faultd_err, _) = migrate_behind_silent_clients(100, &[]);
     assert!(
         faultd_err.contains("connected to pagesrv attempts=1"),
         "the first attempt must get through: {faultd_err}"
@@ -203,16 +204,21 @@ fn test_silent_clients_do_not_delay_a_destination() {
 }
 
 #[test]
-fn test_more_silent_clients_than_the_cap_delay_a_destination_at_most_one_deadline() {
+fn test_more_silent_clients_than_the_handshake_slots_do_not_keep_a_destination_out() {
     if !require_userfaultfd() {
         return;
     }
-    // 64 fill the handshake slots, pagesrv closes the rest at once; the destination gets
-    // through once a slot frees (a deadline at most).
-    let (_, pagesrv_err) = migrate_behind_silent_clients(100);
+    // 100 silent clients for 16 slots: each new connection closes the oldest one that has
+    // not sent a whole Hello, so the destination's, which sends its Hello at once, gets in at
+    // its first attempt.
+    let (faultd_err, pagesrv_err) = migrate_behind_silent_clients(100, &["--max-handshakes", "16"]);
     assert!(
-        pagesrv_err.contains("connections are in their handshake"),
-        "the cap was not reached: {pagesrv_err}"
+        faultd_err.contains("connected to pagesrv attempts=1"),
+        "the first attempt must get through: {faultd_err}"
+    );
+    assert!(
+        pagesrv_err.contains("reason=evicted"),
+        "the slots were not all taken: {pagesrv_err}"
     );
 }
 
@@ -271,11 +277,12 @@ fn test_a_source_restarted_on_another_image_is_refused() {
     let dir = Scratch::new("image-nokey");
     let other = dir.path("other.mem");
     write_source(&other, 1024, 2, 4, 0..0);
-    let (mut pagesrv, addr, mut faultd, _vmm) = stalled_migration(&dir, &[]);
+    let (mut pagesrv, addr, mut faultd, _vmm) = stalled_migration(&dir, &["--insecure-no-key"]);
     pagesrv.kill9();
     let impostor = Proc::spawn(
         "pagesrv",
         Command::new(bin("pagesrv"))
+            .arg("--insecure-no-key")
             .arg("--vm-mem")
             .arg(&other)
             .args(["--listen", &addr]),

@@ -96,6 +96,7 @@ fn test_a_metrics_address_that_cannot_be_served_is_refused_at_start() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let taken_addr = taken.local_addr().expect("addr").to_string();
     let out = std::process::Command::new(bin("pagesrv"))
+        .args(tests::key_args::<&str>(&[]))
         .arg("--vm-mem")
         .arg(&mem)
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", &taken_addr])
@@ -105,6 +106,7 @@ fn test_a_metrics_address_that_cannot_be_served_is_refused_at_start() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot serve metrics on"), "{err}");
     let out = std::process::Command::new(bin("faultd"))
+        .args(tests::key_args::<&str>(&[]))
         .args(["--connect", "127.0.0.1:1", "--uds"])
         .arg(dir.path("s"))
         .args(["--metrics-listen", &taken_addr])

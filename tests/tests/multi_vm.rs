@@ -179,6 +179,7 @@ fn test_a_destination_must_name_a_vm_pagesrv_serves() {
     }
     // A name that could never be served is a usage error.
     let out = std::process::Command::new(bin("faultd"))
+        .args(tests::key_args::<&str>(&[]))
         .args(["--connect", &addr, "--uds"])
         .arg(dir.path("x.sock"))
         .args(["--vm", "a/b"])
@@ -216,6 +217,7 @@ fn test_pagesrv_refuses_two_vms_under_one_name_and_an_empty_dir() {
     }
     let run = |args: &[OsString]| {
         std::process::Command::new(bin("pagesrv"))
+            .args(tests::key_args::<&str>(&[]))
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
             .output()
@@ -238,6 +240,7 @@ fn test_pagesrv_refuses_two_vms_under_one_name_and_an_empty_dir() {
     let mut p = Proc::spawn(
         "pagesrv",
         std::process::Command::new(bin("pagesrv"))
+            .args(tests::key_args::<&str>(&[]))
             .args(["--listen", "127.0.0.1:0", "--vm-dir"])
             .arg(dir.path("a")),
     );

@@ -70,6 +70,7 @@ fn start(tag: &str, strategy: &str, options: Options<'_>) -> Run {
     let mut pagesrv = Proc::spawn(
         "pagesrv",
         Command::new(bin("pagesrv"))
+            .args(tests::key_args::<&str>(&[]))
             .arg("--vmm-uds")
             .arg(&src_uds)
             .args(["--strategy", strategy, "--listen", "127.0.0.1:0"])

@@ -135,7 +135,7 @@ fn observed_migration(key: bool) -> (Vec<u8>, Vec<u8>) {
     let key_args: Vec<&str> = if key {
         vec!["--psk-file", key_file.to_str().unwrap()]
     } else {
-        vec![]
+        vec!["--insecure-no-key"]
     };
     let (mut pagesrv, addr) = start_pagesrv(&mem, &key_args);
     let mut proxy = Proc::spawn(

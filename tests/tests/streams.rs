@@ -101,6 +101,7 @@ fn test_cuts_with_several_streams_are_survived() {
 fn test_a_stream_count_out_of_range_is_a_usage_error() {
     for bad in ["0", "9"] {
         let out = std::process::Command::new(bin("faultd"))
+            .args(tests::key_args::<&str>(&[]))
             .args([
                 "--connect",
                 "127.0.0.1:1",

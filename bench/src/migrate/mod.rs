@@ -484,6 +484,7 @@ fn hand_over_precopy(
         .arg("--control")
         .arg(&paths.pagesrv_ctl)
         .args(["--listen", "127.0.0.1:0"])
+        .args(crate::procs::key_args()?)
         .stdout(Stdio::piped());
     let mut pagesrv = Guard::new(cmd.spawn().context("cannot start pagesrv")?);
     let mut lines = BufReader::new(pagesrv.0.stdout.take().context("no stdout")?).lines();

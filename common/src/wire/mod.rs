@@ -6,10 +6,11 @@
 //! ```text
 //!  faultd (destination)                         pagesrv (source)
 //!  urgent conn ── Hello{role=Urgent, layout, session, image} ──►
-//!            [with --psk-file: ◄── Challenge ── Proof ──► ◄── AuthOk]
+//!              ◄── Challenge ── Proof ──► ◄── AuthOk   (crate::auth; with a key or, with
+//!                                                       --insecure-no-key, a public one)
 //!              ◄── Welcome{session_id, layout, image_id} ─   (or Error, then close)
-//!  bulk conn   ── Hello{role=Bulk, session_id} ─►   (same authentication)
-//!              ◄── Welcome ─────────────────────
+//!  bulk conn   ── Hello{role=Bulk, session_id} ─►   (the same, its Proof proving the
+//!              ◄── Welcome ─────────────────────    session's resume secret)
 //!  urgent      ── DoneMap{first,count}+bitmap ──►   pages already here (after a reconnect)
 //!              ── SkipMap{first,count}+bitmap ──►   pages removed before they arrived
 //!              ── MapEnd ──────────────────────►   the push may start
@@ -45,9 +46,10 @@
 //!                                                    silence for the link timeout = dead link
 //! ```
 //!
-//! A session id in an urgent `Hello` asks to resume that session: pagesrv aborts the old
-//! session (a stale one on a link that went silent) and serves the new connections in its
-//! place. `image_id` identifies the memory image pagesrv serves; faultd pins the first one it
+//! A session id in an urgent `Hello` asks to resume that session: if its `Proof` proves the
+//! session's resume secret, pagesrv aborts the old session (a stale one on a link that went
+//! silent) and serves the new connections in its place; without that proof it refuses and
+//! changes nothing. Every bulk connection proves it too. `image_id` identifies the memory image pagesrv serves; faultd pins the first one it
 //! sees and pagesrv refuses a `Hello` that names another. With a key, the server's `AuthOk`
 //! MAC covers the client's `Hello` and the server's answer (`Welcome` or `Error`), see
 //! [`crate::auth`].
@@ -76,7 +78,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 /// Identifies this protocol in every `Hello` and `Welcome` ("PGM1").
 pub const MAGIC: u32 = 0x314D_4750;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Size of the frame header in bytes.
 pub const HEADER_LEN: usize = 8;
 /// Largest page payload carried by one frame.
@@ -400,7 +402,7 @@ pub struct SessionParams {
     /// The memory image: in `Welcome`, the one served; in `Hello`, the one the destination
     /// pinned (0 before its first `Welcome`).
     pub image_id: u64,
-    /// In `Welcome`: [`FLAG_PRECOPY`], [`FLAG_FREE`]; in `Hello`: [`FLAG_RESUMED`],
+    /// In `Welcome`: [`FLAG_PRECOPY`], [`FLAG_FREE`], [`FLAG_PROVEN`]; in `Hello`: [`FLAG_RESUMED`],
     /// [`FLAG_BASE`], [`FLAG_EXTRA_STREAM`].
     pub flags: u32,
     /// The VM: in `Hello`, the one the destination asks for (empty: the only one the source
@@ -536,8 +538,26 @@ pub const MAX_STREAMS: u32 = 8;
 /// closed by a `Sync`; the destination asks for no page before that `Sync` (a fault on a
 /// free page is then a local zero fill, never a request).
 pub const FLAG_FREE: u32 = 8;
+/// `Welcome` flag: the urgent connection proved the resume secret of the session it named
+/// ([`crate::auth`]): the session keeps its secret. Without it, the session (new, or adopted
+/// by a source that does not know it) takes the secret of this connection's handshake.
+pub const FLAG_PROVEN: u32 = 32;
 /// Bytes of a page hash in `PageHashes`: XXH3-128 seeded with the session id.
 pub const PAGE_HASH_BYTES: usize = 16;
+
+/// A peer's text (an `Error` frame's) made safe to log: control characters (newlines
+/// included) escaped, so it cannot forge log lines or drive a terminal.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// A contiguous range of page indices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -594,12 +614,16 @@ pub enum Message {
     MapEnd,
     /// The server's nonce.
     Challenge([u8; AUTH_BYTES]),
-    /// The client's nonce and its MAC over both nonces and the session parameters.
+    /// The client's nonce, its MAC over both nonces and the session parameters, and its
+    /// proof of the session's resume secret ([`crate::auth`]).
     Proof {
         /// Client nonce.
         nonce: [u8; AUTH_BYTES],
         /// HMAC proving the client holds the key.
         mac: [u8; AUTH_BYTES],
+        /// HMAC proving the client opened the session it names (all zero on a session's
+        /// first connection).
+        resume: [u8; AUTH_BYTES],
     },
     /// The server's MAC proving it holds the key.
     AuthOk([u8; AUTH_BYTES]),
@@ -773,7 +797,7 @@ impl Decoder {
             Kind::Challenge | Kind::AuthOk if len != AUTH_BYTES => {
                 return Err(bad(AUTH_BYTES.to_string()));
             }
-            Kind::Proof if len != 2 * AUTH_BYTES => return Err(bad((2 * AUTH_BYTES).to_string())),
+            Kind::Proof if len != 3 * AUTH_BYTES => return Err(bad((3 * AUTH_BYTES).to_string())),
             Kind::DigestQuery if len != 8 => return Err(bad("8".into())),
             Kind::Digests if len < 8 => return Err(bad("at least 8".into())),
             Kind::Error
@@ -837,7 +861,7 @@ impl Decoder {
                     .and_then(VmName::new)
                     .map_err(|_| WireError::BadVmName)?;
                 let known_flags = if kind == Kind::Welcome {
-                    FLAG_PRECOPY | FLAG_FREE
+                    FLAG_PRECOPY | FLAG_FREE | FLAG_PROVEN
                 } else {
                     FLAG_RESUMED | FLAG_BASE | FLAG_EXTRA_STREAM
                 };
@@ -928,14 +952,18 @@ impl Decoder {
             Kind::MapEnd => Message::MapEnd,
             Kind::Challenge => Message::Challenge(body.try_into().map_err(|_| self.short(header))?),
             Kind::AuthOk => Message::AuthOk(body.try_into().map_err(|_| self.short(header))?),
-            Kind::Proof => Message::Proof {
-                nonce: body[..AUTH_BYTES]
-                    .try_into()
-                    .map_err(|_| self.short(header))?,
-                mac: body[AUTH_BYTES..]
-                    .try_into()
-                    .map_err(|_| self.short(header))?,
-            },
+            Kind::Proof => {
+                let field = |i: usize| -> Result<[u8; AUTH_BYTES], WireError> {
+                    body.get(i * AUTH_BYTES..(i + 1) * AUTH_BYTES)
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or_else(|| self.short(header))
+                };
+                Message::Proof {
+                    nonce: field(0)?,
+                    mac: field(1)?,
+                    resume: field(2)?,
+                }
+            }
             Kind::DigestQuery | Kind::Digests => {
                 let (raw, payload) = U64::read_from_prefix(body).map_err(|_| self.short(header))?;
                 let chunk_pages = raw.get();
@@ -1073,9 +1101,10 @@ pub fn encode(message: &Message, payload_len: usize, out: &mut Vec<u8>) {
             trailing = payload_len;
         }
         Message::Challenge(bytes) | Message::AuthOk(bytes) => out.extend_from_slice(bytes),
-        Message::Proof { nonce, mac } => {
+        Message::Proof { nonce, mac, resume } => {
             out.extend_from_slice(nonce);
             out.extend_from_slice(mac);
+            out.extend_from_slice(resume);
         }
         Message::DigestQuery { chunk_pages } => out.extend_from_slice(&chunk_pages.to_le_bytes()),
         Message::Digests { chunk_pages } => {
@@ -1300,6 +1329,7 @@ mod tests {
             Message::Proof {
                 nonce: [3; AUTH_BYTES],
                 mac: [4; AUTH_BYTES],
+                resume: [5; AUTH_BYTES],
             },
         ] {
             assert_eq!(

@@ -5,9 +5,9 @@
 //! `BulkDone`, `Digests` nobody asked for).
 //!
 //! ```text
-//!  handshake, server:  AwaitHello ─Hello─► [AwaitProof ─Proof─►] Admitted
+//!  handshake, server:  AwaitHello ─Hello─► AwaitProof ─Proof─► Admitted
 //!  handshake, client:  AwaitServer ─Challenge─► AwaitAuthOk ─AuthOk─► AwaitWelcome ─Welcome─► Welcomed
-//!                      AwaitServer ─Welcome─► Welcomed  (no key)          any ─Error─► Refused
+//!                                                                      any ─Error─► Refused
 //!  urgent, source:     Maps ─MapEnd─► Serving ─DigestQuery─► Verifying ─Goodbye─► Closed
 //!                      (DoneMap, SkipMap)  (Request, Skip,    Serving ─Goodbye─► Closed (--no-verify)
 //!                                           final maps)
@@ -52,10 +52,7 @@ pub trait Phase: Copy + std::fmt::Debug {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServerHandshake {
     /// Waiting for `Hello`.
-    AwaitHello {
-        /// Whether a proof of the key follows (`--psk-file`).
-        keyed: bool,
-    },
+    AwaitHello,
     /// `Challenge` sent; waiting for `Proof`.
     AwaitProof,
     /// The client is admitted to the session stage (the server answers next).
@@ -68,16 +65,16 @@ impl Phase for ServerHandshake {
     fn next(self, kind: Kind) -> Option<Self> {
         use ServerHandshake::*;
         Some(match (self, kind) {
-            (AwaitHello { keyed: true }, Kind::Hello) => AwaitProof,
-            (AwaitHello { keyed: false }, Kind::Hello) | (AwaitProof, Kind::Proof) => Admitted,
-            (AwaitHello { .. } | AwaitProof, Kind::Error) => Closed,
+            (AwaitHello, Kind::Hello) => AwaitProof,
+            (AwaitProof, Kind::Proof) => Admitted,
+            (AwaitHello | AwaitProof, Kind::Error) => Closed,
             _ => return None,
         })
     }
 
     fn name(self) -> &'static str {
         match self {
-            ServerHandshake::AwaitHello { .. } => "waiting for Hello",
+            ServerHandshake::AwaitHello => "waiting for Hello",
             ServerHandshake::AwaitProof => "waiting for the key proof",
             ServerHandshake::Admitted => "admitted",
             ServerHandshake::Closed => "closed",
@@ -88,7 +85,7 @@ impl Phase for ServerHandshake {
 /// faultd's side of a connection's handshake (after sending `Hello`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientHandshake {
-    /// Waiting for `Challenge` (with a key) or `Welcome` (without).
+    /// Waiting for `Challenge` (or a refusal).
     AwaitServer,
     /// `Proof` sent; waiting for the server's proof.
     AwaitAuthOk,
@@ -106,7 +103,7 @@ impl Phase for ClientHandshake {
         Some(match (self, kind) {
             (AwaitServer, Kind::Challenge) => AwaitAuthOk,
             (AwaitAuthOk, Kind::AuthOk) => AwaitWelcome,
-            (AwaitServer | AwaitWelcome, Kind::Welcome) => Welcomed,
+            (AwaitWelcome, Kind::Welcome) => Welcomed,
             (AwaitServer | AwaitAuthOk | AwaitWelcome, Kind::Error) => Refused,
             _ => return None,
         })
@@ -114,7 +111,7 @@ impl Phase for ClientHandshake {
 
     fn name(self) -> &'static str {
         match self {
-            ClientHandshake::AwaitServer => "waiting for Challenge or Welcome",
+            ClientHandshake::AwaitServer => "waiting for Challenge",
             ClientHandshake::AwaitAuthOk => "waiting for the server's key proof",
             ClientHandshake::AwaitWelcome => "waiting for Welcome",
             ClientHandshake::Welcomed => "welcomed",
@@ -411,28 +408,23 @@ mod tests {
     fn test_handshake_machines() {
         use Kind::*;
         assert_eq!(
-            run(ServerHandshake::AwaitHello { keyed: true }, &[Hello, Proof]),
+            run(ServerHandshake::AwaitHello, &[Hello, Proof]),
             Ok(ServerHandshake::Admitted)
         );
         assert_eq!(
-            run(ServerHandshake::AwaitHello { keyed: false }, &[Hello]),
-            Ok(ServerHandshake::Admitted)
+            run(ServerHandshake::AwaitHello, &[Hello]),
+            Ok(ServerHandshake::AwaitProof),
+            "a proof is always needed"
         );
-        assert!(run(ServerHandshake::AwaitHello { keyed: true }, &[Proof]).is_err());
-        assert!(
-            run(
-                ServerHandshake::AwaitHello { keyed: false },
-                &[Hello, Proof]
-            )
-            .is_err()
-        );
+        assert!(run(ServerHandshake::AwaitHello, &[Proof]).is_err());
+        assert!(run(ServerHandshake::AwaitHello, &[Hello, Hello]).is_err());
         assert_eq!(
             run(ClientHandshake::AwaitServer, &[Challenge, AuthOk, Welcome]),
             Ok(ClientHandshake::Welcomed)
         );
-        assert_eq!(
-            run(ClientHandshake::AwaitServer, &[Welcome]),
-            Ok(ClientHandshake::Welcomed)
+        assert!(
+            run(ClientHandshake::AwaitServer, &[Welcome]).is_err(),
+            "never welcomed without the server's proof"
         );
         assert_eq!(
             run(ClientHandshake::AwaitServer, &[Challenge, AuthOk, Error]),

@@ -5,10 +5,12 @@
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use common::auth::{self, Answer, Psk, Transcript};
+use common::auth::{self, Answer, Psk, ResumeSecret, Transcript};
 use common::framed::{FrameEncoder, FrameReader, ReadError, write_frame};
 use common::wire::phase::{ClientHandshake, Phase};
-use common::wire::{Decoder, ErrorCode, Message, PROTOCOL_VERSION, Role, SessionParams};
+use common::wire::{
+    AUTH_BYTES, Decoder, ErrorCode, FLAG_PROVEN, Message, PROTOCOL_VERSION, Role, SessionParams,
+};
 use thiserror::Error;
 use tracing::warn;
 
@@ -63,6 +65,14 @@ pub enum UpstreamError {
     /// Authentication failed or was not possible.
     #[error("authentication with pagesrv failed: {0}")]
     Auth(&'static str),
+    /// No key, and pagesrv is not on this host.
+    #[error(
+        "refusing to connect to {addr} without a key: --insecure-no-key is for loopback only (give --psk-file)"
+    )]
+    KeylessRemote {
+        /// Where pagesrv is.
+        addr: SocketAddr,
+    },
     /// The source's memory does not match the VMM's layout (or the pinned image).
     #[error(
         "the source has {source_pages} pages of {source_page_size} bytes (protocol v{source_version}, image {source_image:016x}), \
@@ -103,6 +113,7 @@ impl UpstreamError {
             | UpstreamError::Handshake { .. }
             | UpstreamError::Send(_) => false,
             UpstreamError::Auth(_) => first_contact,
+            UpstreamError::KeylessRemote { .. } => true,
             UpstreamError::Mismatch { trusted, .. } => final_answer(*trusted),
             UpstreamError::Refused { code, trusted, .. } => {
                 matches!(
@@ -123,8 +134,9 @@ impl UpstreamError {
 pub struct Target {
     /// pagesrv's address.
     pub addr: String,
-    /// The pre-shared key, if any.
-    pub psk: Option<Psk>,
+    /// The key of this VM (derived from the master key, or read from a VM key file), or
+    /// [`Psk::unkeyed`] (`--insecure-no-key`).
+    pub key: Psk,
     /// Page size of the VMM's memory.
     pub page_size: u32,
     /// Pages of the VMM's memory.
@@ -144,8 +156,9 @@ impl Pins {
     }
 }
 
-/// What a reconnect resumes: the session to replace and the image pinned (0: none).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What a reconnect resumes: the session to replace (and the secret that proves it is
+/// ours) and the image pinned (0: none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pins {
     /// The session to resume.
     pub session_id: u64,
@@ -153,6 +166,19 @@ pub struct Pins {
     pub image_id: u64,
     /// The guest here runs already: pagesrv must not ask to drop pages.
     pub resumed: bool,
+    /// The session's resume secret ([`common::auth`]): every connection after the one
+    /// that opened the session proves it.
+    pub secret: Option<ResumeSecret>,
+}
+
+impl Pins {
+    /// The proof of the session's secret for a connection with transcript `t` (zeros before
+    /// the session was opened).
+    fn resume_proof(&self, t: &Transcript) -> [u8; AUTH_BYTES] {
+        self.secret
+            .as_ref()
+            .map_or([0; AUTH_BYTES], |secret| secret.prove(t))
+    }
 }
 
 /// An open session with pagesrv.
@@ -180,13 +206,15 @@ pub struct Upstream {
     pub free_first: bool,
 }
 
-/// Connects both connections and checks the source against the target and the pins.
+/// Connects both connections and checks the source against the target and the pins. The
+/// pins follow the urgent connection's `Welcome` at once (the session and its secret), so a
+/// retry after a failed bulk connection resumes the session pagesrv just opened.
 ///
 /// # Errors
 /// Any [`UpstreamError`].
 pub fn connect(
     target: &Target,
-    pins: Pins,
+    pins: &mut Pins,
     link_timeout: Duration,
 ) -> Result<Upstream, UpstreamError> {
     let resolved = target
@@ -201,6 +229,9 @@ pub fn connect(
             addr: target.addr.clone(),
             source: std::io::ErrorKind::NotFound.into(),
         })?;
+    if !target.key.is_keyed() && !resolved.ip().is_loopback() {
+        return Err(UpstreamError::KeylessRemote { addr: resolved });
+    }
     let ours = SessionParams {
         version: PROTOCOL_VERSION,
         page_size: target.page_size,
@@ -218,22 +249,24 @@ pub fn connect(
         },
         vm: target.vm,
     };
-    let psk = target.psk.as_ref();
-    let (urgent, urgent_reader, welcome, urgent_tx) =
-        open(resolved, psk, Role::Urgent, ours, link_timeout)?;
-    let pins = Pins {
-        session_id: welcome.session_id,
-        image_id: welcome.image_id,
-        resumed: pins.resumed,
-    };
+    let key = &target.key;
+    let (urgent, urgent_reader, welcome, urgent_tx, transcript) =
+        open(resolved, key, Role::Urgent, ours, pins, link_timeout)?;
+    if welcome.flags & FLAG_PROVEN == 0 || pins.session_id != welcome.session_id {
+        // A new session (or one a restarted pagesrv adopted): its secret is this handshake's.
+        pins.secret = Some(key.resume_secret(&transcript, welcome.session_id));
+    }
+    pins.session_id = welcome.session_id;
+    pins.image_id = welcome.image_id;
+    let pins = &*pins;
     let bulk_hello = SessionParams {
         session_id: pins.session_id,
         image_id: pins.image_id,
         flags: 0,
         ..ours
     };
-    let (bulk, bulk_reader, bulk_welcome, bulk_tx) =
-        open(resolved, psk, Role::Bulk, bulk_hello, link_timeout)?;
+    let (bulk, bulk_reader, bulk_welcome, bulk_tx, _) =
+        open(resolved, key, Role::Bulk, bulk_hello, pins, link_timeout)?;
     if !pins.welcomed_to(&bulk_welcome) {
         return Err(UpstreamError::Refused {
             code: ErrorCode::UnknownSession,
@@ -253,12 +286,12 @@ pub fn connect(
     for _ in 1..target.streams {
         // A refused extra stream (an older pagesrv, its limit, the naive baseline) costs only
         // itself: the session goes on with the connections it has.
-        match open(resolved, psk, Role::Bulk, extra_hello, link_timeout) {
-            Ok((conn, mut reader, welcome, tx)) if pins.welcomed_to(&welcome) => {
+        match open(resolved, key, Role::Bulk, extra_hello, pins, link_timeout) {
+            Ok((conn, mut reader, welcome, tx, _)) if pins.welcomed_to(&welcome) => {
                 reader.set_decoder(decoder);
                 extra_bulk.push((conn, reader, tx));
             }
-            Ok((_, _, welcome, _)) => {
+            Ok((_, _, welcome, _, _)) => {
                 warn!(
                     session = format_args!("{:016x}", welcome.session_id),
                     "pagesrv welcomed an extra bulk connection to another session: not using it"
@@ -282,22 +315,33 @@ pub fn connect(
         bulk_reader,
         bulk_tx,
         extra_bulk,
-        pins,
+        pins: pins.clone(),
         precopy: welcome.precopy(),
         free_first: welcome.free_first(),
     })
 }
 
-/// Opens one connection: Hello, the key exchange if any, Welcome; within
-/// [`HANDSHAKE_DEADLINE`] in all. With a key, every later frame is sealed: the reader opens
-/// what pagesrv sends, the encoder seals what faultd sends.
+/// Opens one connection: Hello, the key exchange (with the VM's key, or the public one of
+/// the keyless mode), Welcome; within [`HANDSHAKE_DEADLINE`] in all. With a real key, every
+/// later frame is sealed: the reader opens what pagesrv sends, the encoder seals what faultd
+/// sends. Returns the transcript too (a new session's secret derives from it).
 fn open(
     addr: SocketAddr,
-    psk: Option<&Psk>,
+    key: &Psk,
     role: Role,
     hello: SessionParams,
+    pins: &Pins,
     link_timeout: Duration,
-) -> Result<(TcpStream, FrameReader, SessionParams, FrameEncoder), UpstreamError> {
+) -> Result<
+    (
+        TcpStream,
+        FrameReader,
+        SessionParams,
+        FrameEncoder,
+        Transcript,
+    ),
+    UpstreamError,
+> {
     let deadline = Instant::now() + HANDSHAKE_DEADLINE;
     let connect_err = |source| UpstreamError::Connect { addr, role, source };
     let mut conn = TcpStream::connect_timeout(&addr, HANDSHAKE_DEADLINE).map_err(connect_err)?;
@@ -334,58 +378,57 @@ fn open(
             .map_err(|e| handshake_err(ReadError::Wire(e)))?;
         match message {
             Message::Challenge(server_nonce) => {
-                let Some(psk) = psk else {
-                    return Err(UpstreamError::Auth(
-                        "pagesrv requires a key: give --psk-file",
-                    ));
-                };
                 let t = Transcript {
                     server_nonce,
                     client_nonce: auth::nonce(),
                     role,
                     hello,
                 };
-                let mac = psk.client_mac(&t);
                 let proof = Message::Proof {
                     nonce: t.client_nonce,
-                    mac,
+                    mac: key.client_mac(&t),
+                    resume: pins.resume_proof(&t),
                 };
                 write_frame(&mut conn, &proof, &[]).map_err(UpstreamError::Send)?;
                 transcript = Some(t);
             }
             Message::AuthOk(tag) => server_tag = Some(tag),
             Message::Error { code, text } => {
-                let trusted = matches!(
-                    (psk, &transcript, &server_tag),
-                    (Some(psk), Some(t), Some(tag)) if psk.verify_server(t, &Answer::Refuse(code), tag)
-                );
+                // Only a real key makes an answer pagesrv's own: a public one proves nothing.
+                let trusted = key.is_keyed()
+                    && matches!(
+                        (&transcript, &server_tag),
+                        (Some(t), Some(tag)) if key.verify_server(t, &Answer::Refuse(code), tag)
+                    );
                 return Err(UpstreamError::Refused {
                     code,
-                    text,
+                    text: common::wire::printable(&text),
                     trusted,
                 });
             }
             Message::Welcome(theirs) => {
-                let (trusted, encoder) = match (psk, &transcript, &server_tag) {
-                    (None, _, _) => (false, FrameEncoder::plain()),
-                    (Some(psk), Some(t), Some(tag)) => {
-                        if !psk.verify_server(t, &Answer::Welcome(theirs), tag) {
-                            return Err(UpstreamError::Auth("pagesrv proved a different key"));
-                        }
-                        let (sealer, opener) = psk.channel_secrets(t).client();
-                        reader.set_opener(opener);
-                        (true, FrameEncoder::sealed(sealer))
-                    }
-                    (Some(_), _, _) => {
-                        return Err(UpstreamError::Auth(
-                            "pagesrv does not authenticate itself; refusing to take pages from it with --psk-file",
-                        ));
-                    }
+                // The phase machine wants Challenge and AuthOk first: both are here.
+                let (Some(t), Some(tag)) = (transcript, server_tag) else {
+                    return Err(UpstreamError::Auth("pagesrv welcomed us without its proof"));
                 };
-                check_welcome(&hello, &theirs, trusted)?;
+                if !key.verify_server(&t, &Answer::Welcome(theirs), &tag) {
+                    return Err(UpstreamError::Auth(if key.is_keyed() {
+                        "pagesrv proved a different key (or none)"
+                    } else {
+                        "pagesrv has a key: give the same --psk-file to faultd"
+                    }));
+                }
+                let encoder = if key.is_keyed() {
+                    let (sealer, opener) = key.channel_secrets(&t).client();
+                    reader.set_opener(opener);
+                    FrameEncoder::sealed(sealer)
+                } else {
+                    FrameEncoder::plain()
+                };
+                check_welcome(&hello, &theirs, key.is_keyed())?;
                 conn.set_read_timeout(None).map_err(connect_err)?;
                 conn.set_write_timeout(None).map_err(connect_err)?;
-                return Ok((conn, reader, theirs, encoder));
+                return Ok((conn, reader, theirs, encoder, t));
             }
             other => {
                 let kind = other.kind();

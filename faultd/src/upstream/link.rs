@@ -181,7 +181,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             precopy,
             free_first,
         } = *up;
-        self.pins = pins;
+        self.pins = pins.clone();
         urgent.set_nonblocking(true)?;
         let mut urgent = mio::net::TcpStream::from_std(urgent);
         registry.register(&mut urgent, token, Interest::READABLE)?;
@@ -335,7 +335,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             self.config,
             self.vm,
         );
-        let (mut pins, first_contact) = (self.pins, self.generations == 0);
+        let (mut pins, first_contact) = (self.pins.clone(), self.generations == 0);
         let (announced, bulk_threads) = (self.switch_announced.clone(), self.bulk_threads.clone());
         self.scope.spawn(move || {
             config.fast_path.enter_bulk_thread();
@@ -349,7 +349,9 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             }
             // Once the guest was told to resume, the source must not run precopy with us again.
             pins.resumed |= announced.load(Ordering::Acquire);
-            if let Some(result) = connect_with_backoff(config, vm, pins, first_contact, &stop_rx) {
+            if let Some(result) =
+                connect_with_backoff(config, vm, &mut pins, first_contact, &stop_rx)
+            {
                 let _ = tx.send(LinkEvent::Connected(result.map(Box::new)));
                 let _ = waker.wake();
             }
@@ -362,7 +364,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
 fn connect_with_backoff<K: Kernel>(
     config: &LinkConfig,
     vm: &Vm<K>,
-    pins: Pins,
+    pins: &mut Pins,
     first_contact: bool,
     stop: &Receiver<()>,
 ) -> Option<Result<Upstream>> {
