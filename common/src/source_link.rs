@@ -3,7 +3,7 @@
 //! JSON and raw bitmaps, no library needed.
 //!
 //! ```text
-//!  VMM ──{"version":1,"size_bytes":N,"page_size":4096[,"free_hints":true]}\n + the RAM fd ──► pagesrv
+//!  VMM ──{"version":2,"size_bytes":N,"page_size":4096[,"free_hints":true]}\n + the RAM fd ──► pagesrv
 //!        (SCM_RIGHTS: a memfd or file holding guest RAM, shared: pagesrv maps it read-only)
 //!  pagesrv ──{"cmd":"dirty"}\n──►
 //!          ◄──{"bitmap":"dirty","bytes":B}\n + B bytes ──   pages written since the last bitmap
@@ -11,7 +11,18 @@
 //!          ◄──{"bitmap":"pause","bytes":B}\n + B bytes ──   the last writes; the guest stays paused
 //!  pagesrv ──{"cmd":"free"}\n──►   (to a VMM that said "free_hints"; 4 KiB pages; any time)
 //!          ◄──{"bitmap":"free","bytes":B}\n + B bytes ──    pages the guest's allocator holds free
+//!  pagesrv ──{"outcome":"completed","verified":true}\n──►  the last message: how it ended
+//!       or ──{"outcome":"failed","reason":"..."}\n──►
+//!          ◄──{"ack":"outcome"}\n ──                       then pagesrv closes the link
 //! ```
+//!
+//! **The source VM's fate** (pagesrv keeps the link open, in every strategy, until it knows):
+//!
+//! | the VMM receives | the destination | the VMM |
+//! | --- | --- | --- |
+//! | `completed` | holds every page (digests compared unless `"verified":false`, `faultd --no-verify`) | may destroy the source VM |
+//! | `failed` (with the reason) | does not hold the VM (it failed, or a digest differed) | resumes the source guest (paused or not) |
+//! | end of the link without an outcome | unknown: pagesrv crashed or was killed, the destination may run the guest | keeps the guest paused and its RAM; an operator decides |
 //!
 //! Free pages are never sent as data: the destination reads them as zero. A hint taken while
 //! the guest runs is advisory (a page written after it is in the next dirty bitmap, which
@@ -20,9 +31,9 @@
 //! A bitmap has one bit per page, bit `i % 8` of byte `i / 8` for page `i` (B = pages / 8
 //! rounded up). The VMM must clear its dirty log when it answers, so each bitmap holds the
 //! pages written since the previous one (KVM's `KVM_GET_DIRTY_LOG` does exactly that); the
-//! first `dirty` answer starts the tracking and may name every page. After `paused` the VMM
-//! keeps the guest stopped and its state saved; what happens to the source VM then is the
-//! orchestrator's business (pagesrv's exit code says whether the migration succeeded).
+//! first `dirty` answer starts the tracking and may name every page. After `pause` the VMM
+//! keeps the guest stopped and its state saved until the outcome (table above); pagesrv's
+//! exit code says the same to an orchestrator.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -33,8 +44,10 @@ use thiserror::Error;
 
 use crate::vmm_link::{LinkError, check_peer, receive_chunk, send_handshake};
 
-/// The protocol version this build speaks.
-pub const SOURCE_LINK_VERSION: u32 = 1;
+/// The protocol version this build speaks (2: the outcome message).
+pub const SOURCE_LINK_VERSION: u32 = 2;
+/// Longest failure reason sent in an outcome, in bytes.
+pub const MAX_REASON_BYTES: usize = 1024;
 /// Longest JSON line accepted.
 pub const MAX_LINE_BYTES: usize = 4096;
 
@@ -101,6 +114,105 @@ pub enum CommandKind {
     Pause,
     /// The pages the paused guest's allocator holds free.
     Free,
+}
+
+/// How the migration ended: pagesrv's last message to the source VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The destination holds every page (`verified`: the digests of every page were
+    /// compared): the source VM may be destroyed.
+    Completed {
+        /// Whether the destination compared digests (false after `faultd --no-verify`).
+        verified: bool,
+    },
+    /// The migration failed and the destination does not hold the VM: resume the source.
+    Failed {
+        /// Why (at most [`MAX_REASON_BYTES`]).
+        reason: String,
+    },
+}
+
+/// An outcome on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutcomeLine {
+    outcome: OutcomeKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    verified: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum OutcomeKind {
+    Completed,
+    Failed,
+}
+
+impl OutcomeLine {
+    fn from_outcome(outcome: &Outcome) -> Self {
+        match outcome {
+            Outcome::Completed { verified } => OutcomeLine {
+                outcome: OutcomeKind::Completed,
+                verified: Some(*verified),
+                reason: None,
+            },
+            Outcome::Failed { reason } => OutcomeLine {
+                outcome: OutcomeKind::Failed,
+                verified: None,
+                reason: Some(crate::wire::truncate_utf8(reason, MAX_REASON_BYTES).to_owned()),
+            },
+        }
+    }
+
+    fn into_outcome(self) -> Result<Outcome, SourceLinkError> {
+        match (self.outcome, self.verified, self.reason) {
+            (OutcomeKind::Completed, Some(verified), None) => Ok(Outcome::Completed { verified }),
+            (OutcomeKind::Failed, None, Some(reason)) if reason.len() <= MAX_REASON_BYTES => {
+                Ok(Outcome::Failed { reason })
+            }
+            _ => Err(SourceLinkError::Malformed(
+                "an outcome is completed with verified, or failed with a reason of at most 1024 bytes"
+                    .into(),
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Ack {
+    ack: AckKind,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum AckKind {
+    Outcome,
+}
+
+/// What the VMM gets from pagesrv.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromPagesrv {
+    /// A request to answer with a bitmap.
+    Command(CommandKind),
+    /// How the migration ended (answer with [`SourceVmmClient::ack_outcome`]); nothing
+    /// follows.
+    Outcome(Outcome),
+}
+
+/// Parses one line from pagesrv: a command or the outcome.
+///
+/// # Errors
+/// Neither, or a malformed one.
+pub fn parse_from_pagesrv(line: &[u8]) -> Result<FromPagesrv, SourceLinkError> {
+    if let Ok(command) = serde_json::from_slice::<Command>(line) {
+        return Ok(FromPagesrv::Command(command.cmd));
+    }
+    parse::<OutcomeLine>(line)?
+        .into_outcome()
+        .map(FromPagesrv::Outcome)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -295,6 +407,22 @@ impl SourceVmm {
         }
         self.bitmap(CommandKind::Free).map(Some)
     }
+
+    /// Tells the VMM how the migration ended and waits (at most `wait`) for its
+    /// acknowledgement; the link is done afterwards.
+    ///
+    /// # Errors
+    /// The link failed, or the VMM did not acknowledge in time.
+    pub fn send_outcome(
+        &mut self,
+        outcome: &Outcome,
+        wait: std::time::Duration,
+    ) -> Result<(), SourceLinkError> {
+        self.lines.stream.set_read_timeout(Some(wait))?;
+        self.lines.send_json(&OutcomeLine::from_outcome(outcome))?;
+        let _: Ack = parse(&self.lines.line()?)?;
+        Ok(())
+    }
 }
 
 /// The VMM's end of the link.
@@ -324,16 +452,27 @@ impl SourceVmmClient {
         })
     }
 
-    /// Waits for pagesrv's next command (`None` when it closed the link).
+    /// Waits for pagesrv's next message (`None` when it closed the link: without an outcome,
+    /// keep the guest paused, module docs).
     ///
     /// # Errors
-    /// The link failed or the command is malformed.
-    pub fn next_command(&mut self) -> Result<Option<CommandKind>, SourceLinkError> {
+    /// The link failed or the message is malformed.
+    pub fn next_message(&mut self) -> Result<Option<FromPagesrv>, SourceLinkError> {
         match self.lines.line() {
-            Ok(line) => Ok(Some(parse::<Command>(&line)?.cmd)),
+            Ok(line) => parse_from_pagesrv(&line).map(Some),
             Err(SourceLinkError::Closed) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Acknowledges the outcome (pagesrv then closes the link).
+    ///
+    /// # Errors
+    /// The link failed.
+    pub fn ack_outcome(&mut self) -> Result<(), SourceLinkError> {
+        self.lines.send_json(&Ack {
+            ack: AckKind::Outcome,
+        })
     }
 
     /// Answers a command with its bitmap.
@@ -381,16 +520,24 @@ mod tests {
         let vmm = std::thread::spawn({
             let dir = dir.clone();
             move || {
+                let command = |k| Some(FromPagesrv::Command(k));
                 let mut c = SourceVmmClient::connect(&dir, &hello, ram(100 * 4096)).unwrap();
-                assert_eq!(c.next_command().unwrap(), Some(CommandKind::Dirty));
+                assert_eq!(c.next_message().unwrap(), command(CommandKind::Dirty));
                 c.send_bitmap(CommandKind::Dirty, &[0xFF; 13]).unwrap();
-                assert_eq!(c.next_command().unwrap(), Some(CommandKind::Pause));
+                assert_eq!(c.next_message().unwrap(), command(CommandKind::Pause));
                 let mut last = [0u8; 13];
                 last[12] = 0b1000;
                 c.send_bitmap(CommandKind::Pause, &last).unwrap();
-                assert_eq!(c.next_command().unwrap(), Some(CommandKind::Free));
+                assert_eq!(c.next_message().unwrap(), command(CommandKind::Free));
                 c.send_bitmap(CommandKind::Free, &[0x0F; 13]).unwrap();
-                assert_eq!(c.next_command().unwrap(), None, "pagesrv closed");
+                assert_eq!(
+                    c.next_message().unwrap(),
+                    Some(FromPagesrv::Outcome(Outcome::Failed {
+                        reason: "digest mismatch".into()
+                    }))
+                );
+                c.ack_outcome().unwrap();
+                assert_eq!(c.next_message().unwrap(), None, "pagesrv closed");
             }
         });
         let (stream, _) = listener.accept().unwrap();
@@ -404,30 +551,70 @@ mod tests {
         let last = link.pause().unwrap();
         assert_eq!(last[12], 0b1000);
         assert_eq!(link.free().unwrap(), Some(vec![0x0F; 13]));
+        let failed = Outcome::Failed {
+            reason: "digest mismatch".into(),
+        };
+        link.send_outcome(&failed, std::time::Duration::from_secs(5))
+            .unwrap();
         drop(link);
         vmm.join().unwrap();
         std::fs::remove_file(&dir).unwrap();
     }
 
     #[test]
+    fn test_outcomes_parse_and_bad_ones_are_refused() {
+        for outcome in [
+            Outcome::Completed { verified: true },
+            Outcome::Completed { verified: false },
+            Outcome::Failed {
+                reason: "the destination failed".into(),
+            },
+        ] {
+            let line = serde_json::to_vec(&OutcomeLine::from_outcome(&outcome)).unwrap();
+            assert_eq!(
+                parse_from_pagesrv(&line).unwrap(),
+                FromPagesrv::Outcome(outcome)
+            );
+        }
+        for bad in [
+            r#"{"outcome":"completed"}"#,
+            r#"{"outcome":"failed"}"#,
+            r#"{"outcome":"completed","verified":true,"reason":"x"}"#,
+            r#"{"outcome":"destroyed","verified":true}"#,
+            r#"{"outcome":"completed","verified":true,"extra":1}"#,
+            r#"{"cmd":"outcome"}"#,
+        ] {
+            assert!(parse_from_pagesrv(bad.as_bytes()).is_err(), "{bad}");
+        }
+        let long = Outcome::Failed {
+            reason: "é".repeat(MAX_REASON_BYTES),
+        };
+        let line = serde_json::to_vec(&OutcomeLine::from_outcome(&long)).unwrap();
+        let Ok(FromPagesrv::Outcome(Outcome::Failed { reason })) = parse_from_pagesrv(&line) else {
+            panic!("a long reason is cut, not refused")
+        };
+        assert!(reason.len() <= MAX_REASON_BYTES);
+    }
+
+    #[test]
     fn test_refuses_bad_hellos() {
         for (json, size, why) in [
             (
-                r#"{"version":2,"size_bytes":4096,"page_size":4096}"#,
+                r#"{"version":1,"size_bytes":4096,"page_size":4096}"#,
                 4096,
                 "version",
             ),
             (
-                r#"{"version":1,"size_bytes":4097,"page_size":4096}"#,
+                r#"{"version":2,"size_bytes":4097,"page_size":4096}"#,
                 4097,
                 "pages",
             ),
             (
-                r#"{"version":1,"size_bytes":8192,"page_size":4096}"#,
+                r#"{"version":2,"size_bytes":8192,"page_size":4096}"#,
                 4096,
                 "regular file",
             ),
-            (r#"{"version":1,"size_bytes":4096}"#, 4096, "malformed"),
+            (r#"{"version":2,"size_bytes":4096}"#, 4096, "malformed"),
         ] {
             let (a, b) = UnixStream::pair().unwrap();
             let mut line = json.as_bytes().to_vec();
@@ -435,7 +622,7 @@ mod tests {
             send_handshake(&a, &line, &[ram(size)]).unwrap();
             let err = SourceVmm::accept(b).unwrap_err().to_string();
             let expected = match why {
-                "version" => "version 2",
+                "version" => "version 1",
                 "pages" => "4097 bytes",
                 "regular file" => "regular file of 8192",
                 _ => "malformed",

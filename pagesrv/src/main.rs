@@ -1,8 +1,11 @@
 //! pagesrv: serves a paused VM's memory file to a postcopy destination (faultd).
 //!
-//! Exit codes: 0 a destination verified every page and completed the migration; 1 a fatal
-//! error, or the migration failed (the destination reported a digest mismatch or its own
-//! failure: keep the source VM); 2 bad usage.
+//! Exit codes: 0 a destination verified every page and completed the migration (every VM's,
+//! with several); 1 a fatal error, or the migration failed (the destination reported a
+//! digest mismatch or its own failure: keep the source VM); 2 bad usage; 3 every page
+//! reached the destination but it compared no digests (`faultd --no-verify`): nothing proves
+//! the source VM redundant. With `--vmm-uds` the source VMM is told the same (see
+//! `common::source_link`).
 #![forbid(unsafe_code)]
 
 mod admission;
@@ -105,7 +108,7 @@ struct Cli {
     page_size: Option<u64>,
     /// Keep serving further sessions instead of exiting after the first that completed or
     /// failed.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "vmm_uds")]
     serve_forever: bool,
     /// A link with no frame from the destination for this many seconds is dead (the session
     /// waits for a reconnect). Both sides send heartbeats on idle connections.
@@ -227,14 +230,14 @@ fn load_prefetch(path: &Path, source: &MemorySource) -> Option<Arc<WorkingSet>> 
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<server::Verdict> {
     if let Some(path) = &cli.gen_psk {
         common::auth::Psk::generate(path)?;
         println!(
             "pagesrv: wrote a new key to {} (mode 0600); give it to pagesrv and faultd with --psk-file",
             path.display()
         );
-        return Ok(());
+        return Ok(server::Verdict::Verified);
     }
     let key = match (&cli.psk_file, cli.insecure_no_key) {
         (Some(path), _) => {
@@ -256,9 +259,15 @@ fn run(cli: Cli) -> Result<()> {
         (None, false) => bail!("no key: give --psk-file FILE, or --insecure-no-key"),
     };
     if !cli.derive_vm_key.is_empty() {
-        return derive_vm_keys(&key, &cli.derive_vm_key);
+        derive_vm_keys(&key, &cli.derive_vm_key)?;
+        return Ok(server::Verdict::Verified);
     }
-    let (mut vms, precopy) = open_vms(&cli)?;
+    let (mut vms, source_vmm) = open_vms(&cli)?;
+    // Rounds run only for precopy and hybrid; the link is kept in every strategy (for the
+    // outcome).
+    let precopy = source_vmm
+        .clone()
+        .filter(|engine| engine.strategy != Strategy::Postcopy);
     if vms.len() > 1 && (cli.free_pages.is_some() || cli.prefetch.is_some()) {
         bail!(
             "--free-pages and --prefetch describe one VM's memory: give them with one --vm-mem only"
@@ -325,11 +334,12 @@ fn run(cli: Cli) -> Result<()> {
             .transpose()?,
         published,
     );
-    serve(&vms, &config, precopy, events)
+    serve(&vms, &config, precopy, source_vmm, events)
 }
 
 /// The memory to serve: paused VMs' files (`--vm-mem`, `--vm-dir`), or a running VM's RAM
-/// from its VMM (paused at once for `--strategy postcopy`, or handed to the precopy engine).
+/// from its VMM, with the link to it (paused at once for `--strategy postcopy`, or handed to
+/// the precopy engine).
 fn open_vms(cli: &Cli) -> Result<(Vec<ServedVm>, Option<Arc<Precopy>>)> {
     let mut specs = match &cli.vm_dir {
         Some(dir) => fleet::scan_vm_dir(dir)?,
@@ -392,8 +402,14 @@ fn open_vms(cli: &Cli) -> Result<(Vec<ServedVm>, Option<Arc<Precopy>>)> {
         engine.pause_now().context("the source VMM did not pause")?;
         source.paused();
         source.refresh_holes();
-        info!("the source VM is paused");
-        return Ok((vec![ServedVm { name, source }], None));
+        if let Some(free) = engine.free_pages().context("the source VMM's free pages")? {
+            let pages = source.hint_free(&free);
+            info!(
+                free_pages = pages,
+                "free-page hints: those pages are served as zero"
+            );
+        }
+        info!("the source VM is paused; it is kept until the migration's outcome");
     }
     Ok((vec![ServedVm { name, source }], Some(Arc::new(engine))))
 }
@@ -483,7 +499,13 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(server::Verdict::Verified) => ExitCode::SUCCESS,
+        Ok(server::Verdict::Unverified) => {
+            eprintln!(
+                "pagesrv: every page reached the destination, but it compared no digests (faultd --no-verify): exit 3"
+            );
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("pagesrv: error: {e:#}");
             ExitCode::FAILURE

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::pagemap::PageMap;
-use common::source_link::{SourceLinkError, SourceVmm};
+use common::source_link::{Outcome, SourceLinkError, SourceVmm};
 use serde::Serialize;
 
 /// What pagesrv does before the destination resumes.
@@ -51,6 +51,8 @@ pub enum ConvergedBy {
     Forced,
 }
 
+/// How long the source VMM may take to acknowledge the outcome.
+const OUTCOME_ACK_WAIT: Duration = Duration::from_secs(5);
 /// Most precopy rounds.
 pub const MAX_ROUNDS: u32 = 30;
 /// Rounds in a row without progress before giving up on converging.
@@ -321,6 +323,18 @@ impl Precopy {
     /// The VMM link failed.
     pub fn free_pages(&self) -> Result<Option<Vec<u8>>, SourceLinkError> {
         self.vmm.lock().unwrap_or_else(|p| p.into_inner()).free()
+    }
+
+    /// Tells the source VMM how the migration ended (its last message; pagesrv closes the
+    /// link after it) and waits for its acknowledgement.
+    ///
+    /// # Errors
+    /// The link failed or the VMM did not acknowledge in time.
+    pub fn release(&self, outcome: &Outcome) -> Result<(), SourceLinkError> {
+        self.vmm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send_outcome(outcome, OUTCOME_ACK_WAIT)
     }
 
     /// Forces the switch at the end of the current round.

@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use common::auth::{Psk, ResumeSecret};
 use common::framed::{FrameEncoder, FrameReader};
+use common::source_link::Outcome as SourceOutcome;
 use common::wire::{
     ErrorCode, FLAG_FREE, FLAG_PRECOPY, FLAG_PROVEN, MAX_STREAMS, PROTOCOL_VERSION, Role,
     SessionParams, VmName,
@@ -108,8 +109,9 @@ pub fn serve(
     vms: &[ServedVm],
     config: &ServerConfig,
     precopy: Option<Arc<Precopy>>,
+    source_vmm: Option<Arc<Precopy>>,
     events: Events,
-) -> Result<()> {
+) -> Result<Verdict> {
     if !config.listen.ip().is_loopback() && !config.key.is_keyed() && !config.insecure_listen {
         bail!(
             "refusing to serve VM memory on {} without authentication: give --psk-file (or --insecure-listen)",
@@ -157,8 +159,37 @@ pub fn serve(
         for index in 0..vms.len() {
             manager.end_session(index, true);
         }
+        if let Some(engine) = &source_vmm {
+            release_source(engine, manager.source_outcome());
+        }
         result
     })
+}
+
+/// How the migrations ended, when every one completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every destination compared the digests of every page.
+    Verified,
+    /// Every page arrived, but some destination compared no digests (`--no-verify`).
+    Unverified,
+}
+
+/// Tells the source VMM how the migration ended (`None`: not known, so nothing is said and
+/// the VMM keeps its paused guest, see `common::source_link`).
+fn release_source(engine: &Precopy, outcome: Option<SourceOutcome>) {
+    let Some(outcome) = outcome else {
+        warn!(
+            "the migration's outcome is not known: the source VMM is not told (it keeps the VM paused)"
+        );
+        return;
+    };
+    match engine.release(&outcome) {
+        Ok(()) => info!(?outcome, "the source VMM was told the outcome"),
+        Err(e) => {
+            error!(?outcome, error = %error_chain(&e), "the source VMM was not told the outcome (it keeps the VM paused)")
+        }
+    }
 }
 
 /// A session's threads.
@@ -224,11 +255,11 @@ struct Manager<'scope, 'env> {
     events: Events,
     serials: u64,
     /// Set when every VM's migration ended: what pagesrv exits with.
-    done: Option<Result<()>>,
+    done: Option<Result<Verdict>>,
 }
 
 impl<'scope, 'env> Manager<'scope, 'env> {
-    fn run(&mut self, events: &Receiver<Event>) -> Result<()> {
+    fn run(&mut self, events: &Receiver<Event>) -> Result<Verdict> {
         loop {
             let event = match events.recv_timeout(Duration::from_millis(500)) {
                 Ok(event) => Some(event),
@@ -665,7 +696,19 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     }
 
     /// Every VM's migration ended: one line per VM, and an error naming those that failed.
-    fn verdict(&self) -> Result<()> {
+    /// What the source VMM is told (`--vmm-uds`: one VM), once its migration ended.
+    fn source_outcome(&self) -> Option<SourceOutcome> {
+        match self.slots.first()?.finished.as_ref()? {
+            Finished::Completed { verified } => Some(SourceOutcome::Completed {
+                verified: *verified,
+            }),
+            Finished::Failed(why) => Some(SourceOutcome::Failed {
+                reason: why.clone(),
+            }),
+        }
+    }
+
+    fn verdict(&self) -> Result<Verdict> {
         let mut failed = Vec::new();
         for (vm, slot) in self.vms.iter().zip(&self.slots) {
             if let Some(finished) = &slot.finished {
@@ -676,7 +719,15 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             }
         }
         if failed.is_empty() {
-            return Ok(());
+            let verified = self
+                .slots
+                .iter()
+                .all(|slot| matches!(slot.finished, Some(Finished::Completed { verified: true })));
+            return Ok(if verified {
+                Verdict::Verified
+            } else {
+                Verdict::Unverified
+            });
         }
         bail!(
             "the migration failed: {}; keep the source VM (do not destroy it)",

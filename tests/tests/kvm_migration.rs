@@ -391,3 +391,112 @@ fn test_faultd_gives_up_after_reconnect_timeout_and_the_vmm_stops() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("faultd closed its socket"), "{stderr}");
 }
+
+/// The source VMM hands its running guest to `pagesrv --vmm-uds --strategy postcopy`
+/// (`pagesrv_args` more) and is paused at once; faultd and the destination VMM take it.
+/// Returns the source VMM (after its `paused` event), faultd and the destination.
+fn postcopy_from_a_running_source(
+    dir: &Scratch,
+    pagesrv_args: &[&str],
+) -> (Proc, Proc, Proc, Proc) {
+    let (src_uds, uds, stats) = (
+        dir.path("source.sock"),
+        dir.path("faultd.sock"),
+        dir.path("stats.json"),
+    );
+    let mut pagesrv = Proc::spawn(
+        "pagesrv",
+        Command::new(bin("pagesrv"))
+            .args(key_args::<&str>(&[]))
+            .arg("--vmm-uds")
+            .arg(&src_uds)
+            .args(["--strategy", "postcopy", "--listen", "127.0.0.1:0"])
+            .args(pagesrv_args),
+    );
+    assert!(
+        pagesrv
+            .read_line()
+            .starts_with("pagesrv waiting for the source VMM")
+    );
+    let mut source = Proc::spawn(
+        "vmm source",
+        Command::new(bin("vmm"))
+            .arg("source")
+            .arg("--mem-file")
+            .arg(dir.path("vm.mem"))
+            .args(["--size-mib", SIZE_MIB, "--state-file"])
+            .arg(dir.path("vcpu.json"))
+            .arg("--pagesrv-uds")
+            .arg(&src_uds),
+    );
+    source.read_event_until(|e| e["counters"]["phase"] == 1);
+    source.send_line("migrate");
+    let addr = pagesrv
+        .read_line()
+        .strip_prefix("pagesrv listening on ")
+        .expect("pagesrv took the RAM")
+        .to_owned();
+    source.read_event_until(|e| e["event"] == "paused");
+    let faultd = start_faultd(&addr, &uds, &stats);
+    let dest = start_dest(dir, &uds);
+    (pagesrv, source, faultd, dest)
+}
+
+#[test]
+fn test_the_source_vmm_keeps_its_guest_until_the_outcome_and_acts_on_it() {
+    if !require_kvm() || !require_userfaultfd() {
+        return;
+    }
+    // Success: the source VMM hears `completed` (after the destination verified every
+    // page, not at the pause) and lets its guest go.
+    let dir = Scratch::new("kvm-outcome-ok");
+    let (mut pagesrv, mut source, mut faultd, mut dest) = postcopy_from_a_running_source(&dir, &[]);
+    let outcome = source.read_event_until(|e| e["event"] == "outcome");
+    assert_eq!(outcome["end"]["outcome"], "completed", "{outcome}");
+    assert_eq!(outcome["end"]["verified"], true, "{outcome}");
+    let (status, stderr) = faultd.wait(LIMIT);
+    assert!(status.success(), "{stderr}");
+    let (status, stderr) = source.wait(LIMIT);
+    assert!(status.success(), "{stderr}");
+    let (status, stderr) = pagesrv.wait(LIMIT);
+    assert!(status.success(), "{stderr}");
+    dest.send_line("stop");
+    let _ = dest.wait(LIMIT);
+
+    // Failure (a data page corrupted on the way: the guest fills all but every 4th page
+    // first, so 10001 holds data; the digests differ): the source VMM hears
+    // `failed` and resumes its guest, which runs on here.
+    let dir = Scratch::new("kvm-outcome-failed");
+    let (mut pagesrv, mut source, mut faultd, _dest) =
+        postcopy_from_a_running_source(&dir, &["--corrupt-page", "10001"]);
+    let outcome = source.read_event_until(|e| e["event"] == "outcome");
+    assert_eq!(outcome["end"]["outcome"], "failed", "{outcome}");
+    assert!(
+        outcome["end"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("differ"),
+        "{outcome}"
+    );
+    source.read_event_until(|e| e["event"] == "resumed");
+    let before = source.read_event_until(|e| e["event"] == "report");
+    let after = source.read_event_until(|e| e["event"] == "report");
+    assert!(
+        after["counters"]["touches"].as_u64() > before["counters"]["touches"].as_u64(),
+        "the resumed guest runs: {before} → {after}"
+    );
+    assert_eq!(after["counters"]["mismatches"], 0, "{after}");
+    let (status, stderr) = faultd.wait(LIMIT);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let (status, stderr) = pagesrv.wait(LIMIT);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the source VMM was told the outcome"),
+        "{stderr}"
+    );
+    // Paused again by its driver, with no link: it saves and exits.
+    source.send_line("pause");
+    source.read_event_until(|e| e["event"] == "paused");
+    let (status, stderr) = source.wait(LIMIT);
+    assert!(status.success(), "{stderr}");
+}

@@ -42,6 +42,8 @@ struct Options<'a> {
     command: Option<Value>,
     /// More arguments for test-source.
     source_args: &'a [&'a str],
+    /// The destination resumes at once (postcopy: no switch to wait for).
+    no_switch: bool,
 }
 
 /// Starts test-source, pagesrv (`--strategy strategy`), faultd and test-vmm.
@@ -51,6 +53,7 @@ fn start(tag: &str, strategy: &str, options: Options<'_>) -> Run {
         proxy_args,
         command,
         source_args,
+        no_switch,
     } = options;
     let dir = Scratch::new(tag);
     let (final_ram, stats, uds) = (
@@ -143,17 +146,13 @@ fn start(tag: &str, strategy: &str, options: Options<'_>) -> Run {
             faultd_ctl.to_str().expect("path"),
         ],
     );
-    let vmm = start_vmm(
-        &uds,
-        &final_ram,
-        &[
-            "--memfd",
-            "--threads",
-            "2",
-            "--wait-switch",
-            faultd_ctl.to_str().expect("path"),
-        ],
-    );
+    let wait_switch = ["--wait-switch", faultd_ctl.to_str().expect("path")];
+    let vmm_args = [
+        &["--memfd", "--threads", "2"][..],
+        if no_switch { &[] } else { &wait_switch },
+    ]
+    .concat();
+    let vmm = start_vmm(&uds, &final_ram, &vmm_args);
     Run {
         _dir: dir,
         final_ram,
@@ -185,6 +184,10 @@ impl Run {
             "{what}: {}",
             done.stats
         );
+        // The source VMM heard how it ended (after the verdict, not at the pause).
+        let outcome = self.source.read_event_until(|e| e["event"] == "outcome");
+        assert_eq!(outcome["outcome"], "completed", "{what}: {outcome}");
+        assert_eq!(outcome["verified"], true, "{what}: {outcome}");
         self.source.close_stdin();
         let (status, err) = self.source.wait(Duration::from_secs(30));
         assert!(status.success(), "{what}: test-source: {err}");
@@ -349,4 +352,44 @@ fn test_free_pages_the_source_vmm_names_at_the_pause_read_zero() {
     let (stats, _) = start("precopy-free", "hybrid", options).finish("free");
     // finish() compared every page with the final RAM (free pages zero) and the digests.
     assert!(stats["pages_discarded"].as_u64().unwrap() > 0, "{stats}");
+}
+
+#[test]
+fn test_a_failed_migration_tells_the_source_vmm_which_resumes_its_guest() {
+    if !require_userfaultfd() {
+        return;
+    }
+    // A page corrupted on its way after the switch: the destination's digests differ, it
+    // fails, pagesrv exits 1 and tells the source VMM `failed`; the source resumes.
+    let options = Options {
+        pagesrv_args: &["--corrupt-page", "5"],
+        ..Options::default()
+    };
+    let mut run = start("failed-outcome", "hybrid", options);
+    let (status, err) = run.faultd.wait(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(1), "{err}");
+    let (status, err) = run.pagesrv.wait(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(1), "{err}");
+    let outcome = run.source.read_event_until(|e| e["event"] == "outcome");
+    assert_eq!(outcome["outcome"], "failed", "{outcome}");
+    run.source.read_event_until(|e| e["event"] == "resumed");
+    run.source.close_stdin();
+    let (status, err) = run.source.wait(Duration::from_secs(30));
+    assert!(status.success(), "test-source: {err}");
+}
+
+#[test]
+fn test_postcopy_from_a_running_source_keeps_the_link_until_the_outcome() {
+    if !require_userfaultfd() {
+        return;
+    }
+    // --strategy postcopy pauses the source at once; the link stays until the verdict (it
+    // used to close right after the pause, before a page moved).
+    let options = Options {
+        no_switch: true,
+        ..Options::default()
+    };
+    let run = start("postcopy-link", "postcopy", options);
+    let (stats, _) = run.finish("postcopy from a running source");
+    assert_eq!(stats["bytes_precopy"], 0, "{stats}");
 }

@@ -490,3 +490,30 @@ fn test_starting_without_a_key_or_the_opt_in_is_refused_naming_the_flag() {
     assert!(err.contains("loopback only"), "{err}");
     assert!(!dir.path("s").exists(), "refused before waiting for a VMM");
 }
+
+#[test]
+fn test_an_unverified_completion_does_not_exit_0() {
+    if !require_userfaultfd() {
+        return;
+    }
+    // faultd --no-verify compares no digests: every page arrived, but nothing proves the
+    // source VM redundant, so pagesrv does not say "completed" with exit 0.
+    let dir = Scratch::new("unverified");
+    let (mem, uds, stats) = (
+        dir.path("vm.mem"),
+        dir.path("faultd.sock"),
+        dir.path("stats.json"),
+    );
+    write_source(&mem, 1024, 0x0E3, 4, 0..0);
+    let (mut pagesrv, addr) = start_pagesrv(&mem, &[]);
+    let mut faultd = start_faultd_with(&addr, &uds, &stats, &["--no-verify"]);
+    let mut vmm = start_vmm(&uds, &mem, &["--no-touch"]);
+    let (status, err) = vmm.wait(LIMIT);
+    assert!(status.success(), "{err}");
+    let (status, err) = faultd.wait(LIMIT);
+    assert!(status.success(), "{err}");
+    let (status, err) = pagesrv.wait(LIMIT);
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(err.contains("completed (NOT verified)"), "{err}");
+    assert!(err.contains("faultd --no-verify"), "{err}");
+}

@@ -8,14 +8,18 @@
 //!   `--pagesrv-uds`, `migrate` on stdin hands the running guest's RAM to pagesrv
 //!   (`common::source_link`): KVM's dirty log answers pagesrv's `dirty` requests while the
 //!   guest keeps running, and pagesrv's `pause` stops the vCPU at once (a signal), saves it
-//!   and answers with the last dirty pages.
+//!   and answers with the last dirty pages. The paused guest is kept until pagesrv's
+//!   outcome (`outcome` event): `completed`, it exits (the source is let go); `failed`, it
+//!   resumes the guest (`resumed`) and runs on; a link that ends without an outcome keeps
+//!   the guest paused until `resume` or `release` on stdin.
 //! - `vmm dest`: guest RAM in a memfd registered with a userfaultfd, handed to faultd with
 //!   Firecracker's handshake (plus the memfd); restores the vCPU and runs at once while
 //!   faultd fills RAM in. If faultd dies before every page is present, the vCPU is stopped
 //!   and the VMM exits with an error instead of hanging. `stop` on stdin ends it.
 //!
 //! Both print one JSON object per line on stdout: `report` (the guest's counters, every
-//! 50 ms of guest time), `paused`, `resumed`, `complete`. Exit codes: 0 done; 1 failure.
+//! 50 ms of guest time), `paused`, `outcome`, `resumed`, `complete`. Exit codes: 0 done; 1
+//! failure.
 
 use std::io::{BufRead, Read, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
@@ -30,6 +34,7 @@ use anyhow::{Context, Result, bail};
 use bench::guest::{Counters, GuestParams, PageSize, Workload};
 use bench::kvm_vm::{KvmVm, RunExit, Vcpu, VcpuState};
 use clap::{Parser, Subcommand, ValueEnum};
+use common::source_link::Outcome;
 use common::uffd::{MODE_MINOR, MODE_MISSING, Uffd};
 
 /// Reference KVM VMM for loopback live migration.
@@ -191,7 +196,7 @@ fn run_source(a: SourceArgs) -> Result<()> {
     let mut others = Secondaries::start(vcpus);
     let commands = stdin_lines();
     let pause = Arc::new(AtomicBool::new(false));
-    let mut link: Option<std::thread::JoinHandle<Result<()>>> = None;
+    let mut link: Option<std::thread::JoinHandle<Result<LinkEnd>>> = None;
     let mut saved_tx: Option<mpsc::Sender<()>> = None;
     loop {
         if first.run_until_report()? == RunExit::Report {
@@ -207,6 +212,13 @@ fn run_source(a: SourceArgs) -> Result<()> {
             }
         }
         others.check()?;
+        if link.as_ref().is_some_and(|l| l.is_finished()) && !pause.load(Ordering::Acquire) {
+            // The link ended while the guest runs (precopy failed): it goes on here.
+            let end = join_link(link.take(), saved_tx.take())?;
+            emit(
+                serde_json::json!({"event": "migration-ended", "t_us": now_us(), "end": end.describe()}),
+            );
+        }
         while let Ok(line) = commands.try_recv() {
             match (line.as_deref(), &a.pagesrv_uds) {
                 (Some("migrate"), Some(uds)) if link.is_none() => {
@@ -251,12 +263,88 @@ fn run_source(a: SourceArgs) -> Result<()> {
                 "vcpu_touches": vcpu_touches,
                 "hist": c.hist.to_vec(),
             }));
-            if let (Some(link), Some(saved)) = (link, saved_tx) {
-                let _ = saved.send(());
-                link.join()
-                    .map_err(|_| anyhow::anyhow!("the pagesrv link thread panicked"))??;
+            if link.is_none() {
+                // Paused by a command (postcopy from the RAM file): pagesrv serves the file.
+                return Ok(());
             }
-            return Ok(());
+            // Handed to pagesrv: the paused guest is kept until the migration's outcome.
+            let end = join_link(link.take(), saved_tx.take())?;
+            emit(serde_json::json!({"event": "outcome", "t_us": now_us(), "end": end.describe()}));
+            match end {
+                LinkEnd::Outcome(Outcome::Completed { .. }) => return Ok(()),
+                LinkEnd::Outcome(Outcome::Failed { .. }) => {}
+                LinkEnd::Lost => {
+                    // pagesrv crashed or was killed: the destination may run the guest.
+                    // Neither resume nor let go without an operator.
+                    eprintln!(
+                        "vmm: pagesrv closed the link without an outcome; the guest stays paused (RAM in {}, vCPUs in {}): `resume` or `release` on stdin",
+                        a.mem_file.display(),
+                        a.state_file.display()
+                    );
+                    match wait_for_operator(&commands) {
+                        Some(Operator::Resume) => {}
+                        Some(Operator::Release) => return Ok(()),
+                        None => bail!("stdin closed while the guest was kept paused"),
+                    }
+                }
+            }
+            // The destination does not hold the VM: the guest runs on here.
+            pause.store(false, Ordering::Release);
+            first = all.remove(0);
+            others = Secondaries::start(all);
+            emit(serde_json::json!({"event": "resumed", "t_us": now_us()}));
+        }
+    }
+}
+
+/// How the link to pagesrv ended.
+#[derive(Debug)]
+enum LinkEnd {
+    /// pagesrv said how the migration ended.
+    Outcome(Outcome),
+    /// pagesrv closed the link without an outcome (it crashed or was killed).
+    Lost,
+}
+
+impl LinkEnd {
+    fn describe(&self) -> serde_json::Value {
+        match self {
+            LinkEnd::Outcome(Outcome::Completed { verified }) => {
+                serde_json::json!({"outcome": "completed", "verified": verified})
+            }
+            LinkEnd::Outcome(Outcome::Failed { reason }) => {
+                serde_json::json!({"outcome": "failed", "reason": reason})
+            }
+            LinkEnd::Lost => serde_json::json!({"outcome": null}),
+        }
+    }
+}
+
+/// Lets the link thread go on past the pause (the vCPUs are saved) and waits for it.
+fn join_link(
+    link: Option<std::thread::JoinHandle<Result<LinkEnd>>>,
+    saved: Option<mpsc::Sender<()>>,
+) -> Result<LinkEnd> {
+    if let Some(saved) = saved {
+        let _ = saved.send(());
+    }
+    link.context("no link to pagesrv")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the pagesrv link thread panicked"))?
+}
+
+/// What an operator decides for a guest kept paused.
+enum Operator {
+    Resume,
+    Release,
+}
+
+fn wait_for_operator(commands: &mpsc::Receiver<Option<String>>) -> Option<Operator> {
+    loop {
+        match commands.recv().ok()?.as_deref()? {
+            "resume" => return Some(Operator::Resume),
+            "release" => return Some(Operator::Release),
+            _ => {}
         }
     }
 }
@@ -274,9 +362,11 @@ struct Handover {
 
 /// Hands the running guest's RAM to pagesrv and answers its requests: dirty bitmaps from
 /// KVM's log; `pause` stops the vCPU (a signal makes KVM_RUN return), waits until it is
-/// saved, and answers with the last bitmap.
-fn serve_pagesrv(h: Handover) -> Result<()> {
-    use common::source_link::{CommandKind, SOURCE_LINK_VERSION, SourceHello, SourceVmmClient};
+/// saved, and answers with the last bitmap; then free pages, until the outcome.
+fn serve_pagesrv(h: Handover) -> Result<LinkEnd> {
+    use common::source_link::{
+        CommandKind, FromPagesrv, SOURCE_LINK_VERSION, SourceHello, SourceVmmClient,
+    };
     let hello = SourceHello {
         version: SOURCE_LINK_VERSION,
         size_bytes: h.size_bytes,
@@ -286,13 +376,24 @@ fn serve_pagesrv(h: Handover) -> Result<()> {
     let mut link = SourceVmmClient::connect(&h.uds, &hello, h.ram.as_fd())
         .with_context(|| format!("cannot reach pagesrv at {}", h.uds.display()))?;
     emit(serde_json::json!({"event": "migrating", "t_us": now_us()}));
-    while let Some(cmd) = link.next_command()? {
+    let mut paused = false;
+    while let Some(message) = link.next_message()? {
+        let cmd = match message {
+            FromPagesrv::Outcome(outcome) => {
+                link.ack_outcome()?;
+                return Ok(LinkEnd::Outcome(outcome));
+            }
+            FromPagesrv::Command(cmd) => cmd,
+        };
         match cmd {
-            CommandKind::Dirty => link.send_bitmap(CommandKind::Dirty, &h.dirty.take()?)?,
             CommandKind::Free => link.send_bitmap(
                 CommandKind::Free,
                 &bench::guest::free_page_bitmap(&h.ram, h.size_bytes, h.free_pct)?,
             )?,
+            CommandKind::Dirty | CommandKind::Pause if paused => {
+                bail!("pagesrv asked for {cmd:?} after the pause")
+            }
+            CommandKind::Dirty => link.send_bitmap(CommandKind::Dirty, &h.dirty.take()?)?,
             CommandKind::Pause => {
                 h.pause.store(true, Ordering::Release);
                 // Again until it stopped: a signal that lands outside KVM_RUN is lost.
@@ -307,22 +408,13 @@ fn serve_pagesrv(h: Handover) -> Result<()> {
                     }
                 }
                 link.send_bitmap(CommandKind::Pause, &h.dirty.take()?)?;
-                // A paused VM is kept until pagesrv lets it go (the migration ended): the
-                // source could resume it, and tearing it down would compete with the
-                // switchover for this machine's two cores. pagesrv may still ask which pages
-                // the guest holds free.
-                while let Some(cmd) = link.next_command()? {
-                    if cmd != CommandKind::Free {
-                        bail!("pagesrv asked for {cmd:?} after the pause");
-                    }
-                    let free = bench::guest::free_page_bitmap(&h.ram, h.size_bytes, h.free_pct)?;
-                    link.send_bitmap(CommandKind::Free, &free)?;
-                }
-                return Ok(());
+                // The paused VM is kept until pagesrv says how the migration ended: the
+                // source resumes it if the destination failed.
+                paused = true;
             }
         }
     }
-    bail!("pagesrv closed the link before pausing the guest")
+    Ok(LinkEnd::Lost)
 }
 
 /// The running vCPU threads, for signals that make a blocked KVM_RUN return. A thread is

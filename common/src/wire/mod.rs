@@ -1145,7 +1145,8 @@ fn encode_params(role: u8, params: &SessionParams, out: &mut Vec<u8>) {
     out.extend_from_slice(params.vm.as_str().as_bytes());
 }
 
-fn truncate_utf8(text: &str, max_bytes: usize) -> &str {
+/// The longest prefix of `text` of at most `max_bytes` bytes that ends on a character boundary.
+pub fn truncate_utf8(text: &str, max_bytes: usize) -> &str {
     let mut end = text.len().min(max_bytes);
     while !text.is_char_boundary(end) {
         end -= 1;

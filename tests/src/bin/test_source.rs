@@ -3,8 +3,10 @@
 //! thread keeps rewriting random pages at `--write-rate` pages per second (a new generation
 //! of the pattern each time) and records them in its own dirty bitmap, which it hands out
 //! (and clears) on `dirty`. On `pause` it stops writing, writes the final RAM to `--final`
-//! (what the destination must hold), answers with the last bitmap, prints
-//! `{"event":"paused",...}` and waits for stdin to close.
+//! (what the destination must hold), answers with the last bitmap and prints
+//! `{"event":"paused",...}`. pagesrv's outcome is printed as `{"event":"outcome",...}`
+//! (`failed`: the guest "resumes", `{"event":"resumed"}`); a link that ends without one as
+//! `{"event":"link-lost"}` (the guest stays paused). Then it waits for stdin to close.
 //!
 //! ```text
 //! test-source --pagesrv-uds PATH --pages N --final FILE [--write-rate PAGES_PER_S]
@@ -27,7 +29,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::source_link::{CommandKind, SOURCE_LINK_VERSION, SourceHello, SourceVmmClient};
+use common::source_link::{
+    CommandKind, FromPagesrv, Outcome, SOURCE_LINK_VERSION, SourceHello, SourceVmmClient,
+};
 use rand::{Rng, SeedableRng};
 
 const PAGE: usize = 4096;
@@ -160,7 +164,7 @@ fn run() -> Result<(), String> {
         }
         bits
     }));
-    let writer = {
+    let mut writer = Some({
         let free_list = free_list.clone();
         let (ram, dirty, stop, written) = (
             ram.try_clone().map_err(|e| e.to_string())?,
@@ -196,22 +200,39 @@ fn run() -> Result<(), String> {
             }
             *written.lock().unwrap() = count;
         })
-    };
-    while let Some(cmd) = link.next_command().map_err(|e| format!("{e:#}"))? {
-        match cmd {
-            CommandKind::Dirty => {
+    });
+    // The free list as it was at the pause, once paused.
+    let mut paused: Option<Vec<u8>> = None;
+    let end = loop {
+        let message = link.next_message().map_err(|e| format!("{e:#}"))?;
+        let cmd = match message {
+            None => break None,
+            Some(FromPagesrv::Outcome(outcome)) => {
+                link.ack_outcome().map_err(|e| format!("{e:#}"))?;
+                break Some(outcome);
+            }
+            Some(FromPagesrv::Command(cmd)) => cmd,
+        };
+        match (cmd, paused.as_deref()) {
+            (CommandKind::Dirty, None) => {
                 let bitmap = dirty.take(a.pages);
                 link.send_bitmap(CommandKind::Dirty, &bitmap)
                     .map_err(|e| format!("{e:#}"))?;
             }
-            CommandKind::Free => {
+            (CommandKind::Free, None) => {
                 let free = free_list.lock().unwrap().clone();
                 link.send_bitmap(CommandKind::Free, &free)
                     .map_err(|e| format!("{e:#}"))?;
             }
-            CommandKind::Pause => {
+            (CommandKind::Free, Some(free_bitmap)) => {
+                link.send_bitmap(CommandKind::Free, free_bitmap)
+                    .map_err(|e| format!("{e:#}"))?;
+            }
+            (CommandKind::Pause, None) => {
                 stop.store(true, Ordering::Release);
-                writer.join().map_err(|_| "the writer panicked")?;
+                if let Some(writer) = writer.take() {
+                    writer.join().map_err(|_| "the writer panicked")?;
+                }
                 let bitmap = dirty.take(a.pages);
                 let mut image = vec![0u8; bytes];
                 ram.read_exact_at(&mut image, 0)
@@ -228,22 +249,34 @@ fn run() -> Result<(), String> {
                 let written = *written.lock().unwrap();
                 println!(r#"{{"event":"paused","pages_written":{written}}}"#);
                 std::io::stdout().flush().map_err(|e| e.to_string())?;
-                // The free list, if pagesrv asks; then hold on until it closes the link.
-                while let Some(cmd) = link.next_command().map_err(|e| format!("{e:#}"))? {
-                    if cmd != CommandKind::Free {
-                        return Err(format!("pagesrv asked for {cmd:?} after the pause"));
-                    }
-                    link.send_bitmap(CommandKind::Free, &free_bitmap)
-                        .map_err(|e| format!("{e:#}"))?;
-                }
-                // Keep the RAM (and pagesrv's link) until the driver is done with us.
-                let _ = std::io::stdin().read_to_end(&mut Vec::new());
-                let _ = ram.as_raw_fd();
-                return Ok(());
+                paused = Some(free_bitmap);
             }
+            (cmd, Some(_)) => return Err(format!("pagesrv asked for {cmd:?} after the pause")),
         }
+    };
+    // The writer stopped at the pause (or stops now: the migration ended before it).
+    stop.store(true, Ordering::Release);
+    if let Some(writer) = writer.take() {
+        writer.join().map_err(|_| "the writer panicked")?;
     }
-    Err("pagesrv closed the link before pausing the guest".into())
+    match end {
+        Some(Outcome::Completed { verified }) => {
+            println!(r#"{{"event":"outcome","outcome":"completed","verified":{verified}}}"#)
+        }
+        Some(Outcome::Failed { reason }) => {
+            let event =
+                serde_json::json!({"event": "outcome", "outcome": "failed", "reason": reason});
+            println!("{event}");
+            // The destination does not hold the guest: it runs on here.
+            println!(r#"{{"event":"resumed"}}"#);
+        }
+        None => println!(r#"{{"event":"link-lost","paused":{}}}"#, paused.is_some()),
+    }
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    // Keep the RAM until the driver is done with us.
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    let _ = ram.as_raw_fd();
+    Ok(())
 }
 
 fn main() {
