@@ -10,39 +10,45 @@
 //! ```
 //!
 //! Events that mark a state (`switched`, `completed`, `failed`) are replayed to a client
-//! that connects after them. Clients are served by one small thread each (a control socket has a handful); a client
-//! that stops reading is dropped when a write to it fails, never blocking the daemon.
+//! that connects after them.
+//!
+//! Who may connect and what a client can cost the daemon: the socket is mode 0600 and a
+//! client must run as root or as the daemon's user (`SO_PEERCRED`); at most
+//! [`MAX_CLIENTS`] at once (more are told so and closed). Each client has a reader thread
+//! and a writer thread with a bounded queue: [`ControlServer::emit`], called on the
+//! migration's critical path (the switch), only queues, never writes, and a client whose
+//! queue is full (it stopped reading) is dropped.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use thiserror::Error;
 
+use crate::uds::{BindError, bind_private};
+
 /// Longest command line accepted.
 const MAX_COMMAND_BYTES: u64 = 4096;
-/// How long a write to a client may block before the client is dropped.
+/// How long a write to a client may block (on its own writer thread) before it is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_millis(200);
+/// Most clients at once.
+pub const MAX_CLIENTS: usize = 16;
+/// Lines queued for one client before it counts as not reading and is dropped.
+const QUEUE_LINES: usize = 256;
 
 /// Errors setting up the control socket.
 #[derive(Debug, Error)]
 pub enum ControlError {
-    /// Something other than a socket is at the path.
-    #[error("{0} exists and is not a socket; refusing to replace it")]
-    NotASocket(PathBuf),
-    /// Binding failed.
-    #[error("cannot listen on {path}")]
-    Bind {
-        /// The path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The socket could not be bound.
+    #[error("cannot serve the control socket")]
+    Bind(#[from] BindError),
+    /// The acceptor thread could not start.
+    #[error("cannot start the control socket's thread")]
+    Thread(#[source] std::io::Error),
 }
 
 /// Answers commands: `(cmd, full command) -> answer` (the answer is sent as one line).
@@ -57,7 +63,9 @@ pub struct ControlServer {
 /// Who gets events, and the events a late client still gets.
 #[derive(Default)]
 struct Subscribers {
-    clients: Vec<UnixStream>,
+    /// Each client's queue (its writer thread drains it) and its socket (shut down when
+    /// the client is dropped).
+    clients: Vec<Client>,
     /// Events that mark a state (`switched`, `completed`, …), replayed to new clients.
     sticky: Vec<Value>,
 }
@@ -69,22 +77,13 @@ impl std::fmt::Debug for ControlServer {
 }
 
 impl ControlServer {
-    /// Listens on `path` (a stale socket is replaced) and serves clients on background
-    /// threads with `handler`.
+    /// Listens on `path` (mode 0600; a stale socket is replaced, a live one refused) and
+    /// serves clients on background threads with `handler`.
     ///
     /// # Errors
-    /// The path holds something else, or binding failed.
+    /// The path holds something else or a live socket, or binding failed.
     pub fn bind(path: &Path, handler: Arc<Handler>) -> Result<Arc<Self>, ControlError> {
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(ControlError::NotASocket(path.to_owned()));
-            }
-            let _ = std::fs::remove_file(path);
-        }
-        let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
-            path: path.to_owned(),
-            source,
-        })?;
+        let listener = bind_private(path)?;
         let server = Arc::new(ControlServer {
             subscribers: Mutex::new(Subscribers::default()),
             path: path.to_owned(),
@@ -99,72 +98,127 @@ impl ControlServer {
                     server.serve(conn, handler.clone());
                 }
             })
-            .map_err(|source| ControlError::Bind {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(ControlError::Thread)?;
         Ok(server)
     }
 
-    fn serve(&self, conn: UnixStream, handler: Arc<Handler>) {
+    fn serve(&self, mut conn: UnixStream, handler: Arc<Handler>) {
         let _ = conn.set_write_timeout(Some(WRITE_TIMEOUT));
-        let (Ok(reader), Ok(writer)) = (conn.try_clone(), conn.try_clone()) else {
+        if let Err(e) = crate::vmm_link::check_peer(&conn) {
+            let _ = write_line(&mut conn, &json!({"error": e.to_string()}));
             return;
-        };
+        }
+        let (tx, rx) = mpsc::sync_channel::<Value>(QUEUE_LINES);
         {
             // Under the lock `emit` takes: a client sees every sticky event exactly once.
             let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
-            let mut conn = conn;
-            if subscribers
+            subscribers.clients.retain(|c| !c.is_gone());
+            if subscribers.clients.len() >= MAX_CLIENTS {
+                let refusal = json!({"error": format!("{MAX_CLIENTS} control clients are connected already")});
+                let _ = write_line(&mut conn, &refusal);
+                return;
+            }
+            let replayed = subscribers
                 .sticky
                 .iter()
-                .all(|event| write_line(&mut conn, event).is_ok())
-            {
-                subscribers.clients.push(conn);
+                .all(|event| tx.try_send(event.clone()).is_ok());
+            if !replayed {
+                return;
             }
+            let Ok(handle) = conn.try_clone() else { return };
+            subscribers.clients.push(Client {
+                queue: tx.clone(),
+                conn: handle,
+            });
         }
-        std::thread::spawn(move || {
-            let mut writer = writer;
-            let mut lines = BufReader::new(reader);
-            loop {
-                let mut line = String::new();
-                let read = std::io::Read::take(&mut lines, MAX_COMMAND_BYTES).read_line(&mut line);
-                let answer = match read {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) if !line.ends_with('\n') => {
-                        json!({"error": format!("a command longer than {MAX_COMMAND_BYTES} bytes")})
-                    }
-                    Ok(_) => match serde_json::from_str::<Value>(&line) {
-                        Ok(cmd) => match cmd.get("cmd").and_then(Value::as_str) {
-                            Some(name) => handler(name, &cmd),
-                            None => json!({"error": "no \"cmd\" field"}),
-                        },
-                        Err(e) => json!({"error": format!("not JSON: {e}")}),
-                    },
-                };
-                if write_line(&mut writer, &answer).is_err() {
-                    return;
-                }
-            }
-        });
+        let Ok(reader) = conn.try_clone() else { return };
+        let writer = std::thread::Builder::new()
+            .name("control-out".into())
+            .spawn(move || write_queue(conn, rx));
+        if writer.is_err() {
+            return;
+        }
+        let _ = std::thread::Builder::new()
+            .name("control-in".into())
+            .spawn(move || read_commands(reader, tx, &*handler));
     }
 
-    /// Sends an event to every client; clients that cannot take it are dropped.
+    /// Queues an event for every client (never blocks); clients that stopped reading are
+    /// dropped.
     pub fn emit(&self, event: &Value) {
         let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
-        subscribers
-            .clients
-            .retain_mut(|c| write_line(c, event).is_ok());
+        subscribers.clients.retain(|c| c.offer(event));
     }
 
     /// [`ControlServer::emit`] for an event that marks a state: clients that connect later
     /// get it first (a VMM that subscribes after the switch still learns of it).
     pub fn emit_sticky(&self, event: &Value) {
         let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
-        subscribers
-            .clients
-            .retain_mut(|c| write_line(c, event).is_ok());
+        subscribers.clients.retain(|c| c.offer(event));
         subscribers.sticky.push(event.clone());
+    }
+}
+
+/// A connected client.
+struct Client {
+    queue: SyncSender<Value>,
+    conn: UnixStream,
+}
+
+impl Client {
+    /// Queues `event`; `false` (and the client is cut off) if it cannot take it.
+    fn offer(&self, event: &Value) -> bool {
+        let taken = self.queue.try_send(event.clone()).is_ok();
+        if !taken {
+            let _ = self.conn.shutdown(std::net::Shutdown::Both);
+        }
+        taken
+    }
+
+    /// Whether its writer thread ended (its socket failed).
+    fn is_gone(&self) -> bool {
+        matches!(
+            self.queue.try_send(Value::Null),
+            Err(TrySendError::Disconnected(_))
+        )
+    }
+}
+
+/// A client's writer thread: sends what is queued until the queue is dropped or a write
+/// fails (the client is then dropped: its queue's receiver goes away).
+fn write_queue(mut conn: UnixStream, queue: Receiver<Value>) {
+    for line in queue {
+        if line.is_null() {
+            continue; // a liveness probe (is_gone)
+        }
+        if write_line(&mut conn, &line).is_err() {
+            return;
+        }
+    }
+}
+
+/// A client's reader thread: answers each command through the client's queue.
+fn read_commands(reader: UnixStream, answers: SyncSender<Value>, handler: &Handler) {
+    let mut lines = BufReader::new(reader);
+    loop {
+        let mut line = String::new();
+        let read = std::io::Read::take(&mut lines, MAX_COMMAND_BYTES).read_line(&mut line);
+        let answer = match read {
+            Ok(0) | Err(_) => return,
+            Ok(_) if !line.ends_with('\n') => {
+                json!({"error": format!("a command longer than {MAX_COMMAND_BYTES} bytes")})
+            }
+            Ok(_) => match serde_json::from_str::<Value>(&line) {
+                Ok(cmd) => match cmd.get("cmd").and_then(Value::as_str) {
+                    Some(name) => handler(name, &cmd),
+                    None => json!({"error": "no \"cmd\" field"}),
+                },
+                Err(e) => json!({"error": format!("not JSON: {e}")}),
+            },
+        };
+        if answers.try_send(answer).is_err() {
+            return;
+        }
     }
 }
 
@@ -284,5 +338,58 @@ mod tests {
         );
         drop(server);
         assert!(!path.exists(), "the socket file is removed");
+    }
+
+    #[test]
+    fn test_private_socket_bounded_clients_and_a_stuck_one_never_blocks_emit() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("control-limits-{}", std::process::id()));
+        let handler: Arc<Handler> = Arc::new(|_, _| json!({"ok": true}));
+        let server = ControlServer::bind(&path, handler.clone()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(
+            matches!(
+                ControlServer::bind(&path, handler),
+                Err(ControlError::Bind(BindError::InUse(_)))
+            ),
+            "a live control socket is not taken over"
+        );
+        // A client that never reads, with a tiny receive buffer: its queue fills.
+        let stuck = UnixStream::connect(&path).unwrap();
+        let mut watcher = ControlClient::connect(&path).unwrap();
+        watcher.send(&json!({"cmd": "status"})).unwrap();
+        assert_eq!(watcher.next_line().unwrap().unwrap(), json!({"ok": true}));
+        let big = json!({"event": "round", "pad": "x".repeat(2000)});
+        // Every emit only queues: this loop ends whatever the stuck client does, and the
+        // stuck one is cut off once its queue is full.
+        for _ in 0..(QUEUE_LINES * 8) {
+            server.emit(&big);
+            let _ = watcher.next_line();
+        }
+        let clients = server.subscribers.lock().unwrap().clients.len();
+        assert_eq!(
+            clients, 1,
+            "the stuck client was dropped, the reading one kept"
+        );
+        drop(stuck);
+        // At most MAX_CLIENTS: the next one is told so.
+        let mut others: Vec<ControlClient> = (1..MAX_CLIENTS)
+            .map(|_| ControlClient::connect(&path).unwrap())
+            .collect();
+        for c in &mut others {
+            c.send(&json!({"cmd": "status"})).unwrap();
+            assert_eq!(c.next_line().unwrap().unwrap(), json!({"ok": true}));
+        }
+        let mut refused = ControlClient::connect(&path).unwrap();
+        let answer = refused.next_line().unwrap().unwrap();
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .contains("control clients"),
+            "{answer}"
+        );
+        drop(server);
     }
 }

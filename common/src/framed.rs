@@ -286,10 +286,22 @@ impl FrameEncoder {
         }
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
+        let mut result = Ok(());
         for (message, payload) in frames {
             self.encode(message, payload, &mut out);
+            // Sealed frames are copies: send them in bounded batches, so a large answer
+            // never becomes one large buffer.
+            if out.len() >= SEALED_BATCH_BYTES {
+                result = write_all_slices(w, &mut [IoSlice::new(&out)]);
+                out.clear();
+                if result.is_err() {
+                    break;
+                }
+            }
         }
-        let result = write_all_slices(w, &mut [IoSlice::new(&out)]);
+        if result.is_ok() && !out.is_empty() {
+            result = write_all_slices(w, &mut [IoSlice::new(&out)]);
+        }
         // Keep a scratch buffer no larger than a few frames.
         if out.capacity() <= 4 * (HEADER_LEN + MAX_BODY_BYTES) {
             self.scratch = out;
@@ -311,6 +323,9 @@ impl FrameEncoder {
 fn write_all_vectored(w: &mut impl Write, a: &[u8], b: &[u8]) -> io::Result<()> {
     write_all_slices(w, &mut [IoSlice::new(a), IoSlice::new(b)])
 }
+
+/// Sealed bytes [`FrameEncoder::write_frames`] gathers before it writes them.
+const SEALED_BATCH_BYTES: usize = 1 << 20;
 
 /// Most frames [`write_frames`] sends per `writev` (two slices each; IOV_MAX is 1024).
 const FRAMES_PER_WRITE: usize = 256;
@@ -571,6 +586,66 @@ mod tests {
             matches!(err, Some(ReadError::Wire(WireError::Unauthentic(_)))),
             "{err:?}"
         );
+    }
+
+    /// Records the size of every write.
+    #[derive(Default)]
+    struct Writes {
+        bytes: Vec<u8>,
+        sizes: Vec<usize>,
+    }
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.bytes.extend_from_slice(buf);
+            self.sizes.push(buf.len());
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn test_many_sealed_frames_go_in_bounded_batches_and_all_arrive() {
+        let (mut encoder, _) = sealed_pair(6);
+        let page: Vec<u8> = (0..4096).map(|i| (i % 241) as u8).collect();
+        let frames: Vec<(Message, &[u8])> = (0..100)
+            .map(|i| {
+                let r = PageRange { first: i, count: 1 };
+                (Message::PageRun(r), page.as_slice())
+            })
+            .collect();
+        let mut big = vec![0u8; 3 << 20];
+        big.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+        let mut all = frames.clone();
+        all.push((
+            Message::PageRun(PageRange {
+                first: 0,
+                count: 768,
+            }),
+            big.as_slice(),
+        ));
+        all.extend(frames);
+        let mut out = Writes::default();
+        encoder.write_frames(&mut out, &all).unwrap();
+        let frame_bytes = crate::wire::RANGE_FRAME_BYTES + TAG_BYTES;
+        for &size in &out.sizes {
+            assert!(
+                size < SEALED_BATCH_BYTES + (3 << 20) + frame_bytes,
+                "a write of {size} bytes"
+            );
+        }
+        assert!(out.sizes.len() >= 2, "{:?}", out.sizes);
+        let (_, mut reader) = sealed_pair(6);
+        reader.set_decoder(Decoder::session(4096, 1000));
+        let mut wire = out.bytes.as_slice();
+        for (message, payload) in &all {
+            let (m, range) = reader.read_frame(&mut wire).unwrap();
+            assert_eq!(&m, message);
+            assert_eq!(reader.payload(range), *payload);
+        }
     }
 
     #[test]

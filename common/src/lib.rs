@@ -3,6 +3,7 @@
 //! the SIGBUS guard).
 #![deny(missing_docs)]
 
+pub mod atomic_file;
 pub mod auth;
 pub mod control;
 pub mod digest;
@@ -18,6 +19,7 @@ pub mod sched;
 pub mod seal;
 pub mod sigbus;
 pub mod source_link;
+pub mod uds;
 pub mod uffd;
 pub mod vmm_link;
 pub mod wire;

@@ -141,6 +141,45 @@ pub fn normal_priority() -> std::io::Result<()> {
     set_policy(libc::SCHED_OTHER, 0)
 }
 
+/// While held, the calling thread runs under the ordinary scheduler; on drop it gets back
+/// the real-time priority it had (long work, such as hashing a whole guest, must not hold a
+/// CPU from every ordinary thread).
+#[derive(Debug)]
+pub struct OrdinaryPriority {
+    restore: Option<libc::c_int>,
+}
+
+impl OrdinaryPriority {
+    /// Drops the calling thread to the ordinary scheduler if it runs real-time.
+    pub fn enter() -> Self {
+        // SAFETY: sched_getscheduler(0) asks about the calling thread; no pointers.
+        let policy = unsafe { libc::sched_getscheduler(0) };
+        let mut param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is a valid sched_param the call fills in.
+        let got = unsafe { libc::sched_getparam(0, &mut param) };
+        let realtime = policy == libc::SCHED_FIFO || policy == libc::SCHED_RR;
+        if realtime && got == 0 && normal_priority().is_ok() {
+            return OrdinaryPriority {
+                restore: Some(param.sched_priority),
+            };
+        }
+        OrdinaryPriority { restore: None }
+    }
+
+    /// Whether the thread was real-time (and runs ordinary until this drops).
+    pub fn lowered(&self) -> bool {
+        self.restore.is_some()
+    }
+}
+
+impl Drop for OrdinaryPriority {
+    fn drop(&mut self) {
+        if let Some(priority) = self.restore {
+            let _ = realtime_priority_at(priority);
+        }
+    }
+}
+
 fn set_policy(policy: libc::c_int, priority: libc::c_int) -> std::io::Result<()> {
     let param = libc::sched_param {
         sched_priority: priority,
@@ -226,6 +265,35 @@ pub fn spin_until_readable(fd: std::os::fd::BorrowedFd<'_>, budget: Duration) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_ordinary_priority_lowers_a_realtime_thread_and_restores_it() {
+        std::thread::spawn(|| {
+            if realtime_priority_at(3).is_err() {
+                eprintln!("SKIPPED: real-time priority is not permitted here");
+                return;
+            }
+            // SAFETY: asks about the calling thread; no pointers.
+            let policy = || unsafe { libc::sched_getscheduler(0) };
+            {
+                let lowered = OrdinaryPriority::enter();
+                assert!(lowered.lowered());
+                assert_eq!(policy(), libc::SCHED_OTHER);
+            }
+            assert_eq!(policy(), libc::SCHED_FIFO, "restored");
+            let mut param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: `param` is a valid sched_param the call fills in.
+            assert_eq!(unsafe { libc::sched_getparam(0, &mut param) }, 0);
+            assert_eq!(param.sched_priority, 3, "at its old priority");
+            normal_priority().unwrap();
+            assert!(
+                !OrdinaryPriority::enter().lowered(),
+                "an ordinary thread stays"
+            );
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn cpu_lists_parse_like_the_kernel_writes_them() {

@@ -55,6 +55,9 @@ pub enum UffdError {
         #[source]
         source: std::io::Error,
     },
+    /// A handed-over userfaultfd could not be made non-blocking.
+    #[error("failed to make the userfaultfd non-blocking")]
+    NonBlocking(#[source] std::io::Error),
     /// `UFFDIO_REGISTER` failed.
     #[error("failed to register {addr:#x}+{len:#x}")]
     Register {
@@ -176,6 +179,27 @@ impl Uffd {
     /// Wraps a userfaultfd set up elsewhere (API done, as a VMM hands it over).
     pub fn from_fd(fd: OwnedFd) -> Self {
         Uffd { fd }
+    }
+
+    /// Wraps a userfaultfd a VMM handed over and makes it non-blocking if it is not (the
+    /// event reader must never block: it runs under the placement gate, and without
+    /// readiness at start and on retries). The flag lives in the open file, shared with the
+    /// VMM, which does not read the uffd itself. Returns whether it was blocking.
+    ///
+    /// # Errors
+    /// [`UffdError::NonBlocking`]: the flags could not be read or set.
+    pub fn adopt(fd: OwnedFd) -> Result<(Self, bool), UffdError> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let flags = fcntl(raw, FcntlArg::F_GETFL)
+            .map(OFlag::from_bits_truncate)
+            .map_err(|e| UffdError::NonBlocking(e.into()))?;
+        let blocking = !flags.contains(OFlag::O_NONBLOCK);
+        if blocking {
+            fcntl(raw, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))
+                .map_err(|e| UffdError::NonBlocking(e.into()))?;
+        }
+        Ok((Uffd { fd }, blocking))
     }
 
     /// Creates a non-blocking userfaultfd that also sees kernel-mode faults (KVM), via

@@ -210,10 +210,7 @@ impl WorkingSet {
             path: path.display().to_string(),
             source,
         };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        std::fs::write(&tmp, self.encode()).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        crate::atomic_file::write(path, &self.encode()).map_err(io)
     }
 
     /// Checks that the set was recorded on this image.

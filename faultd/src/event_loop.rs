@@ -683,6 +683,7 @@ impl FaultLoop<'_, '_> {
                 Message::Error { code, text } => {
                     // pagesrv ends a session with an error only for good (a protocol
                     // violation, a memory file that shrank, a refused completion).
+                    let text = common::wire::printable(&text);
                     return Err(FrameError::Fatal(anyhow!(
                         "pagesrv ended the session ({code:?}): {text}"
                     )));

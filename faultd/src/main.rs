@@ -157,6 +157,15 @@ fn vm_key(cli: &Cli) -> Result<(Psk, common::wire::VmName)> {
 
 fn run(cli: &Cli) -> Result<Report> {
     let (key, vm_name) = vm_key(cli)?;
+    if let Some(path) = &cli.stats_json {
+        // Checked before any page moves: a failure to write it at the end is only a warning.
+        common::atomic_file::check_writable(path)
+            .with_context(|| format!("cannot write --stats-json {}", path.display()))?;
+    }
+    if let Some(path) = &cli.record_working_set {
+        common::atomic_file::check_writable(path)
+            .with_context(|| format!("cannot write --record-working-set {}", path.display()))?;
+    }
     if !key.is_keyed() {
         // Checked again on every connection (the name may resolve elsewhere later).
         use std::net::ToSocketAddrs;
@@ -255,11 +264,12 @@ fn run(cli: &Cli) -> Result<Report> {
     // The VMM's socket is closed now (dropped by run): it learns the migration is over.
     let report =
         report.context("migration failed; VMM threads waiting on missing pages stay blocked")?;
-    if let Some(path) = &cli.stats_json {
-        report
-            .stats
-            .write(path)
-            .with_context(|| format!("failed to write {}", path.display()))?;
+    if let Some(path) = &cli.stats_json
+        && let Err(e) = report.stats.write(path)
+    {
+        // The migration's outcome is settled (pagesrv was told): a report that cannot be
+        // written must not turn it into a failure.
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the stats");
     }
     Ok(report)
 }

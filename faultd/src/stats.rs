@@ -208,10 +208,8 @@ impl Stats {
     /// # Errors
     /// The write's error.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, path)
+        common::atomic_file::write(path, &text)
     }
 }
 

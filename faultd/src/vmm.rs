@@ -1,7 +1,6 @@
 //! Accepting the VMM: the Unix socket, Firecracker's handshake (regions, uffd, optional
 //! memfd), and the checks made before any memory is allocated for it.
 
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
@@ -25,22 +24,13 @@ pub enum Placement {
     Memfd,
 }
 
-/// Listens on `path`, replacing a stale socket (never another kind of file).
+/// Listens on `path` (mode 0600), replacing a stale socket; never another kind of file or a
+/// socket another process listens on.
 ///
 /// # Errors
-/// The path is taken by something else, or binding failed.
+/// The path is taken, or binding failed.
 pub fn bind_uds(path: &Path) -> Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            bail!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("failed to remove stale socket {}", path.display()))?;
-    }
-    UnixListener::bind(path).with_context(|| format!("failed to listen on {}", path.display()))
+    Ok(common::uds::bind_private(path)?)
 }
 
 /// Accepts one VMM and checks its guest fits this host: every page will be present at the
@@ -86,10 +76,11 @@ pub fn accept_vmm(
         }
         (Placement::Copy, _) => None,
     };
-    Ok((
-        vmm,
-        UffdKernel::new(layout, Uffd::from_fd(handshake.uffd), memfd),
-    ))
+    let (uffd, was_blocking) = Uffd::adopt(handshake.uffd)?;
+    if was_blocking {
+        info!("the VMM's userfaultfd was blocking: made non-blocking (faultd never waits on it)");
+    }
+    Ok((vmm, UffdKernel::new(layout, uffd, memfd)))
 }
 
 /// This host's memory plus swap (`/proc/meminfo`), if it can be read.

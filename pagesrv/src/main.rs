@@ -25,7 +25,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Arc;
@@ -450,16 +449,7 @@ fn handshake_capacity() -> usize {
 }
 
 fn bind_uds(path: &Path) -> Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            bail!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)?;
-    }
-    UnixListener::bind(path).with_context(|| format!("failed to listen on {}", path.display()))
+    Ok(common::uds::bind_private(path)?)
 }
 
 /// The control socket: `status` (where precopy stands) and `start-postcopy`.

@@ -106,7 +106,7 @@ pub enum Piece {
 pub struct MemorySource {
     /// Turns a read past a shrunk file's end into zeros and a count, not a crash; dropped
     /// before `map` (field order).
-    _sigbus_guard: common::sigbus::Guard,
+    sigbus_guard: common::sigbus::Guard,
     map: Mapping,
     path: PathBuf,
     size_bytes: u64,
@@ -194,7 +194,7 @@ impl MemorySource {
             common::digest::identity(&[meta.dev(), meta.ino(), size_bytes])
         };
         Ok(MemorySource {
-            _sigbus_guard: sigbus_guard,
+            sigbus_guard,
             map,
             path: path.to_owned(),
             size_bytes,
@@ -261,7 +261,7 @@ impl MemorySource {
     /// Whether every read of the mapping so far found the file's pages (no read past a
     /// shrunk end). Cheap: check it before sending what was read.
     pub fn pages_intact(&self) -> bool {
-        common::sigbus::hits() == 0
+        self.sigbus_guard.hits() == 0
     }
 
     /// Checks that the file still has its size and no read went past its end.

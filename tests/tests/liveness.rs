@@ -324,3 +324,38 @@ fn test_a_memory_file_that_shrinks_fails_the_session_not_the_process() {
         "the destination hears why: {stderr}"
     );
 }
+
+#[test]
+fn test_a_blocking_userfaultfd_from_the_vmm_never_blocks_faultd() {
+    if !require_userfaultfd() {
+        return;
+    }
+    // A VMM may create its uffd without O_NONBLOCK. faultd reads events at start (before a
+    // fault arrived) and on retries after a balloon's REMOVE: on a blocking uffd those reads
+    // would wait, holding the placement gate. It makes the uffd non-blocking: the link comes
+    // up with no fault, and a balloon inflating during the migration never hangs it.
+    let dir = Scratch::new("blocking-uffd");
+    let (mem, uds, stats) = (
+        dir.path("vm.mem"),
+        dir.path("faultd.sock"),
+        dir.path("stats.json"),
+    );
+    let pages = 64 << 20 >> 12;
+    write_source(&mem, pages, 0xB10C, 4, 0..0);
+    let (mut pagesrv, addr) = start_pagesrv(&mem, &[]);
+    let mut faultd = start_faultd(&addr, &uds, &stats);
+    let balloon = format!("{}:{}:64", pages / 4, pages / 4);
+    let mut vmm = start_vmm(
+        &uds,
+        &mem,
+        &["--blocking-uffd", "--threads", "2", "--balloon", &balloon],
+    );
+    let line = faultd.read_line();
+    assert!(line.starts_with("faultd link to pagesrv up"), "{line}");
+    let done = finish_migration("blocking uffd", &mut vmm, &mut faultd, &mut pagesrv, &stats);
+    assert!(
+        done.faultd_err.contains("was blocking: made non-blocking"),
+        "{}",
+        done.faultd_err
+    );
+}

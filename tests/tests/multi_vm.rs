@@ -248,3 +248,25 @@ fn test_pagesrv_refuses_two_vms_under_one_name_and_an_empty_dir() {
     let err = p.kill_and_collect();
     assert!(err.contains("vm=vm"), "{err}");
 }
+
+#[test]
+fn test_a_directory_of_more_than_eight_vms_is_served() {
+    // Each VM's mapping has its own guard against a shrinking file: more than the 8 there
+    // used to be room for.
+    let dir = Scratch::new("many-vms");
+    std::fs::create_dir_all(dir.path("vms")).unwrap();
+    for i in 0..12 {
+        write_source(&dir.path(&format!("vms/vm{i}")), 16, i, 0, 0..0);
+    }
+    let mut p = Proc::spawn(
+        "pagesrv",
+        std::process::Command::new(bin("pagesrv"))
+            .args(tests::key_args::<&str>(&[]))
+            .args(["--listen", "127.0.0.1:0", "--vm-dir"])
+            .arg(dir.path("vms")),
+    );
+    let line = p.read_line();
+    let err = p.kill_and_collect();
+    assert!(line.starts_with("pagesrv listening on "), "{line}\n{err}");
+    assert_eq!(err.matches("serving memory").count(), 12, "{err}");
+}

@@ -45,6 +45,10 @@ struct Attempt {
     bytes: Vec<u8>,
     /// The connection, if still open (welcomed).
     conn: TcpStream,
+    /// What was read past the handshake.
+    reader: FrameReader,
+    /// What both MACs covered.
+    transcript: Option<Transcript>,
 }
 
 impl Attempt {
@@ -71,6 +75,17 @@ impl Attempt {
 /// A hand-written client: `Hello` with `params`, then the `Proof` made with `key` (and no
 /// proof of any session's secret), reading everything pagesrv answers.
 fn attempt(addr: &str, key: &Psk, role: Role, params: SessionParams) -> Attempt {
+    attempt_proving(addr, key, role, params, None)
+}
+
+/// [`attempt`], proving `secret` (a session's resume secret) if given.
+fn attempt_proving(
+    addr: &str,
+    key: &Psk,
+    role: Role,
+    params: SessionParams,
+    secret: Option<&common::auth::ResumeSecret>,
+) -> Attempt {
     let mut conn = TcpStream::connect(addr).expect("connect to pagesrv");
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -79,6 +94,7 @@ fn attempt(addr: &str, key: &Psk, role: Role, params: SessionParams) -> Attempt 
     conn.write_all(&out).unwrap();
     let mut reader = FrameReader::new(Decoder::handshake());
     let (mut answers, mut bytes) = (Vec::new(), Vec::new());
+    let mut transcript = None;
     loop {
         let frame = reader.read_frame(&mut Recording {
             conn: &mut conn,
@@ -97,11 +113,12 @@ fn attempt(addr: &str, key: &Psk, role: Role, params: SessionParams) -> Attempt 
                 let proof = Message::Proof {
                     nonce: t.client_nonce,
                     mac: key.client_mac(&t),
-                    resume: [0; AUTH_BYTES],
+                    resume: secret.map_or([0; AUTH_BYTES], |s| s.prove(&t)),
                 };
                 let mut out = Vec::new();
                 encode(&proof, 0, &mut out);
                 conn.write_all(&out).unwrap();
+                transcript = Some(t);
             }
             Message::Error { .. } | Message::Welcome(_) => break,
             _ => {}
@@ -111,6 +128,8 @@ fn attempt(addr: &str, key: &Psk, role: Role, params: SessionParams) -> Attempt 
         answers,
         bytes,
         conn,
+        reader,
+        transcript,
     }
 }
 
@@ -516,4 +535,91 @@ fn test_an_unverified_completion_does_not_exit_0() {
     assert_eq!(status.code(), Some(3), "{err}");
     assert!(err.contains("completed (NOT verified)"), "{err}");
     assert!(err.contains("faultd --no-verify"), "{err}");
+}
+
+#[test]
+fn test_a_request_for_the_whole_guest_is_refused_not_copied() {
+    // A key holder that opens a session properly (urgent, then bulk proving the session's
+    // secret) and asks for 64 MiB in one Request: refused, the session ends; pagesrv never
+    // reads and seals the whole range on its urgent thread.
+    let dir = Scratch::new("huge-request");
+    let mem = dir.path("vm.mem");
+    let pages = 64 << 20 >> 12;
+    write_source(&mem, pages, 0x4E0, 4, 0..0);
+    let (pagesrv, addr) = start_pagesrv(&mem, &["--no-push"]);
+    let key = Psk::load(test_key())
+        .unwrap()
+        .psk
+        .for_vm(&VmName::default());
+    let ours = SessionParams {
+        total_pages: pages as u64,
+        ..params("", 0, 0)
+    };
+    let mut urgent = attempt(&addr, &key, Role::Urgent, ours);
+    let Some(Message::Welcome(welcome)) = urgent.answers.last().cloned() else {
+        panic!("not welcomed: {:?}", urgent.answers)
+    };
+    let t = urgent.transcript.expect("a handshake");
+    let secret = key.resume_secret(&t, welcome.session_id);
+    let bulk_hello = SessionParams {
+        session_id: welcome.session_id,
+        image_id: welcome.image_id,
+        ..ours
+    };
+    let bulk = attempt_proving(&addr, &key, Role::Bulk, bulk_hello, Some(&secret));
+    assert!(bulk.welcomed(), "{:?}", bulk.answers);
+    // Sealed from here on.
+    let (sealer, opener) = key.channel_secrets(&t).client();
+    let mut tx = common::framed::FrameEncoder::sealed(sealer);
+    urgent.reader.set_opener(opener);
+    urgent
+        .reader
+        .set_decoder(Decoder::session(PAGE as u64, pages as u64));
+    tx.write_frame(&mut urgent.conn, &Message::MapEnd, &[])
+        .unwrap();
+    let whole = PageRange {
+        first: 0,
+        count: pages as u64,
+    };
+    tx.write_frame(&mut urgent.conn, &Message::Request(whole), &[])
+        .unwrap();
+    let refusal = loop {
+        match urgent.reader.read_frame(&mut urgent.conn) {
+            Ok((Message::Heartbeat, _)) => {}
+            Ok((message, _)) => break message,
+            Err(e) => panic!("no answer: {e}"),
+        }
+    };
+    let Message::Error { code, text } = refusal else {
+        panic!("answered: {refusal:?}")
+    };
+    assert_eq!(code, ErrorCode::Protocol);
+    assert!(text.contains("over the limit"), "{text}");
+    // The session ended: its connection closes, no page follows.
+    loop {
+        match urgent.reader.read_frame(&mut urgent.conn) {
+            Ok((Message::Heartbeat, _)) => {}
+            Ok((message, _)) => panic!("after the refusal: {message:?}"),
+            Err(_) => break,
+        }
+    }
+    drop(pagesrv);
+}
+
+#[test]
+fn test_a_stats_path_that_cannot_be_written_is_refused_before_any_page_moves() {
+    // After a verified migration faultd used to exit 1 when its stats could not be written,
+    // while pagesrv exited 0: the orchestrator then killed the destination and destroyed
+    // the source. The path is checked at the start instead.
+    let dir = Scratch::new("stats-path");
+    let out = Command::new(bin("faultd"))
+        .args(["--connect", "127.0.0.1:1", "--insecure-no-key", "--uds"])
+        .arg(dir.path("s"))
+        .args(["--stats-json", "/nonexistent/dir/stats.json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot write --stats-json"), "{err}");
+    assert!(!dir.path("s").exists(), "refused before waiting for a VMM");
 }

@@ -83,6 +83,10 @@ pub const PROTOCOL_VERSION: u16 = 3;
 pub const HEADER_LEN: usize = 8;
 /// Largest page payload carried by one frame.
 pub const MAX_PAYLOAD_BYTES: usize = 4 << 20;
+/// Most bytes one `Request` may ask for (a destination asks for the pages it faults on;
+/// pre-paging is the source's): a larger one is refused, so no key holder can make the
+/// source read and seal a whole guest on its urgent thread at once.
+pub const MAX_REQUEST_BYTES: u64 = 8 << 20;
 /// Longest error text carried by an `Error` frame.
 pub const MAX_ERROR_TEXT_BYTES: usize = 1024;
 /// Largest `body_len` any frame may declare.
@@ -1535,5 +1539,14 @@ mod tests {
                 Ok(Decoded::Frame { message, .. }) => prop_assert_ne!(message, m),
             }
         }
+    }
+
+    #[test]
+    fn test_printable_escapes_what_could_forge_a_log_line() {
+        assert_eq!(printable("plain text, é"), "plain text, é");
+        assert_eq!(
+            printable("ok\n2026-12-07 INFO pagesrv: completed\u{1b}[2J\r"),
+            "ok\\n2026-12-07 INFO pagesrv: completed\\u{1b}[2J\\r"
+        );
     }
 }

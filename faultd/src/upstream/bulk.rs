@@ -171,7 +171,10 @@ pub fn receive_pushed_pages<K: Kernel>(
                 debug!("pagesrv pushed every page");
                 return Ok(BulkEnd::Complete);
             }
-            Message::Error { code, text } => return Err(BulkError::Remote { code, text }),
+            Message::Error { code, text } => {
+                let text = common::wire::printable(&text);
+                return Err(BulkError::Remote { code, text });
+            }
             other => {
                 let e = common::wire::WireError::Unexpected(other.kind());
                 return Err(BulkError::Receive(e.into()));

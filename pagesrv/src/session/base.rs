@@ -188,6 +188,7 @@ impl Session<'_> {
                         .map_err(|e| format!("socket setup failed: {e}"));
                 }
                 Message::Error { code, text } => {
+                    let text = common::wire::printable(&text);
                     return Err(format!("the destination failed ({code:?}): {text}"));
                 }
                 _ => {}

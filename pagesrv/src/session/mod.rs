@@ -23,7 +23,8 @@ use common::pagemap::PageMap;
 use common::pi_mutex::PiMutex;
 use common::wire::phase::{Phase, SourceUrgent};
 use common::wire::{
-    Decoder, ErrorCode, MAX_PAYLOAD_BYTES, Message, PageRange, RANGE_FRAME_BYTES, VmName,
+    Decoder, ErrorCode, MAX_PAYLOAD_BYTES, MAX_REQUEST_BYTES, Message, PageRange,
+    RANGE_FRAME_BYTES, VmName,
 };
 use common::working_set::WorkingSet;
 use tracing::{debug, info, warn};
@@ -428,6 +429,17 @@ impl<'a> Session<'a> {
         pieces: &mut Vec<Piece>,
     ) -> std::io::Result<Option<Outcome>> {
         match message {
+            Message::Request(range)
+                if range.count.saturating_mul(self.source.page_size()) > MAX_REQUEST_BYTES =>
+            {
+                let text = format!(
+                    "a request for {} pages is over the limit of {} MiB",
+                    range.count,
+                    MAX_REQUEST_BYTES >> 20
+                );
+                self.urgent_error(conn, ErrorCode::Protocol, &text);
+                return Ok(Some(Outcome::Aborted(text)));
+            }
             Message::Request(range) => {
                 self.stats
                     .requested_pages
@@ -460,7 +472,11 @@ impl<'a> Session<'a> {
                 return Ok(Some(Outcome::Aborted(text)));
             }
             Message::DigestQuery { chunk_pages } => {
-                let digests = self.digests(conn, chunk_pages)?;
+                // Hashing the whole guest takes seconds: not at real-time priority.
+                let digests = {
+                    let _ordinary = common::sched::OrdinaryPriority::enter();
+                    self.digests(conn, chunk_pages)?
+                };
                 if !self.source.file().pages_intact() {
                     return Err(std::io::Error::other(
                         "the memory file shrank while it was read",
@@ -481,6 +497,7 @@ impl<'a> Session<'a> {
                 return Ok(Some(Outcome::Completed));
             }
             Message::Error { code, text } => {
+                let text = common::wire::printable(&text);
                 let why = format!("the destination reported {code:?}: {text}");
                 return Ok(Some(match code {
                     ErrorCode::VerifyFailed | ErrorCode::DestinationFailed => Outcome::Failed(why),

@@ -22,7 +22,7 @@
 //! ```text
 //! test-vmm --uds PATH --source FILE [--regions N] [--memfd] [--threads N] [--seed N]
 //!          [--remove START:COUNT] [--balloon START:COUNT:CHUNK] [--balloon-interval-ms N]
-//!          [--ram-bytes N] [--no-touch] [--hugepages] [--wait-switch CONTROL]
+//!          [--ram-bytes N] [--no-touch] [--hugepages] [--wait-switch CONTROL] [--blocking-uffd]
 //!          [--order random|seq|hot] [--touches N] [--latency-out FILE] [--no-wait]
 //!          [--expect-zero BITMAP]
 //! ```
@@ -84,6 +84,8 @@ struct Args {
     hugepages: bool,
     wait_switch: Option<String>,
     expect_zero: Option<String>,
+    /// Create the userfaultfd without O_NONBLOCK (valid for the syscall; faultd must cope).
+    blocking_uffd: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -106,6 +108,7 @@ fn parse_args() -> Result<Args, String> {
         hugepages: false,
         wait_switch: None,
         expect_zero: None,
+        blocking_uffd: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -132,6 +135,7 @@ fn parse_args() -> Result<Args, String> {
             "--latency-out" => args.latency_out = Some(value()?),
             "--no-wait" => args.wait = false,
             "--hugepages" => args.hugepages = true,
+            "--blocking-uffd" => args.blocking_uffd = true,
             "--wait-switch" => args.wait_switch = Some(value()?),
             "--expect-zero" => args.expect_zero = Some(value()?),
             "--remove" => {
@@ -282,8 +286,12 @@ impl GuestRam {
     }
 }
 
-fn create_uffd(shared: bool, huge: bool) -> Result<OwnedFd, String> {
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+fn create_uffd(shared: bool, huge: bool, blocking: bool) -> Result<OwnedFd, String> {
+    let flags = if blocking {
+        libc::O_CLOEXEC
+    } else {
+        libc::O_CLOEXEC | libc::O_NONBLOCK
+    };
     // SAFETY: open with a valid C string path.
     let dev = unsafe { libc::open(c"/dev/userfaultfd".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
     let raw = if dev >= 0 {
@@ -607,7 +615,7 @@ fn run() -> Result<bool, String> {
     let total = args.ram_bytes.unwrap_or(source_bytes);
     let pages = total / PAGE;
     let ram = GuestRam::map(total, args.regions, args.memfd, args.hugepages)?;
-    let uffd = create_uffd(args.memfd, args.hugepages)?;
+    let uffd = create_uffd(args.memfd, args.hugepages, args.blocking_uffd)?;
     for &(addr, size, _) in &ram.regions {
         register(&uffd, addr, size)?;
     }
