@@ -197,6 +197,19 @@ fn write_queue(mut conn: UnixStream, queue: Receiver<Value>) {
     }
 }
 
+/// Parses one command line: its name and the whole command, or the answer that refuses it.
+///
+/// # Errors
+/// The `{"error": ...}` answer: not JSON, or no string `cmd` field.
+pub fn parse_command(line: &str) -> Result<(String, Value), Value> {
+    let cmd = serde_json::from_str::<Value>(line)
+        .map_err(|e| json!({"error": format!("not JSON: {e}")}))?;
+    match cmd.get("cmd").and_then(Value::as_str) {
+        Some(name) => Ok((name.to_owned(), cmd.clone())),
+        None => Err(json!({"error": "no \"cmd\" field"})),
+    }
+}
+
 /// A client's reader thread: answers each command through the client's queue.
 fn read_commands(reader: UnixStream, answers: SyncSender<Value>, handler: &Handler) {
     let mut lines = BufReader::new(reader);
@@ -208,12 +221,9 @@ fn read_commands(reader: UnixStream, answers: SyncSender<Value>, handler: &Handl
             Ok(_) if !line.ends_with('\n') => {
                 json!({"error": format!("a command longer than {MAX_COMMAND_BYTES} bytes")})
             }
-            Ok(_) => match serde_json::from_str::<Value>(&line) {
-                Ok(cmd) => match cmd.get("cmd").and_then(Value::as_str) {
-                    Some(name) => handler(name, &cmd),
-                    None => json!({"error": "no \"cmd\" field"}),
-                },
-                Err(e) => json!({"error": format!("not JSON: {e}")}),
+            Ok(_) => match parse_command(&line) {
+                Ok((name, cmd)) => handler(&name, &cmd),
+                Err(refusal) => refusal,
             },
         };
         if answers.try_send(answer).is_err() {

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod control;
 pub mod digest;
 pub mod framed;
+pub mod free_hints;
 pub mod layout;
 pub mod metrics;
 pub mod mmap;

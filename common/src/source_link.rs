@@ -281,6 +281,54 @@ fn parse<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Result<T, SourceLinkError
     })
 }
 
+/// Parses and checks a VMM's hello line (everything but the RAM fd that comes with it).
+///
+/// # Errors
+/// Malformed JSON, or a refused version, size or page size.
+pub fn parse_hello(line: &[u8]) -> Result<SourceHello, SourceLinkError> {
+    let hello: SourceHello = parse(line)?;
+    let refuse = |why: String| Err(SourceLinkError::Refused(why));
+    if hello.version != SOURCE_LINK_VERSION {
+        return refuse(format!(
+            "version {} (this pagesrv speaks {SOURCE_LINK_VERSION})",
+            hello.version
+        ));
+    }
+    if !crate::layout::SUPPORTED_PAGE_SIZES.contains(&hello.page_size)
+        || hello.size_bytes == 0
+        || !hello.size_bytes.is_multiple_of(hello.page_size)
+    {
+        return refuse(format!(
+            "{} bytes of RAM in {}-byte pages",
+            hello.size_bytes, hello.page_size
+        ));
+    }
+    if hello.free_hints && hello.page_size != 4096 {
+        return refuse("free-page hints in pages of other than 4 KiB".into());
+    }
+    Ok(hello)
+}
+
+/// Checks the VMM's header line of a `kind` bitmap: the kind asked for, exactly
+/// `expected_bytes` long.
+///
+/// # Errors
+/// Malformed JSON, another kind, or another length.
+pub fn check_bitmap_header(
+    line: &[u8],
+    kind: CommandKind,
+    expected_bytes: usize,
+) -> Result<(), SourceLinkError> {
+    let header: BitmapHeader = parse(line)?;
+    if header.bitmap != kind || header.bytes != expected_bytes {
+        return Err(SourceLinkError::Malformed(format!(
+            "asked for a {kind:?} bitmap of {expected_bytes} bytes, got {:?} of {}",
+            header.bitmap, header.bytes
+        )));
+    }
+    Ok(())
+}
+
 /// pagesrv's end of the link.
 pub struct SourceVmm {
     lines: Lines,
@@ -323,26 +371,8 @@ impl SourceVmm {
             }
         }
         let mut lines = Lines { stream, buf };
-        let hello: SourceHello = parse(&lines.line()?)?;
+        let hello = parse_hello(&lines.line()?)?;
         let refuse = |why: String| Err(SourceLinkError::Refused(why));
-        if hello.version != SOURCE_LINK_VERSION {
-            return refuse(format!(
-                "version {} (this pagesrv speaks {SOURCE_LINK_VERSION})",
-                hello.version
-            ));
-        }
-        if !crate::layout::SUPPORTED_PAGE_SIZES.contains(&hello.page_size)
-            || hello.size_bytes == 0
-            || !hello.size_bytes.is_multiple_of(hello.page_size)
-        {
-            return refuse(format!(
-                "{} bytes of RAM in {}-byte pages",
-                hello.size_bytes, hello.page_size
-            ));
-        }
-        if hello.free_hints && hello.page_size != 4096 {
-            return refuse("free-page hints in pages of other than 4 KiB".into());
-        }
         if fds.len() != 1 {
             return refuse(format!(
                 "{} fds attached; send exactly the RAM fd",
@@ -370,14 +400,8 @@ impl SourceVmm {
 
     fn bitmap(&mut self, kind: CommandKind) -> Result<Vec<u8>, SourceLinkError> {
         self.lines.send_json(&Command { cmd: kind })?;
-        let header: BitmapHeader = parse(&self.lines.line()?)?;
         let expected = self.hello.bitmap_bytes();
-        if header.bitmap != kind || header.bytes != expected {
-            return Err(SourceLinkError::Malformed(format!(
-                "asked for a {kind:?} bitmap of {expected} bytes, got {:?} of {}",
-                header.bitmap, header.bytes
-            )));
-        }
+        check_bitmap_header(&self.lines.line()?, kind, expected)?;
         self.lines.bytes(expected)
     }
 

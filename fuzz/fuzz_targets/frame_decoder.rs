@@ -8,9 +8,18 @@ use common::wire::{Decoded, Decoder, encode};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    for decoder in [Decoder::handshake(), Decoder::session(4096, 1 << 20), Decoder::session(2 << 20, 7)] {
+    for decoder in [
+        Decoder::handshake(),
+        Decoder::session(4096, 1 << 20),
+        Decoder::session(2 << 20, 7),
+    ] {
         let mut rest = data;
-        while let Ok(Decoded::Frame { message, payload, consumed }) = decoder.decode(rest) {
+        while let Ok(Decoded::Frame {
+            message,
+            payload,
+            consumed,
+        }) = decoder.decode(rest)
+        {
             let mut again = Vec::new();
             encode(&message, payload.len(), &mut again);
             again.extend_from_slice(payload);

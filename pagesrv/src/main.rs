@@ -10,7 +10,6 @@
 
 mod admission;
 mod fleet;
-mod free;
 mod handshake;
 mod metrics;
 mod precopy;
@@ -75,7 +74,7 @@ struct Cli {
     vmm_uds: Option<PathBuf>,
     /// Free-page hints of the paused VM (with --vm-mem): a bitmap of its memory in 4 KiB
     /// pages, bit i%8 of byte i/8 set for a page its allocator holds free, ceil(pages/8) bytes
-    /// (see pagesrv/src/free.rs); with one VM only. Those pages are never sent: the destination gets them as
+    /// (see common/src/free_hints.rs); with one VM only. Those pages are never sent: the destination gets them as
     /// zero, resolves faults on them locally, and the digests count them as zero.
     #[arg(long, value_name = "FILE", conflicts_with = "vmm_uds")]
     free_pages: Option<PathBuf>,
@@ -274,7 +273,7 @@ fn run(cli: Cli) -> Result<server::Verdict> {
     }
     if let Some(path) = &cli.free_pages {
         let source = &mut vms[0].source;
-        let hints = free::FreeHints::load(path, source.size_bytes())?;
+        let hints = common::free_hints::FreeHints::load(path, source.size_bytes())?;
         info!(
             free_pages = hints.free_pages(),
             "free-page hints: those pages are served as zero"

@@ -17,7 +17,7 @@ use common::digest::is_zero;
 use common::mmap::{MapError, Mapping};
 use thiserror::Error;
 
-use crate::free::{FreeHints, HINT_PAGE_BYTES};
+use common::free_hints::{FreeHints, HINT_PAGE_BYTES};
 
 /// `statfs` magic of hugetlbfs.
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;

@@ -1,4 +1,5 @@
-//! Free-page hints (`pagesrv --free-pages FILE`): pages the guest's own allocator holds free.
+//! Free-page hints (`pagesrv --free-pages FILE`, or the source VMM's `free` answer): pages
+//! the guest's own allocator holds free.
 //! They are never sent: the destination gets them as zero ranges first, so a fault on one is
 //! resolved there at once with a zero page, and the digests count them as zero. The hints
 //! are those of a paused VM: given as a file with `--vm-mem`, or by the source VMM when it
@@ -10,7 +11,7 @@
 
 use std::path::Path;
 
-use common::pagemap::PageMap;
+use crate::pagemap::PageMap;
 use thiserror::Error;
 
 /// The unit of the hint bitmap.
@@ -67,17 +68,26 @@ impl FreeHints {
             path: path.display().to_string(),
             source,
         })?;
+        FreeHints::from_bitmap(&bitmap, size_bytes, &path.display().to_string())
+    }
+
+    /// Hints from a bitmap (the bytes of a hint file, named `what` in errors) for memory of
+    /// `size_bytes`.
+    ///
+    /// # Errors
+    /// [`FreeHintsError::BadLength`]: the bitmap does not fit the memory.
+    pub fn from_bitmap(bitmap: &[u8], size_bytes: u64, what: &str) -> Result<Self, FreeHintsError> {
         let pages = size_bytes / HINT_PAGE_BYTES;
         if bitmap.len() as u64 != pages.div_ceil(8) {
             return Err(FreeHintsError::BadLength {
-                path: path.display().to_string(),
+                path: what.to_owned(),
                 got: bitmap.len() as u64,
                 pages,
                 want: pages.div_ceil(8),
             });
         }
         let hints = FreeHints::none(size_bytes);
-        hints.free.set_from_bitmap(0, pages, &bitmap);
+        hints.free.set_from_bitmap(0, pages, bitmap);
         Ok(hints)
     }
 
