@@ -406,7 +406,7 @@ fn parse_vm_key(rest: &[u8]) -> Result<KeyFile, String> {
         .split_once(' ')
         .ok_or("expected `pagemig-vm-key v1 NAME HEX`")?;
     let vm = VmName::new(name)?;
-    if vm.is_empty() || key_hex.len() != 64 {
+    if vm.is_empty() || key_hex.len() != 64 || !key_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err("expected a VM name and 64 hex digits".into());
     }
     let bytes = (0..32)
@@ -600,6 +600,55 @@ mod tests {
             "the key never appears"
         );
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn test_vm_keys_open_their_vm_only_and_bad_vm_key_files_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("vmkey-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let master = Psk::from_bytes(b"a master key of the fleet, 32 by");
+        let a = VmName::new("a").unwrap();
+        master.write_vm_key(&a, &dir.join("a.key")).unwrap();
+        let file = Psk::load(&dir.join("a.key")).unwrap();
+        assert_eq!(file.vm, Some(a));
+        let mut t = transcript();
+        t.hello.vm = a;
+        let tag = file.psk.client_mac(&t);
+        assert!(
+            master.for_vm(&a).verify_client(&t, &tag),
+            "the master derives it"
+        );
+        let b = VmName::new("b").unwrap();
+        assert!(
+            !master.for_vm(&b).verify_client(&t, &tag),
+            "b's key is another"
+        );
+        assert!(
+            !master.verify_client(&t, &tag),
+            "the master itself is another"
+        );
+        for bad in [
+            "pagemig-vm-key v1 a 00".to_string(),
+            format!("pagemig-vm-key v1 a {}", "é".repeat(32)),
+            format!("pagemig-vm-key v1 a/b {}", "0".repeat(64)),
+            format!("pagemig-vm-key v1  {}", "0".repeat(64)),
+        ] {
+            let path = dir.join("bad.key");
+            std::fs::write(&path, &bad).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            assert!(
+                matches!(Psk::load(&path), Err(KeyError::Malformed { .. })),
+                "{bad}"
+            );
+        }
+        std::os::unix::fs::symlink(dir.join("a.key"), dir.join("link.key")).unwrap();
+        assert!(
+            matches!(Psk::load(&dir.join("link.key")), Err(KeyError::Read { .. })),
+            "a symlink is not followed"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -109,6 +109,7 @@ impl ControlServer {
             return;
         }
         let (tx, rx) = mpsc::sync_channel::<Value>(QUEUE_LINES);
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
             // Under the lock `emit` takes: a client sees every sticky event exactly once.
             let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
@@ -129,6 +130,7 @@ impl ControlServer {
             subscribers.clients.push(Client {
                 queue: tx.clone(),
                 conn: handle,
+                closed: closed.clone(),
             });
         }
         let Ok(reader) = conn.try_clone() else { return };
@@ -140,7 +142,11 @@ impl ControlServer {
         }
         let _ = std::thread::Builder::new()
             .name("control-in".into())
-            .spawn(move || read_commands(reader, tx, &*handler));
+            .spawn(move || {
+                read_commands(reader, tx, &*handler);
+                // Its slot is free from now on (the writer ends once the list lets go).
+                closed.store(true, std::sync::atomic::Ordering::Release);
+            });
     }
 
     /// Queues an event for every client (never blocks); clients that stopped reading are
@@ -163,6 +169,8 @@ impl ControlServer {
 struct Client {
     queue: SyncSender<Value>,
     conn: UnixStream,
+    /// Set by its reader thread when the client closed (or its socket failed).
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Client {
@@ -175,12 +183,13 @@ impl Client {
         taken
     }
 
-    /// Whether its writer thread ended (its socket failed).
+    /// Whether the client closed, or its writer thread ended (a write failed).
     fn is_gone(&self) -> bool {
-        matches!(
-            self.queue.try_send(Value::Null),
-            Err(TrySendError::Disconnected(_))
-        )
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+            || matches!(
+                self.queue.try_send(Value::Null),
+                Err(TrySendError::Disconnected(_))
+            )
     }
 }
 
@@ -399,6 +408,23 @@ mod tests {
                 .unwrap()
                 .contains("control clients"),
             "{answer}"
+        );
+        // Clients that left free their slots, with no event in between.
+        drop(others);
+        drop(watcher);
+        let mut served = None;
+        for _ in 0..500 {
+            let mut c = ControlClient::connect(&path).unwrap();
+            c.send(&json!({"cmd": "status"})).unwrap();
+            if c.next_line().unwrap().unwrap() == json!({"ok": true}) {
+                served = Some(c);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(
+            served.is_some(),
+            "the slots of clients that left are never freed"
         );
         drop(server);
     }

@@ -11,9 +11,10 @@
 //!   beyond loopback shares [`MAX_HANDSHAKES_PER_PEER`] with the others from its address.
 //! - **When full, the least advanced makes room**: a new connection evicts the oldest one
 //!   that has not sent a whole `Hello`, then the oldest waiting for its `Proof`, and a
-//!   `Hello` that resumes a session last. A real destination sends its `Hello` at once and
-//!   its `Proof` one round trip later, so a crowd of slow clients does not keep it out, and a
-//!   destination that lost its link gets back in ahead of strangers.
+//!   `Hello` that names one of the sessions pagesrv has ([`LiveSessions`]) last. A real
+//!   destination sends its `Hello` at once and its `Proof` one round trip later, so a crowd
+//!   of slow clients does not keep it out, and a destination that lost its link gets back in
+//!   ahead of strangers (who do not know its session's id: refusals name none).
 //! - **Quiet logs**: the first rejection of every [`LOG_WINDOW`] is logged with its reason,
 //!   the rest are counted and summed up at the window's end.
 //!
@@ -51,6 +52,22 @@ const LISTENER: Token = Token(usize::MAX);
 /// Hands an admitted connection to the manager.
 pub type Deliver = Box<dyn Fn(Box<Admitted>) + Send>;
 
+/// The ids of the sessions pagesrv has (running, connecting or cut off), as the manager
+/// last published them: a `Hello` naming one is the last to be evicted.
+#[derive(Debug, Default)]
+pub struct LiveSessions(std::sync::Mutex<Vec<u64>>);
+
+impl LiveSessions {
+    /// Publishes the sessions now known.
+    pub fn set(&self, ids: Vec<u64>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = ids;
+    }
+
+    fn snapshot(&self) -> Vec<u64> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// Starts the admission thread on `listener`: handshakes checked with `master` (the master
 /// key, or [`Psk::unkeyed`]), at most `capacity` at once, each admitted one passed to
 /// `deliver`. Ends with the process.
@@ -61,6 +78,7 @@ pub fn spawn(
     listener: TcpListener,
     master: Psk,
     capacity: usize,
+    live: std::sync::Arc<LiveSessions>,
     deliver: Deliver,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
@@ -75,6 +93,7 @@ pub fn spawn(
         listener,
         master,
         deliver,
+        live,
         table: Table::new(capacity.max(1)),
         log: RejectionLog::default(),
         accept_retry: false,
@@ -97,11 +116,15 @@ struct InHandshake {
 
 impl InHandshake {
     /// Which goes first when room is made: no whole `Hello` yet, then waiting for the
-    /// `Proof`, then resuming a session; the oldest first within each.
-    fn eviction_rank(&self) -> (u8, Instant) {
+    /// `Proof`, then naming a session pagesrv has (`live`); the oldest first within each.
+    fn eviction_rank(&self, live: &[u64]) -> (u8, Instant) {
         let class = if !self.greeting.has_hello() {
             0
-        } else if !self.greeting.resumes() {
+        } else if !self
+            .greeting
+            .named_session()
+            .is_some_and(|id| live.contains(&id))
+        {
             1
         } else {
             2
@@ -214,10 +237,10 @@ impl Table {
     }
 
     /// The connection to close to make room (among those from `ip`, if given).
-    fn victim(&self, ip: Option<IpAddr>) -> Option<usize> {
+    fn victim(&self, ip: Option<IpAddr>, live: &[u64]) -> Option<usize> {
         self.iter()
             .filter(|(_, e)| ip.is_none_or(|ip| e.peer.ip() == ip))
-            .min_by_key(|(_, e)| e.eviction_rank())
+            .min_by_key(|(_, e)| e.eviction_rank(live))
             .map(|(i, _)| i)
     }
 }
@@ -272,6 +295,7 @@ struct Admission {
     listener: TcpListener,
     master: Psk,
     deliver: Deliver,
+    live: std::sync::Arc<LiveSessions>,
     table: Table,
     log: RejectionLog,
     /// Accepting failed for want of file descriptors: try again on the next turn.
@@ -329,7 +353,7 @@ impl Admission {
                 Err(e) => {
                     // Out of file descriptors (or another transient failure): make room and
                     // try again shortly; the listener does not signal again by itself.
-                    if let Some(victim) = self.table.victim(None) {
+                    if let Some(victim) = self.table.victim(None, &self.live.snapshot()) {
                         self.close(victim, "evicted", &"out of file descriptors");
                     } else {
                         self.log.reject(
@@ -349,9 +373,10 @@ impl Admission {
 
     /// A new connection: room made if need be, then its handshake begins.
     fn take(&mut self, conn: TcpStream, peer: SocketAddr) {
+        let live = self.live.snapshot();
         if !peer.ip().is_loopback()
             && self.table.count_from(peer.ip()) >= MAX_HANDSHAKES_PER_PEER
-            && let Some(victim) = self.table.victim(Some(peer.ip()))
+            && let Some(victim) = self.table.victim(Some(peer.ip()), &live)
         {
             self.close(
                 victim,
@@ -360,7 +385,7 @@ impl Admission {
             );
         }
         if self.table.is_full()
-            && let Some(victim) = self.table.victim(None)
+            && let Some(victim) = self.table.victim(None, &live)
         {
             self.close(victim, "evicted", &"every handshake slot is taken");
         }
@@ -481,20 +506,28 @@ mod tests {
 
     #[test]
     fn test_room_is_made_by_the_least_advanced_oldest_first() {
-        let mut t = Table::new(4);
+        let mut t = Table::new(5);
+        let live = [7];
         let resuming = t.insert(with_hello(entry("10.0.0.1:1", 900), 7));
-        let proving = t.insert(with_hello(entry("10.0.0.2:1", 800), 0));
+        let proving = t.insert(with_hello(entry("10.0.0.2:1", 700), 0));
+        let claiming = t.insert(with_hello(entry("10.0.0.4:1", 800), 99));
         let dribbling_young = t.insert(entry("10.0.0.3:1", 10));
         let dribbling_old = t.insert(entry("10.0.0.3:2", 500));
         assert!(t.is_full());
-        assert_eq!(t.victim(None), Some(dribbling_old));
+        assert_eq!(t.victim(None, &live), Some(dribbling_old));
         t.remove(dribbling_old);
-        assert_eq!(t.victim(None), Some(dribbling_young));
+        assert_eq!(t.victim(None, &live), Some(dribbling_young));
         t.remove(dribbling_young);
-        assert_eq!(t.victim(None), Some(proving), "a resume goes last");
+        assert_eq!(
+            t.victim(None, &live),
+            Some(claiming),
+            "naming a session pagesrv does not have earns nothing"
+        );
+        t.remove(claiming);
+        assert_eq!(t.victim(None, &live), Some(proving), "a resume goes last");
         t.remove(proving);
-        assert_eq!(t.victim(None), Some(resuming));
-        assert_eq!(t.victim(Some("10.0.0.9".parse().unwrap())), None);
+        assert_eq!(t.victim(None, &live), Some(resuming));
+        assert_eq!(t.victim(Some("10.0.0.9".parse().unwrap()), &live), None);
         assert_eq!(t.count_from("10.0.0.1".parse().unwrap()), 1);
     }
 }

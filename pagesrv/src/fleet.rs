@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use common::wire::{MAX_VM_NAME_BYTES, VmName};
+use common::wire::{ErrorCode, MAX_VM_NAME_BYTES, PROTOCOL_VERSION, SessionParams, VmName};
 use thiserror::Error;
 
 use crate::source::MemorySource;
@@ -227,6 +227,77 @@ fn list_names(vms: &[ServedVm]) -> String {
         names.push(&more);
     }
     names.join(", ")
+}
+
+/// Checks a destination's `Hello` against the memory file: the same protocol, a page size
+/// the file is a whole number of (and the one `--page-size` requires, if given), the same
+/// number of bytes, and the image it pinned. Returns the parameters to welcome it with
+/// (session id still 0).
+pub fn check_destination(
+    theirs: &SessionParams,
+    source: &MemorySource,
+    required_page_size: Option<u64>,
+) -> Result<SessionParams, (ErrorCode, String)> {
+    if theirs.version != PROTOCOL_VERSION {
+        return Err((
+            ErrorCode::VersionMismatch,
+            format!(
+                "destination speaks protocol version {}, source speaks {PROTOCOL_VERSION}",
+                theirs.version
+            ),
+        ));
+    }
+    let page_size = u64::from(theirs.page_size);
+    let theirs_bytes = theirs.total_pages.saturating_mul(page_size);
+    let layout_err = |why: String| {
+        Err((
+            ErrorCode::LayoutMismatch,
+            format!(
+                "destination expects {} pages of {} bytes ({} MiB): {why}",
+                theirs.total_pages,
+                page_size,
+                theirs_bytes >> 20
+            ),
+        ))
+    };
+    if !common::layout::SUPPORTED_PAGE_SIZES.contains(&page_size) {
+        return layout_err("page size not supported (4096 or 2097152)".into());
+    }
+    if let Some(required) = required_page_size.filter(|&r| r != page_size) {
+        return layout_err(format!(
+            "this source serves {required}-byte pages only (--page-size)"
+        ));
+    }
+    let paged = match source.paged(page_size) {
+        Ok(paged) => paged,
+        Err(e) => return layout_err(e.to_string()),
+    };
+    if theirs_bytes != source.size_bytes() {
+        return layout_err(format!(
+            "the source memory file has {} pages of {page_size} bytes ({} MiB)",
+            paged.total_pages(),
+            source.size_bytes() >> 20
+        ));
+    }
+    if theirs.image_id != 0 && theirs.image_id != source.image_id() {
+        return Err((
+            ErrorCode::ImageMismatch,
+            format!(
+                "the destination's session started from memory image {:016x}; this source serves image {:016x} (another memory file, or one that changed)",
+                theirs.image_id,
+                source.image_id()
+            ),
+        ));
+    }
+    Ok(SessionParams {
+        version: PROTOCOL_VERSION,
+        page_size: theirs.page_size,
+        total_pages: paged.total_pages(),
+        session_id: 0,
+        image_id: source.image_id(),
+        flags: 0,
+        vm: VmName::default(),
+    })
 }
 
 #[cfg(test)]

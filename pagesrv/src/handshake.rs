@@ -126,10 +126,12 @@ impl Greeting {
         self.hello.is_some()
     }
 
-    /// Whether the client's `Hello` asks to resume a session (it goes last when room is
-    /// made: a destination that lost its link must get back in).
-    pub fn resumes(&self) -> bool {
-        self.hello.is_some_and(|(_, hello)| hello.session_id != 0)
+    /// The session the client's `Hello` names, if any (a claim to resume it, not yet
+    /// proven).
+    pub fn named_session(&self) -> Option<u64> {
+        self.hello
+            .map(|(_, hello)| hello.session_id)
+            .filter(|&id| id != 0)
     }
 
     /// Decodes what is buffered: answers `Hello` with a `Challenge` and checks the `Proof`
@@ -354,7 +356,7 @@ mod tests {
         }
         g.reader().fill(&mut &bytes[bytes.len() - 1..]).unwrap();
         assert!(matches!(g.advance(&master), Step::More));
-        assert!(g.has_hello() && !g.resumes());
+        assert!(g.has_hello() && g.named_session().is_none());
         let mut challenge = Vec::new();
         encode(&Message::Challenge(sn), 0, &mut challenge);
         assert_eq!(g.out, challenge);
@@ -380,7 +382,7 @@ mod tests {
                 },
             );
             assert!(matches!(g.advance(&master), Step::More));
-            assert!(g.resumes());
+            assert_eq!(g.named_session(), Some(9));
             g.out.clear();
             let (p, t) = proof(&client_key, sn, params);
             feed(&mut g, &p);

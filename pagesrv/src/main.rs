@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod admission;
+mod claim;
 mod fleet;
 mod handshake;
 mod metrics;

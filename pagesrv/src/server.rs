@@ -54,25 +54,26 @@ use common::auth::{Psk, ResumeSecret};
 use common::framed::{FrameEncoder, FrameReader};
 use common::source_link::Outcome as SourceOutcome;
 use common::wire::{
-    ErrorCode, FLAG_FREE, FLAG_PRECOPY, FLAG_PROVEN, MAX_STREAMS, PROTOCOL_VERSION, Role,
-    SessionParams, VmName,
+    ErrorCode, FLAG_FREE, FLAG_PRECOPY, FLAG_PROVEN, MAX_STREAMS, Role, SessionParams, VmName,
 };
 use serde_json::json;
 use socket2::SockRef;
 use tracing::{debug, error, info, info_span, warn};
 
+use crate::claim::{self, Claim, Known, busy_text, joins};
 use crate::fleet::{self, ServedVm};
 use crate::handshake::{Admitted, HANDSHAKE_DEADLINE};
 use crate::precopy::Precopy;
 use crate::report::Events;
 use crate::report::{print_summary, report_progress};
 use crate::session::{Outcome, Session, SessionConfig, Switch, error_chain};
-use crate::source::MemorySource;
 
 /// Send buffer of the bulk connection: small enough that pre-paging takes effect quickly.
 const BULK_SNDBUF_BYTES: usize = 1 << 20;
 /// How often a VM's refused takeover attempts are logged (one line per window).
 const TAKEOVER_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often refusals after a handshake are logged (one line per window).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// Server settings from the command line.
 #[derive(Debug, Clone)]
@@ -134,10 +135,12 @@ pub fn serve(
     println!("pagesrv listening on {addr}");
     let (tx, rx) = mpsc::channel();
     let deliver = tx.clone();
+    let live = Arc::new(crate::admission::LiveSessions::default());
     crate::admission::spawn(
         listener,
         config.key.clone(),
         config.handshake_capacity,
+        live.clone(),
         Box::new(move |admitted| {
             let _ = deliver.send(Event::Admitted(admitted));
         }),
@@ -154,6 +157,8 @@ pub fn serve(
             precopy,
             events,
             done: None,
+            refusals: std::cell::RefCell::new(LogWindow::new(REFUSAL_LOG_EVERY)),
+            live,
         };
         let result = manager.run(&rx);
         for index in 0..vms.len() {
@@ -211,13 +216,6 @@ struct Pending {
     since: Instant,
 }
 
-/// The session a VM's destination runs (or ran until a cut), and the secret every later
-/// connection of it proves.
-struct Established {
-    id: u64,
-    secret: ResumeSecret,
-}
-
 /// How a VM's migration ended (without `--serve-forever`, it is served no more).
 #[derive(Debug, Clone)]
 enum Finished {
@@ -231,8 +229,9 @@ enum Finished {
 struct Slot<'scope, 'env> {
     running: Option<Running<'scope, 'env>>,
     pending: Option<Pending>,
-    /// The session its destination resumes after a cut (set once a session started).
-    established: Option<Established>,
+    /// The session its destination resumes after a cut (set once a session started), with
+    /// the secret every later connection of it proves.
+    established: Option<Known>,
     /// When a refused takeover attempt was last logged.
     takeover_logged: Option<Instant>,
     finished: Option<Finished>,
@@ -256,6 +255,38 @@ struct Manager<'scope, 'env> {
     serials: u64,
     /// Set when every VM's migration ended: what pagesrv exits with.
     done: Option<Result<Verdict>>,
+    /// Refusals logged and counted.
+    refusals: std::cell::RefCell<LogWindow>,
+    /// The sessions admission keeps room for.
+    live: Arc<crate::admission::LiveSessions>,
+}
+
+/// Lets one log line through per window and counts the others.
+#[derive(Debug)]
+struct LogWindow {
+    every: Duration,
+    started: Option<Instant>,
+    held_back: u64,
+}
+
+impl LogWindow {
+    fn new(every: Duration) -> Self {
+        LogWindow {
+            every,
+            started: None,
+            held_back: 0,
+        }
+    }
+
+    /// `Some(lines held back since the last one)` if this one may be logged.
+    fn admit(&mut self) -> Option<u64> {
+        if self.started.is_some_and(|t| t.elapsed() < self.every) {
+            self.held_back += 1;
+            return None;
+        }
+        self.started = Some(Instant::now());
+        Some(std::mem::take(&mut self.held_back))
+    }
 }
 
 impl<'scope, 'env> Manager<'scope, 'env> {
@@ -284,14 +315,20 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 Some(Event::SessionEnded { serial }) => self.on_session_ended(serial),
                 None => {}
             }
+            self.publish_live_sessions();
             if let Some(done) = self.done.take() {
                 return done;
             }
         }
     }
 
+    /// Refuses a connection after its handshake; one line per [`REFUSAL_LOG_EVERY`] (then
+    /// how many followed): anyone with a key, or anyone without `--insecure-no-key`'s, can
+    /// make refusals.
     fn refuse(&self, mut admitted: Box<Admitted>, code: ErrorCode, text: &str) {
-        warn!(peer = %admitted.peer, role = ?admitted.role(), vm = %admitted.hello().vm, %text, "refused a destination");
+        if let Some(before) = self.refusals.borrow_mut().admit() {
+            warn!(peer = %admitted.peer, role = ?admitted.role(), vm = %admitted.hello().vm, %text, refused_since_last_line = before, "refused a destination");
+        }
         admitted.refuse(code, text);
     }
 
@@ -307,6 +344,21 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             warn!(peer = %admitted.peer, role = ?admitted.role(), vm = %self.vms[index].name, "refused a connection that names this VM's session without proving its secret (a takeover attempt, or a destination from another run); the session goes on");
         }
         admitted.refuse(ErrorCode::Busy, &busy_text(self.vms[index].name));
+    }
+
+    /// Tells admission which sessions exist (their `Hello`s are the last evicted).
+    fn publish_live_sessions(&self) {
+        let ids = self
+            .slots
+            .iter()
+            .flat_map(|slot| {
+                let pending = slot.pending.as_ref().map(|p| p.welcome.session_id);
+                pending
+                    .into_iter()
+                    .chain(slot.established.as_ref().map(|e| e.id))
+            })
+            .collect();
+        self.live.set(ids);
     }
 
     /// Ends VM `index`'s running session, if any: aborts it first with `abort` (a reconnect
@@ -413,16 +465,20 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             );
             return self.refuse(admitted, ErrorCode::UnknownVm, &text);
         }
-        let ours = match check_params(admitted.hello(), &vm.source, self.config.page_size) {
-            Ok(ours) => ours,
-            Err((code, text)) => return self.refuse(admitted, code, &text),
-        };
+        let ours =
+            match fleet::check_destination(admitted.hello(), &vm.source, self.config.page_size) {
+                Ok(ours) => ours,
+                Err((code, text)) => return self.refuse(admitted, code, &text),
+            };
         if let Err(e) = vm.source.check_intact() {
             return self.refuse(admitted, ErrorCode::Internal, &error_chain(&e));
         }
         let (session_id, secret, proven) = match self.claim(index, &admitted) {
             Claim::Resume { id, secret } => (id, secret, true),
-            Claim::Open { id } => (id, admitted.new_secret(id), false),
+            Claim::Open { adopt } => {
+                let id = adopt.unwrap_or_else(|| rand::random::<u64>() | 1);
+                (id, admitted.new_secret(id), false)
+            }
             Claim::Busy => {
                 let text = busy_text(vm.name);
                 return self.refuse(admitted, ErrorCode::Busy, &text);
@@ -448,36 +504,10 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             }
         }
         let vm = &self.vms[index];
-        let resumed = admitted.hello().resumed();
-        let flags = match &self.precopy {
-            None => 0,
-            Some(engine) if engine.failure().is_some() => {
-                let text = format!(
-                    "the migration failed at the source: {}",
-                    engine.failure().unwrap_or_default()
-                );
-                return self.refuse(admitted, ErrorCode::Internal, &text);
-            }
-            Some(engine) if u64::from(admitted.hello().page_size) != engine.page_size => {
-                let text = format!(
-                    "precopy tracks the source VMM's {}-byte pages; a destination in {}-byte pages cannot follow its discards",
-                    engine.page_size,
-                    admitted.hello().page_size
-                );
-                return self.refuse(admitted, ErrorCode::LayoutMismatch, &text);
-            }
-            Some(engine) if !engine.switched() && resumed => {
-                let text = "the source still runs (precopy): a destination whose guest runs already cannot be served";
-                return self.refuse(admitted, ErrorCode::Protocol, text);
-            }
-            // Precopy rounds, or the discards and the switch this destination missed.
-            Some(_) if !resumed => FLAG_PRECOPY,
-            Some(_) => 0,
-        } | if vm.source.has_free_hints() {
-            FLAG_FREE
-        } else {
-            0
-        } | if proven { FLAG_PROVEN } else { 0 };
+        let flags = match self.welcome_flags(admitted.hello(), vm, proven) {
+            Ok(flags) => flags,
+            Err((code, text)) => return self.refuse(admitted, code, &text),
+        };
         let mut admitted = admitted;
         let welcome = SessionParams {
             session_id,
@@ -498,47 +528,59 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         });
     }
 
-    /// Which session an urgent connection to VM `index` opens or resumes. Naming the VM's
-    /// session (running, cut off, or connecting) needs the proof of its resume secret; a
-    /// new session needs the VM free of others; a session this pagesrv never knew (a
-    /// restarted pagesrv) is adopted under its id.
+    /// The `Welcome` flags of an urgent connection to `vm` (`proven`: it resumes its session
+    /// with the secret), or why it cannot be served now.
+    fn welcome_flags(
+        &self,
+        hello: &SessionParams,
+        vm: &ServedVm,
+        proven: bool,
+    ) -> Result<u32, (ErrorCode, String)> {
+        let resumed = hello.resumed();
+        let precopy = match &self.precopy {
+            None => 0,
+            Some(engine) if engine.failure().is_some() => {
+                let why = engine.failure().unwrap_or_default();
+                let text = format!("the migration failed at the source: {why}");
+                return Err((ErrorCode::Internal, text));
+            }
+            Some(engine) if u64::from(hello.page_size) != engine.page_size => {
+                let text = format!(
+                    "precopy tracks the source VMM's {}-byte pages; a destination in {}-byte pages cannot follow its discards",
+                    engine.page_size, hello.page_size
+                );
+                return Err((ErrorCode::LayoutMismatch, text));
+            }
+            Some(engine) if !engine.switched() && resumed => {
+                let text = "the source still runs (precopy): a destination whose guest runs already cannot be served";
+                return Err((ErrorCode::Protocol, text.into()));
+            }
+            // Precopy rounds, or the discards and the switch this destination missed.
+            Some(_) if !resumed => FLAG_PRECOPY,
+            Some(_) => 0,
+        };
+        let free = if vm.source.has_free_hints() {
+            FLAG_FREE
+        } else {
+            0
+        };
+        Ok(precopy | free | if proven { FLAG_PROVEN } else { 0 })
+    }
+
+    /// Which session an urgent connection to VM `index` opens or resumes (`claim.rs`).
     fn claim(&self, index: usize, admitted: &Admitted) -> Claim {
         let slot = &self.slots[index];
-        let wanted = admitted.hello().session_id;
-        if let Some(pending) = &slot.pending
-            && pending.welcome.session_id == wanted
-        {
-            // Its own urgent connection again (the bulk one never came).
-            return match admitted.proves(&pending.secret) {
-                true => Claim::Resume {
-                    id: wanted,
-                    secret: pending.secret.clone(),
-                },
-                false => Claim::Unproven,
-            };
-        }
-        if let Some(established) = &slot.established
-            && established.id == wanted
-        {
-            return match admitted.proves(&established.secret) {
-                true if slot.pending.is_none() => Claim::Resume {
-                    id: wanted,
-                    secret: established.secret.clone(),
-                },
-                true => Claim::Busy,
-                false => Claim::Unproven,
-            };
-        }
-        if slot.running.is_some() || slot.pending.is_some() {
-            return Claim::Busy;
-        }
-        Claim::Open {
-            id: if wanted != 0 {
-                wanted
-            } else {
-                rand::random::<u64>() | 1
-            },
-        }
+        let pending = slot.pending.as_ref().map(|p| Known {
+            id: p.welcome.session_id,
+            secret: p.secret.clone(),
+        });
+        claim::claim(
+            admitted.hello().session_id,
+            pending.as_ref(),
+            slot.established.as_ref(),
+            slot.running.is_some(),
+            |secret| admitted.proves(secret),
+        )
     }
 
     fn on_bulk(&mut self, mut admitted: Box<Admitted>) {
@@ -670,7 +712,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             outcome
         });
         let slot = &mut self.slots[index];
-        slot.established = Some(Established {
+        slot.established = Some(Known {
             id: pending_welcome.session_id,
             secret: pending.secret,
         });
@@ -736,25 +778,6 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     }
 }
 
-/// Whose session an urgent connection opens or resumes ([`Manager::claim`]).
-enum Claim {
-    /// The VM's session, its secret proven.
-    Resume { id: u64, secret: ResumeSecret },
-    /// A new session (or one this pagesrv never knew, adopted).
-    Open { id: u64 },
-    /// Another destination's session runs or is connecting.
-    Busy,
-    /// Names the VM's session without proving its secret.
-    Unproven,
-}
-
-/// The refusal of a connection to a VM another session holds: it names no session.
-fn busy_text(vm: VmName) -> String {
-    format!(
-        "VM {vm} is being migrated to another destination (or its connection is being made); try again when it ends"
-    )
-}
-
 /// One line on stderr with a VM's totals over its sessions.
 fn print_vm_totals(vm: &ServedVm, slot: &Slot<'_, '_>, finished: &Finished) {
     let secs = match (slot.first_start, slot.last_end) {
@@ -773,86 +796,6 @@ fn print_vm_totals(vm: &ServedVm, slot: &Slot<'_, '_>, finished: &Finished) {
         slot.sessions,
         mib / secs.max(1e-9)
     );
-}
-
-/// Whether a bulk `Hello` belongs to the session welcomed with `welcome`: same session, same
-/// layout, same VM name.
-fn joins(welcome: &SessionParams, hello: &SessionParams) -> bool {
-    welcome.session_id == hello.session_id
-        && welcome.page_size == hello.page_size
-        && welcome.total_pages == hello.total_pages
-        && welcome.vm == hello.vm
-}
-
-/// Checks a destination's `Hello` against the memory file: the same protocol, a page size
-/// the file is a whole number of (and the one `--page-size` requires, if given), the same
-/// number of bytes, and the image it pinned. Returns the parameters to welcome it with
-/// (session id still 0).
-fn check_params(
-    theirs: &SessionParams,
-    source: &MemorySource,
-    required_page_size: Option<u64>,
-) -> Result<SessionParams, (ErrorCode, String)> {
-    if theirs.version != PROTOCOL_VERSION {
-        return Err((
-            ErrorCode::VersionMismatch,
-            format!(
-                "destination speaks protocol version {}, source speaks {PROTOCOL_VERSION}",
-                theirs.version
-            ),
-        ));
-    }
-    let page_size = u64::from(theirs.page_size);
-    let theirs_bytes = theirs.total_pages.saturating_mul(page_size);
-    let layout_err = |why: String| {
-        Err((
-            ErrorCode::LayoutMismatch,
-            format!(
-                "destination expects {} pages of {} bytes ({} MiB): {why}",
-                theirs.total_pages,
-                page_size,
-                theirs_bytes >> 20
-            ),
-        ))
-    };
-    if !common::layout::SUPPORTED_PAGE_SIZES.contains(&page_size) {
-        return layout_err("page size not supported (4096 or 2097152)".into());
-    }
-    if let Some(required) = required_page_size.filter(|&r| r != page_size) {
-        return layout_err(format!(
-            "this source serves {required}-byte pages only (--page-size)"
-        ));
-    }
-    let paged = match source.paged(page_size) {
-        Ok(paged) => paged,
-        Err(e) => return layout_err(e.to_string()),
-    };
-    if theirs_bytes != source.size_bytes() {
-        return layout_err(format!(
-            "the source memory file has {} pages of {page_size} bytes ({} MiB)",
-            paged.total_pages(),
-            source.size_bytes() >> 20
-        ));
-    }
-    if theirs.image_id != 0 && theirs.image_id != source.image_id() {
-        return Err((
-            ErrorCode::ImageMismatch,
-            format!(
-                "the destination's session started from memory image {:016x}; this source serves image {:016x} (another memory file, or one that changed)",
-                theirs.image_id,
-                source.image_id()
-            ),
-        ));
-    }
-    Ok(SessionParams {
-        version: PROTOCOL_VERSION,
-        page_size: theirs.page_size,
-        total_pages: paged.total_pages(),
-        session_id: 0,
-        image_id: source.image_id(),
-        flags: 0,
-        vm: VmName::default(),
-    })
 }
 
 fn prepare_socket(conn: &TcpStream, role: Role, config: &ServerConfig) -> Result<()> {

@@ -623,3 +623,86 @@ fn test_a_stats_path_that_cannot_be_written_is_refused_before_any_page_moves() {
     assert!(err.contains("cannot write --stats-json"), "{err}");
     assert!(!dir.path("s").exists(), "refused before waiting for a VMM");
 }
+
+/// A cut-proxy on `listen` in front of `target` that forwards untouched.
+fn plain_proxy(listen: &str, target: &str) -> Proc {
+    let mut proxy = Proc::spawn(
+        "cut-proxy",
+        Command::new(bin("cut-proxy"))
+            .args(["--target", target, "--listen", listen, "--cuts", "0"]),
+    );
+    let line = proxy.read_line();
+    assert!(line.starts_with("proxy listening on"), "{line}");
+    proxy
+}
+
+#[test]
+fn test_a_session_cut_off_stays_its_destinations() {
+    if !require_userfaultfd() {
+        return;
+    }
+    // While the link is down (a partition), nobody else may start a session for the VM
+    // (and forge its end), nor resume this one: with the VM's key, or without any key.
+    for keyed in [true, false] {
+        let dir = Scratch::new(if keyed { "cut-off-key" } else { "cut-off" });
+        write_source(&dir.path("vm.mem"), 1024, 0xC0FF, 4, 0..0);
+        let key_arg = if keyed {
+            vec!["--psk-file".to_string(), test_key().display().to_string()]
+        } else {
+            vec!["--insecure-no-key".to_string()]
+        };
+        let key_arg: Vec<&str> = key_arg.iter().map(String::as_str).collect();
+        let mem = dir.path("vm.mem");
+        let mut serve = vec!["--vm-mem", mem.to_str().unwrap()];
+        serve.extend(&key_arg);
+        let addr = free_loopback_addr();
+        let mut pagesrv = pagesrv_at(&addr, &[&serve[..], &["--no-push"]].concat());
+        let front = free_loopback_addr();
+        let mut proxy = plain_proxy(&front, &addr);
+        let (mut faultd, mut vmm, id) = stalled_destination(&dir, "vm", &front, &key_arg);
+        // The partition: faultd cannot reach pagesrv, pagesrv sees the session break off.
+        proxy.kill9();
+        std::thread::sleep(Duration::from_millis(500));
+        let key = if keyed {
+            Psk::load(test_key())
+                .unwrap()
+                .psk
+                .for_vm(&VmName::default())
+        } else {
+            Psk::unkeyed().for_vm(&VmName::default())
+        };
+        for (role, session, flags) in [
+            (Role::Urgent, 0, 0),
+            (Role::Urgent, 12345, 0),
+            (Role::Urgent, id, FLAG_RESUMED),
+            (Role::Bulk, id, 0),
+        ] {
+            let mut a = attempt(&addr, &key, role, params("", session, flags));
+            assert!(
+                !a.welcomed(),
+                "keyed {keyed}: {role:?} {session:x} welcomed"
+            );
+            assert!(!a.leaks(id));
+            let (code, _) = a.refusal().expect("refused");
+            assert!(
+                matches!(code, ErrorCode::Busy | ErrorCode::UnknownSession),
+                "{code:?}"
+            );
+            forge_completion(&mut a.conn);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(pagesrv.is_running(), "pagesrv ended: a forged completion?");
+        // The partition heals: the destination resumes its own session.
+        let _proxy = plain_proxy(&front, &addr);
+        let line = faultd.read_line();
+        assert_eq!(
+            line,
+            format!("faultd link to pagesrv up (session {id:016x}, generation 2)"),
+            "keyed {keyed}"
+        );
+        // And completes once pagesrv comes back with the push.
+        let mut pagesrv = complete_after_restart(&mut pagesrv, &addr, &serve);
+        let stats = dir.path("vm.json");
+        finish_migration("cut off", &mut vmm, &mut faultd, &mut pagesrv, &stats);
+    }
+}

@@ -9,9 +9,10 @@
 //!   (`common::source_link`): KVM's dirty log answers pagesrv's `dirty` requests while the
 //!   guest keeps running, and pagesrv's `pause` stops the vCPU at once (a signal), saves it
 //!   and answers with the last dirty pages. The paused guest is kept until pagesrv's
-//!   outcome (`outcome` event): `completed`, it exits (the source is let go); `failed`, it
-//!   resumes the guest (`resumed`) and runs on; a link that ends without an outcome keeps
-//!   the guest paused until `resume` or `release` on stdin.
+//!   outcome (`outcome` event): `completed` and verified, it exits (the source is let go);
+//!   `failed`, it resumes the guest (`resumed`) and runs on; an unverified completion, or a
+//!   link that ends (or fails) without an outcome, keeps the guest paused until `resume` or
+//!   `release` on stdin.
 //! - `vmm dest`: guest RAM in a memfd registered with a userfaultfd, handed to faultd with
 //!   Firecracker's handshake (plus the memfd); restores the vCPU and runs at once while
 //!   faultd fills RAM in. If faultd dies before every page is present, the vCPU is stopped
@@ -271,13 +272,14 @@ fn run_source(a: SourceArgs) -> Result<()> {
             let end = join_link(link.take(), saved_tx.take())?;
             emit(serde_json::json!({"event": "outcome", "t_us": now_us(), "end": end.describe()}));
             match end {
-                LinkEnd::Outcome(Outcome::Completed { .. }) => return Ok(()),
+                LinkEnd::Outcome(Outcome::Completed { verified: true }) => return Ok(()),
                 LinkEnd::Outcome(Outcome::Failed { .. }) => {}
-                LinkEnd::Lost => {
-                    // pagesrv crashed or was killed: the destination may run the guest.
-                    // Neither resume nor let go without an operator.
+                LinkEnd::Outcome(Outcome::Completed { verified: false }) | LinkEnd::Lost => {
+                    // pagesrv crashed or was killed (the destination may run the guest), or
+                    // nothing proves the destination holds every page right (faultd
+                    // --no-verify): neither resume nor let go without an operator.
                     eprintln!(
-                        "vmm: pagesrv closed the link without an outcome; the guest stays paused (RAM in {}, vCPUs in {}): `resume` or `release` on stdin",
+                        "vmm: the migration ended without a verified outcome; the guest stays paused (RAM in {}, vCPUs in {}): `resume` or `release` on stdin",
                         a.mem_file.display(),
                         a.state_file.display()
                     );
@@ -377,23 +379,35 @@ fn serve_pagesrv(h: Handover) -> Result<LinkEnd> {
         .with_context(|| format!("cannot reach pagesrv at {}", h.uds.display()))?;
     emit(serde_json::json!({"event": "migrating", "t_us": now_us()}));
     let mut paused = false;
-    while let Some(message) = link.next_message()? {
+    // Whatever goes wrong on the link (pagesrv died mid-line, a malformed line) is a link
+    // that ended without an outcome: the guest is kept, never let go.
+    let lost = |e: &dyn std::fmt::Display| {
+        eprintln!("vmm: the link to pagesrv failed: {e}");
+        Ok(LinkEnd::Lost)
+    };
+    loop {
+        let message = match link.next_message() {
+            Ok(Some(message)) => message,
+            Ok(None) => return Ok(LinkEnd::Lost),
+            Err(e) => return lost(&e),
+        };
         let cmd = match message {
             FromPagesrv::Outcome(outcome) => {
-                link.ack_outcome()?;
+                // Acted on even if the acknowledgement does not get through.
+                let _ = link.ack_outcome();
                 return Ok(LinkEnd::Outcome(outcome));
             }
             FromPagesrv::Command(cmd) => cmd,
         };
-        match cmd {
+        let answered = match cmd {
             CommandKind::Free => link.send_bitmap(
                 CommandKind::Free,
                 &bench::guest::free_page_bitmap(&h.ram, h.size_bytes, h.free_pct)?,
-            )?,
+            ),
             CommandKind::Dirty | CommandKind::Pause if paused => {
-                bail!("pagesrv asked for {cmd:?} after the pause")
+                return lost(&format!("pagesrv asked for {cmd:?} after the pause"));
             }
-            CommandKind::Dirty => link.send_bitmap(CommandKind::Dirty, &h.dirty.take()?)?,
+            CommandKind::Dirty => link.send_bitmap(CommandKind::Dirty, &h.dirty.take()?),
             CommandKind::Pause => {
                 h.pause.store(true, Ordering::Release);
                 // Again until it stopped: a signal that lands outside KVM_RUN is lost.
@@ -407,14 +421,16 @@ fn serve_pagesrv(h: Handover) -> Result<LinkEnd> {
                         }
                     }
                 }
-                link.send_bitmap(CommandKind::Pause, &h.dirty.take()?)?;
                 // The paused VM is kept until pagesrv says how the migration ended: the
                 // source resumes it if the destination failed.
                 paused = true;
+                link.send_bitmap(CommandKind::Pause, &h.dirty.take()?)
             }
+        };
+        if let Err(e) = answered {
+            return lost(&e);
         }
     }
-    Ok(LinkEnd::Lost)
 }
 
 /// The running vCPU threads, for signals that make a blocked KVM_RUN return. A thread is
