@@ -58,6 +58,10 @@ pub struct MigrateArgs {
     /// the shared memfd: `--mode minor`).
     #[arg(long, value_enum, default_value = "hybrid")]
     pub strategy: Strategy,
+    /// Run the pair without a key (`--insecure-no-key` on both: frames travel plain), to
+    /// measure what the key costs. By default a key is made for the run.
+    #[arg(long)]
+    pub insecure_no_key: bool,
     /// Downtime budget of the precopy convergence rule, in ms.
     #[arg(long, default_value_t = 20)]
     pub max_downtime_ms: u64,
@@ -189,6 +193,9 @@ impl Drop for Vmm {
 /// # Errors
 /// Any step failing, or a guest that saw a wrong byte.
 pub fn run(args: &MigrateArgs) -> Result<()> {
+    if args.insecure_no_key {
+        crate::procs::run_without_key();
+    }
     ensure!(
         args.size_mib >= 4 && args.size_mib.is_multiple_of(2),
         "--size-mib must be even and at least 4"
