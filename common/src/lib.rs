@@ -9,6 +9,7 @@ pub mod control;
 pub mod digest;
 pub mod framed;
 pub mod free_hints;
+pub mod handshake;
 pub mod layout;
 pub mod metrics;
 pub mod mmap;

@@ -1,5 +1,5 @@
 //! Admission: the listener and the handshake of every new connection, on one thread (a mio
-//! loop over non-blocking sockets, each handshake a sans-IO [`Greeting`]). A connection is
+//! loop over non-blocking sockets, each handshake a sans-IO [`ServerGreeting`]). A connection is
 //! admitted (handed to the manager) once it proved the key of the VM it named; what that
 //! costs an attacker who holds no key:
 //!
@@ -36,7 +36,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use tracing::warn;
 
-use crate::handshake::{Admitted, Greeting, HANDSHAKE_DEADLINE, Rejection, Step};
+use common::handshake::{Greeted, Rejection, ServerGreeting, ServerStep};
+
+use crate::handshake::{Admitted, HANDSHAKE_DEADLINE};
 
 /// Most connections in their handshake at once.
 pub const MAX_HANDSHAKES: usize = 1024;
@@ -109,7 +111,7 @@ struct InHandshake {
     conn: TcpStream,
     peer: SocketAddr,
     accepted: Instant,
-    greeting: Greeting,
+    greeting: ServerGreeting,
     /// Bytes of `greeting.out` already sent.
     sent: usize,
 }
@@ -151,13 +153,15 @@ impl InHandshake {
         let step = self.greeting.advance(master);
         let flushed = self.flush();
         match step {
-            Step::Admitted(greeted) => Pumped::Admitted(greeted),
-            Step::Rejected(why) => Pumped::Rejected(why),
-            Step::More if peer_closed => Pumped::Close("closed early", "the client closed".into()),
-            Step::More if self.greeting.reader().buffered() > MAX_HANDSHAKE_BYTES => {
+            ServerStep::Admitted(greeted) => Pumped::Admitted(greeted),
+            ServerStep::Rejected(why) => Pumped::Rejected(why),
+            ServerStep::More if peer_closed => {
+                Pumped::Close("closed early", "the client closed".into())
+            }
+            ServerStep::More if self.greeting.reader().buffered() > MAX_HANDSHAKE_BYTES => {
                 Pumped::Close("oversized", "too many bytes before admission".into())
             }
-            Step::More => match flushed {
+            ServerStep::More => match flushed {
                 Err(e) => Pumped::Close("write failed", e.to_string()),
                 Ok(_) => Pumped::Wait,
             },
@@ -188,7 +192,7 @@ enum Pumped {
     /// Refused (its `Error` frame sent).
     Rejected(Rejection),
     /// Admitted.
-    Admitted(Box<crate::handshake::Greeted>),
+    Admitted(Box<Greeted>),
 }
 
 /// The connections in their handshake, by token.
@@ -396,7 +400,7 @@ impl Admission {
             conn,
             peer,
             accepted: Instant::now(),
-            greeting: Greeting::default(),
+            greeting: ServerGreeting::default(),
             sent: 0,
         };
         let fd = entry.conn.as_raw_fd();
@@ -475,7 +479,7 @@ mod tests {
             conn,
             peer: peer.parse().unwrap(),
             accepted: Instant::now() - Duration::from_millis(age_ms),
-            greeting: Greeting::default(),
+            greeting: ServerGreeting::default(),
             sent: 0,
         }
     }
@@ -500,7 +504,10 @@ mod tests {
             &mut bytes,
         );
         e.greeting.reader().fill(&mut bytes.as_slice()).unwrap();
-        assert!(matches!(e.greeting.advance(&Psk::unkeyed()), Step::More));
+        assert!(matches!(
+            e.greeting.advance(&Psk::unkeyed()),
+            ServerStep::More
+        ));
         e
     }
 

@@ -5,12 +5,12 @@
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use common::auth::{self, Answer, Psk, ResumeSecret, Transcript};
-use common::framed::{FrameEncoder, FrameReader, ReadError, write_frame};
-use common::wire::phase::{ClientHandshake, Phase};
-use common::wire::{
-    AUTH_BYTES, Decoder, ErrorCode, FLAG_PROVEN, Message, PROTOCOL_VERSION, Role, SessionParams,
-};
+use std::io::Write;
+
+use common::auth::{self, Psk, ResumeSecret, Transcript};
+use common::framed::{FrameEncoder, FrameReader, ReadError};
+use common::handshake::{ClientFailure, ClientGreeting, ClientStep, Welcomed};
+use common::wire::{Decoder, ErrorCode, FLAG_PROVEN, PROTOCOL_VERSION, Role, SessionParams};
 use thiserror::Error;
 use tracing::warn;
 
@@ -169,16 +169,6 @@ pub struct Pins {
     /// The session's resume secret ([`common::auth`]): every connection after the one
     /// that opened the session proves it.
     pub secret: Option<ResumeSecret>,
-}
-
-impl Pins {
-    /// The proof of the session's secret for a connection with transcript `t` (zeros before
-    /// the session was opened).
-    fn resume_proof(&self, t: &Transcript) -> [u8; AUTH_BYTES] {
-        self.secret
-            .as_ref()
-            .map_or([0; AUTH_BYTES], |secret| secret.prove(t))
-    }
 }
 
 /// An open session with pagesrv.
@@ -344,98 +334,65 @@ fn open(
 > {
     let deadline = Instant::now() + HANDSHAKE_DEADLINE;
     let connect_err = |source| UpstreamError::Connect { addr, role, source };
+    let handshake_err = |source| UpstreamError::Handshake { role, source };
     let mut conn = TcpStream::connect_timeout(&addr, HANDSHAKE_DEADLINE).map_err(connect_err)?;
     common::netopt::detect_dead_peer(&conn, link_timeout).map_err(connect_err)?;
     // Best effort: a network that honours DSCP serves fault replies before bulk data.
     let _ = common::netopt::mark_traffic(&conn, role == Role::Urgent);
     conn.set_write_timeout(Some(HANDSHAKE_DEADLINE))
         .map_err(connect_err)?;
-    write_frame(
-        &mut conn,
-        &Message::Hello {
-            role,
-            params: hello,
-        },
-        &[],
-    )
-    .map_err(UpstreamError::Send)?;
-    let mut reader = FrameReader::new(Decoder::handshake());
-    let mut phase = ClientHandshake::AwaitServer;
-    let mut transcript: Option<Transcript> = None;
-    let mut server_tag = None;
+    let mut greeting =
+        ClientGreeting::new(key.clone(), role, hello, pins.secret.clone(), auth::nonce());
     loop {
+        let step = greeting.advance();
+        // What it queued (the Hello, then the Proof) goes before anything is read.
+        conn.write_all(&greeting.out).map_err(UpstreamError::Send)?;
+        greeting.out.clear();
+        match step {
+            ClientStep::More => {}
+            ClientStep::Welcomed(welcomed) => {
+                let Welcomed {
+                    params,
+                    transcript,
+                    reader,
+                    encoder,
+                } = *welcomed;
+                check_welcome(&hello, &params, key.is_keyed())?;
+                conn.set_read_timeout(None).map_err(connect_err)?;
+                conn.set_write_timeout(None).map_err(connect_err)?;
+                return Ok((conn, reader, params, encoder, transcript));
+            }
+            ClientStep::Failed(ClientFailure::Wire(e)) => {
+                return Err(handshake_err(ReadError::Wire(e)));
+            }
+            ClientStep::Failed(ClientFailure::Auth(why)) => return Err(UpstreamError::Auth(why)),
+            ClientStep::Failed(ClientFailure::Refused {
+                code,
+                text,
+                trusted,
+            }) => {
+                return Err(UpstreamError::Refused {
+                    code,
+                    text,
+                    trusted,
+                });
+            }
+        }
+        // Every read within the one deadline.
         let left = deadline.saturating_duration_since(Instant::now());
-        let handshake_err = |source| UpstreamError::Handshake { role, source };
         if left.is_zero() {
             return Err(handshake_err(ReadError::Io(
                 std::io::ErrorKind::TimedOut.into(),
             )));
         }
         conn.set_read_timeout(Some(left)).map_err(connect_err)?;
-        let (message, _) = reader.read_frame(&mut conn).map_err(handshake_err)?;
-        phase
-            .receive(message.kind())
-            .map_err(|e| handshake_err(ReadError::Wire(e)))?;
-        match message {
-            Message::Challenge(server_nonce) => {
-                let t = Transcript {
-                    server_nonce,
-                    client_nonce: auth::nonce(),
-                    role,
-                    hello,
-                };
-                let proof = Message::Proof {
-                    nonce: t.client_nonce,
-                    mac: key.client_mac(&t),
-                    resume: pins.resume_proof(&t),
-                };
-                write_frame(&mut conn, &proof, &[]).map_err(UpstreamError::Send)?;
-                transcript = Some(t);
+        match greeting.reader().fill(&mut conn) {
+            Ok(0) => {
+                let mid_frame = greeting.reader().has_partial();
+                return Err(handshake_err(ReadError::Closed { mid_frame }));
             }
-            Message::AuthOk(tag) => server_tag = Some(tag),
-            Message::Error { code, text } => {
-                // Only a real key makes an answer pagesrv's own: a public one proves nothing.
-                let trusted = key.is_keyed()
-                    && matches!(
-                        (&transcript, &server_tag),
-                        (Some(t), Some(tag)) if key.verify_server(t, &Answer::Refuse(code), tag)
-                    );
-                return Err(UpstreamError::Refused {
-                    code,
-                    text: common::wire::printable(&text),
-                    trusted,
-                });
-            }
-            Message::Welcome(theirs) => {
-                // The phase machine wants Challenge and AuthOk first: both are here.
-                let (Some(t), Some(tag)) = (transcript, server_tag) else {
-                    return Err(UpstreamError::Auth("pagesrv welcomed us without its proof"));
-                };
-                if !key.verify_server(&t, &Answer::Welcome(theirs), &tag) {
-                    return Err(UpstreamError::Auth(if key.is_keyed() {
-                        "pagesrv proved a different key (or none)"
-                    } else {
-                        "pagesrv has a key: give the same --psk-file to faultd"
-                    }));
-                }
-                let encoder = if key.is_keyed() {
-                    let (sealer, opener) = key.channel_secrets(&t).client();
-                    reader.set_opener(opener);
-                    FrameEncoder::sealed(sealer)
-                } else {
-                    FrameEncoder::plain()
-                };
-                check_welcome(&hello, &theirs, key.is_keyed())?;
-                conn.set_read_timeout(None).map_err(connect_err)?;
-                conn.set_write_timeout(None).map_err(connect_err)?;
-                return Ok((conn, reader, theirs, encoder, t));
-            }
-            other => {
-                let kind = other.kind();
-                return Err(handshake_err(ReadError::Wire(
-                    common::wire::WireError::Unexpected(kind),
-                )));
-            }
+            Ok(_) => {}
+            Err(e) => return Err(handshake_err(ReadError::Io(e))),
         }
     }
 }
