@@ -26,3 +26,16 @@ ensure_package() {
 ensure_package binutils "the guest build" as objcopy
 # The benchmark's link profiles and their tests (network namespaces, veth, htb).
 ensure_package iproute2 "the link profiles" ip tc
+# The test command checks the format and the lints.
+for component in rustfmt clippy; do
+    subcommand=${component/rustfmt/fmt}
+    if ! cargo "$subcommand" --version >/dev/null 2>&1; then
+        if command -v rustup >/dev/null; then
+            echo "installing $component (rustup) for the test command's checks" >&2
+            rustup component add "$component"
+        else
+            echo "cargo $subcommand is missing: install the $component component" >&2
+            exit 1
+        fi
+    fi
+done

@@ -339,5 +339,5 @@ fn bulk_placed(bytes: usize, sender_cpu: Option<usize>, source: Option<File>) ->
     let secs = started.elapsed().as_secs_f64();
     sender.join().expect("sender thread")?;
     uffd.unregister(map.addr(), bytes as u64)?;
-    Ok(bytes as f64 / (1 << 20) as f64 / secs)
+    Ok(bytes as f64 / f64::from(1 << 20) / secs)
 }

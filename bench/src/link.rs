@@ -447,7 +447,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, profile: Profile, epoch: Instant
     // sender's TCP feels the link, not an endless buffer).
     let held = profile.one_way + profile.stall.map_or(Duration::ZERO, |(_, stall)| stall);
     let bytes = profile.rate_bit_s.unwrap_or(0) as f64 / 8.0 * held.as_secs_f64();
-    let chunks = (bytes / (64 << 10) as f64) as usize + 16;
+    let chunks = (bytes / f64::from(64 << 10)) as usize + 16;
     let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(chunks);
     std::thread::spawn(move || {
         // The link is hardware: it never waits for a CPU behind the endpoints.

@@ -219,12 +219,12 @@ impl Uffd {
             Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
         })?;
         let mut api = uapi::uffdio_api {
-            api: uapi::UFFD_API as u64,
+            api: u64::from(uapi::UFFD_API),
             features,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API reads and writes one uffdio_api that lives on our stack.
-        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), ioc::UFFDIO_API as _, &mut api) };
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), ioc::UFFDIO_API.into(), &mut api) };
         if rc < 0 {
             return Err(UffdError::Api {
                 features,
@@ -262,7 +262,7 @@ impl Uffd {
         };
         // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register on our stack; it only
         // changes how faults in the VMM's range are handled, not our memory.
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_REGISTER as _, &mut reg) };
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_REGISTER.into(), &mut reg) };
         if rc < 0 {
             return Err(UffdError::Register {
                 addr,
@@ -282,8 +282,13 @@ impl Uffd {
     pub fn unregister(&self, addr: u64, len: u64) -> Result<(), UffdError> {
         let mut range = uapi::uffdio_range { start: addr, len };
         // SAFETY: UFFDIO_UNREGISTER reads one uffdio_range on our stack.
-        let rc =
-            unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_UNREGISTER as _, &mut range) };
+        let rc = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                ioc::UFFDIO_UNREGISTER.into(),
+                &mut range,
+            )
+        };
         if rc < 0 {
             let source = std::io::Error::last_os_error();
             if source.raw_os_error() == Some(libc::ESRCH) {
@@ -349,7 +354,7 @@ impl Uffd {
                 // SAFETY: the kernel reads `len` bytes from `src[at..]`, which is in bounds
                 // (at + len <= src.len()), and writes only the VMM's registered range and `arg`.
                 let rc =
-                    unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_COPY as _, &mut arg) };
+                    unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_COPY.into(), &mut arg) };
                 (rc, arg.copy)
             },
         )
@@ -371,7 +376,7 @@ impl Uffd {
             };
             // SAFETY: UFFDIO_ZEROPAGE reads and writes one uffdio_zeropage on our stack.
             let rc =
-                unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_ZEROPAGE as _, &mut arg) };
+                unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_ZEROPAGE.into(), &mut arg) };
             (rc, arg.zeropage)
         })
     }
@@ -397,7 +402,7 @@ impl Uffd {
             };
             // SAFETY: UFFDIO_CONTINUE reads and writes one uffdio_continue on our stack.
             let rc =
-                unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_CONTINUE as _, &mut arg) };
+                unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_CONTINUE.into(), &mut arg) };
             (rc, arg.mapped)
         })
     }
@@ -409,7 +414,7 @@ impl Uffd {
     pub fn wake(&self, addr: u64, len: u64) -> Result<(), UffdError> {
         let mut range = uapi::uffdio_range { start: addr, len };
         // SAFETY: UFFDIO_WAKE reads one uffdio_range on our stack.
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_WAKE as _, &mut range) };
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), ioc::UFFDIO_WAKE.into(), &mut range) };
         if rc < 0 {
             return Err(classify(
                 "UFFDIO_WAKE",
@@ -525,7 +530,7 @@ mod tests {
     fn test_decode_pagefault_and_remove() {
         let mut msg = [0u8; MSG_BYTES];
         msg[0] = uapi::UFFD_EVENT_PAGEFAULT as u8;
-        msg[8..16].copy_from_slice(&(uapi::UFFD_PAGEFAULT_FLAG_WRITE as u64).to_ne_bytes());
+        msg[8..16].copy_from_slice(&u64::from(uapi::UFFD_PAGEFAULT_FLAG_WRITE).to_ne_bytes());
         msg[16..24].copy_from_slice(&0x7000u64.to_ne_bytes());
         msg[24..28].copy_from_slice(&42u32.to_ne_bytes());
         assert_eq!(

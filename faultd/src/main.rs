@@ -275,7 +275,7 @@ fn run(cli: &Cli) -> Result<Report> {
 }
 
 fn print_summary(s: &stats::Stats) {
-    let mib = s.bytes_received as f64 / (1 << 20) as f64;
+    let mib = s.bytes_received as f64 / f64::from(1 << 20);
     // One write, so the line does not interleave with other processes' output.
     let line = format!(
         "faultd: complete in {:.1} ms: {} pages ({} requested, {} pushed, {} zero, {} removed, {} from the base image), {:.1} MiB received ({:.0} MiB/s); {} faults, latency p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; {} reconnects; digests: {}\n",

@@ -46,8 +46,8 @@ impl Plan {
     #[cfg(test)]
     pub fn pages(&self, total_pages: u64) -> impl Iterator<Item = u64> + '_ {
         (0..self.count)
-            .map(move |k| self.first as i128 + k as i128 * self.stride as i128)
-            .take_while(move |&p| p >= 0 && p < total_pages as i128)
+            .map(move |k| i128::from(self.first) + i128::from(k) * i128::from(self.stride))
+            .take_while(move |&p| p >= 0 && p < i128::from(total_pages))
             .map(|p| p as u64)
     }
 }
@@ -115,7 +115,7 @@ impl Prepager {
             return None;
         }
         let stride = if stride == 0 { 1 } else { stride };
-        let first = page as i128 + stride as i128;
+        let first = i128::from(page) + i128::from(stride);
         if first < 0 {
             return None;
         }

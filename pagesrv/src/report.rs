@@ -122,8 +122,8 @@ pub fn print_summary(session: &Session<'_>, outcome: &Outcome) {
         get(&s.skipped_pages),
         session.prefetched_pages(),
         get(&s.extra_stream_pages),
-        bytes as f64 / (1 << 20) as f64,
-        bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
+        bytes as f64 / f64::from(1 << 20),
+        bytes as f64 / f64::from(1 << 20) / secs.max(1e-9),
     );
     let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
 }
