@@ -7,9 +7,12 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// True when every byte is zero. Checks the first word first (most data pages fail there),
 /// then OR-reduces 256-byte blocks, which the compiler vectorises.
 pub fn is_zero(bytes: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned bytes.
-        unsafe { bytes.align_to::<u64>() }
+    // The aligned middle as words (zerocopy checks the alignment and length, no unsafe).
+    let start = bytes.as_ptr().align_offset(8).min(bytes.len());
+    let end = start + (bytes.len() - start) / 8 * 8;
+    let (head, middle, tail) = (&bytes[..start], &bytes[start..end], &bytes[end..]);
+    let Ok(words) = <[u64] as zerocopy::FromBytes>::ref_from_bytes(middle) else {
+        return bytes.iter().all(|&b| b == 0);
     };
     if head.iter().chain(tail).any(|&b| b != 0) {
         return false;
@@ -92,5 +95,27 @@ mod tests {
         assert_eq!(whole, page_digest(11, &b).wrapping_add(page_digest(10, &a)));
         assert_ne!(whole, run_digest(10, &[b, a].concat(), 4096));
         assert_eq!(page_digest(5, &[0u8; 4096]), 0);
+    }
+
+    #[test]
+    fn test_is_zero_sees_any_nonzero_byte_at_any_alignment() {
+        let buf = vec![0u8; 4096 + 64];
+        for offset in 0..9 {
+            for len in [0, 1, 7, 8, 9, 63, 64, 65, 255, 256, 257, 4096] {
+                let slice = &buf[offset..offset + len];
+                assert!(is_zero(slice), "offset {offset} len {len}");
+                for at in [0, len / 2, len.saturating_sub(1)] {
+                    if len == 0 {
+                        continue;
+                    }
+                    let mut copy = buf.clone();
+                    copy[offset + at] = 1;
+                    assert!(
+                        !is_zero(&copy[offset..offset + len]),
+                        "offset {offset} len {len} byte {at}"
+                    );
+                }
+            }
+        }
     }
 }

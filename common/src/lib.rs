@@ -2,6 +2,8 @@
 //! map, and the few modules that talk to the kernel unsafely (userfaultfd, mmap, SCM_RIGHTS,
 //! the SIGBUS guard).
 #![deny(missing_docs)]
+// All the unsafe code is in `sys` (which allows it); nothing else may have any.
+#![deny(unsafe_code)]
 
 pub mod atomic_file;
 pub mod auth;
@@ -12,17 +14,15 @@ pub mod free_hints;
 pub mod handshake;
 pub mod layout;
 pub mod metrics;
-pub mod mmap;
 pub mod netns;
 pub mod netopt;
 pub mod pagemap;
-pub mod pi_mutex;
-pub mod sched;
 pub mod seal;
-pub mod sigbus;
 pub mod source_link;
+pub mod sys;
 pub mod uds;
-pub mod uffd;
 pub mod vmm_link;
 pub mod wire;
 pub mod working_set;
+
+pub use sys::{mmap, pi_mutex, sched, sigbus, uffd};

@@ -516,14 +516,10 @@ impl SourceVmmClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
 
     fn ram(len: u64) -> OwnedFd {
-        // SAFETY: creates a new anonymous file; the name is a valid C string.
-        let raw = unsafe { libc::memfd_create(c"source-link-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0);
-        // SAFETY: a fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        use nix::sys::memfd::{MemFdCreateFlag, memfd_create};
+        let fd = memfd_create(c"source-link-test", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
         std::fs::File::from(fd.try_clone().unwrap())
             .set_len(len)
             .unwrap();

@@ -5,13 +5,12 @@
 //! read with a bounded, growing buffer (a stream socket may split a long list); fds are taken
 //! into [`OwnedFd`]s at once so that none leaks on an error.
 
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, UnixCredentials, getsockopt, recvmsg, sendmsg,
-    sockopt::PeerCredentials,
+    ControlMessage, MsgFlags, UnixCredentials, getsockopt, sendmsg, sockopt::PeerCredentials,
 };
 use thiserror::Error;
 
@@ -171,29 +170,7 @@ pub(crate) fn receive_chunk(
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> Result<usize, LinkError> {
-    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = loop {
-        match recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            other => break other.map_err(|e| LinkError::Receive(e.into()))?,
-        }
-    };
-    for c in msg.cmsgs().map_err(|e| LinkError::Receive(e.into()))? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            // SAFETY: SCM_RIGHTS just installed these fds in our table; nothing else owns them.
-            fds.extend(
-                raw.into_iter()
-                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-            );
-        }
-    }
-    Ok(msg.bytes)
+    crate::sys::scm::receive_with_fds(stream, buf, fds).map_err(LinkError::Receive)
 }
 
 fn fd_kind(fd: RawFd) -> String {
