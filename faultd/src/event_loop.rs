@@ -1,14 +1,8 @@
-//! The fault thread's loop: one mio poll over the uffd, the urgent connection, the VMM's
+//! The fault thread's loop, a pump around the session (`core::session::DestSession`, which
+//! makes every decision): one mio poll over the uffd, the urgent connection, the VMM's
 //! socket and a waker for the helper threads (connector, bulk), ticking for heartbeats, the
-//! link timeout and deferred work; until every page is present and the source has the
-//! verdict.
-//!
-//! ```text
-//!  [Precopy ──Switchover──►] Migrating ──every page present: unregister──► Verifying
-//!   (rounds, discards)        (faults, replies, pushes)      (DigestQuery on each new link)
-//!        ──Digests──► Closing ──EOF──► end
-//!                     (Goodbye, or Error VerifyFailed)
-//! ```
+//! link timeout and deferred work; until the session is done. Here: registration, reads,
+//! writes, the waker, and what the session's answers mean for the sockets and threads.
 //!
 //! In precopy the guest here waits: faultd says when it may resume (a line on stdout, the
 //! `switched` event on the control socket), once the source is paused and the pages it wrote
@@ -20,7 +14,6 @@
 //! early; pagesrv is then told (`Error{DestinationFailed}`) so the source keeps the VM.
 
 use std::io::{ErrorKind, Read, Write};
-use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -29,49 +22,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use common::control::ControlServer;
-use common::wire::phase::Phase;
-use common::wire::{ErrorCode, Message, RANGE_FRAME_BYTES};
 use common::working_set::WorkingSet;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use serde_json::{Value, json};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
-use crate::core::fault::FaultCore;
-use crate::core::kernel::UffdKernel;
+use crate::core::kernel::{Kernel, UffdKernel};
+pub use crate::core::session::Verdict;
+use crate::core::session::{AfterCut, DestSession, FrameError};
 use crate::core::vm::{Counters, Vm};
 use crate::stats::Stats;
-use crate::upstream::link::{Link, LinkConfig, LinkEvent, Links, SwitchAnnouncer, encode_maps};
+use crate::upstream::link::{Link, LinkConfig, LinkEvent, Links, SwitchAnnouncer};
 
 const UFFD: Token = Token(0);
 const URGENT: Token = Token(1);
 const VMM: Token = Token(2);
 const LINK_EVENT: Token = Token(3);
-
-/// How soon work deferred by EAGAIN is retried when no event arrives.
-const DEFERRED_RETRY: Duration = Duration::from_millis(1);
-
-/// The end-to-end check of every page against the source.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Every page that arrived matches the source.
-    Verified,
-    /// These page ranges differ from the source.
-    Mismatch(Vec<Range<u64>>),
-    /// Not checked (`--no-verify`).
-    NotVerified,
-}
-
-impl Verdict {
-    /// As the stats and events name it.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Verdict::Verified => "match",
-            Verdict::Mismatch(_) => "mismatch",
-            Verdict::NotVerified => "not verified",
-        }
-    }
-}
 
 /// How a migration ended (without a fatal error).
 pub struct Report {
@@ -99,11 +66,9 @@ pub fn run(
         let mut fl = FaultLoop {
             vm,
             links: Links::new(s, vm, waker, config, switch_announcer(vm, &options.control)),
-            core: FaultCore::new(vm),
+            session: DestSession::new(vm, options.verify, config.liveness, started),
             link: None,
-            stage: Stage::Migrating,
             config,
-            verify: options.verify,
             publish_status: options.control.is_some() || options.publish_status,
             failed: false,
             control: options.control,
@@ -111,12 +76,9 @@ pub fn run(
             status_at: started,
             vmm: &vmm,
             vmm_watched: true,
-            completed_in: None,
-            switched_in: None,
-            started,
         };
         if options.record_working_set.is_some() {
-            fl.core.record_working_set();
+            fl.session.core.record_working_set();
         }
         let result = fl.run(&mut poll);
         fl.failed = result.is_err();
@@ -139,17 +101,20 @@ pub fn run(
             fl.links.close(link, poll.registry());
         }
         let verdict = result?;
-        fl.core.resolve_all();
-        let duration = fl.completed_in.unwrap_or_else(|| started.elapsed());
+        fl.session.core.resolve_all();
+        let duration = fl
+            .session
+            .completed_in()
+            .unwrap_or_else(|| started.elapsed());
         let mut stats = Stats::collect(
             vm,
-            fl.core.faults,
-            &fl.core.latencies,
+            fl.session.core.faults,
+            &fl.session.core.latencies,
             duration,
             &verdict,
             fl.links.cuts,
         );
-        stats.switched_ms = fl.switched_in.map(|d| d.as_secs_f64() * 1000.0);
+        stats.switched_ms = fl.session.switched_in().map(|d| d.as_secs_f64() * 1000.0);
         let since_completed = started.elapsed().saturating_sub(duration);
         stats.completed_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -164,7 +129,7 @@ pub fn run(
 /// Writes the pages the guest faulted on to `path` (a failure is logged: the migration's
 /// outcome does not depend on it).
 fn save_working_set(vm: &Vm<UffdKernel>, fl: &FaultLoop<'_, '_>, path: &Path) {
-    let Some(pages) = fl.core.working_set() else {
+    let Some(pages) = fl.session.core.working_set() else {
         return;
     };
     if pages.is_empty() || fl.links.pins.image_id == 0 {
@@ -224,36 +189,13 @@ pub struct Options {
     pub record_working_set: Option<PathBuf>,
 }
 
-enum Stage {
-    /// The source still runs: precopy rounds arrive; the guest here waits for the switch.
-    /// Faults its VMM takes meanwhile wait for it too (no request goes out: a reply could
-    /// race with a discard of the same page on the bulk connection).
-    Precopy,
-    /// Pages still missing.
-    Migrating,
-    /// Every page is present; the source's digests are asked for on each new link.
-    Verifying {
-        /// The link generation the query went out on.
-        asked_on: Option<u64>,
-    },
-    /// The verdict is queued; waiting for it to be written and the source to close.
-    Closing {
-        verdict: Verdict,
-        /// Give up waiting for the source to close after this.
-        until: Instant,
-    },
-    /// The source has the verdict.
-    Done(Verdict),
-}
-
 struct FaultLoop<'s, 'e> {
     vm: &'e Vm<UffdKernel>,
     links: Links<'s, 'e, UffdKernel>,
-    core: FaultCore<'e, UffdKernel>,
+    session: DestSession<'e, UffdKernel>,
+    /// The open link's sockets (its protocol state is the session's).
     link: Option<Link>,
-    stage: Stage,
     config: &'e LinkConfig,
-    verify: bool,
     control: Option<Arc<ControlServer>>,
     /// Keep `status` fresh (a control socket or the metrics endpoint reads it).
     publish_status: bool,
@@ -263,9 +205,6 @@ struct FaultLoop<'s, 'e> {
     status_at: Instant,
     vmm: &'e UnixStream,
     vmm_watched: bool,
-    completed_in: Option<Duration>,
-    switched_in: Option<Duration>,
-    started: Instant,
 }
 
 impl FaultLoop<'_, '_> {
@@ -281,20 +220,16 @@ impl FaultLoop<'_, '_> {
         poll.registry()
             .register(&mut SourceFd(&vmm_fd), VMM, Interest::READABLE)?;
         // Faults may be queued from before we started polling (the VMM faults during restore).
-        self.core.drain_events().context("failed to serve faults")?;
+        self.session.on_uffd()?;
         self.links.start_connector();
         let mut events = Events::with_capacity(16);
         loop {
-            self.advance_stage()?;
-            if let Stage::Done(verdict) = &self.stage {
+            self.session.advance(Instant::now());
+            if let Some(verdict) = self.session.done() {
                 return Ok(verdict.clone());
             }
             self.flush(poll);
-            let timeout = if self.serving() && self.core.has_deferred() {
-                DEFERRED_RETRY
-            } else {
-                self.config.liveness.heartbeat / 2
-            };
+            let timeout = self.session.poll_timeout();
             if !self.busy_poll(poll, &mut events) {
                 match poll.poll(&mut events, Some(timeout)) {
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -305,7 +240,7 @@ impl FaultLoop<'_, '_> {
             for event in &events {
                 match event.token() {
                     UFFD => {
-                        self.on_uffd()?;
+                        self.session.on_uffd()?;
                         drained = true;
                     }
                     URGENT => self.on_urgent(poll)?,
@@ -314,10 +249,12 @@ impl FaultLoop<'_, '_> {
                     _ => {}
                 }
             }
-            if !drained && self.serving() && self.core.has_deferred() {
-                self.on_uffd()?;
+            if !drained && self.session.has_deferred_work() {
+                self.session.on_uffd()?;
             }
-            self.check_liveness(poll);
+            if let Some(fault) = self.session.on_tick(Instant::now()) {
+                self.cut(poll, &chain(&fault));
+            }
             self.refresh_status();
         }
     }
@@ -327,30 +264,12 @@ impl FaultLoop<'_, '_> {
     fn busy_poll(&self, poll: &mut Poll, events: &mut Events) -> bool {
         let budget = self.config.fast_path.busy_poll;
         // Only while requests go out: no reply comes for a fault that is held.
-        if budget.is_zero() || self.core.pages_in_flight() == 0 || !self.faults_released() {
+        if budget.is_zero() || !self.session.awaits_replies() {
             return false;
         }
         common::sched::spin_until(budget, || {
             poll.poll(events, Some(Duration::ZERO)).is_ok() && !events.is_empty()
         })
-    }
-
-    /// Whether the guest still depends on faultd (pages may be missing).
-    fn serving(&self) -> bool {
-        matches!(self.stage, Stage::Precopy | Stage::Migrating)
-    }
-
-    fn stage_name(&self) -> &'static str {
-        if self.failed {
-            return "failed";
-        }
-        match self.stage {
-            Stage::Precopy => "precopy",
-            Stage::Migrating => "postcopy",
-            Stage::Verifying { .. } => "verifying",
-            Stage::Closing { .. } => "closing",
-            Stage::Done(_) => "done",
-        }
     }
 
     /// Refreshes what the control socket's `status` answers (every 100 ms at most).
@@ -367,14 +286,15 @@ impl FaultLoop<'_, '_> {
         }
         self.status_at = Instant::now();
         let c = &self.vm.counters;
-        let (latency_buckets, latency_sum) = self.core.latencies.live();
+        let core = &self.session.core;
+        let (latency_buckets, latency_sum) = core.latencies.live();
         let status = json!({
             "status": {
-                "phase": self.stage_name(),
+                "phase": if self.failed { "failed" } else { self.session.stage_name() },
                 "pages_total": self.vm.total_pages(),
                 "pages_present": self.vm.done.set_pages(),
-                "faults": self.core.faults,
-                "faults_waiting": self.core.pages_in_flight(),
+                "faults": core.faults,
+                "faults_waiting": core.pages_in_flight(),
                 "bytes_received": Counters::get(&c.bytes_received),
                 "bytes_precopy": Counters::get(&c.bytes_precopy),
                 "pages_discarded": Counters::get(&c.pages_discarded),
@@ -388,114 +308,19 @@ impl FaultLoop<'_, '_> {
                 "pages_reused": Counters::get(&c.pages_reused),
                 "fault_latency_buckets_us": latency_buckets,
                 "fault_latency_sum_seconds": latency_sum,
-                "verdict": match &self.stage {
-                    Stage::Done(v) | Stage::Closing { verdict: v, .. } => Value::from(v.name()),
-                    _ => Value::Null,
-                },
+                "verdict": self.session.verdict().map_or(Value::Null, |v| Value::from(v.name())),
             }
         });
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
     }
 
-    fn on_uffd(&mut self) -> Result<()> {
-        if self.serving() {
-            self.core.drain_events().context("failed to serve faults")
-        } else {
-            // Unregistered: only events that raced with it remain, and a REMOVE among them
-            // blocks the VMM's madvise until read.
-            let mut sink = Vec::new();
-            self.vm
-                .kernel
-                .uffd()
-                .read_events(&mut sink)
-                .context("failed to read the last events")?;
-            Ok(())
-        }
-    }
-
-    /// Moves the stages on: completion, asking for digests on a new link, the end.
-    fn advance_stage(&mut self) -> Result<()> {
-        if matches!(self.stage, Stage::Migrating) && self.vm.is_complete() {
-            self.complete();
-        }
-        let generation = self.link.as_ref().map(|l| l.generation);
-        match &mut self.stage {
-            Stage::Verifying { asked_on } if generation.is_some() && *asked_on != generation => {
-                let link = self.link.as_mut().expect("checked above");
-                // Frames the fault path queued (skips) go before the maps and the query:
-                // nothing but the verdict may follow the query.
-                for message in self.core.pending.drain(..) {
-                    link.tx.encode(&message, &[], &mut link.outbox);
-                }
-                // Every page is here: say so in full (pagesrv accepts the end only when every
-                // page is accounted for, and pages placed from an earlier link's data after
-                // this link's maps were taken would be missing from its count).
-                encode_maps(self.vm, &mut link.tx, &mut link.outbox);
-                if self.verify {
-                    let query = Message::DigestQuery {
-                        chunk_pages: self.vm.digest_chunk_pages(),
-                    };
-                    link.phase.send(query.kind())?;
-                    link.tx.encode(&query, &[], &mut link.outbox);
-                    *asked_on = generation;
-                } else {
-                    link.tx.encode(&Message::Goodbye, &[], &mut link.outbox);
-                    self.stage = Stage::Closing {
-                        verdict: Verdict::NotVerified,
-                        until: Instant::now() + self.config.liveness.timeout,
-                    };
-                }
-            }
-            Stage::Closing { verdict, until } if Instant::now() >= *until => {
-                warn!("pagesrv did not close the session after the verdict; ending anyway");
-                self.stage = Stage::Done(verdict.clone());
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// Every page is present: unregister the VMM's ranges (it runs free of us from here) and
-    /// move on to verification.
-    fn complete(&mut self) {
-        self.completed_in = Some(self.started.elapsed());
-        for region in self.vm.kernel.layout().regions() {
-            if let Err(e) = self
-                .vm
-                .kernel
-                .uffd()
-                .unregister(region.host_base.0, region.size_bytes)
-            {
-                warn!(error = %e, "failed to unregister a region after completion");
-            }
-        }
-        self.core.resolve_all();
-        info!(
-            ms = self.started.elapsed().as_millis() as u64,
-            "every page is present; the guest no longer depends on faultd"
-        );
-        self.stage = Stage::Verifying { asked_on: None };
-    }
-
-    /// Writes what the outbox holds without blocking; arms WRITABLE for the rest.
+    /// Writes what the session's outbox holds without blocking; arms WRITABLE for the rest.
     fn flush(&mut self, poll: &Poll) {
+        self.session.prepare_transmit();
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        if matches!(self.stage, Stage::Precopy | Stage::Migrating) {
-            for message in self.core.pending.drain(..) {
-                link.tx.encode(&message, &[], &mut link.outbox);
-            }
-        } else if !self.core.pending.is_empty() {
-            // Every page is present and the maps and the query are out: only the verdict
-            // may follow (requests and skips are moot now).
-            debug!(
-                frames = self.core.pending.len(),
-                "dropping fault-path frames queued after completion"
-            );
-            self.core.pending.clear();
-        }
-        let outbox = &mut link.outbox;
+        let outbox = self.session.outbox();
         let mut sent = 0;
         let mut failure = None;
         while sent < outbox.len() {
@@ -509,15 +334,15 @@ impl FaultLoop<'_, '_> {
                 }
             }
         }
-        if sent > 0 {
-            link.last_tx = Instant::now();
-        }
-        outbox.drain(..sent);
+        self.session.sent(sent, Instant::now());
         if let Some(e) = failure {
-            self.cut(poll, anyhow!(e).context("failed to send to pagesrv"));
+            self.cut(poll, &format!("failed to send to pagesrv: {e}"));
             return;
         }
-        let want = !link.outbox.is_empty();
+        let want = !self.session.outbox().is_empty();
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
         if want != link.writable_armed {
             let interest = if want {
                 Interest::READABLE | Interest::WRITABLE
@@ -528,175 +353,56 @@ impl FaultLoop<'_, '_> {
                 .registry()
                 .reregister(&mut link.urgent, URGENT, interest)
             {
-                self.cut(
-                    poll,
-                    anyhow!(e).context("failed to re-arm the urgent socket"),
-                );
+                self.cut(poll, &format!("failed to re-arm the urgent socket: {e}"));
                 return;
             }
             link.writable_armed = want;
         }
     }
 
-    /// Heartbeats on an idle link, and the link timeout.
-    fn check_liveness(&mut self, poll: &Poll) {
-        let liveness = self.config.liveness;
-        let Some(link) = self.link.as_ref() else {
-            return;
-        };
-        if link.last_rx.elapsed() > liveness.timeout {
-            let silent = link.last_rx.elapsed();
-            if matches!(self.stage, Stage::Closing { .. }) && link.outbox.is_empty() {
-                self.finish_closing("the source went silent after the verdict");
-                return;
-            }
-            self.cut(
-                poll,
-                anyhow!(
-                    "no frame from pagesrv for {:.1} s (--link-timeout)",
-                    silent.as_secs_f64()
-                ),
-            );
-            return;
-        }
-        let closing = matches!(self.stage, Stage::Closing { .. });
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        let idle = link.outbox.is_empty() && self.core.pending.is_empty();
-        if !closing && idle && link.last_tx.elapsed() >= liveness.heartbeat {
-            link.tx.encode(&Message::Heartbeat, &[], &mut link.outbox);
-        }
-    }
-
-    fn cut(&mut self, poll: &Poll, why: anyhow::Error) {
+    /// Lets the link go as the session says: replaced (reconnect), or closed for good.
+    fn cut(&mut self, poll: &Poll, why: &str) {
         let Some(link) = self.link.take() else {
             return;
         };
-        if let Stage::Closing { verdict, .. } = &self.stage {
-            // Written in full, the verdict reached pagesrv's socket (which may close with a
-            // reset once it has it); a mismatch is ours whether it arrived or not (the source
-            // keeps waiting, which is safe). Either way, done.
-            if link.outbox.is_empty() || matches!(verdict, Verdict::Mismatch(_)) {
-                debug!(error = %format!("{why:#}"), "link closed after the verdict");
-                self.stage = Stage::Done(verdict.clone());
-                self.core.link_down();
-                self.links.close(link, poll.registry());
-                return;
-            }
-            self.stage = Stage::Verifying { asked_on: None };
-        }
-        self.core.link_down();
-        self.links.cut(link, poll.registry(), &why);
-    }
-
-    fn finish_closing(&mut self, why: &str) {
-        if let Stage::Closing { verdict, .. } = &self.stage {
-            debug!(why, "session closed");
-            self.stage = Stage::Done(verdict.clone());
+        match self.session.link_lost(&why) {
+            AfterCut::Reconnect => self.links.cut(link, poll.registry(), why),
+            AfterCut::Close => self.links.close(link, poll.registry()),
         }
     }
 
     fn on_urgent(&mut self, poll: &Poll) -> Result<()> {
         loop {
-            let Some(link) = self.link.as_mut() else {
+            let (Some(link), Some(reader)) = (self.link.as_mut(), self.session.urgent_reader())
+            else {
                 return Ok(());
             };
-            match link.reader.fill(&mut link.urgent) {
+            match reader.fill(&mut link.urgent) {
                 Ok(0) => {
-                    if matches!(self.stage, Stage::Closing { .. }) && link.outbox.is_empty() {
-                        self.finish_closing("pagesrv closed the session");
-                    } else {
-                        self.cut(poll, anyhow!("pagesrv closed the urgent connection"));
+                    match self.session.on_urgent_closed() {
+                        Some(fault) => self.cut(poll, &chain(&fault)),
+                        None => {
+                            // The session is done: the link goes with the loop's end.
+                        }
                     }
                     return Ok(());
                 }
-                Ok(_) => {
-                    link.last_rx = Instant::now();
-                    match self.handle_frames() {
-                        Ok(()) => {}
-                        Err(FrameError::Link(e)) => {
-                            self.cut(poll, e);
-                            return Ok(());
-                        }
-                        Err(FrameError::Fatal(e)) => return Err(e),
+                Ok(_) => match self.session.on_urgent_bytes(Instant::now()) {
+                    Ok(()) => {}
+                    Err(FrameError::Link(fault)) => {
+                        self.cut(poll, &chain(&fault));
+                        return Ok(());
                     }
-                }
+                    Err(FrameError::Fatal(e)) => return Err(e.into()),
+                },
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.cut(poll, anyhow!(e).context("failed to read from pagesrv"));
+                    self.cut(poll, &format!("failed to read from pagesrv: {e}"));
                     return Ok(());
                 }
             }
         }
-    }
-
-    /// Handles every whole frame buffered on the urgent connection.
-    fn handle_frames(&mut self) -> Result<(), FrameError> {
-        let link = self.link.as_mut().expect("called with a link");
-        while let Some((message, payload)) = link
-            .reader
-            .next_buffered()
-            .map_err(|e| FrameError::Link(anyhow!(e).context("pagesrv sent a bad frame")))?
-        {
-            link.phase
-                .receive(message.kind())
-                .map_err(|e| FrameError::Link(anyhow!(e).context("pagesrv broke the protocol")))?;
-            match message {
-                Message::PageRun(range) | Message::ZeroRun(range) => {
-                    let data = matches!(message, Message::PageRun(_))
-                        .then(|| link.reader.payload(payload.clone()));
-                    let frame_bytes = RANGE_FRAME_BYTES + data.map_or(0, <[u8]>::len);
-                    Counters::add(&self.vm.counters.bytes_received, frame_bytes as u64);
-                    if matches!(self.stage, Stage::Precopy | Stage::Migrating) {
-                        self.core.on_reply(range, data).map_err(|e| {
-                            FrameError::Fatal(anyhow!(e).context("failed to place requested pages"))
-                        })?;
-                    }
-                }
-                Message::Heartbeat => {}
-                Message::Digests { chunk_pages } if chunk_pages != self.vm.digest_chunk_pages() => {
-                    return Err(FrameError::Link(anyhow!(
-                        "pagesrv sent digests of {chunk_pages}-page chunks, not {}",
-                        self.vm.digest_chunk_pages()
-                    )));
-                }
-                Message::Digests { .. } => {
-                    let theirs = link.reader.payload(payload).to_vec();
-                    let verdict = compare_digests(self.vm, &theirs);
-                    let reply = match &verdict {
-                        Verdict::Mismatch(ranges) => Message::Error {
-                            code: ErrorCode::VerifyFailed,
-                            text: format!(
-                                "the destination's pages differ from the source in page ranges {ranges:?}"
-                            ),
-                        },
-                        _ => Message::Goodbye,
-                    };
-                    link.tx.encode(&reply, &[], &mut link.outbox);
-                    self.stage = Stage::Closing {
-                        verdict,
-                        until: Instant::now() + self.config.liveness.timeout,
-                    };
-                }
-                Message::Error { code, text } => {
-                    // pagesrv ends a session with an error only for good (a protocol
-                    // violation, a memory file that shrank, a refused completion).
-                    let text = common::wire::printable(&text);
-                    return Err(FrameError::Fatal(anyhow!(
-                        "pagesrv ended the session ({code:?}): {text}"
-                    )));
-                }
-                other => {
-                    return Err(FrameError::Link(anyhow!(
-                        "unexpected {:?} frame on the urgent connection",
-                        other.kind()
-                    )));
-                }
-            }
-        }
-        Ok(())
     }
 
     fn on_vmm(&mut self, poll: &Poll) -> Result<()> {
@@ -706,7 +412,7 @@ impl FaultLoop<'_, '_> {
         let mut buf = [0u8; 256];
         loop {
             match (&*self.vmm).read(&mut buf) {
-                Ok(0) if self.serving() => {
+                Ok(0) if self.session.serving() => {
                     bail!("the VMM closed its socket before the migration completed")
                 }
                 Ok(0) => {
@@ -727,187 +433,76 @@ impl FaultLoop<'_, '_> {
     fn on_link_events(&mut self, poll: &Poll) -> Result<()> {
         while let Ok(event) = self.links.events.try_recv() {
             match event {
-                LinkEvent::BulkEnded { generation, result } => {
-                    let current = self
-                        .link
-                        .as_ref()
-                        .is_some_and(|l| l.generation == generation);
-                    match result {
-                        Ok(end) => debug!(generation, ?end, "bulk thread ended"),
-                        Err(e) if !e.is_link_failure() => {
-                            return Err(anyhow!(e).context("failed to place pushed pages"));
-                        }
-                        Err(e) if current && self.serving() => self.cut(poll, anyhow!(e)),
-                        Err(e) => debug!(generation, error = %e, "bulk thread ended"),
+                LinkEvent::BulkEnded { generation, result } => match result {
+                    Ok(end) => debug!(generation, ?end, "bulk thread ended"),
+                    Err(e) if !e.is_link_failure() => {
+                        return Err(anyhow!(e).context("failed to place pushed pages"));
                     }
-                }
+                    Err(e) if self.session.bulk_link_failed(generation) => {
+                        self.cut(poll, &chain(&e));
+                    }
+                    Err(e) => debug!(generation, error = %e, "bulk thread ended"),
+                },
                 LinkEvent::Connected(Ok(up)) => {
-                    if up.precopy && self.links.switch_announced() {
-                        bail!(
-                            "pagesrv wants to run precopy again after it switched and the guest here resumed: its discards would drop what the guest wrote"
-                        );
-                    }
-                    if up.precopy && !self.vm.kernel.can_drop_pages() {
-                        bail!(
-                            "pagesrv runs precopy rounds first, which needs the VMM's memfd and --placement memfd (pages sent early must be dropped when the source writes them again)"
-                        );
-                    }
-                    let in_precopy = matches!(self.stage, Stage::Precopy);
-                    if in_precopy && !up.precopy {
-                        bail!(
-                            "pagesrv no longer runs the precopy this guest started with: pages sent early cannot be checked against what the source wrote since"
-                        );
-                    }
-                    let link = self.links.open(up, poll.registry(), URGENT)?;
-                    let first_link = self.switched_in.is_none() && link.generation == 1;
-                    if link.precopy && matches!(self.stage, Stage::Migrating) && first_link {
-                        info!(
-                            "precopy: the source still runs; the guest here waits for the switch"
-                        );
-                        self.stage = Stage::Precopy;
-                    } else if !link.precopy {
-                        // The guest runs (it never waited, or the switch came): say so on
-                        // every later connection.
+                    let (link, state) = self.links.open(up, poll.registry(), URGENT)?;
+                    let (generation, sealed) = (state.generation, state.is_sealed());
+                    let told = self.links.switch_announced();
+                    let can_drop = self.vm.kernel.can_drop_pages();
+                    self.link = Some(link);
+                    if self.session.link_up(state, told, can_drop)? {
+                        // The guest runs: say so on every later connection.
                         self.links.pins.resumed = true;
                     }
                     // One line on stdout per link, for scripts and tests.
                     println!(
-                        "faultd link to pagesrv up (session {:016x}, generation {})",
-                        self.links.pins.session_id, link.generation
+                        "faultd link to pagesrv up (session {:016x}, generation {generation})",
+                        self.links.pins.session_id
                     );
                     info!(
-                        generation = link.generation,
-                        waiting_faults = self.core.pages_in_flight(),
-                        sealed = link.tx.is_sealed(),
+                        generation,
+                        waiting_faults = self.session.core.pages_in_flight(),
+                        sealed,
                         "link to pagesrv up"
                     );
-                    self.link = Some(link);
-                    self.release_held_faults();
                 }
                 LinkEvent::Connected(Err(e)) => return Err(e),
-                LinkEvent::Switched { generation } => self.on_switched(generation),
-                LinkEvent::Synced { generation } => {
-                    let Some(link) = self.link.as_mut() else {
-                        continue;
-                    };
-                    if link.generation == generation && link.awaiting_free {
-                        // The free pages are marked zero: faults on them fill locally.
-                        link.awaiting_free = false;
-                        self.release_held_faults();
+                LinkEvent::Switched { generation } => {
+                    if self.session.on_switched(generation, Instant::now()) {
+                        self.links.pins.resumed = true;
                     }
                 }
+                LinkEvent::Synced { generation } => self.session.on_synced(generation),
             }
         }
         Ok(())
     }
 
-    /// Whether faults may be requested: a link is up, its free pages are in (if they come
-    /// first) and no precopy holds the guest.
-    fn faults_released(&self) -> bool {
-        !matches!(self.stage, Stage::Precopy)
-            && self.link.as_ref().is_some_and(|l| !l.awaiting_free)
-    }
-
-    /// Once faults are released, requests (or fills) what faults were held for.
-    fn release_held_faults(&mut self) {
-        if self.faults_released() {
-            self.core.link_up();
-        }
-    }
-
-    /// The source paused and switched to postcopy: the guest here may resume (the pages
-    /// written after they were sent are dropped already, in order, by the bulk thread).
-    fn on_switched(&mut self, generation: u64) {
-        if !matches!(self.stage, Stage::Precopy) {
-            return;
-        }
-        let switched = self.started.elapsed();
-        self.switched_in = Some(switched);
-        self.stage = Stage::Migrating;
-        self.links.pins.resumed = true;
-        // Faults taken before the switch were held (a reply could race with a discard of the
-        // same page on the other connection): ask for their pages now.
-        self.release_held_faults();
-        let c = &self.vm.counters;
-        info!(
-            generation,
-            ms = switched.as_millis() as u64,
-            pages_present = self.vm.done.set_pages(),
-            pages_discarded = Counters::get(&c.pages_discarded),
-            "switched to postcopy: the guest may resume"
-        );
-    }
-
     /// After a fatal error: tell pagesrv, if it can be told at once, that this destination
     /// failed, so the source keeps the VM.
     fn tell_source_we_failed(&mut self, why: &anyhow::Error) {
-        let Some(link) = self.link.as_mut() else {
+        let (Some(link), Some(frames)) = (
+            self.link.as_mut(),
+            self.session.failure_frames(&format!("{why:#}")),
+        ) else {
             return;
         };
-        for message in self.core.pending.drain(..) {
-            link.tx.encode(&message, &[], &mut link.outbox);
-        }
-        let mut frame = std::mem::take(&mut link.outbox);
-        link.tx.encode(
-            &Message::Error {
-                code: ErrorCode::DestinationFailed,
-                text: format!("{why:#}"),
-            },
-            &[],
-            &mut frame,
-        );
         let sock = socket2::SockRef::from(&link.urgent);
         let _ = sock.set_nonblocking(false);
         let _ = sock.set_write_timeout(Some(self.config.liveness.timeout));
-        if let Err(e) = link.urgent.write_all(&frame) {
+        if let Err(e) = link.urgent.write_all(&frames) {
             debug!(error = %e, "could not tell pagesrv that this destination failed");
         }
     }
 }
 
-/// Why handling frames stopped.
-enum FrameError {
-    /// The link is bad: cut it and reconnect.
-    Link(anyhow::Error),
-    /// The VM cannot be served.
-    Fatal(anyhow::Error),
-}
-
-/// Compares pagesrv's per-chunk digests with what was placed here.
-fn compare_digests(vm: &Vm<UffdKernel>, theirs: &[u8]) -> Verdict {
-    let total = vm.total_pages();
-    let mut mismatched: Vec<Range<u64>> = Vec::new();
-    for (i, (ours, theirs)) in vm
-        .chunk_digests()
-        .into_iter()
-        .zip(theirs.chunks_exact(8))
-        .enumerate()
-    {
-        let theirs = u64::from_le_bytes(theirs.try_into().expect("8-byte chunks"));
-        if ours != theirs {
-            let chunk_pages = vm.digest_chunk_pages();
-            let first = i as u64 * chunk_pages;
-            let range = first..(first + chunk_pages).min(total);
-            match mismatched.last_mut() {
-                Some(last) if last.end == range.start => last.end = range.end,
-                _ => mismatched.push(range),
-            }
-        }
+/// An error with its causes, as one line (as anyhow's `{:#}` prints them).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
     }
-    if mismatched.is_empty() {
-        info!(
-            unverified_pages = vm.skipped.set_pages(),
-            "digests of every page match the source"
-        );
-        Verdict::Verified
-    } else {
-        for r in &mismatched {
-            error!(
-                first_page = r.start,
-                end_page = r.end,
-                "DIGEST MISMATCH: guest memory in these pages differs from the source"
-            );
-        }
-        Verdict::Mismatch(mismatched)
-    }
+    text
 }

@@ -4,7 +4,7 @@
 use common::metrics::{Histogram, Kind, Snapshot, pow2_us_buckets};
 use serde_json::Value;
 
-use crate::stats::LATENCY_BUCKETS;
+use crate::core::latency::LATENCY_BUCKETS;
 
 /// The phases faultd reports (`faultd_phase{phase=...}` is 1 for the current one).
 const PHASES: [&str; 7] = [

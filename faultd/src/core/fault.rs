@@ -26,8 +26,8 @@ use thiserror::Error;
 use tracing::{trace, warn};
 
 use super::kernel::{Kernel, VmEvent};
+use super::latency::LatencyRecorder;
 use super::vm::{Counters, Origin, Placed, Vm, ZeroPages};
-use crate::stats::LatencyRecorder;
 
 /// Fatal errors of the fault path: the VM cannot be served any more.
 #[derive(Debug, Error)]

@@ -117,6 +117,14 @@ pub trait Kernel: Sync {
     /// # Errors
     /// Pages cannot be dropped (no memfd) or the kernel refused.
     fn drop_pages(&self, first: u64, count: u64) -> Result<(), UffdError>;
+    /// Whether pages can be read back and dropped (memfd placement): what precopy needs.
+    fn can_drop_pages(&self) -> bool;
+    /// Every page is present: unregisters guest RAM (the VMM runs free of faultd from here;
+    /// threads that raced with it are woken).
+    ///
+    /// # Errors
+    /// The first region that could not be unregistered (the others are tried anyway).
+    fn unregister_all(&self) -> Result<(), UffdError>;
 }
 
 /// The real kernel: the VMM's userfaultfd and regions.
@@ -377,6 +385,20 @@ impl Kernel for UffdKernel {
             source: e.into(),
         })
     }
+
+    fn can_drop_pages(&self) -> bool {
+        self.memfd.is_some()
+    }
+
+    fn unregister_all(&self) -> Result<(), UffdError> {
+        let mut first_error = None;
+        for region in self.layout.regions() {
+            if let Err(e) = self.uffd.unregister(region.host_base.0, region.size_bytes) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
 }
 
 impl UffdKernel {
@@ -391,10 +413,5 @@ impl UffdKernel {
                 "precopy needs the VMM's memfd and --placement memfd",
             ),
         })
-    }
-
-    /// Whether pages can be read back and dropped (memfd placement): what precopy needs.
-    pub fn can_drop_pages(&self) -> bool {
-        self.memfd.is_some()
     }
 }

@@ -28,8 +28,14 @@
 
 pub mod fault;
 pub mod kernel;
+pub mod latency;
 pub mod push;
+pub mod session;
 pub mod vm;
 
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod session_tests;
 #[cfg(test)]
 mod tests;

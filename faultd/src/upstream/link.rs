@@ -25,16 +25,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use std::io::Write;
 
-use common::framed::{FrameEncoder, FrameReader};
+use common::framed::FrameEncoder;
 use common::netopt::Liveness;
-use common::wire::phase::DestUrgent;
-use common::wire::{MAX_PAYLOAD_BYTES, Message, PageRange};
+use common::wire::Message;
 use mio::{Interest, Registry, Token, Waker};
 use tracing::{debug, info, warn};
 
 use super::bulk::{BulkContext, BulkEnd, BulkError, receive_pushed_pages};
 use super::connect::{self, Pins, Target, Upstream};
 use crate::core::kernel::Kernel;
+use crate::core::session::{LinkState, encode_maps};
 use crate::core::vm::Vm;
 
 /// How often the connector says it is still waiting.
@@ -78,30 +78,14 @@ pub enum LinkEvent {
     },
 }
 
-/// An open link.
+/// An open link's sockets (its protocol state is the session's: `core::session::LinkState`).
 pub struct Link {
     /// Requests out, requested pages in (non-blocking, registered with the poll).
     pub urgent: mio::net::TcpStream,
-    /// Frames read from `urgent`.
-    pub reader: FrameReader,
-    /// Encodes (with a key: seals) what faultd sends on `urgent`, in order.
-    pub tx: FrameEncoder,
-    /// Encoded frames not yet written on `urgent`.
-    pub outbox: Vec<u8>,
-    /// Where the urgent conversation stands.
-    pub phase: DestUrgent,
     /// Which link this is (1 for the first).
     pub generation: u64,
-    /// When a frame last arrived on `urgent`.
-    pub last_rx: Instant,
-    /// When bytes were last written on `urgent`.
-    pub last_tx: Instant,
     /// Whether the poll also waits for `urgent` to become writable.
     pub writable_armed: bool,
-    /// Precopy rounds come first on this link.
-    pub precopy: bool,
-    /// The free pages come first on the bulk connection: no request before its `Sync`.
-    pub awaiting_free: bool,
     bulk: TcpStream,
     /// Extra bulk connections (`--streams`), shut down with the first.
     extra_bulk: Vec<TcpStream>,
@@ -164,11 +148,17 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
     }
 
     /// Puts a connected session to use: registers the urgent connection with `token` and
-    /// starts the bulk thread.
+    /// starts the bulk thread; returns the sockets and the urgent connection's protocol
+    /// state (for the session).
     ///
     /// # Errors
     /// Registering the socket failed.
-    pub fn open(&mut self, up: Box<Upstream>, registry: &Registry, token: Token) -> Result<Link> {
+    pub fn open(
+        &mut self,
+        up: Box<Upstream>,
+        registry: &Registry,
+        token: Token,
+    ) -> Result<(Link, LinkState)> {
         let Upstream {
             urgent,
             urgent_tx,
@@ -270,32 +260,32 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             streams = 1 + extra_handles.len(),
             "link open"
         );
-        let now = Instant::now();
-        Ok(Link {
-            urgent,
-            reader: urgent_reader,
-            tx: urgent_tx,
-            outbox: Vec::new(),
-            phase: DestUrgent::Serving,
+        let state = LinkState::new(
             generation,
-            last_rx: now,
-            last_tx: now,
-            writable_armed: false,
+            urgent_reader,
+            urgent_tx,
             precopy,
-            awaiting_free: free_first,
+            free_first,
+            Instant::now(),
+        );
+        let link = Link {
+            urgent,
+            generation,
+            writable_armed: false,
             bulk: bulk_handle,
             extra_bulk: extra_handles,
             bulk_stop,
-        })
+        };
+        Ok((link, state))
     }
 
     /// Drops a broken link (its bulk thread stops on its own) and starts reconnecting.
-    pub fn cut(&mut self, link: Link, registry: &Registry, why: &anyhow::Error) {
+    pub fn cut(&mut self, link: Link, registry: &Registry, why: &str) {
         self.cuts += 1;
         warn!(
             generation = link.generation,
             cuts = self.cuts,
-            error = %format!("{why:#}"),
+            error = %why,
             "lost the link to pagesrv; faults wait while it reconnects"
         );
         self.close(link, registry);
@@ -452,31 +442,4 @@ fn send_maps<K: Kernel>(
     tx.encode(&Message::MapEnd, &[], &mut frames);
     urgent.write_all(&frames)?;
     urgent.set_write_timeout(None)
-}
-
-/// Appends `DoneMap` frames for the pages already here and `SkipMap` frames for the pages
-/// removed before they arrived (empty stretches left out) to `out`: a bitmap, pages / 8
-/// bytes at most.
-pub fn encode_maps<K: Kernel>(vm: &Vm<K>, tx: &mut FrameEncoder, out: &mut Vec<u8>) {
-    let total = vm.total_pages();
-    let chunk_pages = (MAX_PAYLOAD_BYTES as u64) * 8;
-    let mut first = 0;
-    while first < total {
-        let count = chunk_pages.min(total - first);
-        let range = PageRange { first, count };
-        let skipped = vm.skipped.bitmap(first, count);
-        let mut held = vm.done.bitmap(first, count);
-        for (h, s) in held.iter_mut().zip(&skipped) {
-            *h &= !s;
-        }
-        for (message, bitmap) in [
-            (Message::DoneMap(range), held),
-            (Message::SkipMap(range), skipped),
-        ] {
-            if bitmap.iter().any(|&b| b != 0) {
-                tx.encode(&message, &bitmap, out);
-            }
-        }
-        first += count;
-    }
 }

@@ -1,0 +1,175 @@
+//! A fake kernel for the core's unit tests: guest memory in a vector, behaving as the kernel
+//! does where it bites: a REMOVE is queued as an event and makes every placement answer
+//! EAGAIN until it is read *and* the VMM's thread resumes; a page that is already present
+//! answers EEXIST (its bytes stay).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use common::uffd::UffdError;
+
+use super::kernel::{Installed, Kernel, VmEvent};
+
+/// Bytes per page of the fake.
+pub(super) const PAGE: u64 = 64;
+/// Pages of the fake's guest.
+pub(super) const PAGES: u64 = 32;
+
+#[derive(Default)]
+pub(super) struct FakeState {
+    /// Present pages and their bytes.
+    pub(super) memory: Vec<Option<Vec<u8>>>,
+    /// Events not yet read.
+    queue: VecDeque<VmEvent>,
+    /// Removals read whose VMM thread has not resumed: placements still get EAGAIN.
+    unresumed: Vec<(u64, u64)>,
+    /// Removals not yet read.
+    unread: usize,
+    pub(super) install_calls: u64,
+    pub(super) woken: Vec<u64>,
+    /// Guest RAM was unregistered (every page present).
+    pub(super) unregistered: bool,
+}
+
+pub(super) struct FakeKernel {
+    state: Mutex<FakeState>,
+}
+
+impl FakeKernel {
+    pub(super) fn new() -> Self {
+        FakeKernel {
+            state: Mutex::new(FakeState {
+                memory: vec![None; PAGES as usize],
+                ..FakeState::default()
+            }),
+        }
+    }
+
+    pub(super) fn st(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap()
+    }
+
+    /// The VMM calls madvise(DONTNEED): the event is queued, the VMM's thread blocks.
+    pub(super) fn remove(&self, first: u64, count: u64) {
+        let mut st = self.st();
+        st.queue.push_back(VmEvent::Removed { first, count });
+        st.unread += 1;
+    }
+
+    /// A vCPU touches a page.
+    pub(super) fn fault(&self, page: u64) {
+        self.st().queue.push_back(VmEvent::Fault {
+            page,
+            minor: false,
+            thread_id: 1,
+        });
+    }
+
+    /// The VMM's threads whose events were read resume: the zap happens, EAGAIN ends.
+    pub(super) fn resume_vmm(&self) {
+        let mut st = self.st();
+        for (first, count) in std::mem::take(&mut st.unresumed) {
+            for p in first..first + count {
+                st.memory[p as usize] = None;
+            }
+        }
+    }
+
+    pub(super) fn page(&self, p: u64) -> Option<Vec<u8>> {
+        self.st().memory[p as usize].clone()
+    }
+
+    pub(super) fn place_pages(
+        &self,
+        first: u64,
+        pages: Vec<Vec<u8>>,
+    ) -> Result<Installed, UffdError> {
+        let mut st = self.st();
+        st.install_calls += 1;
+        if st.unread > 0 || !st.unresumed.is_empty() {
+            return Ok(Installed {
+                again: true,
+                ..Installed::default()
+            });
+        }
+        let mut installed = Installed::all(pages.len() as u64);
+        for (p, bytes) in (first..).zip(pages) {
+            match &st.memory[p as usize] {
+                Some(_) => installed.existing.push(p),
+                None => st.memory[p as usize] = Some(bytes),
+            }
+            st.woken.push(p);
+        }
+        Ok(installed)
+    }
+}
+
+impl Kernel for FakeKernel {
+    fn page_size(&self) -> u64 {
+        PAGE
+    }
+
+    fn total_pages(&self) -> u64 {
+        PAGES
+    }
+
+    fn read_events(&self, out: &mut Vec<VmEvent>) -> Result<(), UffdError> {
+        let mut st = self.st();
+        while let Some(event) = st.queue.pop_front() {
+            if let VmEvent::Removed { first, count } = event {
+                st.unread -= 1;
+                st.unresumed.push((first, count));
+            }
+            out.push(event);
+        }
+        Ok(())
+    }
+
+    fn install(&self, first: u64, data: &[u8]) -> Result<Installed, UffdError> {
+        let pages = data.chunks(PAGE as usize).map(<[u8]>::to_vec).collect();
+        self.place_pages(first, pages)
+    }
+
+    fn install_zero(&self, first: u64, count: u64) -> Result<Installed, UffdError> {
+        self.place_pages(first, vec![vec![0; PAGE as usize]; count as usize])
+    }
+
+    fn map_cached(&self, _page: u64) -> Result<Installed, UffdError> {
+        Ok(Installed::all(1))
+    }
+
+    fn wake(&self, first: u64, count: u64) -> Result<(), UffdError> {
+        self.st().woken.extend(first..first + count);
+        Ok(())
+    }
+
+    fn writes_page_cache(&self) -> bool {
+        false
+    }
+
+    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), UffdError> {
+        let st = self.st();
+        let bytes = st.memory[page as usize]
+            .clone()
+            .unwrap_or(vec![0; PAGE as usize]);
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    fn drop_pages(&self, first: u64, count: u64) -> Result<(), UffdError> {
+        let mut st = self.st();
+        for p in first..first + count {
+            st.memory[p as usize] = None;
+        }
+        Ok(())
+    }
+
+    fn can_drop_pages(&self) -> bool {
+        true
+    }
+
+    fn unregister_all(&self) -> Result<(), UffdError> {
+        self.st().unregistered = true;
+        Ok(())
+    }
+}
