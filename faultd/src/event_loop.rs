@@ -13,27 +13,26 @@
 //! kernel refuses, a final refusal by pagesrv or `--reconnect-timeout` end the migration
 //! early; pagesrv is then told (`Error{DestinationFailed}`) so the source keeps the VM.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use common::control::ControlServer;
-use common::working_set::WorkingSet;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use serde_json::{Value, json};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::core::kernel::{Kernel, UffdKernel};
 pub use crate::core::session::Verdict;
-use crate::core::session::{AfterCut, DestSession, FrameError};
-use crate::core::vm::{Counters, Vm};
+use crate::core::session::{AfterCut, DestSession, FrameError, error_chain as chain};
+use crate::core::vm::Vm;
 use crate::stats::Stats;
-use crate::upstream::link::{Link, LinkConfig, LinkEvent, Links, SwitchAnnouncer};
+use crate::upstream::link::{Link, LinkConfig, LinkEvent, Links};
 
 const UFFD: Token = Token(0);
 const URGENT: Token = Token(1);
@@ -65,7 +64,13 @@ pub fn run(
     std::thread::scope(|s| {
         let mut fl = FaultLoop {
             vm,
-            links: Links::new(s, vm, waker, config, switch_announcer(vm, &options.control)),
+            links: Links::new(
+                s,
+                vm,
+                waker,
+                config,
+                crate::status::switch_announcer(vm, &options.control),
+            ),
             session: DestSession::new(vm, options.verify, config.liveness, started),
             link: None,
             config,
@@ -84,7 +89,8 @@ pub fn run(
         fl.failed = result.is_err();
         fl.publish_status_now();
         if let Some(path) = &options.record_working_set {
-            save_working_set(vm, &fl, path);
+            let pages = fl.session.core.working_set();
+            crate::stats::save_working_set(vm, pages, fl.links.pins.image_id, path);
         }
         if let Some(control) = &fl.control {
             let event = match &result {
@@ -102,74 +108,8 @@ pub fn run(
         }
         let verdict = result?;
         fl.session.core.resolve_all();
-        let duration = fl
-            .session
-            .completed_in()
-            .unwrap_or_else(|| started.elapsed());
-        let mut stats = Stats::collect(
-            vm,
-            fl.session.core.faults,
-            &fl.session.core.latencies,
-            duration,
-            &verdict,
-            fl.links.cuts,
-        );
-        stats.switched_ms = fl.session.switched_in().map(|d| d.as_secs_f64() * 1000.0);
-        let since_completed = started.elapsed().saturating_sub(duration);
-        stats.completed_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .saturating_sub(since_completed)
-            .as_secs_f64()
-            * 1000.0;
+        let stats = Stats::of_session(vm, &fl.session, &verdict, fl.links.cuts, started);
         Ok(Report { stats, verdict })
-    })
-}
-
-/// Writes the pages the guest faulted on to `path` (a failure is logged: the migration's
-/// outcome does not depend on it).
-fn save_working_set(vm: &Vm<UffdKernel>, fl: &FaultLoop<'_, '_>, path: &Path) {
-    let Some(pages) = fl.session.core.working_set() else {
-        return;
-    };
-    if pages.is_empty() || fl.links.pins.image_id == 0 {
-        // Nothing recorded, or never linked to pagesrv (no image to tie it to): an earlier
-        // recording in that file is worth more than an empty one.
-        warn!(file = %path.display(), "no working set recorded: the file is left as it was");
-        return;
-    }
-    let set = WorkingSet {
-        page_size: u32::try_from(vm.page_size()).unwrap_or(u32::MAX),
-        total_pages: vm.total_pages(),
-        image_id: fl.links.pins.image_id,
-        pages: pages.to_vec(),
-    };
-    match set.write(path) {
-        Ok(()) => info!(
-            pages = set.pages.len(),
-            file = %path.display(),
-            "recorded the working set"
-        ),
-        Err(e) => warn!(error = %e, "failed to record the working set"),
-    }
-}
-
-/// Tells the VMM that its guest may resume (the links do it once): one line on stdout for
-/// scripts, and the `switched` event for orchestrators.
-fn switch_announcer<'env>(
-    vm: &'env Vm<UffdKernel>,
-    control: &Option<Arc<ControlServer>>,
-) -> SwitchAnnouncer<'env> {
-    let control = control.clone();
-    Arc::new(move || {
-        println!("faultd switched to postcopy: resume the guest");
-        if let Some(control) = &control {
-            control.emit_sticky(&json!({
-                "event": "switched",
-                "pages_present": vm.done.set_pages(),
-                "pages_discarded": Counters::get(&vm.counters.pages_discarded),
-            }));
-        }
     })
 }
 
@@ -285,32 +225,11 @@ impl FaultLoop<'_, '_> {
             return;
         }
         self.status_at = Instant::now();
-        let c = &self.vm.counters;
-        let core = &self.session.core;
-        let (latency_buckets, latency_sum) = core.latencies.live();
-        let status = json!({
-            "status": {
-                "phase": if self.failed { "failed" } else { self.session.stage_name() },
-                "pages_total": self.vm.total_pages(),
-                "pages_present": self.vm.done.set_pages(),
-                "faults": core.faults,
-                "faults_waiting": core.pages_in_flight(),
-                "bytes_received": Counters::get(&c.bytes_received),
-                "bytes_precopy": Counters::get(&c.bytes_precopy),
-                "pages_discarded": Counters::get(&c.pages_discarded),
-                "reconnects": self.links.cuts,
-                "link_up": self.link.is_some(),
-                "demand_faults": Counters::get(&c.demand_faults),
-                "pages_requested": Counters::get(&c.pages_requested),
-                "pages_pushed": Counters::get(&c.pages_pushed),
-                "pages_zero": Counters::get(&c.pages_zero),
-                "pages_removed": Counters::get(&c.pages_removed),
-                "pages_reused": Counters::get(&c.pages_reused),
-                "fault_latency_buckets_us": latency_buckets,
-                "fault_latency_sum_seconds": latency_sum,
-                "verdict": self.session.verdict().map_or(Value::Null, |v| Value::from(v.name())),
-            }
-        });
+        let link = crate::status::LinkStatus {
+            reconnects: self.links.cuts,
+            up: self.link.is_some(),
+        };
+        let status = crate::status::status_json(self.vm, &self.session, link, self.failed);
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
     }
 
@@ -409,25 +328,13 @@ impl FaultLoop<'_, '_> {
         if !self.vmm_watched {
             return Ok(());
         }
-        let mut buf = [0u8; 256];
-        loop {
-            match (&*self.vmm).read(&mut buf) {
-                Ok(0) if self.session.serving() => {
-                    bail!("the VMM closed its socket before the migration completed")
-                }
-                Ok(0) => {
-                    // The guest no longer needs us; the verdict still goes to the source.
-                    let fd = self.vmm.as_raw_fd();
-                    let _ = poll.registry().deregister(&mut SourceFd(&fd));
-                    self.vmm_watched = false;
-                    return Ok(());
-                }
-                Ok(n) => warn!(bytes = n, "ignoring unexpected bytes from the VMM"),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e).context("the VMM's socket failed"),
-            }
+        if crate::vmm::read_vmm_socket(self.vmm, self.session.serving())? {
+            // The guest no longer needs us; the verdict still goes to the source.
+            let fd = self.vmm.as_raw_fd();
+            let _ = poll.registry().deregister(&mut SourceFd(&fd));
+            self.vmm_watched = false;
         }
+        Ok(())
     }
 
     fn on_link_events(&mut self, poll: &Poll) -> Result<()> {
@@ -480,29 +387,9 @@ impl FaultLoop<'_, '_> {
     /// After a fatal error: tell pagesrv, if it can be told at once, that this destination
     /// failed, so the source keeps the VM.
     fn tell_source_we_failed(&mut self, why: &anyhow::Error) {
-        let (Some(link), Some(frames)) = (
-            self.link.as_mut(),
-            self.session.failure_frames(&format!("{why:#}")),
-        ) else {
-            return;
-        };
-        let sock = socket2::SockRef::from(&link.urgent);
-        let _ = sock.set_nonblocking(false);
-        let _ = sock.set_write_timeout(Some(self.config.liveness.timeout));
-        if let Err(e) = link.urgent.write_all(&frames) {
-            debug!(error = %e, "could not tell pagesrv that this destination failed");
+        let frames = self.session.failure_frames(&format!("{why:#}"));
+        if let (Some(link), Some(frames)) = (self.link.as_mut(), frames) {
+            link.send_blocking(&frames, self.config.liveness.timeout);
         }
     }
-}
-
-/// An error with its causes, as one line (as anyhow's `{:#}` prints them).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

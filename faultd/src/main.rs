@@ -13,6 +13,7 @@ mod core;
 mod event_loop;
 mod metrics;
 mod stats;
+mod status;
 mod upstream;
 mod vmm;
 

@@ -73,6 +73,29 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// The stats of a session that ended with `verdict` (`cuts`: links lost; `started`:
+    /// when the migration began).
+    pub fn of_session<K: Kernel>(
+        vm: &Vm<K>,
+        session: &crate::core::session::DestSession<'_, K>,
+        verdict: &Verdict,
+        cuts: u64,
+        started: std::time::Instant,
+    ) -> Self {
+        let duration = session.completed_in().unwrap_or_else(|| started.elapsed());
+        let core = &session.core;
+        let mut stats = Stats::collect(vm, core.faults, &core.latencies, duration, verdict, cuts);
+        stats.switched_ms = session.switched_in().map(|d| d.as_secs_f64() * 1000.0);
+        let since_completed = started.elapsed().saturating_sub(duration);
+        stats.completed_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_sub(since_completed)
+            .as_secs_f64()
+            * 1000.0;
+        stats
+    }
+
     /// Collects the stats of a migration.
     pub fn collect<K: Kernel>(
         vm: &Vm<K>,
@@ -127,5 +150,34 @@ impl Stats {
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
         common::atomic_file::write(path, &text)
+    }
+}
+
+/// Writes the pages the guest faulted on (`pages`, from `--record-working-set`) to `path`,
+/// tied to image `image_id` (a failure is logged: the migration's outcome does not depend
+/// on it).
+pub fn save_working_set<K: Kernel>(vm: &Vm<K>, pages: Option<&[u64]>, image_id: u64, path: &Path) {
+    let Some(pages) = pages else {
+        return;
+    };
+    if pages.is_empty() || image_id == 0 {
+        // Nothing recorded, or never linked to pagesrv (no image to tie it to): an earlier
+        // recording in that file is worth more than an empty one.
+        tracing::warn!(file = %path.display(), "no working set recorded: the file is left as it was");
+        return;
+    }
+    let set = common::working_set::WorkingSet {
+        page_size: u32::try_from(vm.page_size()).unwrap_or(u32::MAX),
+        total_pages: vm.total_pages(),
+        image_id,
+        pages: pages.to_vec(),
+    };
+    match set.write(path) {
+        Ok(()) => tracing::info!(
+            pages = set.pages.len(),
+            file = %path.display(),
+            "recorded the working set"
+        ),
+        Err(e) => tracing::warn!(error = %e, "failed to record the working set"),
     }
 }

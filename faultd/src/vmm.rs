@@ -83,6 +83,27 @@ pub fn accept_vmm(
     Ok((vmm, UffdKernel::new(layout, uffd, memfd)))
 }
 
+/// Reads what the VMM's socket (non-blocking) holds: the VMM sends nothing after its
+/// handshake, so only its end matters. Returns whether it closed; an error if it closed
+/// while the guest still depends on faultd (`serving`).
+///
+/// # Errors
+/// The VMM went away mid-migration, or its socket failed.
+pub fn read_vmm_socket(vmm: &UnixStream, serving: bool) -> Result<bool> {
+    use std::io::{ErrorKind, Read};
+    let mut buf = [0u8; 256];
+    loop {
+        match (&*vmm).read(&mut buf) {
+            Ok(0) if serving => bail!("the VMM closed its socket before the migration completed"),
+            Ok(0) => return Ok(true),
+            Ok(n) => tracing::warn!(bytes = n, "ignoring unexpected bytes from the VMM"),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("the VMM's socket failed"),
+        }
+    }
+}
+
 /// This host's memory plus swap (`/proc/meminfo`), if it can be read.
 fn host_memory_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

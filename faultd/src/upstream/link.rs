@@ -92,6 +92,19 @@ pub struct Link {
     bulk_stop: Arc<AtomicBool>,
 }
 
+impl Link {
+    /// Writes `frames` on the urgent connection, blocking up to `timeout` (the last words of
+    /// a destination that failed); a failure is logged.
+    pub fn send_blocking(&mut self, frames: &[u8], timeout: Duration) {
+        let sock = socket2::SockRef::from(&self.urgent);
+        let _ = sock.set_nonblocking(false);
+        let _ = sock.set_write_timeout(Some(timeout));
+        if let Err(e) = self.urgent.write_all(frames) {
+            debug!(error = %e, "could not tell pagesrv that this destination failed");
+        }
+    }
+}
+
 /// Helper-thread plumbing shared by every link.
 pub struct Links<'scope, 'env, K> {
     scope: &'scope Scope<'scope, 'env>,

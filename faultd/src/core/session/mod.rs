@@ -23,134 +23,27 @@
 //! - precopy on a new link is refused once the guest was told to resume, without a memfd
 //!   to drop pages from, or when the source stopped running the precopy this guest began.
 
-use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use common::framed::{FrameEncoder, FrameReader};
 use common::netopt::Liveness;
-use common::uffd::UffdError;
 use common::wire::phase::{DestUrgent, Phase};
-use common::wire::{
-    ErrorCode, Kind, MAX_PAYLOAD_BYTES, Message, PageRange, RANGE_FRAME_BYTES, WireError,
-};
-use thiserror::Error;
-use tracing::{debug, error, info, warn};
+use common::wire::{ErrorCode, Message, RANGE_FRAME_BYTES};
+use tracing::{debug, info, warn};
 
-use super::fault::{FaultCore, FaultError};
+mod errors;
+mod verify;
+
+pub use errors::{AfterCut, FrameError, LinkFault, SessionError, error_chain};
+pub use verify::{Verdict, encode_maps};
+
+use super::fault::FaultCore;
 use super::kernel::{Kernel, VmEvent};
 use super::vm::{Counters, Vm};
+use verify::compare_digests;
 
 /// How soon work deferred by EAGAIN is retried when no event arrives.
 pub const DEFERRED_RETRY: Duration = Duration::from_millis(1);
-
-/// The end-to-end check of every page against the source.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Every page that arrived matches the source.
-    Verified,
-    /// These page ranges differ from the source.
-    Mismatch(Vec<Range<u64>>),
-    /// Not checked (`--no-verify`).
-    NotVerified,
-}
-
-impl Verdict {
-    /// As the stats and events name it.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Verdict::Verified => "match",
-            Verdict::Mismatch(_) => "mismatch",
-            Verdict::NotVerified => "not verified",
-        }
-    }
-}
-
-/// Why a link must be cut (faultd reconnects).
-#[derive(Debug, Error)]
-pub enum LinkFault {
-    /// A frame that does not decode (or does not open).
-    #[error("pagesrv sent a bad frame")]
-    BadFrame(#[source] WireError),
-    /// A frame out of the conversation's order.
-    #[error("pagesrv broke the protocol")]
-    Protocol(#[source] WireError),
-    /// A frame that has no business on the urgent connection.
-    #[error("unexpected {0:?} frame on the urgent connection")]
-    Unexpected(Kind),
-    /// Digests in chunks other than the ones asked for.
-    #[error("pagesrv sent digests of {theirs}-page chunks, not {ours}")]
-    DigestChunks {
-        /// Theirs.
-        theirs: u64,
-        /// Ours.
-        ours: u64,
-    },
-    /// No frame for the link timeout.
-    #[error("no frame from pagesrv for {secs:.1} s (--link-timeout)")]
-    Silent {
-        /// How long.
-        secs: f64,
-    },
-    /// pagesrv closed the urgent connection.
-    #[error("pagesrv closed the urgent connection")]
-    Closed,
-}
-
-/// Why the session cannot go on: the migration fails (pagesrv is told, the source keeps
-/// the VM).
-#[derive(Debug, Error)]
-pub enum SessionError {
-    /// Reading or handling the guest's faults failed.
-    #[error("failed to serve faults")]
-    Faults(#[source] FaultError),
-    /// The last events, read after unregistering, could not be read.
-    #[error("failed to read the last events")]
-    LastEvents(#[source] UffdError),
-    /// A requested page could not be placed.
-    #[error("failed to place requested pages")]
-    Reply(#[source] FaultError),
-    /// pagesrv ended the session for good.
-    #[error("pagesrv ended the session ({code:?}): {text}")]
-    Ended {
-        /// Its code.
-        code: ErrorCode,
-        /// Its text (made safe to log).
-        text: String,
-    },
-    /// A new link wants precopy after the guest was told to resume.
-    #[error(
-        "pagesrv wants to run precopy again after it switched and the guest here resumed: its discards would drop what the guest wrote"
-    )]
-    PrecopyAfterSwitch,
-    /// A new link wants precopy and pages cannot be dropped here.
-    #[error(
-        "pagesrv runs precopy rounds first, which needs the VMM's memfd and --placement memfd (pages sent early must be dropped when the source writes them again)"
-    )]
-    PrecopyWithoutMemfd,
-    /// The guest waits for a switch that a new link no longer offers.
-    #[error(
-        "pagesrv no longer runs the precopy this guest started with: pages sent early cannot be checked against what the source wrote since"
-    )]
-    PrecopyGone,
-}
-
-/// Why handling frames stopped.
-#[derive(Debug)]
-pub enum FrameError {
-    /// The link is bad: cut it and reconnect.
-    Link(LinkFault),
-    /// The VM cannot be served.
-    Fatal(SessionError),
-}
-
-/// What the pump does with a link the session let go of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AfterCut {
-    /// Reconnect: the session goes on.
-    Reconnect,
-    /// Close it and do not reconnect: the session is done.
-    Close,
-}
 
 /// The urgent connection's protocol state on one link (the sockets are the pump's).
 #[derive(Debug)]
@@ -670,71 +563,5 @@ impl<'e, K: Kernel> DestSession<'e, K> {
             &mut frames,
         );
         Some(frames)
-    }
-}
-
-/// Appends `DoneMap` frames for the pages already here and `SkipMap` frames for the pages
-/// removed before they arrived (empty stretches left out) to `out`: a bitmap, pages / 8
-/// bytes at most.
-pub fn encode_maps<K: Kernel>(vm: &Vm<K>, tx: &mut FrameEncoder, out: &mut Vec<u8>) {
-    let total = vm.total_pages();
-    let chunk_pages = (MAX_PAYLOAD_BYTES as u64) * 8;
-    let mut first = 0;
-    while first < total {
-        let count = chunk_pages.min(total - first);
-        let range = PageRange { first, count };
-        let skipped = vm.skipped.bitmap(first, count);
-        let mut held = vm.done.bitmap(first, count);
-        for (h, s) in held.iter_mut().zip(&skipped) {
-            *h &= !s;
-        }
-        for (message, bitmap) in [
-            (Message::DoneMap(range), held),
-            (Message::SkipMap(range), skipped),
-        ] {
-            if bitmap.iter().any(|&b| b != 0) {
-                tx.encode(&message, &bitmap, out);
-            }
-        }
-        first += count;
-    }
-}
-
-/// Compares pagesrv's per-chunk digests with what was placed here.
-fn compare_digests<K: Kernel>(vm: &Vm<K>, theirs: &[u8]) -> Verdict {
-    let total = vm.total_pages();
-    let mut mismatched: Vec<Range<u64>> = Vec::new();
-    for (i, (ours, theirs)) in vm
-        .chunk_digests()
-        .into_iter()
-        .zip(theirs.chunks_exact(8))
-        .enumerate()
-    {
-        let theirs = u64::from_le_bytes(theirs.try_into().expect("8-byte chunks"));
-        if ours != theirs {
-            let chunk_pages = vm.digest_chunk_pages();
-            let first = i as u64 * chunk_pages;
-            let range = first..(first + chunk_pages).min(total);
-            match mismatched.last_mut() {
-                Some(last) if last.end == range.start => last.end = range.end,
-                _ => mismatched.push(range),
-            }
-        }
-    }
-    if mismatched.is_empty() {
-        info!(
-            unverified_pages = vm.skipped.set_pages(),
-            "digests of every page match the source"
-        );
-        Verdict::Verified
-    } else {
-        for r in &mismatched {
-            error!(
-                first_page = r.start,
-                end_page = r.end,
-                "DIGEST MISMATCH: guest memory in these pages differs from the source"
-            );
-        }
-        Verdict::Mismatch(mismatched)
     }
 }
