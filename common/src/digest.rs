@@ -4,6 +4,9 @@
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+/// Bytes of a page hash ([`page_hash`]): XXH3-128.
+pub const PAGE_HASH_BYTES: usize = 16;
+
 /// True when every byte is zero. Checks the first word first (most data pages fail there),
 /// then OR-reduces 256-byte blocks, which the compiler vectorises.
 pub fn is_zero(bytes: &[u8]) -> bool {
@@ -48,7 +51,7 @@ pub fn run_digest(first: u64, bytes: &[u8], page_size: usize) -> u64 {
 /// The hash of a page offered to a destination that holds a base image: XXH3-128 seeded
 /// with the session id (random, never seen by the guest, so a guest cannot prepare a page
 /// that collides with one of the base's), little-endian.
-pub fn page_hash(seed: u64, bytes: &[u8]) -> [u8; crate::wire::PAGE_HASH_BYTES] {
+pub fn page_hash(seed: u64, bytes: &[u8]) -> [u8; PAGE_HASH_BYTES] {
     xxhash_rust::xxh3::xxh3_128_with_seed(bytes, seed).to_le_bytes()
 }
 

@@ -100,7 +100,9 @@ impl FrameReader {
         let body_start = self.start + HEADER_LEN;
         let frame_end = self.start + frame_len;
         let body_len = match &mut self.opener {
-            Some(opener) => opener.open(&header_bytes, &mut self.buf[body_start..frame_end])?,
+            Some(opener) => opener
+                .open(&header_bytes, &mut self.buf[body_start..frame_end])
+                .map_err(|e| WireError::Unauthentic { counter: e.counter })?,
             None => header.wire_len,
         };
         let body_end = body_start + body_len;
@@ -565,7 +567,7 @@ mod tests {
         let (got, err) = read_all(&mut reader, &[first, first].concat());
         assert_eq!(got.len(), 1);
         assert!(
-            matches!(err, Some(ReadError::Wire(WireError::Unauthentic(_)))),
+            matches!(err, Some(ReadError::Wire(WireError::Unauthentic { .. }))),
             "{err:?}"
         );
         // The second frame first: reordered.
@@ -573,7 +575,7 @@ mod tests {
         let (got, err) = read_all(&mut reader, &wire[ends[0]..ends[1]]);
         assert!(got.is_empty());
         assert!(
-            matches!(err, Some(ReadError::Wire(WireError::Unauthentic(_)))),
+            matches!(err, Some(ReadError::Wire(WireError::Unauthentic { .. }))),
             "{err:?}"
         );
         // A frame sealed for another connection (other keys).
@@ -583,7 +585,7 @@ mod tests {
         let (got, err) = read_all(&mut reader, &foreign);
         assert!(got.is_empty());
         assert!(
-            matches!(err, Some(ReadError::Wire(WireError::Unauthentic(_)))),
+            matches!(err, Some(ReadError::Wire(WireError::Unauthentic { .. }))),
             "{err:?}"
         );
     }

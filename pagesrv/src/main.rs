@@ -326,13 +326,14 @@ fn run(cli: Cli) -> Result<server::Verdict> {
             common::metrics::MetricsServer::start(addr, Arc::new(move || published.snapshot()))?;
         info!(addr = %server.addr(), "serving metrics");
     }
-    let events = Events(
-        cli.control
+    let events = Events {
+        control: cli
+            .control
             .as_deref()
             .map(|path| control_server(path, precopy.clone()))
             .transpose()?,
-        published,
-    );
+        metrics: published,
+    };
     serve(&vms, &config, precopy, source_vmm, events)
 }
 

@@ -9,28 +9,30 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing::info;
 
-use crate::session::{Outcome, Session};
+use crate::session::{EventSink, Outcome, Session};
 
 /// Events for orchestrators on the control socket (`--control`), if there is one, and the
 /// figures the metrics endpoint (`--metrics-listen`) shows, if it runs.
 #[derive(Debug, Clone, Default)]
-pub struct Events(
-    pub Option<std::sync::Arc<common::control::ControlServer>>,
-    pub Option<std::sync::Arc<crate::metrics::Published>>,
-);
+pub struct Events {
+    /// The control socket.
+    pub control: Option<std::sync::Arc<common::control::ControlServer>>,
+    /// The metrics endpoint's figures.
+    pub metrics: Option<std::sync::Arc<crate::metrics::Published>>,
+}
 
-impl Events {
+impl EventSink for Events {
     /// Sends `event` to every control client.
-    pub fn emit(&self, event: serde_json::Value) {
-        if let Some(control) = &self.0 {
+    fn emit(&self, event: serde_json::Value) {
+        if let Some(control) = &self.control {
             control.emit(&event);
         }
     }
 
     /// Sends an event that marks a state (converged, switched, completed, failed): clients
     /// that connect later get it too.
-    pub fn emit_sticky(&self, event: serde_json::Value) {
-        if let Some(control) = &self.0 {
+    fn emit_sticky(&self, event: serde_json::Value) {
+        if let Some(control) = &self.control {
             control.emit_sticky(&event);
         }
     }
@@ -38,10 +40,14 @@ impl Events {
 
 /// Shows progress until `done` is dropped: a bar on a terminal, a line every 2 s otherwise;
 /// with the metrics endpoint, publishes the session's figures every 100 ms too.
-pub fn report_progress(session: &Session<'_>, done: mpsc::Receiver<()>) {
+pub fn report_progress(
+    session: &Session<'_>,
+    published: Option<&crate::metrics::Published>,
+    done: mpsc::Receiver<()>,
+) {
     let total = session.total_pages();
     let publish = || {
-        if let Some(published) = session.published() {
+        if let Some(published) = published {
             published.session(session);
         }
     };
@@ -65,7 +71,7 @@ pub fn report_progress(session: &Session<'_>, done: mpsc::Receiver<()>) {
         bar.finish_and_clear();
     } else {
         // A line every 2 s; with metrics, fresh figures every 100 ms between them.
-        let ticks_per_line = if session.published().is_some() { 20 } else { 1 };
+        let ticks_per_line = if published.is_some() { 20 } else { 1 };
         let period = Duration::from_secs(2) / ticks_per_line;
         let mut ticks = 0u32;
         while tick(period) {

@@ -66,6 +66,7 @@ use crate::handshake::{Admitted, HANDSHAKE_DEADLINE};
 use crate::precopy::Precopy;
 use crate::report::Events;
 use crate::report::{print_summary, report_progress};
+use crate::session::EventSink;
 use crate::session::{Outcome, Session, SessionConfig, Switch, error_chain};
 
 /// Send buffer of the bulk connection: small enough that pre-paging takes effect quickly.
@@ -382,7 +383,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     fn conclude(&mut self, index: usize, session: &Session<'_>, outcome: Outcome) {
         print_summary(session, &outcome);
         let bytes = session.stats.bytes_sent.load(Ordering::Relaxed);
-        if let Some(published) = session.published() {
+        if let Some(published) = &self.events.metrics {
             published.ended(session.vm, &outcome, session.verified(), bytes);
         }
         let slot = &mut self.slots[index];
@@ -682,9 +683,10 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             (vm.name, pending.welcome.session_id),
             self.config.session.clone(),
             switch,
-            self.events.clone(),
+            Arc::new(self.events.clone()),
         ));
         let (tx, session_for_thread) = (self.notify.clone(), session.clone());
+        let published = self.events.metrics.clone();
         let Admitted {
             conn,
             greeted,
@@ -702,7 +704,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             .entered();
             let outcome = std::thread::scope(|s| {
                 let (done_tx, done_rx) = mpsc::channel::<()>();
-                let reporter = s.spawn(|| report_progress(&session, done_rx));
+                let reporter = s.spawn(|| report_progress(&session, published.as_deref(), done_rx));
                 let outcome = session.run(conn, reader, urgent_tx, bulk);
                 drop(done_tx);
                 let _ = reporter.join();

@@ -158,9 +158,14 @@ pub enum WireError {
     /// A frame that is not allowed at this point of the conversation.
     #[error("unexpected {0:?} frame")]
     Unexpected(Kind),
-    /// A sealed frame that failed authentication ([`crate::seal`]).
-    #[error(transparent)]
-    Unauthentic(#[from] crate::seal::TagMismatch),
+    /// A sealed frame that failed authentication (the channel's seal, `crate::seal`).
+    #[error(
+        "frame {counter} failed authentication (tampered, replayed, reordered or from another connection)"
+    )]
+    Unauthentic {
+        /// The frame's position in its direction.
+        counter: u64,
+    },
     /// [`Decoder::decode`] was given a sealed stream (open frames with a `FrameReader`).
     #[error("a sealed stream cannot be decoded without opening its frames")]
     Sealed,
@@ -547,7 +552,7 @@ pub const FLAG_FREE: u32 = 8;
 /// by a source that does not know it) takes the secret of this connection's handshake.
 pub const FLAG_PROVEN: u32 = 32;
 /// Bytes of a page hash in `PageHashes`: XXH3-128 seeded with the session id.
-pub const PAGE_HASH_BYTES: usize = 16;
+pub use crate::digest::PAGE_HASH_BYTES;
 
 /// A peer's text (an `Error` frame's) made safe to log: control characters (newlines
 /// included) escaped, so it cannot forge log lines or drive a terminal.

@@ -32,7 +32,6 @@ use tracing::{debug, info, warn};
 use crate::precopy::Precopy;
 use crate::prepage::{Policy, Prepager};
 use crate::push_order::PushScheduler;
-use crate::report::Events;
 use crate::source::{Paged, Piece};
 
 mod base;
@@ -157,8 +156,8 @@ pub struct Session<'a> {
     digests_sent: AtomicBool,
     /// Precopy, if any.
     switch: Switch,
-    /// Control-socket events.
-    events: Events,
+    /// Where the session's events go (the control socket's clients).
+    events: std::sync::Arc<dyn EventSink>,
     /// Priority-inheriting: the urgent thread (SCHED_FIFO) takes it after each reply.
     push_order: PiMutex<PushScheduler>,
     stop: AtomicBool,
@@ -179,6 +178,15 @@ pub struct Session<'a> {
     started: Instant,
 }
 
+/// Where a session's events go (for orchestrators: precopy rounds, the switch); a narrow
+/// seam, so the session knows nothing of the control socket or the metrics.
+pub trait EventSink: Send + Sync {
+    /// An event that passes.
+    fn emit(&self, event: serde_json::Value);
+    /// An event that marks a state: clients that come later get it too.
+    fn emit_sticky(&self, event: serde_json::Value);
+}
+
 impl<'a> Session<'a> {
     /// A new session over `source`, VM `vm`'s memory, with session id `id`.
     pub fn new(
@@ -186,7 +194,7 @@ impl<'a> Session<'a> {
         (vm, id): (VmName, u64),
         config: SessionConfig,
         switch: Switch,
-        events: Events,
+        events: std::sync::Arc<dyn EventSink>,
     ) -> Self {
         Session {
             source,
@@ -219,11 +227,6 @@ impl<'a> Session<'a> {
             config,
             started: Instant::now(),
         }
-    }
-
-    /// Where to publish figures for the metrics endpoint, if it runs.
-    pub fn published(&self) -> Option<&crate::metrics::Published> {
-        self.events.1.as_deref()
     }
 
     /// Pages pushed first from the recorded working set (`--prefetch`): as of the pusher's
