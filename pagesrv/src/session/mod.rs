@@ -21,10 +21,8 @@ use common::framed::{FrameEncoder, FrameReader, ReadError};
 use common::netopt::Liveness;
 use common::pagemap::PageMap;
 use common::pi_mutex::PiMutex;
-use common::wire::phase::{Phase, SourceUrgent};
 use common::wire::{
-    Decoder, ErrorCode, MAX_PAYLOAD_BYTES, MAX_REQUEST_BYTES, Message, PageRange,
-    RANGE_FRAME_BYTES, VmName,
+    Decoder, ErrorCode, MAX_PAYLOAD_BYTES, Message, PageRange, RANGE_FRAME_BYTES, VmName,
 };
 use common::working_set::WorkingSet;
 use tracing::{debug, info, warn};
@@ -37,6 +35,9 @@ use crate::source::{Paged, Piece};
 mod base;
 mod rounds;
 mod streams;
+mod urgent;
+
+use urgent::{UrgentAction, UrgentCore};
 
 /// Pages hashed between two looks at the link while computing digests (32 MiB of 4 KiB
 /// pages: a few milliseconds).
@@ -346,7 +347,7 @@ impl<'a> Session<'a> {
         if let Err(e) = setup {
             return Outcome::Aborted(format!("socket setup failed: {e}"));
         }
-        let mut phase = SourceUrgent::Maps;
+        let mut core = UrgentCore::new(page_size, self.source.total_pages());
         let mut pieces = Vec::new();
         let (mut last_rx, mut last_tx) = (Instant::now(), Instant::now());
         let mut last_source_check = Instant::now();
@@ -402,13 +403,17 @@ impl<'a> Session<'a> {
                 Err(e) => return Outcome::Aborted(error_chain(&e)),
             };
             last_rx = Instant::now();
-            if let Err(e) = phase.receive(message.kind()) {
-                let text = format!("the destination broke the protocol: {e}");
-                self.urgent_error(&mut conn, ErrorCode::Protocol, &text);
-                return Outcome::Aborted(text);
-            }
-            let answers = matches!(message, Message::Request(_) | Message::DigestQuery { .. });
-            let step = self.handle_urgent(&mut conn, message, reader.payload(payload), &mut pieces);
+            let maps = urgent::Maps {
+                sent: &self.sent,
+                skipped: &self.skipped,
+            };
+            let action = core.on_frame(message, reader.payload(payload), maps);
+            self.count_urgent(std::mem::take(&mut core.counted));
+            let answers = matches!(
+                action,
+                UrgentAction::Answer(_) | UrgentAction::Digests { .. }
+            );
+            let step = self.act_on_urgent(&mut conn, action, &mut pieces);
             match step {
                 Ok(None) if answers => last_tx = Instant::now(),
                 Ok(None) => {}
@@ -422,59 +427,18 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Handles one frame on the urgent connection (its phase already checked); `Some` ends
-    /// the session.
-    fn handle_urgent(
+    /// Carries out what the urgent core decided about a frame; `Some` ends the session.
+    fn act_on_urgent(
         &self,
         conn: &mut TcpStream,
-        message: Message,
-        payload: &[u8],
+        action: UrgentAction,
         pieces: &mut Vec<Piece>,
     ) -> std::io::Result<Option<Outcome>> {
-        match message {
-            Message::Request(range)
-                if range.count.saturating_mul(self.source.page_size()) > MAX_REQUEST_BYTES =>
-            {
-                let text = format!(
-                    "a request for {} pages is over the limit of {} MiB",
-                    range.count,
-                    MAX_REQUEST_BYTES >> 20
-                );
-                self.urgent_error(conn, ErrorCode::Protocol, &text);
-                return Ok(Some(Outcome::Aborted(text)));
-            }
-            Message::Request(range) => {
-                self.stats
-                    .requested_pages
-                    .fetch_add(range.count, Ordering::Relaxed);
-                self.answer_request(conn, range, pieces)?;
-            }
-            Message::Skip(range) => {
-                self.skipped.set_range(range.first, range.count);
-                let newly = self.sent.set_range(range.first, range.count);
-                self.stats.skipped_pages.fetch_add(newly, Ordering::Relaxed);
-            }
-            Message::DoneMap(range) => {
-                let held = self.sent.set_from_bitmap(range.first, range.count, payload);
-                self.stats.held_pages.fetch_add(held, Ordering::Relaxed);
-            }
-            Message::SkipMap(range) => {
-                self.skipped
-                    .set_from_bitmap(range.first, range.count, payload);
-                let newly = self.sent.set_from_bitmap(range.first, range.count, payload);
-                self.stats.skipped_pages.fetch_add(newly, Ordering::Relaxed);
-            }
-            Message::MapEnd => self.start_push(),
-            Message::DigestQuery { chunk_pages }
-                if self.source.total_pages().div_ceil(chunk_pages) * 8
-                    > MAX_PAYLOAD_BYTES as u64 =>
-            {
-                let text =
-                    format!("{chunk_pages}-page digest chunks need a reply over the frame limit");
-                self.urgent_error(conn, ErrorCode::Protocol, &text);
-                return Ok(Some(Outcome::Aborted(text)));
-            }
-            Message::DigestQuery { chunk_pages } => {
+        match action {
+            UrgentAction::Nothing => {}
+            UrgentAction::Answer(range) => self.answer_request(conn, range, pieces)?,
+            UrgentAction::StartPush => self.start_push(),
+            UrgentAction::Digests { chunk_pages } => {
                 // Hashing the whole guest takes seconds: not at real-time priority.
                 let digests = {
                     let _ordinary = common::sched::OrdinaryPriority::enter();
@@ -488,36 +452,29 @@ impl<'a> Session<'a> {
                 self.write_urgent(conn, &Message::Digests { chunk_pages }, &digests)?;
                 self.digests_sent.store(true, Ordering::Release);
             }
-            Message::Goodbye => {
-                let unsent = self.total_pages() - self.sent.set_pages();
-                if unsent > 0 {
-                    let text = format!(
-                        "the destination said goodbye with {unsent} pages it never received nor declared held"
-                    );
-                    self.urgent_error(conn, ErrorCode::Protocol, &text);
-                    return Ok(Some(Outcome::Failed(text)));
-                }
-                return Ok(Some(Outcome::Completed));
+            UrgentAction::Refuse {
+                code,
+                text,
+                outcome,
+            } => {
+                self.urgent_error(conn, code, &text);
+                return Ok(Some(outcome));
             }
-            Message::Error { code, text } => {
-                let text = common::wire::printable(&text);
-                let why = format!("the destination reported {code:?}: {text}");
-                return Ok(Some(match code {
-                    ErrorCode::VerifyFailed | ErrorCode::DestinationFailed => Outcome::Failed(why),
-                    _ => Outcome::Aborted(why),
-                }));
-            }
-            Message::Heartbeat => {}
-            other => {
-                let text = format!(
-                    "unexpected {:?} frame on the urgent connection",
-                    other.kind()
-                );
-                self.urgent_error(conn, ErrorCode::Protocol, &text);
-                return Ok(Some(Outcome::Aborted(text)));
-            }
+            UrgentAction::End(outcome) => return Ok(Some(outcome)),
         }
         Ok(None)
+    }
+
+    /// Adds what the urgent core counted to the session's counters.
+    fn count_urgent(&self, counted: urgent::Counted) {
+        let stats = &self.stats;
+        stats
+            .requested_pages
+            .fetch_add(counted.requested, Ordering::Relaxed);
+        stats
+            .skipped_pages
+            .fetch_add(counted.skipped, Ordering::Relaxed);
+        stats.held_pages.fetch_add(counted.held, Ordering::Relaxed);
     }
 
     /// `Failed` (and the destination told) if the memory file shrank: what was read from it
