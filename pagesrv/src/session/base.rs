@@ -14,7 +14,8 @@ use common::wire::phase::{Phase, SourceBulk};
 use common::wire::{MAX_PAYLOAD_BYTES, Message, PAGE_HASH_BYTES, PageRange};
 use tracing::info;
 
-use super::{Session, error_chain};
+use super::Session;
+use super::errors::BulkError;
 use crate::source::Piece;
 
 /// Pages hashed per `PageHashes` frame (1 MiB of hashes).
@@ -30,7 +31,7 @@ impl Session<'_> {
         &self,
         conn: &mut TcpStream,
         tx: &mut FrameEncoder,
-    ) -> Result<(), String> {
+    ) -> Result<(), BulkError> {
         let total = self.source.total_pages();
         let mut page = 0;
         while page < total {
@@ -47,7 +48,7 @@ impl Session<'_> {
                 count: page - first,
             };
             tx.write_frame(conn, &Message::ZeroRun(range), &[])
-                .map_err(|e| format!("failed to send free pages: {e}"))?;
+                .map_err(BulkError::writing("send free pages"))?;
             let newly = self.sent.set_range(range.first, range.count);
             self.sent_zero.set_range(range.first, range.count);
             self.stats.free_pages.fetch_add(newly, Ordering::Relaxed);
@@ -66,7 +67,7 @@ impl Session<'_> {
         conn: &mut TcpStream,
         tx: &mut FrameEncoder,
         rx: &mut FrameReader,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, BulkError> {
         let started = Instant::now();
         let (total, page_size) = (self.source.total_pages(), self.source.page_size() as usize);
         let run_pages = HASH_RUN_PAGES.min((MAX_PAYLOAD_BYTES / PAGE_HASH_BYTES) as u64);
@@ -115,7 +116,7 @@ impl Session<'_> {
                         count: n,
                     };
                     tx.write_frame(conn, &Message::PageHashes(range), &hashes)
-                        .map_err(|e| format!("failed to send page hashes: {e}"))?;
+                        .map_err(BulkError::writing("send page hashes"))?;
                     self.stats
                         .bytes_sent
                         .fetch_add(hashes.len() as u64, Ordering::Relaxed);
@@ -150,11 +151,11 @@ impl Session<'_> {
         tx: &mut FrameEncoder,
         rx: &mut FrameReader,
         on_map: &mut dyn FnMut(PageRange, &[u8]),
-    ) -> Result<(), String> {
+    ) -> Result<(), BulkError> {
         let liveness = self.config.liveness;
         tx.write_frame(conn, &Message::Sync, &[])
             .and_then(|()| conn.set_read_timeout(Some(liveness.heartbeat)))
-            .map_err(|e| format!("failed to send a sync: {e}"))?;
+            .map_err(BulkError::writing("send a sync"))?;
         let mut phase = SourceBulk::Open;
         let mut heard = Instant::now();
         loop {
@@ -164,32 +165,29 @@ impl Session<'_> {
                     if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
                 {
                     if heard.elapsed() > liveness.timeout || self.is_stopped() {
-                        return Err(format!(
-                            "the destination sent nothing for {:.1} s while applying",
-                            heard.elapsed().as_secs_f64()
-                        ));
+                        return Err(BulkError::Silent {
+                            seconds: heard.elapsed().as_secs_f64(),
+                        });
                     }
                     // It is busy applying; keep the link alive meanwhile.
                     tx.write_frame(conn, &Message::Heartbeat, &[])
-                        .map_err(|e| format!("failed to send a heartbeat: {e}"))?;
+                        .map_err(BulkError::writing("send a heartbeat"))?;
                     continue;
                 }
-                Err(e) => return Err(format!("no answer to a sync: {}", error_chain(&e))),
+                Err(e) => return Err(BulkError::Read(e)),
             };
             heard = Instant::now();
-            phase
-                .receive(message.kind())
-                .map_err(|e| format!("the destination broke the protocol: {e}"))?;
+            phase.receive(message.kind()).map_err(BulkError::Protocol)?;
             match message {
                 Message::DoneMap(range) => on_map(range, rx.payload(payload)),
                 Message::Synced => {
                     return conn
                         .set_read_timeout(None)
-                        .map_err(|e| format!("socket setup failed: {e}"));
+                        .map_err(BulkError::writing("set up the socket"));
                 }
                 Message::Error { code, text } => {
                     let text = common::wire::printable(&text);
-                    return Err(format!("the destination failed ({code:?}): {text}"));
+                    return Err(BulkError::Destination { code, text });
                 }
                 _ => {}
             }

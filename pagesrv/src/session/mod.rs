@@ -33,10 +33,14 @@ use crate::push_order::PushScheduler;
 use crate::source::{Paged, Piece};
 
 mod base;
+mod bulk_plan;
+mod errors;
 mod rounds;
 mod streams;
 mod urgent;
 
+use bulk_plan::{BulkPlan, BulkStep};
+pub use errors::BulkError;
 use urgent::{UrgentAction, UrgentCore};
 
 /// Pages hashed between two looks at the link while computing digests (32 MiB of 4 KiB
@@ -321,9 +325,7 @@ impl<'a> Session<'a> {
             let outcome = self.serve_urgent(urgent, reader);
             self.config.fast_path.enter_bulk_thread();
             self.abort();
-            let push_result = pusher
-                .join()
-                .unwrap_or_else(|_| Err("bulk thread panicked".into()));
+            let push_result = pusher.join().unwrap_or(Err(BulkError::Panicked));
             let vmm_failure = self.switch.engine.as_ref().and_then(|e| e.failure());
             match (outcome, push_result) {
                 (_, Err(_)) if vmm_failure.is_some() => {
@@ -719,7 +721,7 @@ impl<'a> Session<'a> {
         tx: &mut FrameEncoder,
         mut push_conn: Option<&mut TcpStream>,
         run_pages: u64,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, BulkError> {
         let mut pieces = Vec::new();
         let mut runs = Vec::new();
         let mut last_tx = Instant::now();
@@ -760,7 +762,7 @@ impl<'a> Session<'a> {
                 }
                 if last_tx.elapsed() >= self.config.liveness.heartbeat {
                     tx.write_frame(conn, &Message::Heartbeat, &[])
-                        .map_err(|e| format!("failed to send a heartbeat: {e}"))?;
+                        .map_err(BulkError::writing("send a heartbeat"))?;
                     last_tx = Instant::now();
                 }
                 self.wait_for_request(requests_seen, PREPAGE_IDLE_WAIT);
@@ -778,7 +780,7 @@ impl<'a> Session<'a> {
                 }
                 None => self.send_pieces(conn, tx, &pieces),
             };
-            let (zero, data) = sent.map_err(|e| format!("failed to push pages: {e}"))?;
+            let (zero, data) = sent.map_err(BulkError::writing("push pages"))?;
             pushed += zero + data;
             last_tx = Instant::now();
             self.stats
@@ -819,53 +821,50 @@ impl<'a> Session<'a> {
         mut conn: TcpStream,
         (mut rx, mut tx): (FrameReader, FrameEncoder),
         mut push_conn: Option<TcpStream>,
-    ) -> Result<(), String> {
+    ) -> Result<(), BulkError> {
         let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
-        // The destination first says what it already holds (after a reconnect).
-        if !self.wait_for_push(&mut conn, &mut tx) {
-            return Ok(());
-        }
-        rx.set_decoder(Decoder::session(
-            self.source.page_size(),
-            self.source.total_pages(),
-        ));
-        self.send_free_pages(&mut conn, &mut tx)?;
-        if self.switch.free_first {
-            // The destination asks for nothing until this: no fault on a free page is a
-            // request.
-            self.sync(&mut conn, &mut tx, &mut rx, &mut |_, _| {})?;
-        }
-        if self.switch.base {
-            self.offer_hashes(&mut conn, &mut tx, &mut rx)?;
-        }
-        if self.switch.first {
-            let engine = self
-                .switch
-                .engine
-                .clone()
-                .ok_or("a precopy session without the precopy engine")?;
-            self.run_precopy(&engine, &mut conn, &mut tx, &mut rx)?;
+        for &step in BulkPlan::for_switch(&self.switch).steps() {
             if self.is_stopped() {
                 return Ok(());
             }
-            // The switch's discards are applied before an extra stream may resend a page they
-            // drop (else the resent page is skipped as present, then dropped): one round trip
-            // after the destination resumed.
-            self.sync(&mut conn, &mut tx, &mut rx, &mut |_, _| {})?;
+            match step {
+                // The destination first says what it already holds (after a reconnect).
+                BulkStep::AwaitMaps => {
+                    if !self.wait_for_push(&mut conn, &mut tx) {
+                        return Ok(());
+                    }
+                    rx.set_decoder(Decoder::session(
+                        self.source.page_size(),
+                        self.source.total_pages(),
+                    ));
+                }
+                BulkStep::FreePages => self.send_free_pages(&mut conn, &mut tx)?,
+                BulkStep::SyncFree | BulkStep::SyncSwitch => {
+                    self.sync(&mut conn, &mut tx, &mut rx, &mut |_, _| {})?
+                }
+                BulkStep::OfferHashes => {
+                    self.offer_hashes(&mut conn, &mut tx, &mut rx)?;
+                }
+                BulkStep::Precopy => {
+                    let engine = self.switch.engine.clone().ok_or(BulkError::NoEngine)?;
+                    self.run_precopy(&engine, &mut conn, &mut tx, &mut rx)?;
+                }
+                BulkStep::Push => {
+                    *self.pushing.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                    self.pushing.1.notify_all();
+                    self.push_runs(&mut conn, &mut tx, push_conn.as_mut(), run_pages)?;
+                }
+                BulkStep::BulkDone => {
+                    info!(
+                        elapsed_ms = self.elapsed().as_millis() as u64,
+                        "every page is sent"
+                    );
+                    tx.write_frame(&mut conn, &Message::BulkDone, &[])
+                        .and_then(|()| conn.flush())
+                        .map_err(BulkError::writing("send BulkDone"))?;
+                }
+            }
         }
-        *self.pushing.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        self.pushing.1.notify_all();
-        self.push_runs(&mut conn, &mut tx, push_conn.as_mut(), run_pages)?;
-        if self.is_stopped() {
-            return Ok(());
-        }
-        info!(
-            elapsed_ms = self.elapsed().as_millis() as u64,
-            "every page is sent"
-        );
-        tx.write_frame(&mut conn, &Message::BulkDone, &[])
-            .map_err(|e| format!("failed to send BulkDone: {e}"))?;
-        conn.flush().map_err(|e| e.to_string())?;
         // Keep the connection open until the session ends: the destination closes it.
         let mut sink = [0u8; 64];
         loop {

@@ -11,6 +11,7 @@ use common::wire::{MAX_PAYLOAD_BYTES, Message, PageRange};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use super::errors::BulkError;
 use super::{BULK_RUN_BYTES, Session};
 use crate::precopy::{ConvergedBy, Precopy, Round, Strategy, converged};
 
@@ -26,7 +27,7 @@ impl Session<'_> {
         conn: &mut TcpStream,
         tx: &mut FrameEncoder,
         rx: &mut FrameReader,
-    ) -> Result<(), String> {
+    ) -> Result<(), BulkError> {
         let page_size = self.source.page_size();
         // A destination that reconnected may hold pages the guest wrote since they were sent.
         let stale = self.discard(conn, tx, &engine.pending)?;
@@ -113,13 +114,13 @@ impl Session<'_> {
             "the destination caught up"
         );
         let paused_at = Instant::now();
-        engine
-            .pause()
-            .map_err(|e| engine.fail(format!("the source VMM did not pause: {e:#}")))?;
+        engine.pause().map_err(|e| {
+            BulkError::SourceVmm(engine.fail(format!("the source VMM did not pause: {e:#}")))
+        })?;
         self.source.file().paused();
-        let free = engine
-            .free_pages()
-            .map_err(|e| engine.fail(format!("the source VMM link failed: {e:#}")))?;
+        let free = engine.free_pages().map_err(|e| {
+            BulkError::SourceVmm(engine.fail(format!("the source VMM link failed: {e:#}")))
+        })?;
         if let Some(mut free) = free {
             // Served as zero from now on; the destination drops those it holds with old
             // bytes (not those it got as zero ranges).
@@ -153,10 +154,10 @@ impl Session<'_> {
     ///
     /// # Errors
     /// The VMM link failed (the migration cannot go on).
-    pub(super) fn collect_dirty(&self, engine: &Precopy) -> Result<(), String> {
-        let written = engine
-            .collect_dirty()
-            .map_err(|e| engine.fail(format!("the source VMM link failed: {e:#}")))?;
+    pub(super) fn collect_dirty(&self, engine: &Precopy) -> Result<(), BulkError> {
+        let written = engine.collect_dirty().map_err(|e| {
+            BulkError::SourceVmm(engine.fail(format!("the source VMM link failed: {e:#}")))
+        })?;
         self.source.file().written(&written);
         Ok(())
     }
@@ -167,10 +168,10 @@ impl Session<'_> {
     ///
     /// # Errors
     /// The VMM link failed.
-    fn refresh_free_hints(&self, engine: &Precopy) -> Result<(), String> {
-        let free = engine
-            .free_pages()
-            .map_err(|e| engine.fail(format!("the source VMM link failed: {e:#}")))?;
+    fn refresh_free_hints(&self, engine: &Precopy) -> Result<(), BulkError> {
+        let free = engine.free_pages().map_err(|e| {
+            BulkError::SourceVmm(engine.fail(format!("the source VMM link failed: {e:#}")))
+        })?;
         if let Some(free) = free {
             self.source.file().hint_free(&free);
         }
@@ -188,7 +189,7 @@ impl Session<'_> {
         engine: &Precopy,
         conn: &mut TcpStream,
         tx: &mut FrameEncoder,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, BulkError> {
         let stale = self.discard(conn, tx, &engine.stale_at_switch)?;
         // Free pages the destination lacks now go as zero before the guest resumes: a fault
         // on one is a local zero fill.
@@ -214,7 +215,7 @@ impl Session<'_> {
         engine: &Precopy,
         conn: &mut TcpStream,
         tx: &mut FrameEncoder,
-    ) -> Result<Option<Round>, String> {
+    ) -> Result<Option<Round>, BulkError> {
         let number = engine.snapshot().rounds.len() as u32 + 1;
         let started = Instant::now();
         let bytes_before = self.stats.bytes_sent.load(Ordering::Relaxed);
@@ -232,7 +233,7 @@ impl Session<'_> {
     }
 
     /// Sends every page not sent yet.
-    fn send_unsent(&self, conn: &mut TcpStream, tx: &mut FrameEncoder) -> Result<u64, String> {
+    fn send_unsent(&self, conn: &mut TcpStream, tx: &mut FrameEncoder) -> Result<u64, BulkError> {
         self.send_unsent_with(conn, tx, None)
     }
 
@@ -241,7 +242,7 @@ impl Session<'_> {
         conn: &mut TcpStream,
         tx: &mut FrameEncoder,
         engine: Option<&Precopy>,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, BulkError> {
         let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
         self.push_order.lock().rewind();
         let mut pieces = Vec::new();
@@ -258,7 +259,7 @@ impl Session<'_> {
             self.source.classify(first, count, &mut pieces);
             let (zero, data) = self
                 .send_pieces(conn, tx, &pieces)
-                .map_err(|e| format!("failed to push pages: {e}"))?;
+                .map_err(BulkError::writing("push pages"))?;
             self.stats
                 .precopy_pages
                 .fetch_add(zero + data, Ordering::Relaxed);
@@ -274,7 +275,7 @@ impl Session<'_> {
         conn: &mut TcpStream,
         tx: &mut FrameEncoder,
         stale: &PageMap,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, BulkError> {
         let total = self.source.total_pages();
         let chunk = MAX_PAYLOAD_BYTES as u64 * 8;
         let mut dropped = 0;
@@ -287,7 +288,7 @@ impl Session<'_> {
             }
             if bitmap.iter().any(|&b| b != 0) {
                 tx.write_frame(conn, &Message::Discard(PageRange { first, count }), &bitmap)
-                    .map_err(|e| format!("failed to send a discard: {e}"))?;
+                    .map_err(BulkError::writing("send a discard"))?;
                 PageMap::bitmap_runs(first, &bitmap, |p, n| {
                     dropped += self.sent.clear_range(p, n);
                 });
@@ -300,9 +301,9 @@ impl Session<'_> {
         Ok(dropped)
     }
 
-    fn switchover(&self, conn: &mut TcpStream, tx: &mut FrameEncoder) -> Result<(), String> {
+    fn switchover(&self, conn: &mut TcpStream, tx: &mut FrameEncoder) -> Result<(), BulkError> {
         tx.write_frame(conn, &Message::Switchover, &[])
-            .map_err(|e| format!("failed to send the switchover: {e}"))?;
+            .map_err(BulkError::writing("send the switchover"))?;
         self.events.emit_sticky(json!({
             "event": "switched",
             "session": format!("{:016x}", self.id),

@@ -11,6 +11,7 @@ use common::framed::FrameEncoder;
 use common::wire::{MAX_STREAMS, Message};
 use tracing::warn;
 
+use super::errors::BulkError;
 use super::{BULK_RUN_BYTES, Session};
 
 impl Session<'_> {
@@ -47,15 +48,19 @@ impl Session<'_> {
         }
     }
 
-    fn push_extra_stream(&self, conn: &mut TcpStream, tx: &mut FrameEncoder) -> Result<(), String> {
+    fn push_extra_stream(
+        &self,
+        conn: &mut TcpStream,
+        tx: &mut FrameEncoder,
+    ) -> Result<(), BulkError> {
         let heartbeat = self.config.liveness.heartbeat;
         conn.set_write_timeout(Some(self.config.liveness.timeout))
-            .map_err(|e| e.to_string())?;
+            .map_err(BulkError::writing("set up the socket"))?;
         let mut pushing = self.pushing.0.lock().unwrap_or_else(|p| p.into_inner());
         while !*pushing && !self.is_stopped() {
             drop(pushing);
             tx.write_frame(conn, &Message::Heartbeat, &[])
-                .map_err(|e| format!("failed to send a heartbeat: {e}"))?;
+                .map_err(BulkError::writing("send a heartbeat"))?;
             pushing = self.pushing.0.lock().unwrap_or_else(|p| p.into_inner());
             pushing = self
                 .pushing
@@ -74,8 +79,8 @@ impl Session<'_> {
             return Ok(());
         }
         tx.write_frame(conn, &Message::BulkDone, &[])
-            .map_err(|e| format!("failed to send BulkDone: {e}"))?;
-        conn.flush().map_err(|e| e.to_string())?;
+            .map_err(BulkError::writing("send BulkDone"))?;
+        conn.flush().map_err(BulkError::writing("send BulkDone"))?;
         // Open until the session ends: the destination closes it.
         let mut sink = [0u8; 64];
         while matches!(std::io::Read::read(conn, &mut sink), Ok(n) if n > 0) {}
