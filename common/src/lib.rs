@@ -18,6 +18,7 @@ pub mod netns;
 pub mod netopt;
 pub mod pagemap;
 pub mod seal;
+pub mod source_core;
 pub mod source_link;
 pub mod sys;
 pub mod uds;

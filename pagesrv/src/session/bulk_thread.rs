@@ -1,4 +1,4 @@
-//! The bulk thread: walks the session's [`super::bulk_plan::BulkPlan`] on the bulk
+//! The bulk thread: walks the session's [`BulkPlan`] on the bulk
 //! connection and pushes runs as the scheduler picks them.
 
 use std::io::Write;
@@ -10,9 +10,9 @@ use common::framed::{FrameEncoder, FrameReader};
 use common::wire::{Decoder, Message};
 use tracing::{info, warn};
 
-use super::bulk_plan::{BulkPlan, BulkStep};
 use super::errors::BulkError;
 use super::{BULK_RUN_BYTES, MAX_RUNS_PER_WRITE, PREPAGE_IDLE_WAIT, Session};
+use common::source_core::bulk_plan::{BulkPlan, BulkStep};
 
 impl Session<'_> {
     /// Waits until the push may start, with a heartbeat on `conn` every interval; false if
@@ -148,7 +148,9 @@ impl Session<'_> {
         mut push_conn: Option<TcpStream>,
     ) -> Result<(), BulkError> {
         let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
-        for &step in BulkPlan::for_switch(&self.switch).steps() {
+        for &step in
+            BulkPlan::new(self.switch.free_first, self.switch.base, self.switch.first).steps()
+        {
             if self.is_stopped() {
                 return Ok(());
             }

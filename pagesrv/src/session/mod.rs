@@ -4,7 +4,7 @@
 //!
 //! The two connections are separate sockets, so a requested page never waits behind bulk
 //! bytes; the bulk connection has a bounded send buffer so pre-paging decisions take effect
-//! quickly. The urgent conversation follows [`SourceUrgent`]: maps, then requests, then the
+//! quickly. The urgent conversation follows [`common::wire::phase::SourceUrgent`]: maps, then requests, then the
 //! verdict. A session ends `Completed` only on a `Goodbye` once every page was sent or
 //! declared held or skipped by the destination; an `Error` from the destination
 //! (`VerifyFailed`, `DestinationFailed`) or a premature `Goodbye` is `Failed`: the source
@@ -29,15 +29,14 @@ use crate::push_order::PushScheduler;
 use crate::source::Paged;
 
 mod base;
-mod bulk_plan;
 mod bulk_thread;
 mod errors;
 mod page_frames;
 mod rounds;
 mod streams;
-mod urgent;
 mod urgent_thread;
 
+pub use common::source_core::Outcome;
 pub use errors::BulkError;
 
 /// Pages hashed between two looks at the link while computing digests (32 MiB of 4 KiB
@@ -88,17 +87,6 @@ pub struct SessionStats {
     pub extra_stream_pages: AtomicU64,
     /// Pages pushed first from the recorded working set, as of the pusher's last pick.
     pub prefetched_pages: AtomicU64,
-}
-
-/// How a session ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// The destination verified every page and said goodbye: the source's job is done.
-    Completed,
-    /// The destination failed or its pages differ from the source: keep the source VM.
-    Failed(String),
-    /// The session broke off (or was replaced by a reconnect); the text says why.
-    Aborted(String),
 }
 
 /// Tuning of a session.

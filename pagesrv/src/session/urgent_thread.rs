@@ -1,4 +1,4 @@
-//! The urgent thread: reads the destination's frames, lets [`super::urgent::UrgentCore`]
+//! The urgent thread: reads the destination's frames, lets [`UrgentCore`]
 //! decide, and carries the decision out (answers, digests, errors); it also watches the
 //! link's liveness and the memory file.
 
@@ -12,9 +12,9 @@ use common::framed::{FrameReader, ReadError};
 use common::wire::{Decoder, ErrorCode, Message, PageRange};
 use tracing::debug;
 
-use super::urgent::{self, UrgentAction, UrgentCore};
 use super::{DIGEST_RUN_PAGES, Outcome, Session, error_chain};
 use crate::source::Piece;
+use common::source_core::urgent::{self, UrgentAction, UrgentCore};
 
 impl Session<'_> {
     pub(super) fn serve_urgent(&self, mut conn: TcpStream, mut reader: FrameReader) -> Outcome {
@@ -194,11 +194,7 @@ impl Session<'_> {
     /// pages the destination skipped count as zero (they are not verified). Hashing a large
     /// guest takes seconds: between runs of [`DIGEST_RUN_PAGES`] it sends heartbeats on
     /// `conn` (the link stays alive) and stops if the session ended.
-    fn digests(
-        &self,
-        conn: &mut TcpStream,
-        chunk_pages: u64,
-    ) -> std::io::Result<Vec<u8>> {
+    fn digests(&self, conn: &mut TcpStream, chunk_pages: u64) -> std::io::Result<Vec<u8>> {
         let total = self.source.total_pages();
         let page_size = self.source.page_size() as usize;
         let mut out = Vec::with_capacity((total.div_ceil(chunk_pages) * 8) as usize);

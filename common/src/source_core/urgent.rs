@@ -1,5 +1,5 @@
 //! The urgent conversation's decisions, sans IO: each frame from the destination in, what
-//! to do out. The urgent thread (`Session::serve_urgent`) reads frames, calls
+//! to do out. pagesrv's urgent thread (`Session::serve_urgent`) reads frames, calls
 //! [`UrgentCore::on_frame`] and carries the action out on the socket.
 //!
 //! ```text
@@ -9,9 +9,9 @@
 //!  a frame out of its phase, or over a limit ─► Aborted (the destination reconnects)
 //! ```
 
-use common::pagemap::PageMap;
-use common::wire::phase::{Phase, SourceUrgent};
-use common::wire::{ErrorCode, MAX_PAYLOAD_BYTES, MAX_REQUEST_BYTES, Message, PageRange};
+use crate::pagemap::PageMap;
+use crate::wire::phase::{Phase, SourceUrgent};
+use crate::wire::{ErrorCode, MAX_PAYLOAD_BYTES, MAX_REQUEST_BYTES, Message, PageRange};
 
 use super::Outcome;
 
@@ -143,7 +143,7 @@ impl UrgentCore {
                 UrgentAction::End(Outcome::Completed)
             }
             Message::Error { code, text } => {
-                let text = common::wire::printable(&text);
+                let text = crate::wire::printable(&text);
                 let why = format!("the destination reported {code:?}: {text}");
                 UrgentAction::End(match code {
                     ErrorCode::VerifyFailed | ErrorCode::DestinationFailed => Outcome::Failed(why),

@@ -1,12 +1,10 @@
 //! The bulk connection's script as data: which steps a session takes, in which order,
-//! decided once from what the destination was welcomed with. The bulk thread
+//! decided once from what the destination was welcomed with. pagesrv's bulk thread
 //! (`Session::push_background`) walks it; the order's rules are unit tests here.
 //!
 //! ```text
 //!  AwaitMaps ─► FreePages ─► [SyncFree] ─► [OfferHashes] ─► [Precopy ─► SyncSwitch] ─► Push ─► BulkDone
 //! ```
-
-use super::Switch;
 
 /// One step of the bulk script.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,11 +38,6 @@ pub struct BulkPlan {
 }
 
 impl BulkPlan {
-    /// The script for a destination welcomed with `switch`'s flags.
-    pub fn for_switch(switch: &Switch) -> Self {
-        Self::new(switch.free_first, switch.base, switch.first)
-    }
-
     /// The script for a destination welcomed with free pages first, a base image and
     /// precopy as given.
     pub fn new(free_first: bool, base: bool, precopy: bool) -> Self {
