@@ -1,7 +1,8 @@
 //! The fault core: the decisions of the destination as plain code over a [`kernel::Kernel`]
 //! trait, so they can be unit-tested with a fake that injects EAGAIN, EEXIST, REMOVE events
 //! and cuts. `vm` holds the shared state and placement, `fault` the fault path's decisions,
-//! `push` the bulk threads' placement.
+//! `push` the bulk threads' placement, `bulk_rx` what each bulk frame asks for, `session` the
+//! destination's session over all of it.
 //!
 //! # Threads, what each owns, and every lock
 //!
@@ -26,6 +27,7 @@
 //! with a bound and a stop flag; a cut sets the stop flag and shuts the sockets without
 //! joining (the threads end on their own, the scope joins them at exit).
 
+pub mod bulk_rx;
 pub mod fault;
 pub mod kernel;
 pub mod latency;

@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use common::framed::{FrameEncoder, FrameReader, ReadError};
 use common::uffd::UffdError;
-use common::wire::phase::{DestBulk, Phase};
-use common::wire::{Kind, Message, RANGE_FRAME_BYTES};
+use common::wire::Message;
 use thiserror::Error;
-use tracing::{debug, trace};
+use tracing::trace;
 
 use crate::base::BaseImage;
+use crate::core::bulk_rx::{BulkAction, BulkFrameError, BulkRx};
 use crate::core::kernel::Kernel;
 use crate::core::push::{Pushed, place_pushed};
-use crate::core::vm::{Counters, Vm};
+use crate::core::vm::Vm;
 
 /// Why a bulk thread stopped early.
 #[derive(Debug, Error)]
@@ -28,14 +28,9 @@ pub enum BulkError {
     /// No frame for the link timeout.
     #[error("no frame on the bulk connection for {0:?}")]
     Silent(Duration),
-    /// pagesrv reported an error.
-    #[error("pagesrv reported {code:?}: {text}")]
-    Remote {
-        /// Its code.
-        code: common::wire::ErrorCode,
-        /// Its text.
-        text: String,
-    },
+    /// A frame out of its phase, pagesrv's error, or a failed discard.
+    #[error(transparent)]
+    Frame(#[from] BulkFrameError),
     /// Placing pages failed.
     #[error("placing pushed pages failed")]
     Place(#[from] UffdError),
@@ -50,7 +45,9 @@ impl BulkError {
     pub fn is_link_failure(&self) -> bool {
         !matches!(
             self,
-            BulkError::Place(_) | BulkError::Base(_) | BulkError::Remote { .. }
+            BulkError::Place(_)
+                | BulkError::Base(_)
+                | BulkError::Frame(BulkFrameError::Remote { .. } | BulkFrameError::Discard(_))
         )
     }
 }
@@ -98,11 +95,7 @@ pub fn receive_pushed_pages<K: Kernel>(
         .map_err(ReadError::Io)?;
     // Room for several maximal frames, so each read takes whatever the socket holds.
     reader.reserve(4 * (common::wire::HEADER_LEN + common::wire::MAX_BODY_BYTES));
-    let mut phase = if precopy {
-        DestBulk::Precopy
-    } else {
-        DestBulk::Pushing
-    };
+    let mut frames = BulkRx::new(precopy, cx.base.is_some());
     loop {
         let (message, payload) = match reader.read_frame(&mut conn) {
             Ok(frame) => frame,
@@ -120,46 +113,21 @@ pub fn receive_pushed_pages<K: Kernel>(
             // Cut: nothing read before it may land after the next link's maps.
             return Ok(BulkEnd::Stopped);
         }
-        phase
-            .receive(message.kind())
-            .map_err(|e| BulkError::Receive(e.into()))?;
-        let (range, data) = match message {
-            Message::PageRun(range) => (range, Some(reader.payload(payload))),
-            Message::ZeroRun(range) => (range, None),
-            Message::Heartbeat => continue,
-            Message::Discard(range) => {
-                let bitmap = reader.payload(payload);
-                let started = std::time::Instant::now();
-                let dropped = vm.discard(range.first, range.count, bitmap)?;
-                debug!(
-                    first = range.first,
-                    count = range.count,
-                    dropped,
-                    us = started.elapsed().as_micros() as u64,
-                    "discarded"
-                );
-                continue;
-            }
-            Message::Sync => {
+        let (range, data) = match frames.on_frame(vm, message, reader.payload(payload))? {
+            BulkAction::Place { range, data } => (range, data),
+            BulkAction::Nothing => continue,
+            BulkAction::Sync => {
                 tx.write_frame(&mut conn, &Message::Synced, &[])
                     .map_err(ReadError::Io)?;
                 (cx.on_sync)();
                 continue;
             }
-            Message::Switchover => {
-                debug!("the source switched to postcopy");
+            BulkAction::Switchover => {
                 (cx.on_switchover)();
                 continue;
             }
-            Message::PageHashes(range) => {
-                let Some((base, seed)) = cx.base else {
-                    let e = common::wire::WireError::Unexpected(Kind::PageHashes);
-                    return Err(BulkError::Receive(e.into()));
-                };
-                let hashes = reader.payload(payload);
-                let frame_bytes = (RANGE_FRAME_BYTES + hashes.len()) as u64;
-                Counters::add(&vm.counters.bytes_hashes, frame_bytes);
-                Counters::add(&vm.counters.bytes_received, frame_bytes);
+            BulkAction::Hashes { range, hashes } => {
+                let (base, seed) = cx.base.expect("BulkRx takes hashes only with a base");
                 let Some(held) = base.place_matching(vm, seed, range, hashes, stop)? else {
                     return Ok(BulkEnd::Stopped);
                 };
@@ -167,24 +135,8 @@ pub fn receive_pushed_pages<K: Kernel>(
                     .map_err(ReadError::Io)?;
                 continue;
             }
-            Message::BulkDone => {
-                debug!("pagesrv pushed every page");
-                return Ok(BulkEnd::Complete);
-            }
-            Message::Error { code, text } => {
-                let text = common::wire::printable(&text);
-                return Err(BulkError::Remote { code, text });
-            }
-            other => {
-                let e = common::wire::WireError::Unexpected(other.kind());
-                return Err(BulkError::Receive(e.into()));
-            }
+            BulkAction::Done => return Ok(BulkEnd::Complete),
         };
-        let frame_bytes = RANGE_FRAME_BYTES + data.map_or(0, <[u8]>::len);
-        Counters::add(&vm.counters.bytes_received, frame_bytes as u64);
-        if phase == DestBulk::Precopy {
-            Counters::add(&vm.counters.bytes_precopy, frame_bytes as u64);
-        }
         trace!(
             first = range.first,
             count = range.count,
