@@ -8,6 +8,8 @@
 //!  Discard, Sync, PageHashes ─BulkDone─► done        (Heartbeat anywhere; Error ends it)
 //! ```
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use common::uffd::UffdError;
 use common::wire::phase::{DestBulk, Phase};
 use common::wire::{ErrorCode, Kind, Message, PageRange, RANGE_FRAME_BYTES, WireError};
@@ -43,6 +45,9 @@ pub enum BulkAction<'p> {
     },
     /// pagesrv pushed every page.
     Done,
+    /// The link was cut: nothing read from it is applied (it could land after the next
+    /// link's maps, or switch a guest the next link holds in precopy).
+    Stopped,
 }
 
 /// Why a bulk connection's frame ends it.
@@ -86,16 +91,19 @@ impl BulkRx {
     }
 
     /// Decides what `message` (with its `payload`) calls for; applies discards and counts
-    /// the bytes received.
+    /// the bytes received. `stop`: the link was cut since the frame was read.
     ///
     /// # Errors
     /// Any [`BulkFrameError`].
     pub fn on_frame<'p, K: Kernel>(
         &mut self,
         vm: &Vm<K>,
-        message: Message,
-        payload: &'p [u8],
+        (message, payload): (Message, &'p [u8]),
+        stop: &AtomicBool,
     ) -> Result<BulkAction<'p>, BulkFrameError> {
+        if stop.load(Ordering::Acquire) {
+            return Ok(BulkAction::Stopped);
+        }
         self.phase
             .receive(message.kind())
             .map_err(BulkFrameError::Protocol)?;
@@ -164,6 +172,8 @@ mod tests {
     use super::*;
     use crate::core::fake::{FakeKernel, PAGE};
 
+    static GO: AtomicBool = AtomicBool::new(false);
+
     fn range(first: u64, count: u64) -> PageRange {
         PageRange { first, count }
     }
@@ -174,7 +184,7 @@ mod tests {
         let mut rx = BulkRx::new(true, false);
         let data = vec![7u8; PAGE as usize];
         assert_eq!(
-            rx.on_frame(&vm, Message::PageRun(range(2, 1)), &data)
+            rx.on_frame(&vm, (Message::PageRun(range(2, 1)), &data), &GO)
                 .unwrap(),
             BulkAction::Place {
                 range: range(2, 1),
@@ -188,19 +198,19 @@ mod tests {
         // BulkDone before the switch is out of its phase.
         let mut early = BulkRx::new(true, false);
         assert!(matches!(
-            early.on_frame(&vm, Message::BulkDone, &[]),
+            early.on_frame(&vm, (Message::BulkDone, &[]), &GO),
             Err(BulkFrameError::Protocol(_))
         ));
         assert_eq!(
-            rx.on_frame(&vm, Message::Sync, &[]).unwrap(),
+            rx.on_frame(&vm, (Message::Sync, &[]), &GO).unwrap(),
             BulkAction::Sync
         );
         assert_eq!(
-            rx.on_frame(&vm, Message::Switchover, &[]).unwrap(),
+            rx.on_frame(&vm, (Message::Switchover, &[]), &GO).unwrap(),
             BulkAction::Switchover
         );
         assert_eq!(
-            rx.on_frame(&vm, Message::ZeroRun(range(3, 4)), &[])
+            rx.on_frame(&vm, (Message::ZeroRun(range(3, 4)), &[]), &GO)
                 .unwrap(),
             BulkAction::Place {
                 range: range(3, 4),
@@ -212,8 +222,14 @@ mod tests {
             Counters::get(&vm.counters.bytes_precopy),
             (RANGE_FRAME_BYTES + data.len()) as u64
         );
+        // A cut: nothing more is applied, a switch included.
+        let cut = AtomicBool::new(true);
         assert_eq!(
-            rx.on_frame(&vm, Message::BulkDone, &[]).unwrap(),
+            rx.on_frame(&vm, (Message::Switchover, &[]), &cut).unwrap(),
+            BulkAction::Stopped
+        );
+        assert_eq!(
+            rx.on_frame(&vm, (Message::BulkDone, &[]), &GO).unwrap(),
             BulkAction::Done
         );
     }
@@ -232,7 +248,7 @@ mod tests {
         .unwrap();
         let mut rx = BulkRx::new(true, false);
         assert_eq!(
-            rx.on_frame(&vm, Message::Discard(range(4, 2)), &[0b10])
+            rx.on_frame(&vm, (Message::Discard(range(4, 2)), &[0b10]), &GO)
                 .unwrap(),
             BulkAction::Nothing
         );
@@ -241,27 +257,27 @@ mod tests {
         // Discards belong to precopy.
         let mut rx = BulkRx::new(false, false);
         assert!(matches!(
-            rx.on_frame(&vm, Message::Discard(range(4, 1)), &[1]),
+            rx.on_frame(&vm, (Message::Discard(range(4, 1)), &[1]), &GO),
             Err(BulkFrameError::Protocol(_))
         ));
         assert!(matches!(
-            rx.on_frame(&vm, Message::PageHashes(range(0, 1)), &[0; 16]),
+            rx.on_frame(&vm, (Message::PageHashes(range(0, 1)), &[0; 16]), &GO),
             Err(BulkFrameError::Protocol(_))
         ));
         let mut with_base = BulkRx::new(false, true);
         assert!(matches!(
-            with_base.on_frame(&vm, Message::PageHashes(range(0, 1)), &[0; 16]),
+            with_base.on_frame(&vm, (Message::PageHashes(range(0, 1)), &[0; 16]), &GO),
             Ok(BulkAction::Hashes { .. })
         ));
         assert!(matches!(
-            rx.on_frame(&vm, Message::Request(range(0, 1)), &[]),
+            rx.on_frame(&vm, (Message::Request(range(0, 1)), &[]), &GO),
             Err(BulkFrameError::Protocol(_))
         ));
         let error = Message::Error {
             code: ErrorCode::Internal,
             text: "the memory file\nshrank".into(),
         };
-        match rx.on_frame(&vm, error, &[]) {
+        match rx.on_frame(&vm, (error, &[]), &GO) {
             Err(BulkFrameError::Remote { text, .. }) => assert!(!text.contains('\n')),
             other => panic!("{other:?}"),
         }

@@ -27,6 +27,8 @@ pub(super) struct FakeState {
     unread: usize,
     pub(super) install_calls: u64,
     pub(super) woken: Vec<u64>,
+    /// Fault events read so far.
+    pub(super) faults_read: usize,
     /// Guest RAM was unregistered (every page present).
     pub(super) unregistered: bool,
 }
@@ -75,6 +77,18 @@ impl FakeKernel {
         }
     }
 
+    /// Whether events wait to be read (the uffd is readable).
+    pub(super) fn has_events(&self) -> bool {
+        !self.st().queue.is_empty()
+    }
+
+    /// The guest writes a present page (no fault).
+    pub(super) fn write(&self, p: u64, bytes: Vec<u8>) {
+        let mut st = self.st();
+        assert!(st.memory[p as usize].is_some(), "page {p} is missing");
+        st.memory[p as usize] = Some(bytes);
+    }
+
     pub(super) fn page(&self, p: u64) -> Option<Vec<u8>> {
         self.st().memory[p as usize].clone()
     }
@@ -116,9 +130,13 @@ impl Kernel for FakeKernel {
     fn read_events(&self, out: &mut Vec<VmEvent>) -> Result<(), UffdError> {
         let mut st = self.st();
         while let Some(event) = st.queue.pop_front() {
-            if let VmEvent::Removed { first, count } = event {
-                st.unread -= 1;
-                st.unresumed.push((first, count));
+            match event {
+                VmEvent::Removed { first, count } => {
+                    st.unread -= 1;
+                    st.unresumed.push((first, count));
+                }
+                VmEvent::Fault { .. } => st.faults_read += 1,
+                _ => {}
             }
             out.push(event);
         }

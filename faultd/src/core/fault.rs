@@ -16,7 +16,7 @@
 //!   ([`FaultCore::link_up`]). A reply already received is placed whatever happens to the
 //!   link.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use common::uffd::UffdError;
@@ -58,8 +58,9 @@ struct DeferredReply {
 /// State of the fault path: requests in flight, deferred work, frames to send.
 pub struct FaultCore<'v, K> {
     vm: &'v Vm<K>,
-    /// Requests in flight: page → when each waiting fault was read.
-    in_flight: HashMap<u64, Vec<Instant>>,
+    /// Requests in flight: page → when each waiting fault was read. Ordered: a new link
+    /// asks again in page order (and the simulation replays a seed exactly).
+    in_flight: BTreeMap<u64, Vec<Instant>>,
     /// Zero fills to retry after the next read of the events (they met EAGAIN).
     deferred_zero: Vec<(u64, Instant)>,
     /// MINOR faults to retry likewise.
@@ -86,7 +87,7 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
     pub fn new(vm: &'v Vm<K>) -> Self {
         FaultCore {
             vm,
-            in_flight: HashMap::new(),
+            in_flight: BTreeMap::new(),
             deferred_zero: Vec::new(),
             deferred_minor: Vec::new(),
             deferred_replies: Vec::new(),
@@ -314,6 +315,12 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
             self.on_reply(reply.range, reply.data.as_deref())?;
         }
         Ok(())
+    }
+
+    /// Whether a zero fill of `page` waits for the next retry (it wakes the page's faults).
+    #[cfg(test)]
+    pub fn zero_fill_waits(&self, page: u64) -> bool {
+        self.deferred_zero.iter().any(|&(p, _)| p == page)
     }
 
     /// Whether some work met EAGAIN and waits for a retry: the event loop must call

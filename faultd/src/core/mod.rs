@@ -40,4 +40,6 @@ mod fake;
 #[cfg(test)]
 mod session_tests;
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod tests;

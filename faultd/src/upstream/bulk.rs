@@ -109,11 +109,7 @@ pub fn receive_pushed_pages<K: Kernel>(
             }
             Err(e) => return Err(e.into()),
         };
-        if stop.load(std::sync::atomic::Ordering::Acquire) {
-            // Cut: nothing read before it may land after the next link's maps.
-            return Ok(BulkEnd::Stopped);
-        }
-        let (range, data) = match frames.on_frame(vm, message, reader.payload(payload))? {
+        let (range, data) = match frames.on_frame(vm, (message, reader.payload(payload)), stop)? {
             BulkAction::Place { range, data } => (range, data),
             BulkAction::Nothing => continue,
             BulkAction::Sync => {
@@ -136,6 +132,7 @@ pub fn receive_pushed_pages<K: Kernel>(
                 continue;
             }
             BulkAction::Done => return Ok(BulkEnd::Complete),
+            BulkAction::Stopped => return Ok(BulkEnd::Stopped),
         };
         trace!(
             first = range.first,

@@ -347,6 +347,12 @@ impl<'e, K: Kernel> DestSession<'e, K> {
         AfterCut::Reconnect
     }
 
+    /// The current link's generation, if one is up.
+    #[cfg(test)]
+    pub fn link_generation(&self) -> Option<u64> {
+        self.link.as_ref().map(|l| l.generation)
+    }
+
     /// Where the pump puts what it reads from the urgent connection.
     pub fn urgent_reader(&mut self) -> Option<&mut FrameReader> {
         self.link.as_mut().map(|l| &mut l.reader)

@@ -1,0 +1,506 @@
+//! The simulation's source: pagesrv's decisions ([`UrgentCore`] for every urgent frame,
+//! [`BulkPlan`] for the bulk script) over a guest that may still run (precopy rounds, the
+//! pages it writes discarded at the destination, the pause, the switch), with frames as
+//! bytes in queues instead of sockets. What pagesrv's threads do with sockets and a memory
+//! file, this does with vectors, one step at a time, so the scheduler can interleave it
+//! with the destination at every frame.
+
+use std::collections::VecDeque;
+
+use common::digest::run_digest;
+use common::framed::{FrameEncoder, FrameReader};
+use common::pagemap::PageMap;
+use common::source_core::Outcome;
+use common::source_core::bulk_plan::{BulkPlan, BulkStep};
+use common::source_core::urgent::{Maps, UrgentAction, UrgentCore};
+use common::wire::phase::{Phase, SourceBulk};
+use common::wire::{Decoder, Message, PageRange};
+
+use crate::core::fake::{PAGE, PAGES};
+
+/// Most pages in one pushed frame (small, so a cut can fall between many frames).
+const RUN_PAGES: u64 = 3;
+
+/// The source VM's precopy state, which outlives a link.
+#[derive(Debug)]
+pub struct Engine {
+    /// Rounds before the switch.
+    pub rounds_left: u32,
+    /// The guest was paused and the switch decided: it writes nothing more.
+    pub switched: bool,
+    /// Pages the guest wrote since they were last sent.
+    pub pending: PageMap,
+    /// Pages dropped at the destination by a `Discard` not yet confirmed applied (no
+    /// `Synced` since): if the link is cut, the destination may still hold them at an older
+    /// version, though they were sent again (and so are no longer pending).
+    pub unconfirmed: PageMap,
+}
+
+/// Where the precopy step is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Precopy {
+    /// Drop at the destination what went stale since it got it (a reconnect).
+    Start,
+    /// Sending the pages not sent yet, from `next`.
+    Round { next: u64 },
+    /// The round is out: another, or converge.
+    RoundEnd,
+    /// Waiting for the `Synced` before the pause.
+    AwaitCatchUp,
+    /// Paused: drop what went stale, then `Switchover`.
+    Finish,
+}
+
+/// Where the bulk connection is within its current step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bulk {
+    /// At the start of the step.
+    Ready,
+    /// Sent a `Sync`; waiting for `Synced`.
+    AwaitSynced,
+    Precopy(Precopy),
+    Pushing {
+        next: u64,
+    },
+    /// Every step done.
+    Finished,
+}
+
+/// One link's session at the source.
+pub struct SourceSession {
+    /// The link's generation.
+    pub generation: u64,
+    sent: PageMap,
+    skipped: PageMap,
+    urgent: UrgentCore,
+    /// Bytes from the destination's urgent writes, whole frames handled one at a time.
+    pub urgent_in: FrameReader,
+    /// Frames from the destination's bulk thread (each whole).
+    pub bulk_in: VecDeque<Vec<u8>>,
+    bulk_reader: FrameReader,
+    /// Frames for the destination's urgent connection, oldest first.
+    pub to_urgent: VecDeque<Vec<u8>>,
+    /// Frames for the destination's bulk connection, oldest first.
+    pub to_bulk: VecDeque<Vec<u8>>,
+    tx: FrameEncoder,
+    steps: Vec<BulkStep>,
+    step: usize,
+    bulk: Bulk,
+    bulk_phase: SourceBulk,
+    maps_done: bool,
+    /// How the session ended (then the source closes both connections).
+    pub outcome: Option<Outcome>,
+}
+
+/// The source host: its guest's pages and its sessions.
+pub struct SimSource {
+    /// The guest's pages now.
+    pub memory: Vec<Vec<u8>>,
+    /// Precopy, when the guest was handed over running.
+    pub engine: Option<Engine>,
+    /// The current link's session.
+    pub session: Option<SourceSession>,
+    /// Protocol violations seen (each a failed run).
+    pub violations: Vec<String>,
+    /// How the last session ended.
+    pub last_outcome: Option<Outcome>,
+}
+
+impl SimSource {
+    /// A guest of [`PAGES`] pages with the given bytes; `rounds`: precopy rounds before the
+    /// switch (None: the guest is paused from the start, pure postcopy).
+    pub fn new(memory: Vec<Vec<u8>>, rounds: Option<u32>) -> Self {
+        SimSource {
+            memory,
+            engine: rounds.map(|rounds_left| Engine {
+                rounds_left,
+                switched: false,
+                pending: PageMap::new(PAGES),
+                unconfirmed: PageMap::new(PAGES),
+            }),
+            session: None,
+            violations: Vec::new(),
+            last_outcome: None,
+        }
+    }
+
+    /// Whether the guest at the source still runs (and may write).
+    pub fn guest_runs(&self) -> bool {
+        self.engine.as_ref().is_some_and(|e| !e.switched)
+    }
+
+    /// The guest writes `bytes` to `page` (only while it runs).
+    pub fn write(&mut self, page: u64, bytes: Vec<u8>) {
+        let engine = self.engine.as_mut().expect("a running guest");
+        assert!(!engine.switched, "a paused guest writes nothing");
+        self.memory[page as usize] = bytes;
+        engine.pending.set_range(page, 1);
+    }
+
+    /// A destination says hello (`resumed`: its guest runs): the welcome's precopy flag, or
+    /// why it is refused (pagesrv's rule: a running destination cannot follow precopy).
+    pub fn welcome(&mut self, generation: u64, resumed: bool) -> Result<bool, String> {
+        let precopy = match &self.engine {
+            None => false,
+            Some(e) if !e.switched && resumed => {
+                return Err(
+                    "the source still runs (precopy): a destination whose guest runs already cannot be served"
+                        .into(),
+                );
+            }
+            Some(_) => !resumed,
+        };
+        if let Some(engine) = &self.engine {
+            // What a cut link's discards dropped may still be here at an older version.
+            let unconfirmed = engine.unconfirmed.bitmap(0, PAGES);
+            engine.pending.set_from_bitmap(0, PAGES, &unconfirmed);
+        }
+        self.session = Some(SourceSession {
+            generation,
+            sent: PageMap::new(PAGES),
+            skipped: PageMap::new(PAGES),
+            urgent: UrgentCore::new(PAGE, PAGES),
+            urgent_in: FrameReader::new(Decoder::session(PAGE, PAGES)),
+            bulk_in: VecDeque::new(),
+            bulk_reader: FrameReader::new(Decoder::session(PAGE, PAGES)),
+            to_urgent: VecDeque::new(),
+            to_bulk: VecDeque::new(),
+            tx: FrameEncoder::plain(),
+            steps: BulkPlan::new(false, false, precopy).steps().to_vec(),
+            step: 0,
+            bulk: Bulk::Ready,
+            bulk_phase: SourceBulk::Open,
+            maps_done: false,
+            outcome: None,
+        });
+        Ok(precopy)
+    }
+
+    /// The link is cut: the session ends (a reconnect starts another).
+    pub fn cut(&mut self) {
+        if let Some(s) = self.session.take() {
+            self.last_outcome = Some(
+                s.outcome
+                    .unwrap_or_else(|| Outcome::Aborted("the link was cut".into())),
+            );
+        }
+    }
+
+    /// Whether the session has an urgent frame buffered to handle.
+    pub fn urgent_ready(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| s.outcome.is_none() && s.urgent_in.buffered() > 0)
+    }
+
+    /// Handles the next whole urgent frame, if any.
+    pub fn on_urgent(&mut self) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        let frame = match s.urgent_in.next_buffered() {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(e) => {
+                self.violations
+                    .push(format!("source: a bad urgent frame: {e}"));
+                return;
+            }
+        };
+        let (message, payload) = frame;
+        let payload = s.urgent_in.payload(payload).to_vec();
+        let maps = Maps {
+            sent: &s.sent,
+            skipped: &s.skipped,
+        };
+        match s.urgent.on_frame(message, &payload, maps) {
+            UrgentAction::Nothing => {}
+            UrgentAction::Answer(range) => {
+                let frames = frames_of(&self.memory, range, &s.sent, self.engine.as_mut());
+                s.encode_all(frames, true);
+            }
+            UrgentAction::StartPush => s.maps_done = true,
+            UrgentAction::Digests { chunk_pages } => {
+                let digests = digests(&self.memory, &s.skipped, chunk_pages);
+                s.encode_all(vec![(Message::Digests { chunk_pages }, digests)], true);
+            }
+            UrgentAction::Refuse { text, outcome, .. } => {
+                self.violations.push(format!("source refused: {text}"));
+                s.outcome = Some(outcome);
+            }
+            UrgentAction::End(outcome) => s.outcome = Some(outcome),
+        }
+    }
+
+    /// Whether the bulk side can do something now.
+    pub fn bulk_ready(&self) -> bool {
+        let Some(s) = &self.session else {
+            return false;
+        };
+        if s.outcome.is_some() {
+            return false;
+        }
+        match s.bulk {
+            Bulk::Finished => false,
+            Bulk::AwaitSynced | Bulk::Precopy(Precopy::AwaitCatchUp) => !s.bulk_in.is_empty(),
+            _ if s.steps.get(s.step) == Some(&BulkStep::AwaitMaps) => s.maps_done,
+            _ => true,
+        }
+    }
+
+    /// One step of the bulk script (a frame or two, or an answer read).
+    pub fn on_bulk(&mut self) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        if matches!(
+            s.bulk,
+            Bulk::AwaitSynced | Bulk::Precopy(Precopy::AwaitCatchUp)
+        ) {
+            match s.read_bulk() {
+                Ok(true) => {
+                    s.bulk = match s.bulk {
+                        Bulk::AwaitSynced => {
+                            if let Some(engine) = &self.engine {
+                                engine.unconfirmed.clear_range(0, PAGES);
+                            }
+                            s.step += 1;
+                            Bulk::Ready
+                        }
+                        _ => {
+                            // Caught up: every discard is applied; pause, decide the switch.
+                            let engine = self.engine.as_mut().expect("precopy");
+                            engine.unconfirmed.clear_range(0, PAGES);
+                            engine.switched = true;
+                            Bulk::Precopy(Precopy::Finish)
+                        }
+                    };
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.violations.push(e);
+                    s.outcome = Some(Outcome::Aborted("bulk".into()));
+                }
+            }
+            return;
+        }
+        let Some(&step) = s.steps.get(s.step) else {
+            s.bulk = Bulk::Finished;
+            return;
+        };
+        match (step, s.bulk) {
+            (BulkStep::AwaitMaps | BulkStep::FreePages | BulkStep::OfferHashes, _) => {
+                s.step += 1;
+            }
+            (BulkStep::SyncFree | BulkStep::SyncSwitch, _) => {
+                s.encode_all(vec![(Message::Sync, Vec::new())], false);
+                s.bulk = Bulk::AwaitSynced;
+            }
+            (BulkStep::Precopy, Bulk::Ready) => s.bulk = Bulk::Precopy(Precopy::Start),
+            (BulkStep::Precopy, Bulk::Precopy(p)) => self.precopy_step(p),
+            (BulkStep::Push, Bulk::Ready) => s.bulk = Bulk::Pushing { next: 0 },
+            (BulkStep::Push, Bulk::Pushing { next }) => {
+                match next_unsent(&s.sent, next) {
+                    Some(first) => {
+                        let count = run_len(&s.sent, first);
+                        let frames = frames_of(
+                            &self.memory,
+                            PageRange { first, count },
+                            &s.sent,
+                            self.engine.as_mut(),
+                        );
+                        s.encode_all(frames, false);
+                        s.bulk = Bulk::Pushing {
+                            next: first + count,
+                        };
+                    }
+                    None if s.sent.is_full() => {
+                        s.step += 1;
+                        s.bulk = Bulk::Ready;
+                    }
+                    // Pages unsent before `next` (dropped by a discard): from the start.
+                    None => s.bulk = Bulk::Pushing { next: 0 },
+                }
+            }
+            (BulkStep::BulkDone, _) => {
+                s.encode_all(vec![(Message::BulkDone, Vec::new())], false);
+                s.step += 1;
+                s.bulk = Bulk::Finished;
+            }
+            (step, bulk) => {
+                self.violations
+                    .push(format!("source: bulk step {step:?} in state {bulk:?}"));
+            }
+        }
+    }
+
+    fn precopy_step(&mut self, at: Precopy) {
+        let s = self.session.as_mut().expect("a session");
+        let engine = self.engine.as_mut().expect("precopy");
+        match at {
+            Precopy::Start => {
+                s.discard(engine);
+                s.bulk = Bulk::Precopy(if engine.switched {
+                    Precopy::Finish
+                } else {
+                    Precopy::Round { next: 0 }
+                });
+            }
+            Precopy::Round { next } => match next_unsent(&s.sent, next) {
+                Some(first) => {
+                    let count = run_len(&s.sent, first);
+                    let frames = frames_of(
+                        &self.memory,
+                        PageRange { first, count },
+                        &s.sent,
+                        Some(engine),
+                    );
+                    s.encode_all(frames, false);
+                    s.bulk = Bulk::Precopy(Precopy::Round {
+                        next: first + count,
+                    });
+                }
+                None => s.bulk = Bulk::Precopy(Precopy::RoundEnd),
+            },
+            Precopy::RoundEnd => {
+                // What the guest wrote during the round is dropped at the destination.
+                s.discard(engine);
+                engine.rounds_left = engine.rounds_left.saturating_sub(1);
+                s.bulk = if engine.rounds_left > 0 {
+                    Bulk::Precopy(Precopy::Round { next: 0 })
+                } else {
+                    s.encode_all(vec![(Message::Sync, Vec::new())], false);
+                    Bulk::Precopy(Precopy::AwaitCatchUp)
+                };
+            }
+            Precopy::AwaitCatchUp => {}
+            Precopy::Finish => {
+                s.discard(engine);
+                s.encode_all(vec![(Message::Switchover, Vec::new())], false);
+                s.step += 1;
+                s.bulk = Bulk::Ready;
+            }
+        }
+    }
+}
+
+impl SourceSession {
+    fn encode_all(&mut self, frames: Vec<(Message, Vec<u8>)>, urgent: bool) {
+        for (message, payload) in frames {
+            let mut bytes = Vec::new();
+            self.tx.encode(&message, &payload, &mut bytes);
+            if urgent {
+                self.to_urgent.push_back(bytes);
+            } else {
+                self.to_bulk.push_back(bytes);
+            }
+        }
+    }
+
+    /// Reads the next answer on the bulk connection: whether it was the `Synced`.
+    fn read_bulk(&mut self) -> Result<bool, String> {
+        let Some(bytes) = self.bulk_in.pop_front() else {
+            return Ok(false);
+        };
+        self.bulk_reader
+            .fill(&mut bytes.as_slice())
+            .map_err(|e| e.to_string())?;
+        let Some((message, _)) = self
+            .bulk_reader
+            .next_buffered()
+            .map_err(|e| format!("source: a bad bulk frame: {e}"))?
+        else {
+            return Ok(false);
+        };
+        self.bulk_phase
+            .receive(message.kind())
+            .map_err(|e| format!("source: bulk frame out of phase: {e}"))?;
+        Ok(matches!(message, Message::Synced))
+    }
+
+    /// Drops at the destination the pages it got that the guest wrote since; they are sent
+    /// again.
+    fn discard(&mut self, engine: &Engine) {
+        let mut bitmap = engine.pending.bitmap(0, PAGES);
+        for (b, sent) in bitmap.iter_mut().zip(self.sent.bitmap(0, PAGES)) {
+            *b &= sent;
+        }
+        if bitmap.iter().any(|&b| b != 0) {
+            let range = PageRange {
+                first: 0,
+                count: PAGES,
+            };
+            PageMap::bitmap_runs(0, &bitmap, |p, n| {
+                self.sent.clear_range(p, n);
+                engine.unconfirmed.set_range(p, n);
+            });
+            self.encode_all(vec![(Message::Discard(range), bitmap)], false);
+        }
+    }
+}
+
+/// The first page at or after `from` not sent yet.
+fn next_unsent(sent: &PageMap, from: u64) -> Option<u64> {
+    (from..PAGES).find(|&p| !sent.is_set(p))
+}
+
+/// How many unsent pages follow `first` (at most [`RUN_PAGES`]).
+fn run_len(sent: &PageMap, first: u64) -> u64 {
+    (first..PAGES.min(first + RUN_PAGES))
+        .take_while(|&p| !sent.is_set(p))
+        .count() as u64
+}
+
+/// `range`'s pages as `ZeroRun`/`PageRun` frames (as pagesrv classifies them), marked sent
+/// and no longer stale.
+fn frames_of(
+    memory: &[Vec<u8>],
+    range: PageRange,
+    sent: &PageMap,
+    engine: Option<&mut Engine>,
+) -> Vec<(Message, Vec<u8>)> {
+    sent.set_range(range.first, range.count);
+    if let Some(engine) = engine {
+        engine.pending.clear_range(range.first, range.count);
+    }
+    let zero = |p: u64| memory[p as usize].iter().all(|&b| b == 0);
+    let mut frames = Vec::new();
+    let mut p = range.first;
+    while p < range.end() {
+        let first = p;
+        let is_zero = zero(p);
+        while p < range.end() && zero(p) == is_zero {
+            p += 1;
+        }
+        let run = PageRange {
+            first,
+            count: p - first,
+        };
+        if is_zero {
+            frames.push((Message::ZeroRun(run), Vec::new()));
+        } else {
+            let bytes = (first..p)
+                .flat_map(|q| memory[q as usize].clone())
+                .collect();
+            frames.push((Message::PageRun(run), bytes));
+        }
+    }
+    frames
+}
+
+/// The digests pagesrv sends: per chunk, every page's digest but the skipped ones'.
+fn digests(memory: &[Vec<u8>], skipped: &PageMap, chunk_pages: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut first = 0;
+    while first < PAGES {
+        let end = (first + chunk_pages).min(PAGES);
+        let digest = (first..end)
+            .filter(|&p| !skipped.is_set(p))
+            .fold(0u64, |d, p| {
+                d.wrapping_add(run_digest(p, &memory[p as usize], PAGE as usize))
+            });
+        out.extend_from_slice(&digest.to_le_bytes());
+        first = end;
+    }
+    out
+}
