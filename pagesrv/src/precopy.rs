@@ -171,6 +171,11 @@ pub struct Precopy {
     pub pending: PageMap,
     /// Pages stale at the switch: a destination that missed the switch drops them first.
     pub stale_at_switch: PageMap,
+    /// Pages a `Discard` dropped that the destination has not confirmed (no `Synced`
+    /// since). Sent again, they are no longer pending; but if the link is cut with the
+    /// discard unapplied, the destination still holds them at an older version: the next
+    /// session drops them first, like pending pages.
+    unconfirmed: PageMap,
     /// Set by `start-postcopy`.
     pub forced: AtomicBool,
     /// Rounds and outcome.
@@ -198,6 +203,7 @@ impl Precopy {
             vmm: Mutex::new(vmm),
             pending: PageMap::new(pages),
             stale_at_switch: PageMap::new(pages),
+            unconfirmed: PageMap::new(pages),
             forced: AtomicBool::new(false),
             state: Mutex::new(PrecopyState {
                 rounds: Vec::new(),
@@ -208,6 +214,25 @@ impl Precopy {
             }),
             failure: Mutex::new(None),
         }
+    }
+
+    /// A `Discard` for these pages was sent (not yet confirmed applied).
+    pub fn discarded(&self, first: u64, count: u64) {
+        self.unconfirmed.set_range(first, count);
+    }
+
+    /// The destination answered a `Sync`: every discard before it is applied.
+    pub fn discards_confirmed(&self) {
+        self.unconfirmed
+            .clear_range(0, self.unconfirmed.total_pages());
+    }
+
+    /// A new session begins: discards a cut link may have lost are pending again (the
+    /// destination may hold those pages at a version older than the one sent since).
+    pub fn unconfirmed_are_pending(&self) {
+        let total = self.unconfirmed.total_pages();
+        let bitmap = self.unconfirmed.bitmap(0, total);
+        self.pending.set_from_bitmap(0, total, &bitmap);
     }
 
     /// A snapshot of where precopy stands.

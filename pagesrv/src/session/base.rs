@@ -181,6 +181,9 @@ impl Session<'_> {
             match message {
                 Message::DoneMap(range) => on_map(range, rx.payload(payload)),
                 Message::Synced => {
+                    if let Some(engine) = &self.switch.engine {
+                        engine.discards_confirmed();
+                    }
                     return conn
                         .set_read_timeout(None)
                         .map_err(BulkError::writing("set up the socket"));

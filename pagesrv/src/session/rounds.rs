@@ -29,7 +29,10 @@ impl Session<'_> {
         rx: &mut FrameReader,
     ) -> Result<(), BulkError> {
         let page_size = self.source.page_size();
-        // A destination that reconnected may hold pages the guest wrote since they were sent.
+        // A destination that reconnected may hold pages the guest wrote since they were sent,
+        // or pages a discard its last link lost was to drop (sent again since, so no longer
+        // pending).
+        engine.unconfirmed_are_pending();
         let stale = self.discard(conn, tx, &engine.pending)?;
         if stale > 0 {
             info!(
@@ -291,6 +294,9 @@ impl Session<'_> {
                     .map_err(BulkError::writing("send a discard"))?;
                 PageMap::bitmap_runs(first, &bitmap, |p, n| {
                     dropped += self.sent.clear_range(p, n);
+                    if let Some(engine) = &self.switch.engine {
+                        engine.discarded(p, n);
+                    }
                 });
             }
             first += count;
