@@ -68,13 +68,21 @@ impl FakeKernel {
     }
 
     /// The VMM's threads whose events were read resume: the zap happens, EAGAIN ends.
-    pub(super) fn resume_vmm(&self) {
+    /// Returns the ranges zapped.
+    pub(super) fn resume_vmm(&self) -> Vec<(u64, u64)> {
         let mut st = self.st();
-        for (first, count) in std::mem::take(&mut st.unresumed) {
+        let zapped = std::mem::take(&mut st.unresumed);
+        for &(first, count) in &zapped {
             for p in first..first + count {
                 st.memory[p as usize] = None;
             }
         }
+        zapped
+    }
+
+    /// Whether a removal was read but its VMM thread has not resumed yet.
+    pub(super) fn has_unresumed(&self) -> bool {
+        !self.st().unresumed.is_empty()
     }
 
     /// Whether events wait to be read (the uffd is readable).

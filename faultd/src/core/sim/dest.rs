@@ -158,6 +158,26 @@ impl<'v> SimDest<'v> {
         self.announced() && (0..PAGES).any(|p| self.vm.kernel.page(p).is_some())
     }
 
+    /// The running guest may give pages back while faultd still serves it.
+    pub fn may_remove(&self) -> bool {
+        let unregistered = self.vm.kernel.st().unregistered;
+        self.announced() && self.session.serving() && !unregistered
+    }
+
+    /// A VMM thread waits for its removal to be read and then resumes.
+    pub fn vmm_blocked(&self) -> bool {
+        self.vm.kernel.has_unresumed()
+    }
+
+    /// The zap happens now: the removed pages read zero from here on (until written).
+    pub fn vmm_resumes(&mut self) {
+        for (first, count) in self.vm.kernel.resume_vmm() {
+            for page in first..first + count {
+                self.writes.insert(page, vec![0; PAGE as usize]);
+            }
+        }
+    }
+
     pub fn has_unsent_bytes(&self) -> bool {
         !self.is_done() && !self.session.outbox().is_empty()
     }
@@ -395,6 +415,17 @@ impl<'v> SimDest<'v> {
         let bytes = rng.page_bytes();
         self.vm.kernel.write(page, bytes.clone());
         self.writes.insert(page, bytes);
+    }
+
+    /// The running guest gives a few pages back (they read zero once its VMM thread
+    /// resumes, see [`SimDest::vmm_resumes`]).
+    pub fn remove(&mut self, rng: &mut Rng) {
+        let first = rng.below(PAGES);
+        let count = 1 + rng.below(3.min(PAGES - first));
+        if std::env::var_os("SIM_TRACE").is_some() {
+            eprintln!("      remove pages {first}..{}", first + count);
+        }
+        self.vm.kernel.remove(first, count);
     }
 
     /// Right after faults are released (a link up, the switch, the free pages in): every

@@ -4,8 +4,10 @@
 //! [`source::SimSource`]), with frames in queues instead of sockets, and a seeded
 //! scheduler that picks, at every step, one of whatever can happen next: a frame delivered
 //! on either connection in either direction, the destination's pump writing part of its
-//! outbox, a bulk thread applying a frame, a vCPU fault, a guest write on either side, the
-//! clock, or a cut of the link (what is in flight is lost; a new link follows).
+//! outbox, a bulk thread applying a frame, a vCPU fault, a guest write on either side, a
+//! balloon at the destination (REMOVE events; the fake kernel answers EAGAIN until they are
+//! read and the VMM resumes, EEXIST where a page is already placed), the clock, or a cut of
+//! the link (what is in flight is lost; a new link follows).
 //!
 //! Checked on every run: both sides end (no party waits on one that waits on it), with the
 //! destination's verdict `Verified` and the source `Completed` (unless the cut came after
@@ -83,6 +85,11 @@ enum Step {
     DestFault,
     /// The guest at the destination (running) writes a present page.
     DestWrite,
+    /// The guest at the destination gives pages back (a balloon: madvise(DONTNEED), a
+    /// REMOVE event; its VMM thread blocks until the event is read).
+    DestRemove,
+    /// The VMM thread whose removal was read resumes (placements stop meeting EAGAIN).
+    VmmResumes,
     /// The source handles an urgent frame.
     SourceUrgent,
     /// The source's bulk thread does its next step.
@@ -186,6 +193,8 @@ pub struct RunStats {
     pub cuts: u32,
     /// Faults taken at the destination.
     pub faults: u32,
+    /// Balloon removals at the destination.
+    pub removes: u32,
 }
 
 struct World<'v> {
@@ -248,6 +257,12 @@ impl World<'_> {
             }
             if d.may_write() {
                 steps.push(Step::DestWrite);
+            }
+            if d.may_remove() && rng.chance(30) {
+                steps.push(Step::DestRemove);
+            }
+            if d.vmm_blocked() {
+                steps.push(Step::VmmResumes);
             }
             for i in d.bulk_threads_ready() {
                 steps.push(Step::DestBulk(i));
@@ -352,6 +367,11 @@ impl World<'_> {
                 self.stats.faults += 1;
             }
             Step::DestWrite => self.dest.write(rng),
+            Step::DestRemove => {
+                self.dest.remove(rng);
+                self.stats.removes += 1;
+            }
+            Step::VmmResumes => self.dest.vmm_resumes(),
             Step::SourceUrgent => self.source.on_urgent(),
             Step::SourceBulk => self.source.on_bulk(),
             Step::SourceWrite => {
@@ -458,29 +478,34 @@ mod tests {
             }
             return;
         }
-        let (mut steps, mut cuts, mut faults) = (0u64, 0u64, 0u64);
+        let (mut steps, mut cuts, mut faults, mut removes) = (0u64, 0u64, 0u64, 0u64);
         for seed in 0..RUNS {
             match run(seed) {
                 Ok(stats) => {
                     steps += u64::from(stats.steps);
                     cuts += u64::from(stats.cuts);
                     faults += u64::from(stats.faults);
+                    removes += u64::from(stats.removes);
                 }
                 Err(e) => panic!(
                     "seed {seed}: {e}\nreplay: SIM_SEED={seed} SIM_TRACE=1 cargo test -p faultd test_simulated"
                 ),
             }
         }
-        eprintln!("{RUNS} simulated migrations: {steps} steps, {cuts} cuts, {faults} faults");
+        eprintln!(
+            "{RUNS} simulated migrations: {steps} steps, {cuts} cuts, {faults} faults, {removes} removals"
+        );
+        // The scheduler reaches what the properties are about.
         assert!(cuts > RUNS / 4, "cuts happen: {cuts}");
         assert!(faults > RUNS, "faults happen: {faults}");
+        assert!(removes > RUNS / 4, "removals happen: {removes}");
     }
 
     #[test]
     fn test_a_seed_replays_exactly() {
         for seed in [1, 77, 4242] {
-            let a = run(seed).map(|s| (s.steps, s.cuts, s.faults));
-            let b = run(seed).map(|s| (s.steps, s.cuts, s.faults));
+            let a = run(seed).map(|s| (s.steps, s.cuts, s.faults, s.removes));
+            let b = run(seed).map(|s| (s.steps, s.cuts, s.faults, s.removes));
             assert_eq!(a, b, "seed {seed}");
         }
     }
