@@ -15,10 +15,10 @@ use anyhow::{Context, Result, ensure};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::latency::write_image_seeded;
 use crate::procs::{
     Guard, log_tail, remove_on_interrupt, sibling, start_faultd, start_pagesrv_fleet,
 };
+use crate::scenario::write_image_seeded;
 
 /// Longest a run may take before it is reported stuck.
 const RUN_LIMIT: Duration = Duration::from_secs(300);
@@ -123,7 +123,7 @@ fn weighted_quantile(values: &mut [(f64, f64)], q: f64) -> f64 {
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
-    crate::latency::median(&mut values)
+    crate::scenario::median(&mut values)
 }
 
 /// Runs the benchmark and prints its table.
@@ -380,7 +380,7 @@ fn finish(d: &mut Destination) -> Result<VmRun> {
     let latency: Value = serde_json::from_str(&std::fs::read_to_string(&d.latency)?)?;
     Ok(VmRun {
         total_ms: stats["duration_ms"].as_f64().unwrap_or(0.0),
-        data_bytes: crate::latency::data_bytes(&stats),
+        data_bytes: crate::scenario::data_bytes(&stats),
         samples_us: latency["cdf_samples_us"]
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_f64).collect())

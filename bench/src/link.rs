@@ -292,7 +292,7 @@ pub fn clean_up_on_interrupt() -> Result<()> {
             let _setup = SETUP.lock().unwrap_or_else(|p| p.into_inner());
             crate::procs::kill_children();
             remove_ours();
-            crate::huge::give_back();
+            crate::hugetlb::give_back();
             crate::procs::remove_leftovers();
             std::process::exit(130);
         }

@@ -4,12 +4,14 @@
 mod fleet;
 mod floor;
 mod huge;
+mod hugetlb;
 mod latency;
 mod link;
 mod migrate;
 mod procs;
 mod profiles;
 mod restore;
+mod scenario;
 mod svg;
 mod tuning;
 
@@ -30,7 +32,7 @@ enum Command {
     /// Live-migrate a running KVM guest over loopback and report what both sides saw.
     Migrate(migrate::MigrateArgs),
     /// Measure fault latency and throughput of the real pair against this machine's floor.
-    Latency(latency::LatencyArgs),
+    Latency(scenario::LatencyArgs),
     /// Migrate many VMs at once through one pagesrv, against one VM alone.
     Fleet(fleet::FleetArgs),
 }

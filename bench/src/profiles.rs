@@ -12,8 +12,8 @@ use anyhow::Result;
 use serde_json::{Value, json};
 
 use crate::floor::{self, Placement};
-use crate::latency::{LatencyArgs, Scenario, run_median};
 use crate::link::{Link, Profile};
+use crate::scenario::{LatencyArgs, Scenario, run_median};
 
 /// Touches of a demand run, so that one takes seconds, not minutes, on slow links.
 fn demand_touches(profile: &Profile, asked: u64) -> u64 {

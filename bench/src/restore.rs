@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde_json::{Value, json};
 
-use crate::latency::{LatencyArgs, Scenario, run_median};
+use crate::scenario::{LatencyArgs, Scenario, run_median};
 
 /// Runs the three restores on `image`.
 ///

@@ -208,7 +208,7 @@ pub fn run(args: &MigrateArgs) -> Result<()> {
         );
         crate::link::clean_up_on_interrupt()?;
         let pages = args.size_mib / 2 + 8;
-        let reserved = crate::huge::Reserved::pages(pages)?;
+        let reserved = crate::hugetlb::Reserved::pages(pages)?;
         reserved.warm(pages);
         Some(reserved)
     } else {
