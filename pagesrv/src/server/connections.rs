@@ -1,0 +1,364 @@
+//! What the manager does with an admitted connection: refuse it (rate-limited lines), or
+//! welcome it into a new, resumed or joined session (the claim rules are `claim.rs`'s), and
+//! start the session's threads once its bulk connection is in.
+
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use anyhow::Result;
+use common::framed::{FrameEncoder, FrameReader};
+use common::wire::{
+    ErrorCode, FLAG_FREE, FLAG_PRECOPY, FLAG_PROVEN, MAX_STREAMS, Role, SessionParams, VmName,
+};
+use socket2::SockRef;
+use tracing::{debug, info, info_span, warn};
+
+use super::{
+    BULK_SNDBUF_BYTES, Event, Finished, Manager, Pending, Running, ServerConfig, TAKEOVER_LOG_EVERY,
+};
+use crate::claim::{self, Claim, Known, busy_text, joins};
+use crate::fleet::{self, ServedVm};
+use crate::handshake::Admitted;
+use crate::report::report_progress;
+use crate::session::{Session, Switch, error_chain};
+
+impl<'scope, 'env> Manager<'scope, 'env> {
+    /// Refuses a connection after its handshake; one line per [`REFUSAL_LOG_EVERY`] (then
+    /// how many followed): anyone with a key, or anyone without `--insecure-no-key`'s, can
+    /// make refusals.
+    fn refuse(&self, mut admitted: Box<Admitted>, code: ErrorCode, text: &str) {
+        if let Some(before) = self.refusals.borrow_mut().admit() {
+            warn!(peer = %admitted.peer, role = ?admitted.role(), vm = %admitted.hello().vm, %text, refused_since_last_line = before, "refused a destination");
+        }
+        admitted.refuse(code, text);
+    }
+
+    /// Refuses a connection that named VM `index`'s session without proving its secret:
+    /// nothing changes, and one line per [`TAKEOVER_LOG_EVERY`] says so.
+    fn refuse_takeover(&mut self, index: usize, mut admitted: Box<Admitted>) {
+        let slot = &mut self.slots[index];
+        if slot
+            .takeover_logged
+            .is_none_or(|t| t.elapsed() >= TAKEOVER_LOG_EVERY)
+        {
+            slot.takeover_logged = Some(Instant::now());
+            warn!(peer = %admitted.peer, role = ?admitted.role(), vm = %self.vms[index].name, "refused a connection that names this VM's session without proving its secret (a takeover attempt, or a destination from another run); the session goes on");
+        }
+        admitted.refuse(ErrorCode::Busy, &busy_text(self.vms[index].name));
+    }
+
+    /// Prepares the connection and answers with `welcome` (to VM `vm`); `false` (logged) if
+    /// that failed.
+    fn welcome(
+        &self,
+        admitted: &mut Admitted,
+        welcome: SessionParams,
+        vm: VmName,
+    ) -> bool {
+        let role = match (admitted.role(), admitted.hello().extra_stream()) {
+            (Role::Urgent, _) => "urgent",
+            (Role::Bulk, false) => "bulk",
+            (Role::Bulk, true) => "bulk (extra stream)",
+        };
+        if let Err(e) = prepare_socket(&admitted.conn, admitted.role(), self.config)
+            .and_then(|()| Ok(admitted.welcome(welcome)?))
+        {
+            warn!(peer = %admitted.peer, error = %format!("{e:#}"), "failed to welcome a destination");
+            return false;
+        }
+        info!(peer = %admitted.peer, role, vm = %vm, session = format_args!("{:016x}", welcome.session_id), sealed = admitted.encoder.is_sealed(), "destination connected");
+        true
+    }
+
+    pub(super) fn on_urgent(&mut self, admitted: Box<Admitted>) {
+        let index = match fleet::find(self.vms, &admitted.hello().vm) {
+            Ok(index) => index,
+            Err(text) => return self.refuse(admitted, ErrorCode::UnknownVm, &text),
+        };
+        let vm = &self.vms[index];
+        if let Some(finished) = &self.slots[index].finished {
+            let text = format!(
+                "the migration of VM {} has ended ({}); it is served no more",
+                vm.name,
+                match finished {
+                    Finished::Completed { .. } => "completed".to_string(),
+                    Finished::Failed(why) => format!("failed: {why}"),
+                }
+            );
+            return self.refuse(admitted, ErrorCode::UnknownVm, &text);
+        }
+        let ours =
+            match fleet::check_destination(admitted.hello(), &vm.source, self.config.page_size) {
+                Ok(ours) => ours,
+                Err((code, text)) => return self.refuse(admitted, code, &text),
+            };
+        if let Err(e) = vm.source.check_intact() {
+            return self.refuse(admitted, ErrorCode::Internal, &error_chain(&e));
+        }
+        let (session_id, secret, proven) = match self.claim(index, &admitted) {
+            Claim::Resume { id, secret } => (id, secret, true),
+            Claim::Open { adopt } => {
+                let id = adopt.unwrap_or_else(|| rand::random::<u64>() | 1);
+                (id, admitted.new_secret(id), false)
+            }
+            Claim::Busy => {
+                let text = busy_text(vm.name);
+                return self.refuse(admitted, ErrorCode::Busy, &text);
+            }
+            Claim::Unproven => return self.refuse_takeover(index, admitted),
+        };
+        if self.slots[index]
+            .running
+            .as_ref()
+            .is_some_and(|r| r.session.id == session_id)
+        {
+            info!(
+                session = format_args!("{session_id:016x}"),
+                vm = %vm.name,
+                peer = %admitted.peer,
+                "the destination reconnected: replacing its old session"
+            );
+            self.end_session(index, true);
+            if self.slots[index].finished.is_some() {
+                // It had ended before we stopped it: nothing to resume.
+                let text = format!("the migration of VM {} has ended", self.vms[index].name);
+                return self.refuse(admitted, ErrorCode::UnknownVm, &text);
+            }
+        }
+        let vm = &self.vms[index];
+        let flags = match self.welcome_flags(admitted.hello(), vm, proven) {
+            Ok(flags) => flags,
+            Err((code, text)) => return self.refuse(admitted, code, &text),
+        };
+        let mut admitted = admitted;
+        let welcome = SessionParams {
+            session_id,
+            flags,
+            // Echoed only to a destination that named it (one that did not may predate
+            // names and read only the fixed body).
+            vm: admitted.hello().vm,
+            ..ours
+        };
+        if !self.welcome(&mut admitted, welcome, vm.name) {
+            return;
+        }
+        self.slots[index].pending = Some(Pending {
+            admitted,
+            welcome,
+            secret,
+            since: Instant::now(),
+        });
+    }
+
+    /// The `Welcome` flags of an urgent connection to `vm` (`proven`: it resumes its session
+    /// with the secret), or why it cannot be served now.
+    fn welcome_flags(
+        &self,
+        hello: &SessionParams,
+        vm: &ServedVm,
+        proven: bool,
+    ) -> Result<u32, (ErrorCode, String)> {
+        let resumed = hello.resumed();
+        let precopy = match &self.precopy {
+            None => 0,
+            Some(engine) if engine.failure().is_some() => {
+                let why = engine.failure().unwrap_or_default();
+                let text = format!("the migration failed at the source: {why}");
+                return Err((ErrorCode::Internal, text));
+            }
+            Some(engine) if u64::from(hello.page_size) != engine.page_size => {
+                let text = format!(
+                    "precopy tracks the source VMM's {}-byte pages; a destination in {}-byte pages cannot follow its discards",
+                    engine.page_size, hello.page_size
+                );
+                return Err((ErrorCode::LayoutMismatch, text));
+            }
+            Some(engine) if !engine.switched() && resumed => {
+                let text = "the source still runs (precopy): a destination whose guest runs already cannot be served";
+                return Err((ErrorCode::Protocol, text.into()));
+            }
+            // Precopy rounds, or the discards and the switch this destination missed.
+            Some(_) if !resumed => FLAG_PRECOPY,
+            Some(_) => 0,
+        };
+        let free = if vm.source.has_free_hints() {
+            FLAG_FREE
+        } else {
+            0
+        };
+        Ok(precopy | free | if proven { FLAG_PROVEN } else { 0 })
+    }
+
+    /// Which session an urgent connection to VM `index` opens or resumes (`claim.rs`).
+    fn claim(&self, index: usize, admitted: &Admitted) -> Claim {
+        let slot = &self.slots[index];
+        let pending = slot.pending.as_ref().map(|p| Known {
+            id: p.welcome.session_id,
+            secret: p.secret.clone(),
+        });
+        claim::claim(
+            admitted.hello().session_id,
+            pending.as_ref(),
+            slot.established.as_ref(),
+            slot.running.is_some(),
+            |secret| admitted.proves(secret),
+        )
+    }
+
+    pub(super) fn on_bulk(&mut self, mut admitted: Box<Admitted>) {
+        let hello = *admitted.hello();
+        if hello.extra_stream() {
+            return self.on_extra_stream(admitted);
+        }
+        // The VM by name, as for the urgent connection; then that VM's pending session only,
+        // with the proof of its secret.
+        let index = fleet::find(self.vms, &hello.vm).ok().filter(|&index| {
+            self.slots[index]
+                .pending
+                .as_ref()
+                .is_some_and(|p| joins(&p.welcome, &hello) && admitted.proves(&p.secret))
+        });
+        let Some(index) = index else {
+            let text = "no session of this VM waits for a bulk connection with this layout and this session's secret";
+            return self.refuse(admitted, ErrorCode::UnknownSession, text);
+        };
+        let pending = self.slots[index].pending.take().expect("checked above");
+        if !self.welcome(&mut admitted, pending.welcome, self.vms[index].name) {
+            return;
+        }
+        let Admitted {
+            conn,
+            greeted,
+            encoder,
+            ..
+        } = *admitted;
+        self.start_session(index, pending, (conn, greeted.reader, encoder));
+    }
+
+    /// Another bulk connection of a running session (`faultd --streams`): it takes a share
+    /// of the push on a thread of its own, at most [`MAX_STREAMS`] per session.
+    fn on_extra_stream(&mut self, mut admitted: Box<Admitted>) {
+        let hello = *admitted.hello();
+        let running = fleet::find(self.vms, &hello.vm).ok().and_then(|index| {
+            let slot = &self.slots[index];
+            let proven = slot
+                .established
+                .as_ref()
+                .is_some_and(|e| admitted.proves(&e.secret));
+            slot.running
+                .as_ref()
+                .filter(|r| proven && joins(&r.welcome, &hello))
+        });
+        let Some(running) = running else {
+            let text = "no running session of this VM with this layout and this session's secret";
+            return self.refuse(admitted, ErrorCode::UnknownSession, text);
+        };
+        let (session, welcome) = (running.session.clone(), running.welcome);
+        if self.config.session.naive_single_connection {
+            let text =
+                "this pagesrv runs the single-connection baseline: no extra bulk connections";
+            return self.refuse(admitted, ErrorCode::Protocol, text);
+        }
+        if !session.admit_stream() {
+            let text = format!("a session has at most {MAX_STREAMS} bulk connections");
+            return self.refuse(admitted, ErrorCode::Protocol, &text);
+        }
+        if !self.welcome(&mut admitted, welcome, session.vm) {
+            return;
+        }
+        let Admitted { conn, encoder, .. } = *admitted;
+        self.scope.spawn(move || {
+            let _span = info_span!(
+                "session",
+                vm = %session.vm,
+                id = format_args!("{:016x}", session.id)
+            )
+            .entered();
+            session.push_extra(conn, encoder);
+        });
+    }
+
+    fn start_session(
+        &mut self,
+        index: usize,
+        pending: Pending,
+        bulk: (TcpStream, FrameReader, FrameEncoder),
+    ) {
+        self.serials += 1;
+        let serial = self.serials;
+        let vm = &self.vms[index];
+        vm.source.refresh_holes();
+        let pending_welcome = pending.welcome;
+        let paged = vm
+            .source
+            .paged(u64::from(pending.welcome.page_size))
+            .expect("the page size was checked when the destination was welcomed");
+        let switch = Switch {
+            engine: self.precopy.clone(),
+            first: pending.welcome.precopy(),
+            free_first: pending.welcome.free_first(),
+            base: pending.admitted.hello().has_base(),
+        };
+        let session = Arc::new(Session::new(
+            paged,
+            (vm.name, pending.welcome.session_id),
+            self.config.session.clone(),
+            switch,
+            Arc::new(self.events.clone()),
+        ));
+        let (tx, session_for_thread) = (self.notify.clone(), session.clone());
+        let published = self.events.metrics.clone();
+        let Admitted {
+            conn,
+            greeted,
+            encoder: urgent_tx,
+            ..
+        } = *pending.admitted;
+        let reader = greeted.reader;
+        let handle = self.scope.spawn(move || {
+            let session = session_for_thread;
+            let _span = info_span!(
+                "session",
+                vm = %session.vm,
+                id = format_args!("{:016x}", session.id)
+            )
+            .entered();
+            let outcome = std::thread::scope(|s| {
+                let (done_tx, done_rx) = mpsc::channel::<()>();
+                let reporter = s.spawn(|| report_progress(&session, published.as_deref(), done_rx));
+                let outcome = session.run(conn, reader, urgent_tx, bulk);
+                drop(done_tx);
+                let _ = reporter.join();
+                outcome
+            });
+            let _ = tx.send(Event::SessionEnded { serial });
+            outcome
+        });
+        let slot = &mut self.slots[index];
+        slot.established = Some(Known {
+            id: pending_welcome.session_id,
+            secret: pending.secret,
+        });
+        slot.sessions += 1;
+        slot.first_start.get_or_insert_with(Instant::now);
+        slot.running = Some(Running {
+            serial,
+            session,
+            handle,
+            welcome: pending_welcome,
+        });
+    }
+}
+
+fn prepare_socket(conn: &TcpStream, role: Role, config: &ServerConfig) -> Result<()> {
+    common::netopt::detect_dead_peer(conn, config.session.liveness.timeout)?;
+    if let Err(e) = common::netopt::mark_traffic(conn, role == Role::Urgent) {
+        debug!(error = %e, "cannot mark the connection's traffic class");
+    }
+    if role == Role::Bulk {
+        SockRef::from(conn).set_send_buffer_size(BULK_SNDBUF_BYTES)?;
+    }
+    Ok(())
+}
