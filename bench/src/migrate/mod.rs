@@ -13,23 +13,26 @@
 //! until every page is present. The guest's own counters (touch rate, stalls, verification)
 //! come from its reports before, during and after.
 
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use clap::{Args, ValueEnum};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use bench::guest::{PageSize, Workload};
 
-use crate::procs::{Guard, sibling, start_faultd, start_pagesrv};
+use crate::procs::sibling;
 
+mod handover;
 mod summary;
+mod vmm;
 
-use summary::{Labels, Timeline, counter, event_is, file_digest, print_summary, t_us};
+use handover::{Postcopy, follow_destination, hand_over_postcopy, hand_over_precopy};
+use summary::{Labels, Timeline, counter, file_digest, print_summary, t_us};
+use vmm::Vmm;
 
 /// How faultd places pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -116,78 +119,6 @@ pub struct MigrateArgs {
     pub json: Option<PathBuf>,
 }
 
-/// A child process with its JSON-lines stdout on a channel; killed on drop.
-struct Vmm {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    events: mpsc::Receiver<Value>,
-}
-
-impl Vmm {
-    fn spawn(cmd: &mut Command) -> Result<Self> {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start the VMM")?;
-        // Stopped by an interrupted bench too (it is unregistered before it is reaped).
-        crate::procs::register(child.id());
-        let stdout = child.stdout.take().context("no stdout")?;
-        let (tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && tx.send(v).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        let stdin = child.stdin.take();
-        Ok(Vmm {
-            child,
-            stdin,
-            events,
-        })
-    }
-
-    /// Waits for the VMM to exit (no longer stopped by an interrupt: its pid is reaped).
-    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        crate::procs::unregister(self.child.id());
-        self.child.wait()
-    }
-
-    fn send(&mut self, command: &str) -> Result<()> {
-        let stdin = self.stdin.as_mut().context("VMM stdin closed")?;
-        writeln!(stdin, "{command}").context("the VMM is gone")?;
-        Ok(())
-    }
-
-    /// Next event, or an error naming the VMM's exit status if it ended.
-    fn next(&mut self, timeout: Duration) -> Result<Value> {
-        match self.events.recv_timeout(timeout) {
-            Ok(v) => Ok(v),
-            Err(mpsc::RecvTimeoutError::Timeout) => bail!("the VMM sent nothing for {timeout:?}"),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                crate::procs::unregister(self.child.id());
-                let status = self.child.wait()?;
-                bail!("the VMM exited ({status})")
-            }
-        }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        crate::procs::unregister(self.child.id());
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
 /// Runs one migration and prints its summary.
 ///
 /// # Errors
@@ -262,18 +193,6 @@ impl Paths {
 
 /// How long any one step may take.
 const STEP_LIMIT: Duration = Duration::from_secs(600);
-
-/// What the handover left running.
-struct Handover {
-    pagesrv: Guard,
-    faultd: Guard,
-    dest: Vmm,
-    /// The source VMM's `migrating` (precopy first) or `paused` event.
-    start: Value,
-    paused: Value,
-    /// pagesrv's control events, as they come (precopy first).
-    pagesrv_events: Option<mpsc::Receiver<Value>>,
-}
 
 fn value_name(v: &impl ValueEnum) -> String {
     v.to_possible_value()
@@ -473,163 +392,6 @@ fn boot_source(
     Ok((source, first_touching, last))
 }
 
-/// Precopy first: pagesrv takes the running guest's RAM from the source VMM and runs the
-/// rounds; the destination VMM waits for faultd's `switched`.
-fn hand_over_precopy(
-    args: &MigrateArgs,
-    paths: &Paths,
-    source: &mut Vmm,
-    dest_cmd: &mut Command,
-    strategy: &str,
-    faultd_args: &[String],
-) -> Result<Handover> {
-    let mut cmd = Command::new(sibling("pagesrv")?);
-    cmd.arg("--vmm-uds")
-        .arg(&paths.pagesrv_vmm_uds)
-        .args(["--strategy", strategy])
-        .args(["--max-downtime-ms", &args.max_downtime_ms.to_string()])
-        .arg("--control")
-        .arg(&paths.pagesrv_ctl)
-        .args(["--listen", "127.0.0.1:0"])
-        .args(crate::procs::key_args()?)
-        .stdout(Stdio::piped());
-    let mut pagesrv = Guard::new(cmd.spawn().context("cannot start pagesrv")?);
-    let mut lines = BufReader::new(pagesrv.0.stdout.take().context("no stdout")?).lines();
-    let mut line = || -> Result<String> { Ok(lines.next().context("pagesrv ended")??) };
-    ensure!(
-        line()?.starts_with("pagesrv waiting for the source VMM"),
-        "pagesrv did not start"
-    );
-    source.send("migrate")?;
-    let addr = line()?
-        .strip_prefix("pagesrv listening on ")
-        .context("pagesrv did not take the source VMM's RAM")?
-        .to_owned();
-    std::thread::spawn(move || lines.for_each(drop));
-    let pagesrv_events = collect_events(&paths.pagesrv_ctl)?;
-    let faultd_ctl = paths.faultd_ctl.to_str().context("path")?;
-    let mut args: Vec<&str> = faultd_args.iter().map(String::as_str).collect();
-    args.extend(["--control", faultd_ctl]);
-    let faultd = start_faultd(&addr, &paths.faultd_uds, &paths.faultd_stats, &args, None)?;
-    let dest = Vmm::spawn(dest_cmd.arg("--wait-switch").arg(&paths.faultd_ctl))?;
-    let mut start = None;
-    let paused = loop {
-        let e = source.next(STEP_LIMIT)?;
-        if event_is(&e, "paused") {
-            break e;
-        }
-        if event_is(&e, "migrating") {
-            start = Some(e);
-            progress("precopy: pagesrv sends the guest's pages while it runs\n");
-        }
-    };
-    Ok(Handover {
-        pagesrv,
-        faultd,
-        dest,
-        start: start.context("the source VMM never handed over its RAM")?,
-        paused,
-        pagesrv_events: Some(pagesrv_events),
-    })
-}
-
-/// What a postcopy handover needs.
-struct Postcopy<'a> {
-    mem: &'a Path,
-    paths: &'a Paths,
-    faultd_args: &'a [String],
-    /// `--base-similarity`: where to write the base image, and how similar.
-    base: Option<(&'a Path, u8)>,
-    /// `--free-pct`: the free-page hints the source VMM writes at the pause.
-    free_hints: Option<&'a Path>,
-}
-
-/// Postcopy: pause the source, serve its RAM file, resume the destination at once.
-fn hand_over_postcopy(
-    h: &Postcopy<'_>,
-    source: &mut Vmm,
-    dest_cmd: &mut Command,
-) -> Result<Handover> {
-    let start_daemons = || -> Result<(Guard, Guard)> {
-        let mut extra = Vec::new();
-        if let Some(path) = h.free_hints {
-            extra.extend(["--free-pages", path.to_str().context("path")?]);
-        }
-        let (pagesrv, addr) = start_pagesrv(h.mem, &extra, None)?;
-        let args: Vec<&str> = h.faultd_args.iter().map(String::as_str).collect();
-        let paths = h.paths;
-        let faultd = start_faultd(&addr, &paths.faultd_uds, &paths.faultd_stats, &args, None)?;
-        Ok((pagesrv, faultd))
-    };
-    // The base image and the free-page hints exist only once the source paused.
-    let daemons = if h.base.is_none() && h.free_hints.is_none() {
-        Some(start_daemons()?)
-    } else {
-        None
-    };
-    source.send("pause")?;
-    let mut paused = loop {
-        let e = source.next(STEP_LIMIT)?;
-        if event_is(&e, "paused") {
-            break e;
-        }
-    };
-    let (pagesrv, faultd) = match (daemons, h.base) {
-        (Some(daemons), _) => daemons,
-        (None, base) => {
-            // The base is like the RAM as it paused; writing it is not part of the
-            // migration (the destination holds it already), nor is starting the daemons
-            // (they would be up before a real pause), so the clock starts after them.
-            if let Some((path, pct)) = base {
-                write_base_image(h.mem, path, pct)?;
-            }
-            let daemons = start_daemons()?;
-            paused["t_us"] = json!(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)?
-                    .as_micros() as u64
-            );
-            daemons
-        }
-    };
-    let dest = Vmm::spawn(dest_cmd)?;
-    Ok(Handover {
-        pagesrv,
-        faultd,
-        dest,
-        start: paused.clone(),
-        paused,
-        pagesrv_events: None,
-    })
-}
-
-/// The destination's `resumed`, the guest's reports until its VMM said `complete`, and
-/// those for `after_ms` after.
-fn follow_destination(dest: &mut Vmm, after_ms: u64) -> Result<(Value, Vec<Value>, Vec<Value>)> {
-    let resumed = dest.next(STEP_LIMIT)?;
-    ensure!(
-        event_is(&resumed, "resumed"),
-        "unexpected first event from the destination: {resumed}"
-    );
-    let mut during = Vec::new();
-    let complete = loop {
-        let e = dest.next(STEP_LIMIT)?;
-        if event_is(&e, "complete") {
-            break e;
-        }
-        during.push(e);
-    };
-    let mut after = Vec::new();
-    loop {
-        let e = dest.next(STEP_LIMIT)?;
-        let done = t_us(&e) >= t_us(&complete) + after_ms * 1000;
-        after.push(e);
-        if done {
-            return Ok((resumed, during, after));
-        }
-    }
-}
-
 /// Copies the guest's RAM file to `base`, changing one byte of every page not among the
 /// `pct` % kept (chosen by a hash of the page index, so they are spread out).
 fn write_base_image(mem: &Path, base: &Path, pct: u8) -> Result<()> {
@@ -662,19 +424,4 @@ fn write_base_image(mem: &Path, base: &Path, pct: u8) -> Result<()> {
     }
     to.flush()?;
     Ok(())
-}
-
-/// Events from a daemon's control socket, on a channel, until it closes.
-fn collect_events(path: &Path) -> Result<mpsc::Receiver<Value>> {
-    let mut client = common::control::ControlClient::connect(path)
-        .with_context(|| format!("cannot reach {}", path.display()))?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        while let Ok(Some(event)) = client.next_line() {
-            if tx.send(event).is_err() {
-                return;
-            }
-        }
-    });
-    Ok(rx)
 }

@@ -51,12 +51,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
 
     /// Prepares the connection and answers with `welcome` (to VM `vm`); `false` (logged) if
     /// that failed.
-    fn welcome(
-        &self,
-        admitted: &mut Admitted,
-        welcome: SessionParams,
-        vm: VmName,
-    ) -> bool {
+    fn welcome(&self, admitted: &mut Admitted, welcome: SessionParams, vm: VmName) -> bool {
         let role = match (admitted.role(), admitted.hello().extra_stream()) {
             (Role::Urgent, _) => "urgent",
             (Role::Bulk, false) => "bulk",
