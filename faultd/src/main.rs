@@ -36,7 +36,7 @@ use crate::core::vm::Vm;
 use crate::event_loop::{Report, Verdict};
 use crate::upstream::connect::Target;
 use crate::upstream::link::LinkConfig;
-use crate::vmm::{Placement, accept_vmm, bind_uds};
+use crate::vmm::{PlaceMode, accept_vmm, bind_uds};
 
 /// Serve a VMM's missing guest pages from pagesrv (postcopy destination).
 ///
@@ -74,7 +74,7 @@ struct Cli {
     /// the mapping step, else the next touch maps the page). `memfd` falls back to `copy`
     /// when the VMM passes no memfd.
     #[arg(long, value_enum, default_value = "copy")]
-    placement: Placement,
+    placement: PlaceMode,
     /// Key file: pagesrv's master key (`pagesrv --gen-psk FILE`), or the key of this VM only
     /// (`pagesrv --psk-file MASTER --derive-vm-key NAME=FILE`); it must belong to this user
     /// and be readable by its owner only. faultd and pagesrv prove to each other that they

@@ -15,9 +15,10 @@ use crate::core::kernel::UffdKernel;
 /// How long a connected VMM may take to send its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How pages are placed.
+/// How pages are placed (`--placement`): not to be confused with a placement's result
+/// (`uffd::Placement`, `kernel::Installed`, `vm::Placed`, `push::Pushed`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Placement {
+pub enum PlaceMode {
     /// UFFDIO_COPY.
     Copy,
     /// Write into the VMM's memfd and map with UFFDIO_CONTINUE.
@@ -40,7 +41,7 @@ pub fn bind_uds(path: &Path) -> Result<UnixListener> {
 /// A failed accept, a malformed handshake, or a guest too large for this host.
 pub fn accept_vmm(
     listener: &UnixListener,
-    placement: Placement,
+    placement: PlaceMode,
 ) -> Result<(UnixStream, UffdKernel)> {
     let (vmm, _) = listener.accept().context("failed to accept the VMM")?;
     vmm.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
@@ -65,16 +66,16 @@ pub fn accept_vmm(
         );
     }
     let memfd = match (placement, handshake.memfd) {
-        (Placement::Memfd, Some(_)) if layout.page_size() > 4096 => {
+        (PlaceMode::Memfd, Some(_)) if layout.page_size() > 4096 => {
             info!("hugetlbfs memory cannot be written with pwrite: placing pages with UFFDIO_COPY");
             None
         }
-        (Placement::Memfd, Some(fd)) => Some(std::fs::File::from(fd)),
-        (Placement::Memfd, None) => {
+        (PlaceMode::Memfd, Some(fd)) => Some(std::fs::File::from(fd)),
+        (PlaceMode::Memfd, None) => {
             info!("the VMM passed no memfd: placing pages with UFFDIO_COPY");
             None
         }
-        (Placement::Copy, _) => None,
+        (PlaceMode::Copy, _) => None,
     };
     let (uffd, was_blocking) = Uffd::adopt(handshake.uffd)?;
     if was_blocking {
