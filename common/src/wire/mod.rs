@@ -504,29 +504,112 @@ impl std::str::FromStr for VmName {
 impl SessionParams {
     /// Whether the destination must wait for `Switchover` (a `Welcome` flag).
     pub fn precopy(&self) -> bool {
-        self.flags & FLAG_PRECOPY != 0
+        self.welcome_flags().precopy
     }
 
     /// Whether free pages come first on the bulk connection (a `Welcome` flag).
     pub fn free_first(&self) -> bool {
-        self.flags & FLAG_FREE != 0
+        self.welcome_flags().free_first
+    }
+
+    /// Whether the connection proved the named session's resume secret (a `Welcome` flag).
+    pub fn proven(&self) -> bool {
+        self.welcome_flags().proven
     }
 
     /// Whether the destination's guest runs already (a `Hello` flag).
     pub fn resumed(&self) -> bool {
-        self.flags & FLAG_RESUMED != 0
+        self.hello_flags().resumed
     }
 
     /// Whether the destination holds a base image (a `Hello` flag).
     pub fn has_base(&self) -> bool {
-        self.flags & FLAG_BASE != 0
+        self.hello_flags().base
     }
 
     /// Whether this bulk connection is an extra stream of a running session (a `Hello`
     /// flag).
     pub fn extra_stream(&self) -> bool {
-        self.flags & FLAG_EXTRA_STREAM != 0
+        self.hello_flags().extra_stream
     }
+
+    /// The flags read as a `Hello`'s.
+    pub fn hello_flags(&self) -> HelloFlags {
+        HelloFlags::from_bits(self.flags)
+    }
+
+    /// The flags read as a `Welcome`'s.
+    pub fn welcome_flags(&self) -> WelcomeFlags {
+        WelcomeFlags::from_bits(self.flags)
+    }
+}
+
+/// What a destination says of itself in its `Hello` (the decoder refuses other bits).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HelloFlags {
+    /// [`FLAG_RESUMED`]: its guest runs already.
+    pub resumed: bool,
+    /// [`FLAG_BASE`]: it holds a base image.
+    pub base: bool,
+    /// [`FLAG_EXTRA_STREAM`]: an extra bulk connection of a running session.
+    pub extra_stream: bool,
+}
+
+impl HelloFlags {
+    /// Every bit a `Hello` may carry.
+    pub const KNOWN: u32 = FLAG_RESUMED | FLAG_BASE | FLAG_EXTRA_STREAM;
+
+    /// The bits on the wire.
+    pub fn bits(self) -> u32 {
+        bit(self.resumed, FLAG_RESUMED)
+            | bit(self.base, FLAG_BASE)
+            | bit(self.extra_stream, FLAG_EXTRA_STREAM)
+    }
+
+    /// From the wire's bits (unknown ones ignored: the decoder refused them).
+    pub fn from_bits(bits: u32) -> Self {
+        HelloFlags {
+            resumed: bits & FLAG_RESUMED != 0,
+            base: bits & FLAG_BASE != 0,
+            extra_stream: bits & FLAG_EXTRA_STREAM != 0,
+        }
+    }
+}
+
+/// What a source tells a destination in its `Welcome` (the decoder refuses other bits).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WelcomeFlags {
+    /// [`FLAG_PRECOPY`]: wait for `Switchover` on the bulk connection.
+    pub precopy: bool,
+    /// [`FLAG_FREE`]: the free pages come first, closed by a `Sync`.
+    pub free_first: bool,
+    /// [`FLAG_PROVEN`]: the session named kept its resume secret.
+    pub proven: bool,
+}
+
+impl WelcomeFlags {
+    /// Every bit a `Welcome` may carry.
+    pub const KNOWN: u32 = FLAG_PRECOPY | FLAG_FREE | FLAG_PROVEN;
+
+    /// The bits on the wire.
+    pub fn bits(self) -> u32 {
+        bit(self.precopy, FLAG_PRECOPY)
+            | bit(self.free_first, FLAG_FREE)
+            | bit(self.proven, FLAG_PROVEN)
+    }
+
+    /// From the wire's bits (unknown ones ignored: the decoder refused them).
+    pub fn from_bits(bits: u32) -> Self {
+        WelcomeFlags {
+            precopy: bits & FLAG_PRECOPY != 0,
+            free_first: bits & FLAG_FREE != 0,
+            proven: bits & FLAG_PROVEN != 0,
+        }
+    }
+}
+
+fn bit(set: bool, flag: u32) -> u32 {
+    if set { flag } else { 0 }
 }
 
 /// `Welcome` flag: the destination must wait for `Switchover` on the bulk connection before
@@ -870,9 +953,9 @@ impl Decoder {
                     .and_then(VmName::new)
                     .map_err(|_| WireError::BadVmName)?;
                 let known_flags = if kind == Kind::Welcome {
-                    FLAG_PRECOPY | FLAG_FREE | FLAG_PROVEN
+                    WelcomeFlags::KNOWN
                 } else {
-                    FLAG_RESUMED | FLAG_BASE | FLAG_EXTRA_STREAM
+                    HelloFlags::KNOWN
                 };
                 if raw.reserved0 != 0 || raw.flags.get() & !known_flags != 0 {
                     return Err(WireError::ReservedNotZero { kind });
@@ -1166,6 +1249,55 @@ pub fn truncate_utf8(text: &str, max_bytes: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_typed_flags_round_trip_and_keep_to_their_frame() {
+        for bits in 0..64u32 {
+            let hello = HelloFlags::from_bits(bits);
+            assert_eq!(hello.bits(), bits & HelloFlags::KNOWN);
+            let welcome = WelcomeFlags::from_bits(bits);
+            assert_eq!(welcome.bits(), bits & WelcomeFlags::KNOWN);
+        }
+        assert_eq!(HelloFlags::KNOWN & WelcomeFlags::KNOWN, 0);
+        let params = |kind_flags: u32| SessionParams {
+            version: PROTOCOL_VERSION,
+            page_size: 4096,
+            total_pages: 8,
+            session_id: 1,
+            image_id: 2,
+            flags: kind_flags,
+            vm: VmName::default(),
+        };
+        // A Welcome bit in a Hello is refused by the decoder, and the other way round.
+        let decode = |message: Message| {
+            let mut bytes = Vec::new();
+            encode(&message, 0, &mut bytes);
+            Decoder::handshake().decode(&bytes).map(|_| ())
+        };
+        let hello = |flags| Message::Hello {
+            role: Role::Urgent,
+            params: params(flags),
+        };
+        assert!(decode(hello(HelloFlags::KNOWN)).is_ok());
+        assert!(matches!(
+            decode(hello(FLAG_PROVEN)),
+            Err(WireError::ReservedNotZero { .. })
+        ));
+        assert!(decode(Message::Welcome(params(WelcomeFlags::KNOWN))).is_ok());
+        assert!(matches!(
+            decode(Message::Welcome(params(FLAG_RESUMED))),
+            Err(WireError::ReservedNotZero { .. })
+        ));
+        let ours = params(
+            WelcomeFlags {
+                precopy: true,
+                free_first: false,
+                proven: true,
+            }
+            .bits(),
+        );
+        assert!(ours.precopy() && ours.proven() && !ours.free_first());
+    }
     use proptest::prelude::*;
 
     const PAGE: u64 = 4096;

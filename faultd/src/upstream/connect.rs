@@ -10,7 +10,7 @@ use std::io::Write;
 use common::auth::{self, Psk, ResumeSecret, Transcript};
 use common::framed::{FrameEncoder, FrameReader, ReadError};
 use common::handshake::{ClientFailure, ClientGreeting, ClientStep, Welcomed};
-use common::wire::{Decoder, ErrorCode, FLAG_PROVEN, PROTOCOL_VERSION, Role, SessionParams};
+use common::wire::{Decoder, ErrorCode, HelloFlags, PROTOCOL_VERSION, Role, SessionParams};
 use thiserror::Error;
 use tracing::warn;
 
@@ -228,21 +228,18 @@ pub fn connect(
         total_pages: target.total_pages,
         session_id: pins.session_id,
         image_id: pins.image_id,
-        flags: if pins.resumed {
-            common::wire::FLAG_RESUMED
-        } else {
-            0
-        } | if target.base {
-            common::wire::FLAG_BASE
-        } else {
-            0
-        },
+        flags: HelloFlags {
+            resumed: pins.resumed,
+            base: target.base,
+            extra_stream: false,
+        }
+        .bits(),
         vm: target.vm,
     };
     let key = &target.key;
     let (urgent, urgent_reader, welcome, urgent_tx, transcript) =
         open(resolved, key, Role::Urgent, ours, pins, link_timeout)?;
-    if welcome.flags & FLAG_PROVEN == 0 || pins.session_id != welcome.session_id {
+    if !welcome.proven() || pins.session_id != welcome.session_id {
         // A new session (or one a restarted pagesrv adopted): its secret is this handshake's.
         pins.secret = Some(key.resume_secret(&transcript, welcome.session_id));
     }
@@ -269,7 +266,11 @@ pub fn connect(
     }
     let decoder = Decoder::session(u64::from(target.page_size), target.total_pages);
     let extra_hello = SessionParams {
-        flags: common::wire::FLAG_EXTRA_STREAM,
+        flags: HelloFlags {
+            extra_stream: true,
+            ..HelloFlags::default()
+        }
+        .bits(),
         ..bulk_hello
     };
     let mut extra_bulk = Vec::new();

@@ -9,9 +9,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use common::framed::{FrameEncoder, FrameReader};
-use common::wire::{
-    ErrorCode, FLAG_FREE, FLAG_PRECOPY, FLAG_PROVEN, MAX_STREAMS, Role, SessionParams, VmName,
-};
+use common::wire::{ErrorCode, MAX_STREAMS, Role, SessionParams, VmName, WelcomeFlags};
 use socket2::SockRef;
 use tracing::{debug, info, info_span, warn};
 
@@ -157,7 +155,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     ) -> Result<u32, (ErrorCode, String)> {
         let resumed = hello.resumed();
         let precopy = match &self.precopy {
-            None => 0,
+            None => false,
             Some(engine) if engine.failure().is_some() => {
                 let why = engine.failure().unwrap_or_default();
                 let text = format!("the migration failed at the source: {why}");
@@ -175,15 +173,14 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 return Err((ErrorCode::Protocol, text.into()));
             }
             // Precopy rounds, or the discards and the switch this destination missed.
-            Some(_) if !resumed => FLAG_PRECOPY,
-            Some(_) => 0,
+            Some(_) => !resumed,
         };
-        let free = if vm.source.has_free_hints() {
-            FLAG_FREE
-        } else {
-            0
-        };
-        Ok(precopy | free | if proven { FLAG_PROVEN } else { 0 })
+        Ok(WelcomeFlags {
+            precopy,
+            free_first: vm.source.has_free_hints(),
+            proven,
+        }
+        .bits())
     }
 
     /// Which session an urgent connection to VM `index` opens or resumes (`claim.rs`).
