@@ -28,6 +28,42 @@ pub enum ReadError {
     },
 }
 
+/// A connection past its handshake: the stream, its reader (what was read past the last
+/// whole frame; with a key, what opens the peer's frames) and its encoder (with a key, what
+/// seals ours). What a handshake hands to the code that runs the session.
+#[derive(Debug)]
+pub struct FramedConn<S = std::net::TcpStream> {
+    /// The stream.
+    pub stream: S,
+    /// Reads (and opens) the peer's frames.
+    pub reader: FrameReader,
+    /// Encodes (and seals) ours.
+    pub tx: FrameEncoder,
+}
+
+impl<S: Read + Write> FramedConn<S> {
+    /// A connection of these three parts.
+    pub fn new(stream: S, reader: FrameReader, tx: FrameEncoder) -> Self {
+        FramedConn { stream, reader, tx }
+    }
+
+    /// Reads the next frame (see [`FrameReader::read_frame`]).
+    ///
+    /// # Errors
+    /// As [`FrameReader::read_frame`].
+    pub fn read_frame(&mut self) -> Result<(Message, Range<usize>), ReadError> {
+        self.reader.read_frame(&mut self.stream)
+    }
+
+    /// Writes one frame (see [`FrameEncoder::write_frame`]).
+    ///
+    /// # Errors
+    /// The stream's error.
+    pub fn write_frame(&mut self, message: &Message, payload: &[u8]) -> io::Result<()> {
+        self.tx.write_frame(&mut self.stream, message, payload)
+    }
+}
+
 /// Reads frames from a stream into a buffer that grows to the largest frame seen (bounded by
 /// the decoder's header check, so a peer cannot make it allocate more than one maximal frame).
 #[derive(Debug)]

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::auth::{Answer, ResumeSecret};
-use common::framed::FrameEncoder;
+use common::framed::{FrameEncoder, FramedConn};
 use common::handshake::Greeted;
 use common::wire::{ErrorCode, Role, SessionParams};
 
@@ -28,6 +28,12 @@ pub struct Admitted {
 }
 
 impl Admitted {
+    /// The connection, its reader (anything read past the handshake) and its encoder, for
+    /// the session.
+    pub fn into_framed(self) -> FramedConn {
+        FramedConn::new(self.conn, self.greeted.reader, self.encoder)
+    }
+
     /// Urgent or bulk.
     pub fn role(&self) -> Role {
         self.greeted.role

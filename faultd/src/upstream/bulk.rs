@@ -3,11 +3,10 @@
 //! link timeout.
 
 use std::io::ErrorKind;
-use std::net::TcpStream;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use common::framed::{FrameEncoder, FrameReader, ReadError};
+use common::framed::{FramedConn, ReadError};
 use common::uffd::UffdError;
 use common::wire::Message;
 use thiserror::Error;
@@ -85,11 +84,15 @@ pub struct BulkContext<'a> {
 /// Any [`BulkError`].
 pub fn receive_pushed_pages<K: Kernel>(
     vm: &Vm<K>,
-    mut conn: TcpStream,
-    (mut reader, mut tx): (FrameReader, FrameEncoder),
+    conn: FramedConn,
     cx: &BulkContext<'_>,
 ) -> Result<BulkEnd, BulkError> {
     let (stop, silence, precopy) = (cx.stop, cx.silence, cx.precopy);
+    let FramedConn {
+        stream: mut conn,
+        mut reader,
+        mut tx,
+    } = conn;
     conn.set_read_timeout(Some(silence))
         .and_then(|()| conn.set_write_timeout(Some(silence)))
         .map_err(ReadError::Io)?;

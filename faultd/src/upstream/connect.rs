@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use std::io::Write;
 
 use common::auth::{self, Psk, ResumeSecret, Transcript};
-use common::framed::{FrameEncoder, FrameReader, ReadError};
+use common::framed::{FramedConn, ReadError};
 use common::handshake::{ClientFailure, ClientGreeting, ClientStep, Welcomed};
 use common::wire::{Decoder, ErrorCode, HelloFlags, PROTOCOL_VERSION, Role, SessionParams};
 use thiserror::Error;
@@ -173,20 +173,12 @@ pub struct Pins {
 
 /// An open session with pagesrv.
 pub struct Upstream {
-    /// Requests out, requested pages in.
-    pub urgent: TcpStream,
-    /// Encodes (with a key: seals) what faultd sends on `urgent`.
-    pub urgent_tx: FrameEncoder,
-    /// Anything read past the urgent handshake (with a key: opens what pagesrv sends).
-    pub urgent_reader: FrameReader,
-    /// Pushed pages in.
-    pub bulk: TcpStream,
-    /// Anything read past the bulk handshake.
-    pub bulk_reader: FrameReader,
-    /// Encodes what faultd sends on `bulk` (answers to `Sync`).
-    pub bulk_tx: FrameEncoder,
-    /// Extra bulk connections (`--streams`), each with its reader and encoder.
-    pub extra_bulk: Vec<(TcpStream, FrameReader, FrameEncoder)>,
+    /// Requests out, requested pages in (with a key, sealed both ways).
+    pub urgent: FramedConn,
+    /// Pushed pages in, answers to `Sync` out.
+    pub bulk: FramedConn,
+    /// Extra bulk connections (`--streams`).
+    pub extra_bulk: Vec<FramedConn>,
     /// The session and image pagesrv welcomed us to.
     pub pins: Pins,
     /// Precopy rounds come first (the source still runs).
@@ -237,7 +229,7 @@ pub fn connect(
         vm: target.vm,
     };
     let key = &target.key;
-    let (urgent, urgent_reader, welcome, urgent_tx, transcript) =
+    let (mut urgent, welcome, transcript) =
         open(resolved, key, Role::Urgent, ours, pins, link_timeout)?;
     if !welcome.proven() || pins.session_id != welcome.session_id {
         // A new session (or one a restarted pagesrv adopted): its secret is this handshake's.
@@ -252,7 +244,7 @@ pub fn connect(
         flags: 0,
         ..ours
     };
-    let (bulk, bulk_reader, bulk_welcome, bulk_tx, _) =
+    let (mut bulk, bulk_welcome, _) =
         open(resolved, key, Role::Bulk, bulk_hello, pins, link_timeout)?;
     if !pins.welcomed_to(&bulk_welcome) {
         return Err(UpstreamError::Refused {
@@ -278,11 +270,11 @@ pub fn connect(
         // A refused extra stream (an older pagesrv, its limit, the naive baseline) costs only
         // itself: the session goes on with the connections it has.
         match open(resolved, key, Role::Bulk, extra_hello, pins, link_timeout) {
-            Ok((conn, mut reader, welcome, tx, _)) if pins.welcomed_to(&welcome) => {
-                reader.set_decoder(decoder);
-                extra_bulk.push((conn, reader, tx));
+            Ok((mut conn, welcome, _)) if pins.welcomed_to(&welcome) => {
+                conn.reader.set_decoder(decoder);
+                extra_bulk.push(conn);
             }
-            Ok((_, _, welcome, _, _)) => {
+            Ok((_, welcome, _)) => {
                 warn!(
                     session = format_args!("{:016x}", welcome.session_id),
                     "pagesrv welcomed an extra bulk connection to another session: not using it"
@@ -295,16 +287,11 @@ pub fn connect(
             }
         }
     }
-    let (mut urgent_reader, mut bulk_reader) = (urgent_reader, bulk_reader);
-    urgent_reader.set_decoder(decoder);
-    bulk_reader.set_decoder(decoder);
+    urgent.reader.set_decoder(decoder);
+    bulk.reader.set_decoder(decoder);
     Ok(Upstream {
         urgent,
-        urgent_tx,
-        urgent_reader,
         bulk,
-        bulk_reader,
-        bulk_tx,
         extra_bulk,
         pins: pins.clone(),
         precopy: welcome.precopy(),
@@ -315,7 +302,8 @@ pub fn connect(
 /// Opens one connection: Hello, the key exchange (with the VM's key, or the public one of
 /// the keyless mode), Welcome; within [`HANDSHAKE_DEADLINE`] in all. With a real key, every
 /// later frame is sealed: the reader opens what pagesrv sends, the encoder seals what faultd
-/// sends. Returns the transcript too (a new session's secret derives from it).
+/// sends. Returns what pagesrv welcomed it with and the transcript too (a new session's
+/// secret derives from it).
 fn open(
     addr: SocketAddr,
     key: &Psk,
@@ -323,16 +311,7 @@ fn open(
     hello: SessionParams,
     pins: &Pins,
     link_timeout: Duration,
-) -> Result<
-    (
-        TcpStream,
-        FrameReader,
-        SessionParams,
-        FrameEncoder,
-        Transcript,
-    ),
-    UpstreamError,
-> {
+) -> Result<(FramedConn, SessionParams, Transcript), UpstreamError> {
     let deadline = Instant::now() + HANDSHAKE_DEADLINE;
     let connect_err = |source| UpstreamError::Connect { addr, role, source };
     let handshake_err = |source| UpstreamError::Handshake { role, source };
@@ -361,7 +340,7 @@ fn open(
                 check_welcome(&hello, &params, key.is_keyed())?;
                 conn.set_read_timeout(None).map_err(connect_err)?;
                 conn.set_write_timeout(None).map_err(connect_err)?;
-                return Ok((conn, reader, params, encoder, transcript));
+                return Ok((FramedConn::new(conn, reader, encoder), params, transcript));
             }
             ClientStep::Failed(ClientFailure::Wire(e)) => {
                 return Err(handshake_err(ReadError::Wire(e)));

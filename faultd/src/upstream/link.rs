@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use std::io::Write;
 
-use common::framed::FrameEncoder;
+use common::framed::FramedConn;
 use common::netopt::Liveness;
 use common::wire::Message;
 use mio::{Interest, Registry, Token, Waker};
@@ -173,12 +173,13 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
         token: Token,
     ) -> Result<(Link, LinkState)> {
         let Upstream {
-            urgent,
-            urgent_tx,
-            urgent_reader,
+            urgent:
+                FramedConn {
+                    stream: urgent,
+                    reader: urgent_reader,
+                    tx: urgent_tx,
+                },
             bulk,
-            bulk_reader,
-            bulk_tx,
             extra_bulk,
             pins,
             precopy,
@@ -191,6 +192,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
         self.generations += 1;
         let generation = self.generations;
         let bulk_handle = bulk
+            .stream
             .try_clone()
             .context("failed to clone the bulk socket")?;
         let bulk_stop = Arc::new(AtomicBool::new(false));
@@ -228,7 +230,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
                 on_sync: &on_sync,
                 base: base.map(|b| (b, session_id)),
             };
-            let result = receive_pushed_pages(vm, bulk, (bulk_reader, bulk_tx), &cx);
+            let result = receive_pushed_pages(vm, bulk, &cx);
             let _ = tx.send(LinkEvent::BulkEnded { generation, result });
             let _ = waker.wake();
             bulk_threads.fetch_sub(1, Ordering::AcqRel);
@@ -237,10 +239,10 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
         // failing cuts the link, as the first one's does).
         let extra_handles = extra_bulk
             .iter()
-            .map(|(conn, _, _)| conn.try_clone())
+            .map(|conn| conn.stream.try_clone())
             .collect::<std::io::Result<Vec<_>>>()
             .context("failed to clone an extra bulk socket")?;
-        for (conn, reader, tx) in extra_bulk {
+        for conn in extra_bulk {
             let (vm, events, waker, stop) = (
                 self.vm,
                 self.events_tx.clone(),
@@ -260,7 +262,7 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
                     on_sync: &|| {},
                     base: None,
                 };
-                let result = receive_pushed_pages(vm, conn, (reader, tx), &cx);
+                let result = receive_pushed_pages(vm, conn, &cx);
                 let _ = events.send(LinkEvent::BulkEnded { generation, result });
                 let _ = waker.wake();
                 bulk_threads.fetch_sub(1, Ordering::AcqRel);
@@ -384,14 +386,9 @@ fn connect_with_backoff<K: Kernel>(
                 (anyhow!(e), fatal)
             })
             .and_then(|mut up| {
-                send_maps(
-                    vm,
-                    &mut up.urgent,
-                    &mut up.urgent_tx,
-                    config.liveness.timeout,
-                )
-                .map(|()| up)
-                .map_err(|e| (anyhow!(e).context("failed to send the page maps"), false))
+                send_maps(vm, &mut up.urgent, config.liveness.timeout)
+                    .map(|()| up)
+                    .map_err(|e| (anyhow!(e).context("failed to send the page maps"), false))
             });
         match attempt {
             Ok(up) => {
@@ -445,14 +442,13 @@ fn connect_with_backoff<K: Kernel>(
 /// thread, with a write timeout, before the fault thread takes the socket.
 fn send_maps<K: Kernel>(
     vm: &Vm<K>,
-    urgent: &mut TcpStream,
-    tx: &mut FrameEncoder,
+    urgent: &mut FramedConn,
     timeout: Duration,
 ) -> std::io::Result<()> {
-    urgent.set_write_timeout(Some(timeout))?;
+    urgent.stream.set_write_timeout(Some(timeout))?;
     let mut frames = Vec::new();
-    encode_maps(vm, tx, &mut frames);
-    tx.encode(&Message::MapEnd, &[], &mut frames);
-    urgent.write_all(&frames)?;
-    urgent.set_write_timeout(None)
+    encode_maps(vm, &mut urgent.tx, &mut frames);
+    urgent.tx.encode(&Message::MapEnd, &[], &mut frames);
+    urgent.stream.write_all(&frames)?;
+    urgent.stream.set_write_timeout(None)
 }

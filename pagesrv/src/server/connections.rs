@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::Result;
-use common::framed::{FrameEncoder, FrameReader};
+use common::framed::FramedConn;
 use common::wire::{ErrorCode, MAX_STREAMS, Role, SessionParams, VmName, WelcomeFlags};
 use socket2::SockRef;
 use tracing::{debug, info, info_span, warn};
@@ -220,13 +220,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         if !self.welcome(&mut admitted, pending.welcome, self.vms[index].name) {
             return;
         }
-        let Admitted {
-            conn,
-            greeted,
-            encoder,
-            ..
-        } = *admitted;
-        self.start_session(index, pending, (conn, greeted.reader, encoder));
+        self.start_session(index, pending, admitted.into_framed());
     }
 
     /// Another bulk connection of a running session (`faultd --streams`): it takes a share
@@ -260,7 +254,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         if !self.welcome(&mut admitted, welcome, session.vm) {
             return;
         }
-        let Admitted { conn, encoder, .. } = *admitted;
+        let conn = admitted.into_framed();
         self.scope.spawn(move || {
             let _span = info_span!(
                 "session",
@@ -268,16 +262,11 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 id = format_args!("{:016x}", session.id)
             )
             .entered();
-            session.push_extra(conn, encoder);
+            session.push_extra(conn);
         });
     }
 
-    fn start_session(
-        &mut self,
-        index: usize,
-        pending: Pending,
-        bulk: (TcpStream, FrameReader, FrameEncoder),
-    ) {
+    fn start_session(&mut self, index: usize, pending: Pending, bulk: FramedConn) {
         self.serials += 1;
         let serial = self.serials;
         let vm = &self.vms[index];
@@ -302,13 +291,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         ));
         let (tx, session_for_thread) = (self.notify.clone(), session.clone());
         let published = self.events.metrics.clone();
-        let Admitted {
-            conn,
-            greeted,
-            encoder: urgent_tx,
-            ..
-        } = *pending.admitted;
-        let reader = greeted.reader;
+        let urgent = pending.admitted.into_framed();
         let handle = self.scope.spawn(move || {
             let session = session_for_thread;
             let _span = info_span!(
@@ -320,7 +303,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             let outcome = std::thread::scope(|s| {
                 let (done_tx, done_rx) = mpsc::channel::<()>();
                 let reporter = s.spawn(|| report_progress(&session, published.as_deref(), done_rx));
-                let outcome = session.run(conn, reader, urgent_tx, bulk);
+                let outcome = session.run(urgent, bulk);
                 drop(done_tx);
                 let _ = reporter.join();
                 outcome

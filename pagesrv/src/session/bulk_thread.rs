@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::framed::{FrameEncoder, FrameReader};
+use common::framed::{FrameEncoder, FramedConn};
 use common::wire::{Decoder, Message};
 use tracing::{info, warn};
 
@@ -143,10 +143,14 @@ impl Session<'_> {
 
     pub(super) fn push_background(
         &self,
-        mut conn: TcpStream,
-        (mut rx, mut tx): (FrameReader, FrameEncoder),
+        bulk: FramedConn,
         mut push_conn: Option<TcpStream>,
     ) -> Result<(), BulkError> {
+        let FramedConn {
+            stream: mut conn,
+            reader: mut rx,
+            mut tx,
+        } = bulk;
         let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
         for &step in
             BulkPlan::new(self.switch.free_first, self.switch.base, self.switch.first).steps()

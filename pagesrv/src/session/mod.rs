@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use common::framed::{FrameEncoder, FrameReader};
+use common::framed::{FrameEncoder, FramedConn};
 use common::netopt::Liveness;
 use common::pagemap::PageMap;
 use common::pi_mutex::PiMutex;
@@ -267,20 +267,18 @@ impl<'a> Session<'a> {
     }
 
     /// Runs the session on its two connections until the destination's verdict or a
-    /// connection fails. `reader` holds anything already read from `urgent`; `bulk` is the
-    /// bulk connection with its reader and encoder.
-    pub fn run(
-        &self,
-        urgent: TcpStream,
-        reader: FrameReader,
-        urgent_tx: FrameEncoder,
-        (bulk, bulk_rx, bulk_tx): (TcpStream, FrameReader, FrameEncoder),
-    ) -> Outcome {
+    /// connection fails (each with anything already read past its handshake).
+    pub fn run(&self, urgent: FramedConn, bulk: FramedConn) -> Outcome {
+        let FramedConn {
+            stream: urgent,
+            reader,
+            tx: urgent_tx,
+        } = urgent;
         *self.urgent_tx.lock().unwrap_or_else(|p| p.into_inner()) = urgent_tx;
         {
             let mut sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
             sockets.extend(urgent.try_clone().ok());
-            sockets.extend(bulk.try_clone().ok());
+            sockets.extend(bulk.stream.try_clone().ok());
         }
         if self.is_stopped() {
             return Outcome::Aborted("replaced before it started".into());
@@ -295,7 +293,7 @@ impl<'a> Session<'a> {
             };
             let pusher = s.spawn(move || {
                 self.config.fast_path.enter_bulk_thread();
-                let pushed = self.push_background(bulk, (bulk_rx, bulk_tx), push_conn);
+                let pushed = self.push_background(bulk, push_conn);
                 if pushed.is_err() {
                     // The session cannot go on without its bulk connection: end it now (the
                     // destination reconnects) rather than serve requests until a timeout.

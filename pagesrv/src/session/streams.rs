@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 
-use common::framed::FrameEncoder;
+use common::framed::{FrameEncoder, FramedConn};
 use common::wire::{MAX_STREAMS, Message};
 use tracing::warn;
 
@@ -29,7 +29,12 @@ impl Session<'_> {
     /// then `BulkDone`; heartbeats while it waits. Any failure aborts the whole session: a
     /// page taken for a connection that broke would otherwise never arrive (the destination
     /// reconnects and says what it holds).
-    pub fn push_extra(&self, mut conn: TcpStream, mut tx: FrameEncoder) {
+    pub fn push_extra(&self, conn: FramedConn) {
+        let FramedConn {
+            stream: mut conn,
+            mut tx,
+            ..
+        } = conn;
         // Registered, so the session's end shuts it down (else its last read could wait).
         let Ok(handle) = conn.try_clone() else {
             warn!("cannot keep a handle on an extra bulk connection: not using it");
