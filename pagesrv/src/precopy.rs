@@ -14,14 +14,14 @@
 //! last round's bandwidth, after 2 rounds without progress, after 30 rounds, or when an
 //! orchestrator forces it (`start-postcopy`). A page's dirty state is taken *before* it is
 //! read for sending (the bitmap is read, then the pages), so a write racing with the read is
-//! in the next bitmap. `pending` (written since sent) outlives sessions: after a cut, pages the
+//! in the next bitmap. What is stale (`common::source_core::stale`) outlives sessions: after a cut, pages the
 //! destination holds but the source wrote since are dropped first.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::pagemap::PageMap;
+use common::source_core::stale::StaleMaps;
 use common::source_link::{Outcome, SourceLinkError, SourceVmm};
 use serde::Serialize;
 
@@ -167,15 +167,9 @@ pub struct Precopy {
     /// The VMM's page size (what its dirty bitmaps count).
     pub page_size: u64,
     vmm: Mutex<SourceVmm>,
-    /// Pages the guest wrote since they were last sent (or since tracking began).
-    pub pending: PageMap,
-    /// Pages stale at the switch: a destination that missed the switch drops them first.
-    pub stale_at_switch: PageMap,
-    /// Pages a `Discard` dropped that the destination has not confirmed (no `Synced`
-    /// since). Sent again, they are no longer pending; but if the link is cut with the
-    /// discard unapplied, the destination still holds them at an older version: the next
-    /// session drops them first, like pending pages.
-    unconfirmed: PageMap,
+    /// What the destination may hold at an older version: pages written since sent,
+    /// discards a cut link may have lost, what was stale at the switch (outlives sessions).
+    pub stale: StaleMaps,
     /// Set by `start-postcopy`.
     pub forced: AtomicBool,
     /// Rounds and outcome.
@@ -201,9 +195,7 @@ impl Precopy {
             max_downtime,
             page_size: vmm.hello.page_size,
             vmm: Mutex::new(vmm),
-            pending: PageMap::new(pages),
-            stale_at_switch: PageMap::new(pages),
-            unconfirmed: PageMap::new(pages),
+            stale: StaleMaps::new(pages),
             forced: AtomicBool::new(false),
             state: Mutex::new(PrecopyState {
                 rounds: Vec::new(),
@@ -216,25 +208,6 @@ impl Precopy {
         }
     }
 
-    /// A `Discard` for these pages was sent (not yet confirmed applied).
-    pub fn discarded(&self, first: u64, count: u64) {
-        self.unconfirmed.set_range(first, count);
-    }
-
-    /// The destination answered a `Sync`: every discard before it is applied.
-    pub fn discards_confirmed(&self) {
-        self.unconfirmed
-            .clear_range(0, self.unconfirmed.total_pages());
-    }
-
-    /// A new session begins: discards a cut link may have lost are pending again (the
-    /// destination may hold those pages at a version older than the one sent since).
-    pub fn unconfirmed_are_pending(&self) {
-        let total = self.unconfirmed.total_pages();
-        let bitmap = self.unconfirmed.bitmap(0, total);
-        self.pending.set_from_bitmap(0, total, &bitmap);
-    }
-
     /// A snapshot of where precopy stands.
     pub fn snapshot(&self) -> PrecopyState {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -244,7 +217,7 @@ impl Precopy {
     /// `query-migrate`).
     pub fn status(&self) -> PrecopyStatus {
         let state = self.snapshot();
-        let total_pages = self.pending.total_pages();
+        let total_pages = self.stale.pending().total_pages();
         let last = state.rounds.last();
         PrecopyStatus {
             strategy: self.strategy,
@@ -284,8 +257,7 @@ impl Precopy {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .tracking = true;
-        self.pending
-            .set_from_bitmap(0, self.pending.total_pages(), &bitmap);
+        self.stale.written(&bitmap);
         Ok(bitmap)
     }
 
@@ -295,9 +267,7 @@ impl Precopy {
     /// The VMM link failed.
     pub fn pause(&self) -> Result<u64, SourceLinkError> {
         let bitmap = self.vmm.lock().unwrap_or_else(|p| p.into_inner()).pause()?;
-        Ok(self
-            .pending
-            .set_from_bitmap(0, self.pending.total_pages(), &bitmap))
+        Ok(self.stale.written(&bitmap))
     }
 
     /// Pauses the source guest without precopy (`--strategy postcopy` with `--vmm-uds`).
@@ -306,7 +276,8 @@ impl Precopy {
     /// The VMM link failed.
     pub fn pause_now(&self) -> Result<(), SourceLinkError> {
         self.pause()?;
-        self.pending.clear_range(0, self.pending.total_pages());
+        // Nothing was sent before the pause: nothing can be stale at a destination.
+        self.stale.nothing_sent_yet();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.switched = true;
         Ok(())
@@ -317,11 +288,7 @@ impl Precopy {
     /// rounds.
     pub fn decide_switch(&self, by: ConvergedBy) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let total = self.pending.total_pages();
-        PageMap::bitmap_runs(0, &self.pending.bitmap(0, total), |p, n| {
-            self.stale_at_switch.set_range(p, n);
-        });
-        self.pending.clear_range(0, total);
+        self.stale.decide_switch();
         state.switched = true;
         state.converged_by = Some(by);
     }

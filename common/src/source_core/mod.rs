@@ -1,10 +1,12 @@
 //! The source's session decisions, sans IO: what pagesrv does with each frame on the
 //! urgent connection ([`urgent::UrgentCore`]), the order of the bulk connection's steps
-//! ([`bulk_plan::BulkPlan`]) and how a session ends ([`Outcome`]). pagesrv's threads carry
+//! ([`bulk_plan::BulkPlan`]), which pages a destination may hold at an older version during
+//! precopy ([`stale::StaleMaps`]) and how a session ends ([`Outcome`]). pagesrv's threads carry
 //! the decisions out on sockets; the destination's simulation drives the same cores over
 //! in-memory pipes.
 
 pub mod bulk_plan;
+pub mod stale;
 pub mod urgent;
 
 /// How a session ended.

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use super::errors::BulkError;
 use super::{BULK_RUN_BYTES, Session};
 use crate::precopy::{ConvergedBy, Precopy, Round, Strategy, converged};
+use common::source_core::stale::Stale;
 
 impl Session<'_> {
     /// Runs precopy until the switch (or the session ends); on return the bulk connection
@@ -32,8 +33,8 @@ impl Session<'_> {
         // A destination that reconnected may hold pages the guest wrote since they were sent,
         // or pages a discard its last link lost was to drop (sent again since, so no longer
         // pending).
-        engine.unconfirmed_are_pending();
-        let stale = self.discard(conn, tx, &engine.pending)?;
+        engine.stale.session_begins();
+        let stale = self.discard(conn, tx, engine, Stale::Written)?;
         if stale > 0 {
             info!(
                 pages = stale,
@@ -54,7 +55,7 @@ impl Session<'_> {
                 return Ok(()); // the session ended
             };
             self.collect_dirty(engine)?;
-            round.dirty_pages = count_both(&engine.pending, &self.sent);
+            round.dirty_pages = count_both(engine.stale.pending(), &self.sent);
             let rounds = {
                 let mut state = engine.state.lock().unwrap_or_else(|p| p.into_inner());
                 state.rounds.push(round);
@@ -82,7 +83,7 @@ impl Session<'_> {
                 break by;
             }
             // The next round sends them again: drop them at the destination first.
-            self.discard(conn, tx, &engine.pending)?;
+            self.discard(conn, tx, engine, Stale::Written)?;
         };
         self.events
             .emit_sticky(json!({"event": "converged", "by": converged_by}));
@@ -90,7 +91,7 @@ impl Session<'_> {
             converged_by,
             ConvergedBy::NoProgress | ConvergedBy::MaxRounds
         ) {
-            let left = count_both(&engine.pending, &self.sent);
+            let left = count_both(engine.stale.pending(), &self.sent);
             warn!(
                 ?converged_by,
                 pages_left = left,
@@ -105,7 +106,7 @@ impl Session<'_> {
         let dropped_early = if engine.strategy == Strategy::Hybrid {
             // What the guest wrote during the last round is dropped at the destination while
             // the guest still runs: only what it writes from now on waits on the pause.
-            self.discard(conn, tx, &engine.pending)?
+            self.discard(conn, tx, engine, Stale::Written)?
         } else {
             0
         };
@@ -128,13 +129,11 @@ impl Session<'_> {
             // Served as zero from now on; the destination drops those it holds with old
             // bytes (not those it got as zero ranges).
             let pages = self.source.file().hint_free(&free);
-            let zero = self.sent_zero.bitmap(0, engine.pending.total_pages());
+            let zero = self.sent_zero.bitmap(0, self.source.total_pages());
             for (f, z) in free.iter_mut().zip(zero) {
                 *f &= !z;
             }
-            engine
-                .pending
-                .set_from_bitmap(0, engine.pending.total_pages(), &free);
+            engine.stale.written(&free);
             self.stats.free_pages.fetch_add(pages, Ordering::Relaxed);
         }
         let pause_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
@@ -193,7 +192,7 @@ impl Session<'_> {
         conn: &mut TcpStream,
         tx: &mut FrameEncoder,
     ) -> Result<u64, BulkError> {
-        let stale = self.discard(conn, tx, &engine.stale_at_switch)?;
+        let stale = self.discard(conn, tx, engine, Stale::AtSwitch)?;
         // Free pages the destination lacks now go as zero before the guest resumes: a fault
         // on one is a local zero fill.
         self.send_free_pages(conn, tx)?;
@@ -256,7 +255,7 @@ impl Session<'_> {
             if let Some(engine) = engine {
                 // Cleared before the pages are read: a write racing with the read is in the
                 // next bitmap.
-                engine.pending.clear_range(first, count);
+                engine.stale.sending(first, count);
             }
             pieces.clear();
             self.source.classify(first, count, &mut pieces);
@@ -271,35 +270,28 @@ impl Session<'_> {
         Ok(pages)
     }
 
-    /// Tells the destination to drop the pages it got that `stale` names, and marks them
-    /// unsent; returns how many.
+    /// Tells the destination to drop the pages it got that `which` names (they are sent
+    /// again); returns how many.
     fn discard(
         &self,
         conn: &mut TcpStream,
         tx: &mut FrameEncoder,
-        stale: &PageMap,
+        engine: &Precopy,
+        which: Stale,
     ) -> Result<u64, BulkError> {
-        let total = self.source.total_pages();
-        let chunk = MAX_PAYLOAD_BYTES as u64 * 8;
         let mut dropped = 0;
-        let mut first = 0;
-        while first < total {
-            let count = chunk.min(total - first);
-            let mut bitmap = stale.bitmap(first, count);
-            for (b, sent) in bitmap.iter_mut().zip(self.sent.bitmap(first, count)) {
-                *b &= sent;
-            }
-            if bitmap.iter().any(|&b| b != 0) {
-                tx.write_frame(conn, &Message::Discard(PageRange { first, count }), &bitmap)
-                    .map_err(BulkError::writing("send a discard"))?;
-                PageMap::bitmap_runs(first, &bitmap, |p, n| {
-                    dropped += self.sent.clear_range(p, n);
-                    if let Some(engine) = &self.switch.engine {
-                        engine.discarded(p, n);
-                    }
-                });
-            }
-            first += count;
+        for frame in engine.stale.discards(which, &self.sent) {
+            let range = PageRange {
+                first: frame.first,
+                count: frame.count,
+            };
+            tx.write_frame(conn, &Message::Discard(range), &frame.bitmap)
+                .map_err(BulkError::writing("send a discard"))?;
+            dropped += frame
+                .bitmap
+                .iter()
+                .map(|b| u64::from(b.count_ones()))
+                .sum::<u64>();
         }
         self.stats
             .discarded_pages

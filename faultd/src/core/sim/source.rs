@@ -1,5 +1,6 @@
 //! The simulation's source: pagesrv's decisions ([`UrgentCore`] for every urgent frame,
-//! [`BulkPlan`] for the bulk script) over a guest that may still run (precopy rounds, the
+//! [`BulkPlan`] for the bulk script, [`StaleMaps`] for what a discard drops) over a guest
+//! that may still run (precopy rounds, the
 //! pages it writes discarded at the destination, the pause, the switch), with frames as
 //! bytes in queues instead of sockets. What pagesrv's threads do with sockets and a memory
 //! file, this does with vectors, one step at a time, so the scheduler can interleave it
@@ -12,6 +13,7 @@ use common::framed::{FrameEncoder, FrameReader};
 use common::pagemap::PageMap;
 use common::source_core::Outcome;
 use common::source_core::bulk_plan::{BulkPlan, BulkStep};
+use common::source_core::stale::{Stale, StaleMaps};
 use common::source_core::urgent::{Maps, UrgentAction, UrgentCore};
 use common::wire::phase::{Phase, SourceBulk};
 use common::wire::{Decoder, Message, PageRange};
@@ -28,12 +30,8 @@ pub struct Engine {
     pub rounds_left: u32,
     /// The guest was paused and the switch decided: it writes nothing more.
     pub switched: bool,
-    /// Pages the guest wrote since they were last sent.
-    pub pending: PageMap,
-    /// Pages dropped at the destination by a `Discard` not yet confirmed applied (no
-    /// `Synced` since): if the link is cut, the destination may still hold them at an older
-    /// version, though they were sent again (and so are no longer pending).
-    pub unconfirmed: PageMap,
+    /// What the destination may hold at an older version (pagesrv's rules).
+    pub stale: StaleMaps,
 }
 
 /// Where the precopy step is.
@@ -115,8 +113,7 @@ impl SimSource {
             engine: rounds.map(|rounds_left| Engine {
                 rounds_left,
                 switched: false,
-                pending: PageMap::new(PAGES),
-                unconfirmed: PageMap::new(PAGES),
+                stale: StaleMaps::new(PAGES),
             }),
             session: None,
             violations: Vec::new(),
@@ -134,7 +131,7 @@ impl SimSource {
         let engine = self.engine.as_mut().expect("a running guest");
         assert!(!engine.switched, "a paused guest writes nothing");
         self.memory[page as usize] = bytes;
-        engine.pending.set_range(page, 1);
+        engine.stale.written_range(page, 1);
     }
 
     /// A destination says hello (`resumed`: its guest runs): the welcome's precopy flag, or
@@ -151,9 +148,7 @@ impl SimSource {
             Some(_) => !resumed,
         };
         if let Some(engine) = &self.engine {
-            // What a cut link's discards dropped may still be here at an older version.
-            let unconfirmed = engine.unconfirmed.bitmap(0, PAGES);
-            engine.pending.set_from_bitmap(0, PAGES, &unconfirmed);
+            engine.stale.session_begins();
         }
         self.session = Some(SourceSession {
             generation,
@@ -262,7 +257,7 @@ impl SimSource {
                     s.bulk = match s.bulk {
                         Bulk::AwaitSynced => {
                             if let Some(engine) = &self.engine {
-                                engine.unconfirmed.clear_range(0, PAGES);
+                                engine.stale.confirmed();
                             }
                             s.step += 1;
                             Bulk::Ready
@@ -270,7 +265,8 @@ impl SimSource {
                         _ => {
                             // Caught up: every discard is applied; pause, decide the switch.
                             let engine = self.engine.as_mut().expect("precopy");
-                            engine.unconfirmed.clear_range(0, PAGES);
+                            engine.stale.confirmed();
+                            engine.stale.decide_switch();
                             engine.switched = true;
                             Bulk::Precopy(Precopy::Finish)
                         }
@@ -339,7 +335,7 @@ impl SimSource {
         let engine = self.engine.as_mut().expect("precopy");
         match at {
             Precopy::Start => {
-                s.discard(engine);
+                s.discard(engine, Stale::Written);
                 s.bulk = Bulk::Precopy(if engine.switched {
                     Precopy::Finish
                 } else {
@@ -364,7 +360,7 @@ impl SimSource {
             },
             Precopy::RoundEnd => {
                 // What the guest wrote during the round is dropped at the destination.
-                s.discard(engine);
+                s.discard(engine, Stale::Written);
                 engine.rounds_left = engine.rounds_left.saturating_sub(1);
                 s.bulk = if engine.rounds_left > 0 {
                     Bulk::Precopy(Precopy::Round { next: 0 })
@@ -375,7 +371,7 @@ impl SimSource {
             }
             Precopy::AwaitCatchUp => {}
             Precopy::Finish => {
-                s.discard(engine);
+                s.discard(engine, Stale::AtSwitch);
                 s.encode_all(vec![(Message::Switchover, Vec::new())], false);
                 s.step += 1;
                 s.bulk = Bulk::Ready;
@@ -418,23 +414,14 @@ impl SourceSession {
         Ok(matches!(message, Message::Synced))
     }
 
-    /// Drops at the destination the pages it got that the guest wrote since; they are sent
-    /// again.
-    fn discard(&mut self, engine: &Engine) {
-        let mut bitmap = engine.pending.bitmap(0, PAGES);
-        for (b, sent) in bitmap.iter_mut().zip(self.sent.bitmap(0, PAGES)) {
-            *b &= sent;
-        }
-        if bitmap.iter().any(|&b| b != 0) {
+    /// Drops at the destination the pages it got that `which` names; they are sent again.
+    fn discard(&mut self, engine: &Engine, which: Stale) {
+        for frame in engine.stale.discards(which, &self.sent) {
             let range = PageRange {
-                first: 0,
-                count: PAGES,
+                first: frame.first,
+                count: frame.count,
             };
-            PageMap::bitmap_runs(0, &bitmap, |p, n| {
-                self.sent.clear_range(p, n);
-                engine.unconfirmed.set_range(p, n);
-            });
-            self.encode_all(vec![(Message::Discard(range), bitmap)], false);
+            self.encode_all(vec![(Message::Discard(range), frame.bitmap)], false);
         }
     }
 }
@@ -461,7 +448,7 @@ fn frames_of(
 ) -> Vec<(Message, Vec<u8>)> {
     sent.set_range(range.first, range.count);
     if let Some(engine) = engine {
-        engine.pending.clear_range(range.first, range.count);
+        engine.stale.sending(range.first, range.count);
     }
     let zero = |p: u64| memory[p as usize].iter().all(|&b| b == 0);
     let mut frames = Vec::new();
