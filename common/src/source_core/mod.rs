@@ -6,6 +6,7 @@
 //! in-memory pipes.
 
 pub mod bulk_plan;
+pub mod precopy_plan;
 pub mod stale;
 pub mod urgent;
 

@@ -44,6 +44,9 @@ pub enum BulkError {
     /// Welcomed with precopy but the server has no engine (a bug, not an input).
     #[error("a precopy session without the precopy engine")]
     NoEngine,
+    /// A precopy step came out of its order (a bug, not an input).
+    #[error("precopy out of order: {0}")]
+    OutOfOrder(&'static str),
     /// The bulk thread panicked.
     #[error("the bulk thread panicked")]
     Panicked,

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use super::errors::BulkError;
 use super::{BULK_RUN_BYTES, Session};
 use crate::precopy::{ConvergedBy, Precopy, Round, Strategy, converged};
+use common::source_core::precopy_plan::{PrecopyPlan, PrecopyStep};
 use common::source_core::stale::Stale;
 
 impl Session<'_> {
@@ -29,71 +30,154 @@ impl Session<'_> {
         tx: &mut FrameEncoder,
         rx: &mut FrameReader,
     ) -> Result<(), BulkError> {
-        let page_size = self.source.page_size();
-        // A destination that reconnected may hold pages the guest wrote since they were sent,
-        // or pages a discard its last link lost was to drop (sent again since, so no longer
-        // pending).
-        engine.stale.session_begins();
-        let stale = self.discard(conn, tx, engine, Stale::Written)?;
-        if stale > 0 {
-            info!(
-                pages = stale,
-                "the destination dropped pages written since it got them"
-            );
-        }
-        if engine.switched() {
-            // The source paused already; this destination missed (the end of) the switch.
-            return self.finish_switch(engine, conn, tx).map(drop);
-        }
-        if !engine.snapshot().tracking {
-            self.collect_dirty(engine)?;
-        }
-        let converged_by = loop {
-            self.refresh_free_hints(engine)?;
-            let round = self.send_round(engine, conn, tx)?;
-            let Some(mut round) = round else {
-                return Ok(()); // the session ended
-            };
-            self.collect_dirty(engine)?;
-            round.dirty_pages = count_both(engine.stale.pending(), &self.sent);
-            let rounds = {
-                let mut state = engine.state.lock().unwrap_or_else(|p| p.into_inner());
-                state.rounds.push(round);
-                state.rounds.clone()
-            };
-            info!(
-                round = round.round,
-                pages_sent = round.pages_sent,
-                mib_per_s = (round.bytes as f64 / round.seconds.max(1e-6)) as u64 >> 20,
-                dirty_pages = round.dirty_pages,
-                expected_downtime_ms = round.expected_downtime_ms(page_size),
-                "precopy round"
-            );
-            self.events.emit(json!({
-                "event": "round",
-                "round": round.round,
-                "pages_sent": round.pages_sent,
-                "bytes": round.bytes,
-                "seconds": round.seconds,
-                "dirty_pages": round.dirty_pages,
-                "expected_downtime_ms": round.expected_downtime_ms(page_size),
-            }));
-            if let Some(by) = converged(&rounds, page_size, engine.max_downtime, engine.is_forced())
-            {
-                break by;
+        let snapshot = engine.snapshot();
+        let mut plan = PrecopyPlan::new(
+            snapshot.switched,
+            snapshot.tracking,
+            engine.strategy == Strategy::Precopy,
+        );
+        let mut round = None;
+        let mut converged_by = None;
+        let mut paused_at = None;
+        loop {
+            if self.is_stopped() {
+                return Ok(());
             }
-            // The next round sends them again: drop them at the destination first.
-            self.discard(conn, tx, engine, Stale::Written)?;
+            match plan.next_step() {
+                PrecopyStep::Begin => {
+                    // A destination that reconnected may hold pages the guest wrote since they
+                    // were sent, or pages a discard its last link lost was to drop.
+                    engine.stale.session_begins();
+                    let stale = self.discard(conn, tx, engine, Stale::Written)?;
+                    if stale > 0 {
+                        info!(
+                            pages = stale,
+                            "the destination dropped pages written since it got them"
+                        );
+                    }
+                }
+                PrecopyStep::StartTracking | PrecopyStep::CollectDirty => {
+                    self.collect_dirty(engine)?
+                }
+                PrecopyStep::RefreshFreeHints => self.refresh_free_hints(engine)?,
+                PrecopyStep::SendRound => match self.send_round(engine, conn, tx)? {
+                    Some(sent) => round = Some(sent),
+                    None => return Ok(()), // the session ended
+                },
+                PrecopyStep::CheckConvergence => {
+                    let by = self.record_round(engine, round.take())?;
+                    if let Some(by) = by {
+                        self.converged(engine, by);
+                    }
+                    plan.converged(by.is_some());
+                    converged_by = by;
+                }
+                PrecopyStep::DropWritten => {
+                    // Before a round: the round sends them again. Before the catch-up
+                    // (hybrid): only what the guest writes from now on waits on the pause.
+                    let dropped = self.discard(conn, tx, engine, Stale::Written)?;
+                    debug!(dropped, "dropped pages written since sent");
+                }
+                PrecopyStep::CatchUp => {
+                    let catch_up = Instant::now();
+                    self.sync(conn, tx, rx, &mut |_, _| {})?;
+                    debug!(
+                        ms = catch_up.elapsed().as_secs_f64() * 1000.0,
+                        "the destination caught up"
+                    );
+                }
+                PrecopyStep::Pause => {
+                    paused_at = Some(Instant::now());
+                    self.pause_source(engine)?;
+                    // From here on the switch is decided: a destination that reconnects
+                    // before it got all of it gets the rest (the VMM answers nothing more).
+                    engine.decide_switch(
+                        converged_by.ok_or(BulkError::OutOfOrder("a pause before convergence"))?,
+                    );
+                }
+                PrecopyStep::DropStaleAtSwitch => {
+                    let stale = self.discard(conn, tx, engine, Stale::AtSwitch)?;
+                    engine
+                        .state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .pages_stale_at_switch = stale;
+                }
+                // Free pages the destination lacks go as zero before the guest resumes: a
+                // fault on one is a local zero fill.
+                PrecopyStep::SendFreePages => self.send_free_pages(conn, tx)?,
+                // Stop-and-copy: the rest now, before the guest resumes.
+                PrecopyStep::SendUnsent => drop(self.send_unsent(conn, tx)?),
+                PrecopyStep::Switchover => {
+                    // Postcopy pushes what is left from the first page on.
+                    self.push_order.lock().rewind();
+                    self.switchover(conn, tx)?;
+                    if let Some(paused_at) = paused_at {
+                        info!(
+                            ?converged_by,
+                            stale_pages = engine.snapshot().pages_stale_at_switch,
+                            pause_to_switch_ms = paused_at.elapsed().as_secs_f64() * 1000.0,
+                            "the source is paused: switched"
+                        );
+                    }
+                }
+                PrecopyStep::Done => return Ok(()),
+            }
+        }
+    }
+
+    /// Records a round that was sent (its dirty pages counted after `CollectDirty`) and
+    /// applies the convergence rules.
+    ///
+    /// # Errors
+    /// A round that was never sent (a bug of the plan's).
+    fn record_round(
+        &self,
+        engine: &Precopy,
+        round: Option<Round>,
+    ) -> Result<Option<ConvergedBy>, BulkError> {
+        let page_size = self.source.page_size();
+        let mut round = round.ok_or(BulkError::OutOfOrder("a round checked but not sent"))?;
+        round.dirty_pages = count_both(engine.stale.pending(), &self.sent);
+        let rounds = {
+            let mut state = engine.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.rounds.push(round);
+            state.rounds.clone()
         };
+        info!(
+            round = round.round,
+            pages_sent = round.pages_sent,
+            mib_per_s = (round.bytes as f64 / round.seconds.max(1e-6)) as u64 >> 20,
+            dirty_pages = round.dirty_pages,
+            expected_downtime_ms = round.expected_downtime_ms(page_size),
+            "precopy round"
+        );
+        self.events.emit(json!({
+            "event": "round",
+            "round": round.round,
+            "pages_sent": round.pages_sent,
+            "bytes": round.bytes,
+            "seconds": round.seconds,
+            "dirty_pages": round.dirty_pages,
+            "expected_downtime_ms": round.expected_downtime_ms(page_size),
+        }));
+        Ok(converged(
+            &rounds,
+            page_size,
+            engine.max_downtime,
+            engine.is_forced(),
+        ))
+    }
+
+    /// Says the rounds converged (an event for orchestrators; a warning when they did not
+    /// really).
+    fn converged(&self, engine: &Precopy, by: ConvergedBy) {
         self.events
-            .emit_sticky(json!({"event": "converged", "by": converged_by}));
-        if matches!(
-            converged_by,
-            ConvergedBy::NoProgress | ConvergedBy::MaxRounds
-        ) {
+            .emit_sticky(json!({"event": "converged", "by": by}));
+        if matches!(by, ConvergedBy::NoProgress | ConvergedBy::MaxRounds) {
             let left = count_both(engine.stale.pending(), &self.sent);
             warn!(
-                ?converged_by,
+                converged_by = ?by,
                 pages_left = left,
                 "precopy did not converge: the guest writes faster than the link sends; {}",
                 match engine.strategy {
@@ -102,21 +186,14 @@ impl Session<'_> {
                 }
             );
         }
-        let catch_up = Instant::now();
-        let dropped_early = if engine.strategy == Strategy::Hybrid {
-            // What the guest wrote during the last round is dropped at the destination while
-            // the guest still runs: only what it writes from now on waits on the pause.
-            self.discard(conn, tx, engine, Stale::Written)?
-        } else {
-            0
-        };
-        // The destination applies everything sent so far before the source stops.
-        self.sync(conn, tx, rx, &mut |_, _| {})?;
-        debug!(
-            dropped_early,
-            ms = catch_up.elapsed().as_secs_f64() * 1000.0,
-            "the destination caught up"
-        );
+    }
+
+    /// Pauses the source guest; its free pages are served as zero from now on, and the
+    /// destination drops those it holds with old bytes (not those it got as zero ranges).
+    ///
+    /// # Errors
+    /// The source VMM link failed.
+    fn pause_source(&self, engine: &Precopy) -> Result<(), BulkError> {
         let paused_at = Instant::now();
         engine.pause().map_err(|e| {
             BulkError::SourceVmm(engine.fail(format!("the source VMM did not pause: {e:#}")))
@@ -126,8 +203,6 @@ impl Session<'_> {
             BulkError::SourceVmm(engine.fail(format!("the source VMM link failed: {e:#}")))
         })?;
         if let Some(mut free) = free {
-            // Served as zero from now on; the destination drops those it holds with old
-            // bytes (not those it got as zero ranges).
             let pages = self.source.file().hint_free(&free);
             let zero = self.sent_zero.bitmap(0, self.source.total_pages());
             for (f, z) in free.iter_mut().zip(zero) {
@@ -136,17 +211,9 @@ impl Session<'_> {
             engine.stale.written(&free);
             self.stats.free_pages.fetch_add(pages, Ordering::Relaxed);
         }
-        let pause_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
-        // From here on the switch is decided: a destination that reconnects before it got
-        // all of it gets the rest (the VMM answers nothing more).
-        engine.decide_switch(converged_by);
-        let stale = self.finish_switch(engine, conn, tx)?;
-        info!(
-            ?converged_by,
-            stale_pages = stale,
-            pause_ms,
-            pause_to_switch_ms = paused_at.elapsed().as_secs_f64() * 1000.0,
-            "the source is paused: switched"
+        debug!(
+            pause_ms = paused_at.elapsed().as_secs_f64() * 1000.0,
+            "the source is paused"
         );
         Ok(())
     }
@@ -178,37 +245,6 @@ impl Session<'_> {
             self.source.file().hint_free(&free);
         }
         Ok(())
-    }
-
-    /// The source is paused: drops at the destination what went stale after it was sent,
-    /// sends what is left first for stop-and-copy, and switches; returns how many pages were
-    /// dropped.
-    ///
-    /// # Errors
-    /// The bulk connection failed.
-    fn finish_switch(
-        &self,
-        engine: &Precopy,
-        conn: &mut TcpStream,
-        tx: &mut FrameEncoder,
-    ) -> Result<u64, BulkError> {
-        let stale = self.discard(conn, tx, engine, Stale::AtSwitch)?;
-        // Free pages the destination lacks now go as zero before the guest resumes: a fault
-        // on one is a local zero fill.
-        self.send_free_pages(conn, tx)?;
-        if engine.strategy == Strategy::Precopy {
-            // Stop-and-copy: the rest now, before the guest resumes.
-            self.send_unsent(conn, tx)?;
-        }
-        // Postcopy pushes what is left from the first page on.
-        self.push_order.lock().rewind();
-        engine
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pages_stale_at_switch = stale;
-        self.switchover(conn, tx)?;
-        Ok(stale)
     }
 
     /// Sends every page not sent yet (a round); `None` if the session ended meanwhile.

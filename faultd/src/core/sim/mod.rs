@@ -109,6 +109,8 @@ enum Step {
 pub struct Scenario {
     /// Precopy rounds before the switch (None: postcopy only).
     pub rounds: Option<u32>,
+    /// Precopy's strategy is stop-and-copy (else hybrid).
+    pub stop_and_copy: bool,
     /// Most cuts in the run.
     pub cuts: u32,
 }
@@ -120,6 +122,7 @@ impl Scenario {
                 0 => None,
                 n => Some(n as u32),
             },
+            stop_and_copy: rng.chance(30),
             cuts: rng.below(3) as u32,
         }
     }
@@ -146,7 +149,7 @@ pub fn run(seed: u64) -> Result<RunStats, String> {
     let start = Instant::now();
     let liveness = Liveness::new(Duration::from_secs(2));
     let mut world = World {
-        source: SimSource::new(memory, scenario.rounds),
+        source: SimSource::new(memory, scenario.rounds, scenario.stop_and_copy),
         dest: SimDest::new(&vm, liveness, start),
         now: start,
         source_last_tx: start,

@@ -13,6 +13,7 @@ use common::framed::{FrameEncoder, FrameReader};
 use common::pagemap::PageMap;
 use common::source_core::Outcome;
 use common::source_core::bulk_plan::{BulkPlan, BulkStep};
+use common::source_core::precopy_plan::{PrecopyPlan, PrecopyStep};
 use common::source_core::stale::{Stale, StaleMaps};
 use common::source_core::urgent::{Maps, UrgentAction, UrgentCore};
 use common::wire::phase::{Phase, SourceBulk};
@@ -34,19 +35,21 @@ pub struct Engine {
     pub stale: StaleMaps,
 }
 
-/// Where the precopy step is.
+/// Where the precopy step is: pagesrv's plan, and what the current step still does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Precopy {
-    /// Drop at the destination what went stale since it got it (a reconnect).
-    Start,
-    /// Sending the pages not sent yet, from `next`.
-    Round { next: u64 },
-    /// The round is out: another, or converge.
-    RoundEnd,
+struct Precopy {
+    plan: PrecopyPlan,
+    doing: Doing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Doing {
+    /// Take the plan's next step.
+    Next,
+    /// Sending every page not sent yet (a round, or stop-and-copy), from `next`.
+    Sending { next: u64 },
     /// Waiting for the `Synced` before the pause.
-    AwaitCatchUp,
-    /// Paused: drop what went stale, then `Switchover`.
-    Finish,
+    CatchingUp,
 }
 
 /// Where the bulk connection is within its current step.
@@ -102,12 +105,14 @@ pub struct SimSource {
     pub violations: Vec<String>,
     /// How the last session ended.
     pub last_outcome: Option<Outcome>,
+    /// Precopy's strategy: stop-and-copy (else hybrid).
+    stop_and_copy: bool,
 }
 
 impl SimSource {
     /// A guest of [`PAGES`] pages with the given bytes; `rounds`: precopy rounds before the
     /// switch (None: the guest is paused from the start, pure postcopy).
-    pub fn new(memory: Vec<Vec<u8>>, rounds: Option<u32>) -> Self {
+    pub fn new(memory: Vec<Vec<u8>>, rounds: Option<u32>, stop_and_copy: bool) -> Self {
         SimSource {
             memory,
             engine: rounds.map(|rounds_left| Engine {
@@ -118,6 +123,7 @@ impl SimSource {
             session: None,
             violations: Vec::new(),
             last_outcome: None,
+            stop_and_copy,
         }
     }
 
@@ -237,7 +243,11 @@ impl SimSource {
         }
         match s.bulk {
             Bulk::Finished => false,
-            Bulk::AwaitSynced | Bulk::Precopy(Precopy::AwaitCatchUp) => !s.bulk_in.is_empty(),
+            Bulk::AwaitSynced
+            | Bulk::Precopy(Precopy {
+                doing: Doing::CatchingUp,
+                ..
+            }) => !s.bulk_in.is_empty(),
             _ if s.steps.get(s.step) == Some(&BulkStep::AwaitMaps) => s.maps_done,
             _ => true,
         }
@@ -250,25 +260,26 @@ impl SimSource {
         };
         if matches!(
             s.bulk,
-            Bulk::AwaitSynced | Bulk::Precopy(Precopy::AwaitCatchUp)
+            Bulk::AwaitSynced
+                | Bulk::Precopy(Precopy {
+                    doing: Doing::CatchingUp,
+                    ..
+                })
         ) {
             match s.read_bulk() {
                 Ok(true) => {
+                    // Every discard before the Sync was applied.
+                    if let Some(engine) = &self.engine {
+                        engine.stale.confirmed();
+                    }
                     s.bulk = match s.bulk {
-                        Bulk::AwaitSynced => {
-                            if let Some(engine) = &self.engine {
-                                engine.stale.confirmed();
-                            }
+                        Bulk::Precopy(p) => Bulk::Precopy(Precopy {
+                            doing: Doing::Next,
+                            ..p
+                        }),
+                        _ => {
                             s.step += 1;
                             Bulk::Ready
-                        }
-                        _ => {
-                            // Caught up: every discard is applied; pause, decide the switch.
-                            let engine = self.engine.as_mut().expect("precopy");
-                            engine.stale.confirmed();
-                            engine.stale.decide_switch();
-                            engine.switched = true;
-                            Bulk::Precopy(Precopy::Finish)
                         }
                     };
                 }
@@ -292,7 +303,13 @@ impl SimSource {
                 s.encode_all(vec![(Message::Sync, Vec::new())], false);
                 s.bulk = Bulk::AwaitSynced;
             }
-            (BulkStep::Precopy, Bulk::Ready) => s.bulk = Bulk::Precopy(Precopy::Start),
+            (BulkStep::Precopy, Bulk::Ready) => {
+                let engine = self.engine.as_ref().expect("precopy");
+                s.bulk = Bulk::Precopy(Precopy {
+                    plan: PrecopyPlan::new(engine.switched, true, self.stop_and_copy),
+                    doing: Doing::Next,
+                });
+            }
             (BulkStep::Precopy, Bulk::Precopy(p)) => self.precopy_step(p),
             (BulkStep::Push, Bulk::Ready) => s.bulk = Bulk::Pushing { next: 0 },
             (BulkStep::Push, Bulk::Pushing { next }) => {
@@ -330,53 +347,63 @@ impl SimSource {
         }
     }
 
-    fn precopy_step(&mut self, at: Precopy) {
+    /// One step of pagesrv's precopy plan (or one run of pages of a step that sends).
+    fn precopy_step(&mut self, mut at: Precopy) {
         let s = self.session.as_mut().expect("a session");
         let engine = self.engine.as_mut().expect("precopy");
-        match at {
-            Precopy::Start => {
-                s.discard(engine, Stale::Written);
-                s.bulk = Bulk::Precopy(if engine.switched {
-                    Precopy::Finish
-                } else {
-                    Precopy::Round { next: 0 }
-                });
-            }
-            Precopy::Round { next } => match next_unsent(&s.sent, next) {
+        if let Doing::Sending { next } = at.doing {
+            at.doing = match next_unsent(&s.sent, next) {
                 Some(first) => {
                     let count = run_len(&s.sent, first);
-                    let frames = frames_of(
-                        &self.memory,
-                        PageRange { first, count },
-                        &s.sent,
-                        Some(engine),
-                    );
+                    let range = PageRange { first, count };
+                    let frames = frames_of(&self.memory, range, &s.sent, Some(engine));
                     s.encode_all(frames, false);
-                    s.bulk = Bulk::Precopy(Precopy::Round {
+                    Doing::Sending {
                         next: first + count,
-                    });
+                    }
                 }
-                None => s.bulk = Bulk::Precopy(Precopy::RoundEnd),
-            },
-            Precopy::RoundEnd => {
-                // What the guest wrote during the round is dropped at the destination.
+                None => Doing::Next,
+            };
+            s.bulk = Bulk::Precopy(at);
+            return;
+        }
+        match at.plan.next_step() {
+            PrecopyStep::Begin => {
+                engine.stale.session_begins();
                 s.discard(engine, Stale::Written);
-                engine.rounds_left = engine.rounds_left.saturating_sub(1);
-                s.bulk = if engine.rounds_left > 0 {
-                    Bulk::Precopy(Precopy::Round { next: 0 })
-                } else {
-                    s.encode_all(vec![(Message::Sync, Vec::new())], false);
-                    Bulk::Precopy(Precopy::AwaitCatchUp)
-                };
             }
-            Precopy::AwaitCatchUp => {}
-            Precopy::Finish => {
-                s.discard(engine, Stale::AtSwitch);
+            // The model's guest writes are pending at once; it has no free-page hints.
+            PrecopyStep::StartTracking
+            | PrecopyStep::CollectDirty
+            | PrecopyStep::RefreshFreeHints
+            | PrecopyStep::SendFreePages => {}
+            PrecopyStep::SendRound | PrecopyStep::SendUnsent => {
+                at.doing = Doing::Sending { next: 0 };
+            }
+            PrecopyStep::CheckConvergence => {
+                engine.rounds_left = engine.rounds_left.saturating_sub(1);
+                at.plan.converged(engine.rounds_left == 0);
+            }
+            PrecopyStep::DropWritten => s.discard(engine, Stale::Written),
+            PrecopyStep::CatchUp => {
+                s.encode_all(vec![(Message::Sync, Vec::new())], false);
+                at.doing = Doing::CatchingUp;
+            }
+            PrecopyStep::Pause => {
+                engine.switched = true;
+                engine.stale.decide_switch();
+            }
+            PrecopyStep::DropStaleAtSwitch => s.discard(engine, Stale::AtSwitch),
+            PrecopyStep::Switchover => {
                 s.encode_all(vec![(Message::Switchover, Vec::new())], false);
+            }
+            PrecopyStep::Done => {
                 s.step += 1;
                 s.bulk = Bulk::Ready;
+                return;
             }
         }
+        s.bulk = Bulk::Precopy(at);
     }
 }
 
