@@ -351,10 +351,12 @@ impl FaultLoop<'_, '_> {
                     Err(e) => debug!(generation, error = %e, "bulk thread ended"),
                 },
                 LinkEvent::Connected(Ok(up)) => {
-                    let (link, state) = self.links.open(up, poll.registry(), URGENT)?;
-                    let (generation, sealed) = (state.generation, state.is_sealed());
                     let told = self.links.switch_announced();
                     let can_drop = self.vm.kernel.can_drop_pages();
+                    // Before its bulk threads start: they apply what they read at once.
+                    self.session.accepts_link(up.precopy, told, can_drop)?;
+                    let (link, state) = self.links.open(up, poll.registry(), URGENT)?;
+                    let (generation, sealed) = (state.generation, state.is_sealed());
                     self.link = Some(link);
                     if self.session.link_up(state, told, can_drop)? {
                         // The guest runs: say so on every later connection.

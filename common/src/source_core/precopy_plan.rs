@@ -14,9 +14,10 @@
 /// One step of a session's precopy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrecopyStep {
-    /// A new session: pages a cut link's discards may have missed count as written
-    /// (`StaleMaps::session_begins`); then drop at the destination what was written since
-    /// it got it.
+    /// Drop at the destination what was written since it got it (and, made pending when
+    /// the session began, what a cut link's discards may have missed:
+    /// `StaleMaps::session_begins`, called before any step of the bulk plan, since a `Sync`
+    /// of the new session confirms every discard before it).
     Begin,
     /// Ask the source VMM for its first dirty bitmap (tracking starts).
     StartTracking,

@@ -76,7 +76,11 @@ impl StaleMaps {
 
     /// A new session begins: a discard its predecessor sent may never have arrived, so the
     /// destination may still hold those pages at an older version (they were sent again
-    /// since, so they are no longer pending): they are pending again.
+    /// since, so they are no longer pending): they are pending again. Call it before the
+    /// session's first `Sync` ([`StaleMaps::confirmed`] would clear them unsent). After the
+    /// switch this can leave pages pending that the push never clears: a later session that
+    /// missed the switch drops and resends them again (extra work, never a wrong drop: a
+    /// destination whose guest runs gets no precopy, so no discard).
     pub fn session_begins(&self) {
         let total = self.unconfirmed.total_pages();
         let bitmap = self.unconfirmed.bitmap(0, total);
@@ -105,7 +109,9 @@ impl StaleMaps {
 
     /// The discards that drop, at a destination that got the pages of `sent`, those `which`
     /// names: each frame's pages are marked unsent (they go again) and unconfirmed; in
-    /// frames of at most a payload's bitmap.
+    /// frames of at most a payload's bitmap. All are marked before the caller writes any: if
+    /// a write fails the session ends, and a page marked but never dropped is only sent
+    /// again (over-marking is the safe side).
     pub fn discards(&self, which: Stale, sent: &PageMap) -> Vec<DiscardFrame> {
         let stale = match which {
             Stale::Written => &self.pending,

@@ -128,7 +128,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         let mut admitted = admitted;
         let welcome = SessionParams {
             session_id,
-            flags,
+            flags: flags.bits(),
             // Echoed only to a destination that named it (one that did not may predate
             // names and read only the fixed body).
             vm: admitted.hello().vm,
@@ -152,7 +152,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         hello: &SessionParams,
         vm: &ServedVm,
         proven: bool,
-    ) -> Result<u32, (ErrorCode, String)> {
+    ) -> Result<WelcomeFlags, (ErrorCode, String)> {
         let resumed = hello.resumed();
         let precopy = match &self.precopy {
             None => false,
@@ -179,8 +179,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             precopy,
             free_first: vm.source.has_free_hints(),
             proven,
-        }
-        .bits())
+        })
     }
 
     /// Which session an urgent connection to VM `index` opens or resumes (`claim.rs`).

@@ -164,7 +164,10 @@ impl Session<'_> {
                 Err(ReadError::Io(e))
                     if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
                 {
-                    if heard.elapsed() > liveness.timeout || self.is_stopped() {
+                    if self.is_stopped() {
+                        return Err(BulkError::Stopped);
+                    }
+                    if heard.elapsed() > liveness.timeout {
                         return Err(BulkError::Silent {
                             seconds: heard.elapsed().as_secs_f64(),
                         });

@@ -152,6 +152,11 @@ impl Session<'_> {
             mut tx,
         } = bulk;
         let run_pages = (BULK_RUN_BYTES / self.source.page_size()).max(1);
+        if let Some(engine) = &self.switch.engine {
+            // A new session: discards a cut link may have lost are pending again, before any
+            // `Sync` of this session (free pages, hashes) confirms anything.
+            engine.stale.session_begins();
+        }
         for &step in
             BulkPlan::new(self.switch.free_first, self.switch.base, self.switch.first).steps()
         {

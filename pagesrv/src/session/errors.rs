@@ -1,5 +1,6 @@
 //! Why a session's bulk side stopped: typed, so the session's end can tell a dead link
-//! from a destination that failed or a source VMM that went away.
+//! from a destination that failed or a source VMM that went away. Shown with
+//! [`super::error_chain`] (causes are sources, not repeated in the messages).
 
 use common::framed::ReadError;
 use common::wire::{ErrorCode, WireError};
@@ -10,7 +11,7 @@ use super::error_chain;
 #[derive(Debug, thiserror::Error)]
 pub enum BulkError {
     /// Writing to the destination (or setting up the socket) failed.
-    #[error("failed to {doing}: {source}")]
+    #[error("failed to {doing}")]
     Write {
         /// What was being sent ("send free pages", "push pages").
         doing: &'static str,
@@ -28,7 +29,7 @@ pub enum BulkError {
         seconds: f64,
     },
     /// A frame out of its phase on the bulk connection.
-    #[error("the destination broke the protocol: {0}")]
+    #[error("the destination broke the protocol")]
     Protocol(#[source] WireError),
     /// The destination said it failed.
     #[error("the destination failed ({code:?}): {text}")]
@@ -47,6 +48,9 @@ pub enum BulkError {
     /// A precopy step came out of its order (a bug, not an input).
     #[error("precopy out of order: {0}")]
     OutOfOrder(&'static str),
+    /// The session ended (a reconnect replaced it, or its urgent side ended) meanwhile.
+    #[error("the session ended")]
+    Stopped,
     /// The bulk thread panicked.
     #[error("the bulk thread panicked")]
     Panicked,

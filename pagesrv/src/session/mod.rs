@@ -315,7 +315,7 @@ impl<'a> Session<'a> {
                     Outcome::Failed(vmm_failure.expect("checked"))
                 }
                 (Outcome::Aborted(why), Err(bulk_why)) => {
-                    Outcome::Aborted(format!("{why}; bulk: {bulk_why}"))
+                    Outcome::Aborted(format!("{why}; bulk: {}", error_chain(&bulk_why)))
                 }
                 (outcome, _) => outcome,
             }

@@ -46,8 +46,8 @@ impl Session<'_> {
             match plan.next_step() {
                 PrecopyStep::Begin => {
                     // A destination that reconnected may hold pages the guest wrote since they
-                    // were sent, or pages a discard its last link lost was to drop.
-                    engine.stale.session_begins();
+                    // were sent, or pages a discard its last link lost was to drop (made
+                    // pending when the session began, `push_background`).
                     let stale = self.discard(conn, tx, engine, Stale::Written)?;
                     if stale > 0 {
                         info!(

@@ -48,7 +48,7 @@ impl Session<'_> {
         if let Err(why) = self.push_extra_stream(&mut conn, &mut tx)
             && !self.is_stopped()
         {
-            warn!(%why, "an extra bulk connection failed: ending the session");
+            warn!(why = %super::error_chain(&why), "an extra bulk connection failed: ending the session");
             self.abort();
         }
     }

@@ -292,6 +292,30 @@ impl<'e, K: Kernel> DestSession<'e, K> {
         self.stage = Stage::Verifying { asked_on: None };
     }
 
+    /// Whether a link welcomed with (or without) precopy can be followed: asked before its
+    /// bulk threads start (they apply what they read at once), and again by
+    /// [`DestSession::link_up`].
+    ///
+    /// # Errors
+    /// The link's precopy cannot be followed (module docs).
+    pub fn accepts_link(
+        &self,
+        precopy: bool,
+        guest_told_to_resume: bool,
+        can_drop_pages: bool,
+    ) -> Result<(), SessionError> {
+        if precopy && guest_told_to_resume {
+            return Err(SessionError::PrecopyAfterSwitch);
+        }
+        if precopy && !can_drop_pages {
+            return Err(SessionError::PrecopyWithoutMemfd);
+        }
+        if matches!(self.stage, Stage::Precopy) && !precopy {
+            return Err(SessionError::PrecopyGone);
+        }
+        Ok(())
+    }
+
     /// A new link is up (handshake and maps done). Returns whether the guest here runs
     /// (every later connection must say so).
     ///
@@ -303,15 +327,7 @@ impl<'e, K: Kernel> DestSession<'e, K> {
         guest_told_to_resume: bool,
         can_drop_pages: bool,
     ) -> Result<bool, SessionError> {
-        if link.precopy && guest_told_to_resume {
-            return Err(SessionError::PrecopyAfterSwitch);
-        }
-        if link.precopy && !can_drop_pages {
-            return Err(SessionError::PrecopyWithoutMemfd);
-        }
-        if matches!(self.stage, Stage::Precopy) && !link.precopy {
-            return Err(SessionError::PrecopyGone);
-        }
+        self.accepts_link(link.precopy, guest_told_to_resume, can_drop_pages)?;
         let first_link = self.switched_in.is_none() && link.generation == 1;
         let mut guest_runs = false;
         if link.precopy && matches!(self.stage, Stage::Migrating) && first_link {

@@ -347,29 +347,22 @@ impl<'v> SimDest<'v> {
 
     /// The connector's link is handed over: the maps it sent (then `MapEnd`), returned as
     /// the bytes the source reads first.
-    pub fn connect(&mut self, generation: u64, precopy: bool, now: std::time::Instant) -> Vec<u8> {
+    pub fn connect(
+        &mut self,
+        generation: u64,
+        (precopy, free_first): (bool, bool),
+        now: std::time::Instant,
+    ) -> Vec<u8> {
         self.resumed |= self.announced;
         self.generation = generation;
         self.want_link = false;
-        let mut tx = FrameEncoder::plain();
-        let mut maps = Vec::new();
-        encode_maps(self.vm, &mut tx, &mut maps);
-        tx.encode(&Message::MapEnd, &[], &mut maps);
-        let link = LinkState::new(
-            generation,
-            FrameReader::new(Decoder::session(PAGE, PAGES)),
-            tx,
-            precopy,
-            false,
-            now,
-        );
+        // As the pump does: asked before the bulk threads start.
         let held = !self.session.faults_released();
-        match self.session.link_up(link, self.announced, true) {
-            Ok(true) => self.resumed = true,
-            Ok(false) => {}
-            Err(e) => self.violations.push(format!("destination: link up: {e}")),
+        if let Err(e) = self.session.accepts_link(precopy, self.announced, true) {
+            self.violations
+                .push(format!("destination: link refused: {e}"));
+            return Vec::new();
         }
-        self.check_released_faults(held);
         self.bulk.push(BulkThread {
             generation,
             rx: BulkRx::new(precopy, false),
@@ -379,6 +372,24 @@ impl<'v> SimDest<'v> {
             placing: None,
             ended: false,
         });
+        let mut tx = FrameEncoder::plain();
+        let mut maps = Vec::new();
+        encode_maps(self.vm, &mut tx, &mut maps);
+        tx.encode(&Message::MapEnd, &[], &mut maps);
+        let link = LinkState::new(
+            generation,
+            FrameReader::new(Decoder::session(PAGE, PAGES)),
+            tx,
+            precopy,
+            free_first,
+            now,
+        );
+        match self.session.link_up(link, self.announced, true) {
+            Ok(true) => self.resumed = true,
+            Ok(false) => {}
+            Err(e) => self.violations.push(format!("destination: link up: {e}")),
+        }
+        self.check_released_faults(held);
         maps
     }
 

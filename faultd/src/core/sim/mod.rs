@@ -9,12 +9,19 @@
 //! read and the VMM resumes, EEXIST where a page is already placed), the clock, or a cut of
 //! the link (what is in flight is lost; a new link follows).
 //!
-//! Checked on every run: both sides end (no party waits on one that waits on it), with the
-//! destination's verdict `Verified` and the source `Completed` (unless the cut came after
-//! the verdict was sent); no frame outside its phase in either direction; every page at the
-//! destination equals the source's (or what the guest wrote there since it resumed); when
-//! faults are released (a link up, the switch) every fault read is woken or requested. A failing seed is printed; `SIM_SEED=n cargo test -p
-//! faultd sim` replays it alone, step by step in the log with `SIM_TRACE=1`.
+//! Checked on every run:
+//! - both sides end: no party waits on one that waits on it (a run with no possible step,
+//!   one that never ends, or a link silent for its timeout fails);
+//! - the destination's verdict is `Verified` and the source `Completed` (unless the cut
+//!   came after the verdict was sent);
+//! - no frame outside its phase, in either direction;
+//! - every page at the destination equals the source's (or what the guest wrote or
+//!   ballooned there since it resumed);
+//! - when faults are released (a link up, the switch, the free pages in) every fault read
+//!   is woken, requested or has its zero fill due.
+//!
+//! A failing seed is printed; `SIM_SEED=n cargo test -p faultd test_simulated` replays it
+//! alone, step by step in the log with `SIM_TRACE=1`.
 
 mod dest;
 mod source;
@@ -111,6 +118,8 @@ pub struct Scenario {
     pub rounds: Option<u32>,
     /// Precopy's strategy is stop-and-copy (else hybrid).
     pub stop_and_copy: bool,
+    /// The free pages come first (a `Sync` opens every bulk connection).
+    pub free_first: bool,
     /// Most cuts in the run.
     pub cuts: u32,
 }
@@ -123,6 +132,7 @@ impl Scenario {
                 n => Some(n as u32),
             },
             stop_and_copy: rng.chance(30),
+            free_first: rng.chance(30),
             cuts: rng.below(3) as u32,
         }
     }
@@ -149,7 +159,11 @@ pub fn run(seed: u64) -> Result<RunStats, String> {
     let start = Instant::now();
     let liveness = Liveness::new(Duration::from_secs(2));
     let mut world = World {
-        source: SimSource::new(memory, scenario.rounds, scenario.stop_and_copy),
+        source: SimSource::new(
+            memory,
+            scenario.rounds,
+            (scenario.stop_and_copy, scenario.free_first),
+        ),
         dest: SimDest::new(&vm, liveness, start),
         now: start,
         source_last_tx: start,
@@ -198,6 +212,10 @@ pub struct RunStats {
     pub faults: u32,
     /// Balloon removals at the destination.
     pub removes: u32,
+    /// Links the destination cut because pagesrv went silent.
+    pub silences: u32,
+    /// `Discard` frames the source sent.
+    pub discards: u32,
 }
 
 struct World<'v> {
@@ -355,7 +373,8 @@ impl World<'_> {
                 let generation = self.dest.next_generation();
                 match self.source.welcome(generation, self.dest.announced()) {
                     Ok(precopy) => {
-                        let maps = self.dest.connect(generation, precopy, now);
+                        let free_first = self.source.free_first;
+                        let maps = self.dest.connect(generation, (precopy, free_first), now);
                         let s = self.source.session.as_mut().expect("welcomed");
                         s.urgent_in
                             .fill(&mut maps.as_slice())
@@ -403,6 +422,13 @@ impl World<'_> {
             Step::Tick => {
                 self.now += Duration::from_millis(1 + rng.below(20));
                 if self.dest.on_tick(self.now) {
+                    // Both sides send heartbeats and the scheduler delivers them long before
+                    // the link timeout: a silent link is a party stalled on another.
+                    self.stats.silences += 1;
+                    self.source.violations.push(format!(
+                        "the destination heard nothing for the link timeout: a stall ({})",
+                        self.describe()
+                    ));
                     self.cut_link(true);
                 }
             }
@@ -432,7 +458,8 @@ impl World<'_> {
     }
 
     /// The end's properties.
-    fn check_end(&self, vm: &Vm<FakeKernel>) -> Result<RunStats, String> {
+    fn check_end(&mut self, vm: &Vm<FakeKernel>) -> Result<RunStats, String> {
+        self.stats.discards = self.source.discards;
         if !vm.is_complete() {
             return Err("the destination ended with pages missing".into());
         }
@@ -481,7 +508,8 @@ mod tests {
             }
             return;
         }
-        let (mut steps, mut cuts, mut faults, mut removes) = (0u64, 0u64, 0u64, 0u64);
+        let (mut steps, mut cuts, mut faults, mut removes, mut silences) = (0u64, 0, 0, 0, 0);
+        let mut discards = 0u64;
         for seed in 0..RUNS {
             match run(seed) {
                 Ok(stats) => {
@@ -489,6 +517,8 @@ mod tests {
                     cuts += u64::from(stats.cuts);
                     faults += u64::from(stats.faults);
                     removes += u64::from(stats.removes);
+                    silences += u64::from(stats.silences);
+                    discards += u64::from(stats.discards);
                 }
                 Err(e) => panic!(
                     "seed {seed}: {e}\nreplay: SIM_SEED={seed} SIM_TRACE=1 cargo test -p faultd test_simulated"
@@ -496,12 +526,13 @@ mod tests {
             }
         }
         eprintln!(
-            "{RUNS} simulated migrations: {steps} steps, {cuts} cuts, {faults} faults, {removes} removals"
+            "{RUNS} simulated migrations: {steps} steps, {cuts} cuts, {faults} faults, {removes} removals, {discards} discards, {silences} silences"
         );
         // The scheduler reaches what the properties are about.
         assert!(cuts > RUNS / 4, "cuts happen: {cuts}");
         assert!(faults > RUNS, "faults happen: {faults}");
         assert!(removes > RUNS / 4, "removals happen: {removes}");
+        assert!(discards > RUNS / 4, "discards happen: {discards}");
     }
 
     #[test]

@@ -107,12 +107,21 @@ pub struct SimSource {
     pub last_outcome: Option<Outcome>,
     /// Precopy's strategy: stop-and-copy (else hybrid).
     stop_and_copy: bool,
+    /// `Discard` frames sent (all sessions).
+    pub discards: u32,
+    /// Welcome destinations with free pages first (pagesrv does when the VM gives hints):
+    /// the bulk connection opens with a `Sync`, and the destination asks for nothing before.
+    pub free_first: bool,
 }
 
 impl SimSource {
     /// A guest of [`PAGES`] pages with the given bytes; `rounds`: precopy rounds before the
     /// switch (None: the guest is paused from the start, pure postcopy).
-    pub fn new(memory: Vec<Vec<u8>>, rounds: Option<u32>, stop_and_copy: bool) -> Self {
+    pub fn new(
+        memory: Vec<Vec<u8>>,
+        rounds: Option<u32>,
+        (stop_and_copy, free_first): (bool, bool),
+    ) -> Self {
         SimSource {
             memory,
             engine: rounds.map(|rounds_left| Engine {
@@ -124,6 +133,8 @@ impl SimSource {
             violations: Vec::new(),
             last_outcome: None,
             stop_and_copy,
+            free_first,
+            discards: 0,
         }
     }
 
@@ -153,9 +164,6 @@ impl SimSource {
             }
             Some(_) => !resumed,
         };
-        if let Some(engine) = &self.engine {
-            engine.stale.session_begins();
-        }
         self.session = Some(SourceSession {
             generation,
             sent: PageMap::new(PAGES),
@@ -167,7 +175,9 @@ impl SimSource {
             to_urgent: VecDeque::new(),
             to_bulk: VecDeque::new(),
             tx: FrameEncoder::plain(),
-            steps: BulkPlan::new(false, false, precopy).steps().to_vec(),
+            steps: BulkPlan::new(self.free_first, false, precopy)
+                .steps()
+                .to_vec(),
             step: 0,
             bulk: Bulk::Ready,
             bulk_phase: SourceBulk::Open,
@@ -296,9 +306,15 @@ impl SimSource {
             return;
         };
         match (step, s.bulk) {
-            (BulkStep::AwaitMaps | BulkStep::FreePages | BulkStep::OfferHashes, _) => {
+            (BulkStep::AwaitMaps, _) => {
+                // As pagesrv's bulk thread begins (before any Sync of this session).
+                if let Some(engine) = &self.engine {
+                    engine.stale.session_begins();
+                }
                 s.step += 1;
             }
+            // The model's guest has no free pages; the destination holds no base image.
+            (BulkStep::FreePages | BulkStep::OfferHashes, _) => s.step += 1,
             (BulkStep::SyncFree | BulkStep::SyncSwitch, _) => {
                 s.encode_all(vec![(Message::Sync, Vec::new())], false);
                 s.bulk = Bulk::AwaitSynced;
@@ -368,10 +384,7 @@ impl SimSource {
             return;
         }
         match at.plan.next_step() {
-            PrecopyStep::Begin => {
-                engine.stale.session_begins();
-                s.discard(engine, Stale::Written);
-            }
+            PrecopyStep::Begin => self.discards += s.discard(engine, Stale::Written),
             // The model's guest writes are pending at once; it has no free-page hints.
             PrecopyStep::StartTracking
             | PrecopyStep::CollectDirty
@@ -384,7 +397,7 @@ impl SimSource {
                 engine.rounds_left = engine.rounds_left.saturating_sub(1);
                 at.plan.converged(engine.rounds_left == 0);
             }
-            PrecopyStep::DropWritten => s.discard(engine, Stale::Written),
+            PrecopyStep::DropWritten => self.discards += s.discard(engine, Stale::Written),
             PrecopyStep::CatchUp => {
                 s.encode_all(vec![(Message::Sync, Vec::new())], false);
                 at.doing = Doing::CatchingUp;
@@ -393,7 +406,7 @@ impl SimSource {
                 engine.switched = true;
                 engine.stale.decide_switch();
             }
-            PrecopyStep::DropStaleAtSwitch => s.discard(engine, Stale::AtSwitch),
+            PrecopyStep::DropStaleAtSwitch => self.discards += s.discard(engine, Stale::AtSwitch),
             PrecopyStep::Switchover => {
                 s.encode_all(vec![(Message::Switchover, Vec::new())], false);
             }
@@ -441,15 +454,19 @@ impl SourceSession {
         Ok(matches!(message, Message::Synced))
     }
 
-    /// Drops at the destination the pages it got that `which` names; they are sent again.
-    fn discard(&mut self, engine: &Engine, which: Stale) {
-        for frame in engine.stale.discards(which, &self.sent) {
+    /// Drops at the destination the pages it got that `which` names (they are sent again);
+    /// returns how many frames that took.
+    fn discard(&mut self, engine: &Engine, which: Stale) -> u32 {
+        let frames = engine.stale.discards(which, &self.sent);
+        let count = frames.len() as u32;
+        for frame in frames {
             let range = PageRange {
                 first: frame.first,
                 count: frame.count,
             };
             self.encode_all(vec![(Message::Discard(range), frame.bitmap)], false);
         }
+        count
     }
 }
 
