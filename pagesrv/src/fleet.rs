@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use common::wire::{ErrorCode, MAX_VM_NAME_BYTES, PROTOCOL_VERSION, SessionParams, VmName};
 use thiserror::Error;
 
-use crate::source::MemorySource;
+use crate::source::{MemorySource, PageSource};
 
 /// Most VM names listed in an error before "and N more".
 const NAMES_LISTED: usize = 8;

@@ -1,5 +1,6 @@
-//! The paused VM's memory file, mapped read-only, and how its pages are classified: holes in
-//! the file (known zero without reading), all-zero pages, and data.
+//! Where a session's pages come from ([`PageSource`]), and the one source today: the VM's
+//! memory file, mapped read-only, and how its pages are classified: holes in the file (known
+//! zero without reading), all-zero pages, and data.
 //!
 //! The file is bytes; its pages are whatever size the destination asks for
 //! ([`MemorySource::paged`]), as long as the file is a whole number of them. A Firecracker
@@ -299,6 +300,50 @@ impl MemorySource {
     }
 }
 
+/// Where a session's pages come from, in pages of the session's size: the memory file of a
+/// paused or running VM today ([`Paged`]); a stored snapshot next. A session reads pages
+/// through this and nothing else.
+pub trait PageSource: Send + Sync {
+    /// Page size in bytes.
+    fn page_size(&self) -> u64;
+
+    /// Pages of guest RAM.
+    fn total_pages(&self) -> u64;
+
+    /// The bytes of pages `first..first+count` (the caller keeps the range in bounds).
+    fn bytes(&self, first: u64, count: u64) -> &[u8];
+
+    /// Whether the guest holds `page` free: it is served as zero.
+    fn is_free(&self, page: u64) -> bool;
+
+    /// Splits `first..first+count` into zero and data pieces (free pages count as zero),
+    /// appending them to `out`.
+    fn classify(&self, first: u64, count: u64, out: &mut Vec<Piece>);
+
+    /// Whether every read so far found the source's pages (cheap: checked before sending
+    /// what was read).
+    fn pages_intact(&self) -> bool;
+
+    /// Checks that the source still holds every page.
+    ///
+    /// # Errors
+    /// It lost some (a memory file that shrank).
+    fn check_intact(&self) -> Result<(), SourceError>;
+
+    /// Precopy: the running guest wrote these 4 KiB pages (a dirty bitmap). A source that
+    /// never runs ignores it.
+    fn written(&self, _bitmap: &[u8]) {}
+
+    /// Precopy: the guest's free pages (a 4 KiB-page bitmap), served as zero from now on;
+    /// returns how many. A source that never runs ignores it.
+    fn hint_free(&self, _bitmap: &[u8]) -> u64 {
+        0
+    }
+
+    /// Precopy: the guest was paused. A source that never runs ignores it.
+    fn paused(&self) {}
+}
+
 /// The memory file in pages of one size (a session's view).
 #[derive(Debug, Clone, Copy)]
 pub struct Paged<'a> {
@@ -307,37 +352,32 @@ pub struct Paged<'a> {
     total_pages: u64,
 }
 
-impl<'a> Paged<'a> {
+impl PageSource for Paged<'_> {
     /// Page size in bytes.
-    pub fn page_size(&self) -> u64 {
+    fn page_size(&self) -> u64 {
         self.page_size
     }
 
     /// Pages in the file.
-    pub fn total_pages(&self) -> u64 {
+    fn total_pages(&self) -> u64 {
         self.total_pages
     }
 
-    /// The file.
-    pub fn file(&self) -> &'a MemorySource {
-        self.source
-    }
-
     /// The bytes of pages `first..first+count` (the caller keeps the range in bounds).
-    pub fn bytes(&self, first: u64, count: u64) -> &[u8] {
+    fn bytes(&self, first: u64, count: u64) -> &[u8] {
         let start = (first * self.page_size) as usize;
         &self.source.map.as_slice()[start..start + (count * self.page_size) as usize]
     }
 
     /// Whether the guest holds `page` free (every 4 KiB of it): it is served as zero.
-    pub fn is_free(&self, page: u64) -> bool {
+    fn is_free(&self, page: u64) -> bool {
         let per = self.page_size / HINT_PAGE_BYTES;
         self.source.free.all_free(page * per, per)
     }
 
     /// Splits `first..first+count` into zero and data pieces (free pages count as zero),
     /// appending them to `out`.
-    pub fn classify(&self, first: u64, count: u64, out: &mut Vec<Piece>) {
+    fn classify(&self, first: u64, count: u64, out: &mut Vec<Piece>) {
         let data_ranges = self
             .source
             .data_ranges
@@ -370,6 +410,26 @@ impl<'a> Paged<'a> {
             });
             page = next;
         }
+    }
+
+    fn pages_intact(&self) -> bool {
+        self.source.pages_intact()
+    }
+
+    fn check_intact(&self) -> Result<(), SourceError> {
+        self.source.check_intact()
+    }
+
+    fn written(&self, bitmap: &[u8]) {
+        self.source.written(bitmap);
+    }
+
+    fn hint_free(&self, bitmap: &[u8]) -> u64 {
+        self.source.hint_free(bitmap)
+    }
+
+    fn paused(&self) {
+        self.source.paused();
     }
 }
 

@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 use crate::precopy::Precopy;
 use crate::prepage::{Policy, Prepager};
 use crate::push_order::PushScheduler;
-use crate::source::Paged;
+use crate::source::PageSource;
 
 mod base;
 mod bulk_thread;
@@ -127,7 +127,8 @@ pub struct Switch {
 
 /// State shared by the session's threads.
 pub struct Session<'a> {
-    source: Paged<'a>,
+    /// Where the pages come from (a memory file today).
+    source: Box<dyn PageSource + 'a>,
     /// The VM served.
     pub vm: VmName,
     /// The session's id (kept across a takeover).
@@ -180,19 +181,20 @@ pub trait EventSink: Send + Sync {
 impl<'a> Session<'a> {
     /// A new session over `source`, VM `vm`'s memory, with session id `id`.
     pub fn new(
-        source: Paged<'a>,
+        source: impl PageSource + 'a,
         (vm, id): (VmName, u64),
         config: SessionConfig,
         switch: Switch,
         events: std::sync::Arc<dyn EventSink>,
     ) -> Self {
+        let (total_pages, page_size) = (source.total_pages(), source.page_size());
         Session {
-            source,
+            source: Box::new(source),
             vm,
             id,
-            sent: PageMap::new(source.total_pages()),
-            sent_zero: PageMap::new(source.total_pages()),
-            skipped: PageMap::new(source.total_pages()),
+            sent: PageMap::new(total_pages),
+            sent_zero: PageMap::new(total_pages),
+            skipped: PageMap::new(total_pages),
             sockets: Mutex::new(Vec::new()),
             digests_sent: AtomicBool::new(false),
             switch,
@@ -203,9 +205,9 @@ impl<'a> Session<'a> {
                     PREPAGE_MIN_PAGES,
                     config
                         .prepage_window_pages
-                        .min((PREPAGE_MAX_BYTES / source.page_size()).max(1)),
+                        .min((PREPAGE_MAX_BYTES / page_size).max(1)),
                 ),
-                prefetch_for(config.prefetch.as_ref(), source.page_size()),
+                prefetch_for(config.prefetch.as_ref(), page_size),
             )),
             stop: AtomicBool::new(false),
             push_ready: (Mutex::new(false), Condvar::new()),

@@ -77,7 +77,7 @@ impl Session<'_> {
                 }
             }
         }
-        if !self.source.file().pages_intact() {
+        if !self.source.pages_intact() {
             // A read went past the end of a shrunk file: the pieces may be wrong.
             return Err(std::io::Error::other(
                 "the memory file shrank while it was read",

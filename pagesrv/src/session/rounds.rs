@@ -198,12 +198,12 @@ impl Session<'_> {
         engine.pause().map_err(|e| {
             BulkError::SourceVmm(engine.fail(format!("the source VMM did not pause: {e:#}")))
         })?;
-        self.source.file().paused();
+        self.source.paused();
         let free = engine.free_pages().map_err(|e| {
             BulkError::SourceVmm(engine.fail(format!("the source VMM link failed: {e:#}")))
         })?;
         if let Some(mut free) = free {
-            let pages = self.source.file().hint_free(&free);
+            let pages = self.source.hint_free(&free);
             let zero = self.sent_zero.bitmap(0, self.source.total_pages());
             for (f, z) in free.iter_mut().zip(zero) {
                 *f &= !z;
@@ -227,7 +227,7 @@ impl Session<'_> {
         let written = engine.collect_dirty().map_err(|e| {
             BulkError::SourceVmm(engine.fail(format!("the source VMM link failed: {e:#}")))
         })?;
-        self.source.file().written(&written);
+        self.source.written(&written);
         Ok(())
     }
 
@@ -242,7 +242,7 @@ impl Session<'_> {
             BulkError::SourceVmm(engine.fail(format!("the source VMM link failed: {e:#}")))
         })?;
         if let Some(free) = free {
-            self.source.file().hint_free(&free);
+            self.source.hint_free(&free);
         }
         Ok(())
     }

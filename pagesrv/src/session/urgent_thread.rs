@@ -35,9 +35,7 @@ impl Session<'_> {
             if self.is_stopped() {
                 return Outcome::Aborted("replaced by a reconnect of the same session".into());
             }
-            if !self.source.file().pages_intact()
-                || last_source_check.elapsed() >= liveness.heartbeat
-            {
+            if !self.source.pages_intact() || last_source_check.elapsed() >= liveness.heartbeat {
                 if let Some(outcome) = self.broken_source(&mut conn) {
                     return outcome;
                 }
@@ -124,7 +122,7 @@ impl Session<'_> {
                     let _ordinary = common::sched::OrdinaryPriority::enter();
                     self.digests(conn, chunk_pages)?
                 };
-                if !self.source.file().pages_intact() {
+                if !self.source.pages_intact() {
                     return Err(std::io::Error::other(
                         "the memory file shrank while it was read",
                     ));
@@ -160,7 +158,7 @@ impl Session<'_> {
     /// `Failed` (and the destination told) if the memory file shrank: what was read from it
     /// cannot be trusted, and its missing pages cannot be served by anyone.
     fn broken_source(&self, conn: &mut TcpStream) -> Option<Outcome> {
-        let e = self.source.file().check_intact().err()?;
+        let e = self.source.check_intact().err()?;
         let text = error_chain(&e);
         self.urgent_error(conn, ErrorCode::Internal, &text);
         Some(Outcome::Failed(text))
