@@ -32,6 +32,7 @@ pub mod fault;
 pub mod kernel;
 pub mod latency;
 pub mod push;
+pub mod reconnect;
 pub mod session;
 pub mod vm;
 

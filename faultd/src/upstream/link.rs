@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 use super::bulk::{BulkContext, BulkEnd, BulkError, receive_pushed_pages};
 use super::connect::{self, Pins, Target, Upstream};
 use crate::core::kernel::Kernel;
+use crate::core::reconnect;
 use crate::core::session::{LinkState, encode_maps};
 use crate::core::vm::Vm;
 
@@ -346,14 +347,14 @@ impl<'scope, 'env, K: Kernel> Links<'scope, 'env, K> {
             config.fast_path.enter_bulk_thread();
             // The old link's bulk thread was told to stop; whatever it still applies (a
             // switch, a discard) must come before the maps the new link sends.
-            while bulk_threads.load(Ordering::Acquire) > 0 {
+            while !reconnect::may_open(bulk_threads.load(Ordering::Acquire)) {
                 if stop_rx.try_recv() != Err(mpsc::TryRecvError::Empty) {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
             // Once the guest was told to resume, the source must not run precopy with us again.
-            pins.resumed |= announced.load(Ordering::Acquire);
+            pins.resumed = reconnect::resumed(pins.resumed, announced.load(Ordering::Acquire));
             if let Some(result) =
                 connect_with_backoff(config, vm, &mut pins, first_contact, &stop_rx)
             {

@@ -15,6 +15,7 @@ use common::wire::{Decoder, Message, PageRange};
 use super::Rng;
 use crate::core::bulk_rx::{BulkAction, BulkRx};
 use crate::core::fake::{FakeKernel, PAGE, PAGES};
+use crate::core::reconnect;
 use crate::core::session::{AfterCut, DestSession, LinkState, Verdict, encode_maps};
 use crate::core::vm::{Origin, Placed, Vm, ZeroPages};
 
@@ -144,7 +145,8 @@ impl<'v> SimDest<'v> {
     /// connector waits for them) and the pump handled their events (they precede the
     /// connector's in the channel).
     pub fn may_connect(&self) -> bool {
-        self.want_link && self.bulk.iter().all(|b| b.ended) && self.events.is_empty()
+        let alive = self.bulk.iter().filter(|b| !b.ended).count();
+        self.want_link && reconnect::may_open(alive) && self.events.is_empty()
     }
 
     pub fn may_fault(&self) -> bool {
@@ -353,7 +355,7 @@ impl<'v> SimDest<'v> {
         (precopy, free_first): (bool, bool),
         now: std::time::Instant,
     ) -> Vec<u8> {
-        self.resumed |= self.announced;
+        self.resumed = reconnect::resumed(self.resumed, self.announced);
         self.generation = generation;
         self.want_link = false;
         // As the pump does: asked before the bulk threads start.
