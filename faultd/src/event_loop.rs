@@ -24,7 +24,7 @@ use anyhow::{Context, Result, anyhow};
 use common::control::ControlServer;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tracing::{debug, info};
 
 use crate::core::kernel::{Kernel, UffdKernel};
@@ -32,6 +32,7 @@ pub use crate::core::session::Verdict;
 use crate::core::session::{AfterCut, DestSession, FrameError, error_chain as chain};
 use crate::core::vm::Vm;
 use crate::stats::Stats;
+use crate::status::{LinkStatus, StatusBoard};
 use crate::upstream::link::{Link, LinkConfig, LinkEvent, Links};
 
 const UFFD: Token = Token(0);
@@ -74,11 +75,12 @@ pub fn run(
             session: DestSession::new(vm, options.verify, config.liveness, started),
             link: None,
             config,
-            publish_status: options.control.is_some() || options.publish_status,
-            failed: false,
+            status: StatusBoard::new(
+                options.status,
+                options.control.is_some() || options.publish_status,
+                started,
+            ),
             control: options.control,
-            status: options.status,
-            status_at: started,
             vmm: &vmm,
             vmm_watched: true,
         };
@@ -86,19 +88,13 @@ pub fn run(
             fl.session.core.record_working_set();
         }
         let result = fl.run(&mut poll);
-        fl.failed = result.is_err();
-        fl.publish_status_now();
+        let link = fl.link_status();
+        fl.status.publish(vm, &fl.session, link, result.is_err());
         if let Some(path) = &options.record_working_set {
             let pages = fl.session.core.working_set();
             crate::stats::save_working_set(vm, pages, fl.links.pins.image_id, path);
         }
-        if let Some(control) = &fl.control {
-            let event = match &result {
-                Ok(verdict) => json!({"event": "completed", "verdict": verdict.name()}),
-                Err(e) => json!({"event": "failed", "error": format!("{e:#}")}),
-            };
-            control.emit_sticky(&event);
-        }
+        crate::status::emit_end(&fl.control, &result);
         fl.links.stop_connector();
         if let Err(e) = &result {
             fl.tell_source_we_failed(e);
@@ -137,12 +133,8 @@ struct FaultLoop<'s, 'e> {
     link: Option<Link>,
     config: &'e LinkConfig,
     control: Option<Arc<ControlServer>>,
-    /// Keep `status` fresh (a control socket or the metrics endpoint reads it).
-    publish_status: bool,
-    /// The loop ended with an error.
-    failed: bool,
-    status: Arc<Mutex<Value>>,
-    status_at: Instant,
+    /// What `status` answers, kept fresh.
+    status: StatusBoard,
     vmm: &'e UnixStream,
     vmm_watched: bool,
 }
@@ -195,7 +187,8 @@ impl FaultLoop<'_, '_> {
             if let Some(fault) = self.session.on_tick(Instant::now()) {
                 self.cut(poll, &chain(&fault));
             }
-            self.refresh_status();
+            let link = self.link_status();
+            self.status.refresh(self.vm, &self.session, link);
         }
     }
 
@@ -212,25 +205,12 @@ impl FaultLoop<'_, '_> {
         })
     }
 
-    /// Refreshes what the control socket's `status` answers (every 100 ms at most).
-    fn refresh_status(&mut self) {
-        if self.status_at.elapsed() >= Duration::from_millis(100) {
-            self.publish_status_now();
-        }
-    }
-
-    /// Refreshes `status` now (also the last time, with the verdict).
-    fn publish_status_now(&mut self) {
-        if !self.publish_status {
-            return;
-        }
-        self.status_at = Instant::now();
-        let link = crate::status::LinkStatus {
+    /// What the status says of the link.
+    fn link_status(&self) -> LinkStatus {
+        LinkStatus {
             reconnects: self.links.cuts,
             up: self.link.is_some(),
-        };
-        let status = crate::status::status_json(self.vm, &self.session, link, self.failed);
-        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
+        }
     }
 
     /// Writes what the session's outbox holds without blocking; arms WRITABLE for the rest.

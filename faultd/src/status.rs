@@ -1,7 +1,8 @@
 //! What faultd tells the world while it runs: the status the control socket answers and the
 //! metrics endpoint reads, and the moment the guest may resume.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::control::ControlServer;
 use serde_json::{Value, json};
@@ -18,6 +19,72 @@ pub struct LinkStatus {
     pub reconnects: u64,
     /// Whether a link is up.
     pub up: bool,
+}
+
+/// How often the status is refreshed at most.
+const STATUS_EVERY: Duration = Duration::from_millis(100);
+
+/// Keeps what the control socket's `status` answers (and the metrics endpoint shows) fresh.
+pub struct StatusBoard {
+    status: Arc<Mutex<Value>>,
+    /// Whether anyone reads it (a control socket or the metrics endpoint).
+    enabled: bool,
+    at: Instant,
+}
+
+impl StatusBoard {
+    /// A board writing into `status` (when `enabled`).
+    pub fn new(status: Arc<Mutex<Value>>, enabled: bool, now: Instant) -> Self {
+        StatusBoard {
+            status,
+            enabled,
+            at: now,
+        }
+    }
+
+    /// Refreshes the status if it is older than [`STATUS_EVERY`].
+    pub fn refresh<K: Kernel>(
+        &mut self,
+        vm: &Vm<K>,
+        session: &DestSession<'_, K>,
+        link: LinkStatus,
+    ) {
+        if self.at.elapsed() >= STATUS_EVERY {
+            self.publish(vm, session, link, false);
+        }
+    }
+
+    /// Refreshes the status now (also the last time, `failed` if the loop ended with an
+    /// error).
+    pub fn publish<K: Kernel>(
+        &mut self,
+        vm: &Vm<K>,
+        session: &DestSession<'_, K>,
+        link: LinkStatus,
+        failed: bool,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        self.at = Instant::now();
+        let status = status_json(vm, session, link, failed);
+        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+}
+
+/// Tells the control socket's clients how the migration ended (a state: later clients get
+/// it too).
+pub fn emit_end<T>(control: &Option<Arc<ControlServer>>, result: &anyhow::Result<T>)
+where
+    T: std::borrow::Borrow<crate::core::session::Verdict>,
+{
+    if let Some(control) = control {
+        let event = match result {
+            Ok(verdict) => json!({"event": "completed", "verdict": verdict.borrow().name()}),
+            Err(e) => json!({"event": "failed", "error": format!("{e:#}")}),
+        };
+        control.emit_sticky(&event);
+    }
 }
 
 /// The status JSON (`{"status": {...}}`) of a session (`failed`: it ended with an error).
