@@ -10,7 +10,7 @@ use common::uffd::Uffd;
 use common::vmm_link::receive_handshake;
 use tracing::info;
 
-use crate::core::kernel::UffdKernel;
+use crate::core::kernel::{GuestFile, UffdKernel};
 
 /// How long a connected VMM may take to send its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,11 +66,10 @@ pub fn accept_vmm(
         );
     }
     let memfd = match (placement, handshake.memfd) {
-        (PlaceMode::Memfd, Some(_)) if layout.page_size() > 4096 => {
-            info!("hugetlbfs memory cannot be written with pwrite: placing pages with UFFDIO_COPY");
-            None
-        }
-        (PlaceMode::Memfd, Some(fd)) => Some(std::fs::File::from(fd)),
+        (PlaceMode::Memfd, Some(fd)) => Some(
+            GuestFile::new(fd.into(), layout.total_bytes(), layout.page_size())
+                .context("memfd placement")?,
+        ),
         (PlaceMode::Memfd, None) => {
             info!("the VMM passed no memfd: placing pages with UFFDIO_COPY");
             None

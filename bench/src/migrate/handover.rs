@@ -33,9 +33,32 @@ pub(super) fn hand_over_precopy(
     paths: &Paths,
     source: &mut Vmm,
     dest_cmd: &mut Command,
-    strategy: &str,
+    (strategy, mem): (&str, &Path),
     faultd_args: &[String],
+    base: Option<(&Path, u8)>,
 ) -> Result<Handover> {
+    // The destination is prepared before the migration starts, as for QEMU's `-incoming`
+    // with `-mem-prealloc`: its RAM is allocated while the guest runs on the source.
+    let dest = Vmm::spawn(
+        dest_cmd
+            .arg("--wait-switch")
+            .arg(&paths.faultd_ctl)
+            .arg("--prealloc"),
+    );
+    let mut dest = dest?;
+    let allocated = dest.next(STEP_LIMIT)?;
+    ensure!(
+        event_is(&allocated, "allocated"),
+        "the destination VMM did not allocate its RAM: {allocated}"
+    );
+    progress(&format!(
+        "destination RAM allocated in {:.0} ms\n",
+        allocated["ms"].as_f64().unwrap_or(0.0)
+    ));
+    if let Some((path, pct)) = base {
+        // An older copy of the running guest, as it is when the migration starts.
+        write_base_image(mem, path, pct)?;
+    }
     let mut cmd = Command::new(sibling("pagesrv")?);
     cmd.arg("--vmm-uds")
         .arg(&paths.pagesrv_vmm_uds)
@@ -64,7 +87,6 @@ pub(super) fn hand_over_precopy(
     let mut args: Vec<&str> = faultd_args.iter().map(String::as_str).collect();
     args.extend(["--control", faultd_ctl]);
     let faultd = start_faultd(&addr, &paths.faultd_uds, &paths.faultd_stats, &args, None)?;
-    let dest = Vmm::spawn(dest_cmd.arg("--wait-switch").arg(&paths.faultd_ctl))?;
     let mut start = None;
     let paused = loop {
         let e = source.next(STEP_LIMIT)?;

@@ -246,17 +246,14 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
         faultd_args.push(path.to_str().context("path")?.to_owned());
     }
     let mut h = if precopy_first {
-        if let Some((path, pct)) = &base {
-            // An older copy of the running guest.
-            write_base_image(mem, path, *pct)?;
-        }
         hand_over_precopy(
             args,
             &paths,
             &mut source,
             &mut dest_cmd,
-            &strategy,
+            (&strategy, mem),
             &faultd_args,
+            base.as_ref().map(|(path, pct)| (path.as_path(), *pct)),
         )?
     } else {
         let handover = Postcopy {

@@ -1,7 +1,7 @@
-//! Surviving a file that shrinks under a read-only mapping of it. Reading a mapped page past
-//! the file's new end raises SIGBUS, which would kill the whole daemon (every session, every
+//! Surviving a file that shrinks under a mapping of it. Touching a mapped page past the
+//! file's new end raises SIGBUS, which would kill the whole daemon (every session, every
 //! VM). For the ranges registered here, a SIGBUS handler instead maps an anonymous zero page
-//! over the faulting page (so the read completes) and counts the event *for that range*; the
+//! over the faulting page (so the read, or write, completes) and counts the event *for that range*; the
 //! owner checks [`Guard::hits`] before it trusts what it read, and fails its session
 //! instead. One VM's shrinking file therefore fails that VM's sessions only. A SIGBUS at any
 //! other address keeps its default action.
@@ -84,7 +84,7 @@ impl Drop for Guard {
     }
 }
 
-/// Guards the read-only mapping `start..start+len`, whose pages are `page` bytes.
+/// Guards the mapping `start..start+len`, whose pages are `page` bytes.
 ///
 /// # Errors
 /// The handler could not be installed, or too many ranges are guarded.
@@ -175,15 +175,16 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             continue;
         }
         let at = start + (addr - start) / page * page;
-        // SAFETY: replaces one page of a read-only mapping this process owns (registered by
-        // its owner, who keeps it mapped while guarded) with anonymous zeros. `mmap` is not
+        // SAFETY: replaces one page of a mapping this process owns (registered by its owner,
+        // who keeps it mapped while guarded) with anonymous zeros (writable, so a faulting
+        // write completes too, into memory nobody reads). `mmap` is not
         // on POSIX's list of async-signal-safe functions, but on Linux glibc's wrapper is the
         // bare system call, which touches no lock or heap; it may set errno, restored below.
         let mapped = unsafe {
             libc::mmap(
                 at as *mut libc::c_void,
                 page,
-                libc::PROT_READ,
+                libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
                 -1,
                 0,

@@ -198,16 +198,20 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
     }
 
     /// A thread touched a missing page: zero-fill a page that reads as zero, wake a present
-    /// one, or request it (once, however many threads wait on it).
+    /// one (map it, for a MINOR fault), or request it (once, however many threads wait on
+    /// it).
     fn handle_page_fault(
         &mut self,
         page: u64,
         minor: bool,
         read_at: Instant,
     ) -> Result<(), FaultError> {
-        if minor {
+        if minor && self.vm.done.is_set(page) {
             return self.map_fault_cached(page, read_at);
         }
+        // A MINOR fault on a page not placed yet: the file holds bytes faultd did not put
+        // there (allocated ahead, a copy under way): as missing as a hole.
+
         if self.vm.zero.is_set(page) {
             return self.place_zero_for_fault(page, read_at);
         }

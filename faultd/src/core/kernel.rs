@@ -4,11 +4,14 @@
 //! tests of the core use a fake that injects EAGAIN, EEXIST and REMOVE events.
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::layout::{HostAddr, Layout};
+use common::mmap::{FileWindow, MapError, OutOfWindow};
+use common::sigbus::{self, Guard, GuardError};
 use common::uffd::{Event, Placement, Uffd, UffdError};
 
 /// A uffd event in page terms.
@@ -127,13 +130,150 @@ pub trait Kernel: Sync {
     fn unregister_all(&self) -> Result<(), UffdError>;
 }
 
+/// The VMM's guest RAM file (memfd placement), shmem or hugetlbfs: pages are copied into it
+/// through a shared window of faultd's own (hugetlbfs has no `pwrite`), then mapped into the
+/// VMM with UFFDIO_CONTINUE.
+pub struct GuestFile {
+    file: File,
+    /// Dropped before the window (fields drop in order).
+    guard: Guard,
+    window: FileWindow,
+}
+
+/// Why the VMM's guest RAM file cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestFileError {
+    /// Shorter than the guest's RAM.
+    #[error("the VMM's guest RAM file is {size} bytes, less than the {len} bytes of its regions")]
+    TooShort {
+        /// Its size.
+        size: u64,
+        /// The RAM its layout declares.
+        len: u64,
+    },
+    /// Its size cannot be read.
+    #[error("cannot examine the VMM's guest RAM file")]
+    Stat(#[source] std::io::Error),
+    /// It cannot be mapped.
+    #[error("cannot map the VMM's guest RAM file")]
+    Map(#[from] MapError),
+    /// The window cannot be guarded against the file shrinking.
+    #[error("cannot guard the window on the VMM's guest RAM file")]
+    Guard(#[from] GuardError),
+}
+
+impl GuestFile {
+    /// Maps the first `len` bytes of the VMM's guest RAM file (the guest's pages, page `p` at
+    /// byte `p * page_size`), guarded: if the VMM shrinks the file, a write past its end
+    /// fails the placement instead of killing faultd.
+    ///
+    /// # Errors
+    /// The file is shorter than `len`, or cannot be mapped shared.
+    pub fn new(file: File, len: u64, page_size: u64) -> Result<Self, GuestFileError> {
+        let size = file.metadata().map_err(GuestFileError::Stat)?.len();
+        if size < len {
+            return Err(GuestFileError::TooShort { size, len });
+        }
+        let window = FileWindow::new(file.as_fd(), len as usize)?;
+        let guard = sigbus::guard(window.addr() as usize, len as usize, page_size as usize)?;
+        Ok(GuestFile {
+            file,
+            guard,
+            window,
+        })
+    }
+
+    /// Fails if a write since the start fell past the file's end (the VMM shrank it).
+    fn check_intact(&self, page: u64, len: u64) -> Result<(), UffdError> {
+        if self.guard.hits() == 0 {
+            return Ok(());
+        }
+        Err(UffdError::Place {
+            op: "write to the guest memfd",
+            addr: page,
+            len,
+            source: std::io::Error::other("the VMM shrank its guest RAM file"),
+        })
+    }
+
+    /// Whether pages are huge (hugetlbfs): written through the window, as hugetlbfs has no
+    /// `pwrite`; small pages go by `pwrite`, which maps nothing into faultd (a page-table
+    /// entry per 4 KiB page costs more than the copy on a host with shadow paging).
+    fn through_window(page_size: u64) -> bool {
+        page_size > 4096
+    }
+
+    /// Writes `src` at byte `offset`.
+    fn write(&self, offset: u64, src: &[u8], page_size: u64) -> Result<(), UffdError> {
+        if Self::through_window(page_size) {
+            return self
+                .window
+                .write(offset, src)
+                .map_err(|e| window_error("write to the guest memfd", e));
+        }
+        self.file
+            .write_all_at(src, offset)
+            .map_err(|source| UffdError::Place {
+                op: "pwrite to the guest memfd",
+                addr: offset,
+                len: src.len() as u64,
+                source,
+            })
+    }
+
+    /// Writes `len` zero bytes at byte `offset`.
+    fn zero(&self, offset: u64, len: u64, page_size: u64) -> Result<(), UffdError> {
+        if Self::through_window(page_size) {
+            return self
+                .window
+                .zero(offset, len)
+                .map_err(|e| window_error("zero the guest memfd", e));
+        }
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(ZEROS.len() as u64);
+            self.write(offset + at, &ZEROS[..n as usize], page_size)?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Reads the bytes at `offset` into `buf`.
+    fn read(&self, offset: u64, buf: &mut [u8], page_size: u64) -> Result<(), UffdError> {
+        if Self::through_window(page_size) {
+            return self
+                .window
+                .read(offset, buf)
+                .map_err(|e| window_error("read back a page of the guest memfd", e));
+        }
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| UffdError::Place {
+                op: "read back a page of the guest memfd",
+                addr: offset,
+                len: buf.len() as u64,
+                source,
+            })
+    }
+}
+
+fn window_error(op: &'static str, e: OutOfWindow) -> UffdError {
+    UffdError::Place {
+        op,
+        addr: e.offset,
+        len: e.len,
+        source: std::io::Error::other(e),
+    }
+}
+
 /// The real kernel: the VMM's userfaultfd and regions.
 pub struct UffdKernel {
     layout: Layout,
     uffd: Uffd,
     /// With memfd placement: the VMM's guest RAM file. Pages are written into it and mapped
     /// with UFFDIO_CONTINUE (or woken, where the VMM registered MISSING only).
-    memfd: Option<File>,
+    memfd: Option<GuestFile>,
     /// Set when UFFDIO_CONTINUE is refused (RAM not registered in MINOR mode).
     continue_refused: AtomicBool,
     /// Zero bytes to copy from where UFFDIO_ZEROPAGE does not exist (hugetlbfs).
@@ -145,7 +285,7 @@ pub struct UffdKernel {
 impl UffdKernel {
     /// The kernel side of a VM: pages are placed by UFFDIO_COPY, or, with `memfd`, written
     /// into the memory file and mapped in place.
-    pub fn new(layout: Layout, uffd: Uffd, memfd: Option<File>) -> Self {
+    pub fn new(layout: Layout, uffd: Uffd, memfd: Option<GuestFile>) -> Self {
         let zero_source = if layout.page_size() > 4096 {
             vec![0; layout.page_size() as usize]
         } else {
@@ -206,25 +346,21 @@ impl UffdKernel {
     }
 
     /// Memfd placement: writes the pages into the guest RAM file (the page cache the VMM
-    /// maps), then maps them into the VMM with UFFDIO_CONTINUE (MINOR registration), or just
-    /// wakes the waiters where RAM is registered MISSING only (the next touch finds the page
-    /// in the page cache). The bytes land by the write, so no page counts as existing.
+    /// maps) with `write` (a copy through the window, or zeros), then maps them into the VMM
+    /// with UFFDIO_CONTINUE (MINOR registration), or just wakes the waiters where RAM is
+    /// registered MISSING only (the next touch finds the page in the page cache). The bytes
+    /// land by the write, so no page counts as existing.
     fn write_and_map(
         &self,
-        file: &File,
+        file: &GuestFile,
         addr: HostAddr,
         page: u64,
-        src: &[u8],
+        len: u64,
+        write: impl FnOnce(&GuestFile, u64) -> Result<(), UffdError>,
     ) -> Result<Placement, UffdError> {
         let page_size = self.page_size();
-        let len = src.len() as u64;
-        file.write_all_at(src, page * page_size)
-            .map_err(|source| UffdError::Place {
-                op: "pwrite to the guest memfd",
-                addr: addr.0,
-                len,
-                source,
-            })?;
+        write(file, page * page_size)?;
+        file.check_intact(page * page_size, len)?;
         if !self.continue_refused.load(Ordering::Relaxed) {
             match self.uffd.continue_range(addr.0, len, page_size) {
                 Err(UffdError::Place { source, .. })
@@ -317,7 +453,9 @@ impl Kernel for UffdKernel {
             let at = ((page - first) * page_size) as usize;
             let src = &data[at..at + (n * page_size) as usize];
             match &self.memfd {
-                Some(file) => self.write_and_map(file, addr, page, src),
+                Some(file) => self.write_and_map(file, addr, page, src.len() as u64, |f, at| {
+                    f.write(at, src, page_size)
+                }),
                 None => self.uffd.copy(addr.0, src, page_size),
             }
         })
@@ -325,8 +463,13 @@ impl Kernel for UffdKernel {
 
     fn install_zero(&self, first: u64, count: u64) -> Result<Installed, UffdError> {
         let page_size = self.page_size();
-        self.per_piece(first, count, |addr, _, n| {
-            if self.is_hugetlb() {
+        self.per_piece(first, count, |addr, page, n| {
+            if let Some(file) = &self.memfd {
+                // Zeros written, not UFFDIO_ZEROPAGE: the file may hold this page already
+                // (allocated ahead, or a base image's bytes), and hugetlbfs has no ZEROPAGE.
+                let len = n * page_size;
+                self.write_and_map(file, addr, page, len, |f, at| f.zero(at, len, page_size))
+            } else if self.is_hugetlb() {
                 self.copy_zero_pages(addr, n)
             } else {
                 self.uffd.zeropage(addr.0, n * page_size, page_size)
@@ -356,19 +499,13 @@ impl Kernel for UffdKernel {
     fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), UffdError> {
         let page_size = self.page_size();
         let file = self.memfd_for("read back a page", page, 1)?;
-        file.read_exact_at(buf, page * page_size)
-            .map_err(|source| UffdError::Place {
-                op: "read back a page of the guest memfd",
-                addr: page * page_size,
-                len: page_size,
-                source,
-            })
+        file.read(page * page_size, buf, page_size)
     }
 
     fn drop_pages(&self, first: u64, count: u64) -> Result<(), UffdError> {
         use std::os::fd::AsRawFd;
         let page_size = self.page_size();
-        let file = self.memfd_for("drop pages", first, count)?;
+        let file = &self.memfd_for("drop pages", first, count)?.file;
         // Punching the hole unmaps the pages from the VMM too: its next touch is a MISSING
         // fault (memory registered with the uffd), never stale bytes.
         nix::fcntl::fallocate(
@@ -403,7 +540,12 @@ impl Kernel for UffdKernel {
 
 impl UffdKernel {
     /// The memfd, or an error naming `what` needed it.
-    fn memfd_for(&self, what: &'static str, first: u64, count: u64) -> Result<&File, UffdError> {
+    fn memfd_for(
+        &self,
+        what: &'static str,
+        first: u64,
+        count: u64,
+    ) -> Result<&GuestFile, UffdError> {
         self.memfd.as_ref().ok_or_else(|| UffdError::Place {
             op: what,
             addr: first * self.page_size(),

@@ -87,15 +87,53 @@ pub(crate) fn watch_faultd(
     });
 }
 
+/// Connects to faultd's socket; a destination prepared ahead (`waits`) waits for it to
+/// appear (faultd starts once the migration does).
+fn connect_faultd(uds: &std::path::Path, waits: bool) -> Result<UnixStream> {
+    let limit = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        match UnixStream::connect(uds) {
+            Ok(sock) => return Ok(sock),
+            Err(e)
+                if waits
+                    && std::time::Instant::now() < limit
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot reach faultd at {}", uds.display()));
+            }
+        }
+    }
+}
+
 pub(crate) fn run_dest(
     uds: PathBuf,
     (size_mib, page_size): (u64, PageSize),
     (state_file, vcpus): (PathBuf, u64),
     mode: Mode,
-    wait_switch: Option<PathBuf>,
+    (wait_switch, prealloc): (Option<PathBuf>, bool),
 ) -> Result<()> {
     let size_bytes = size_mib << 20;
     let memfd = create_memfd(size_bytes, page_size)?;
+    if prealloc {
+        let began = std::time::Instant::now();
+        nix::fcntl::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&memfd),
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            i64::try_from(size_bytes)?,
+        )
+        .context("cannot allocate guest RAM (--prealloc)")?;
+        emit(serde_json::json!({
+            "event": "allocated",
+            "ms": began.elapsed().as_secs_f64() * 1000.0,
+        }));
+    }
     let memfd_for_faultd = memfd.try_clone()?;
     let mut vm = KvmVm::create(memfd, size_bytes, vcpus)?;
     let base = vm.host_base();
@@ -112,8 +150,7 @@ pub(crate) fn run_dest(
     };
     let uffd = Uffd::create(features).context("cannot create the userfaultfd")?;
     uffd.register(base, size_bytes, reg_mode)?;
-    let sock = UnixStream::connect(&uds)
-        .with_context(|| format!("cannot reach faultd at {}", uds.display()))?;
+    let sock = connect_faultd(&uds, prealloc)?;
     let page = page_size.bytes();
     let layout = format!(
         r#"[{{"base_host_virt_addr":{base},"size":{size_bytes},"offset":0,"page_size":{page},"page_size_kib":{page}}}]"#

@@ -77,6 +77,11 @@ enum Role {
         /// faultd's control socket: resume only once it says `switched` (precopy first).
         #[arg(long, value_name = "PATH")]
         wait_switch: Option<PathBuf>,
+        /// Allocate all of guest RAM before handing it to faultd (as QEMU's `-mem-prealloc`
+        /// for an incoming migration), emit `allocated`, then wait for faultd's socket: a
+        /// destination prepared before the migration starts.
+        #[arg(long)]
+        prealloc: bool,
     },
 }
 
@@ -163,12 +168,13 @@ fn main() -> ExitCode {
             page_size,
             mode,
             wait_switch,
+            prealloc,
         } => run_dest(
             uds,
             (size_mib, page_size),
             (state_file, vcpus),
             mode,
-            wait_switch,
+            (wait_switch, prealloc),
         ),
     };
     match result {
