@@ -17,11 +17,11 @@
 //! in the next bitmap. What is stale (`common::source_core::stale`) outlives sessions: after a cut, pages the
 //! destination holds but the source wrote since are dropped first.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use common::source_core::stale::StaleMaps;
+use common::source_core::stale::{StaleMaps, fold_bitmap};
 use common::source_link::{Outcome, SourceLinkError, SourceVmm};
 use serde::Serialize;
 
@@ -164,18 +164,30 @@ pub struct Precopy {
     pub strategy: Strategy,
     /// The downtime budget.
     pub max_downtime: Duration,
-    /// The VMM's page size (what its dirty bitmaps count).
-    pub page_size: u64,
+    /// The VMM's page size (what its dirty and free bitmaps count).
+    pub vmm_page_size: u64,
+    /// The guest's RAM in bytes.
+    ram_bytes: u64,
     vmm: Mutex<SourceVmm>,
-    /// What the destination may hold at an older version: pages written since sent,
-    /// discards a cut link may have lost, what was stale at the switch (outlives sessions).
-    pub stale: StaleMaps,
+    /// The pages destinations hold and which of them are stale.
+    tracked: RwLock<Tracked>,
     /// Set by `start-postcopy`.
     pub forced: AtomicBool,
     /// Rounds and outcome.
     pub state: Mutex<PrecopyState>,
     /// Set when the source VMM link failed.
     failure: Mutex<Option<String>>,
+}
+
+/// What the destinations hold is tracked in their pages (the first destination's size: the
+/// VMM's, or 2 MiB for a destination on huge pages, which takes a huge page written when any
+/// 4 KiB of it was).
+#[derive(Debug)]
+struct Tracked {
+    page_size: u64,
+    /// What the destination may hold at an older version: pages written since sent,
+    /// discards a cut link may have lost, what was stale at the switch (outlives sessions).
+    stale: Arc<StaleMaps>,
 }
 
 impl std::fmt::Debug for Precopy {
@@ -190,12 +202,17 @@ impl Precopy {
     /// An engine over a connected source VMM.
     pub fn new(vmm: SourceVmm, strategy: Strategy, max_downtime: Duration) -> Self {
         let pages = vmm.hello.pages();
+        let page_size = vmm.hello.page_size;
         Precopy {
             strategy,
             max_downtime,
-            page_size: vmm.hello.page_size,
+            vmm_page_size: page_size,
+            ram_bytes: pages * page_size,
             vmm: Mutex::new(vmm),
-            stale: StaleMaps::new(pages),
+            tracked: RwLock::new(Tracked {
+                page_size,
+                stale: Arc::new(StaleMaps::new(pages)),
+            }),
             forced: AtomicBool::new(false),
             state: Mutex::new(PrecopyState {
                 rounds: Vec::new(),
@@ -208,6 +225,69 @@ impl Precopy {
         }
     }
 
+    /// The stale-page maps, in pages of [`Precopy::page_size`].
+    pub fn stale(&self) -> Arc<StaleMaps> {
+        Arc::clone(&self.tracked.read().unwrap_or_else(|p| p.into_inner()).stale)
+    }
+
+    /// The size of the pages tracked (the destinations').
+    pub fn page_size(&self) -> u64 {
+        self.tracked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .page_size
+    }
+
+    /// Tracks what destinations hold in pages of `page_size` (a destination's): the VMM's
+    /// size, or a multiple of it while nothing was sent or tracked yet (the first
+    /// destination decides).
+    ///
+    /// # Errors
+    /// Another size was decided already, or `page_size` is not a multiple of the VMM's.
+    pub fn track_in(&self, page_size: u64) -> Result<(), String> {
+        let mut tracked = self.tracked.write().unwrap_or_else(|p| p.into_inner());
+        if tracked.page_size == page_size {
+            return Ok(());
+        }
+        let state = self.snapshot();
+        let started = state.tracking || !state.rounds.is_empty();
+        if started {
+            return Err(format!(
+                "precopy tracks {}-byte pages already; a destination in {page_size}-byte pages cannot follow its discards",
+                tracked.page_size
+            ));
+        }
+        if page_size < self.vmm_page_size
+            || !page_size.is_multiple_of(self.vmm_page_size)
+            || !self.ram_bytes.is_multiple_of(page_size)
+        {
+            return Err(format!(
+                "precopy tracks the source VMM's {}-byte pages; {page_size}-byte pages are not made of them",
+                self.vmm_page_size
+            ));
+        }
+        *tracked = Tracked {
+            page_size,
+            stale: Arc::new(StaleMaps::new(self.ram_bytes / page_size)),
+        };
+        Ok(())
+    }
+
+    /// A bitmap from the VMM (its pages) in tracked pages: set where `any` of a tracked
+    /// page's VMM pages is (written), or else where all are (free).
+    pub fn fold(&self, bitmap: &[u8], any: bool) -> Vec<u8> {
+        let page_size = self.page_size();
+        if page_size == self.vmm_page_size {
+            return bitmap.to_vec();
+        }
+        fold_bitmap(
+            bitmap,
+            page_size / self.vmm_page_size,
+            self.ram_bytes / page_size,
+            any,
+        )
+    }
+
     /// A snapshot of where precopy stands.
     pub fn snapshot(&self) -> PrecopyState {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -217,7 +297,7 @@ impl Precopy {
     /// `query-migrate`).
     pub fn status(&self) -> PrecopyStatus {
         let state = self.snapshot();
-        let total_pages = self.stale.pending().total_pages();
+        let total_pages = self.stale().pending().total_pages();
         let last = state.rounds.last();
         PrecopyStatus {
             strategy: self.strategy,
@@ -231,7 +311,7 @@ impl Precopy {
             transferred_pages: state.rounds.iter().map(|r| r.pages_sent).sum(),
             remaining_pages: last.map_or(total_pages, |r| r.dirty_pages),
             dirty_pages_rate: last.map_or(0.0, |r| r.dirty_pages as f64 / r.seconds.max(1e-6)),
-            expected_downtime_ms: last.map(|r| r.expected_downtime_ms(self.page_size)),
+            expected_downtime_ms: last.map(|r| r.expected_downtime_ms(self.page_size())),
             max_downtime_ms: self.max_downtime.as_millis() as u64,
             converged_by: state.converged_by,
             last_round: last.copied(),
@@ -257,7 +337,7 @@ impl Precopy {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .tracking = true;
-        self.stale.written(&bitmap);
+        self.stale().written(&self.fold(&bitmap, true));
         Ok(bitmap)
     }
 
@@ -267,7 +347,7 @@ impl Precopy {
     /// The VMM link failed.
     pub fn pause(&self) -> Result<u64, SourceLinkError> {
         let bitmap = self.vmm.lock().unwrap_or_else(|p| p.into_inner()).pause()?;
-        Ok(self.stale.written(&bitmap))
+        Ok(self.stale().written(&self.fold(&bitmap, true)))
     }
 
     /// Pauses the source guest without precopy (`--strategy postcopy` with `--vmm-uds`).
@@ -277,7 +357,7 @@ impl Precopy {
     pub fn pause_now(&self) -> Result<(), SourceLinkError> {
         self.pause()?;
         // Nothing was sent before the pause: nothing can be stale at a destination.
-        self.stale.nothing_sent_yet();
+        self.stale().nothing_sent_yet();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.switched = true;
         Ok(())
@@ -288,7 +368,7 @@ impl Precopy {
     /// rounds.
     pub fn decide_switch(&self, by: ConvergedBy) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.stale.decide_switch();
+        self.stale().decide_switch();
         state.switched = true;
         state.converged_by = Some(by);
     }

@@ -82,7 +82,8 @@ pub struct MigrateArgs {
     pub size_mib: u64,
     /// The destination's guest RAM: `4k` (a shmem memfd) or `2m` (a hugetlbfs memfd; the
     /// huge pages are reserved for the run and given back, also when interrupted; needs
-    /// root and `--strategy postcopy`: precopy tracks 4 KiB pages).
+    /// root). Precopy tracks the source's 4 KiB writes and resends a huge page when any of
+    /// it was written; a huge page is free when all of it is.
     #[arg(long, value_enum, default_value = "4k")]
     pub page_size: PageSize,
     /// Bulk connections between the pair (`faultd --streams`).
@@ -133,10 +134,6 @@ pub fn run(args: &MigrateArgs) -> Result<()> {
     );
     bench::guest::check_vcpus(args.vcpus, args.free_pct.map_or(0, u64::from))?;
     let _huge_pages = if args.page_size == PageSize::Huge {
-        ensure!(
-            args.strategy == Strategy::Postcopy && args.free_pct.is_none(),
-            "--page-size 2m needs --strategy postcopy and no --free-pct (precopy and free-page hints track the guest in 4 KiB pages)"
-        );
         crate::link::clean_up_on_interrupt()?;
         let pages = args.size_mib / 2 + 8;
         let reserved = crate::hugetlb::Reserved::pages(pages)?;

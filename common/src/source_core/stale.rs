@@ -144,6 +144,31 @@ impl StaleMaps {
     }
 }
 
+/// A bitmap of small pages (`per` to a large page) as a bitmap of `large_pages` large
+/// pages: a large page is set when `any` (a write to any of its small pages dirties it) or
+/// else when every one of its small pages is set (a huge page is free when all of it is).
+/// Small pages past the end of `small` count as clear.
+pub fn fold_bitmap(small: &[u8], per: u64, large_pages: u64, any: bool) -> Vec<u8> {
+    let bit = |i: u64| {
+        small
+            .get((i / 8) as usize)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0)
+    };
+    let mut large = vec![0u8; large_pages.div_ceil(8) as usize];
+    for page in 0..large_pages {
+        let mut small_pages = (page * per..(page + 1) * per).map(bit);
+        let set = if any {
+            small_pages.any(|b| b)
+        } else {
+            small_pages.all(|b| b)
+        };
+        if set {
+            large[(page / 8) as usize] |= 1 << (page % 8);
+        }
+    }
+    large
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,5 +232,20 @@ mod tests {
             sent.set_range(0, 16);
             assert_eq!(dropped(&maps.discards(Stale::AtSwitch, &sent)), vec![7, 8]);
         }
+    }
+
+    #[test]
+    fn test_folding_marks_a_huge_page_written_by_any_and_free_by_all_of_its_pages() {
+        // 4 small pages to a large one; 3 large pages (12 small).
+        // Small pages 0, 4..8 and 8 are set.
+        let small = [0b1111_0001u8, 0b0000_0001];
+        assert_eq!(fold_bitmap(&small, 4, 3, true), vec![0b111]);
+        assert_eq!(fold_bitmap(&small, 4, 3, false), vec![0b010]);
+        assert_eq!(fold_bitmap(&small, 1, 9, true), vec![0b1111_0001, 1]);
+        assert_eq!(
+            fold_bitmap(&[], 512, 2, true),
+            vec![0],
+            "a short bitmap is clear"
+        );
     }
 }

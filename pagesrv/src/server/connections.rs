@@ -161,11 +161,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 let text = format!("the migration failed at the source: {why}");
                 return Err((ErrorCode::Internal, text));
             }
-            Some(engine) if u64::from(hello.page_size) != engine.page_size => {
-                let text = format!(
-                    "precopy tracks the source VMM's {}-byte pages; a destination in {}-byte pages cannot follow its discards",
-                    engine.page_size, hello.page_size
-                );
+            Some(engine) if let Err(text) = engine.track_in(u64::from(hello.page_size)) => {
                 return Err((ErrorCode::LayoutMismatch, text));
             }
             Some(engine) if !engine.switched() && resumed => {

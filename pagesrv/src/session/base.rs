@@ -90,7 +90,7 @@ impl Session<'_> {
                 let n = (first + count - at).min(run_pages);
                 if let Some(engine) = engine {
                     // Cleared before the pages are read: a racing write is in the next bitmap.
-                    engine.stale.sending(at, n);
+                    engine.stale().sending(at, n);
                 }
                 pieces.clear();
                 self.source.classify(at, n, &mut pieces);
@@ -185,7 +185,7 @@ impl Session<'_> {
                 Message::DoneMap(range) => on_map(range, rx.payload(payload)),
                 Message::Synced => {
                     if let Some(engine) = &self.switch.engine {
-                        engine.stale.confirmed();
+                        engine.stale().confirmed();
                     }
                     return conn
                         .set_read_timeout(None)

@@ -155,7 +155,7 @@ impl Session<'_> {
         if let Some(engine) = &self.switch.engine {
             // A new session: discards a cut link may have lost are pending again, before any
             // `Sync` of this session (free pages, hashes) confirms anything.
-            engine.stale.session_begins();
+            engine.stale().session_begins();
         }
         for &step in
             BulkPlan::new(self.switch.free_first, self.switch.base, self.switch.first).steps()

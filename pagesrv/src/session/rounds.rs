@@ -138,7 +138,7 @@ impl Session<'_> {
     ) -> Result<Option<ConvergedBy>, BulkError> {
         let page_size = self.source.page_size();
         let mut round = round.ok_or(BulkError::OutOfOrder("a round checked but not sent"))?;
-        round.dirty_pages = count_both(engine.stale.pending(), &self.sent);
+        round.dirty_pages = count_both(engine.stale().pending(), &self.sent);
         let rounds = {
             let mut state = engine.state.lock().unwrap_or_else(|p| p.into_inner());
             state.rounds.push(round);
@@ -175,7 +175,7 @@ impl Session<'_> {
         self.events
             .emit_sticky(json!({"event": "converged", "by": by}));
         if matches!(by, ConvergedBy::NoProgress | ConvergedBy::MaxRounds) {
-            let left = count_both(engine.stale.pending(), &self.sent);
+            let left = count_both(engine.stale().pending(), &self.sent);
             warn!(
                 converged_by = ?by,
                 pages_left = left,
@@ -202,13 +202,15 @@ impl Session<'_> {
         let free = engine.free_pages().map_err(|e| {
             BulkError::SourceVmm(engine.fail(format!("the source VMM link failed: {e:#}")))
         })?;
-        if let Some(mut free) = free {
+        if let Some(free) = free {
             let pages = self.source.hint_free(&free);
+            // In the destination's pages: a huge page is free when all of it is.
+            let mut free = engine.fold(&free, false);
             let zero = self.sent_zero.bitmap(0, self.source.total_pages());
             for (f, z) in free.iter_mut().zip(zero) {
                 *f &= !z;
             }
-            engine.stale.written(&free);
+            engine.stale().written(&free);
             self.stats.free_pages.fetch_add(pages, Ordering::Relaxed);
         }
         debug!(
@@ -291,7 +293,7 @@ impl Session<'_> {
             if let Some(engine) = engine {
                 // Cleared before the pages are read: a write racing with the read is in the
                 // next bitmap.
-                engine.stale.sending(first, count);
+                engine.stale().sending(first, count);
             }
             pieces.clear();
             self.source.classify(first, count, &mut pieces);
@@ -316,7 +318,7 @@ impl Session<'_> {
         which: Stale,
     ) -> Result<u64, BulkError> {
         let mut dropped = 0;
-        for frame in engine.stale.discards(which, &self.sent) {
+        for frame in engine.stale().discards(which, &self.sent) {
             let range = PageRange {
                 first: frame.first,
                 count: frame.count,
