@@ -7,6 +7,7 @@ mod huge;
 mod hugetlb;
 mod latency;
 mod link;
+mod matrix;
 mod migrate;
 mod procs;
 mod profiles;
@@ -35,6 +36,8 @@ enum Command {
     Latency(scenario::LatencyArgs),
     /// Migrate many VMs at once through one pagesrv, against one VM alone.
     Fleet(fleet::FleetArgs),
+    /// Run the features together: strategy × saving × page size, every cell verified.
+    Matrix(matrix::MatrixArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate::run(&args),
         Command::Latency(args) => latency::run(&args),
         Command::Fleet(args) => fleet::run(&args),
+        Command::Matrix(args) => matrix::run(&args),
     };
     procs::remove_key();
     match result {
