@@ -28,13 +28,30 @@ pub fn is_zero(bytes: &[u8]) -> bool {
         .all(|block| block.iter().fold(0, |acc, &w| acc | w) == 0)
 }
 
-/// The digest of one page: 0 for an all-zero page, else a hash of its bytes seeded with its
-/// index (so a page placed at the wrong index changes the sum).
+/// The unit of digests: a page larger than this (a huge page) is digested as its pieces of
+/// this size, so a piece written in place can be digested again alone.
+pub const DIGEST_PIECE_BYTES: usize = 4096;
+
+/// The digest of one page: the sum of [`piece_digest`] over its [`DIGEST_PIECE_BYTES`]
+/// pieces, indexed `page × pieces per page + i` (one piece, indexed `page`, for a page no
+/// larger than a piece): 0 for an all-zero page, and a page placed at the wrong index changes
+/// the sum.
 pub fn page_digest(page: u64, bytes: &[u8]) -> u64 {
+    let per = (bytes.len() / DIGEST_PIECE_BYTES).max(1) as u64;
+    bytes
+        .chunks(DIGEST_PIECE_BYTES)
+        .zip(page * per..)
+        .fold(0u64, |acc, (piece, index)| {
+            acc.wrapping_add(piece_digest(index, piece))
+        })
+}
+
+/// The digest of one piece: 0 when all zero, else a hash of its bytes seeded with its index.
+pub fn piece_digest(index: u64, bytes: &[u8]) -> u64 {
     if is_zero(bytes) {
         0
     } else {
-        xxh3_64_with_seed(bytes, page)
+        xxh3_64_with_seed(bytes, index)
     }
 }
 
@@ -120,5 +137,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn test_a_huge_page_digests_as_its_pieces_and_a_small_page_as_itself() {
+        let a = vec![1u8; DIGEST_PIECE_BYTES];
+        let b = vec![2u8; DIGEST_PIECE_BYTES];
+        let zero = vec![0u8; DIGEST_PIECE_BYTES];
+        let huge = [a.clone(), zero, b.clone()].concat();
+        // Page 5 of 3-piece pages: pieces 15, 16 (zero: 0) and 17.
+        assert_eq!(
+            page_digest(5, &huge),
+            piece_digest(15, &a).wrapping_add(piece_digest(17, &b))
+        );
+        assert_eq!(page_digest(7, &a), xxh3_64_with_seed(&a, 7));
+        assert_eq!(page_digest(7, &a[..64]), xxh3_64_with_seed(&a[..64], 7));
+        assert_eq!(page_digest(9, &huge[..0]), 0);
     }
 }

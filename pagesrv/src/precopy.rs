@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use common::pagemap::PageMap;
 use common::source_core::stale::{StaleMaps, fold_bitmap};
 use common::source_link::{Outcome, SourceLinkError, SourceVmm};
 use serde::Serialize;
@@ -188,6 +189,10 @@ struct Tracked {
     /// What the destination may hold at an older version: pages written since sent,
     /// discards a cut link may have lost, what was stale at the switch (outlives sessions).
     stale: Arc<StaleMaps>,
+    /// Tracking pages larger than the VMM's: which of its pages (pieces) the guest wrote
+    /// since their page was sent or patched, so a written huge page is patched, not sent
+    /// again whole.
+    pieces: Option<Arc<PageMap>>,
 }
 
 impl std::fmt::Debug for Precopy {
@@ -212,6 +217,7 @@ impl Precopy {
             tracked: RwLock::new(Tracked {
                 page_size,
                 stale: Arc::new(StaleMaps::new(pages)),
+                pieces: None,
             }),
             forced: AtomicBool::new(false),
             state: Mutex::new(PrecopyState {
@@ -269,8 +275,78 @@ impl Precopy {
         *tracked = Tracked {
             page_size,
             stale: Arc::new(StaleMaps::new(self.ram_bytes / page_size)),
+            pieces: Some(Arc::new(PageMap::new(self.ram_bytes / self.vmm_page_size))),
         };
         Ok(())
+    }
+
+    /// Whether written pages are patched (their written pieces sent) rather than dropped
+    /// and sent again whole: pages larger than the VMM's.
+    pub fn patches(&self) -> bool {
+        self.pieces().is_some()
+    }
+
+    fn pieces(&self) -> Option<Arc<PageMap>> {
+        self.tracked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .pieces
+            .clone()
+    }
+
+    /// Pages `first..first+count` (tracked pages) are about to be read and sent whole: a
+    /// write after this is pending again.
+    pub fn sending(&self, first: u64, count: u64) {
+        self.stale().sending(first, count);
+        if let Some(pieces) = self.pieces() {
+            let per = self.page_size() / self.vmm_page_size;
+            pieces.clear_range(first * per, count * per);
+        }
+    }
+
+    /// Takes the bitmap of the pieces of `page` written since it was sent or patched (one
+    /// bit per VMM page) and clears them, before the pieces are read: a write racing with
+    /// the read is in the next dirty bitmap. Empty without pieces.
+    pub fn take_pieces(&self, page: u64) -> Vec<u8> {
+        let Some(pieces) = self.pieces() else {
+            return Vec::new();
+        };
+        let per = self.page_size() / self.vmm_page_size;
+        let bitmap = pieces.bitmap(page * per, per);
+        pieces.clear_range(page * per, per);
+        bitmap
+    }
+
+    /// The unit of dirty counts for the convergence rules: the size of what is sent again
+    /// for a write (a piece when patching, else a page).
+    pub fn dirty_unit(&self) -> u64 {
+        if self.patches() {
+            self.vmm_page_size
+        } else {
+            self.page_size()
+        }
+    }
+
+    /// How many pieces written since their page was sent are at the destination (`sent`):
+    /// what the next round patches (0 without pieces).
+    pub fn dirty_pieces(&self, sent: &PageMap) -> u64 {
+        let Some(pieces) = self.pieces() else {
+            return 0;
+        };
+        let stale = self.stale();
+        let pending = stale.pending();
+        let per = self.page_size() / self.vmm_page_size;
+        let mut n = 0;
+        PageMap::bitmap_runs(0, &pending.bitmap(0, pending.total_pages()), |p, c| {
+            for q in (p..p + c).filter(|&q| sent.is_set(q)) {
+                n += pieces
+                    .bitmap(q * per, per)
+                    .iter()
+                    .map(|b| u64::from(b.count_ones()))
+                    .sum::<u64>();
+            }
+        });
+        n
     }
 
     /// A bitmap from the VMM (its pages) in tracked pages: set where `any` of a tracked
@@ -286,6 +362,15 @@ impl Precopy {
             self.ram_bytes / page_size,
             any,
         )
+    }
+
+    /// The guest wrote the VMM pages of `bitmap`: their pages are pending, and their pieces
+    /// recorded; returns how many pages became pending.
+    fn record_written(&self, bitmap: &[u8]) -> u64 {
+        if let Some(pieces) = self.pieces() {
+            pieces.set_from_bitmap(0, pieces.total_pages(), bitmap);
+        }
+        self.stale().written(&self.fold(bitmap, true))
     }
 
     /// A snapshot of where precopy stands.
@@ -311,7 +396,7 @@ impl Precopy {
             transferred_pages: state.rounds.iter().map(|r| r.pages_sent).sum(),
             remaining_pages: last.map_or(total_pages, |r| r.dirty_pages),
             dirty_pages_rate: last.map_or(0.0, |r| r.dirty_pages as f64 / r.seconds.max(1e-6)),
-            expected_downtime_ms: last.map(|r| r.expected_downtime_ms(self.page_size())),
+            expected_downtime_ms: last.map(|r| r.expected_downtime_ms(self.dirty_unit())),
             max_downtime_ms: self.max_downtime.as_millis() as u64,
             converged_by: state.converged_by,
             last_round: last.copied(),
@@ -337,7 +422,7 @@ impl Precopy {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .tracking = true;
-        self.stale().written(&self.fold(&bitmap, true));
+        self.record_written(&bitmap);
         Ok(bitmap)
     }
 
@@ -347,7 +432,7 @@ impl Precopy {
     /// The VMM link failed.
     pub fn pause(&self) -> Result<u64, SourceLinkError> {
         let bitmap = self.vmm.lock().unwrap_or_else(|p| p.into_inner()).pause()?;
-        Ok(self.stale().written(&self.fold(&bitmap, true)))
+        Ok(self.record_written(&bitmap))
     }
 
     /// Pauses the source guest without precopy (`--strategy postcopy` with `--vmm-uds`).

@@ -107,6 +107,31 @@ impl StaleMaps {
         self.pending.clear_range(0, total);
     }
 
+    /// The pages that `which` names and the destination got (`sent`), to be patched in
+    /// place rather than dropped (huge pages: their written pieces are sent): each is
+    /// marked unconfirmed (a cut may lose the patch: the next session drops it), and, for
+    /// `Written`, no longer pending (the patch sends it).
+    pub fn patches(&self, which: Stale, sent: &PageMap) -> Vec<u64> {
+        let stale = match which {
+            Stale::Written => &self.pending,
+            Stale::AtSwitch => &self.at_switch,
+        };
+        let total = stale.total_pages();
+        let mut bitmap = stale.bitmap(0, total);
+        for (b, s) in bitmap.iter_mut().zip(sent.bitmap(0, total)) {
+            *b &= s;
+        }
+        let mut pages = Vec::new();
+        PageMap::bitmap_runs(0, &bitmap, |p, n| {
+            self.unconfirmed.set_range(p, n);
+            if which == Stale::Written {
+                self.pending.clear_range(p, n);
+            }
+            pages.extend(p..p + n);
+        });
+        pages
+    }
+
     /// The discards that drop, at a destination that got the pages of `sent`, those `which`
     /// names: each frame's pages are marked unsent (they go again) and unconfirmed; in
     /// frames of at most a payload's bitmap. All are marked before the caller writes any: if
@@ -247,5 +272,24 @@ mod tests {
             vec![0],
             "a short bitmap is clear"
         );
+    }
+
+    #[test]
+    fn test_patched_pages_stay_sent_and_a_new_session_drops_them_if_unconfirmed() {
+        let maps = StaleMaps::new(16);
+        let sent = PageMap::new(16);
+        sent.set_range(0, 8);
+        maps.written_range(2, 3); // 2, 3, 4: sent and written
+        maps.written_range(12, 1); // never sent: not patched
+        assert_eq!(maps.patches(Stale::Written, &sent), vec![2, 3, 4]);
+        assert_eq!(sent.set_pages(), 8, "patched pages stay at the destination");
+        assert!(!maps.pending().is_set(3) && maps.pending().is_set(12));
+        // The link is cut before a Sync: the next session drops them.
+        maps.session_begins();
+        assert!(maps.pending().is_set(3));
+        maps.confirmed();
+        maps.sending(2, 3);
+        maps.session_begins();
+        assert!(!maps.pending().is_set(3), "confirmed by a Sync");
     }
 }

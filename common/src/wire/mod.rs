@@ -77,8 +77,10 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Identifies this protocol in every `Hello` and `Welcome` ("PGM1").
 pub const MAGIC: u32 = 0x314D_4750;
+/// The piece a `Patch` carries: the source's dirty-log granularity, whatever the page size.
+pub const PATCH_BYTES: u64 = 4096;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Size of the frame header in bytes.
 pub const HEADER_LEN: usize = 8;
 /// Largest page payload carried by one frame.
@@ -236,6 +238,10 @@ pub enum Kind {
     /// zero page); the destination answers with a `DoneMap` of the pages its base holds, on
     /// the bulk connection.
     PageHashes = 23,
+    /// Server → client (bulk, precopy, huge pages): the 4 KiB pieces of one page that the
+    /// guest wrote since it was sent (payload: a bitmap of the page's [`PATCH_BYTES`] pieces,
+    /// then the set pieces in order); the destination writes them in place.
+    Patch = 24,
 }
 
 impl TryFrom<u16> for Kind {
@@ -266,6 +272,7 @@ impl TryFrom<u16> for Kind {
             21 => Kind::Sync,
             22 => Kind::Synced,
             23 => Kind::PageHashes,
+            24 => Kind::Patch,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -743,6 +750,9 @@ pub enum Message {
     Synced,
     /// Hashes of the pages of a range (payload: [`PAGE_HASH_BYTES`] per page).
     PageHashes(PageRange),
+    /// Pieces of one page (`count` 1) written since it was sent (payload: the bitmap of its
+    /// [`PATCH_BYTES`] pieces, then the set pieces).
+    Patch(PageRange),
 }
 
 impl Message {
@@ -772,6 +782,7 @@ impl Message {
             Message::Sync => Kind::Sync,
             Message::Synced => Kind::Synced,
             Message::PageHashes(_) => Kind::PageHashes,
+            Message::Patch(_) => Kind::Patch,
         }
     }
 }
@@ -870,7 +881,12 @@ impl Decoder {
             Kind::Request | Kind::ZeroRun | Kind::Skip if len != RANGE_BODY_LEN => {
                 return Err(bad(RANGE_BODY_LEN.to_string()));
             }
-            Kind::PageRun | Kind::DoneMap | Kind::SkipMap | Kind::Discard | Kind::PageHashes
+            Kind::PageRun
+            | Kind::DoneMap
+            | Kind::SkipMap
+            | Kind::Discard
+            | Kind::PageHashes
+            | Kind::Patch
                 if len <= RANGE_BODY_LEN =>
             {
                 return Err(bad(format!("more than {RANGE_BODY_LEN}")));
@@ -1041,6 +1057,33 @@ impl Decoder {
                 }
                 return Ok((Message::PageHashes(range), payload));
             }
+            Kind::Patch => {
+                let (raw, payload) =
+                    RangeBody::read_from_prefix(body).map_err(|_| self.short(header))?;
+                let range = self.check_range(raw.first_page.get(), raw.count.get())?;
+                let bad = |expected: String| WireError::BadLength {
+                    kind,
+                    body_len: header.body_len as u32,
+                    expected,
+                };
+                let pieces = self.page_size / PATCH_BYTES;
+                if range.count != 1 || pieces < 2 || !self.page_size.is_multiple_of(PATCH_BYTES) {
+                    return Err(bad(format!(
+                        "one page of more than {PATCH_BYTES} bytes, not {} of {}",
+                        range.count, self.page_size
+                    )));
+                }
+                let bitmap_len = pieces.div_ceil(8) as usize;
+                let set = payload
+                    .get(..bitmap_len)
+                    .map_or(0, |b| b.iter().map(|x| u64::from(x.count_ones())).sum());
+                if set == 0 || payload.len() as u64 != bitmap_len as u64 + set * PATCH_BYTES {
+                    return Err(bad(format!(
+                        "{RANGE_BODY_LEN} + a {bitmap_len}-byte bitmap with at least one piece set + {PATCH_BYTES} bytes per set piece"
+                    )));
+                }
+                return Ok((Message::Patch(range), payload));
+            }
             Kind::MapEnd => Message::MapEnd,
             Kind::Challenge => Message::Challenge(body.try_into().map_err(|_| self.short(header))?),
             Kind::AuthOk => Message::AuthOk(body.try_into().map_err(|_| self.short(header))?),
@@ -1184,7 +1227,8 @@ pub fn encode(message: &Message, payload_len: usize, out: &mut Vec<u8>) {
         Message::DoneMap(r)
         | Message::SkipMap(r)
         | Message::Discard(r)
-        | Message::PageHashes(r) => {
+        | Message::PageHashes(r)
+        | Message::Patch(r) => {
             let body = RangeBody {
                 first_page: r.first.into(),
                 count: r.count.into(),
@@ -1506,8 +1550,8 @@ mod tests {
         let mut f = frame(&Message::Goodbye, &[]);
         f[0] = 99;
         assert_eq!(session().decode(&f), Err(WireError::UnknownKind(99)));
-        f[0] = 24;
-        assert_eq!(session().decode(&f), Err(WireError::UnknownKind(24)));
+        f[0] = 25;
+        assert_eq!(session().decode(&f), Err(WireError::UnknownKind(25)));
         let mut f = frame(&Message::Goodbye, &[]);
         f[2] = 1;
         assert!(matches!(
@@ -1685,5 +1729,40 @@ mod tests {
             printable("ok\n2026-12-07 INFO pagesrv: completed\u{1b}[2J\r"),
             "ok\\n2026-12-07 INFO pagesrv: completed\\u{1b}[2J\\r"
         );
+    }
+
+    #[test]
+    fn test_a_patch_carries_the_set_pieces_of_one_huge_page_and_nothing_else() {
+        let huge = Decoder::session(2 << 20, 8);
+        let one = PageRange { first: 3, count: 1 };
+        // 512 pieces: a 64-byte bitmap with pieces 0 and 9 set, then their bytes.
+        let mut payload = vec![0u8; 64];
+        payload[0] = 1;
+        payload[1] = 2;
+        payload.extend(vec![7u8; 2 * PATCH_BYTES as usize]);
+        let (m, p) = decode_all(&huge, &frame(&Message::Patch(one), &payload)).unwrap();
+        assert_eq!((m, p), (Message::Patch(one), payload.clone()));
+        let bad = |range: PageRange, payload: &[u8], decoder: &Decoder| {
+            matches!(
+                decode_all(decoder, &frame(&Message::Patch(range), payload)),
+                Err(WireError::BadLength { .. } | WireError::RangeOutOfBounds { .. })
+            )
+        };
+        assert!(
+            bad(PageRange { first: 3, count: 2 }, &payload, &huge),
+            "one page"
+        );
+        assert!(
+            bad(one, &payload[..payload.len() - 1], &huge),
+            "a piece short"
+        );
+        assert!(bad(one, &[0u8; 64], &huge), "no piece set");
+        assert!(
+            bad(PageRange { first: 8, count: 1 }, &payload, &huge),
+            "past the end"
+        );
+        let mut small = vec![1u8];
+        small.extend(vec![0u8; PATCH_BYTES as usize]);
+        assert!(bad(one, &small, &session()), "4 KiB pages have no pieces");
     }
 }

@@ -15,7 +15,8 @@
 //!                      (PageRun, ZeroRun)            (late PageRun, ZeroRun)
 //!  bulk, destination:  [Precopy ─Switchover─►] Pushing ─BulkDone─► Pushed    bulk, source: Open
 //!                      (PageRun, ZeroRun,           (PageRun, ZeroRun,         (Synced, DoneMap)
-//!                       Discard, Sync, PageHashes)    PageHashes, Sync)
+//!                       Discard, Patch, Sync,         PageHashes, Sync)
+//!                       PageHashes)
 //!  every session phase takes Heartbeat and stays; Error ends every phase (Closed/Refused).
 //! ```
 
@@ -266,7 +267,9 @@ impl Phase for DestBulk {
             (Closed, _) => return None,
             (phase, Kind::Heartbeat) => phase,
             (_, Kind::Error) => Closed,
-            (Precopy, Kind::PageRun | Kind::ZeroRun | Kind::Discard | Kind::Sync) => Precopy,
+            (Precopy, Kind::PageRun | Kind::ZeroRun | Kind::Discard | Kind::Patch | Kind::Sync) => {
+                Precopy
+            }
             (Precopy, Kind::Switchover) => Pushing,
             (Pushing, Kind::PageRun | Kind::ZeroRun) => Pushing,
             // A destination with a base image: hashes first, then a sync (either stage).
@@ -397,6 +400,15 @@ mod tests {
             Ok(DestBulk::Pushed)
         );
         assert!(run(DestBulk::Pushed, &[PageHashes]).is_err());
+        // Patches (huge pages in precopy) only before the switch.
+        assert!(
+            run(
+                DestBulk::Precopy,
+                &[PageRun, Patch, Sync, Patch, Switchover]
+            )
+            .is_ok()
+        );
+        assert!(run(DestBulk::Pushing, &[Patch]).is_err());
         assert_eq!(
             run(SourceBulk::Open, &[DoneMap, Synced, Heartbeat]),
             Ok(SourceBulk::Open)

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::uffd::UffdError;
 use common::wire::phase::{DestBulk, Phase};
-use common::wire::{ErrorCode, Kind, Message, PageRange, RANGE_FRAME_BYTES, WireError};
+use common::wire::{
+    ErrorCode, Kind, Message, PATCH_BYTES, PageRange, RANGE_FRAME_BYTES, WireError,
+};
 use thiserror::Error;
 use tracing::debug;
 
@@ -67,6 +69,22 @@ pub enum BulkFrameError {
     /// Dropping discarded pages failed.
     #[error("dropping discarded pages failed")]
     Discard(#[source] UffdError),
+    /// Writing a patch in place failed.
+    #[error("patching page {page} failed")]
+    Patch {
+        /// The page.
+        page: u64,
+        /// Why.
+        #[source]
+        source: UffdError,
+    },
+    /// pagesrv patched a page this destination does not hold (it should have sent it
+    /// whole): the link is reset, and the maps sent on the next one put it right.
+    #[error("pagesrv patched page {page}, which is not here")]
+    PatchedAbsent {
+        /// The page.
+        page: u64,
+    },
 }
 
 /// One bulk connection's protocol state at the destination.
@@ -123,6 +141,24 @@ impl BulkRx {
                     us = started.elapsed().as_micros() as u64,
                     "discarded"
                 );
+                return Ok(BulkAction::Nothing);
+            }
+            Message::Patch(range) => {
+                let page = range.first;
+                let per = vm.page_size() / PATCH_BYTES;
+                let Some((bitmap, pieces)) = payload.split_at_checked(per.div_ceil(8) as usize)
+                else {
+                    return Err(BulkFrameError::Protocol(WireError::Unexpected(Kind::Patch)));
+                };
+                let patched = vm
+                    .patch(page, PATCH_BYTES, bitmap, pieces)
+                    .map_err(|source| BulkFrameError::Patch { page, source })?;
+                if !patched {
+                    return Err(BulkFrameError::PatchedAbsent { page });
+                }
+                let frame_bytes = (RANGE_FRAME_BYTES + payload.len()) as u64;
+                Counters::add(&vm.counters.bytes_received, frame_bytes);
+                Counters::add(&vm.counters.bytes_precopy, frame_bytes);
                 return Ok(BulkAction::Nothing);
             }
             Message::Sync => return Ok(BulkAction::Sync),

@@ -190,6 +190,24 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
+    fn read_in_place(&self, page: u64, offset: u64, buf: &mut [u8]) -> Result<(), UffdError> {
+        let st = self.st();
+        let bytes = st.memory[page as usize]
+            .clone()
+            .unwrap_or(vec![0; PAGE as usize]);
+        buf.copy_from_slice(&bytes[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+
+    fn write_in_place(&self, page: u64, offset: u64, bytes: &[u8]) -> Result<(), UffdError> {
+        let mut st = self.st();
+        let present = st.memory[page as usize]
+            .as_mut()
+            .expect("patches only present pages");
+        present[offset as usize..offset as usize + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+
     fn can_drop_pages(&self) -> bool {
         true
     }

@@ -120,6 +120,17 @@ pub trait Kernel: Sync {
     /// # Errors
     /// Pages cannot be dropped (no memfd) or the kernel refused.
     fn drop_pages(&self, first: u64, count: u64) -> Result<(), UffdError>;
+    /// Reads `buf.len()` bytes of present page `page` from byte `offset`.
+    ///
+    /// # Errors
+    /// As [`Kernel::read_page`].
+    fn read_in_place(&self, page: u64, offset: u64, buf: &mut [u8]) -> Result<(), UffdError>;
+    /// Writes `bytes` into present page `page` at byte `offset`, in place (the page stays
+    /// mapped: precopy's patches, before the guest runs here).
+    ///
+    /// # Errors
+    /// Pages cannot be written in place (no memfd) or the write failed.
+    fn write_in_place(&self, page: u64, offset: u64, bytes: &[u8]) -> Result<(), UffdError>;
     /// Whether pages can be read back and dropped (memfd placement): what precopy needs.
     fn can_drop_pages(&self) -> bool;
     /// Every page is present: unregisters guest RAM (the VMM runs free of faultd from here;
@@ -521,6 +532,20 @@ impl Kernel for UffdKernel {
             len: count * page_size,
             source: e.into(),
         })
+    }
+
+    fn read_in_place(&self, page: u64, offset: u64, buf: &mut [u8]) -> Result<(), UffdError> {
+        let page_size = self.page_size();
+        let file = self.memfd_for("read a piece of a page", page, 1)?;
+        file.read(page * page_size + offset, buf, page_size)
+    }
+
+    fn write_in_place(&self, page: u64, offset: u64, bytes: &[u8]) -> Result<(), UffdError> {
+        let page_size = self.page_size();
+        let file = self.memfd_for("patch a page", page, 1)?;
+        let at = page * page_size + offset;
+        file.write(at, bytes, page_size)?;
+        file.check_intact(at, bytes.len() as u64)
     }
 
     fn can_drop_pages(&self) -> bool {

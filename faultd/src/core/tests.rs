@@ -355,3 +355,40 @@ fn test_completion_drops_unsent_requests_and_keeps_skips() {
     assert_eq!(core.pages_in_flight(), 0);
     assert_eq!(core.latencies.summary().count, 1, "the waiter was resolved");
 }
+
+#[test]
+fn test_a_patch_writes_its_pieces_in_place_and_keeps_the_digest_true() {
+    let vm = vm();
+    let digest_of = |pages: &[(u64, Vec<u8>)]| {
+        pages
+            .iter()
+            .fold(0u64, |d, (p, b)| d.wrapping_add(page_digest(*p, b)))
+    };
+    // Page 2 with data, page 5 placed as zero; 16-byte pieces (4 to a page).
+    vm.place(2, 1, Some(&bytes_of(2)), Origin::Pushed, ZeroPages::Fill)
+        .unwrap();
+    vm.place(5, 1, None, Origin::Pushed, ZeroPages::Fill)
+        .unwrap();
+    let piece = |b: u8| vec![b; 16];
+    // Pieces 1 and 3 of page 2.
+    let pieces = [piece(0xA1), piece(0xA3)].concat();
+    assert!(vm.patch(2, 16, &[0b1010], &pieces).unwrap());
+    let mut want2 = bytes_of(2);
+    want2[16..32].copy_from_slice(&piece(0xA1));
+    want2[48..64].copy_from_slice(&piece(0xA3));
+    assert_eq!(vm.kernel.page(2).unwrap(), want2);
+    // Piece 0 of the zero page: it holds data from now on.
+    assert!(vm.patch(5, 16, &[0b0001], &piece(0x55)).unwrap());
+    let mut want5 = vec![0u8; PAGE as usize];
+    want5[..16].copy_from_slice(&piece(0x55));
+    assert_eq!(vm.kernel.page(5).unwrap(), want5);
+    assert!(!vm.zero.is_set(5));
+    assert_eq!(
+        vm.chunk_digests()[0],
+        digest_of(&[(2, want2), (5, want5)]),
+        "the digests are those of the patched bytes"
+    );
+    // A page that is not here is left alone.
+    assert!(!vm.patch(7, 16, &[1], &piece(1)).unwrap());
+    assert!(vm.kernel.page(7).is_none());
+}

@@ -445,6 +445,76 @@ impl<K: Kernel> Vm<K> {
         Ok(dropped)
     }
 
+    /// Writes the pieces of a `Patch` into a present page, in place: the guest wrote them at
+    /// the source since the page was sent (precopy on huge pages; the guest does not run
+    /// here yet). `bitmap` names the page's `piece_bytes`-byte pieces, `pieces` holds the set
+    /// ones in order. The page's digest is taken back before and added after. Returns false,
+    /// changing nothing, for a page that is not here (pagesrv thought it was).
+    ///
+    /// # Errors
+    /// The page cannot be read back or written in place.
+    pub fn patch(
+        &self,
+        page: u64,
+        piece_bytes: u64,
+        bitmap: &[u8],
+        pieces: &[u8],
+    ) -> Result<bool, UffdError> {
+        use common::digest::{DIGEST_PIECE_BYTES, page_digest, piece_digest};
+        let _gate = self.gate();
+        if page >= self.total_pages() || !self.done.is_set(page) {
+            return Ok(false);
+        }
+        let page_size = self.page_size();
+        let was_zero = self.zero.is_set(page);
+        let digests = &self.chunk_digests[(page / self.chunk_pages) as usize];
+        // Huge pages are digested by pieces: only the patched ones are digested again.
+        let by_piece = piece_bytes == DIGEST_PIECE_BYTES as u64 && page_size > piece_bytes;
+        let mut whole = Vec::new();
+        if !by_piece {
+            whole = vec![0u8; page_size as usize];
+            if !was_zero {
+                self.kernel.read_page(page, &mut whole)?;
+                digests.fetch_sub(page_digest(page, &whole), Ordering::Relaxed);
+            }
+        }
+        let mut runs = Vec::new();
+        PageMap::bitmap_runs(0, bitmap, |first, n| runs.push((first, n)));
+        let mut old = vec![0u8; piece_bytes as usize];
+        let mut taken = 0;
+        for (first, n) in runs {
+            let (at, len) = (first * piece_bytes, (n * piece_bytes) as usize);
+            let Some(new) = pieces.get(taken..taken + len) else {
+                break; // the decoder checked the lengths: not reached
+            };
+            if at + len as u64 > page_size {
+                break;
+            }
+            if by_piece {
+                let index = page * (page_size / piece_bytes) + first;
+                for (i, piece) in new.chunks(piece_bytes as usize).enumerate() {
+                    let offset = at + i as u64 * piece_bytes;
+                    if !was_zero {
+                        self.kernel.read_in_place(page, offset, &mut old)?;
+                        digests.fetch_sub(piece_digest(index + i as u64, &old), Ordering::Relaxed);
+                    }
+                    digests.fetch_add(piece_digest(index + i as u64, piece), Ordering::Relaxed);
+                }
+            } else {
+                whole[at as usize..at as usize + len].copy_from_slice(new);
+            }
+            self.kernel.write_in_place(page, at, new)?;
+            taken += len;
+        }
+        if !by_piece {
+            digests.fetch_add(page_digest(page, &whole), Ordering::Relaxed);
+        }
+        if was_zero {
+            self.zero.clear_range(page, 1);
+        }
+        Ok(true)
+    }
+
     /// A MINOR fault: the page is in the page cache but not mapped in the VMM (written by us
     /// but not yet mapped, or zapped by the VMM): map it.
     ///

@@ -46,7 +46,11 @@ impl BulkError {
             self,
             BulkError::Place(_)
                 | BulkError::Base(_)
-                | BulkError::Frame(BulkFrameError::Remote { .. } | BulkFrameError::Discard(_))
+                | BulkError::Frame(
+                    BulkFrameError::Remote { .. }
+                        | BulkFrameError::Discard(_)
+                        | BulkFrameError::Patch { .. }
+                )
         )
     }
 }

@@ -90,7 +90,7 @@ impl Session<'_> {
                 let n = (first + count - at).min(run_pages);
                 if let Some(engine) = engine {
                     // Cleared before the pages are read: a racing write is in the next bitmap.
-                    engine.stale().sending(at, n);
+                    engine.sending(at, n);
                 }
                 pieces.clear();
                 self.source.classify(at, n, &mut pieces);

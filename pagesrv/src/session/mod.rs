@@ -79,6 +79,9 @@ pub struct SessionStats {
     pub precopy_pages: AtomicU64,
     /// Pages the destination was told to drop (written after they were sent).
     pub discarded_pages: AtomicU64,
+    /// Pieces sent in patches (huge pages in precopy: what the guest wrote since a page was
+    /// sent, written in place at the destination).
+    pub patched_pieces: AtomicU64,
     /// Pages the destination's base image held (placed from it, never sent).
     pub base_pages: AtomicU64,
     /// Pages the guest holds free (hinted), sent as zero ranges before anything else.

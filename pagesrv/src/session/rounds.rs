@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use common::framed::{FrameEncoder, FrameReader};
 use common::pagemap::PageMap;
-use common::wire::{MAX_PAYLOAD_BYTES, Message, PageRange};
+use common::wire::{MAX_PAYLOAD_BYTES, Message, PATCH_BYTES, PageRange, RANGE_FRAME_BYTES};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
@@ -39,6 +39,8 @@ impl Session<'_> {
         let mut round = None;
         let mut converged_by = None;
         let mut paused_at = None;
+        // Patching (huge pages): a round's patches go before its `SendRound`, and count in it.
+        let mut round_began = None;
         loop {
             if self.is_stopped() {
                 return Ok(());
@@ -60,10 +62,12 @@ impl Session<'_> {
                     self.collect_dirty(engine)?
                 }
                 PrecopyStep::RefreshFreeHints => self.refresh_free_hints(engine)?,
-                PrecopyStep::SendRound => match self.send_round(engine, conn, tx)? {
-                    Some(sent) => round = Some(sent),
-                    None => return Ok(()), // the session ended
-                },
+                PrecopyStep::SendRound => {
+                    match self.send_round(engine, conn, tx, round_began.take())? {
+                        Some(sent) => round = Some(sent),
+                        None => return Ok(()), // the session ended
+                    }
+                }
                 PrecopyStep::CheckConvergence => {
                     let by = self.record_round(engine, round.take())?;
                     if let Some(by) = by {
@@ -71,6 +75,16 @@ impl Session<'_> {
                     }
                     plan.converged(by.is_some());
                     converged_by = by;
+                }
+                PrecopyStep::DropWritten if engine.patches() => {
+                    // Huge pages: what the guest wrote goes now, as pieces, and the pages
+                    // stay at the destination; before a round, as part of it.
+                    round_began = Some((
+                        Instant::now(),
+                        self.stats.bytes_sent.load(Ordering::Relaxed),
+                    ));
+                    let patched = self.patch(conn, tx, engine, Stale::Written)?;
+                    debug!(patched, "patched pages written since sent");
                 }
                 PrecopyStep::DropWritten => {
                     // Before a round: the round sends them again. Before the catch-up
@@ -96,7 +110,13 @@ impl Session<'_> {
                     );
                 }
                 PrecopyStep::DropStaleAtSwitch => {
-                    let stale = self.discard(conn, tx, engine, Stale::AtSwitch)?;
+                    // Huge pages: the source is paused, so the pieces written since the
+                    // catch-up are final: they go before the switch, no page is dropped.
+                    let stale = if engine.patches() {
+                        self.patch(conn, tx, engine, Stale::AtSwitch)?
+                    } else {
+                        self.discard(conn, tx, engine, Stale::AtSwitch)?
+                    };
                     engine
                         .state
                         .lock()
@@ -136,9 +156,14 @@ impl Session<'_> {
         engine: &Precopy,
         round: Option<Round>,
     ) -> Result<Option<ConvergedBy>, BulkError> {
-        let page_size = self.source.page_size();
         let mut round = round.ok_or(BulkError::OutOfOrder("a round checked but not sent"))?;
-        round.dirty_pages = count_both(engine.stale().pending(), &self.sent);
+        // In the units a write costs: pieces when patching, else pages.
+        let page_size = engine.dirty_unit();
+        round.dirty_pages = if engine.patches() {
+            engine.dirty_pieces(&self.sent)
+        } else {
+            count_both(engine.stale().pending(), &self.sent)
+        };
         let rounds = {
             let mut state = engine.state.lock().unwrap_or_else(|p| p.into_inner());
             state.rounds.push(round);
@@ -255,10 +280,15 @@ impl Session<'_> {
         engine: &Precopy,
         conn: &mut TcpStream,
         tx: &mut FrameEncoder,
+        began: Option<(Instant, u64)>,
     ) -> Result<Option<Round>, BulkError> {
         let number = engine.snapshot().rounds.len() as u32 + 1;
-        let started = Instant::now();
-        let bytes_before = self.stats.bytes_sent.load(Ordering::Relaxed);
+        let (started, bytes_before) = began.unwrap_or_else(|| {
+            (
+                Instant::now(),
+                self.stats.bytes_sent.load(Ordering::Relaxed),
+            )
+        });
         let pages = self.send_unsent_with(conn, tx, Some(engine))?;
         if self.is_stopped() {
             return Ok(None);
@@ -293,7 +323,7 @@ impl Session<'_> {
             if let Some(engine) = engine {
                 // Cleared before the pages are read: a write racing with the read is in the
                 // next bitmap.
-                engine.stale().sending(first, count);
+                engine.sending(first, count);
             }
             pieces.clear();
             self.source.classify(first, count, &mut pieces);
@@ -306,6 +336,76 @@ impl Session<'_> {
             pages += count;
         }
         Ok(pages)
+    }
+
+    /// For a destination on huge pages: sends, for each page it got that `which` names, the
+    /// pieces the guest wrote since (a `Patch`: the page stays there); a page with no
+    /// pieces recorded (free at the pause, or patched on a link since cut) is dropped
+    /// instead and sent again. Returns how many pages were patched or dropped.
+    fn patch(
+        &self,
+        conn: &mut TcpStream,
+        tx: &mut FrameEncoder,
+        engine: &Precopy,
+        which: Stale,
+    ) -> Result<u64, BulkError> {
+        let piece = PATCH_BYTES as usize;
+        let total = self.source.total_pages();
+        let mut drop = vec![0u8; total.div_ceil(8) as usize];
+        let mut dropping = false;
+        let mut payload = Vec::new();
+        let pages = engine.stale().patches(which, &self.sent);
+        for &page in &pages {
+            let bitmap = engine.take_pieces(page);
+            let set: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
+            if set == 0 || bitmap.len() + set * piece > MAX_PAYLOAD_BYTES {
+                self.sent.clear_range(page, 1);
+                drop[(page / 8) as usize] |= 1 << (page % 8);
+                dropping = true;
+                continue;
+            }
+            let bytes = self.source.bytes(page, 1);
+            payload.clear();
+            payload.extend_from_slice(&bitmap);
+            PageMap::bitmap_runs(0, &bitmap, |first, n| {
+                let at = first as usize * piece;
+                payload.extend_from_slice(&bytes[at..at + n as usize * piece]);
+            });
+            if !self.source.pages_intact() {
+                // A read went past the end of a shrunk file: the pieces may be wrong.
+                return Err(BulkError::Write {
+                    doing: "send a patch",
+                    source: std::io::Error::other("the memory file shrank while it was read"),
+                });
+            }
+            let range = PageRange {
+                first: page,
+                count: 1,
+            };
+            tx.write_frame(conn, &Message::Patch(range), &payload)
+                .map_err(BulkError::writing("send a patch"))?;
+            self.stats.bytes_sent.fetch_add(
+                (RANGE_FRAME_BYTES + payload.len()) as u64,
+                Ordering::Relaxed,
+            );
+            self.stats
+                .patched_pieces
+                .fetch_add(set as u64, Ordering::Relaxed);
+        }
+        if dropping {
+            let chunk = MAX_PAYLOAD_BYTES as u64 * 8;
+            let mut first = 0;
+            while first < total {
+                let count = chunk.min(total - first);
+                let bits = &drop[(first / 8) as usize..(first + count).div_ceil(8) as usize];
+                if bits.iter().any(|&b| b != 0) {
+                    tx.write_frame(conn, &Message::Discard(PageRange { first, count }), bits)
+                        .map_err(BulkError::writing("send a discard"))?;
+                }
+                first += count;
+            }
+        }
+        Ok(pages.len() as u64)
     }
 
     /// Tells the destination to drop the pages it got that `which` names (they are sent

@@ -236,7 +236,7 @@ impl Session<'_> {
         debug!(first = range.first, count = range.count, "urgent request");
         if let Some(engine) = &self.switch.engine {
             // Read now: whatever the guest wrote before is in this answer.
-            engine.stale().sending(range.first, range.count);
+            engine.sending(range.first, range.count);
         }
         self.sent.set_range(range.first, range.count);
         pieces.clear();
