@@ -1,9 +1,10 @@
 //! `bench matrix`: the features together. Every cell is one `bench migrate` of the running
-//! KVM guest (keys on, as by default) with a strategy, a saving and a destination page size;
-//! each is verified (the guest checked every page it touched, the digest of every page
-//! matches the source's) and its bytes, downtime and blocktime are printed as one table.
+//! KVM guest (keys on, as by default) with a strategy, a saving, a destination page size and
+//! no cut or one cut of the link mid-migration (`--cut-after-mib`, a sixteenth of RAM); each
+//! is verified (the guest checked every page it touched, the digest of every page matches
+//! the source's) and its bytes, downtime, blocktime and reconnects are printed as one table.
 //! `--pairwise` runs a subset in which every pair of values of two dimensions meets in at
-//! least one cell (9 cells instead of 18).
+//! least one cell (9 cells instead of 36).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,6 +21,8 @@ const STRATEGIES: [&str; 3] = ["postcopy", "hybrid", "precopy"];
 const SAVINGS: [Saving; 3] = [Saving::None, Saving::Base90, Saving::Free50];
 /// The destination's page size.
 const PAGES: [&str; 2] = ["4k", "2m"];
+/// Cuts of the link mid-migration.
+const CUTS: [&str; 2] = ["none", "one"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Saving {
@@ -52,6 +55,7 @@ struct Cell {
     strategy: usize,
     saving: usize,
     page: usize,
+    cut: usize,
 }
 
 /// Arguments of `bench matrix`.
@@ -76,23 +80,27 @@ pub struct MatrixArgs {
 }
 
 /// Every cell, or a pairwise-covering subset: for each strategy and saving one cell, its
-/// page size alternating so that each strategy and each saving meet both page sizes.
+/// page size and cut chosen so that each strategy and each saving meet both page sizes and
+/// both cuts, and each page size meets both cuts.
 fn cells(pairwise: bool) -> Vec<Cell> {
     let mut out = Vec::new();
     for strategy in 0..STRATEGIES.len() {
         for saving in 0..SAVINGS.len() {
             if pairwise {
-                let page = (strategy + saving) % PAGES.len();
                 out.push(Cell {
                     strategy,
                     saving,
-                    page,
+                    page: (strategy + saving) % PAGES.len(),
+                    cut: usize::from((saving == 2) != (strategy == 2)),
                 });
-            } else {
-                out.extend((0..PAGES.len()).map(|page| Cell {
+                continue;
+            }
+            for page in 0..PAGES.len() {
+                out.extend((0..CUTS.len()).map(|cut| Cell {
                     strategy,
                     saving,
                     page,
+                    cut,
                 }));
             }
         }
@@ -118,31 +126,45 @@ fn run_cells(args: &MatrixArgs, work: &Path) -> Result<()> {
     let mut rows = Vec::new();
     for (i, cell) in cells.iter().enumerate() {
         eprintln!(
-            "bench matrix: cell {}/{}: {} · {} · {} pages",
+            "bench matrix: cell {}/{}: {} · {} · {} pages · cut: {}",
             i + 1,
             cells.len(),
             STRATEGIES[cell.strategy],
             SAVINGS[cell.saving].name(),
-            PAGES[cell.page]
+            PAGES[cell.page],
+            CUTS[cell.cut]
         );
         rows.push(run_cell(args, *cell, &work.join(format!("cell-{i}.json"))));
     }
     println!(
-        "{:<9} {:<9} {:<4} {:<9} {:>9} {:>11} {:>13} {:>9}",
-        "strategy", "saving", "page", "verified", "MiB", "downtime ms", "blocktime ms", "total ms"
+        "{:<9} {:<9} {:<4} {:<4} {:<9} {:>9} {:>11} {:>13} {:>9} {:>10}",
+        "strategy",
+        "saving",
+        "page",
+        "cut",
+        "verified",
+        "MiB",
+        "downtime ms",
+        "blocktime ms",
+        "total ms",
+        "reconnects"
     );
     for row in &rows {
         let num = |key: &str| row[key].as_f64().map_or("-".into(), |v| format!("{v:.1}"));
         println!(
-            "{:<9} {:<9} {:<4} {:<9} {:>9} {:>11} {:>13} {:>9}",
+            "{:<9} {:<9} {:<4} {:<4} {:<9} {:>9} {:>11} {:>13} {:>9} {:>10}",
             row["strategy"].as_str().unwrap_or("?"),
             row["saving"].as_str().unwrap_or("?"),
             row["page"].as_str().unwrap_or("?"),
+            row["cut"].as_str().unwrap_or("?"),
             if row["verified"] == true { "yes" } else { "NO" },
             num("mib"),
             num("downtime_ms"),
             num("blocktime_ms"),
             num("total_ms"),
+            row["reconnects"]
+                .as_u64()
+                .map_or("-".into(), |n| n.to_string()),
         );
     }
     if let Some(path) = &args.json {
@@ -154,10 +176,11 @@ fn run_cells(args: &MatrixArgs, work: &Path) -> Result<()> {
         .filter(|r| r["verified"] != true)
         .map(|r| {
             format!(
-                "{} · {} · {}: {}",
+                "{} · {} · {} · cut {}: {}",
                 r["strategy"].as_str().unwrap_or("?"),
                 r["saving"].as_str().unwrap_or("?"),
                 r["page"].as_str().unwrap_or("?"),
+                r["cut"].as_str().unwrap_or("?"),
                 r["error"].as_str().unwrap_or("not verified")
             )
         })
@@ -179,12 +202,20 @@ fn run_cell(args: &MatrixArgs, cell: Cell, out: &Path) -> Value {
         SAVINGS[cell.saving],
         PAGES[cell.page],
     );
-    let mut row = json!({"strategy": strategy, "saving": saving.name(), "page": page});
+    let cut = CUTS[cell.cut];
+    let mut row = json!({"strategy": strategy, "saving": saving.name(), "page": page, "cut": cut});
+    let cut_args = if cell.cut == 0 {
+        Vec::new()
+    } else {
+        let mib = (args.size_mib / 16).max(2).to_string();
+        vec!["--cut-after-mib".to_owned(), mib]
+    };
     let result = (|| -> Result<Value> {
         let output = Command::new(sibling("bench")?)
             .arg("migrate")
             .args(["--strategy", strategy, "--page-size", page])
             .args(saving.args())
+            .args(&cut_args)
             .args(["--size-mib", &args.size_mib.to_string()])
             .args(["--warmup-ms", &args.warmup_ms.to_string()])
             .args(["--after-ms", &args.after_ms.to_string()])
@@ -215,6 +246,7 @@ fn run_cell(args: &MatrixArgs, cell: Cell, out: &Path) -> Value {
             row["total_ms"] = r["total_ms"].clone();
             row["precopy_rounds"] = r["precopy_rounds"].clone();
             row["converged_by"] = r["converged_by"].clone();
+            row["reconnects"] = r["faultd"]["reconnects"].clone();
         }
         Err(e) => {
             row["verified"] = json!(false);
@@ -232,11 +264,11 @@ mod tests {
     fn test_the_pairwise_subset_covers_every_pair_of_values() {
         let subset = cells(true);
         assert_eq!(subset.len(), 9);
-        assert_eq!(cells(false).len(), 18);
-        let dims = |c: &Cell| [c.strategy, c.saving, c.page];
-        let sizes = [STRATEGIES.len(), SAVINGS.len(), PAGES.len()];
-        for a in 0..3 {
-            for b in a + 1..3 {
+        assert_eq!(cells(false).len(), 36);
+        let dims = |c: &Cell| [c.strategy, c.saving, c.page, c.cut];
+        let sizes = [STRATEGIES.len(), SAVINGS.len(), PAGES.len(), CUTS.len()];
+        for a in 0..sizes.len() {
+            for b in a + 1..sizes.len() {
                 for va in 0..sizes[a] {
                     for vb in 0..sizes[b] {
                         assert!(

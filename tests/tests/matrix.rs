@@ -1,7 +1,8 @@
 //! The features together: `bench matrix --pairwise` migrates the running KVM guest once per
 //! cell of a pairwise-covering subset of strategy {postcopy, hybrid, precopy} × saving
-//! {none, base image 90%, free pages 50%} × destination pages {4 KiB, 2 MiB}, keys on, and
-//! every cell must be verified (the guest checked its pages, the digests match).
+//! {none, base image 90%, free pages 50%} × destination pages {4 KiB, 2 MiB} × cuts {none,
+//! one mid-migration}, keys on, and every cell must be verified (the guest checked its
+//! pages, the digests match).
 
 use std::process::Command;
 use std::time::Duration;
@@ -45,6 +46,14 @@ fn test_every_pair_of_features_migrates_verified() {
     assert_eq!(pairs("strategy", "saving"), 9);
     assert_eq!(pairs("strategy", "page"), 6);
     assert_eq!(pairs("saving", "page"), 6);
+    assert_eq!(pairs("strategy", "cut"), 6);
+    assert_eq!(pairs("saving", "cut"), 6);
+    assert_eq!(pairs("page", "cut"), 4);
+    // A cut cell reconnected once; the others never.
+    for row in rows {
+        let cut = row["cut"] == "one";
+        assert_eq!(row["reconnects"].as_u64().unwrap(), u64::from(cut), "{row}");
+    }
     // Hybrid and precopy sent pages before the pause; postcopy none.
     for row in rows {
         let precopy_first = row["strategy"] != "postcopy";

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::summary::{event_is, t_us};
 use super::vmm::Vmm;
 use super::{MigrateArgs, Paths, STEP_LIMIT, progress, write_base_image};
-use crate::procs::{Guard, sibling, start_faultd, start_pagesrv};
+use crate::procs::{Guard, first_line, sibling, start_faultd, start_pagesrv};
 
 /// What the handover left running.
 pub(super) struct Handover {
@@ -24,6 +24,30 @@ pub(super) struct Handover {
     pub(super) paused: Value,
     /// pagesrv's control events, as they come (precopy first).
     pub(super) pagesrv_events: Option<mpsc::Receiver<Value>>,
+    /// The proxy that cuts the link once (`--cut-after-mib`).
+    pub(super) _cut_proxy: Option<Guard>,
+}
+
+/// With `--cut-after-mib N`: faultd reaches pagesrv through `cut-proxy` (the tests' proxy,
+/// built beside bench by `cargo build --workspace --bins`), which cuts every connection once,
+/// when N MiB went from pagesrv to faultd; returns the address faultd connects to, and the
+/// proxy.
+fn cut_line(after_mib: Option<u64>, pagesrv: &str) -> Result<(String, Option<Guard>)> {
+    let Some(mib) = after_mib else {
+        return Ok((pagesrv.to_owned(), None));
+    };
+    let mib = mib.to_string();
+    let mut cmd = Command::new(sibling("cut-proxy")?);
+    cmd.args(["--target", pagesrv, "--cuts", "1", "--mode", "cut"])
+        .args(["--min-mib", &mib, "--max-mib", &mib])
+        .stdout(Stdio::piped());
+    let mut proxy = Guard::new(cmd.spawn().context("cannot start cut-proxy")?);
+    let line = first_line(&mut proxy.0)?;
+    let addr = line
+        .strip_prefix("proxy listening on ")
+        .context("cut-proxy did not start")?
+        .to_owned();
+    Ok((addr, Some(proxy)))
 }
 
 /// Precopy first: pagesrv takes the running guest's RAM from the source VMM and runs the
@@ -83,6 +107,7 @@ pub(super) fn hand_over_precopy(
         .to_owned();
     std::thread::spawn(move || lines.for_each(drop));
     let pagesrv_events = collect_events(&paths.pagesrv_ctl)?;
+    let (addr, cut_proxy) = cut_line(args.cut_after_mib, &addr)?;
     let faultd_ctl = paths.faultd_ctl.to_str().context("path")?;
     let mut args: Vec<&str> = faultd_args.iter().map(String::as_str).collect();
     args.extend(["--control", faultd_ctl]);
@@ -105,6 +130,7 @@ pub(super) fn hand_over_precopy(
         start: start.context("the source VMM never handed over its RAM")?,
         paused,
         pagesrv_events: Some(pagesrv_events),
+        _cut_proxy: cut_proxy,
     })
 }
 
@@ -117,6 +143,8 @@ pub(super) struct Postcopy<'a> {
     pub(super) base: Option<(&'a Path, u8)>,
     /// `--free-pct`: the free-page hints the source VMM writes at the pause.
     pub(super) free_hints: Option<&'a Path>,
+    /// `--cut-after-mib`.
+    pub(super) cut_after_mib: Option<u64>,
 }
 
 /// Postcopy: pause the source, serve its RAM file, resume the destination at once.
@@ -125,16 +153,17 @@ pub(super) fn hand_over_postcopy(
     source: &mut Vmm,
     dest_cmd: &mut Command,
 ) -> Result<Handover> {
-    let start_daemons = || -> Result<(Guard, Guard)> {
+    let start_daemons = || -> Result<(Guard, Guard, Option<Guard>)> {
         let mut extra = Vec::new();
         if let Some(path) = h.free_hints {
             extra.extend(["--free-pages", path.to_str().context("path")?]);
         }
         let (pagesrv, addr) = start_pagesrv(h.mem, &extra, None)?;
+        let (addr, cut_proxy) = cut_line(h.cut_after_mib, &addr)?;
         let args: Vec<&str> = h.faultd_args.iter().map(String::as_str).collect();
         let paths = h.paths;
         let faultd = start_faultd(&addr, &paths.faultd_uds, &paths.faultd_stats, &args, None)?;
-        Ok((pagesrv, faultd))
+        Ok((pagesrv, faultd, cut_proxy))
     };
     // The base image and the free-page hints exist only once the source paused.
     let daemons = if h.base.is_none() && h.free_hints.is_none() {
@@ -149,7 +178,7 @@ pub(super) fn hand_over_postcopy(
             break e;
         }
     };
-    let (pagesrv, faultd) = match (daemons, h.base) {
+    let (pagesrv, faultd, cut_proxy) = match (daemons, h.base) {
         (Some(daemons), _) => daemons,
         (None, base) => {
             // The base is like the RAM as it paused; writing it is not part of the
@@ -175,6 +204,7 @@ pub(super) fn hand_over_postcopy(
         start: paused.clone(),
         paused,
         pagesrv_events: None,
+        _cut_proxy: cut_proxy,
     })
 }
 

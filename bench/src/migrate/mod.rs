@@ -86,6 +86,10 @@ pub struct MigrateArgs {
     /// it was written; a huge page is free when all of it is.
     #[arg(long, value_enum, default_value = "4k")]
     pub page_size: PageSize,
+    /// Cut the link once, when this many MiB went from pagesrv to faultd (through the
+    /// tests' `cut-proxy`): faultd reconnects and the migration goes on.
+    #[arg(long, value_name = "MIB")]
+    pub cut_after_mib: Option<u64>,
     /// Bulk connections between the pair (`faultd --streams`).
     #[arg(long, default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(common::wire::MAX_STREAMS)))]
@@ -259,6 +263,7 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
             faultd_args: &faultd_args,
             base: base.as_ref().map(|(path, pct)| (path.as_path(), *pct)),
             free_hints: args.free_pct.map(|_| paths.free_hints.as_path()),
+            cut_after_mib: args.cut_after_mib,
         };
         hand_over_postcopy(&handover, &mut source, &mut dest_cmd)?
     };

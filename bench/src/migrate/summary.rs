@@ -99,6 +99,7 @@ pub(super) fn summarize(
         "size_mib": args.size_mib,
         "vcpus": args.vcpus,
         "streams": args.streams,
+        "cut_after_mib": args.cut_after_mib,
         "page_size": args.page_size,
         "workload": workload,
         "dirty_rate": args.dirty_rate,
