@@ -151,6 +151,9 @@ pub struct PrecopyStatus {
     pub dirty_pages_rate: f64,
     /// Time to send what remains at the last round's bandwidth.
     pub expected_downtime_ms: Option<f64>,
+    /// Bytes of the unit `remaining_pages` and `dirty_pages_rate` count: the page size, or
+    /// 4 KiB pieces for destinations on huge pages (their written pieces are patched).
+    pub dirty_unit_bytes: u64,
     /// The downtime budget.
     pub max_downtime_ms: u64,
     /// Why precopy ended, once it did.
@@ -251,11 +254,12 @@ impl Precopy {
     /// # Errors
     /// Another size was decided already, or `page_size` is not a multiple of the VMM's.
     pub fn track_in(&self, page_size: u64) -> Result<(), String> {
+        // The state's lock before the maps' (as `decide_switch` takes them, in that order).
+        let state = self.snapshot();
         let mut tracked = self.tracked.write().unwrap_or_else(|p| p.into_inner());
         if tracked.page_size == page_size {
             return Ok(());
         }
-        let state = self.snapshot();
         let started = state.tracking || !state.rounds.is_empty();
         if started {
             return Err(format!(
@@ -275,7 +279,8 @@ impl Precopy {
         *tracked = Tracked {
             page_size,
             stale: Arc::new(StaleMaps::new(self.ram_bytes / page_size)),
-            pieces: Some(Arc::new(PageMap::new(self.ram_bytes / self.vmm_page_size))),
+            pieces: (page_size > self.vmm_page_size)
+                .then(|| Arc::new(PageMap::new(self.ram_bytes / self.vmm_page_size))),
         };
         Ok(())
     }
@@ -397,6 +402,7 @@ impl Precopy {
             remaining_pages: last.map_or(total_pages, |r| r.dirty_pages),
             dirty_pages_rate: last.map_or(0.0, |r| r.dirty_pages as f64 / r.seconds.max(1e-6)),
             expected_downtime_ms: last.map(|r| r.expected_downtime_ms(self.dirty_unit())),
+            dirty_unit_bytes: self.dirty_unit(),
             max_downtime_ms: self.max_downtime.as_millis() as u64,
             converged_by: state.converged_by,
             last_round: last.copied(),

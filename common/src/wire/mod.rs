@@ -36,6 +36,8 @@
 //!  precopy first (Welcome flag PRECOPY: the source VM still runs), before the push above:
 //!  bulk        ◄── PageRun / ZeroRun … ─────────   a round: every page not sent yet
 //!              ◄── Discard{first,count}+bitmap ─   drop these: written since they were sent
+//!              ◄── Patch{page,1}+bitmap+pieces ─   (pages over 4 KiB) write these 4 KiB pieces,
+//!                                                    written since it was sent, in place
 //!              ◄── Sync ────────────────────────   ── Synced ──► (bulk) all of it is applied
 //!              ◄── Switchover ──────────────────   the source is paused: the guest may resume
 //!              ◄── Sync ───── … ───── Synced ──►   (after the switch's discards, which come

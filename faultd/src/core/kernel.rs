@@ -203,7 +203,9 @@ impl GuestFile {
             op: "write to the guest memfd",
             addr: page,
             len,
-            source: std::io::Error::other("the VMM shrank its guest RAM file"),
+            source: std::io::Error::other(
+                "touched past the end of the VMM's guest RAM file (it shrank, or its hugetlbfs pool ran out)",
+            ),
         })
     }
 
@@ -253,10 +255,11 @@ impl GuestFile {
     /// Reads the bytes at `offset` into `buf`.
     fn read(&self, offset: u64, buf: &mut [u8], page_size: u64) -> Result<(), UffdError> {
         if Self::through_window(page_size) {
-            return self
-                .window
+            self.window
                 .read(offset, buf)
-                .map_err(|e| window_error("read back a page of the guest memfd", e));
+                .map_err(|e| window_error("read back a page of the guest memfd", e))?;
+            // A read past a shrunk end read the guard's zeros, not the page.
+            return self.check_intact(offset, buf.len() as u64);
         }
         self.file
             .read_exact_at(buf, offset)

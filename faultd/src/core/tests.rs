@@ -392,3 +392,23 @@ fn test_a_patch_writes_its_pieces_in_place_and_keeps_the_digest_true() {
     assert!(!vm.patch(7, 16, &[1], &piece(1)).unwrap());
     assert!(vm.kernel.page(7).is_none());
 }
+
+#[test]
+fn test_a_zero_page_is_filled_once_so_a_late_fill_never_writes_over_the_guest() {
+    let vm = vm();
+    let calls = || vm.kernel.st().install_calls;
+    vm.place(5, 1, None, Origin::Requested, ZeroPages::Fill)
+        .unwrap();
+    assert_eq!(calls(), 1);
+    // The guest writes the page; a request's answer (zero too) arrives after the push's.
+    vm.kernel.write(5, vec![9; PAGE as usize]);
+    vm.place(5, 1, None, Origin::Requested, ZeroPages::Fill)
+        .unwrap();
+    assert_eq!(calls(), 1, "no second fill");
+    assert_eq!(vm.kernel.page(5).unwrap(), vec![9; PAGE as usize]);
+    // A discard takes the page away: the next fill fills it again.
+    vm.discard(5, 1, &[1]).unwrap();
+    vm.place(5, 1, None, Origin::Requested, ZeroPages::Fill)
+        .unwrap();
+    assert_eq!(calls(), 2);
+}

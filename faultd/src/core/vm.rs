@@ -143,6 +143,11 @@ pub struct Vm<K> {
     pub done: PageMap,
     /// Pages that read as zero and are filled only on a fault.
     pub zero: PageMap,
+    /// Zero pages whose zeros are in place: a later fill of the same page (a request's
+    /// answer after the push's) must not write zeros over what the guest wrote since, which
+    /// memfd placement (zeros written into the file) would. Cleared where the page goes
+    /// away (a REMOVE, a discard).
+    zero_filled: PageMap,
     /// Pages removed before they arrived: not sent, not verified.
     pub skipped: PageMap,
     /// Counters for the stats.
@@ -175,6 +180,7 @@ impl<K: Kernel> Vm<K> {
         Ok(Vm {
             done: PageMap::try_new(total_pages).map_err(alloc)?,
             zero: PageMap::try_new(total_pages).map_err(alloc)?,
+            zero_filled: PageMap::try_new(total_pages).map_err(alloc)?,
             skipped: PageMap::try_new(total_pages).map_err(alloc)?,
             kernel,
             counters: Counters::default(),
@@ -291,6 +297,7 @@ impl<K: Kernel> Vm<K> {
             Counters::add(&self.counters.pages_removed, n);
         }
         self.zero.set_range(first, end - first);
+        self.zero_filled.clear_range(first, end - first);
         self.done.set_range(first, end - first);
     }
 
@@ -347,13 +354,16 @@ impl<K: Kernel> Vm<K> {
             let zero_run = self.zero.set_run(at, end - at);
             if zero_run > 0 {
                 if zero_pages == ZeroPages::Fill {
-                    let installed = self.kernel.install_zero(at, zero_run)?;
-                    let fills = installed.present_pages - installed.existing.len() as u64;
-                    Counters::add(&self.counters.zero_fills, fills);
-                    if installed.again {
-                        return Ok(Placed::Again {
-                            resume_at: at + installed.present_pages,
-                        });
+                    for (page, n) in self.zero_filled.clear_runs(at, zero_run) {
+                        let installed = self.kernel.install_zero(page, n)?;
+                        let fills = installed.present_pages - installed.existing.len() as u64;
+                        Counters::add(&self.counters.zero_fills, fills);
+                        self.zero_filled.set_range(page, installed.present_pages);
+                        if installed.again {
+                            return Ok(Placed::Again {
+                                resume_at: page + installed.present_pages,
+                            });
+                        }
                     }
                 }
                 at += zero_run;
@@ -438,6 +448,7 @@ impl<K: Kernel> Vm<K> {
             if page < end {
                 self.kernel.drop_pages(page, end - page)?;
                 self.zero.clear_range(page, end - page);
+                self.zero_filled.clear_range(page, end - page);
                 self.done.clear_range(page, end - page);
             }
         }

@@ -161,12 +161,12 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 let text = format!("the migration failed at the source: {why}");
                 return Err((ErrorCode::Internal, text));
             }
-            Some(engine) if let Err(text) = engine.track_in(u64::from(hello.page_size)) => {
-                return Err((ErrorCode::LayoutMismatch, text));
-            }
             Some(engine) if !engine.switched() && resumed => {
                 let text = "the source still runs (precopy): a destination whose guest runs already cannot be served";
                 return Err((ErrorCode::Protocol, text.into()));
+            }
+            Some(engine) if let Err(text) = engine.track_in(u64::from(hello.page_size)) => {
+                return Err((ErrorCode::LayoutMismatch, text));
             }
             // Precopy rounds, or the discards and the switch this destination missed.
             Some(_) => !resumed,

@@ -184,6 +184,7 @@ impl Session<'_> {
             "bytes": round.bytes,
             "seconds": round.seconds,
             "dirty_pages": round.dirty_pages,
+            "dirty_unit_bytes": page_size,
             "expected_downtime_ms": round.expected_downtime_ms(page_size),
         }));
         Ok(converged(
@@ -339,9 +340,10 @@ impl Session<'_> {
     }
 
     /// For a destination on huge pages: sends, for each page it got that `which` names, the
-    /// pieces the guest wrote since (a `Patch`: the page stays there); a page with no
-    /// pieces recorded (free at the pause, or patched on a link since cut) is dropped
-    /// instead and sent again. Returns how many pages were patched or dropped.
+    /// pieces the guest wrote since (a `Patch`: the page stays there); a page that is free
+    /// now (served as zero from here on) or has no pieces recorded (patched on a link since
+    /// cut) is dropped instead and sent again. Returns how many pages were patched or
+    /// dropped.
     fn patch(
         &self,
         conn: &mut TcpStream,
@@ -358,7 +360,10 @@ impl Session<'_> {
         for &page in &pages {
             let bitmap = engine.take_pieces(page);
             let set: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
-            if set == 0 || bitmap.len() + set * piece > MAX_PAYLOAD_BYTES {
+            if set == 0
+                || bitmap.len() + set * piece > MAX_PAYLOAD_BYTES
+                || self.source.is_free(page)
+            {
                 self.sent.clear_range(page, 1);
                 drop[(page / 8) as usize] |= 1 << (page % 8);
                 dropping = true;
@@ -384,6 +389,8 @@ impl Session<'_> {
             };
             tx.write_frame(conn, &Message::Patch(range), &payload)
                 .map_err(BulkError::writing("send a patch"))?;
+            // It holds data now, whatever it was sent as.
+            self.sent_zero.clear_range(page, 1);
             self.stats.bytes_sent.fetch_add(
                 (RANGE_FRAME_BYTES + payload.len()) as u64,
                 Ordering::Relaxed,
