@@ -10,7 +10,8 @@ use common::uffd::Uffd;
 use common::vmm_link::receive_handshake;
 use tracing::info;
 
-use crate::core::kernel::{GuestFile, UffdKernel};
+use crate::core::guest_file::GuestFile;
+use crate::core::kernel::UffdKernel;
 
 /// How long a connected VMM may take to send its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,10 +67,17 @@ pub fn accept_vmm(
         );
     }
     let memfd = match (placement, handshake.memfd) {
-        (PlaceMode::Memfd, Some(fd)) => Some(
-            GuestFile::new(fd.into(), layout.total_bytes(), layout.page_size())
-                .context("memfd placement")?,
-        ),
+        (PlaceMode::Memfd, Some(fd)) => {
+            if layout.page_size() > 4096 {
+                info!(
+                    "hugetlbfs memory: pages are placed with UFFDIO_COPY, the memfd is written in place only for precopy's patches"
+                );
+            }
+            Some(
+                GuestFile::new(fd.into(), layout.total_bytes(), layout.page_size())
+                    .context("memfd placement")?,
+            )
+        }
         (PlaceMode::Memfd, None) => {
             info!("the VMM passed no memfd: placing pages with UFFDIO_COPY");
             None

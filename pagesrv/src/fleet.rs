@@ -2,10 +2,12 @@
 //! under a name destinations ask for in their `Hello` (`faultd --vm NAME`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use common::wire::{ErrorCode, MAX_VM_NAME_BYTES, PROTOCOL_VERSION, SessionParams, VmName};
 use thiserror::Error;
 
+use crate::precopy::{Precopy, Strategy};
 use crate::source::{MemorySource, PageSource};
 
 /// Most VM names listed in an error before "and N more".
@@ -173,6 +175,18 @@ pub struct ServedVm {
     pub name: VmName,
     /// Its memory.
     pub source: MemorySource,
+    /// The link to its source VMM (`--vmm-uds`: a running VM), kept in every strategy to
+    /// tell the VMM the outcome; the precopy engine for precopy and hybrid.
+    pub source_vmm: Option<Arc<Precopy>>,
+}
+
+impl ServedVm {
+    /// The VM's precopy engine: its source VMM's link, when rounds run (not postcopy).
+    pub fn precopy(&self) -> Option<Arc<Precopy>> {
+        self.source_vmm
+            .clone()
+            .filter(|engine| engine.strategy != Strategy::Postcopy)
+    }
 }
 
 /// Checks that no two specs share a name.

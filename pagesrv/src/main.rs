@@ -17,6 +17,7 @@ mod precopy;
 mod prepage;
 mod push_order;
 mod report;
+mod served;
 mod server;
 mod session;
 mod source;
@@ -25,22 +26,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use common::control::{ControlServer, Handler};
-use common::source_link::SourceVmm;
 use common::working_set::WorkingSet;
-use serde_json::json;
 use tracing::{info, warn};
 
-use crate::fleet::ServedVm;
 use crate::metrics::Published;
-use crate::precopy::{Precopy, Strategy};
+use crate::precopy::Strategy;
 use crate::report::Events;
 use crate::server::{ServerConfig, serve};
 use crate::session::{SessionConfig, error_chain};
@@ -70,9 +66,11 @@ struct Cli {
     vm_dir: Option<PathBuf>,
     /// Take a running VM's RAM from its VMM instead (a Unix socket this pagesrv listens on;
     /// the VMM hands over its RAM fd, answers dirty-page requests and pauses on request: see
-    /// `common/src/source_link.rs`). Needed for --strategy precopy and hybrid.
-    #[arg(long, value_name = "PATH", conflicts_with = "vm_mem")]
-    vmm_uds: Option<PathBuf>,
+    /// `common/src/source_link.rs`). Needed for --strategy precopy and hybrid. `NAME=PATH`
+    /// serves it under NAME; repeat to migrate several running VMs at once (each its own
+    /// precopy; destinations name theirs with `faultd --vm NAME`).
+    #[arg(long, value_name = "[NAME=]PATH", conflicts_with = "vm_mem")]
+    vmm_uds: Vec<String>,
     /// Free-page hints of the paused VM (with --vm-mem): a bitmap of its memory in 4 KiB
     /// pages, bit i%8 of byte i/8 set for a page its allocator holds free, ceil(pages/8) bytes
     /// (see common/src/free_hints.rs); with one VM only. Those pages are never sent: the destination gets them as
@@ -261,12 +259,13 @@ fn run(cli: Cli) -> Result<server::Verdict> {
         derive_vm_keys(&key, &cli.derive_vm_key)?;
         return Ok(server::Verdict::Verified);
     }
-    let (mut vms, source_vmm) = open_vms(&cli)?;
-    // Rounds run only for precopy and hybrid; the link is kept in every strategy (for the
-    // outcome).
-    let precopy = source_vmm
-        .clone()
-        .filter(|engine| engine.strategy != Strategy::Postcopy);
+    let mut vms = served::open_vms(&served::Sources {
+        vm_dir: cli.vm_dir.as_deref(),
+        vm_mem: &cli.vm_mem,
+        vmm_uds: &cli.vmm_uds,
+        strategy: cli.strategy,
+        max_downtime: Duration::from_millis(cli.max_downtime_ms),
+    })?;
     if vms.len() > 1 && (cli.free_pages.is_some() || cli.prefetch.is_some()) {
         bail!(
             "--free-pages and --prefetch describe one VM's memory: give them with one --vm-mem only"
@@ -330,88 +329,11 @@ fn run(cli: Cli) -> Result<server::Verdict> {
         control: cli
             .control
             .as_deref()
-            .map(|path| control_server(path, precopy.clone()))
+            .map(|path| served::control_server(path, &vms))
             .transpose()?,
         metrics: published,
     };
-    serve(&vms, &config, precopy, source_vmm, events)
-}
-
-/// The memory to serve: paused VMs' files (`--vm-mem`, `--vm-dir`), or a running VM's RAM
-/// from its VMM, with the link to it (paused at once for `--strategy postcopy`, or handed to
-/// the precopy engine).
-fn open_vms(cli: &Cli) -> Result<(Vec<ServedVm>, Option<Arc<Precopy>>)> {
-    let mut specs = match &cli.vm_dir {
-        Some(dir) => fleet::scan_vm_dir(dir)?,
-        None => cli.vm_mem.clone(),
-    };
-    if !specs.is_empty() {
-        if cli.strategy != Strategy::Postcopy {
-            bail!(
-                "--strategy precopy and hybrid need a running VM: give --vmm-uds instead of --vm-mem or --vm-dir"
-            );
-        }
-        fleet::resolve_names(&mut specs)?;
-        fleet::check_unique(&specs)?;
-        let vms = specs
-            .into_iter()
-            .map(|spec| {
-                let source = MemorySource::open(&spec.path)
-                    .with_context(|| format!("cannot serve {}", spec.path.display()))?;
-                Ok(ServedVm {
-                    name: spec.name,
-                    source,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        return Ok((vms, None));
-    }
-    let path = cli
-        .vmm_uds
-        .as_deref()
-        .context("--vm-mem or --vmm-uds is required")?;
-    // One VM: destinations need not name it (`faultd --vm vm` also works).
-    let name = fleet::lone_vm_name();
-    let listener = bind_uds(path)?;
-    // One line on stdout for scripts: the VMM may connect.
-    println!("pagesrv waiting for the source VMM on {}", path.display());
-    info!(uds = %path.display(), "waiting for the source VMM");
-    let (stream, _) = listener
-        .accept()
-        .context("failed to accept the source VMM")?;
-    let _ = std::fs::remove_file(path);
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let (link, fd) = SourceVmm::accept(stream.try_clone()?).context("the source VMM's hello")?;
-    // Dirty bitmaps of a large guest take a while; the VMM answers between its own work.
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    info!(
-        pid = link.peer_pid,
-        bytes = link.hello.size_bytes,
-        page_size = link.hello.page_size,
-        strategy = ?cli.strategy,
-        "source VMM connected"
-    );
-    let source = MemorySource::running(std::fs::File::from(fd), path)
-        .context("cannot serve the source VMM's RAM")?;
-    let engine = Precopy::new(
-        link,
-        cli.strategy,
-        Duration::from_millis(cli.max_downtime_ms),
-    );
-    if cli.strategy == Strategy::Postcopy {
-        engine.pause_now().context("the source VMM did not pause")?;
-        source.paused();
-        source.refresh_holes();
-        if let Some(free) = engine.free_pages().context("the source VMM's free pages")? {
-            let pages = source.hint_free(&free);
-            info!(
-                free_pages = pages,
-                "free-page hints: those pages are served as zero"
-            );
-        }
-        info!("the source VM is paused; it is kept until the migration's outcome");
-    }
-    Ok((vec![ServedVm { name, source }], Some(Arc::new(engine))))
+    serve(&vms, &config, events)
 }
 
 /// `--derive-vm-key NAME=FILE`: writes each VM's key.
@@ -447,27 +369,6 @@ fn handshake_capacity() -> usize {
     usize::try_from(limit / 2)
         .unwrap_or(usize::MAX)
         .clamp(16, admission::MAX_HANDSHAKES)
-}
-
-fn bind_uds(path: &Path) -> Result<UnixListener> {
-    Ok(common::uds::bind_private(path)?)
-}
-
-/// The control socket: `status` (where precopy stands) and `start-postcopy`.
-fn control_server(path: &Path, precopy: Option<Arc<Precopy>>) -> Result<Arc<ControlServer>> {
-    let handler: Arc<Handler> = Arc::new(move |name, _| match (name, &precopy) {
-        ("status", Some(engine)) => json!({"status": engine.status()}),
-        ("status", None) => json!({"status": {"strategy": "postcopy", "phase": "postcopy"}}),
-        ("start-postcopy", Some(engine)) => {
-            engine.force();
-            json!({"ok": "start-postcopy"})
-        }
-        ("start-postcopy", None) => json!({"error": "no precopy runs (--strategy postcopy)"}),
-        (other, _) => json!({
-            "error": format!("unknown command {other:?} (pagesrv knows: status, start-postcopy)")
-        }),
-    });
-    Ok(ControlServer::bind(path, handler)?)
 }
 
 fn main() -> ExitCode {

@@ -393,3 +393,117 @@ fn test_postcopy_from_a_running_source_keeps_the_link_until_the_outcome() {
     let (stats, _) = run.finish("postcopy from a running source");
     assert_eq!(stats["bytes_precopy"], 0, "{stats}");
 }
+
+/// Two running VMs migrate at once through one pagesrv (`--vmm-uds a=... --vmm-uds b=...`),
+/// hybrid: each has its own rounds, its own switch and its own outcome; both end with every
+/// byte right.
+#[test]
+fn test_two_running_vms_migrate_at_once_through_one_pagesrv() {
+    if !require_userfaultfd() {
+        return;
+    }
+    let dir = Scratch::new("precopy-two-vms");
+    let names = ["a", "b"];
+    let path = |vm: &str, what: &str| dir.path(&format!("{vm}-{what}"));
+    for vm in names {
+        std::fs::File::create(path(vm, "final.mem"))
+            .and_then(|f| f.set_len(PAGES * 4096))
+            .expect("create the final RAM file");
+    }
+    let pagesrv_ctl = dir.path("pagesrv.ctl");
+    let mut cmd = Command::new(bin("pagesrv"));
+    cmd.args(tests::key_args::<&str>(&[]))
+        .args(["--strategy", "hybrid", "--listen", "127.0.0.1:0"])
+        .arg("--control")
+        .arg(&pagesrv_ctl);
+    for vm in names {
+        cmd.arg("--vmm-uds").arg(format!(
+            "{vm}={}",
+            path(vm, "source.sock").to_str().expect("path")
+        ));
+    }
+    let mut pagesrv = Proc::spawn("pagesrv", &mut cmd);
+    for _ in names {
+        let line = pagesrv.read_line();
+        assert!(
+            line.starts_with("pagesrv waiting for the source VMM"),
+            "{line}"
+        );
+    }
+    let mut sources: Vec<Proc> = names
+        .iter()
+        .map(|vm| {
+            Proc::spawn(
+                "test-source",
+                Command::new(bin("test-source"))
+                    .arg("--pagesrv-uds")
+                    .arg(path(vm, "source.sock"))
+                    .args(["--pages", &PAGES.to_string(), "--write-rate", WRITE_RATE])
+                    .arg("--final")
+                    .arg(path(vm, "final.mem")),
+            )
+        })
+        .collect();
+    let line = pagesrv.read_line();
+    let addr = line
+        .strip_prefix("pagesrv listening on ")
+        .unwrap_or_else(|| panic!("pagesrv did not take the sources' RAM: {line}"))
+        .to_owned();
+    let mut status = ControlClient::connect(&pagesrv_ctl).expect("pagesrv's control socket");
+    status.send(&json!({"cmd": "status"})).expect("ask");
+    let answer = status
+        .wait_for(|v| v.get("status").is_some())
+        .expect("read")
+        .expect("an answer");
+    assert_eq!(answer["status"]["a"]["strategy"], "hybrid", "{answer}");
+    assert_eq!(answer["status"]["b"]["strategy"], "hybrid", "{answer}");
+    let mut pairs: Vec<(Proc, Proc)> = names
+        .iter()
+        .map(|vm| {
+            let ctl = path(vm, "faultd.ctl");
+            let ctl = ctl.to_str().expect("path");
+            let faultd = start_faultd_with(
+                &addr,
+                &path(vm, "faultd.sock"),
+                &path(vm, "stats.json"),
+                &["--placement", "memfd", "--control", ctl, "--vm", vm],
+            );
+            let vmm = start_vmm(
+                &path(vm, "faultd.sock"),
+                &path(vm, "final.mem"),
+                &["--memfd", "--threads", "2", "--wait-switch", ctl],
+            );
+            (faultd, vmm)
+        })
+        .collect();
+    for (vm, (faultd, vmm)) in names.iter().zip(&mut pairs) {
+        let (status, err) = vmm.wait(Duration::from_secs(120));
+        let report = vmm.rest_of_stdout();
+        assert!(status.success(), "VM {vm}: test-vmm: {report}\n{err}");
+        let report = json(&report);
+        assert_eq!(report["mismatches_after"], 0, "VM {vm}: {report}");
+        let (status, err) = faultd.wait(Duration::from_secs(60));
+        assert!(status.success(), "VM {vm}: faultd: {err}");
+        let stats = json(&std::fs::read_to_string(path(vm, "stats.json")).expect("stats"));
+        assert_eq!(stats["digest_check"], "match", "VM {vm}: {stats}");
+        assert_eq!(
+            stats["received_digest"],
+            source_digest(&path(vm, "final.mem")).as_str(),
+            "VM {vm}: {stats}"
+        );
+        assert!(
+            stats["bytes_precopy"].as_u64().unwrap() > 0,
+            "VM {vm}: {stats}"
+        );
+    }
+    let (status, err) = pagesrv.wait(Duration::from_secs(60));
+    assert!(status.success(), "pagesrv: {err}");
+    for (vm, source) in names.iter().zip(&mut sources) {
+        let outcome = source.read_event_until(|e| e["event"] == "outcome");
+        assert_eq!(outcome["outcome"], "completed", "VM {vm}: {outcome}");
+        assert_eq!(outcome["verified"], true, "VM {vm}: {outcome}");
+        source.close_stdin();
+        let (status, err) = source.wait(Duration::from_secs(30));
+        assert!(status.success(), "VM {vm}: test-source: {err}");
+    }
+}

@@ -3,15 +3,11 @@
 //! real one (the VMM's uffd and region layout, and its memfd for memfd placement); the unit
 //! tests of the core use a fake that injects EAGAIN, EEXIST and REMOVE events.
 
-use std::fs::File;
-use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::guest_file::GuestFile;
 use common::layout::{HostAddr, Layout};
-use common::mmap::{FileWindow, MapError, OutOfWindow};
-use common::sigbus::{self, Guard, GuardError};
 use common::uffd::{Event, Placement, Uffd, UffdError};
 
 /// A uffd event in page terms.
@@ -141,146 +137,6 @@ pub trait Kernel: Sync {
     fn unregister_all(&self) -> Result<(), UffdError>;
 }
 
-/// The VMM's guest RAM file (memfd placement), shmem or hugetlbfs: pages are copied into it
-/// through a shared window of faultd's own (hugetlbfs has no `pwrite`), then mapped into the
-/// VMM with UFFDIO_CONTINUE.
-pub struct GuestFile {
-    file: File,
-    /// Dropped before the window (fields drop in order).
-    guard: Guard,
-    window: FileWindow,
-}
-
-/// Why the VMM's guest RAM file cannot be written.
-#[derive(Debug, thiserror::Error)]
-pub enum GuestFileError {
-    /// Shorter than the guest's RAM.
-    #[error("the VMM's guest RAM file is {size} bytes, less than the {len} bytes of its regions")]
-    TooShort {
-        /// Its size.
-        size: u64,
-        /// The RAM its layout declares.
-        len: u64,
-    },
-    /// Its size cannot be read.
-    #[error("cannot examine the VMM's guest RAM file")]
-    Stat(#[source] std::io::Error),
-    /// It cannot be mapped.
-    #[error("cannot map the VMM's guest RAM file")]
-    Map(#[from] MapError),
-    /// The window cannot be guarded against the file shrinking.
-    #[error("cannot guard the window on the VMM's guest RAM file")]
-    Guard(#[from] GuardError),
-}
-
-impl GuestFile {
-    /// Maps the first `len` bytes of the VMM's guest RAM file (the guest's pages, page `p` at
-    /// byte `p * page_size`), guarded: if the VMM shrinks the file, a write past its end
-    /// fails the placement instead of killing faultd.
-    ///
-    /// # Errors
-    /// The file is shorter than `len`, or cannot be mapped shared.
-    pub fn new(file: File, len: u64, page_size: u64) -> Result<Self, GuestFileError> {
-        let size = file.metadata().map_err(GuestFileError::Stat)?.len();
-        if size < len {
-            return Err(GuestFileError::TooShort { size, len });
-        }
-        let window = FileWindow::new(file.as_fd(), len as usize)?;
-        let guard = sigbus::guard(window.addr() as usize, len as usize, page_size as usize)?;
-        Ok(GuestFile {
-            file,
-            guard,
-            window,
-        })
-    }
-
-    /// Fails if a write since the start fell past the file's end (the VMM shrank it).
-    fn check_intact(&self, page: u64, len: u64) -> Result<(), UffdError> {
-        if self.guard.hits() == 0 {
-            return Ok(());
-        }
-        Err(UffdError::Place {
-            op: "write to the guest memfd",
-            addr: page,
-            len,
-            source: std::io::Error::other(
-                "touched past the end of the VMM's guest RAM file (it shrank, or its hugetlbfs pool ran out)",
-            ),
-        })
-    }
-
-    /// Whether pages are huge (hugetlbfs): written through the window, as hugetlbfs has no
-    /// `pwrite`; small pages go by `pwrite`, which maps nothing into faultd (a page-table
-    /// entry per 4 KiB page costs more than the copy on a host with shadow paging).
-    fn through_window(page_size: u64) -> bool {
-        page_size > 4096
-    }
-
-    /// Writes `src` at byte `offset`.
-    fn write(&self, offset: u64, src: &[u8], page_size: u64) -> Result<(), UffdError> {
-        if Self::through_window(page_size) {
-            return self
-                .window
-                .write(offset, src)
-                .map_err(|e| window_error("write to the guest memfd", e));
-        }
-        self.file
-            .write_all_at(src, offset)
-            .map_err(|source| UffdError::Place {
-                op: "pwrite to the guest memfd",
-                addr: offset,
-                len: src.len() as u64,
-                source,
-            })
-    }
-
-    /// Writes `len` zero bytes at byte `offset`.
-    fn zero(&self, offset: u64, len: u64, page_size: u64) -> Result<(), UffdError> {
-        if Self::through_window(page_size) {
-            return self
-                .window
-                .zero(offset, len)
-                .map_err(|e| window_error("zero the guest memfd", e));
-        }
-        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-        let mut at = 0;
-        while at < len {
-            let n = (len - at).min(ZEROS.len() as u64);
-            self.write(offset + at, &ZEROS[..n as usize], page_size)?;
-            at += n;
-        }
-        Ok(())
-    }
-
-    /// Reads the bytes at `offset` into `buf`.
-    fn read(&self, offset: u64, buf: &mut [u8], page_size: u64) -> Result<(), UffdError> {
-        if Self::through_window(page_size) {
-            self.window
-                .read(offset, buf)
-                .map_err(|e| window_error("read back a page of the guest memfd", e))?;
-            // A read past a shrunk end read the guard's zeros, not the page.
-            return self.check_intact(offset, buf.len() as u64);
-        }
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|source| UffdError::Place {
-                op: "read back a page of the guest memfd",
-                addr: offset,
-                len: buf.len() as u64,
-                source,
-            })
-    }
-}
-
-fn window_error(op: &'static str, e: OutOfWindow) -> UffdError {
-    UffdError::Place {
-        op,
-        addr: e.offset,
-        len: e.len,
-        source: std::io::Error::other(e),
-    }
-}
-
 /// The real kernel: the VMM's userfaultfd and regions.
 pub struct UffdKernel {
     layout: Layout,
@@ -327,6 +183,15 @@ impl UffdKernel {
 
     fn is_hugetlb(&self) -> bool {
         self.layout.page_size() > 4096
+    }
+
+    /// The file pages are placed by writing it (then mapped with UFFDIO_CONTINUE): shmem.
+    /// Huge pages are placed by UFFDIO_COPY even with a memfd: a copy through a mapping is
+    /// not atomic, and where the VMM registered MISSING only a running guest would map a
+    /// half-written huge page (the kernel's copy fills it before mapping it). The file is
+    /// still written in place for precopy's patches, before the guest runs here.
+    fn written_file(&self) -> Option<&GuestFile> {
+        self.memfd.as_ref().filter(|_| !self.is_hugetlb())
     }
 
     /// Runs `place` on every host-contiguous piece of `first..first+count`, converting the
@@ -466,7 +331,7 @@ impl Kernel for UffdKernel {
         self.per_piece(first, count, |addr, page, n| {
             let at = ((page - first) * page_size) as usize;
             let src = &data[at..at + (n * page_size) as usize];
-            match &self.memfd {
+            match self.written_file() {
                 Some(file) => self.write_and_map(file, addr, page, src.len() as u64, |f, at| {
                     f.write(at, src, page_size)
                 }),
@@ -478,7 +343,7 @@ impl Kernel for UffdKernel {
     fn install_zero(&self, first: u64, count: u64) -> Result<Installed, UffdError> {
         let page_size = self.page_size();
         self.per_piece(first, count, |addr, page, n| {
-            if let Some(file) = &self.memfd {
+            if let Some(file) = self.written_file() {
                 // Zeros written, not UFFDIO_ZEROPAGE: the file may hold this page already
                 // (allocated ahead, or a base image's bytes), and hugetlbfs has no ZEROPAGE.
                 let len = n * page_size;
@@ -519,7 +384,7 @@ impl Kernel for UffdKernel {
     fn drop_pages(&self, first: u64, count: u64) -> Result<(), UffdError> {
         use std::os::fd::AsRawFd;
         let page_size = self.page_size();
-        let file = &self.memfd_for("drop pages", first, count)?.file;
+        let file = self.memfd_for("drop pages", first, count)?.file();
         // Punching the hole unmaps the pages from the VMM too: its next touch is a MISSING
         // fault (memory registered with the uffd), never stale bytes.
         nix::fcntl::fallocate(

@@ -29,6 +29,7 @@
 
 pub mod bulk_rx;
 pub mod fault;
+pub mod guest_file;
 pub mod kernel;
 pub mod latency;
 pub mod push;

@@ -154,7 +154,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         proven: bool,
     ) -> Result<WelcomeFlags, (ErrorCode, String)> {
         let resumed = hello.resumed();
-        let precopy = match &self.precopy {
+        let precopy = match &vm.precopy() {
             None => false,
             Some(engine) if engine.failure().is_some() => {
                 let why = engine.failure().unwrap_or_default();
@@ -272,7 +272,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             .paged(u64::from(pending.welcome.page_size))
             .expect("the page size was checked when the destination was welcomed");
         let switch = Switch {
-            engine: self.precopy.clone(),
+            engine: vm.precopy(),
             first: pending.welcome.precopy(),
             free_first: pending.welcome.free_first(),
             base: pending.admitted.hello().has_base(),

@@ -113,9 +113,9 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     }
 
     /// Every VM's migration ended: one line per VM, and an error naming those that failed.
-    /// What the source VMM is told (`--vmm-uds`: one VM), once its migration ended.
-    pub(super) fn source_outcome(&self) -> Option<SourceOutcome> {
-        match self.slots.first()?.finished.as_ref()? {
+    /// What VM `index`'s source VMM is told (`--vmm-uds`), once its migration ended.
+    pub(super) fn source_outcome(&self, index: usize) -> Option<SourceOutcome> {
+        match self.slots.get(index)?.finished.as_ref()? {
             Finished::Completed { verified } => Some(SourceOutcome::Completed {
                 verified: *verified,
             }),

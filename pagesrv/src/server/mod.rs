@@ -59,7 +59,6 @@ use tracing::{info, warn};
 use crate::claim::Known;
 use crate::fleet::ServedVm;
 use crate::handshake::{Admitted, HANDSHAKE_DEADLINE};
-use crate::precopy::Precopy;
 use crate::report::Events;
 use crate::session::{Outcome, Session, SessionConfig};
 
@@ -106,13 +105,7 @@ enum Event {
 /// # Errors
 /// Refusing an unsafe address, failing to bind it, or a failed session (the destination
 /// reported a failure or a digest mismatch: the source must keep the VM).
-pub fn serve(
-    vms: &[ServedVm],
-    config: &ServerConfig,
-    precopy: Option<Arc<Precopy>>,
-    source_vmm: Option<Arc<Precopy>>,
-    events: Events,
-) -> Result<Verdict> {
+pub fn serve(vms: &[ServedVm], config: &ServerConfig, events: Events) -> Result<Verdict> {
     if !config.listen.ip().is_loopback() && !config.key.is_keyed() && !config.insecure_listen {
         bail!(
             "refusing to serve VM memory on {} without authentication: give --psk-file (or --insecure-listen)",
@@ -154,7 +147,6 @@ pub fn serve(
             config,
             notify: tx,
             serials: 0,
-            precopy,
             events,
             done: None,
             refusals: std::cell::RefCell::new(LogWindow::new(REFUSAL_LOG_EVERY)),
@@ -164,8 +156,10 @@ pub fn serve(
         for index in 0..vms.len() {
             manager.end_session(index, true);
         }
-        if let Some(engine) = &source_vmm {
-            release_source(engine, manager.source_outcome());
+        for (index, vm) in vms.iter().enumerate() {
+            if let Some(engine) = &vm.source_vmm {
+                release_source(engine, manager.source_outcome(index));
+            }
         }
         result
     })
@@ -231,8 +225,6 @@ struct Manager<'scope, 'env> {
     slots: Vec<Slot<'scope, 'env>>,
     config: &'env ServerConfig,
     notify: Sender<Event>,
-    /// The precopy engine (`--vmm-uds` with `--strategy precopy|hybrid`; one VM).
-    precopy: Option<Arc<Precopy>>,
     /// Control-socket events.
     events: Events,
     serials: u64,

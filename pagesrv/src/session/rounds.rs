@@ -179,6 +179,7 @@ impl Session<'_> {
         );
         self.events.emit(json!({
             "event": "round",
+            "vm": self.vm.to_string(),
             "round": round.round,
             "pages_sent": round.pages_sent,
             "bytes": round.bytes,
@@ -199,7 +200,7 @@ impl Session<'_> {
     /// really).
     fn converged(&self, engine: &Precopy, by: ConvergedBy) {
         self.events
-            .emit_sticky(json!({"event": "converged", "by": by}));
+            .emit_sticky(json!({"event": "converged", "vm": self.vm.to_string(), "by": by}));
         if matches!(by, ConvergedBy::NoProgress | ConvergedBy::MaxRounds) {
             let left = count_both(engine.stale().pending(), &self.sent);
             warn!(
@@ -449,6 +450,7 @@ impl Session<'_> {
             .map_err(BulkError::writing("send the switchover"))?;
         self.events.emit_sticky(json!({
             "event": "switched",
+            "vm": self.vm.to_string(),
             "session": format!("{:016x}", self.id),
             "pages_unsent": self.total_pages() - self.sent.set_pages(),
         }));
