@@ -103,7 +103,7 @@ pub fn print_summary(session: &Session<'_>, outcome: &Outcome) {
     let bytes = get(&s.bytes_sent);
     // One write, so the line does not interleave with other processes' output.
     let line = format!(
-        "pagesrv: session {}: vm {}, id {:016x}, {:.3} s, {} pages requested (urgent: {} data, {} zero), pushed {} data + {} zero pages, {} in precopy rounds ({} dropped as written again), {} held, {} in the destination's base, {} free (hinted), {} skipped, {} pushed first from the working set, {} on extra bulk connections, {:.1} MiB sent ({:.0} MiB/s)\n",
+        "pagesrv: session {}: vm {}, id {:016x}, {:.3} s, {} pages requested (urgent: {} data, {} zero), pushed {} data + {} zero pages, {} in precopy rounds ({} dropped as written again, {} 4 KiB pieces patched), {} held, {} in the destination's base, {} free (hinted), {} skipped, {} pushed first from the working set, {} on extra bulk connections, {:.1} MiB sent ({:.0} MiB/s)\n",
         match outcome {
             Outcome::Completed if session.verified() => "completed".to_string(),
             Outcome::Completed => {
@@ -122,6 +122,7 @@ pub fn print_summary(session: &Session<'_>, outcome: &Outcome) {
         get(&s.pushed_zero_pages),
         get(&s.precopy_pages),
         get(&s.discarded_pages),
+        get(&s.patched_pieces),
         get(&s.held_pages),
         get(&s.base_pages),
         get(&s.free_pages),
