@@ -187,3 +187,36 @@ pub fn control_server(path: &Path, vms: &[ServedVm]) -> Result<Arc<ControlServer
     });
     Ok(ControlServer::bind(path, handler)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(specs: &[&str]) -> Result<Vec<(String, String)>> {
+        let specs: Vec<String> = specs.iter().map(|s| (*s).to_owned()).collect();
+        Ok(vmm_sockets(&specs)?
+            .into_iter()
+            .map(|(name, path)| (name.to_string(), path.display().to_string()))
+            .collect())
+    }
+
+    #[test]
+    fn test_source_vmm_sockets_are_named_one_lone_or_each_of_several() {
+        assert_eq!(
+            names(&["/run/s.sock"]).unwrap(),
+            [("vm".into(), "/run/s.sock".into())]
+        );
+        assert_eq!(
+            names(&["a=/run/a.sock", "b=/run/b.sock"]).unwrap(),
+            [
+                ("a".into(), "/run/a.sock".into()),
+                ("b".into(), "/run/b.sock".into())
+            ]
+        );
+        let unnamed = names(&["a=/run/a.sock", "/run/b.sock"]).unwrap_err();
+        assert!(unnamed.to_string().contains("name each"), "{unnamed}");
+        let twice = names(&["a=/run/a.sock", "a=/run/b.sock"]).unwrap_err();
+        assert!(twice.to_string().contains("named twice"), "{twice}");
+        assert!(names(&[]).is_err());
+    }
+}
