@@ -17,6 +17,7 @@
 //! in the next bitmap. What is stale (`common::source_core::stale`) outlives sessions: after a cut, pages the
 //! destination holds but the source wrote since are dropped first.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -356,17 +357,17 @@ impl Precopy {
 
     /// A bitmap from the VMM (its pages) in tracked pages: set where `any` of a tracked
     /// page's VMM pages is (written), or else where all are (free).
-    pub fn fold(&self, bitmap: &[u8], any: bool) -> Vec<u8> {
+    pub fn fold<'a>(&self, bitmap: &'a [u8], any: bool) -> Cow<'a, [u8]> {
         let page_size = self.page_size();
         if page_size == self.vmm_page_size {
-            return bitmap.to_vec();
+            return Cow::Borrowed(bitmap);
         }
-        fold_bitmap(
+        Cow::Owned(fold_bitmap(
             bitmap,
             page_size / self.vmm_page_size,
             self.ram_bytes / page_size,
             any,
-        )
+        ))
     }
 
     /// The guest wrote the VMM pages of `bitmap`: their pages are pending, and their pieces

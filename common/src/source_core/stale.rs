@@ -108,28 +108,32 @@ impl StaleMaps {
     }
 
     /// The pages that `which` names and the destination got (`sent`), to be patched in
-    /// place rather than dropped (huge pages: their written pieces are sent): each is
-    /// marked unconfirmed (a cut may lose the patch: the next session drops it), and, for
-    /// `Written`, no longer pending (the patch sends it).
+    /// place rather than dropped (huge pages: their written pieces are sent); mark each one
+    /// patched with [`StaleMaps::patched`], and drop the rest with [`StaleMaps::discards`].
     pub fn patches(&self, which: Stale, sent: &PageMap) -> Vec<u64> {
-        let stale = match which {
-            Stale::Written => &self.pending,
-            Stale::AtSwitch => &self.at_switch,
-        };
+        let stale = self.map(which);
         let total = stale.total_pages();
         let mut bitmap = stale.bitmap(0, total);
         for (b, s) in bitmap.iter_mut().zip(sent.bitmap(0, total)) {
             *b &= s;
         }
         let mut pages = Vec::new();
-        PageMap::bitmap_runs(0, &bitmap, |p, n| {
-            self.unconfirmed.set_range(p, n);
-            if which == Stale::Written {
-                self.pending.clear_range(p, n);
-            }
-            pages.extend(p..p + n);
-        });
+        PageMap::bitmap_runs(0, &bitmap, |p, n| pages.extend(p..p + n));
         pages
+    }
+
+    /// A patch of `page` was sent: it is no longer stale as `which` says, and unconfirmed
+    /// (a cut may lose the patch: the next session drops the page).
+    pub fn patched(&self, which: Stale, page: u64) {
+        self.map(which).clear_range(page, 1);
+        self.unconfirmed.set_range(page, 1);
+    }
+
+    fn map(&self, which: Stale) -> &PageMap {
+        match which {
+            Stale::Written => &self.pending,
+            Stale::AtSwitch => &self.at_switch,
+        }
     }
 
     /// The discards that drop, at a destination that got the pages of `sent`, those `which`
@@ -138,10 +142,7 @@ impl StaleMaps {
     /// a write fails the session ends, and a page marked but never dropped is only sent
     /// again (over-marking is the safe side).
     pub fn discards(&self, which: Stale, sent: &PageMap) -> Vec<DiscardFrame> {
-        let stale = match which {
-            Stale::Written => &self.pending,
-            Stale::AtSwitch => &self.at_switch,
-        };
+        let stale = self.map(which);
         let total = stale.total_pages();
         let chunk = MAX_PAYLOAD_BYTES as u64 * 8;
         let mut frames = Vec::new();
@@ -282,6 +283,9 @@ mod tests {
         maps.written_range(2, 3); // 2, 3, 4: sent and written
         maps.written_range(12, 1); // never sent: not patched
         assert_eq!(maps.patches(Stale::Written, &sent), vec![2, 3, 4]);
+        for page in [2, 3, 4] {
+            maps.patched(Stale::Written, page);
+        }
         assert_eq!(sent.set_pages(), 8, "patched pages stay at the destination");
         assert!(!maps.pending().is_set(3) && maps.pending().is_set(12));
         // The link is cut before a Sync: the next session drops them.

@@ -173,15 +173,6 @@ impl Kernel for FakeKernel {
         false
     }
 
-    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), UffdError> {
-        let st = self.st();
-        let bytes = st.memory[page as usize]
-            .clone()
-            .unwrap_or(vec![0; PAGE as usize]);
-        buf.copy_from_slice(&bytes);
-        Ok(())
-    }
-
     fn drop_pages(&self, first: u64, count: u64) -> Result<(), UffdError> {
         let mut st = self.st();
         for p in first..first + count {

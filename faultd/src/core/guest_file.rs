@@ -98,24 +98,16 @@ impl GuestFile {
                 .write(offset, src)
                 .map_err(|e| window_error("write to the guest memfd", e));
         }
-        self.file
-            .write_all_at(src, offset)
-            .map_err(|source| UffdError::Place {
-                op: "pwrite to the guest memfd",
-                addr: offset,
-                len: src.len() as u64,
-                source,
-            })
+        self.file.write_all_at(src, offset).map_err(file_error(
+            "pwrite to the guest memfd",
+            offset,
+            src.len(),
+        ))
     }
 
-    /// Writes `len` zero bytes at byte `offset`.
+    /// Writes `len` zero bytes at byte `offset` (small pages: huge pages are placed by
+    /// UFFDIO_COPY, zeros included).
     pub(super) fn zero(&self, offset: u64, len: u64, page_size: u64) -> Result<(), UffdError> {
-        if Self::through_window(page_size) {
-            return self
-                .window
-                .zero(offset, len)
-                .map_err(|e| window_error("zero the guest memfd", e));
-        }
         static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         let mut at = 0;
         while at < len {
@@ -140,14 +132,26 @@ impl GuestFile {
             // A read past a shrunk end read the guard's zeros, not the page.
             return self.check_intact(offset, buf.len() as u64);
         }
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|source| UffdError::Place {
-                op: "read back a page of the guest memfd",
-                addr: offset,
-                len: buf.len() as u64,
-                source,
-            })
+        let len = buf.len();
+        self.file.read_exact_at(buf, offset).map_err(file_error(
+            "read back a page of the guest memfd",
+            offset,
+            len,
+        ))
+    }
+}
+
+/// A failed `op` on the file's `len` bytes at `offset`, for `map_err`.
+fn file_error(
+    op: &'static str,
+    offset: u64,
+    len: usize,
+) -> impl FnOnce(std::io::Error) -> UffdError {
+    move |source| UffdError::Place {
+        op,
+        addr: offset,
+        len: len as u64,
+        source,
     }
 }
 

@@ -106,21 +106,23 @@ pub trait Kernel: Sync {
     /// Whether placement writes a shared page cache before mapping (memfd placement): then
     /// every placement must hold the placement gate, the fault thread's too.
     fn writes_page_cache(&self) -> bool;
-    /// Reads the current contents of a placed page into `buf` (one page).
-    ///
-    /// # Errors
-    /// Pages cannot be read back (no memfd) or the read failed.
-    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), UffdError>;
     /// Drops pages `first..first+count` so the next touch faults (MISSING) again.
     ///
     /// # Errors
     /// Pages cannot be dropped (no memfd) or the kernel refused.
     fn drop_pages(&self, first: u64, count: u64) -> Result<(), UffdError>;
-    /// Reads `buf.len()` bytes of present page `page` from byte `offset`.
+    /// Reads `buf.len()` bytes of placed page `page` from byte `offset`.
     ///
     /// # Errors
-    /// As [`Kernel::read_page`].
+    /// Pages cannot be read back (no memfd) or the read failed.
     fn read_in_place(&self, page: u64, offset: u64, buf: &mut [u8]) -> Result<(), UffdError>;
+    /// Reads the current contents of a placed page into `buf` (one page).
+    ///
+    /// # Errors
+    /// As [`Kernel::read_in_place`].
+    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), UffdError> {
+        self.read_in_place(page, 0, buf)
+    }
     /// Writes `bytes` into present page `page` at byte `offset`, in place (the page stays
     /// mapped: precopy's patches, before the guest runs here).
     ///
@@ -373,12 +375,6 @@ impl Kernel for UffdKernel {
 
     fn writes_page_cache(&self) -> bool {
         self.memfd.is_some()
-    }
-
-    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), UffdError> {
-        let page_size = self.page_size();
-        let file = self.memfd_for("read back a page", page, 1)?;
-        file.read(page * page_size, buf, page_size)
     }
 
     fn drop_pages(&self, first: u64, count: u64) -> Result<(), UffdError> {

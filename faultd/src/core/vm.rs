@@ -471,54 +471,48 @@ impl<K: Kernel> Vm<K> {
         bitmap: &[u8],
         pieces: &[u8],
     ) -> Result<bool, UffdError> {
-        use common::digest::{DIGEST_PIECE_BYTES, page_digest, piece_digest};
+        use common::digest::{DIGEST_PIECE_BYTES, piece_digest};
         let _gate = self.gate();
         if page >= self.total_pages() || !self.done.is_set(page) {
             return Ok(false);
         }
         let page_size = self.page_size();
-        let was_zero = self.zero.is_set(page);
+        let mut runs = Vec::new();
+        PageMap::bitmap_runs(0, bitmap, |first, n| {
+            let (at, len) = (first * piece_bytes, n * piece_bytes);
+            if at + len <= page_size {
+                runs.push((at, len));
+            }
+        });
+        // The page's digest is the sum of its digest pieces' (`common::digest`): only those
+        // the patch touches are digested again, their old bytes taken back first.
+        let unit = (DIGEST_PIECE_BYTES as u64).min(page_size);
+        let first_index = page * (page_size / unit);
+        let mut touched: Vec<u64> = runs
+            .iter()
+            .flat_map(|&(at, len)| at / unit..(at + len).div_ceil(unit))
+            .collect();
+        touched.dedup();
         let digests = &self.chunk_digests[(page / self.chunk_pages) as usize];
-        // Huge pages are digested by pieces: only the patched ones are digested again.
-        let by_piece = piece_bytes == DIGEST_PIECE_BYTES as u64 && page_size > piece_bytes;
-        let mut whole = Vec::new();
-        if !by_piece {
-            whole = vec![0u8; page_size as usize];
-            if !was_zero {
-                self.kernel.read_page(page, &mut whole)?;
-                digests.fetch_sub(page_digest(page, &whole), Ordering::Relaxed);
+        let mut buf = vec![0u8; unit as usize];
+        let was_zero = self.zero.is_set(page);
+        if !was_zero {
+            for &d in &touched {
+                self.kernel.read_in_place(page, d * unit, &mut buf)?;
+                digests.fetch_sub(piece_digest(first_index + d, &buf), Ordering::Relaxed);
             }
         }
-        let mut runs = Vec::new();
-        PageMap::bitmap_runs(0, bitmap, |first, n| runs.push((first, n)));
-        let mut old = vec![0u8; piece_bytes as usize];
         let mut taken = 0;
-        for (first, n) in runs {
-            let (at, len) = (first * piece_bytes, (n * piece_bytes) as usize);
-            let Some(new) = pieces.get(taken..taken + len) else {
+        for (at, len) in runs {
+            let Some(new) = pieces.get(taken..taken + len as usize) else {
                 break; // the decoder checked the lengths: not reached
             };
-            if at + len as u64 > page_size {
-                break;
-            }
-            if by_piece {
-                let index = page * (page_size / piece_bytes) + first;
-                for (i, piece) in new.chunks(piece_bytes as usize).enumerate() {
-                    let offset = at + i as u64 * piece_bytes;
-                    if !was_zero {
-                        self.kernel.read_in_place(page, offset, &mut old)?;
-                        digests.fetch_sub(piece_digest(index + i as u64, &old), Ordering::Relaxed);
-                    }
-                    digests.fetch_add(piece_digest(index + i as u64, piece), Ordering::Relaxed);
-                }
-            } else {
-                whole[at as usize..at as usize + len].copy_from_slice(new);
-            }
             self.kernel.write_in_place(page, at, new)?;
-            taken += len;
+            taken += len as usize;
         }
-        if !by_piece {
-            digests.fetch_add(page_digest(page, &whole), Ordering::Relaxed);
+        for &d in &touched {
+            self.kernel.read_in_place(page, d * unit, &mut buf)?;
+            digests.fetch_add(piece_digest(first_index + d, &buf), Ordering::Relaxed);
         }
         if was_zero {
             self.zero.clear_range(page, 1);

@@ -232,7 +232,7 @@ impl Session<'_> {
         if let Some(free) = free {
             let pages = self.source.hint_free(&free);
             // In the destination's pages: a huge page is free when all of it is.
-            let mut free = engine.fold(&free, false);
+            let mut free = engine.fold(&free, false).into_owned();
             let zero = self.sent_zero.bitmap(0, self.source.total_pages());
             for (f, z) in free.iter_mut().zip(zero) {
                 *f &= !z;
@@ -343,8 +343,8 @@ impl Session<'_> {
     /// For a destination on huge pages: sends, for each page it got that `which` names, the
     /// pieces the guest wrote since (a `Patch`: the page stays there); a page that is free
     /// now (served as zero from here on) or has no pieces recorded (patched on a link since
-    /// cut) is dropped instead and sent again. Returns how many pages were patched or
-    /// dropped.
+    /// cut) is left stale and dropped by [`Session::discard`], to be sent again. Returns how
+    /// many pages were patched or dropped.
     fn patch(
         &self,
         conn: &mut TcpStream,
@@ -353,21 +353,16 @@ impl Session<'_> {
         which: Stale,
     ) -> Result<u64, BulkError> {
         let piece = PATCH_BYTES as usize;
-        let total = self.source.total_pages();
-        let mut drop = vec![0u8; total.div_ceil(8) as usize];
-        let mut dropping = false;
+        let stale = engine.stale();
         let mut payload = Vec::new();
-        let pages = engine.stale().patches(which, &self.sent);
-        for &page in &pages {
+        let mut patched = 0;
+        for page in stale.patches(which, &self.sent) {
             let bitmap = engine.take_pieces(page);
             let set: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
             if set == 0
                 || bitmap.len() + set * piece > MAX_PAYLOAD_BYTES
                 || self.source.is_free(page)
             {
-                self.sent.clear_range(page, 1);
-                drop[(page / 8) as usize] |= 1 << (page % 8);
-                dropping = true;
                 continue;
             }
             let bytes = self.source.bytes(page, 1);
@@ -390,6 +385,8 @@ impl Session<'_> {
             };
             tx.write_frame(conn, &Message::Patch(range), &payload)
                 .map_err(BulkError::writing("send a patch"))?;
+            stale.patched(which, page);
+            patched += 1;
             // It holds data now, whatever it was sent as.
             self.sent_zero.clear_range(page, 1);
             self.stats.bytes_sent.fetch_add(
@@ -400,20 +397,7 @@ impl Session<'_> {
                 .patched_pieces
                 .fetch_add(set as u64, Ordering::Relaxed);
         }
-        if dropping {
-            let chunk = MAX_PAYLOAD_BYTES as u64 * 8;
-            let mut first = 0;
-            while first < total {
-                let count = chunk.min(total - first);
-                let bits = &drop[(first / 8) as usize..(first + count).div_ceil(8) as usize];
-                if bits.iter().any(|&b| b != 0) {
-                    tx.write_frame(conn, &Message::Discard(PageRange { first, count }), bits)
-                        .map_err(BulkError::writing("send a discard"))?;
-                }
-                first += count;
-            }
-        }
-        Ok(pages.len() as u64)
+        Ok(patched + self.discard(conn, tx, engine, which)?)
     }
 
     /// Tells the destination to drop the pages it got that `which` names (they are sent
