@@ -155,6 +155,7 @@ pub fn run(args: &MigrateArgs) -> Result<()> {
     crate::procs::remove_on_interrupt(&work);
     let result = migrate(args, &mem, &work);
     let _ = std::fs::remove_file(&mem);
+    let _ = std::fs::remove_file(base_image_path(&mem));
     let _ = std::fs::remove_dir_all(&work);
     result
 }
@@ -241,8 +242,11 @@ fn migrate(args: &MigrateArgs, mem: &Path, work: &Path) -> Result<()> {
         "--streams".to_owned(),
         args.streams.to_string(),
     ];
-    let base = args.base_similarity.map(|pct| (work.join("base.mem"), pct));
+    // Beside the guest's RAM (tmpfs by default), allocated before the migration starts.
+    let base = args.base_similarity.map(|pct| (base_image_path(mem), pct));
     if let Some((path, _)) = &base {
+        crate::procs::remove_on_interrupt(path);
+        allocate_base_image(path, args.size_mib << 20)?;
         faultd_args.push("--base".to_owned());
         faultd_args.push(path.to_str().context("path")?.to_owned());
     }
@@ -391,21 +395,46 @@ fn boot_source(
     Ok((source, first_touching, last))
 }
 
+/// Where `--base-similarity` puts the base image: beside the guest's RAM file.
+fn base_image_path(mem: &Path) -> PathBuf {
+    mem.with_extension("base.mem")
+}
+
+/// Creates the base image file at `base` with room for `size` bytes, allocated now (before
+/// the migration starts, like the destination's RAM), so that [`write_base_image`] only
+/// copies.
+fn allocate_base_image(base: &Path, size: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let file =
+        std::fs::File::create(base).with_context(|| format!("cannot create {}", base.display()))?;
+    nix::fcntl::fallocate(
+        file.as_raw_fd(),
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        i64::try_from(size)?,
+    )
+    .with_context(|| format!("cannot allocate {}", base.display()))?;
+    Ok(())
+}
+
 /// Copies the guest's RAM file to `base`, changing one byte of every page not among the
-/// `pct` % kept (chosen by a hash of the page index, so they are spread out).
+/// `pct` % kept (chosen by a hash of the page index, so they are spread out). The guest
+/// runs meanwhile, so the copy is kept short: `base` is allocated ahead
+/// ([`allocate_base_image`]) and only written here. Prints how long it took.
 fn write_base_image(mem: &Path, base: &Path, pct: u8) -> Result<()> {
-    use std::io::{Read, Write};
-    let mut from = std::fs::File::open(mem)?;
-    let mut to = std::io::BufWriter::with_capacity(
-        4 << 20,
-        std::fs::File::create(base).with_context(|| format!("cannot create {}", base.display()))?,
-    );
+    use std::os::unix::fs::FileExt;
+    let started = std::time::Instant::now();
+    let from = std::fs::File::open(mem)?;
+    let to = std::fs::OpenOptions::new()
+        .write(true)
+        .open(base)
+        .with_context(|| format!("cannot open {}", base.display()))?;
     let mut buf = vec![0u8; 4 << 20];
-    let mut page = 0u64;
+    let (mut offset, mut page) = (0u64, 0u64);
     loop {
         let mut n = 0;
         while n < buf.len() {
-            match from.read(&mut buf[n..])? {
+            match from.read_at(&mut buf[n..], offset + n as u64)? {
                 0 => break,
                 got => n += got,
             }
@@ -419,8 +448,13 @@ fn write_base_image(mem: &Path, base: &Path, pct: u8) -> Result<()> {
             }
             page += 1;
         }
-        to.write_all(&buf[..n])?;
+        to.write_all_at(&buf[..n], offset)?;
+        offset += n as u64;
     }
-    to.flush()?;
+    to.set_len(offset)?;
+    progress(&format!(
+        "base image ({pct}% of the pages as they are now) written in {:.0} ms\n",
+        started.elapsed().as_secs_f64() * 1000.0
+    ));
     Ok(())
 }
