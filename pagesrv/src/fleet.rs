@@ -8,7 +8,7 @@ use common::wire::{ErrorCode, MAX_VM_NAME_BYTES, PROTOCOL_VERSION, SessionParams
 use thiserror::Error;
 
 use crate::precopy::{Precopy, Strategy};
-use crate::source::{MemorySource, PageSource};
+use crate::vm_memory::VmMemory;
 
 /// Most VM names listed in an error before "and N more".
 const NAMES_LISTED: usize = 8;
@@ -174,7 +174,7 @@ pub struct ServedVm {
     /// The name destinations ask for.
     pub name: VmName,
     /// Its memory.
-    pub source: MemorySource,
+    pub source: VmMemory,
     /// The link to its source VMM (`--vmm-uds`: a running VM), kept in every strategy to
     /// tell the VMM the outcome; the precopy engine for precopy and hybrid.
     pub source_vmm: Option<Arc<Precopy>>,
@@ -249,7 +249,7 @@ fn list_names(vms: &[ServedVm]) -> String {
 /// (session id still 0).
 pub fn check_destination(
     theirs: &SessionParams,
-    source: &MemorySource,
+    source: &VmMemory,
     required_page_size: Option<u64>,
 ) -> Result<SessionParams, (ErrorCode, String)> {
     if theirs.version != PROTOCOL_VERSION {

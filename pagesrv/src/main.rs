@@ -22,6 +22,8 @@ mod server;
 mod session;
 mod source;
 mod store_cmd;
+mod store_source;
+mod vm_memory;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,7 +43,7 @@ use crate::precopy::Strategy;
 use crate::report::Events;
 use crate::server::{ServerConfig, serve};
 use crate::session::{SessionConfig, error_chain};
-use crate::source::MemorySource;
+use crate::vm_memory::VmMemory;
 
 /// Serve a paused VM's memory to a postcopy destination.
 ///
@@ -65,11 +67,22 @@ struct Cli {
     command: Option<Command>,
     /// The guest memory file (e.g. /dev/shm/vm1, a Firecracker snapshot's memory file, or a
     /// hugetlbfs file) of a paused VM, served under its file name; `NAME=PATH` serves it
-    /// under NAME. Repeat to serve several VMs at once (destinations name theirs with
+    /// under NAME. A snapshot in an object store, `s3://BUCKET/SNAPSHOT` (uploaded with
+    /// `pagesrv store put`), is served through a local cache (--store-cache) to any number
+    /// of restores. Repeat to serve several VMs at once (destinations name theirs with
     /// `faultd --vm NAME`).
     #[arg(long, value_name = "[NAME=]PATH", value_parser = fleet::parse_vm_spec,
           required_unless_present_any = ["gen_psk", "vmm_uds", "vm_dir", "derive_vm_key"])]
     vm_mem: Vec<fleet::VmSpec>,
+    /// With `--vm-mem NAME=s3://BUCKET/SNAPSHOT` (a snapshot `pagesrv store put` uploaded;
+    /// credentials and endpoint from the `AWS_*` environment, as for `pagesrv store`): the
+    /// directory of its local cache (a file the size of the image, unlinked at once).
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
+    store_cache: PathBuf,
+    /// The most a stored snapshot's local cache holds before it evicts what was used least
+    /// recently, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 4096)]
+    store_cache_mib: u64,
     /// Serve every regular file in DIR as a paused VM's memory, each under its file name.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["vm_mem", "vmm_uds", "gen_psk"])]
     vm_dir: Option<PathBuf>,
@@ -223,7 +236,7 @@ fn parse_page_size(text: &str) -> Result<u64, String> {
 
 /// The working set of `--prefetch`, if it is whole and was recorded on this image; else
 /// says why it is ignored (the migration goes on without it).
-fn load_prefetch(path: &Path, source: &MemorySource) -> Option<Arc<WorkingSet>> {
+fn load_prefetch(path: &Path, source: &VmMemory) -> Option<Arc<WorkingSet>> {
     let checked = WorkingSet::read(path).and_then(|set| {
         let total = source.size_bytes() / u64::from(set.page_size.max(1));
         set.check_image(set.page_size, total, source.image_id())?;
@@ -287,6 +300,8 @@ fn run(cli: Cli) -> Result<server::Verdict> {
         vmm_uds: &cli.vmm_uds,
         strategy: cli.strategy,
         max_downtime: Duration::from_millis(cli.max_downtime_ms),
+        store_cache: &cli.store_cache,
+        store_cache_mib: cli.store_cache_mib,
     })?;
     if vms.len() > 1 && (cli.free_pages.is_some() || cli.prefetch.is_some()) {
         bail!(
@@ -294,7 +309,9 @@ fn run(cli: Cli) -> Result<server::Verdict> {
         );
     }
     if let Some(path) = &cli.free_pages {
-        let source = &mut vms[0].source;
+        let Some(source) = vms[0].source.file_mut() else {
+            bail!("--free-pages describes a memory file's pages, not a stored snapshot's");
+        };
         let hints = common::free_hints::FreeHints::load(path, source.size_bytes())?;
         info!(
             free_pages = hints.free_pages(),
@@ -318,7 +335,8 @@ fn run(cli: Cli) -> Result<server::Verdict> {
         handshake_capacity: handshake_capacity().min(cli.max_handshakes),
         insecure_listen: cli.insecure_listen,
         listen: cli.listen,
-        serve_forever: cli.serve_forever,
+        // A stored snapshot is a template: it serves any number of restores.
+        serve_forever: cli.serve_forever || vms.iter().any(|vm| vm.source.is_stored()),
         page_size: cli.page_size,
         session: SessionConfig {
             prepage_window_pages: cli.prepage_window,

@@ -16,6 +16,8 @@ use tracing::info;
 use crate::fleet::{self, ServedVm, VmSpec};
 use crate::precopy::{Precopy, Strategy};
 use crate::source::MemorySource;
+use crate::store_source::StoreSource;
+use crate::vm_memory::VmMemory;
 
 /// The command line's say on what to serve.
 pub struct Sources<'a> {
@@ -29,6 +31,10 @@ pub struct Sources<'a> {
     pub strategy: Strategy,
     /// `--max-downtime-ms`.
     pub max_downtime: Duration,
+    /// `--store-cache`: where stored snapshots' caches go.
+    pub store_cache: &'a Path,
+    /// `--store-cache-mib`: how large each may grow.
+    pub store_cache_mib: u64,
 }
 
 /// The memory to serve: paused VMs' files (`--vm-mem`, `--vm-dir`), or running VMs' RAM
@@ -50,8 +56,19 @@ pub fn open_vms(cli: &Sources<'_>) -> Result<Vec<ServedVm>> {
         return specs
             .into_iter()
             .map(|spec| {
-                let source = MemorySource::open(&spec.path)
-                    .with_context(|| format!("cannot serve {}", spec.path.display()))?;
+                let source = match spec.path.to_str().filter(|p| p.starts_with("s3://")) {
+                    Some(url) => {
+                        let url: snapstore::StoreUrl =
+                            url.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+                        let store = StoreSource::open(&url, cli.store_cache, cli.store_cache_mib)
+                            .with_context(|| format!("cannot serve {url}"))?;
+                        VmMemory::Store(store)
+                    }
+                    None => VmMemory::File(
+                        MemorySource::open(&spec.path)
+                            .with_context(|| format!("cannot serve {}", spec.path.display()))?,
+                    ),
+                };
                 Ok(ServedVm {
                     name: spec.name,
                     source,
@@ -144,7 +161,7 @@ fn accept_source_vmm(
     }
     Ok(ServedVm {
         name,
-        source,
+        source: VmMemory::File(source),
         source_vmm: Some(Arc::new(engine)),
     })
 }

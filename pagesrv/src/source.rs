@@ -69,6 +69,15 @@ pub enum SourceError {
         #[source]
         source: common::sigbus::GuardError,
     },
+    /// Pages could not be read from where they are kept (a store that went away, a damaged
+    /// object): they cannot be served.
+    #[error("the pages of {what} are lost: {why}")]
+    Lost {
+        /// The memory (a store address).
+        what: String,
+        /// Why.
+        why: String,
+    },
     /// The file shrank while it was served: its missing pages cannot be served.
     #[error(
         "the memory file {path} shrank while it was served ({size_bytes} of {expected_bytes} bytes left); its pages are gone"
@@ -310,8 +319,10 @@ pub trait PageSource: Send + Sync {
     /// Pages of guest RAM.
     fn total_pages(&self) -> u64;
 
-    /// The bytes of pages `first..first+count` (the caller keeps the range in bounds).
-    fn bytes(&self, first: u64, count: u64) -> &[u8];
+    /// The bytes of pages `first..first+count` (the caller keeps the range in bounds). A
+    /// source that could not read them lends zeros and says so in
+    /// [`PageSource::pages_intact`], which callers check before they send what they read.
+    fn bytes(&self, first: u64, count: u64) -> PageBytes<'_>;
 
     /// Whether the guest holds `page` free: it is served as zero.
     fn is_free(&self, page: u64) -> bool;
@@ -344,6 +355,36 @@ pub trait PageSource: Send + Sync {
     fn paused(&self) {}
 }
 
+/// Pages' bytes as a source lends them: derefs to the bytes. A source that caches pages keeps
+/// them from being evicted until this is dropped.
+pub struct PageBytes<'a> {
+    bytes: &'a [u8],
+    _held: Option<Box<dyn Send + 'a>>,
+}
+
+impl<'a> PageBytes<'a> {
+    /// Bytes that stay put as long as the source lives.
+    pub fn borrowed(bytes: &'a [u8]) -> Self {
+        PageBytes { bytes, _held: None }
+    }
+
+    /// Bytes that stay put as long as `hold` is not dropped.
+    pub fn held(bytes: &'a [u8], hold: Box<dyn Send + 'a>) -> Self {
+        PageBytes {
+            bytes,
+            _held: Some(hold),
+        }
+    }
+}
+
+impl std::ops::Deref for PageBytes<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.bytes
+    }
+}
+
 /// The memory file in pages of one size (a session's view).
 #[derive(Debug, Clone, Copy)]
 pub struct Paged<'a> {
@@ -364,9 +405,11 @@ impl PageSource for Paged<'_> {
     }
 
     /// The bytes of pages `first..first+count` (the caller keeps the range in bounds).
-    fn bytes(&self, first: u64, count: u64) -> &[u8] {
+    fn bytes(&self, first: u64, count: u64) -> PageBytes<'_> {
         let start = (first * self.page_size) as usize;
-        &self.source.map.as_slice()[start..start + (count * self.page_size) as usize]
+        PageBytes::borrowed(
+            &self.source.map.as_slice()[start..start + (count * self.page_size) as usize],
+        )
     }
 
     /// Whether the guest holds `page` free (every 4 KiB of it): it is served as zero.
@@ -386,7 +429,7 @@ impl PageSource for Paged<'_> {
         let is_zero_page = |page| {
             self.is_free(page)
                 || in_hole(&data_ranges, page * self.page_size, self.page_size)
-                || is_zero(self.bytes(page, 1))
+                || is_zero(&self.bytes(page, 1))
         };
         let end = (first + count).min(self.total_pages);
         let mut page = first;

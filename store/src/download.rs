@@ -115,10 +115,67 @@ async fn download(
             PageRef::Stored { frame, slot } => users[frame as usize].push((slot, page as u64)),
         }
     }
-    let runs = runs(&manifest, |f| !users[f].is_empty());
-    report.requests = runs.len() as u64;
-    let manifest = &manifest;
-    let mut fetched = futures::stream::iter(runs)
+    let wanted: Vec<usize> = (0..manifest.frames.len())
+        .filter(|&f| !users[f].is_empty())
+        .collect();
+    let fetched = fetch_frames(objects, &manifest, &wanted, &mut |f, raw| {
+        for &(slot, page) in &users[f] {
+            let page_bytes = &raw[usize::from(slot) * PAGE_BYTES as usize..][..PAGE_BYTES as usize];
+            file.write_all_at(page_bytes, page * PAGE_BYTES)
+                .map_err(StoreError::file("write", out))?;
+        }
+        Ok(())
+    })
+    .await?;
+    report.frames = wanted.len() as u64;
+    report.requests = fetched.requests;
+    report.bytes_fetched += fetched.bytes;
+    Ok(report)
+}
+
+/// What [`Store::fetch_frames`] hands each frame to: its index in the manifest and its
+/// pages' bytes, checked.
+pub type OnFrame<'a> = dyn FnMut(usize, &[u8]) -> Result<(), StoreError> + 'a;
+
+/// What fetching frames took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fetched {
+    /// Ranged GETs made.
+    pub requests: u64,
+    /// Bytes they returned.
+    pub bytes: u64,
+}
+
+impl Store {
+    /// Fetches frames `frames` (indexes into `manifest.frames`): neighbouring frames of a
+    /// pack in one ranged GET, [`GETS_IN_FLIGHT`] at once; checks each against its hash and
+    /// hands it, decompressed, to `on_frame` as it arrives.
+    ///
+    /// # Errors
+    /// A failed request, a damaged frame, or `on_frame`'s error.
+    pub fn fetch_frames(
+        &self,
+        manifest: &Manifest,
+        frames: &[usize],
+        on_frame: &mut OnFrame<'_>,
+    ) -> Result<Fetched, StoreError> {
+        self.runtime
+            .block_on(fetch_frames(&*self.objects, manifest, frames, on_frame))
+    }
+}
+
+async fn fetch_frames(
+    objects: &dyn object_store::ObjectStore,
+    manifest: &Manifest,
+    frames: &[usize],
+    on_frame: &mut OnFrame<'_>,
+) -> Result<Fetched, StoreError> {
+    let runs = runs(manifest, frames);
+    let mut fetched = Fetched {
+        requests: runs.len() as u64,
+        bytes: 0,
+    };
+    let mut gets = futures::stream::iter(runs)
         .map(|run| async move {
             let first = &manifest.frames[run[0]];
             let last = &manifest.frames[run[run.len() - 1]];
@@ -128,8 +185,8 @@ async fn download(
             Ok::<_, StoreError>((run, key, bytes))
         })
         .buffer_unordered(GETS_IN_FLIGHT);
-    while let Some((run, key, bytes)) = fetched.try_next().await? {
-        report.bytes_fetched += bytes.len() as u64;
+    while let Some((run, key, bytes)) = gets.try_next().await? {
+        fetched.bytes += bytes.len() as u64;
         let base = manifest.frames[run[0]].frame.offset;
         for f in run {
             let frame = &manifest.frames[f].frame;
@@ -140,23 +197,18 @@ async fn download(
                     source,
                 },
             )?;
-            for &(slot, page) in &users[f] {
-                let page_bytes =
-                    &raw[usize::from(slot) * PAGE_BYTES as usize..][..PAGE_BYTES as usize];
-                file.write_all_at(page_bytes, page * PAGE_BYTES)
-                    .map_err(StoreError::file("write", out))?;
-            }
-            report.frames += 1;
+            on_frame(f, &raw)?;
         }
     }
-    Ok(report)
+    Ok(fetched)
 }
 
-/// The frames `wanted` says are needed, grouped into runs that lie back to back in one pack
+/// The frames `wanted`, grouped into runs that lie back to back in one pack
 /// (at most [`RANGE_BYTES`] each): one ranged GET per run.
-fn runs(manifest: &Manifest, wanted: impl Fn(usize) -> bool) -> Vec<Run> {
-    let mut order: Vec<usize> = (0..manifest.frames.len()).filter(|&f| wanted(f)).collect();
-    order.sort_by_key(|&f| (manifest.frames[f].pack, manifest.frames[f].frame.offset));
+fn runs(manifest: &Manifest, wanted: &[usize]) -> Vec<Run> {
+    let mut order = wanted.to_vec();
+    order.sort_by_key(|&f| (manifest.frames[f].pack, manifest.frames[f].frame.offset, f));
+    order.dedup();
     let mut runs: Vec<(Run, u64)> = Vec::new();
     for f in order {
         let this = &manifest.frames[f];
@@ -208,9 +260,9 @@ mod tests {
             pages: vec![PageRef::Zero],
             working_set: vec![],
         };
-        let runs = runs(&manifest, |f| f != 3);
+        let runs = runs(&manifest, &[0, 1, 2, 4]);
         assert_eq!(runs, vec![vec![1, 0], vec![2], vec![4]]);
-        let all = super::runs(&manifest, |_| true);
+        let all = super::runs(&manifest, &[0, 1, 2, 3, 4]);
         assert_eq!(all, vec![vec![1, 0, 3, 2], vec![4]]);
     }
 }

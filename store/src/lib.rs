@@ -19,7 +19,7 @@ mod upload;
 
 pub use catalog::{RemoveReport, SnapshotInfo};
 pub use client::{Store, StoreUrl};
-pub use download::GetReport;
+pub use download::{Fetched, GetReport, OnFrame};
 pub use upload::{Progress, PutOptions, PutReport};
 
 use std::path::PathBuf;

@@ -356,3 +356,99 @@ fn test_removal_deletes_only_what_no_other_snapshot_uses() {
         .unwrap();
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no snapshot a"));
 }
+
+/// pagesrv serving a stored snapshot (with `extra` arguments) on a free loopback port.
+fn serve_snapshot(server: &S3Server, url: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args: Vec<std::ffi::OsString> = vec!["--vm-mem".into(), url.into()];
+    args.extend(extra.iter().map(Into::into));
+    let mut cmd = std::process::Command::new(tests::bin("pagesrv"));
+    cmd.args(["--listen", "127.0.0.1:0"])
+        .args(tests::key_args(&args))
+        .args(&args)
+        .envs(server.env());
+    let mut pagesrv = Proc::spawn("pagesrv", &mut cmd);
+    let line = pagesrv.read_line();
+    let Some(addr) = line.strip_prefix("pagesrv listening on ") else {
+        let (_, err) = pagesrv.wait(Duration::from_secs(5));
+        panic!("pagesrv did not start: {line:?}\n{err}");
+    };
+    let addr = addr.to_owned();
+    (pagesrv, addr)
+}
+
+/// Restores `image` (as stored) into a test VMM through faultd from pagesrv at `addr`;
+/// asserts every byte the VMM read was right and the digests matched.
+fn restore(dir: &Scratch, tag: &str, addr: &str, image: &Path) {
+    let (uds, stats) = (
+        dir.path(&format!("{tag}.sock")),
+        dir.path(&format!("{tag}.json")),
+    );
+    let mut faultd = tests::start_faultd(addr, &uds, &stats);
+    let mut vmm = tests::start_vmm(&uds, image, &["--threads", "2"]);
+    let limit = Duration::from_secs(120);
+    let (vmm_status, vmm_err) = vmm.wait(limit);
+    let report = vmm.rest_of_stdout();
+    let (faultd_status, faultd_err) = faultd.wait(limit);
+    assert!(
+        vmm_status.success(),
+        "{tag}: test-vmm failed: {report}\n{vmm_err}\nfaultd:\n{faultd_err}"
+    );
+    assert!(
+        faultd_status.success(),
+        "{tag}: faultd failed:\n{faultd_err}"
+    );
+    let vmm = tests::json(&report);
+    assert_eq!(vmm["mismatches_during"], 0, "{tag}: {vmm}");
+    assert_eq!(vmm["mismatches_after"], 0, "{tag}: {vmm}");
+    let stats = tests::json(&std::fs::read_to_string(&stats).unwrap());
+    assert_eq!(stats["digest_check"], "match", "{tag}: {stats}");
+    assert_eq!(
+        stats["received_digest"].as_str(),
+        Some(tests::source_digest(image).as_str()),
+        "{tag}: {stats}"
+    );
+}
+
+#[test]
+fn test_a_stored_snapshot_restores_twice_through_a_cache_smaller_than_it() {
+    if !require_weed() || !tests::require_userfaultfd() {
+        return;
+    }
+    let server = S3Server::start("serve");
+    let dir = Scratch::new("store-serve");
+    let image = dir.path("vm.mem");
+    // 64 MiB: every 4th page zero, a hole, the rest data (48 MiB).
+    write_source(&image, 16384, 13, 4, 2000..2100);
+    run_ok(&mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &server.url("tpl")]));
+    // A cache of 8 MiB for 48 MiB of data: frames are evicted while the restores run.
+    let (pagesrv, addr) = serve_snapshot(
+        &server,
+        &server.url("tpl"),
+        &[
+            "--store-cache",
+            dir.0.to_str().unwrap(),
+            "--store-cache-mib",
+            "8",
+        ],
+    );
+    restore(&dir, "first", &addr, &image);
+    // A template is never finished: the next restore is served too.
+    restore(&dir, "second", &addr, &image);
+    let err = pagesrv.kill_and_collect();
+    for line in err.lines().filter(|l| l.starts_with("pagesrv: VM")) {
+        eprintln!("{line}");
+    }
+    assert_eq!(err.matches("completed (verified)").count(), 2, "{err}");
+    let evicted = number_before(&err, " evicted");
+    assert!(
+        evicted > 0,
+        "a cache smaller than the image evicted nothing: {err}"
+    );
+    // The cache file was unlinked at once: nothing is left in its directory.
+    let left: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".cache"))
+        .collect();
+    assert!(left.is_empty(), "cache files left: {left:?}");
+}

@@ -182,8 +182,17 @@ fn print_vm_totals(vm: &ServedVm, slot: &Slot<'_, '_>, finished: &Finished) {
         Finished::Failed(why) => format!("FAILED ({why})"),
     };
     let mib = slot.bytes_sent as f64 / f64::from(1 << 20);
+    let cache = match &vm.source {
+        crate::vm_memory::VmMemory::Store(store) => {
+            let (fetched, evicted, resident) = store.cache_counts();
+            format!(
+                "; store cache: {fetched} frames fetched, {evicted} evicted, {resident} MiB held"
+            )
+        }
+        crate::vm_memory::VmMemory::File(_) => String::new(),
+    };
     eprintln!(
-        "pagesrv: VM {}: {how}, {} session(s), {mib:.1} MiB sent in {secs:.3} s ({:.0} MiB/s)",
+        "pagesrv: VM {}: {how}, {} session(s), {mib:.1} MiB sent in {secs:.3} s ({:.0} MiB/s){cache}",
         vm.name,
         slot.sessions,
         mib / secs.max(1e-9)

@@ -104,8 +104,8 @@ impl Session<'_> {
                     };
                     let slots = hashes[(first - at) as usize * PAGE_HASH_BYTES..]
                         .chunks_exact_mut(PAGE_HASH_BYTES);
-                    let pages = self.source.bytes(first, count).chunks(page_size);
-                    for (slot, page) in slots.zip(pages) {
+                    let bytes = self.source.bytes(first, count);
+                    for (slot, page) in slots.zip(bytes.chunks(page_size)) {
                         slot.copy_from_slice(&common::digest::page_hash(self.id, page));
                     }
                     data_pages += count;

@@ -184,7 +184,7 @@ pub trait EventSink: Send + Sync {
 impl<'a> Session<'a> {
     /// A new session over `source`, VM `vm`'s memory, with session id `id`.
     pub fn new(
-        source: impl PageSource + 'a,
+        source: Box<dyn PageSource + 'a>,
         (vm, id): (VmName, u64),
         config: SessionConfig,
         switch: Switch,
@@ -192,7 +192,7 @@ impl<'a> Session<'a> {
     ) -> Self {
         let (total_pages, page_size) = (source.total_pages(), source.page_size());
         Session {
-            source: Box::new(source),
+            source,
             vm,
             id,
             sent: PageMap::new(total_pages),

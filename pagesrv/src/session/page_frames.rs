@@ -8,7 +8,7 @@ use common::framed::FrameEncoder;
 use common::wire::{MAX_PAYLOAD_BYTES, Message, PageRange, RANGE_FRAME_BYTES};
 
 use super::Session;
-use crate::source::Piece;
+use crate::source::{PageBytes, Piece};
 
 impl Session<'_> {
     /// Sends pieces as ZeroRun/PageRun frames, batched into few writes; returns (zero
@@ -25,11 +25,14 @@ impl Session<'_> {
         let corrupted = self.corrupted_copy(pieces);
         // Only the precopy pause reads which pages went as zero.
         let track_zero = self.switch.engine.is_some();
-        let mut frames: Vec<(Message, &[u8])> = Vec::with_capacity(pieces.len());
+        let mut frames: Vec<(Message, PageBytes<'_>)> = Vec::with_capacity(pieces.len());
         for piece in pieces {
             match *piece {
                 Piece::Zero { first, count } => {
-                    frames.push((Message::ZeroRun(PageRange { first, count }), &[]));
+                    frames.push((
+                        Message::ZeroRun(PageRange { first, count }),
+                        PageBytes::borrowed(&[]),
+                    ));
                     if track_zero {
                         self.sent_zero.set_range(first, count);
                     }
@@ -63,7 +66,7 @@ impl Session<'_> {
                                         first: *page,
                                         count: 1,
                                     }),
-                                    copy,
+                                    PageBytes::borrowed(copy),
                                 ));
                                 at = page + 1;
                                 continue;
@@ -78,11 +81,13 @@ impl Session<'_> {
             }
         }
         if !self.source.pages_intact() {
-            // A read went past the end of a shrunk file: the pieces may be wrong.
-            return Err(std::io::Error::other(
-                "the memory file shrank while it was read",
-            ));
+            // A read failed (a shrunk file, a store gone): the pieces may be wrong.
+            let why = self.source.check_intact().err().map(|e| e.to_string());
+            return Err(std::io::Error::other(why.unwrap_or_else(|| {
+                "the source lost pages while they were read".to_owned()
+            })));
         }
+        let frames: Vec<(Message, &[u8])> = frames.iter().map(|(m, b)| (m.clone(), &**b)).collect();
         tx.write_frames(conn, &frames)?;
         let bytes: usize = frames
             .iter()

@@ -217,7 +217,7 @@ impl Session<'_> {
                 // Free pages (hinted) are zero at the destination: they count as zero.
                 for p in (page..page + run).filter(|&p| !self.source.is_free(p)) {
                     let bytes = self.source.bytes(p, 1);
-                    digest = digest.wrapping_add(common::digest::run_digest(p, bytes, page_size));
+                    digest = digest.wrapping_add(common::digest::run_digest(p, &bytes, page_size));
                 }
                 page += run;
             }

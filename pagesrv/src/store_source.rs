@@ -1,0 +1,571 @@
+//! A snapshot in an object store, served as a [`PageSource`] (`--vm-mem NAME=s3://BUCKET/NAME`).
+//!
+//! pagesrv is the host's cache tier: frames fetched from the store are written, page by page,
+//! into a cache file of the image's size (sparse, on local disk, unlinked at once so nothing
+//! is left behind) and read through a mapping of it. A frame is fetched once however many
+//! sessions or requests wait on it (the others wait for it); a read pins the frames it lends
+//! until the bytes are dropped; past `--store-cache-mib` the least recently used unpinned
+//! frames are evicted (their pages punched out of the file). A fetch also reads ahead the
+//! frames of the pages that follow, in one batch of parallel ranged GETs, and a background
+//! thread fetches the recorded working set first, in its order. Zero pages are known from the
+//! manifest and never fetched. Nothing is asked of the store before it is read (no HEAD).
+//!
+//! A fetch that fails (the store gone, a damaged frame) makes the source lose its pages: the
+//! reads that needed them lend zeros and [`PageSource::pages_intact`] turns false, so the
+//! session sends nothing wrong and ends with the reason.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use common::mmap::Mapping;
+use snapstore::layout::{FRAME_PAGES, Manifest, PAGE_BYTES, PageRef};
+use snapstore::{Store, StoreError, StoreUrl};
+use tracing::{info, warn};
+
+use crate::source::{PageBytes, PageSource, Piece, SourceError};
+
+/// Frames read ahead of a fetch (1 MiB of pages each at most before compression: 16 MiB).
+const READ_AHEAD_FRAMES: usize = 256;
+/// Pages looked at past a read for frames to read ahead.
+const READ_AHEAD_SCAN_PAGES: u64 = 16 * 1024;
+/// Working-set frames fetched per batch by the prefetcher.
+const PREFETCH_BATCH: usize = 64;
+
+/// A frame's state in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FrameState {
+    Absent,
+    Fetching,
+    Resident { pins: u32, last_use: u64 },
+}
+
+#[derive(Debug)]
+struct CacheState {
+    frames: Vec<FrameState>,
+    /// 4 KiB pages written into the cache file.
+    resident_pages: u64,
+    clock: u64,
+    fetches: u64,
+    evictions: u64,
+}
+
+/// A stored snapshot served from a local cache.
+pub struct StoreSource {
+    url: StoreUrl,
+    store: Store,
+    manifest: Manifest,
+    /// For each frame, the image's pages in it: (slot, 4 KiB page).
+    users: Vec<Vec<(u16, u64)>>,
+    file: File,
+    map: Mapping,
+    limit_pages: u64,
+    state: Mutex<CacheState>,
+    ready: Condvar,
+    intact: AtomicBool,
+    failure: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for StoreSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSource")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+/// The pins a read holds: released when the bytes it lent are dropped.
+struct Pins {
+    source: Arc<StoreSource>,
+    frames: Vec<u32>,
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        self.source.unpin(&self.frames);
+    }
+}
+
+impl StoreSource {
+    /// Reads the manifest of `url` and prepares a cache of at most `limit_mib` MiB in `dir`.
+    ///
+    /// # Errors
+    /// The store cannot be reached, the snapshot does not exist or is damaged, or the cache
+    /// file cannot be made.
+    pub fn open(url: &StoreUrl, dir: &Path, limit_mib: u64) -> Result<Arc<Self>, StoreError> {
+        let store = Store::open(url)?;
+        let manifest = store.manifest(&url.name)?;
+        let mut users: Vec<Vec<(u16, u64)>> = vec![Vec::new(); manifest.frames.len()];
+        for (page, at) in manifest.pages.iter().enumerate() {
+            if let PageRef::Stored { frame, slot } = *at {
+                users[frame as usize].push((slot, page as u64));
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(file_error("create", dir))?;
+        let path = dir.join(format!(
+            "pagesrv-{}-{:016x}.cache",
+            std::process::id(),
+            manifest.image_id
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(file_error("create", &path))?;
+        // Unlinked at once: the cache lives as long as pagesrv and leaves nothing behind.
+        std::fs::remove_file(&path).map_err(file_error("unlink", &path))?;
+        file.set_len(manifest.size_bytes)
+            .map_err(file_error("size", &path))?;
+        let map =
+            Mapping::file_readonly(file.as_fd(), manifest.size_bytes as usize).map_err(|e| {
+                StoreError::File {
+                    op: "map",
+                    path: path.clone(),
+                    source: std::io::Error::other(e),
+                }
+            })?;
+        let frames = manifest.frames.len();
+        info!(
+            store = %url,
+            pages = manifest.page_count(),
+            frames,
+            packs = manifest.packs.len(),
+            working_set = manifest.working_set.len(),
+            cache_mib = limit_mib,
+            "serving a snapshot from the object store"
+        );
+        let source = Arc::new(StoreSource {
+            url: url.clone(),
+            store,
+            manifest,
+            users,
+            file,
+            map,
+            limit_pages: (limit_mib << 20) / PAGE_BYTES,
+            state: Mutex::new(CacheState {
+                frames: vec![FrameState::Absent; frames],
+                resident_pages: 0,
+                clock: 0,
+                fetches: 0,
+                evictions: 0,
+            }),
+            ready: Condvar::new(),
+            intact: AtomicBool::new(true),
+            failure: Mutex::new(None),
+        });
+        if !source.manifest.working_set.is_empty() {
+            let prefetcher = source.clone();
+            std::thread::Builder::new()
+                .name("store-prefetch".into())
+                .spawn(move || prefetcher.prefetch_working_set())
+                .map_err(file_error("start the prefetch thread of", dir))?;
+        }
+        Ok(source)
+    }
+
+    /// Bytes of guest memory.
+    pub fn size_bytes(&self) -> u64 {
+        self.manifest.size_bytes
+    }
+
+    /// The stored image's identity.
+    pub fn image_id(&self) -> u64 {
+        self.manifest.image_id
+    }
+
+    /// (frames fetched, frames evicted, MiB resident) so far.
+    pub fn cache_counts(&self) -> (u64, u64, u64) {
+        let state = self.lock();
+        (
+            state.fetches,
+            state.evictions,
+            (state.resident_pages * PAGE_BYTES) >> 20,
+        )
+    }
+
+    /// A session's view in pages of `page_size` bytes.
+    ///
+    /// # Errors
+    /// The image is not a whole number of such pages.
+    pub fn paged(self: &Arc<Self>, page_size: u64) -> Result<StorePaged, SourceError> {
+        if page_size < PAGE_BYTES || !self.manifest.size_bytes.is_multiple_of(page_size) {
+            return Err(SourceError::BadSize {
+                path: self.url.to_string().into(),
+                size_bytes: self.manifest.size_bytes,
+                page_size,
+            });
+        }
+        Ok(StorePaged {
+            source: self.clone(),
+            page_size,
+        })
+    }
+
+    /// Whether every read so far found its pages.
+    pub fn pages_intact(&self) -> bool {
+        self.intact.load(Ordering::Acquire)
+    }
+
+    /// The failure that lost pages, if one did.
+    ///
+    /// # Errors
+    /// [`SourceError::Lost`] with the reason.
+    pub fn check_intact(&self) -> Result<(), SourceError> {
+        match &*self.failure.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => Ok(()),
+            Some(why) => Err(SourceError::Lost {
+                what: self.url.to_string(),
+                why: why.clone(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CacheState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The frames 4 KiB pages `first..end` are in.
+    fn frames_of(&self, first: u64, end: u64) -> Vec<u32> {
+        let mut frames: Vec<u32> = self.manifest.pages[first as usize..end as usize]
+            .iter()
+            .filter_map(|p| match *p {
+                PageRef::Stored { frame, .. } => Some(frame),
+                PageRef::Zero => None,
+            })
+            .collect();
+        frames.sort_unstable();
+        frames.dedup();
+        frames
+    }
+
+    /// Pins the frames of 4 KiB pages `first..end`, fetching those that are absent (and
+    /// reading ahead) and waiting for those another thread fetches. Returns the pins, or
+    /// `None` if a fetch failed (the source then lost its pages).
+    fn pin(&self, first: u64, end: u64) -> Option<Vec<u32>> {
+        let needed = self.frames_of(first, end);
+        let mut pinned = vec![false; needed.len()];
+        let mut state = self.lock();
+        loop {
+            let (mut mine, mut others) = (Vec::new(), false);
+            state.clock += 1;
+            let now = state.clock;
+            for (i, &f) in needed.iter().enumerate() {
+                if pinned[i] {
+                    continue;
+                }
+                match state.frames[f as usize] {
+                    FrameState::Resident { pins, .. } => {
+                        state.frames[f as usize] = FrameState::Resident {
+                            pins: pins + 1,
+                            last_use: now,
+                        };
+                        pinned[i] = true;
+                    }
+                    FrameState::Absent => {
+                        state.frames[f as usize] = FrameState::Fetching;
+                        mine.push(i);
+                    }
+                    FrameState::Fetching => others = true,
+                }
+            }
+            if !mine.is_empty() {
+                let ahead = self.read_ahead(&mut state, end);
+                drop(state);
+                let frames: Vec<usize> = mine.iter().map(|&i| needed[i] as usize).collect();
+                let ok = self.fetch(&frames, &ahead);
+                state = self.lock();
+                if !ok {
+                    drop(state);
+                    self.unpin_some(&needed, &pinned);
+                    return None;
+                }
+                // fetch() handed them over pinned.
+                for i in mine {
+                    pinned[i] = true;
+                }
+            } else if others {
+                state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
+                if !self.pages_intact() {
+                    drop(state);
+                    self.unpin_some(&needed, &pinned);
+                    return None;
+                }
+            } else {
+                return Some(needed);
+            }
+        }
+    }
+
+    fn unpin_some(&self, frames: &[u32], pinned: &[bool]) {
+        let held: Vec<u32> = frames
+            .iter()
+            .zip(pinned)
+            .filter_map(|(&f, &p)| p.then_some(f))
+            .collect();
+        self.unpin(&held);
+    }
+
+    fn unpin(&self, frames: &[u32]) {
+        let mut state = self.lock();
+        state.clock += 1;
+        let now = state.clock;
+        for &f in frames {
+            if let FrameState::Resident { pins, .. } = state.frames[f as usize] {
+                state.frames[f as usize] = FrameState::Resident {
+                    pins: pins.saturating_sub(1),
+                    last_use: now,
+                };
+            }
+        }
+    }
+
+    /// Marks absent frames of the pages after `end` as being fetched (at most
+    /// [`READ_AHEAD_FRAMES`], and a quarter of the cache) and returns them.
+    fn read_ahead(&self, state: &mut CacheState, end: u64) -> Vec<usize> {
+        let stop = (end + READ_AHEAD_SCAN_PAGES).min(self.manifest.page_count());
+        // At most a quarter of the cache, so that what is read ahead is not evicted before
+        // it is read.
+        let most = READ_AHEAD_FRAMES.min((self.limit_pages / FRAME_PAGES as u64 / 4) as usize);
+        let mut ahead = Vec::new();
+        for page in end..stop {
+            if let PageRef::Stored { frame, .. } = self.manifest.pages[page as usize]
+                && state.frames[frame as usize] == FrameState::Absent
+            {
+                state.frames[frame as usize] = FrameState::Fetching;
+                ahead.push(frame as usize);
+                if ahead.len() >= most {
+                    break;
+                }
+            }
+        }
+        ahead
+    }
+
+    /// Fetches `pinned` and `ahead` (all marked `Fetching` by the caller) into the cache
+    /// file: `pinned` are handed back pinned once, `ahead` unpinned. On failure marks what
+    /// did not arrive absent and the source not intact. Returns whether it worked.
+    fn fetch(&self, pinned: &[usize], ahead: &[usize]) -> bool {
+        let all: Vec<usize> = pinned.iter().chain(ahead).copied().collect();
+        let mut written = Vec::with_capacity(all.len());
+        let result = self
+            .store
+            .fetch_frames(&self.manifest, &all, &mut |f, raw| {
+                for &(slot, page) in &self.users[f] {
+                    let bytes =
+                        &raw[usize::from(slot) * PAGE_BYTES as usize..][..PAGE_BYTES as usize];
+                    self.file
+                        .write_all_at(bytes, page * PAGE_BYTES)
+                        .map_err(|source| StoreError::File {
+                            op: "write the cache of",
+                            path: self.url.to_string().into(),
+                            source,
+                        })?;
+                }
+                written.push(f);
+                Ok(())
+            });
+        let mut state = self.lock();
+        state.clock += 1;
+        let now = state.clock;
+        let pinned_set: HashSet<usize> = pinned.iter().copied().collect();
+        for &f in &written {
+            state.frames[f] = FrameState::Resident {
+                pins: u32::from(pinned_set.contains(&f)),
+                last_use: now,
+            };
+            state.resident_pages += self.users[f].len() as u64;
+            state.fetches += 1;
+        }
+        let ok = match result {
+            Ok(_) => true,
+            Err(e) => {
+                let done: HashSet<usize> = written.iter().copied().collect();
+                for &f in all.iter().filter(|f| !done.contains(f)) {
+                    state.frames[f] = FrameState::Absent;
+                }
+                // Pins fetch() took for frames that did arrive go back: the caller gives up.
+                for &f in pinned.iter().filter(|f| done.contains(f)) {
+                    state.frames[f] = FrameState::Resident {
+                        pins: 0,
+                        last_use: now,
+                    };
+                }
+                let why = format!("{:#}", anyhow::Error::new(e));
+                warn!(store = %self.url, error = %why, "a fetch from the object store failed: its pages are lost");
+                *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                self.intact.store(false, Ordering::Release);
+                false
+            }
+        };
+        self.evict(&mut state);
+        drop(state);
+        self.ready.notify_all();
+        ok
+    }
+
+    /// Evicts least recently used unpinned frames while the cache is over its limit.
+    fn evict(&self, state: &mut CacheState) {
+        if state.resident_pages <= self.limit_pages {
+            return;
+        }
+        let mut victims: Vec<(u64, usize)> = state
+            .frames
+            .iter()
+            .enumerate()
+            .filter_map(|(f, s)| match *s {
+                FrameState::Resident { pins: 0, last_use } => Some((last_use, f)),
+                _ => None,
+            })
+            .collect();
+        victims.sort_unstable();
+        for (_, f) in victims {
+            if state.resident_pages <= self.limit_pages {
+                break;
+            }
+            for &(_, page) in &self.users[f] {
+                if let Err(e) = nix::fcntl::fallocate(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                    nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                        | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    (page * PAGE_BYTES) as i64,
+                    PAGE_BYTES as i64,
+                ) {
+                    warn!(error = %e, "cannot evict a page from the store cache");
+                    return;
+                }
+            }
+            state.frames[f] = FrameState::Absent;
+            state.resident_pages -= self.users[f].len() as u64;
+            state.evictions += 1;
+        }
+    }
+
+    /// Fetches the recorded working set's frames, in the order the guest first touched
+    /// them, before anything asks for them.
+    fn prefetch_working_set(&self) {
+        let mut seen = HashSet::new();
+        let order: Vec<usize> = self
+            .manifest
+            .working_set
+            .iter()
+            .filter_map(|&p| match self.manifest.pages[p as usize] {
+                PageRef::Stored { frame, .. } => Some(frame as usize),
+                PageRef::Zero => None,
+            })
+            .filter(|f| seen.insert(*f))
+            .collect();
+        let started = std::time::Instant::now();
+        for batch in order.chunks(PREFETCH_BATCH) {
+            let mine: Vec<usize> = {
+                let mut state = self.lock();
+                batch
+                    .iter()
+                    .copied()
+                    .filter(|&f| {
+                        let absent = state.frames[f] == FrameState::Absent;
+                        if absent {
+                            state.frames[f] = FrameState::Fetching;
+                        }
+                        absent
+                    })
+                    .collect()
+            };
+            if !mine.is_empty() && !self.fetch(&[], &mine) {
+                return;
+            }
+        }
+        info!(
+            frames = order.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "the working set is in the cache"
+        );
+    }
+}
+
+/// A session's view of a stored snapshot, in pages of one size.
+pub struct StorePaged {
+    source: Arc<StoreSource>,
+    page_size: u64,
+}
+
+impl PageSource for StorePaged {
+    fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    fn total_pages(&self) -> u64 {
+        self.source.manifest.size_bytes / self.page_size
+    }
+
+    fn bytes(&self, first: u64, count: u64) -> PageBytes<'_> {
+        let per = self.page_size / PAGE_BYTES;
+        let start = (first * self.page_size) as usize;
+        let len = (count * self.page_size) as usize;
+        let bytes = &self.source.map.as_slice()[start..start + len];
+        match self.source.pin(first * per, (first + count) * per) {
+            Some(frames) => PageBytes::held(
+                bytes,
+                Box::new(Pins {
+                    source: self.source.clone(),
+                    frames,
+                }),
+            ),
+            // Lost: whatever is lent is not sent (the caller checks `pages_intact`).
+            None => PageBytes::borrowed(bytes),
+        }
+    }
+
+    fn is_free(&self, _page: u64) -> bool {
+        false
+    }
+
+    fn classify(&self, first: u64, count: u64, out: &mut Vec<Piece>) {
+        let per = self.page_size / PAGE_BYTES;
+        let pages = &self.source.manifest.pages;
+        let is_zero = |page: u64| {
+            pages[(page * per) as usize..((page + 1) * per) as usize]
+                .iter()
+                .all(|p| *p == PageRef::Zero)
+        };
+        let end = (first + count).min(self.total_pages());
+        let mut page = first;
+        while page < end {
+            let zero = is_zero(page);
+            let mut next = page + 1;
+            while next < end && is_zero(next) == zero {
+                next += 1;
+            }
+            let n = next - page;
+            out.push(if zero {
+                Piece::Zero {
+                    first: page,
+                    count: n,
+                }
+            } else {
+                Piece::Data {
+                    first: page,
+                    count: n,
+                }
+            });
+            page = next;
+        }
+    }
+
+    fn pages_intact(&self) -> bool {
+        self.source.pages_intact()
+    }
+
+    fn check_intact(&self) -> Result<(), SourceError> {
+        self.source.check_intact()
+    }
+}
+
+fn file_error(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_owned();
+    move |source| StoreError::File { op, path, source }
+}
