@@ -452,3 +452,35 @@ fn test_a_stored_snapshot_restores_twice_through_a_cache_smaller_than_it() {
         .collect();
     assert!(left.is_empty(), "cache files left: {left:?}");
 }
+
+#[test]
+fn test_a_damaged_pack_fails_the_restore_cleanly_and_places_nothing_wrong() {
+    if !require_weed() || !tests::require_userfaultfd() {
+        return;
+    }
+    let server = S3Server::start("serve-damage");
+    let dir = Scratch::new("store-serve-damage");
+    let image = dir.path("vm.mem");
+    write_source(&image, 4096, 17, 4, 0..0);
+    run_ok(&mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &server.url("tpl")]));
+    damage_object(&server, "packs", ".pack");
+    let (pagesrv, addr) = serve_snapshot(&server, &server.url("tpl"), &[]);
+    let (uds, stats) = (dir.path("f.sock"), dir.path("f.json"));
+    let mut faultd = tests::start_faultd(&addr, &uds, &stats);
+    let vmm = tests::start_vmm(&uds, &image, &["--threads", "2"]);
+    let (faultd_status, faultd_err) = faultd.wait(Duration::from_secs(60));
+    // The VMM's faults cannot be served any more: it is stopped (a real VMM would be told
+    // by its orchestrator, which sees faultd fail).
+    let _ = vmm.kill_and_collect();
+    let pagesrv_err = pagesrv.kill_and_collect();
+    assert!(
+        !faultd_status.success(),
+        "faultd completed from a damaged store: {faultd_err}"
+    );
+    assert!(
+        faultd_err.contains("damaged") || faultd_err.contains("lost"),
+        "faultd gives no clear reason: {faultd_err}\npagesrv:\n{pagesrv_err}"
+    );
+    // Nothing wrong was sent: the damaged frame's pages never left pagesrv.
+    assert!(pagesrv_err.contains("its pages are lost"), "{pagesrv_err}");
+}

@@ -88,7 +88,13 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 Err((code, text)) => return self.refuse(admitted, code, &text),
             };
         if let Err(e) = vm.source.check_intact() {
-            return self.refuse(admitted, ErrorCode::Internal, &error_chain(&e));
+            // Pages a store lost (damaged, or gone past the retries) are final: the
+            // destination fails at once instead of waiting for pages that will not come.
+            let code = match e {
+                crate::source::SourceError::Lost { .. } => ErrorCode::ImageMismatch,
+                _ => ErrorCode::Internal,
+            };
+            return self.refuse(admitted, code, &error_chain(&e));
         }
         let (session_id, secret, proven) = match self.claim(index, &admitted) {
             Claim::Resume { id, secret } => (id, secret, true),
