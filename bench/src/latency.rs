@@ -254,6 +254,7 @@ fn loopback_bench(args: &LatencyArgs, image: &Path, work: &Path) -> Result<Value
             compare_levers: Vec::new(),
             link: LinkChoice::Loopback,
             restore_twice: false,
+            from_store: false,
             fault_rate: false,
             hugepages: false,
             ..*args

@@ -13,6 +13,7 @@ mod procs;
 mod profiles;
 mod restore;
 mod scenario;
+mod store_server;
 mod svg;
 mod tuning;
 

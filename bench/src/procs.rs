@@ -325,6 +325,21 @@ pub fn start_pagesrv_fleet(
     start_pagesrv_serving(&args, "127.0.0.1:0", None, extra, log)
 }
 
+/// pagesrv serving `what` (a memory file or `s3://...`) at a free loopback port, with `env`
+/// added to its environment.
+///
+/// # Errors
+/// As [`start_pagesrv`].
+pub fn start_pagesrv_env(
+    what: &str,
+    env: &[(String, String)],
+    extra: &[&str],
+    log: Option<&Path>,
+) -> Result<(Guard, String)> {
+    let vm = [std::ffi::OsString::from("--vm-mem"), what.into()];
+    start_pagesrv_serving_env(&vm, env, "127.0.0.1:0", None, extra, log)
+}
+
 fn start_pagesrv_serving(
     vm_args: &[std::ffi::OsString],
     listen: &str,
@@ -332,8 +347,20 @@ fn start_pagesrv_serving(
     extra: &[&str],
     log: Option<&Path>,
 ) -> Result<(Guard, String)> {
+    start_pagesrv_serving_env(vm_args, &[], listen, netns, extra, log)
+}
+
+fn start_pagesrv_serving_env(
+    vm_args: &[std::ffi::OsString],
+    env: &[(String, String)],
+    listen: &str,
+    netns: Option<&str>,
+    extra: &[&str],
+    log: Option<&Path>,
+) -> Result<(Guard, String)> {
     let mut cmd = Command::new(sibling("pagesrv")?);
     let keys = key_args()?;
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.args(vm_args)
         .args(["--listen", listen])
         .args(&keys)

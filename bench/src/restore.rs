@@ -9,7 +9,9 @@ use std::path::Path;
 use anyhow::Result;
 use serde_json::{Value, json};
 
+use crate::link::{DelayLine, Profile};
 use crate::scenario::{LatencyArgs, Scenario, run_median};
+use crate::store_server::{BUCKET, StoreServer};
 
 /// Runs the three restores on `image`.
 ///
@@ -39,13 +41,28 @@ pub fn run(args: &LatencyArgs, image: &Path, work: &Path) -> Result<Value> {
     let second = run_median(&prefetch, image, work, args, args.tuning)?;
     eprintln!("bench: restore 3 (push on, no working set: reference)");
     let third = run_median(&base(true), image, work, args, args.tuning)?;
+    let stored = if args.from_store {
+        Some(from_store(args, image, work, &ws, &base(true))?)
+    } else {
+        None
+    };
     let pass = |r: &Value| r["fault_latency_us"]["pass_ms"].as_f64();
+    let store = stored.as_ref().map(|(r, upload)| {
+        json!({
+            "restore": r,
+            "upload": upload,
+            "rtt_ms": args.store_rtt_ms,
+            "first_pass_ms": pass(r),
+            "first_pass_vs_local_prefetched": pass(r).zip(pass(&second)).map(|(s, l)| s / l.max(1e-9)),
+        })
+    });
     let first_faults = first["fault_latency_us"]["first_touches"].as_f64();
     let demand = |r: &Value| r["demand_faults"].as_f64();
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b.max(1e-9));
     Ok(json!({
         "touches": touches,
         "restores": [first, second, third],
+        "from_store": store,
         "demand_faults": {"first": first_faults, "prefetched": demand(&second), "push_only": demand(&third)},
         "first_pass_ms": {"first": pass(&first), "prefetched": pass(&second), "push_only": pass(&third)},
         "ratios": {
@@ -54,6 +71,64 @@ pub fn run(args: &LatencyArgs, image: &Path, work: &Path) -> Result<Value> {
             "first_pass_speedup_vs_push_only": ratio(pass(&third), pass(&second)),
         },
     }))
+}
+
+/// Uploads `image` with the working set `ws` to a local store (not timed), then restores it
+/// cold from the store behind a delay line of `--store-rtt-ms` (`push`: the scenario it is
+/// compared with, served from the store instead); returns the restore and the upload's line.
+fn from_store(
+    args: &LatencyArgs,
+    image: &Path,
+    work: &Path,
+    ws: &Path,
+    push: &Scenario<'_>,
+) -> Result<(Value, String)> {
+    let server = StoreServer::start(&work.join("store"))?;
+    let url = format!("s3://{BUCKET}/bench-image");
+    let out = server
+        .pagesrv(server.addr)?
+        .args(["store", "put"])
+        .arg(image)
+        .arg(&url)
+        .arg("--working-set")
+        .arg(ws)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "cannot upload the image: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let upload = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    eprintln!("bench: {upload}");
+    // The store's first byte: half the round trip each way (the delay line does not limit
+    // the rate).
+    let line = DelayLine::start(
+        server.addr,
+        Profile {
+            name: "store",
+            rate_bit_s: Some(1_000_000_000),
+            one_way: std::time::Duration::from_millis(args.store_rtt_ms) / 2,
+            stall: None,
+        },
+    )?;
+    let cache = work.join("store-cache");
+    std::fs::create_dir_all(&cache)?;
+    let mut pagesrv_extra = push.pagesrv_extra.clone();
+    pagesrv_extra.extend(["--store-cache".to_owned(), cache.display().to_string()]);
+    let sc = Scenario {
+        serve: Some((url, StoreServer::env(line.addr()))),
+        pagesrv_extra,
+        faultd_extra: push.faultd_extra.clone(),
+        workload_extra: push.workload_extra.clone(),
+        touches: push.touches,
+        ..Scenario::plain(push.workload, push.push, push.naive)
+    };
+    eprintln!(
+        "bench: restore 4 (cold, from the object store at {} ms round trip, its working set first)",
+        args.store_rtt_ms
+    );
+    let restored = run_median(&sc, image, work, args, args.tuning)?;
+    Ok((restored, upload))
 }
 
 /// Prints the restores' lines.
@@ -74,4 +149,13 @@ pub fn print(r: &Value) {
         f("first_pass_ms", "push_only"),
     );
     println!("  ratios: {}", r["ratios"]);
+    let s = &r["from_store"];
+    if !s.is_null() {
+        println!(
+            "  from the object store ({} ms round trip, cold cache, its working set first): first pass {:.0} ms = {:.2}× the restore from the local file with the set pushed first",
+            s["rtt_ms"],
+            s["first_pass_ms"].as_f64().unwrap_or(0.0),
+            s["first_pass_vs_local_prefetched"].as_f64().unwrap_or(0.0),
+        );
+    }
 }

@@ -108,6 +108,15 @@ pub struct LatencyArgs {
     /// (`--demand-touches` pages, the same each time).
     #[arg(long)]
     pub restore_twice: bool,
+    /// With --restore-twice: also restore from an object store (a local SeaweedFS, `weed`,
+    /// behind a delay line of `--store-rtt-ms`): the image is uploaded with the recorded
+    /// working set (`pagesrv store put`, not timed), then restored cold through pagesrv's
+    /// cache, and compared with the restore from the local file with the set pushed first.
+    #[arg(long, requires = "restore_twice")]
+    pub from_store: bool,
+    /// The store's round trip (first byte) for --from-store, in ms.
+    #[arg(long, value_name = "MS", default_value_t = 20)]
+    pub store_rtt_ms: u64,
 }
 
 /// A patterned image whose data pages differ with `seed` (every 4th page zero).
@@ -149,6 +158,9 @@ pub(crate) struct Scenario<'a> {
     pub workload_extra: Vec<String>,
     /// Through a shaped link (else loopback).
     pub link: Option<&'a Link>,
+    /// What pagesrv serves instead of the image (a stored snapshot, `s3://...`), and the
+    /// environment it needs to reach it; the workload still checks against the image.
+    pub serve: Option<(String, Vec<(String, String)>)>,
 }
 
 impl Scenario<'_> {
@@ -166,6 +178,7 @@ impl Scenario<'_> {
             threads: 1,
             workload_extra: Vec::new(),
             link: None,
+            serve: None,
         }
     }
 }
@@ -194,12 +207,17 @@ pub(crate) fn run_scenario(
         extra.push("--naive-single-connection");
     }
     let (pagesrv_log, faultd_log) = (work.join("pagesrv.log"), work.join("faultd.log"));
-    let (mut pagesrv, addr, _delay_line) = match sc.link {
-        None => {
+    let (mut pagesrv, addr, _delay_line) = match (sc.link, &sc.serve) {
+        (None, Some((what, env))) => {
+            let (p, a) = crate::procs::start_pagesrv_env(what, env, &extra, Some(&pagesrv_log))?;
+            (p, a, None)
+        }
+        (Some(_), Some(_)) => anyhow::bail!("a stored snapshot is served on loopback only"),
+        (None, None) => {
             let (p, a) = start_pagesrv(image, &extra, Some(&pagesrv_log))?;
             (p, a, None)
         }
-        Some(link) => {
+        (Some(link), None) => {
             let listen = link.source_addr(SOURCE_PORT).to_string();
             let (p, a) = start_pagesrv_at(
                 image,
@@ -270,6 +288,10 @@ pub(crate) fn run_scenario(
             log_tail(&faultd_log, 15),
             log_tail(&pagesrv_log, 15)
         );
+        if sc.serve.is_some() {
+            // A stored snapshot is a template: pagesrv serves on until stopped.
+            let _ = pagesrv.0.kill();
+        }
         let _ = pagesrv.wait();
         let stats: Value = serde_json::from_str(&std::fs::read_to_string(&stats_path)?)?;
         record["total_ms"] = json!(stats["duration_ms"].as_f64().unwrap_or(0.0));

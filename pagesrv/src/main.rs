@@ -326,10 +326,12 @@ fn run(cli: Cli) -> Result<server::Verdict> {
             .paged(cli.page_size.unwrap_or(4096))
             .with_context(|| format!("cannot serve VM {}", vm.name))?;
     }
-    let prefetch = cli
-        .prefetch
-        .as_deref()
-        .and_then(|path| load_prefetch(path, &vms[0].source));
+    let prefetch = match (&cli.prefetch, &vms[0].source) {
+        (Some(path), source) => load_prefetch(path, source),
+        // A stored snapshot's recorded working set goes first, as --prefetch would.
+        (None, VmMemory::Store(store)) if vms.len() == 1 => store.working_set().map(Arc::new),
+        (None, _) => None,
+    };
     let config = ServerConfig {
         key,
         handshake_capacity: handshake_capacity().min(cli.max_handshakes),

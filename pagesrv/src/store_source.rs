@@ -33,8 +33,9 @@ use crate::source::{PageBytes, PageSource, Piece, SourceError};
 const READ_AHEAD_FRAMES: usize = 256;
 /// Pages looked at past a read for frames to read ahead.
 const READ_AHEAD_SCAN_PAGES: u64 = 16 * 1024;
-/// Working-set frames fetched per batch by the prefetcher.
-const PREFETCH_BATCH: usize = 64;
+/// Working-set frames fetched per batch by the prefetcher (the store's reads of one batch
+/// run at once; a fault waits for the batch that holds its frame).
+const PREFETCH_BATCH: usize = 256;
 
 /// A frame's state in the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +53,9 @@ struct CacheState {
     clock: u64,
     fetches: u64,
     evictions: u64,
+    /// Ranged GETs made, and the batches they came in (one round trip each).
+    gets: u64,
+    batches: u64,
 }
 
 /// A stored snapshot served from a local cache.
@@ -153,6 +157,8 @@ impl StoreSource {
                 clock: 0,
                 fetches: 0,
                 evictions: 0,
+                gets: 0,
+                batches: 0,
             }),
             ready: Condvar::new(),
             intact: AtomicBool::new(true),
@@ -178,14 +184,31 @@ impl StoreSource {
         self.manifest.image_id
     }
 
-    /// (frames fetched, frames evicted, MiB resident) so far.
-    pub fn cache_counts(&self) -> (u64, u64, u64) {
+    /// What the cache did so far.
+    pub fn cache_counts(&self) -> CacheCounts {
         let state = self.lock();
-        (
-            state.fetches,
-            state.evictions,
-            (state.resident_pages * PAGE_BYTES) >> 20,
-        )
+        CacheCounts {
+            frames_fetched: state.fetches,
+            frames_evicted: state.evictions,
+            gets: state.gets,
+            batches: state.batches,
+            mib_held: (state.resident_pages * PAGE_BYTES) >> 20,
+        }
+    }
+
+    /// The recorded working set, in 4 KiB pages, if the snapshot has one.
+    pub fn working_set(&self) -> Option<common::working_set::WorkingSet> {
+        (!self.manifest.working_set.is_empty()).then(|| common::working_set::WorkingSet {
+            page_size: PAGE_BYTES as u32,
+            total_pages: self.manifest.page_count(),
+            image_id: self.manifest.image_id,
+            pages: self
+                .manifest
+                .working_set
+                .iter()
+                .map(|&p| u64::from(p))
+                .collect(),
+        })
     }
 
     /// A session's view in pages of `page_size` bytes.
@@ -371,6 +394,10 @@ impl StoreSource {
             });
         let mut state = self.lock();
         state.clock += 1;
+        state.batches += 1;
+        if let Ok(fetched) = &result {
+            state.gets += fetched.requests;
+        }
         let now = state.clock;
         let pinned_set: HashSet<usize> = pinned.iter().copied().collect();
         for &f in &written {
@@ -485,6 +512,21 @@ impl StoreSource {
             "the working set is in the cache"
         );
     }
+}
+
+/// What a stored snapshot's cache did.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheCounts {
+    /// Frames fetched (a frame evicted and needed again counts again).
+    pub frames_fetched: u64,
+    /// Frames evicted.
+    pub frames_evicted: u64,
+    /// Ranged GETs.
+    pub gets: u64,
+    /// Batches of GETs (each one round trip).
+    pub batches: u64,
+    /// MiB of pages in the cache now.
+    pub mib_held: u64,
 }
 
 /// A session's view of a stored snapshot, in pages of one size.

@@ -15,14 +15,17 @@ use object_store::{
 
 use crate::StoreError;
 
-/// A request that gets no answer for this long failed (it is retried, see [`RETRY`]).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request that has not completed in this long failed (it is retried, see [`RETRIES`]).
+/// Short enough that a connection that went silent (a frozen flow, a pooled connection a
+/// middlebox dropped) is given up several times within [`RETRY_FOR`]: each retry may meet
+/// another such pooled connection before a fresh one.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connecting to the store takes at most this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A failed request is retried this many times, for at most [`RETRY_FOR`] in all.
-const RETRIES: usize = 3;
+const RETRIES: usize = 5;
 /// How long a request and its retries may take in all.
-const RETRY_FOR: Duration = Duration::from_secs(20);
+const RETRY_FOR: Duration = Duration::from_secs(30);
 
 /// `s3://BUCKET/NAME` (NAME may hold `/`; `s3://BUCKET` or `s3://BUCKET/` names the store).
 #[derive(Debug, Clone, PartialEq, Eq)]

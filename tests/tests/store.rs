@@ -261,9 +261,9 @@ fn test_a_store_that_goes_away_is_an_error_or_a_retry_never_a_hang() {
     );
     assert!(same_bytes(&image, &back));
     let took = started.elapsed();
-    // The frozen request waited for its timeout (10 s) before the retry.
+    // The frozen request waited for its timeout (5 s) before the retry.
     assert!(
-        took > Duration::from_secs(5),
+        took > Duration::from_secs(4),
         "the link never froze ({took:?})"
     );
     assert!(took < Duration::from_secs(60), "{took:?}");

@@ -184,9 +184,10 @@ fn print_vm_totals(vm: &ServedVm, slot: &Slot<'_, '_>, finished: &Finished) {
     let mib = slot.bytes_sent as f64 / f64::from(1 << 20);
     let cache = match &vm.source {
         crate::vm_memory::VmMemory::Store(store) => {
-            let (fetched, evicted, resident) = store.cache_counts();
+            let c = store.cache_counts();
             format!(
-                "; store cache: {fetched} frames fetched, {evicted} evicted, {resident} MiB held"
+                "; store cache: {} frames fetched in {} GETs ({} round trips), {} evicted, {} MiB held",
+                c.frames_fetched, c.gets, c.batches, c.frames_evicted, c.mib_held
             )
         }
         crate::vm_memory::VmMemory::File(_) => String::new(),
