@@ -33,9 +33,13 @@ use crate::source::{PageBytes, PageSource, Piece, SourceError};
 const READ_AHEAD_FRAMES: usize = 256;
 /// Pages looked at past a read for frames to read ahead.
 const READ_AHEAD_SCAN_PAGES: u64 = 16 * 1024;
-/// Working-set frames fetched per batch by the prefetcher (the store's reads of one batch
-/// run at once; a fault waits for the batch that holds its frame).
-const PREFETCH_BATCH: usize = 256;
+/// Working-set frames in the prefetcher's first batch; each next batch is twice as large, up
+/// to [`PREFETCH_BATCH_MAX`]: the first-touched frames come soon, and the later, larger
+/// batches are dense enough for their frames to share ranged GETs. (A fault waits for the
+/// batch that holds its frame.)
+const PREFETCH_BATCH: usize = 64;
+/// The prefetcher's largest batch.
+const PREFETCH_BATCH_MAX: usize = 4096;
 
 /// A frame's state in the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -374,7 +378,8 @@ impl StoreSource {
     /// did not arrive absent and the source not intact. Returns whether it worked.
     fn fetch(&self, pinned: &[usize], ahead: &[usize]) -> bool {
         let all: Vec<usize> = pinned.iter().chain(ahead).copied().collect();
-        let mut written = Vec::with_capacity(all.len());
+        let pinned_set: HashSet<usize> = pinned.iter().copied().collect();
+        let mut written = HashSet::with_capacity(all.len());
         let result = self
             .store
             .fetch_frames(&self.manifest, &all, &mut |f, raw| {
@@ -389,38 +394,42 @@ impl StoreSource {
                             source,
                         })?;
                 }
-                written.push(f);
+                // Each frame is usable as soon as it is in: whoever waits on it goes on
+                // while the rest of the batch arrives.
+                let mut state = self.lock();
+                state.clock += 1;
+                let now = state.clock;
+                state.frames[f] = FrameState::Resident {
+                    pins: u32::from(pinned_set.contains(&f)),
+                    last_use: now,
+                };
+                state.resident_pages += self.users[f].len() as u64;
+                state.fetches += 1;
+                drop(state);
+                self.ready.notify_all();
+                written.insert(f);
                 Ok(())
             });
         let mut state = self.lock();
-        state.clock += 1;
         state.batches += 1;
-        if let Ok(fetched) = &result {
-            state.gets += fetched.requests;
-        }
-        let now = state.clock;
-        let pinned_set: HashSet<usize> = pinned.iter().copied().collect();
-        for &f in &written {
-            state.frames[f] = FrameState::Resident {
-                pins: u32::from(pinned_set.contains(&f)),
-                last_use: now,
-            };
-            state.resident_pages += self.users[f].len() as u64;
-            state.fetches += 1;
-        }
         let ok = match result {
-            Ok(_) => true,
+            Ok(fetched) => {
+                state.gets += fetched.requests;
+                true
+            }
             Err(e) => {
-                let done: HashSet<usize> = written.iter().copied().collect();
-                for &f in all.iter().filter(|f| !done.contains(f)) {
+                for &f in all.iter().filter(|f| !written.contains(f)) {
                     state.frames[f] = FrameState::Absent;
                 }
-                // Pins fetch() took for frames that did arrive go back: the caller gives up.
-                for &f in pinned.iter().filter(|f| done.contains(f)) {
-                    state.frames[f] = FrameState::Resident {
-                        pins: 0,
-                        last_use: now,
-                    };
+                // The pins taken for the caller on frames that did arrive go back: the
+                // caller gives up.
+                for &f in pinned.iter().filter(|f| written.contains(f)) {
+                    if let FrameState::Resident { pins, last_use } = state.frames[f] {
+                        state.frames[f] = FrameState::Resident {
+                            pins: pins.saturating_sub(1),
+                            last_use,
+                        };
+                    }
                 }
                 let why = format!("{:#}", anyhow::Error::new(e));
                 warn!(store = %self.url, error = %why, "a fetch from the object store failed: its pages are lost");
@@ -487,7 +496,11 @@ impl StoreSource {
             .filter(|f| seen.insert(*f))
             .collect();
         let started = std::time::Instant::now();
-        for batch in order.chunks(PREFETCH_BATCH) {
+        let (mut at, mut size) = (0, PREFETCH_BATCH);
+        while at < order.len() {
+            let batch = &order[at..(at + size).min(order.len())];
+            at += batch.len();
+            size = (size * 2).min(PREFETCH_BATCH_MAX);
             let mine: Vec<usize> = {
                 let mut state = self.lock();
                 batch
