@@ -360,14 +360,14 @@ impl StoreSource {
         let most = READ_AHEAD_FRAMES.min((self.limit_pages / FRAME_PAGES as u64 / 4) as usize);
         let mut ahead = Vec::new();
         for page in end..stop {
+            if ahead.len() >= most {
+                break;
+            }
             if let PageRef::Stored { frame, .. } = self.manifest.pages[page as usize]
                 && state.frames[frame as usize] == FrameState::Absent
             {
                 state.frames[frame as usize] = FrameState::Fetching;
                 ahead.push(frame as usize);
-                if ahead.len() >= most {
-                    break;
-                }
             }
         }
         ahead
@@ -432,9 +432,15 @@ impl StoreSource {
                     }
                 }
                 let why = format!("{:#}", anyhow::Error::new(e));
-                warn!(store = %self.url, error = %why, "a fetch from the object store failed: its pages are lost");
-                *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-                self.intact.store(false, Ordering::Release);
+                if pinned.is_empty() {
+                    // Nobody waits for these (the working set's prefetch): they are absent
+                    // again, and a read that needs one fetches it itself.
+                    warn!(store = %self.url, error = %why, "prefetching from the object store failed");
+                } else {
+                    warn!(store = %self.url, error = %why, "a fetch from the object store failed: its pages are lost");
+                    *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                    self.intact.store(false, Ordering::Release);
+                }
                 false
             }
         };
@@ -463,16 +469,27 @@ impl StoreSource {
             if state.resident_pages <= self.limit_pages {
                 break;
             }
+            let mut punched = 0;
             for &(_, page) in &self.users[f] {
-                if let Err(e) = nix::fcntl::fallocate(
+                match nix::fcntl::fallocate(
                     std::os::fd::AsRawFd::as_raw_fd(&self.file),
                     nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
                         | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
                     (page * PAGE_BYTES) as i64,
                     PAGE_BYTES as i64,
                 ) {
-                    warn!(error = %e, "cannot evict a page from the store cache");
-                    return;
+                    Ok(()) => punched += 1,
+                    Err(e) if punched == 0 => {
+                        // Nothing of the frame is gone: it stays (the cache stays over its
+                        // limit until a later eviction can punch).
+                        warn!(error = %e, "cannot evict a page from the store cache");
+                        return;
+                    }
+                    Err(e) => {
+                        // Part of the frame is gone: it is absent, whatever the rest holds.
+                        warn!(error = %e, "cannot evict a page from the store cache");
+                        break;
+                    }
                 }
             }
             state.frames[f] = FrameState::Absent;

@@ -126,10 +126,10 @@ async fn collect_garbage(
 ) -> Result<RemoveReport, StoreError> {
     let mut used: HashSet<Hash> = HashSet::new();
     for (name, _) in manifests(objects).await? {
+        // A listed manifest that cannot be read (even one removed meanwhile, or one no `put`
+        // wrote) stops the removal: deleting on a guess could lose its packs.
         match read_manifest(objects, &name).await {
             Ok((m, _)) => used.extend(m.packs),
-            // Removed meanwhile.
-            Err(StoreError::NoSnapshot { .. }) => {}
             Err(e) => {
                 return Err(StoreError::Unreadable {
                     key: layout::manifest_key(&name),

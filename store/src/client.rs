@@ -48,12 +48,19 @@ impl std::str::FromStr for StoreUrl {
             return Err(format!("{text:?} names no bucket"));
         }
         let name = name.trim_end_matches('/');
+        // Only characters an object key carries as they are: a name the client would escape
+        // would come back escaped from a listing, and removal could then miss its manifest.
         let bad = |part: &str| {
-            part.is_empty() || part == "." || part == ".." || part.chars().any(char::is_control)
+            part.is_empty()
+                || part == "."
+                || part == ".."
+                || !part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         };
         if !name.is_empty() && name.split('/').any(bad) {
             return Err(format!(
-                "{name:?} is not a snapshot name (parts separated by single '/', no '.' or '..')"
+                "{name:?} is not a snapshot name (letters, digits, '.', '_', '-'; parts separated by single '/', no '.' or '..')"
             ));
         }
         Ok(StoreUrl {
@@ -228,6 +235,8 @@ mod tests {
             "s3://b/a//c",
             "s3://b/../x",
             "s3://b/a\n",
+            "s3://b/vm#1",
+            "s3://b/a b",
         ] {
             assert!(bad.parse::<StoreUrl>().is_err(), "{bad:?} accepted");
         }

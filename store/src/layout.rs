@@ -471,6 +471,13 @@ impl<'a> Reader<'a> {
         if pages == 0 || usize::from(pages) > FRAME_PAGES {
             return Err(self.malformed(format!("a frame of {pages} pages")));
         }
+        // No frame is longer than zstd's bound for its pages, and none ends past 2^64.
+        let most = zstd::zstd_safe::compress_bound(usize::from(pages) * PAGE_BYTES as usize);
+        if len == 0 || len as usize > most || offset.checked_add(u64::from(len)).is_none() {
+            return Err(self.malformed(format!(
+                "a frame of {len} bytes at byte {offset} for {pages} pages"
+            )));
+        }
         Ok(Frame {
             offset,
             len,
@@ -561,6 +568,22 @@ mod tests {
             Manifest::decode(&m.encode()),
             Err(FormatError::Malformed { .. })
         ));
+    }
+
+    #[test]
+    fn test_frames_that_cannot_be_are_malformed() {
+        for (offset, len) in [(0, 0), (u64::MAX - 5, 100), (0, 2 << 20)] {
+            let mut m = sample();
+            m.frames[0].frame.offset = offset;
+            m.frames[0].frame.len = len;
+            assert!(
+                matches!(
+                    Manifest::decode(&m.encode()),
+                    Err(FormatError::Malformed { .. })
+                ),
+                "offset {offset} len {len} accepted"
+            );
+        }
     }
 
     #[test]

@@ -317,20 +317,42 @@ fn test_removal_deletes_only_what_no_other_snapshot_uses() {
     }
     let server = S3Server::start("rm");
     let dir = Scratch::new("store-rm");
-    let (a, b) = (dir.path("a.mem"), dir.path("b.mem"));
-    write_source(&a, 8192, 21, 0, 0..0);
-    std::fs::copy(&a, &b).unwrap();
-    change_pages(&b, 5, usize::MAX);
-    for (image, name) in [(&a, "a"), (&b, "b")] {
+    let (a, b, x) = (dir.path("a.mem"), dir.path("b.mem"), dir.path("x.mem"));
+    // Random bytes (they do not compress): 32 MiB of a in 8 packs of ≈ 4 MiB. b is a with
+    // its first half changed, so a's first packs are a's alone and its last ones are b's too.
+    let random = |pages: usize| {
+        let mut bytes = vec![0u8; pages * PAGE];
+        rand::Rng::fill(&mut rand::thread_rng(), &mut bytes[..]);
+        bytes
+    };
+    let image = random(8192);
+    std::fs::write(&a, &image).unwrap();
+    let mut changed = image.clone();
+    for page in changed.chunks_exact_mut(PAGE).take(4096) {
+        page[..8].copy_from_slice(&[0xA5; 8]);
+    }
+    std::fs::write(&b, &changed).unwrap();
+    std::fs::write(&x, random(256)).unwrap();
+    for (image, name) in [(&a, "a"), (&b, "b"), (&x, "x")] {
         run_ok(&mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &server.url(name)]));
     }
-    // The default grace period keeps young unused packs.
-    let rm_a = run_ok(&mut server.pagesrv(&["store", "rm", &server.url("a")]));
-    assert_eq!(number_before(&rm_a, " unused pack(s) deleted"), 0, "{rm_a}");
-    // What b uses survives a's removal: b comes back whole.
+    // The default grace period keeps young unused packs (x's own).
+    let rm_x = run_ok(&mut server.pagesrv(&["store", "rm", &server.url("x")]));
+    assert_eq!(number_before(&rm_x, " unused pack(s) deleted"), 0, "{rm_x}");
+    assert!(number_before(&rm_x, " unused but younger") > 0, "{rm_x}");
+    // Without it: a's own packs go, those b uses stay, and b comes back whole.
+    let rm_a = run_ok(&mut server.pagesrv(&["store", "rm", &server.url("a"), "--grace-secs", "0"]));
+    assert!(
+        number_before(&rm_a, " unused pack(s) deleted") > 0,
+        "{rm_a}"
+    );
+    assert!(
+        number_before(&rm_a, " in use by other snapshots") > 0,
+        "{rm_a}"
+    );
     let back = dir.path("b.back");
     run_ok(&mut server.pagesrv(&["store", "get", &server.url("b"), back.to_str().unwrap()]));
-    assert!(same_bytes(&b, &back));
+    assert!(same_bytes(&b, &back), "b lost pages when a was removed");
     let rm_b = run_ok(&mut server.pagesrv(&["store", "rm", &server.url("b"), "--grace-secs", "0"]));
     assert!(
         number_before(&rm_b, " unused pack(s) deleted") > 0,
