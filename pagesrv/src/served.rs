@@ -2,6 +2,7 @@
 //! RAM taken from their source VMMs (`--vmm-uds [NAME=]PATH`, repeatable: each VM its own
 //! link and precopy engine); and the control socket over those engines.
 
+use std::collections::HashMap;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -53,29 +54,39 @@ pub fn open_vms(cli: &Sources<'_>) -> Result<Vec<ServedVm>> {
         }
         fleet::resolve_names(&mut specs)?;
         fleet::check_unique(&specs)?;
-        return specs
-            .into_iter()
-            .map(|spec| {
-                let source = match spec.path.to_str().filter(|p| p.starts_with("s3://")) {
-                    Some(url) => {
-                        let url: snapstore::StoreUrl =
-                            url.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-                        let store = StoreSource::open(&url, cli.store_cache, cli.store_cache_mib)
-                            .with_context(|| format!("cannot serve {url}"))?;
-                        VmMemory::Store(store)
-                    }
-                    None => VmMemory::File(
-                        MemorySource::open(&spec.path)
-                            .with_context(|| format!("cannot serve {}", spec.path.display()))?,
-                    ),
-                };
-                Ok(ServedVm {
-                    name: spec.name,
-                    source,
-                    source_vmm: None,
-                })
-            })
-            .collect();
+        // One cache per stored snapshot, however many names serve it (clones of a
+        // template): each frame is fetched once for all of them.
+        let mut stores: HashMap<String, Arc<StoreSource>> = HashMap::new();
+        let mut vms = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let source = match spec.path.to_str().filter(|p| p.starts_with("s3://")) {
+                Some(url) => {
+                    let store = match stores.get(url) {
+                        Some(store) => store.clone(),
+                        None => {
+                            let parsed: snapstore::StoreUrl =
+                                url.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+                            let store =
+                                StoreSource::open(&parsed, cli.store_cache, cli.store_cache_mib)
+                                    .with_context(|| format!("cannot serve {parsed}"))?;
+                            stores.insert(url.to_owned(), store.clone());
+                            store
+                        }
+                    };
+                    VmMemory::Store(store)
+                }
+                None => VmMemory::File(
+                    MemorySource::open(&spec.path)
+                        .with_context(|| format!("cannot serve {}", spec.path.display()))?,
+                ),
+            };
+            vms.push(ServedVm {
+                name: spec.name,
+                source,
+                source_vmm: None,
+            });
+        }
+        return Ok(vms);
     }
     let sockets = vmm_sockets(cli.vmm_uds)?;
     // Every socket first (a VMM may connect to any), then each VMM in turn.

@@ -401,11 +401,16 @@ fn serve_snapshot(server: &S3Server, url: &str, extra: &[&str]) -> (Proc, String
 /// Restores `image` (as stored) into a test VMM through faultd from pagesrv at `addr`;
 /// asserts every byte the VMM read was right and the digests matched.
 fn restore(dir: &Scratch, tag: &str, addr: &str, image: &Path) {
+    restore_vm(dir, tag, addr, image, &[]);
+}
+
+/// [`restore`] with more faultd arguments (e.g. `--vm NAME`).
+fn restore_vm(dir: &Scratch, tag: &str, addr: &str, image: &Path, faultd_args: &[&str]) {
     let (uds, stats) = (
         dir.path(&format!("{tag}.sock")),
         dir.path(&format!("{tag}.json")),
     );
-    let mut faultd = tests::start_faultd(addr, &uds, &stats);
+    let mut faultd = tests::start_faultd_with(addr, &uds, &stats, faultd_args);
     let mut vmm = tests::start_vmm(&uds, image, &["--threads", "2"]);
     let limit = Duration::from_secs(120);
     let (vmm_status, vmm_err) = vmm.wait(limit);
@@ -505,4 +510,45 @@ fn test_a_damaged_pack_fails_the_restore_cleanly_and_places_nothing_wrong() {
     );
     // Nothing wrong was sent: the damaged frame's pages never left pagesrv.
     assert!(pagesrv_err.contains("its pages are lost"), "{pagesrv_err}");
+}
+
+#[test]
+fn test_clones_of_one_stored_snapshot_restore_at_once_fetching_each_frame_once() {
+    if !require_weed() || !tests::require_userfaultfd() {
+        return;
+    }
+    let server = S3Server::start("clones");
+    let dir = Scratch::new("store-clones");
+    let image = dir.path("tpl.mem");
+    // 3072 distinct data pages (every 4th page zero): 192 frames of 16.
+    write_source(&image, 4096, 23, 4, 0..0);
+    run_ok(&mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &server.url("tpl")]));
+    let url = server.url("tpl");
+    let (pagesrv, addr) = serve_snapshot(
+        &server,
+        &format!("c1={url}"),
+        &[
+            "--vm-mem",
+            &format!("c2={url}"),
+            "--store-cache",
+            dir.0.to_str().unwrap(),
+        ],
+    );
+    std::thread::scope(|s| {
+        for clone in ["c1", "c2"] {
+            let (dir, addr, image) = (&dir, &addr, &image);
+            s.spawn(move || restore_vm(dir, clone, addr, image, &["--vm", clone]));
+        }
+    });
+    let err = pagesrv.kill_and_collect();
+    assert_eq!(err.matches("completed (verified)").count(), 2, "{err}");
+    let last = err
+        .lines()
+        .rfind(|l| l.contains("frames fetched"))
+        .unwrap_or_else(|| panic!("no cache line: {err}"));
+    assert_eq!(
+        number_before(last, " frames fetched"),
+        192,
+        "each frame once: {last}"
+    );
 }
