@@ -355,6 +355,26 @@ pub trait PageSource: Send + Sync {
     fn paused(&self) {}
 }
 
+/// Splits pages `first..end` into runs of zero and data pages (`is_zero` says which a page
+/// is), appending them to `out`.
+pub fn split_runs(first: u64, end: u64, is_zero: impl Fn(u64) -> bool, out: &mut Vec<Piece>) {
+    let mut page = first;
+    while page < end {
+        let zero = is_zero(page);
+        let mut next = page + 1;
+        while next < end && is_zero(next) == zero {
+            next += 1;
+        }
+        let count = next - page;
+        out.push(if zero {
+            Piece::Zero { first: page, count }
+        } else {
+            Piece::Data { first: page, count }
+        });
+        page = next;
+    }
+}
+
 /// Pages' bytes as a source lends them: derefs to the bytes. A source that caches pages keeps
 /// them from being evicted until this is dropped.
 pub struct PageBytes<'a> {
@@ -432,27 +452,7 @@ impl PageSource for Paged<'_> {
                 || is_zero(&self.bytes(page, 1))
         };
         let end = (first + count).min(self.total_pages);
-        let mut page = first;
-        while page < end {
-            let zero = is_zero_page(page);
-            let mut next = page + 1;
-            while next < end && is_zero_page(next) == zero {
-                next += 1;
-            }
-            let n = next - page;
-            out.push(if zero {
-                Piece::Zero {
-                    first: page,
-                    count: n,
-                }
-            } else {
-                Piece::Data {
-                    first: page,
-                    count: n,
-                }
-            });
-            page = next;
-        }
+        split_runs(first, end, is_zero_page, out);
     }
 
     fn pages_intact(&self) -> bool {

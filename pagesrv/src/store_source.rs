@@ -605,27 +605,7 @@ impl PageSource for StorePaged {
                 .all(|p| *p == PageRef::Zero)
         };
         let end = (first + count).min(self.total_pages());
-        let mut page = first;
-        while page < end {
-            let zero = is_zero(page);
-            let mut next = page + 1;
-            while next < end && is_zero(next) == zero {
-                next += 1;
-            }
-            let n = next - page;
-            out.push(if zero {
-                Piece::Zero {
-                    first: page,
-                    count: n,
-                }
-            } else {
-                Piece::Data {
-                    first: page,
-                    count: n,
-                }
-            });
-            page = next;
-        }
+        crate::source::split_runs(first, end, is_zero, out);
     }
 
     fn pages_intact(&self) -> bool {
