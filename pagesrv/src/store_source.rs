@@ -378,6 +378,10 @@ impl StoreSource {
     /// did not arrive absent and the source not intact. Returns whether it worked.
     fn fetch(&self, pinned: &[usize], ahead: &[usize]) -> bool {
         let all: Vec<usize> = pinned.iter().chain(ahead).copied().collect();
+        let _unwinding = Unwinding {
+            source: self,
+            frames: &all,
+        };
         let pinned_set: HashSet<usize> = pinned.iter().copied().collect();
         let mut written = HashSet::with_capacity(all.len());
         let result = self
@@ -541,6 +545,30 @@ impl StoreSource {
             ms = started.elapsed().as_millis() as u64,
             "the working set is in the cache"
         );
+    }
+}
+
+/// Puts the frames a fetch marked `Fetching` and did not deliver back to `Absent` if the
+/// fetch unwinds (a panic): their waiters wake and fetch them again instead of sleeping for
+/// ever.
+struct Unwinding<'a> {
+    source: &'a StoreSource,
+    frames: &'a [usize],
+}
+
+impl Drop for Unwinding<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut state = self.source.lock();
+        for &f in self.frames {
+            if state.frames[f] == FrameState::Fetching {
+                state.frames[f] = FrameState::Absent;
+            }
+        }
+        drop(state);
+        self.source.ready.notify_all();
     }
 }
 
