@@ -11,7 +11,7 @@
 //! manifest and never fetched. Nothing is asked of the store before it is read (no HEAD).
 //!
 //! A fetch that fails (the store gone, a damaged frame) makes the source lose its pages: the
-//! reads that needed them lend zeros and [`PageSource::pages_intact`] turns false, so the
+//! reads that needed them lend zeros and [`crate::source::PageSource::pages_intact`] turns false, so the
 //! session sends nothing wrong and ends with the reason.
 
 use std::collections::HashSet;
@@ -27,7 +27,10 @@ use snapstore::layout::{FRAME_PAGES, Manifest, PAGE_BYTES, PageRef};
 use snapstore::{Store, StoreError, StoreUrl};
 use tracing::{info, warn};
 
-use crate::source::{PageBytes, PageSource, Piece, SourceError};
+use crate::source::SourceError;
+
+mod paged;
+pub use paged::StorePaged;
 
 /// Frames read ahead of a fetch (1 MiB of pages each at most before compression: 16 MiB).
 const READ_AHEAD_FRAMES: usize = 256;
@@ -585,64 +588,6 @@ pub struct CacheCounts {
     pub batches: u64,
     /// MiB of pages in the cache now.
     pub mib_held: u64,
-}
-
-/// A session's view of a stored snapshot, in pages of one size.
-pub struct StorePaged {
-    source: Arc<StoreSource>,
-    page_size: u64,
-}
-
-impl PageSource for StorePaged {
-    fn page_size(&self) -> u64 {
-        self.page_size
-    }
-
-    fn total_pages(&self) -> u64 {
-        self.source.manifest.size_bytes / self.page_size
-    }
-
-    fn bytes(&self, first: u64, count: u64) -> PageBytes<'_> {
-        let per = self.page_size / PAGE_BYTES;
-        let start = (first * self.page_size) as usize;
-        let len = (count * self.page_size) as usize;
-        let bytes = &self.source.map.as_slice()[start..start + len];
-        match self.source.pin(first * per, (first + count) * per) {
-            Some(frames) => PageBytes::held(
-                bytes,
-                Box::new(Pins {
-                    source: self.source.clone(),
-                    frames,
-                }),
-            ),
-            // Lost: whatever is lent is not sent (the caller checks `pages_intact`).
-            None => PageBytes::borrowed(bytes),
-        }
-    }
-
-    fn is_free(&self, _page: u64) -> bool {
-        false
-    }
-
-    fn classify(&self, first: u64, count: u64, out: &mut Vec<Piece>) {
-        let per = self.page_size / PAGE_BYTES;
-        let pages = &self.source.manifest.pages;
-        let is_zero = |page: u64| {
-            pages[(page * per) as usize..((page + 1) * per) as usize]
-                .iter()
-                .all(|p| *p == PageRef::Zero)
-        };
-        let end = (first + count).min(self.total_pages());
-        crate::source::split_runs(first, end, is_zero, out);
-    }
-
-    fn pages_intact(&self) -> bool {
-        self.source.pages_intact()
-    }
-
-    fn check_intact(&self) -> Result<(), SourceError> {
-        self.source.check_intact()
-    }
 }
 
 fn file_error(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
