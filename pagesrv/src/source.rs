@@ -397,6 +397,14 @@ impl<'a> PageBytes<'a> {
     }
 }
 
+impl<'a> PageBytes<'a> {
+    /// The bytes and what keeps them put: the bytes are valid only while the hold is kept
+    /// (for callers that collect many reads before one write).
+    pub fn into_parts(self) -> (&'a [u8], Option<Box<dyn Send + 'a>>) {
+        (self.bytes, self._held)
+    }
+}
+
 impl std::ops::Deref for PageBytes<'_> {
     type Target = [u8];
 

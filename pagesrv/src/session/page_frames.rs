@@ -25,14 +25,13 @@ impl Session<'_> {
         let corrupted = self.corrupted_copy(pieces);
         // Only the precopy pause reads which pages went as zero.
         let track_zero = self.switch.engine.is_some();
-        let mut frames: Vec<(Message, PageBytes<'_>)> = Vec::with_capacity(pieces.len());
+        let mut frames: Vec<(Message, &[u8])> = Vec::with_capacity(pieces.len());
+        // What keeps the bytes in `frames` put (a cached source's pins) until they are written.
+        let mut held = Vec::new();
         for piece in pieces {
             match *piece {
                 Piece::Zero { first, count } => {
-                    frames.push((
-                        Message::ZeroRun(PageRange { first, count }),
-                        PageBytes::borrowed(&[]),
-                    ));
+                    frames.push((Message::ZeroRun(PageRange { first, count }), &[]));
                     if track_zero {
                         self.sent_zero.set_range(first, count);
                     }
@@ -58,20 +57,20 @@ impl Session<'_> {
                                         first: at,
                                         count: before,
                                     };
-                                    frames
-                                        .push((Message::PageRun(r), self.source.bytes(at, before)));
+                                    let bytes = lend(&mut held, self.source.bytes(at, before));
+                                    frames.push((Message::PageRun(r), bytes));
                                 }
                                 frames.push((
                                     Message::PageRun(PageRange {
                                         first: *page,
                                         count: 1,
                                     }),
-                                    PageBytes::borrowed(copy),
+                                    copy,
                                 ));
                                 at = page + 1;
                                 continue;
                             }
-                            _ => self.source.bytes(at, n),
+                            _ => lend(&mut held, self.source.bytes(at, n)),
                         };
                         frames.push((Message::PageRun(range), bytes));
                         at += n;
@@ -87,8 +86,8 @@ impl Session<'_> {
                 "the source lost pages while they were read".to_owned()
             })));
         }
-        let frames: Vec<(Message, &[u8])> = frames.iter().map(|(m, b)| (m.clone(), &**b)).collect();
         tx.write_frames(conn, &frames)?;
+        drop(held);
         let bytes: usize = frames
             .iter()
             .map(|(_, p)| RANGE_FRAME_BYTES + p.len())
@@ -111,4 +110,11 @@ impl Session<'_> {
         copy[0] ^= 0xFF;
         Some((page, copy))
     }
+}
+
+/// The bytes of a read, its hold kept in `held` (the bytes stay put while it is).
+fn lend<'a>(held: &mut Vec<Box<dyn Send + 'a>>, bytes: PageBytes<'a>) -> &'a [u8] {
+    let (bytes, hold) = bytes.into_parts();
+    held.extend(hold);
+    bytes
 }
