@@ -15,6 +15,11 @@
 //!  extra bulk Hello{session S}: joins the VM's running session S only, proving its secret
 //! ```
 //!
+//! A template (a stored snapshot, or `--template`) is restored by any number of
+//! destinations at once, each in a session of its own: a `Hello` naming one of them is
+//! claimed by these same rules against that session ([`template_session`]), any other
+//! opens a new one. Nothing a restore does ends the template or another restore.
+//!
 //! A session cut off stays its destination's until the migration ends: nobody else may
 //! start one for the VM meanwhile (it could declare it complete, or failed, while the real
 //! destination runs the guest). A destination that died for good needs a pagesrv restart.
@@ -91,6 +96,22 @@ pub fn claim(
     Claim::Open {
         adopt: (wanted != 0).then_some(wanted),
     }
+}
+
+/// Which of a template's sessions (each given as its connecting and its established
+/// session) an urgent `Hello` naming session `wanted` concerns: the one with that id, to be
+/// claimed by [`claim`] (resumed only with its secret), or `None`: the connection opens a
+/// session of its own.
+pub fn template_session<'a>(
+    wanted: u64,
+    sessions: impl IntoIterator<Item = (Option<&'a Known>, Option<&'a Known>)>,
+) -> Option<usize> {
+    if wanted == 0 {
+        return None;
+    }
+    sessions.into_iter().position(|(pending, established)| {
+        pending.is_some_and(|p| p.id == wanted) || established.is_some_and(|e| e.id == wanted)
+    })
 }
 
 /// Whether a bulk `Hello` belongs to the session welcomed with `welcome`: same session, same
@@ -225,6 +246,32 @@ mod tests {
             claim(7, Some(&pending), Some(&established), false, old),
             Claim::Busy
         );
+    }
+
+    #[test]
+    fn test_a_template_opens_a_session_per_destination_and_resumes_each_with_its_secret() {
+        let (a, b, c) = (known(7, 1), known(8, 2), known(9, 3));
+        // Restore a runs, b connects, c broke off and waits for its destination.
+        let sessions = [(None, Some(&a)), (Some(&b), None), (None, Some(&c))];
+        // Strangers (no session named, or one nobody has) open sessions of their own.
+        assert_eq!(template_session(0, sessions), None);
+        assert_eq!(template_session(42, sessions), None);
+        // A named session is claimed against that session only, by the usual rules.
+        for (wanted, at, secret_of) in [(7, 0, 1), (8, 1, 2), (9, 2, 3)] {
+            let at_found = template_session(wanted, sessions).expect("named");
+            assert_eq!(at_found, at);
+            let (pending, established) = sessions[at];
+            let proving = |s: &ResumeSecret| *s == secret(secret_of);
+            assert!(
+                matches!(claim(wanted, pending, established, at == 0, proving), Claim::Resume { id, .. } if id == wanted)
+            );
+            // Another restore's secret proves nothing: no restore takes over another.
+            let other = |s: &ResumeSecret| *s == secret(secret_of % 3 + 1);
+            assert_eq!(
+                claim(wanted, pending, established, at == 0, other),
+                Claim::Unproven
+            );
+        }
     }
 
     #[test]

@@ -178,6 +178,9 @@ pub struct ServedVm {
     /// The link to its source VMM (`--vmm-uds`: a running VM), kept in every strategy to
     /// tell the VMM the outcome; the precopy engine for precopy and hybrid.
     pub source_vmm: Option<Arc<Precopy>>,
+    /// A template (a stored snapshot, or `--template`): restored by any number of
+    /// destinations at once, each its own session, and never finished by one.
+    pub template: bool,
 }
 
 impl ServedVm {

@@ -198,6 +198,16 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = admission::MAX_HANDSHAKES,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=admission::MAX_HANDSHAKES as u64))]
     max_handshakes: usize,
+    /// Serve every --vm-mem file as a template: any number of destinations restore it at
+    /// once, each in its own session, and pagesrv keeps serving it (a stored snapshot,
+    /// `s3://...`, always is one). Without it a VM has one destination at a time.
+    #[arg(long, conflicts_with = "vmm_uds")]
+    template: bool,
+    /// Most restores of one template at once (connecting, running, or cut off and waiting
+    /// for their destinations); more are refused as busy until one ends.
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    max_restores: usize,
     /// Test-only fault injection: send this page with one byte flipped (the destination's
     /// digest check must catch it).
     #[arg(long, hide = true, value_name = "PAGE")]
@@ -302,6 +312,7 @@ fn run(cli: Cli) -> Result<server::Verdict> {
         max_downtime: Duration::from_millis(cli.max_downtime_ms),
         store_cache: &cli.store_cache,
         store_cache_mib: cli.store_cache_mib,
+        templates: cli.template,
     })?;
     if vms.len() > 1 && (cli.free_pages.is_some() || cli.prefetch.is_some()) {
         bail!(
@@ -337,8 +348,9 @@ fn run(cli: Cli) -> Result<server::Verdict> {
         handshake_capacity: handshake_capacity().min(cli.max_handshakes),
         insecure_listen: cli.insecure_listen,
         listen: cli.listen,
-        // A stored snapshot is a template: it serves any number of restores.
-        serve_forever: cli.serve_forever || vms.iter().any(|vm| vm.source.is_stored()),
+        // A template serves any number of restores: pagesrv never ends with one.
+        serve_forever: cli.serve_forever || vms.iter().any(|vm| vm.template),
+        max_restores: cli.max_restores,
         page_size: cli.page_size,
         session: SessionConfig {
             prepage_window_pages: cli.prepage_window,
@@ -359,7 +371,7 @@ fn run(cli: Cli) -> Result<server::Verdict> {
             prefetch,
         },
     };
-    let names: Vec<_> = vms.iter().map(|vm| vm.name).collect();
+    let names: Vec<_> = vms.iter().map(|vm| (vm.name, vm.template)).collect();
     let published = cli.metrics_listen.map(|_| Arc::new(Published::new(&names)));
     if let (Some(addr), Some(published)) = (cli.metrics_listen, &published) {
         let published = published.clone();

@@ -36,6 +36,8 @@ pub struct Sources<'a> {
     pub store_cache: &'a Path,
     /// `--store-cache-mib`: how large each may grow.
     pub store_cache_mib: u64,
+    /// `--template`: memory files are templates too (stored snapshots always are).
+    pub templates: bool,
 }
 
 /// The memory to serve: paused VMs' files (`--vm-mem`, `--vm-dir`), or running VMs' RAM
@@ -59,7 +61,9 @@ pub fn open_vms(cli: &Sources<'_>) -> Result<Vec<ServedVm>> {
         let mut stores: HashMap<String, Arc<StoreSource>> = HashMap::new();
         let mut vms = Vec::with_capacity(specs.len());
         for spec in specs {
-            let source = match spec.path.to_str().filter(|p| p.starts_with("s3://")) {
+            let stored = spec.path.to_str().filter(|p| p.starts_with("s3://"));
+            let template = cli.templates || stored.is_some();
+            let source = match stored {
                 Some(url) => {
                     let store = match stores.get(url) {
                         Some(store) => store.clone(),
@@ -84,6 +88,7 @@ pub fn open_vms(cli: &Sources<'_>) -> Result<Vec<ServedVm>> {
                 name: spec.name,
                 source,
                 source_vmm: None,
+                template,
             });
         }
         return Ok(vms);
@@ -174,6 +179,7 @@ fn accept_source_vmm(
         name,
         source: VmMemory::File(source),
         source_vmm: Some(Arc::new(engine)),
+        template: false,
     })
 }
 

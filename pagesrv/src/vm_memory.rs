@@ -74,9 +74,4 @@ impl VmMemory {
             VmMemory::Store(_) => None,
         }
     }
-
-    /// Whether it is a stored snapshot (a template: served to any number of restores).
-    pub fn is_stored(&self) -> bool {
-        matches!(self, VmMemory::Store(_))
-    }
 }

@@ -523,25 +523,29 @@ fn test_clones_of_one_stored_snapshot_restore_at_once_fetching_each_frame_once()
     // 3072 distinct data pages (every 4th page zero): 192 frames of 16.
     write_source(&image, 4096, 23, 4, 0..0);
     run_ok(&mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &server.url("tpl")]));
-    let url = server.url("tpl");
+    // One name, three destinations at once: each its own session of the template.
     let (pagesrv, addr) = serve_snapshot(
         &server,
-        &format!("c1={url}"),
-        &[
-            "--vm-mem",
-            &format!("c2={url}"),
-            "--store-cache",
-            dir.0.to_str().unwrap(),
-        ],
+        &format!("tpl={}", server.url("tpl")),
+        &["--store-cache", dir.0.to_str().unwrap()],
     );
     std::thread::scope(|s| {
-        for clone in ["c1", "c2"] {
+        for clone in ["c1", "c2", "c3"] {
             let (dir, addr, image) = (&dir, &addr, &image);
-            s.spawn(move || restore_vm(dir, clone, addr, image, &["--vm", clone]));
+            s.spawn(move || restore_vm(dir, clone, addr, image, &["--vm", "tpl"]));
         }
     });
     let err = pagesrv.kill_and_collect();
-    assert_eq!(err.matches("completed (verified)").count(), 2, "{err}");
+    assert_eq!(err.matches("completed (verified)").count(), 3, "{err}");
+    // Three sessions, not one resumed: each restore had a session id of its own.
+    let mut sessions: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("destination connected") && l.contains("urgent"))
+        .filter_map(|l| l.split("session=").nth(1)?.split_whitespace().next())
+        .collect();
+    sessions.sort_unstable();
+    sessions.dedup();
+    assert_eq!(sessions.len(), 3, "{err}");
     let last = err
         .lines()
         .rfind(|l| l.contains("frames fetched"))
@@ -551,4 +555,35 @@ fn test_clones_of_one_stored_snapshot_restore_at_once_fetching_each_frame_once()
         192,
         "each frame once: {last}"
     );
+}
+
+#[test]
+fn test_a_memory_file_template_is_restored_by_two_destinations_at_once() {
+    if !tests::require_userfaultfd() {
+        return;
+    }
+    let dir = Scratch::new("file-template");
+    let image = dir.path("tpl.mem");
+    write_source(&image, 4096, 29, 4, 0..0);
+    let args: Vec<std::ffi::OsString> = vec!["--vm-mem".into(), image.clone().into()];
+    let mut cmd = std::process::Command::new(tests::bin("pagesrv"));
+    cmd.args(["--listen", "127.0.0.1:0", "--template"])
+        .args(tests::key_args(&args))
+        .args(&args);
+    let mut pagesrv = Proc::spawn("pagesrv", &mut cmd);
+    let line = pagesrv.read_line();
+    let addr = line
+        .strip_prefix("pagesrv listening on ")
+        .unwrap_or_else(|| panic!("pagesrv did not start: {line:?}"))
+        .to_owned();
+    std::thread::scope(|s| {
+        for clone in ["d1", "d2"] {
+            let (dir, addr, image) = (&dir, &addr, &image);
+            s.spawn(move || restore(dir, clone, addr, image));
+        }
+    });
+    // Both done, pagesrv still serves (a template never finishes): a third restore.
+    restore(&dir, "d3", &addr, &image);
+    let err = pagesrv.kill_and_collect();
+    assert_eq!(err.matches("completed (verified)").count(), 3, "{err}");
 }

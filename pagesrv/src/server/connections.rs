@@ -33,18 +33,19 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         admitted.refuse(code, text);
     }
 
-    /// Refuses a connection that named VM `index`'s session without proving its secret:
+    /// Refuses a connection that named slot `index`'s session without proving its secret:
     /// nothing changes, and one line per [`TAKEOVER_LOG_EVERY`] says so.
     fn refuse_takeover(&mut self, index: usize, mut admitted: Box<Admitted>) {
         let slot = &mut self.slots[index];
+        let vm = self.vms[slot.vm].name;
         if slot
             .takeover_logged
             .is_none_or(|t| t.elapsed() >= TAKEOVER_LOG_EVERY)
         {
             slot.takeover_logged = Some(Instant::now());
-            warn!(peer = %admitted.peer, role = ?admitted.role(), vm = %self.vms[index].name, "refused a connection that names this VM's session without proving its secret (a takeover attempt, or a destination from another run); the session goes on");
+            warn!(peer = %admitted.peer, role = ?admitted.role(), vm = %vm, "refused a connection that names this VM's session without proving its secret (a takeover attempt, or a destination from another run); the session goes on");
         }
-        admitted.refuse(ErrorCode::Busy, &busy_text(self.vms[index].name));
+        admitted.refuse(ErrorCode::Busy, &busy_text(vm));
     }
 
     /// Prepares the connection and answers with `welcome` (to VM `vm`); `false` (logged) if
@@ -66,12 +67,17 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     }
 
     pub(super) fn on_urgent(&mut self, admitted: Box<Admitted>) {
-        let index = match fleet::find(self.vms, &admitted.hello().vm) {
+        let vm_index = match fleet::find(self.vms, &admitted.hello().vm) {
             Ok(index) => index,
             Err(text) => return self.refuse(admitted, ErrorCode::UnknownVm, &text),
         };
-        let vm = &self.vms[index];
-        if let Some(finished) = &self.slots[index].finished {
+        let vm = &self.vms[vm_index];
+        let finished = self
+            .slots
+            .iter()
+            .find(|slot| slot.vm == vm_index)
+            .and_then(|slot| slot.finished.as_ref());
+        if let Some(finished) = finished {
             let text = format!(
                 "the migration of VM {} has ended ({}); it is served no more",
                 vm.name,
@@ -96,7 +102,14 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             };
             return self.refuse(admitted, code, &error_chain(&e));
         }
-        let (session_id, secret, proven) = match self.claim(index, &admitted) {
+        let Some((index, claim)) = self.claim(vm_index, &admitted) else {
+            let text = format!(
+                "template {} is being restored by {} destinations, the most at once (--max-restores); try again when one ends",
+                vm.name, self.config.max_restores
+            );
+            return self.refuse(admitted, ErrorCode::Busy, &text);
+        };
+        let (session_id, secret, proven) = match claim {
             Claim::Resume { id, secret } => (id, secret, true),
             Claim::Open { adopt } => {
                 let id = adopt.unwrap_or_else(|| rand::random::<u64>() | 1);
@@ -120,13 +133,13 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 "the destination reconnected: replacing its old session"
             );
             self.end_session(index, true);
-            if self.slots[index].finished.is_some() {
+            if self.slots[index].finished.is_some() || self.slots[index].established.is_none() {
                 // It had ended before we stopped it: nothing to resume.
-                let text = format!("the migration of VM {} has ended", self.vms[index].name);
+                let text = format!("the migration of VM {} has ended", self.vms[vm_index].name);
                 return self.refuse(admitted, ErrorCode::UnknownVm, &text);
             }
         }
-        let vm = &self.vms[index];
+        let vm = &self.vms[vm_index];
         let flags = match self.welcome_flags(admitted.hello(), vm, proven) {
             Ok(flags) => flags,
             Err((code, text)) => return self.refuse(admitted, code, &text),
@@ -184,20 +197,53 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         })
     }
 
-    /// Which session an urgent connection to VM `index` opens or resumes (`claim.rs`).
-    fn claim(&self, index: usize, admitted: &Admitted) -> Claim {
+    /// Which session an urgent connection to VM `vm` opens or resumes (`claim.rs`), and the
+    /// slot that holds it: for a template, the restore it names, or a new slot for a new
+    /// restore (`None`: the template has `--max-restores` already).
+    fn claim(&mut self, vm: usize, admitted: &Admitted) -> Option<(usize, Claim)> {
+        let wanted = admitted.hello().session_id;
+        let of_vm: Vec<usize> = (0..self.slots.len())
+            .filter(|&at| self.slots[at].vm == vm)
+            .collect();
+        let pendings: Vec<Option<Known>> = of_vm
+            .iter()
+            .map(|&at| self.slots[at].pending.as_ref().map(Pending::known))
+            .collect();
+        let index = if self.vms[vm].template {
+            let sessions = of_vm
+                .iter()
+                .zip(&pendings)
+                .map(|(&at, pending)| (pending.as_ref(), self.slots[at].established.as_ref()));
+            match claim::template_session(wanted, sessions) {
+                Some(nth) => of_vm[nth],
+                None if of_vm.len() >= self.config.max_restores => return None,
+                None => {
+                    self.slots.push(super::Slot::of(vm));
+                    return Some((
+                        self.slots.len() - 1,
+                        Claim::Open {
+                            adopt: (wanted != 0).then_some(wanted),
+                        },
+                    ));
+                }
+            }
+        } else {
+            *of_vm
+                .first()
+                .expect("a VM that is no template has its slot")
+        };
+        let nth = of_vm.iter().position(|&at| at == index).expect("listed");
         let slot = &self.slots[index];
-        let pending = slot.pending.as_ref().map(|p| Known {
-            id: p.welcome.session_id,
-            secret: p.secret.clone(),
-        });
-        claim::claim(
-            admitted.hello().session_id,
-            pending.as_ref(),
-            slot.established.as_ref(),
-            slot.running.is_some(),
-            |secret| admitted.proves(secret),
-        )
+        Some((
+            index,
+            claim::claim(
+                wanted,
+                pendings[nth].as_ref(),
+                slot.established.as_ref(),
+                slot.running.is_some(),
+                |secret| admitted.proves(secret),
+            ),
+        ))
     }
 
     pub(super) fn on_bulk(&mut self, mut admitted: Box<Admitted>) {
@@ -205,20 +251,27 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         if hello.extra_stream() {
             return self.on_extra_stream(admitted);
         }
-        // The VM by name, as for the urgent connection; then that VM's pending session only,
-        // with the proof of its secret.
-        let index = fleet::find(self.vms, &hello.vm).ok().filter(|&index| {
-            self.slots[index]
-                .pending
-                .as_ref()
-                .is_some_and(|p| joins(&p.welcome, &hello) && admitted.proves(&p.secret))
+        // The VM by name, as for the urgent connection; then that VM's pending session only
+        // (a template's: the one it names), with the proof of its secret.
+        let index = fleet::find(self.vms, &hello.vm).ok().and_then(|vm| {
+            self.slots.iter().position(|slot| {
+                slot.vm == vm
+                    && slot
+                        .pending
+                        .as_ref()
+                        .is_some_and(|p| joins(&p.welcome, &hello) && admitted.proves(&p.secret))
+            })
         });
         let Some(index) = index else {
             let text = "no session of this VM waits for a bulk connection with this layout and this session's secret";
             return self.refuse(admitted, ErrorCode::UnknownSession, text);
         };
         let pending = self.slots[index].pending.take().expect("checked above");
-        if !self.welcome(&mut admitted, pending.welcome, self.vms[index].name) {
+        if !self.welcome(
+            &mut admitted,
+            pending.welcome,
+            self.vms[self.slots[index].vm].name,
+        ) {
             return;
         }
         self.start_session(index, pending, admitted.into_framed());
@@ -228,15 +281,17 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     /// of the push on a thread of its own, at most [`MAX_STREAMS`] per session.
     fn on_extra_stream(&mut self, mut admitted: Box<Admitted>) {
         let hello = *admitted.hello();
-        let running = fleet::find(self.vms, &hello.vm).ok().and_then(|index| {
-            let slot = &self.slots[index];
-            let proven = slot
-                .established
-                .as_ref()
-                .is_some_and(|e| admitted.proves(&e.secret));
-            slot.running
-                .as_ref()
-                .filter(|r| proven && joins(&r.welcome, &hello))
+        let running = fleet::find(self.vms, &hello.vm).ok().and_then(|vm| {
+            self.slots.iter().find_map(|slot| {
+                let proven = slot.vm == vm
+                    && slot
+                        .established
+                        .as_ref()
+                        .is_some_and(|e| admitted.proves(&e.secret));
+                slot.running
+                    .as_ref()
+                    .filter(|r| proven && joins(&r.welcome, &hello))
+            })
         });
         let Some(running) = running else {
             let text = "no running session of this VM with this layout and this session's secret";
@@ -270,7 +325,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     fn start_session(&mut self, index: usize, pending: Pending, bulk: FramedConn) {
         self.serials += 1;
         let serial = self.serials;
-        let vm = &self.vms[index];
+        let vm = &self.vms[self.slots[index].vm];
         vm.source.refresh_holes();
         let pending_welcome = pending.welcome;
         let paged = vm

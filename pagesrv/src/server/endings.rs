@@ -32,7 +32,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         self.live.set(ids);
     }
 
-    /// Ends VM `index`'s running session, if any: aborts it first with `abort` (a reconnect
+    /// Ends slot `index`'s running session, if any: aborts it first with `abort` (a reconnect
     /// replaces it, or pagesrv ends), then joins and concludes it.
     pub(super) fn end_session(&mut self, index: usize, abort: bool) {
         let Some(running) = self.slots[index].running.take() else {
@@ -54,12 +54,18 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         print_summary(session, &outcome);
         let bytes = session.stats.bytes_sent.load(Ordering::Relaxed);
         if let Some(published) = &self.events.metrics {
-            published.ended(session.vm, &outcome, session.verified(), bytes);
+            published.ended(
+                (session.vm, session.id),
+                &outcome,
+                session.verified(),
+                bytes,
+            );
         }
         let slot = &mut self.slots[index];
         slot.bytes_sent += bytes;
         slot.last_end = Some(Instant::now());
-        let vm = self.vms[index].name.to_string();
+        let served = &self.vms[slot.vm];
+        let vm = served.name.to_string();
         match &outcome {
             Outcome::Completed => self.events.emit_sticky(json!({
                 "event": "completed",
@@ -86,10 +92,11 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 return;
             }
         };
-        if self.config.serve_forever {
-            // Each migration's own totals: the next one of this VM starts from zero.
+        if self.config.serve_forever || served.template {
+            // Each migration's own totals: the next one of this VM starts from zero (a
+            // template's restore is over: its slot goes).
             let slot = &mut self.slots[index];
-            print_vm_totals(&self.vms[index], slot, &finished);
+            print_vm_totals(served, slot, &finished);
             (slot.sessions, slot.bytes_sent, slot.first_start) = (0, 0, None);
             // The next migration of this VM is a new session.
             slot.established = None;
@@ -113,9 +120,10 @@ impl<'scope, 'env> Manager<'scope, 'env> {
     }
 
     /// Every VM's migration ended: one line per VM, and an error naming those that failed.
-    /// What VM `index`'s source VMM is told (`--vmm-uds`), once its migration ended.
-    pub(super) fn source_outcome(&self, index: usize) -> Option<SourceOutcome> {
-        match self.slots.get(index)?.finished.as_ref()? {
+    /// What VM `vm`'s source VMM is told (`--vmm-uds`), once its migration ended.
+    pub(super) fn source_outcome(&self, vm: usize) -> Option<SourceOutcome> {
+        let slot = self.slots.iter().find(|slot| slot.vm == vm)?;
+        match slot.finished.as_ref()? {
             Finished::Completed { verified } => Some(SourceOutcome::Completed {
                 verified: *verified,
             }),
@@ -127,7 +135,8 @@ impl<'scope, 'env> Manager<'scope, 'env> {
 
     fn verdict(&self) -> Result<Verdict> {
         let mut failed = Vec::new();
-        for (vm, slot) in self.vms.iter().zip(&self.slots) {
+        for slot in &self.slots {
+            let vm = &self.vms[slot.vm];
             if let Some(finished) = &slot.finished {
                 print_vm_totals(vm, slot, finished);
                 if let Finished::Failed(why) = finished {

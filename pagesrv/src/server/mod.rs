@@ -21,10 +21,19 @@
 //! Here: the manager's state and its loop; `connections.rs`: what it does with an admitted
 //! connection (refuse, welcome, start a session); `endings.rs`: how a session ends.
 //!
+//! # Templates
+//!
+//! A template (a stored snapshot, or `--template`) is restored by many destinations at
+//! once: each urgent `Hello` that names none of its sessions opens one more (at most
+//! `--max-restores`; a `Hello` naming one is claimed against it alone, `claim.rs`). The
+//! manager then holds one [`Slot`] per restore instead of one per VM, created by the
+//! connection and dropped when the restore ends (completed, failed, or cut off and not
+//! resumed within [`RESUME_WINDOW`]); the template itself never finishes.
+//!
 //! # Several VMs
 //!
-//! Each VM has at most one session, so pagesrv runs at most three threads per VM it serves
-//! (urgent, pusher, progress), a number fixed at start, never one per page or per request.
+//! Each VM has at most one session (a template one per restore), so pagesrv runs at most
+//! three threads per session (urgent, pusher, progress), never one per page or per request.
 //! Across VMs, requests go first the same way they do within one: every session's urgent
 //! thread is SCHED_FIFO (where allowed) and preempts every pusher, and urgent traffic is
 //! marked DSCP EF; the pushes share the link as their TCP connections do (one per VM, each
@@ -73,6 +82,9 @@ const BULK_SNDBUF_BYTES: usize = 1 << 20;
 const TAKEOVER_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How often refusals after a handshake are logged (one line per window).
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+/// How long a template's restore that broke off waits for its destination to resume it
+/// before it is forgotten (a migrated VM's session waits for ever: its guest exists once).
+const RESUME_WINDOW: Duration = Duration::from_secs(600);
 
 /// Server settings from the command line.
 #[derive(Debug, Clone)]
@@ -92,6 +104,8 @@ pub struct ServerConfig {
     pub insecure_listen: bool,
     /// Serve only destinations with this page size (`--page-size`); any otherwise.
     pub page_size: Option<u64>,
+    /// Most restores of one template at once (`--max-restores`).
+    pub max_restores: usize,
 }
 
 enum Event {
@@ -143,7 +157,11 @@ pub fn serve(vms: &[ServedVm], config: &ServerConfig, events: Events) -> Result<
         let mut manager = Manager {
             scope,
             vms,
-            slots: vms.iter().map(|_| Slot::default()).collect(),
+            // A slot per VM; a template's come and go with its restores.
+            slots: (0..vms.len())
+                .filter(|&vm| !vms[vm].template)
+                .map(Slot::of)
+                .collect(),
             config,
             notify: tx,
             serials: 0,
@@ -153,7 +171,7 @@ pub fn serve(vms: &[ServedVm], config: &ServerConfig, events: Events) -> Result<
             live,
         };
         let result = manager.run(&rx);
-        for index in 0..vms.len() {
+        for index in 0..manager.slots.len() {
             manager.end_session(index, true);
         }
         for (index, vm) in vms.iter().enumerate() {
@@ -193,6 +211,16 @@ struct Pending {
     since: Instant,
 }
 
+impl Pending {
+    /// The session it opens, with its secret.
+    fn known(&self) -> Known {
+        Known {
+            id: self.welcome.session_id,
+            secret: self.secret.clone(),
+        }
+    }
+}
+
 /// How a VM's migration ended (without `--serve-forever`, it is served no more).
 #[derive(Debug, Clone)]
 enum Finished {
@@ -200,10 +228,12 @@ enum Finished {
     Failed(String),
 }
 
-/// One served VM's state: at most one session running and one waiting for its bulk
-/// connection, and the totals over its sessions.
+/// One served VM's state (or one restore's, for a template): at most one session running
+/// and one waiting for its bulk connection, and the totals over its sessions.
 #[derive(Default)]
 struct Slot<'scope, 'env> {
+    /// Which VM (index into the served VMs).
+    vm: usize,
     running: Option<Running<'scope, 'env>>,
     pending: Option<Pending>,
     /// The session its destination resumes after a cut (set once a session started), with
@@ -264,6 +294,24 @@ impl LogWindow {
     }
 }
 
+impl Slot<'_, '_> {
+    fn of(vm: usize) -> Self {
+        Slot {
+            vm,
+            ..Slot::default()
+        }
+    }
+
+    /// Whether a template's restore is over: nothing running or connecting, and no session
+    /// its destination may still resume.
+    fn restore_over(&self) -> bool {
+        self.running.is_none()
+            && self.pending.is_none()
+            && (self.established.is_none()
+                || self.last_end.is_some_and(|t| t.elapsed() > RESUME_WINDOW))
+    }
+}
+
 impl<'scope, 'env> Manager<'scope, 'env> {
     fn run(&mut self, events: &Receiver<Event>) -> Result<Verdict> {
         loop {
@@ -272,16 +320,19 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => bail!("the acceptor stopped"),
             };
-            for (slot, vm) in self.slots.iter_mut().zip(self.vms) {
+            for slot in &mut self.slots {
                 if slot
                     .pending
                     .as_ref()
                     .is_some_and(|p| p.since.elapsed() > HANDSHAKE_DEADLINE)
                 {
                     let p = slot.pending.take().expect("checked");
-                    warn!(peer = %p.admitted.peer, vm = %vm.name, "the destination never opened its bulk connection");
+                    warn!(peer = %p.admitted.peer, vm = %self.vms[slot.vm].name, "the destination never opened its bulk connection");
                 }
             }
+            let vms = self.vms;
+            self.slots
+                .retain(|slot| !(vms[slot.vm].template && slot.restore_over()));
             match event {
                 Some(Event::Admitted(admitted)) => match admitted.role() {
                     Role::Urgent => self.on_urgent(admitted),
