@@ -372,7 +372,20 @@ fn decompress_bounded(compressed: &[u8], limit: usize) -> Option<Vec<u8>> {
     if size > limit as u64 {
         return None;
     }
-    zstd::bulk::decompress(compressed, size as usize).ok()
+    thread_local! {
+        // One decompression context per thread, kept: making one costs as much as
+        // decoding a small frame.
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DECOMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let decompressor = match cell.as_mut() {
+            Some(d) => d,
+            None => cell.insert(zstd::bulk::Decompressor::new().ok()?),
+        };
+        decompressor.decompress(compressed, size as usize).ok()
+    })
 }
 
 /// The object: `magic`, the BLAKE3 of `body`, `body`.

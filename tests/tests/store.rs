@@ -512,6 +512,102 @@ fn test_a_damaged_pack_fails_the_restore_cleanly_and_places_nothing_wrong() {
     assert!(pagesrv_err.contains("its pages are lost"), "{pagesrv_err}");
 }
 
+/// The stored manifest of snapshot `name`, decoded.
+fn stored_manifest(server: &S3Server, name: &str) -> snapstore::layout::Manifest {
+    let (client, runtime) = raw_client(server);
+    let bytes = runtime.block_on(async {
+        client
+            .get(&object_store::path::Path::from(format!(
+                "snapshots/{name}.manifest"
+            )))
+            .await
+            .expect("get the manifest")
+            .bytes()
+            .await
+            .expect("read the manifest")
+    });
+    snapstore::layout::Manifest::decode(&bytes).expect("a sound manifest")
+}
+
+#[test]
+fn test_a_working_set_is_stored_first_in_its_order_and_restored_from_the_store() {
+    use snapstore::layout::PageRef;
+    if !require_weed() || !tests::require_userfaultfd() {
+        return;
+    }
+    let server = S3Server::start("working-set");
+    let dir = Scratch::new("store-working-set");
+    let image = dir.path("vm.mem");
+    let pages = 4096u64;
+    write_source(&image, pages as usize, 31, 4, 0..0);
+    // Four pages of one 16-page block in 8 (zero pages among them), in a scattered order.
+    let mut set: Vec<u64> = (0..pages)
+        .filter(|p| p % 16 < 4 && (p / 16) % 8 == 3)
+        .collect();
+    set.sort_by_key(|p| (p * 7919) % pages);
+    let ws_path = dir.path("vm.ws");
+    common::working_set::WorkingSet {
+        page_size: PAGE as u32,
+        total_pages: pages,
+        image_id: 0,
+        pages: set.clone(),
+    }
+    .write(&ws_path)
+    .expect("write the working set");
+    run_ok(&mut server.pagesrv(&[
+        "store",
+        "put",
+        image.to_str().unwrap(),
+        &server.url("tpl"),
+        "--working-set",
+        ws_path.to_str().unwrap(),
+    ]));
+    let manifest = stored_manifest(&server, "tpl");
+    assert_eq!(
+        manifest.working_set,
+        set.iter().map(|&p| p as u32).collect::<Vec<_>>()
+    );
+    let place = |page: u64| match manifest.pages[page as usize] {
+        PageRef::Stored { frame, slot } => {
+            let at = &manifest.frames[frame as usize];
+            Some((at.pack, at.frame.offset, slot))
+        }
+        PageRef::Zero => None,
+    };
+    // The set's data pages fill the first frames, one after another in the set's order...
+    let in_set: Vec<_> = set.iter().filter_map(|&p| place(p)).collect();
+    assert_eq!(
+        in_set.len(),
+        96,
+        "the set's data pages (one in four is zero)"
+    );
+    assert!(
+        in_set.windows(2).all(|w| w[0] < w[1]),
+        "the set's pages are not stored in its order: {in_set:?}"
+    );
+    // ...before every other page: no frame holds both.
+    let last_of_set = *in_set.last().expect("not empty");
+    let others = (0..pages)
+        .filter(|p| !set.contains(p))
+        .filter_map(place)
+        .min()
+        .expect("other data pages");
+    assert!(
+        (others.0, others.1) > (last_of_set.0, last_of_set.1),
+        "{others:?} {last_of_set:?}"
+    );
+    // The image restores whole, the set prefetched first.
+    let (pagesrv, addr) = serve_snapshot(
+        &server,
+        &server.url("tpl"),
+        &["--store-cache", dir.0.to_str().unwrap()],
+    );
+    restore(&dir, "restore", &addr, &image);
+    let err = pagesrv.kill_and_collect();
+    assert!(err.contains("the working set is in the cache"), "{err}");
+    assert_eq!(err.matches("completed (verified)").count(), 1, "{err}");
+}
+
 #[test]
 fn test_clones_of_one_stored_snapshot_restore_at_once_fetching_each_frame_once() {
     if !require_weed() || !tests::require_userfaultfd() {

@@ -36,7 +36,7 @@ pub use paged::StorePaged;
 const READ_AHEAD_FRAMES: usize = 256;
 /// Pages looked at past a read for frames to read ahead.
 const READ_AHEAD_SCAN_PAGES: u64 = 16 * 1024;
-/// Working-set frames in the prefetcher's first batch; each next batch is twice as large, up
+/// Working-set frames in the prefetcher's first batch; each next batch is four times as large, up
 /// to [`PREFETCH_BATCH_MAX`]: the first-touched frames come soon, and the later, larger
 /// batches are dense enough for their frames to share ranged GETs. (A fault waits for the
 /// batch that holds its frame.)
@@ -380,43 +380,45 @@ impl StoreSource {
     /// file: `pinned` are handed back pinned once, `ahead` unpinned. On failure marks what
     /// did not arrive absent and the source not intact. Returns whether it worked.
     fn fetch(&self, pinned: &[usize], ahead: &[usize]) -> bool {
+        // An urgent thread fetching runs ordinary meanwhile: it waits for the store anyway,
+        // and decoding a batch read ahead (on it and on the threads it spawns, which would
+        // inherit its policy) must not hold the CPUs from the guest's vCPUs.
+        let _ordinary = common::sched::OrdinaryPriority::enter();
         let all: Vec<usize> = pinned.iter().chain(ahead).copied().collect();
         let _unwinding = Unwinding {
             source: self,
             frames: &all,
         };
         let pinned_set: HashSet<usize> = pinned.iter().copied().collect();
-        let mut written = HashSet::with_capacity(all.len());
-        let result = self
-            .store
-            .fetch_frames(&self.manifest, &all, &mut |f, raw| {
-                for &(slot, page) in &self.users[f] {
-                    let bytes =
-                        &raw[usize::from(slot) * PAGE_BYTES as usize..][..PAGE_BYTES as usize];
-                    self.file
-                        .write_all_at(bytes, page * PAGE_BYTES)
-                        .map_err(|source| StoreError::File {
-                            op: "write the cache of",
-                            path: self.url.to_string().into(),
-                            source,
-                        })?;
-                }
-                // Each frame is usable as soon as it is in: whoever waits on it goes on
-                // while the rest of the batch arrives.
-                let mut state = self.lock();
-                state.clock += 1;
-                let now = state.clock;
-                state.frames[f] = FrameState::Resident {
-                    pins: u32::from(pinned_set.contains(&f)),
-                    last_use: now,
-                };
-                state.resident_pages += self.users[f].len() as u64;
-                state.fetches += 1;
-                drop(state);
-                self.ready.notify_all();
-                written.insert(f);
-                Ok(())
-            });
+        let written = Mutex::new(HashSet::with_capacity(all.len()));
+        let result = self.store.fetch_frames(&self.manifest, &all, &|f, raw| {
+            for &(slot, page) in &self.users[f] {
+                let bytes = &raw[usize::from(slot) * PAGE_BYTES as usize..][..PAGE_BYTES as usize];
+                self.file
+                    .write_all_at(bytes, page * PAGE_BYTES)
+                    .map_err(|source| StoreError::File {
+                        op: "write the cache of",
+                        path: self.url.to_string().into(),
+                        source,
+                    })?;
+            }
+            // Each frame is usable as soon as it is in: whoever waits on it goes on
+            // while the rest of the batch arrives.
+            let mut state = self.lock();
+            state.clock += 1;
+            let now = state.clock;
+            state.frames[f] = FrameState::Resident {
+                pins: u32::from(pinned_set.contains(&f)),
+                last_use: now,
+            };
+            state.resident_pages += self.users[f].len() as u64;
+            state.fetches += 1;
+            drop(state);
+            self.ready.notify_all();
+            written.lock().unwrap_or_else(|p| p.into_inner()).insert(f);
+            Ok(())
+        });
+        let written = written.into_inner().unwrap_or_else(|p| p.into_inner());
         let mut state = self.lock();
         state.batches += 1;
         let ok = match result {
@@ -524,7 +526,7 @@ impl StoreSource {
         while at < order.len() {
             let batch = &order[at..(at + size).min(order.len())];
             at += batch.len();
-            size = (size * 2).min(PREFETCH_BATCH_MAX);
+            size = PREFETCH_BATCH_MAX;
             let mine: Vec<usize> = {
                 let mut state = self.lock();
                 batch
