@@ -10,7 +10,7 @@ use anyhow::Result;
 use serde_json::{Value, json};
 
 use crate::link::{DelayLine, Profile};
-use crate::scenario::{LatencyArgs, Scenario, run_median};
+use crate::scenario::{LatencyArgs, RestoreOrder, Scenario, run_median};
 use crate::store_server::{BUCKET, StoreServer};
 
 /// Runs the three restores on `image`.
@@ -20,10 +20,14 @@ use crate::store_server::{BUCKET, StoreServer};
 pub fn run(args: &LatencyArgs, image: &Path, work: &Path) -> Result<Value> {
     let ws = work.join("working-set");
     let _ = std::fs::remove_file(&ws);
-    let touches = args.demand_touches;
+    // A clustered set is touched whole (at most every page of the image).
+    let touches = match args.restore_order {
+        RestoreOrder::Random => args.demand_touches,
+        RestoreOrder::Clustered => std::fs::metadata(image)?.len() / 4096,
+    };
     let base = |push: bool| Scenario {
         touches: Some(touches),
-        ..Scenario::plain("random", push, false)
+        ..Scenario::plain(args.restore_order.order(), push, false)
     };
     // Push off is pure demand paging (no pre-paging either): every touch is a fault.
     let record = Scenario {
@@ -61,6 +65,7 @@ pub fn run(args: &LatencyArgs, image: &Path, work: &Path) -> Result<Value> {
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b.max(1e-9));
     Ok(json!({
         "touches": touches,
+        "order": args.restore_order.order(),
         "restores": [first, second, third],
         "from_store": store,
         "demand_faults": {"first": first_faults, "prefetched": demand(&second), "push_only": demand(&third)},
@@ -139,7 +144,8 @@ pub fn print(r: &Value) {
     let f = |k: &str, w: &str| r[k][w].as_f64().unwrap_or(0.0);
     println!();
     println!(
-        "restore twice ({} touches): demand faults {:.0} → {:.0} with the working set ({:.0} with the push alone); first pass {:.0} ms → {:.0} ms ({:.0} ms)",
+        "restore twice ({} order, at most {} touches): demand faults {:.0} → {:.0} with the working set ({:.0} with the push alone); first pass {:.0} ms → {:.0} ms ({:.0} ms)",
+        r["order"].as_str().unwrap_or("?"),
         r["touches"],
         f("demand_faults", "first"),
         f("demand_faults", "prefetched"),
@@ -157,5 +163,8 @@ pub fn print(r: &Value) {
             s["first_pass_ms"].as_f64().unwrap_or(0.0),
             s["first_pass_vs_local_prefetched"].as_f64().unwrap_or(0.0),
         );
+        if let Some(cache) = s["restore"]["store_cache"].as_str() {
+            println!("  store cache: {cache}");
+        }
     }
 }

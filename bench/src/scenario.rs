@@ -114,6 +114,11 @@ pub struct LatencyArgs {
     /// cache, and compared with the restore from the local file with the set pushed first.
     #[arg(long, requires = "restore_twice")]
     pub from_store: bool,
+    /// What each restore of --restore-twice touches: `random` (`--demand-touches` random
+    /// pages) or `clustered` (one 64 KiB block in 16, every page of them: a restored
+    /// function's working set, ≈ 6% of the memory).
+    #[arg(long, value_enum, default_value = "random", requires = "restore_twice")]
+    pub restore_order: RestoreOrder,
     /// The store's round trip (first byte) for --from-store, in ms.
     #[arg(long, value_name = "MS", default_value_t = 20)]
     pub store_rtt_ms: u64,
@@ -139,6 +144,25 @@ pub(crate) fn write_image_seeded(path: &Path, pages: u64, seed: u64) -> Result<(
     }
     w.flush()?;
     Ok(())
+}
+
+/// What the restores of `--restore-twice` touch (test-vmm's `--order`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RestoreOrder {
+    /// `--demand-touches` random pages.
+    Random,
+    /// Every page of one 64 KiB block in 16.
+    Clustered,
+}
+
+impl RestoreOrder {
+    /// test-vmm's `--order`.
+    pub fn order(self) -> &'static str {
+        match self {
+            RestoreOrder::Random => "random",
+            RestoreOrder::Clustered => "clustered",
+        }
+    }
 }
 
 /// One run of the pair.
@@ -293,6 +317,27 @@ pub(crate) fn run_scenario(
             let _ = pagesrv.0.kill();
         }
         let _ = pagesrv.wait();
+        if sc.serve.is_some() {
+            // What the cache did for this restore (pagesrv's line at its end).
+            let log = std::fs::read_to_string(&pagesrv_log).unwrap_or_default();
+            record["store_cache"] = json!(
+                log.lines()
+                    .rfind(|l| l.contains("store cache:"))
+                    .and_then(|l| l.split("store cache: ").nth(1))
+            );
+            // When the recorded working set was all in (pagesrv's own clock, from its start).
+            record["working_set_in_cache_ms"] = json!(
+                log.lines()
+                    .find(|l| l.contains("the working set is in the cache"))
+                    .and_then(|l| l
+                        .split(" ms=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse::<u64>()
+                        .ok())
+            );
+        }
         let stats: Value = serde_json::from_str(&std::fs::read_to_string(&stats_path)?)?;
         record["total_ms"] = json!(stats["duration_ms"].as_f64().unwrap_or(0.0));
         record["throughput_mib_s"] = json!(data_mib_per_s(&stats));
