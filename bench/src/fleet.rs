@@ -48,8 +48,11 @@ pub struct FleetArgs {
 
 /// One VM's migration, as its faultd and guest saw it.
 #[derive(Debug, Clone)]
-struct VmRun {
-    total_ms: f64,
+pub(crate) struct VmRun {
+    /// faultd's duration: from its VMM's connection to its last page.
+    pub total_ms: f64,
+    /// The guest's pass over its touches (first to last), ms.
+    pub pass_ms: f64,
     data_bytes: u64,
     /// The guest's fault latencies (µs), sampled evenly over its sorted faults.
     samples_us: Vec<f64>,
@@ -275,14 +278,14 @@ fn print_table(r: &Value) {
 }
 
 /// One destination's processes.
-struct Destination {
-    name: String,
-    faultd: Guard,
-    vmm: Guard,
-    stats: PathBuf,
-    report: PathBuf,
-    latency: PathBuf,
-    faultd_log: PathBuf,
+pub(crate) struct Destination {
+    pub name: String,
+    pub faultd: Guard,
+    pub vmm: Guard,
+    pub stats: PathBuf,
+    pub report: PathBuf,
+    pub latency: PathBuf,
+    pub faultd_log: PathBuf,
 }
 
 /// Migrates `vms` at once through one pagesrv; checks every VM's bytes and digests.
@@ -355,7 +358,7 @@ fn migrate_at_once(vms: &[(String, PathBuf)], args: &FleetArgs, work: &Path) -> 
 
 /// Waits for one destination; its guest must have found every byte right and its faultd
 /// the digests equal.
-fn finish(d: &mut Destination) -> Result<VmRun> {
+pub(crate) fn finish(d: &mut Destination) -> Result<VmRun> {
     let vmm = d
         .vmm
         .wait_at_most(RUN_LIMIT)?
@@ -380,6 +383,7 @@ fn finish(d: &mut Destination) -> Result<VmRun> {
     let latency: Value = serde_json::from_str(&std::fs::read_to_string(&d.latency)?)?;
     Ok(VmRun {
         total_ms: stats["duration_ms"].as_f64().unwrap_or(0.0),
+        pass_ms: latency["pass_ms"].as_f64().unwrap_or(0.0),
         data_bytes: crate::scenario::data_bytes(&stats),
         samples_us: latency["cdf_samples_us"]
             .as_array()
@@ -399,6 +403,7 @@ mod tests {
     fn the_pooled_quantile_weighs_each_sample_by_the_faults_it_stands_for() {
         let vm = |samples: Vec<f64>, faults| VmRun {
             total_ms: 1000.0,
+            pass_ms: 100.0,
             data_bytes: 1 << 20,
             samples_us: samples,
             faults,

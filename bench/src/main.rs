@@ -1,6 +1,7 @@
 //! bench: the main job (a full loopback live migration of a KVM guest) and the latency
 //! benchmark. Runs the real pagesrv, faultd and VMM binaries built beside it.
 
+mod clones;
 mod fleet;
 mod floor;
 mod huge;
@@ -37,6 +38,9 @@ enum Command {
     Latency(scenario::LatencyArgs),
     /// Migrate many VMs at once through one pagesrv, against one VM alone.
     Fleet(fleet::FleetArgs),
+    /// Restore one template to many destinations at once (a clone storm), against one
+    /// restore alone: from a memory file, or cold from an object store.
+    Clones(clones::ClonesArgs),
     /// Run the features together: strategy × saving × page size, every cell verified.
     Matrix(matrix::MatrixArgs),
 }
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate::run(&args),
         Command::Latency(args) => latency::run(&args),
         Command::Fleet(args) => fleet::run(&args),
+        Command::Clones(args) => clones::run(&args),
         Command::Matrix(args) => matrix::run(&args),
     };
     procs::remove_key();

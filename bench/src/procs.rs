@@ -206,6 +206,8 @@ pub fn first_line(child: &mut Child) -> Result<String> {
 pub struct Usage {
     /// Peak private (anonymous) resident memory, bytes.
     pub peak_anon_rss: u64,
+    /// Peak resident memory of every kind (anonymous, file, shared), bytes.
+    pub peak_rss: u64,
     /// CPU time (user + system) at the last sample, ms (10 ms resolution).
     pub cpu_ms: f64,
 }
@@ -228,11 +230,16 @@ pub fn watch(pid: u32) -> std::thread::JoinHandle<Usage> {
     std::thread::spawn(move || {
         let mut usage = Usage::default();
         while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            let kib = status
-                .lines()
-                .find_map(|l| l.strip_prefix("RssAnon:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
-            match kib {
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            };
+            if let Some(kib) = field("VmRSS:") {
+                usage.peak_rss = usage.peak_rss.max(kib << 10);
+            }
+            match field("RssAnon:") {
                 Some(kib) => usage.peak_anon_rss = usage.peak_anon_rss.max(kib << 10),
                 None => break, // a zombie: exited
             }
