@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
         raw_hash: raw
             .as_ref()
             .map_or([0; 32], |r| *blake3::hash(r).as_bytes()),
+        delta: false,
     };
     match (open_frame(compressed, &frame), raw) {
         (Ok(got), Some(raw)) => assert_eq!(got, raw),

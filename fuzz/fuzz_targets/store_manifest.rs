@@ -11,7 +11,7 @@ use snapstore::layout::{Manifest, PageRef};
 fuzz_target!(|data: &[u8]| {
     let _ = Manifest::decode(data);
     let compressed = zstd::bulk::compress(data, 1).expect("compressing to a Vec");
-    let mut object = b"PMSNAP01".to_vec();
+    let mut object = b"PMSNAP02".to_vec();
     object.extend_from_slice(blake3::hash(&compressed).as_bytes());
     object.extend_from_slice(&compressed);
     if let Ok(m) = Manifest::decode(&object) {

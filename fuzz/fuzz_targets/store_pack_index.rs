@@ -8,7 +8,7 @@ use snapstore::layout::PackIndex;
 
 fuzz_target!(|data: &[u8]| {
     let _ = PackIndex::decode(data);
-    let mut object = b"PMPKIDX1".to_vec();
+    let mut object = b"PMPKIDX2".to_vec();
     object.extend_from_slice(blake3::hash(data).as_bytes());
     object.extend_from_slice(data);
     if let Ok(index) = PackIndex::decode(&object) {

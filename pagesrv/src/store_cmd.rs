@@ -25,6 +25,11 @@ pub enum StoreAction {
         /// the snapshot, so that restores fetch it first, in the order the guest touched it.
         #[arg(long, value_name = "FILE")]
         working_set: Option<PathBuf>,
+        /// The snapshot in the same store this memory was made from (e.g. a clone's
+        /// template): a page that changed from the parent's page at the same place is
+        /// stored as a delta against it when that is smaller.
+        #[arg(long, value_name = "NAME")]
+        parent: Option<String>,
     },
     /// Download snapshot s3://BUCKET/NAME into a memory file (checked page by page against
     /// the store's hashes; the file appears only when complete).
@@ -61,7 +66,8 @@ pub fn run(action: &StoreAction) -> Result<()> {
             file,
             url,
             working_set,
-        } => put(file, url, working_set.as_deref()),
+            parent,
+        } => put(file, url, working_set.as_deref(), parent.as_deref()),
         StoreAction::Get { url, file } => {
             let store = open(url)?;
             let r = store
@@ -119,7 +125,12 @@ pub fn run(action: &StoreAction) -> Result<()> {
     }
 }
 
-fn put(file: &Path, url: &StoreUrl, working_set: Option<&Path>) -> Result<()> {
+fn put(
+    file: &Path,
+    url: &StoreUrl,
+    working_set: Option<&Path>,
+    parent: Option<&str>,
+) -> Result<()> {
     let name = named(url)?;
     let size = std::fs::metadata(file)
         .with_context(|| format!("cannot read {}", file.display()))?
@@ -129,6 +140,7 @@ fn put(file: &Path, url: &StoreUrl, working_set: Option<&Path>) -> Result<()> {
             Some(path) => working_set_pages(path, size)?,
             None => Vec::new(),
         },
+        parent: parent.map(str::to_owned),
     };
     let started = Instant::now();
     let mut last = Instant::now();
@@ -149,13 +161,14 @@ fn put(file: &Path, url: &StoreUrl, working_set: Option<&Path>) -> Result<()> {
         })
         .with_context(|| format!("cannot upload {} to {url}", file.display()))?;
     println!(
-        "{} -> {url}: {} pages: {} zero (not stored), {} already in the store, {} repeated, {} new in {} pack(s); {:.1} MiB written ({:.1} MiB of pages before compression) in {:.2} s{}",
+        "{} -> {url}: {} pages: {} zero (not stored), {} already in the store, {} repeated, {} new ({} as deltas) in {} pack(s); {:.1} MiB written ({:.1} MiB of pages before compression) in {:.2} s{}",
         file.display(),
         r.pages,
         r.zero_pages,
         r.reused_pages,
         r.repeated_pages,
         r.new_pages,
+        r.delta_pages,
         r.packs_written,
         mib(r.bytes_written),
         mib(r.new_pages * 4096),

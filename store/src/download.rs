@@ -10,7 +10,10 @@ use std::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
 
-use crate::layout::{self, Manifest, PAGE_BYTES, PageRef};
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use crate::layout::{self, Manifest, PAGE_BYTES, PagePlace, PageRef};
 use crate::{Store, StoreError, client};
 
 /// Neighbouring frames are fetched together up to this many bytes: a connection to an
@@ -176,13 +179,30 @@ impl Store {
     }
 }
 
-async fn fetch_frames(
+pub(crate) async fn fetch_frames(
     objects: &dyn object_store::ObjectStore,
     manifest: &Manifest,
     frames: &[usize],
     on_frame: &OnFrame<'_>,
 ) -> Result<Fetched, StoreError> {
-    let runs = runs(manifest, frames);
+    // Delta frames need their base pages: the ordinary frames that hold them come in the
+    // same batch (handed to `on_frame` only if asked for), and only the base pages are kept,
+    // each until the last delta frame that needs it is open.
+    let wanted: HashSet<usize> = frames.iter().copied().collect();
+    let mut uses: HashMap<PagePlace, usize> = HashMap::new();
+    for &f in frames {
+        for &place in manifest.bases.get(&(f as u32)).into_iter().flatten() {
+            *uses.entry(place).or_default() += 1;
+        }
+    }
+    let mut slots: HashMap<u32, Vec<u16>> = HashMap::new();
+    for &(f, slot) in uses.keys() {
+        slots.entry(f).or_default().push(slot);
+    }
+    let base_frames: HashSet<usize> = slots.keys().map(|&f| f as usize).collect();
+    let mut all: Vec<usize> = frames.to_vec();
+    all.extend(base_frames.iter().filter(|f| !wanted.contains(f)));
+    let runs = runs(manifest, &all);
     let decoders = std::thread::available_parallelism()
         .map_or(1, std::num::NonZero::get)
         .min(MAX_DECODERS);
@@ -190,6 +210,13 @@ async fn fetch_frames(
         requests: runs.len() as u64,
         bytes: 0,
     };
+    let bases = Mutex::new(Bases {
+        pages: HashMap::new(),
+        uses,
+        slots,
+    });
+    // Delta frames whose bases had not all come in: (frame, key, compressed bytes).
+    let waiting: Mutex<Vec<(usize, String, bytes::Bytes)>> = Mutex::new(Vec::new());
     let mut gets = futures::stream::iter(runs)
         .map(|run| async move {
             let first = &manifest.frames[run[0]];
@@ -200,24 +227,125 @@ async fn fetch_frames(
             Ok::<_, StoreError>((run, key, bytes))
         })
         .buffer_unordered(GETS_IN_FLIGHT);
+    let damaged = |key: &str, frame: &layout::Frame| {
+        let key = format!("{key} at byte {}", frame.offset);
+        move |source| StoreError::Format { key, source }
+    };
+    // Opens delta frame `f` if its bases are in; false if not yet.
+    let open_delta = |f: usize, key: &str, compressed: &[u8]| -> Result<bool, StoreError> {
+        let frame = &manifest.frames[f].frame;
+        let places = manifest
+            .bases
+            .get(&(f as u32))
+            .map_or(&[][..], Vec::as_slice);
+        let Some(dictionary) = bases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dictionary(places)
+        else {
+            return Ok(false);
+        };
+        let raw = layout::open_delta_frame(compressed, frame, &dictionary)
+            .map_err(damaged(key, frame))?;
+        bases.lock().unwrap_or_else(|p| p.into_inner()).used(places);
+        on_frame(f, &raw)?;
+        Ok(true)
+    };
     while let Some((run, key, bytes)) = gets.try_next().await? {
         fetched.bytes += bytes.len() as u64;
         // The GETs still in flight go on meanwhile (their bytes wait in the sockets).
-        let base = manifest.frames[run[0]].frame.offset;
+        let start = manifest.frames[run[0]].frame.offset;
         let open = |f: usize| -> Result<(), StoreError> {
             let frame = &manifest.frames[f].frame;
-            let at = (frame.offset - base) as usize;
-            let raw = layout::open_frame(&bytes[at..at + frame.len as usize], frame).map_err(
-                |source| StoreError::Format {
-                    key: format!("{key} at byte {}", frame.offset),
-                    source,
-                },
-            )?;
-            on_frame(f, &raw)
+            let at = (frame.offset - start) as usize;
+            let compressed = bytes.slice(at..at + frame.len as usize);
+            if frame.delta {
+                if !open_delta(f, &key, &compressed)? {
+                    let mut waiting = waiting.lock().unwrap_or_else(|p| p.into_inner());
+                    waiting.push((f, key.clone(), compressed));
+                }
+                return Ok(());
+            }
+            let raw = layout::open_frame(&compressed, frame).map_err(damaged(&key, frame))?;
+            if base_frames.contains(&f) {
+                bases
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keep(f as u32, &raw);
+            }
+            if wanted.contains(&f) {
+                on_frame(f, &raw)?;
+            }
+            Ok(())
         };
         decode_in_parallel(&run, decoders, &open)?;
+        // Delta frames whose bases came in since.
+        let parked = std::mem::take(&mut *waiting.lock().unwrap_or_else(|p| p.into_inner()));
+        for (f, key, compressed) in parked {
+            if !open_delta(f, &key, &compressed)? {
+                waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((f, key, compressed));
+            }
+        }
+    }
+    if let Some((f, key, _)) = waiting
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .first()
+    {
+        return Err(StoreError::Format {
+            key: key.clone(),
+            source: layout::FormatError::Malformed {
+                what: "delta frame",
+                detail: format!("frame {f}'s base pages never came"),
+            },
+        });
     }
     Ok(fetched)
+}
+
+/// The base pages a fetch holds for its delta frames.
+struct Bases {
+    /// Each base page that came in, until its last use.
+    pages: HashMap<PagePlace, Vec<u8>>,
+    /// Delta-frame slots still to open that use each base page.
+    uses: HashMap<PagePlace, usize>,
+    /// The slots of each base frame that are base pages.
+    slots: HashMap<u32, Vec<u16>>,
+}
+
+impl Bases {
+    /// Keeps the base pages of ordinary frame `frame` (its decompressed bytes `raw`).
+    fn keep(&mut self, frame: u32, raw: &[u8]) {
+        for &slot in self.slots.get(&frame).into_iter().flatten() {
+            let page = &raw[usize::from(slot) * PAGE_BYTES as usize..][..PAGE_BYTES as usize];
+            self.pages.insert((frame, slot), page.to_vec());
+        }
+    }
+
+    /// The dictionary of a delta frame with bases `places`, if they all came in.
+    fn dictionary(&self, places: &[PagePlace]) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(places.len() * PAGE_BYTES as usize);
+        for place in places {
+            out.extend_from_slice(self.pages.get(place)?);
+        }
+        Some(out)
+    }
+
+    /// A delta frame with bases `places` is open: drops the pages nothing else needs.
+    fn used(&mut self, places: &[PagePlace]) {
+        for place in places {
+            if let Some(n) = self.uses.get_mut(place) {
+                *n -= 1;
+                if *n == 0 {
+                    self.uses.remove(place);
+                    self.pages.remove(place);
+                }
+            }
+        }
+    }
 }
 
 /// Runs `open` on every frame of `run`, on up to `threads` threads (this one included): a
@@ -332,6 +460,7 @@ mod tests {
                 len,
                 pages: 1,
                 raw_hash: [0; 32],
+                delta: false,
             },
         };
         let far = 310 + MAX_GAP + 1;
@@ -350,6 +479,7 @@ mod tests {
             ],
             pages: vec![PageRef::Zero],
             working_set: vec![],
+            bases: Default::default(),
         };
         // Frame 3 is not wanted: the gap it leaves is read in the same GET.
         let runs = runs(&manifest, &[0, 1, 2, 4, 5]);

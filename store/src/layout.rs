@@ -17,18 +17,26 @@
 //! offsets, lengths and the BLAKE3 of their decompressed bytes, which a reader checks before
 //! it uses a byte.
 //!
-//! Manifest object: `"PMSNAP01"`, the BLAKE3 of what follows (32 bytes), the body
+//! A *delta frame* holds pages that changed a little from pages stored before (a snapshot of
+//! a clone against its template's, `store put --parent`): it is compressed with, as zstd's
+//! dictionary, its *base* pages (one per slot, in slot order), so a page with a few bytes
+//! changed costs tens of bytes. Bases are pages of ordinary frames (never of delta frames:
+//! one step to decode), named by hash in the pack index and by place in a manifest, which
+//! lists their frames among its own; a reader fetches them in the same batch.
+//!
+//! Manifest object: `"PMSNAP02"`, the BLAKE3 of what follows (32 bytes), the body
 //! compressed with zstd. Body:
 //! ```text
 //! size_bytes u64 | page_size u32 (4096) | frame_pages u32 | image_id u64
 //! packs u32     | packs × pack id [32]
-//! frames u32    | frames × { pack u32, offset u64, len u32, pages u16, raw_hash [32] }
+//! frames u32    | frames × { pack u32, frame, [delta: pages × base { frame u32, slot u16 }] }
 //! pages u64     | pages × { frame u32 (0: a zero page; else frame index + 1), slot u16 }
 //! working_set u32 | working_set × page u32   (pages in the order the guest first touched them)
+//! frame = { offset u64, len u32, pages u16, raw_hash [32], delta u8 (0 or 1) }
 //! ```
-//! Pack index object: `"PMPKIDX1"`, the BLAKE3 of the body, the body (uncompressed):
+//! Pack index object: `"PMPKIDX2"`, the BLAKE3 of the body, the body (uncompressed):
 //! ```text
-//! frames u32 | frames × { offset u64, len u32, pages u16, raw_hash [32] } | every page's hash [32]
+//! frames u32 | frames × frame | every page's hash [32] | every delta frame's base hashes [32]
 //! ```
 
 use thiserror::Error;
@@ -40,8 +48,10 @@ pub const FRAME_PAGES: usize = 16;
 /// A pack is closed once its frames reach this many bytes (compressed).
 pub const PACK_BYTES: usize = 4 << 20;
 
-const MANIFEST_MAGIC: &[u8; 8] = b"PMSNAP01";
-const INDEX_MAGIC: &[u8; 8] = b"PMPKIDX1";
+const MANIFEST_MAGIC: &[u8; 8] = b"PMSNAP02";
+const INDEX_MAGIC: &[u8; 8] = b"PMPKIDX2";
+/// Bytes of a frame record.
+const FRAME_RECORD: usize = 8 + 4 + 2 + 32 + 1;
 /// Most bytes a manifest body may decompress to (a 1 TiB guest's table is 1.5 GiB; this
 /// bounds what a damaged or hostile object can make a reader allocate).
 const MAX_MANIFEST_BODY: usize = 2 << 30;
@@ -60,7 +70,13 @@ pub struct Frame {
     pub pages: u16,
     /// BLAKE3 of its decompressed bytes.
     pub raw_hash: Hash,
+    /// Compressed against its base pages ([`Manifest::bases`], [`PackIndex::bases`]).
+    pub delta: bool,
 }
+
+/// A page where a manifest stores it: slot `slot` of frame `frame` (an index into
+/// [`Manifest::frames`]).
+pub type PagePlace = (u32, u16);
 
 /// A frame as a snapshot refers to it: which of the manifest's packs holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +116,9 @@ pub struct Manifest {
     pub pages: Vec<PageRef>,
     /// Pages in the order the guest first touched them (may be empty).
     pub working_set: Vec<u32>,
+    /// The base pages of each delta frame (by its index), one per slot: pages of ordinary
+    /// frames of this manifest.
+    pub bases: std::collections::BTreeMap<u32, Vec<PagePlace>>,
 }
 
 /// What a pack holds.
@@ -109,6 +128,8 @@ pub struct PackIndex {
     pub frames: Vec<Frame>,
     /// The hash of every page in its frames, frame by frame.
     pub page_hashes: Vec<Hash>,
+    /// The hashes of the delta frames' base pages, frame by frame, one per slot.
+    pub bases: Vec<Hash>,
 }
 
 /// A stored object that cannot be read as what it claims to be.
@@ -154,9 +175,17 @@ impl Manifest {
             w.bytes(pack);
         }
         w.u32(self.frames.len() as u32);
-        for f in &self.frames {
+        for (i, f) in self.frames.iter().enumerate() {
             w.u32(f.pack);
             w.frame(&f.frame);
+            if f.frame.delta {
+                let bases = self.bases.get(&(i as u32)).map_or(&[][..], Vec::as_slice);
+                for slot in 0..usize::from(f.frame.pages) {
+                    let (frame, slot) = bases.get(slot).copied().unwrap_or((u32::MAX, 0));
+                    w.u32(frame);
+                    w.u16(slot);
+                }
+            }
         }
         w.u64(self.pages.len() as u64);
         for page in &self.pages {
@@ -205,17 +234,35 @@ impl Manifest {
         let packs = (0..r.count(32)?)
             .map(|_| r.hash())
             .collect::<Result<Vec<_>, _>>()?;
-        let frame_count = r.count(50)?;
+        let frame_count = r.count(4 + FRAME_RECORD)?;
         let mut frames = Vec::with_capacity(frame_count);
-        for _ in 0..frame_count {
+        let mut bases = std::collections::BTreeMap::new();
+        for i in 0..frame_count {
             let pack = r.u32()?;
             if pack as usize >= packs.len() {
                 return Err(r.malformed(format!("a frame names pack {pack} of {}", packs.len())));
             }
-            frames.push(FrameRef {
-                pack,
-                frame: r.frame()?,
-            });
+            let frame = r.frame()?;
+            if frame.delta {
+                let places = (0..frame.pages)
+                    .map(|_| Ok((r.u32()?, r.u16()?)))
+                    .collect::<Result<Vec<_>, FormatError>>()?;
+                bases.insert(i as u32, places);
+            }
+            frames.push(FrameRef { pack, frame });
+        }
+        // A base is a page of an ordinary frame of this manifest (one step to decode).
+        for places in bases.values() {
+            for &(frame, slot) in places {
+                match frames.get(frame as usize) {
+                    Some(f) if !f.frame.delta && slot < f.frame.pages => {}
+                    _ => {
+                        return Err(r.malformed(format!(
+                            "a delta frame's base is slot {slot} of frame {frame}, not a page of an ordinary frame"
+                        )));
+                    }
+                }
+            }
         }
         let page_count = r.u64()?;
         if page_count.checked_mul(PAGE_BYTES) != Some(size_bytes) {
@@ -263,6 +310,7 @@ impl Manifest {
             frames,
             pages,
             working_set,
+            bases,
         })
     }
 }
@@ -275,7 +323,7 @@ impl PackIndex {
         for f in &self.frames {
             w.frame(f);
         }
-        for h in &self.page_hashes {
+        for h in self.page_hashes.iter().chain(&self.bases) {
             w.bytes(h);
         }
         seal(INDEX_MAGIC, &w.0)
@@ -292,23 +340,32 @@ impl PackIndex {
             return Err(FormatError::Checksum { what: WHAT });
         }
         let mut r = Reader::new(body, WHAT);
-        let frames = (0..r.count(46)?)
+        let frames = (0..r.count(FRAME_RECORD)?)
             .map(|_| r.frame())
             .collect::<Result<Vec<_>, _>>()?;
         let pages: usize = frames.iter().map(|f| usize::from(f.pages)).sum();
-        if pages != r.remaining() / 32 {
+        let based: usize = frames
+            .iter()
+            .filter(|f| f.delta)
+            .map(|f| usize::from(f.pages))
+            .sum();
+        if pages + based != r.remaining() / 32 {
             return Err(r.malformed(format!(
-                "{pages} pages in frames, {} hashes",
+                "{pages} pages and {based} bases in frames, {} hashes",
                 r.remaining() / 32
             )));
         }
         let page_hashes = (0..pages)
             .map(|_| r.hash())
             .collect::<Result<Vec<_>, _>>()?;
+        let bases = (0..based)
+            .map(|_| r.hash())
+            .collect::<Result<Vec<_>, _>>()?;
         r.finish()?;
         Ok(PackIndex {
             frames,
             page_hashes,
+            bases,
         })
     }
 }
@@ -352,18 +409,68 @@ pub fn parse_hex(text: &str) -> Option<Hash> {
     Some(out)
 }
 
-/// Decompresses a frame, which must hold `pages` pages and hash to `raw_hash`.
+/// Decompresses an ordinary frame, which must hold `pages` pages and hash to `raw_hash`.
+///
+/// # Errors
+/// [`FormatError::Checksum`] if it does not decompress to exactly that (a delta frame
+/// included: it needs its bases, [`open_delta_frame`]).
+pub fn open_frame(compressed: &[u8], frame: &Frame) -> Result<Vec<u8>, FormatError> {
+    if frame.delta {
+        return Err(FormatError::Checksum { what: "frame" });
+    }
+    open_with(compressed, frame, &[])
+}
+
+/// Decompresses a delta frame with `bases`, its base pages one after another in slot
+/// order; it must hold `pages` pages and hash to `raw_hash`.
 ///
 /// # Errors
 /// [`FormatError::Checksum`] if it does not decompress to exactly that.
-pub fn open_frame(compressed: &[u8], frame: &Frame) -> Result<Vec<u8>, FormatError> {
+pub fn open_delta_frame(
+    compressed: &[u8],
+    frame: &Frame,
+    bases: &[u8],
+) -> Result<Vec<u8>, FormatError> {
+    if !frame.delta || bases.len() != usize::from(frame.pages) * PAGE_BYTES as usize {
+        return Err(FormatError::Checksum { what: "frame" });
+    }
+    open_with(compressed, frame, bases)
+}
+
+fn open_with(compressed: &[u8], frame: &Frame, dictionary: &[u8]) -> Result<Vec<u8>, FormatError> {
     const WHAT: &str = "frame";
     let want = usize::from(frame.pages) * PAGE_BYTES as usize;
-    let raw = decompress_bounded(compressed, want).ok_or(FormatError::Checksum { what: WHAT })?;
+    let raw = if dictionary.is_empty() {
+        decompress_bounded(compressed, want)
+    } else {
+        decompress_with(compressed, want, dictionary)
+    }
+    .ok_or(FormatError::Checksum { what: WHAT })?;
     if raw.len() != want || blake3::hash(&raw).as_bytes() != &frame.raw_hash {
         return Err(FormatError::Checksum { what: WHAT });
     }
     Ok(raw)
+}
+
+/// Compresses `raw` (a delta frame's pages) with `bases` (their base pages) as zstd's
+/// dictionary.
+pub fn compress_delta(raw: &[u8], bases: &[u8], level: i32) -> Vec<u8> {
+    zstd::bulk::Compressor::with_dictionary(level, bases)
+        .and_then(|mut c| c.compress(raw))
+        .expect("compressing to a Vec")
+}
+
+/// zstd-decompresses at most `limit` bytes with `dictionary`; `None` if the input is not a
+/// frame or is larger.
+fn decompress_with(compressed: &[u8], limit: usize, dictionary: &[u8]) -> Option<Vec<u8>> {
+    let size = zstd::zstd_safe::get_frame_content_size(compressed).ok()??;
+    if size > limit as u64 {
+        return None;
+    }
+    zstd::bulk::Decompressor::with_dictionary(dictionary)
+        .ok()?
+        .decompress(compressed, size as usize)
+        .ok()
 }
 
 /// zstd-decompresses at most `limit` bytes; `None` if the input is not a frame or is larger.
@@ -430,6 +537,7 @@ impl Writer {
         self.u32(f.len);
         self.u16(f.pages);
         self.bytes(&f.raw_hash);
+        self.0.push(u8::from(f.delta));
     }
 }
 
@@ -481,6 +589,11 @@ impl<'a> Reader<'a> {
     }
     fn frame(&mut self) -> Result<Frame, FormatError> {
         let (offset, len, pages, raw_hash) = (self.u64()?, self.u32()?, self.u16()?, self.hash()?);
+        let delta = match self.take::<1>()?[0] {
+            0 => false,
+            1 => true,
+            other => return Err(self.malformed(format!("a frame of kind {other}"))),
+        };
         if pages == 0 || usize::from(pages) > FRAME_PAGES {
             return Err(self.malformed(format!("a frame of {pages} pages")));
         }
@@ -496,6 +609,7 @@ impl<'a> Reader<'a> {
             len,
             pages,
             raw_hash,
+            delta,
         })
     }
     fn finish(&self) -> Result<(), FormatError> {
@@ -516,6 +630,7 @@ mod tests {
             len: 100,
             pages,
             raw_hash: [seed; 32],
+            delta: false,
         };
         Manifest {
             size_bytes: 4 * PAGE_BYTES,
@@ -530,14 +645,22 @@ mod tests {
                     pack: 1,
                     frame: frame(100, 1, 8),
                 },
+                FrameRef {
+                    pack: 1,
+                    frame: Frame {
+                        delta: true,
+                        ..frame(200, 2, 7)
+                    },
+                },
             ],
             pages: vec![
                 PageRef::Stored { frame: 0, slot: 1 },
                 PageRef::Zero,
-                PageRef::Stored { frame: 1, slot: 0 },
+                PageRef::Stored { frame: 2, slot: 0 },
                 PageRef::Stored { frame: 0, slot: 0 },
             ],
             working_set: vec![2, 0],
+            bases: [(2, vec![(0, 1), (1, 0)])].into_iter().collect(),
         }
     }
 
@@ -581,6 +704,19 @@ mod tests {
             Manifest::decode(&m.encode()),
             Err(FormatError::Malformed { .. })
         ));
+        // A base must be a page of an ordinary frame: not past a frame's pages, not in a
+        // frame that does not exist, not in a delta frame.
+        for base in [(0, 2), (3, 0), (2, 0)] {
+            let mut m = sample();
+            m.bases.get_mut(&2).unwrap()[1] = base;
+            assert!(
+                matches!(
+                    Manifest::decode(&m.encode()),
+                    Err(FormatError::Malformed { .. })
+                ),
+                "base {base:?} accepted"
+            );
+        }
     }
 
     #[test]
@@ -602,13 +738,24 @@ mod tests {
     #[test]
     fn test_pack_index_round_trips_and_refuses_damage() {
         let index = PackIndex {
-            frames: vec![Frame {
-                offset: 0,
-                len: 5,
-                pages: 2,
-                raw_hash: [3; 32],
-            }],
-            page_hashes: vec![[4; 32], [5; 32]],
+            frames: vec![
+                Frame {
+                    offset: 0,
+                    len: 5,
+                    pages: 2,
+                    raw_hash: [3; 32],
+                    delta: false,
+                },
+                Frame {
+                    offset: 5,
+                    len: 5,
+                    pages: 1,
+                    raw_hash: [6; 32],
+                    delta: true,
+                },
+            ],
+            page_hashes: vec![[4; 32], [5; 32], [7; 32]],
+            bases: vec![[8; 32]],
         };
         let bytes = index.encode();
         assert_eq!(PackIndex::decode(&bytes), Ok(index));
@@ -629,6 +776,7 @@ mod tests {
             len: compressed.len() as u32,
             pages: 2,
             raw_hash: *blake3::hash(&raw).as_bytes(),
+            delta: false,
         };
         assert_eq!(open_frame(&compressed, &frame).unwrap(), raw);
         let mut other = raw.clone();
@@ -638,6 +786,45 @@ mod tests {
         assert!(open_frame(&compressed[..compressed.len() - 2], &frame).is_err());
         let short = Frame { pages: 1, ..frame };
         assert!(open_frame(&compressed, &short).is_err());
+    }
+
+    #[test]
+    fn test_a_delta_frame_is_small_and_opens_only_with_its_bases() {
+        // Random bytes: the changed pages can match nothing but their bases.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let bases: Vec<u8> = (0..2 * PAGE_BYTES as usize)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut raw = bases.clone();
+        for at in [17, 4000, 5000, 8000] {
+            raw[at] ^= 0x5a;
+        }
+        let compressed = compress_delta(&raw, &bases, 3);
+        assert!(compressed.len() < 100, "{} bytes", compressed.len());
+        let frame = Frame {
+            offset: 0,
+            len: compressed.len() as u32,
+            pages: 2,
+            raw_hash: *blake3::hash(&raw).as_bytes(),
+            delta: true,
+        };
+        assert_eq!(open_delta_frame(&compressed, &frame, &bases).unwrap(), raw);
+        // Without its bases, with other bases, or as an ordinary frame: refused.
+        assert!(open_frame(&compressed, &frame).is_err());
+        let mut other = bases.clone();
+        other[100] ^= 1;
+        assert!(open_delta_frame(&compressed, &frame, &other).is_err());
+        assert!(open_delta_frame(&compressed, &frame, &bases[..PAGE_BYTES as usize]).is_err());
+        let plain = Frame {
+            delta: false,
+            ..frame
+        };
+        assert!(open_delta_frame(&compressed, &plain, &bases).is_err());
     }
 
     #[test]

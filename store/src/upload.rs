@@ -9,7 +9,7 @@
 //! ranged GETs, in its order, instead of picking its pages out of frames spread over the
 //! whole image (a set of one 64 KiB block in 16 sits in nearly every frame otherwise).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -25,6 +25,8 @@ use crate::layout::{
 };
 use crate::{Store, StoreError, client};
 
+mod delta;
+
 /// Bytes read from the memory file at a time.
 const READ_BYTES: usize = 4 << 20;
 /// Packs being written at once.
@@ -39,6 +41,10 @@ const LEVEL: i32 = 3;
 pub struct PutOptions {
     /// Pages in the order the guest first touched them (stored in the manifest).
     pub working_set: Vec<u64>,
+    /// A snapshot this one was made from (a clone's template): a page that changed from
+    /// the parent's page at the same place is stored as a delta against it when that is
+    /// smaller (`layout`, "delta frame").
+    pub parent: Option<String>,
 }
 
 /// How far an upload is.
@@ -65,6 +71,8 @@ pub struct PutReport {
     pub repeated_pages: u64,
     /// Pages stored by this upload.
     pub new_pages: u64,
+    /// Of those, pages stored as deltas against the parent's.
+    pub delta_pages: u64,
     /// Packs written.
     pub packs_written: u64,
     /// Bytes written to the store (packs, indexes, manifest).
@@ -88,11 +96,25 @@ struct Stored {
     slot: u16,
 }
 
-/// Where a page this upload stores is: in the frame being filled, or a closed one.
+/// What the store holds: every page by hash (in an ordinary frame where it is in one), and
+/// the base pages of every delta frame by (pack, offset).
+#[derive(Debug, Default)]
+struct Known {
+    pages: HashMap<Hash, Stored>,
+    bases: HashMap<(Hash, u64), Vec<Hash>>,
+    /// The parent's frames' page hashes by (pack, offset): what its pages are.
+    hashes: HashMap<(Hash, u64), Vec<Hash>>,
+    /// Pack indexes that could not be read (their pages are not reused).
+    unreadable: u64,
+}
+
+/// Where a page this upload stores is: in the frame being filled, a closed one, or among
+/// the pages waiting to be stored as deltas.
 #[derive(Debug, Clone, Copy)]
 enum New {
     Open(u16),
     Closed { frame: u32, slot: u16 },
+    Deferred(usize),
 }
 
 impl Store {
@@ -137,9 +159,30 @@ impl Store {
                 name: name.to_owned(),
             });
         }
-        let (known, unreadable_indexes) = self.runtime.block_on(known_pages(&*objects))?;
+        let parent = match &options.parent {
+            Some(name) => Some(
+                self.runtime
+                    .block_on(crate::download::read_manifest(&*objects, name))?
+                    .0,
+            ),
+            None => None,
+        };
+        // The page hashes of the parent's frames are kept (what its pages are).
+        let parent_frames: HashSet<(Hash, u64)> = parent
+            .iter()
+            .flat_map(|m| {
+                m.frames
+                    .iter()
+                    .map(|f| (m.packs[f.pack as usize], f.frame.offset))
+            })
+            .collect();
+        let known = self
+            .runtime
+            .block_on(known_pages(&*objects, &parent_frames))?;
+        let parent = parent.map(|manifest| delta::Parent::new(manifest, &known));
         let mut b = Builder::new(self, pages_total, known);
-        b.report.unreadable_indexes = unreadable_indexes;
+        b.parent = parent;
+        b.report.unreadable_indexes = b.known.unreadable;
         // The working set first, in its order; its last frame is closed so that no other
         // page shares one with it.
         let mut in_set = vec![false; pages_total as usize];
@@ -175,6 +218,7 @@ impl Store {
                 bytes_written: b.report.bytes_written,
             });
         }
+        b.store_deferred()?;
         let mut manifest = b.finish()?;
         manifest.working_set = options.working_set.iter().map(|&p| p as u32).collect();
         let bytes = manifest.encode();
@@ -192,10 +236,12 @@ impl Store {
     }
 }
 
-/// Every page the store holds, from its pack indexes; and how many indexes were unreadable.
+/// Every page the store holds, from its pack indexes.
+/// The page hashes of frames in `keep` are kept too ([`Known::hashes`]).
 async fn known_pages(
     objects: &dyn ObjectStore,
-) -> Result<(HashMap<Hash, Stored>, u64), StoreError> {
+    keep: &HashSet<(Hash, u64)>,
+) -> Result<Known, StoreError> {
     let indexes: Vec<(Hash, String)> = client::list_objects(objects, "packs")
         .await?
         .into_iter()
@@ -208,7 +254,7 @@ async fn known_pages(
     let mut reads = futures::stream::iter(indexes)
         .map(|(id, key)| async move { (id, client::get_object(objects, &key).await) })
         .buffer_unordered(INDEX_READS);
-    let (mut known, mut unreadable) = (HashMap::new(), 0);
+    let mut known = Known::default();
     while let Some((pack, got)) = reads.next().await {
         let index = match got {
             Ok(bytes) => PackIndex::decode(&bytes),
@@ -217,28 +263,52 @@ async fn known_pages(
             Err(e) => return Err(e),
         };
         let Ok(index) = index else {
-            unreadable += 1;
+            known.unreadable += 1;
             continue;
         };
-        let mut hashes = index.page_hashes.iter();
+        let (mut hashes, mut bases) = (index.page_hashes.iter(), index.bases.iter());
         for frame in &index.frames {
-            for slot in 0..frame.pages {
-                let hash = *hashes.next().expect("decode checked the count");
-                known.entry(hash).or_insert(Stored {
+            let pages: Vec<Hash> = hashes.by_ref().take(frame.pages.into()).copied().collect();
+            for (slot, &hash) in pages.iter().enumerate() {
+                let stored = Stored {
                     pack,
                     frame: *frame,
-                    slot,
-                });
+                    slot: slot as u16,
+                };
+                // A page in an ordinary frame is cheaper to read than one in a delta frame.
+                known
+                    .pages
+                    .entry(hash)
+                    .and_modify(|s| {
+                        if s.frame.delta && !frame.delta {
+                            *s = stored;
+                        }
+                    })
+                    .or_insert(stored);
+            }
+            if keep.contains(&(pack, frame.offset)) {
+                known.hashes.insert((pack, frame.offset), pages);
+            }
+            if frame.delta {
+                let of: Vec<Hash> = bases.by_ref().take(frame.pages.into()).copied().collect();
+                known.bases.insert((pack, frame.offset), of);
             }
         }
     }
-    Ok((known, unreadable))
+    Ok(known)
 }
 
 /// The manifest being built, the frame and pack being filled, and the packs being written.
 struct Builder<'a> {
     store: &'a Store,
-    known: HashMap<Hash, Stored>,
+    known: Known,
+    /// The snapshot this one was made from, if given.
+    parent: Option<delta::Parent>,
+    /// New pages waiting to be stored as deltas against the parent's (at the end).
+    deferred: Vec<delta::Deferred>,
+    deferred_bytes: usize,
+    /// The base pages of each delta frame of the manifest.
+    bases: std::collections::BTreeMap<u32, Vec<layout::PagePlace>>,
     new: HashMap<Hash, New>,
     pages: Vec<PageRef>,
     image: blake3::Hasher,
@@ -256,15 +326,20 @@ struct Builder<'a> {
     pack_bytes: Vec<u8>,
     pack_frames: Vec<Frame>,
     pack_hashes: Vec<Hash>,
+    pack_bases: Vec<Hash>,
     writes: Vec<JoinHandle<Result<u64, StoreError>>>,
     report: PutReport,
 }
 
 impl<'a> Builder<'a> {
-    fn new(store: &'a Store, pages: u64, known: HashMap<Hash, Stored>) -> Self {
+    fn new(store: &'a Store, pages: u64, known: Known) -> Self {
         Builder {
             store,
             known,
+            parent: None,
+            deferred: Vec::new(),
+            deferred_bytes: 0,
+            bases: std::collections::BTreeMap::new(),
             new: HashMap::new(),
             pages: vec![PageRef::Zero; pages as usize],
             image: blake3::Hasher::new(),
@@ -279,6 +354,7 @@ impl<'a> Builder<'a> {
             pack_bytes: Vec::new(),
             pack_frames: Vec::new(),
             pack_hashes: Vec::new(),
+            pack_bases: Vec::new(),
             writes: Vec::new(),
             report: PutReport {
                 pages,
@@ -309,9 +385,10 @@ impl<'a> Builder<'a> {
             self.report.zero_pages += 1;
             return Ok(());
         };
-        if let Some(stored) = self.known.get(&hash).copied() {
+        if let Some(stored) = self.known.pages.get(&hash).copied()
+            && let Some(frame) = self.frame_in(stored.pack, stored.frame)
+        {
             self.report.reused_pages += 1;
-            let frame = self.frame_in(stored.pack, stored.frame);
             self.pages[page as usize] = PageRef::Stored {
                 frame,
                 slot: stored.slot,
@@ -327,24 +404,66 @@ impl<'a> Builder<'a> {
                 self.report.repeated_pages += 1;
                 self.open_users.push((page, slot));
             }
+            Some(New::Deferred(at)) => {
+                self.report.repeated_pages += 1;
+                self.deferred[at].users.push(page);
+            }
             None => {
-                let slot = self.open_hashes.len() as u16;
                 self.report.new_pages += 1;
-                self.new.insert(hash, New::Open(slot));
-                self.open_raw.extend_from_slice(bytes);
-                self.open_hashes.push(hash);
-                self.open_users.push((page, slot));
-                if self.open_hashes.len() == FRAME_PAGES {
-                    self.close_frame()?;
+                if let Some(base) = self.delta_base(page) {
+                    self.new.insert(hash, New::Deferred(self.deferred.len()));
+                    self.deferred_bytes += bytes.len();
+                    self.deferred.push(delta::Deferred {
+                        hash,
+                        bytes: bytes.to_vec(),
+                        base,
+                        users: vec![page],
+                    });
+                } else {
+                    self.add_to_open_frame(hash, bytes, &[page])?;
                 }
             }
         }
         Ok(())
     }
 
+    /// Puts a new page (used at `users`) into the open frame, closing it when full.
+    fn add_to_open_frame(
+        &mut self,
+        hash: Hash,
+        bytes: &[u8],
+        users: &[u64],
+    ) -> Result<(), StoreError> {
+        let slot = self.open_hashes.len() as u16;
+        self.new.insert(hash, New::Open(slot));
+        self.open_raw.extend_from_slice(bytes);
+        self.open_hashes.push(hash);
+        self.open_users
+            .extend(users.iter().map(|&page| (page, slot)));
+        if self.open_hashes.len() == FRAME_PAGES {
+            self.close_frame()?;
+        }
+        Ok(())
+    }
+
     /// The manifest's index of a frame of a stored pack (the pack and the frame are added
-    /// to the manifest on first use).
-    fn frame_in(&mut self, pack_id: Hash, frame: Frame) -> u32 {
+    /// to the manifest on first use; a delta frame's bases with it). `None`: a delta frame
+    /// whose bases the store no longer lists (not reused).
+    fn frame_in(&mut self, pack_id: Hash, frame: Frame) -> Option<u32> {
+        let bases = if frame.delta {
+            let hashes = self.known.bases.get(&(pack_id, frame.offset))?.clone();
+            let mut places = Vec::with_capacity(hashes.len());
+            for hash in hashes {
+                let base = self.known.pages.get(&hash).copied()?;
+                if base.frame.delta {
+                    return None;
+                }
+                places.push((self.frame_in(base.pack, base.frame)?, base.slot));
+            }
+            Some(places)
+        } else {
+            None
+        };
         let next = self.packs.len() as u32;
         let pack = *self.pack_of.entry(pack_id).or_insert(next);
         if pack == next {
@@ -354,8 +473,11 @@ impl<'a> Builder<'a> {
         let index = *self.frame_of.entry((pack, frame.offset)).or_insert(next);
         if index == next {
             self.frames.push(FrameRef { pack, frame });
+            if let Some(places) = bases {
+                self.bases.insert(index, places);
+            }
         }
-        index
+        Some(index)
     }
 
     /// Compresses the open frame into the open pack, and closes the pack once it is full.
@@ -374,6 +496,7 @@ impl<'a> Builder<'a> {
             len: compressed.len() as u32,
             pages: self.open_hashes.len() as u16,
             raw_hash: *blake3::hash(&self.open_raw).as_bytes(),
+            delta: false,
         };
         self.pack_bytes.extend_from_slice(&compressed);
         let index = self.frames.len() as u32;
@@ -411,6 +534,7 @@ impl<'a> Builder<'a> {
         let index = PackIndex {
             frames: std::mem::take(&mut self.pack_frames),
             page_hashes: std::mem::take(&mut self.pack_hashes),
+            bases: std::mem::take(&mut self.pack_bases),
         }
         .encode();
         while self.writes.len() >= PACKS_IN_FLIGHT {
@@ -450,6 +574,7 @@ impl<'a> Builder<'a> {
             frames: std::mem::take(&mut self.frames),
             pages: std::mem::take(&mut self.pages),
             working_set: Vec::new(),
+            bases: std::mem::take(&mut self.bases),
         })
     }
 }

@@ -11,7 +11,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tests::s3::{BUCKET, S3Server, require_weed, run_ok, same_bytes};
 use tests::{PAGE, Proc, Scratch, start_proxy, write_source};
 
-/// The number just before `word` in `text` (e.g. `number_before(out, " new in")`).
+/// The number just before `word` in `text` (e.g. `number_before(out, " new (")`).
 fn number_before(text: &str, word: &str) -> u64 {
     let at = text
         .find(word)
@@ -108,7 +108,7 @@ fn test_an_uploaded_image_comes_back_byte_for_byte() {
     let data_pages = (0..6000)
         .filter(|p| p % 7 != 0 && !(100..300).contains(p))
         .count() as u64;
-    assert_eq!(number_before(&put, " new in"), data_pages, "{put}");
+    assert_eq!(number_before(&put, " new ("), data_pages, "{put}");
     assert_eq!(
         number_before(&put, " zero (not stored)"),
         6000 - data_pages,
@@ -160,7 +160,7 @@ fn test_a_95_percent_similar_image_stores_only_its_changed_pages() {
         run_ok(&mut server.pagesrv(&["store", "put", a.to_str().unwrap(), &server.url("a")]));
     let put_b =
         run_ok(&mut server.pagesrv(&["store", "put", b.to_str().unwrap(), &server.url("b")]));
-    assert_eq!(number_before(&put_b, " new in"), changed, "{put_b}");
+    assert_eq!(number_before(&put_b, " new ("), changed, "{put_b}");
     let written = |out: &str| -> f64 {
         let at = out.find(" MiB written").unwrap();
         out[..at].rsplit(' ').next().unwrap().parse().unwrap()
@@ -175,6 +175,95 @@ fn test_a_95_percent_similar_image_stores_only_its_changed_pages() {
         run_ok(&mut server.pagesrv(&["store", "get", &server.url(name), back.to_str().unwrap()]));
         assert!(same_bytes(image, &back), "{name} came back different");
     }
+}
+
+#[test]
+fn test_a_clone_stores_its_changed_pages_as_deltas_against_its_template_and_restores_whole() {
+    if !require_weed() || !tests::require_userfaultfd() {
+        return;
+    }
+    let server = S3Server::start("delta");
+    let dir = Scratch::new("store-delta");
+    let (tpl, clone, again) = (
+        dir.path("tpl.mem"),
+        dir.path("clone.mem"),
+        dir.path("again.mem"),
+    );
+    write_source(&tpl, 8192, 7, 9, 0..0);
+    std::fs::copy(&tpl, &clone).unwrap();
+    // 5% of the data pages get one byte changed: a clone that ran for a while.
+    let changed = change_pages(&clone, 5, 9);
+    let put_tpl =
+        run_ok(&mut server.pagesrv(&["store", "put", tpl.to_str().unwrap(), &server.url("tpl")]));
+    let put_clone = run_ok(&mut server.pagesrv(&[
+        "store",
+        "put",
+        clone.to_str().unwrap(),
+        &server.url("clone"),
+        "--parent",
+        "tpl",
+    ]));
+    assert_eq!(number_before(&put_clone, " new ("), changed, "{put_clone}");
+    assert_eq!(
+        number_before(&put_clone, " as deltas)"),
+        changed,
+        "{put_clone}"
+    );
+    // Without the parent the same pages cost whole compressed pages.
+    let put_again = run_ok(&mut server.pagesrv(&[
+        "store",
+        "put",
+        clone.to_str().unwrap(),
+        &server.url("whole"),
+    ]));
+    assert!(put_again.contains("0 new (0 as deltas)"), "{put_again}");
+    let written = |out: &str| -> f64 {
+        let at = out.find(" MiB written").unwrap();
+        out[..at].rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(
+        written(&put_clone) <= written(&put_tpl) * 0.05,
+        "the clone wrote {put_clone} against {put_tpl}"
+    );
+    // A clone of the clone: its changed pages are stored against the template's pages (a
+    // delta is never a base), the pages it shares with the clone are reused as they are.
+    let mut bytes = std::fs::read(&clone).unwrap();
+    let mut changed_again = 0;
+    for (p, page) in bytes.chunks_exact_mut(PAGE).enumerate() {
+        // Other pages than `change_pages` picks, and some of the same (deltas in the clone).
+        if p % 9 != 0 && (p * 31) % 100 < 3 {
+            page[200] ^= 0x33;
+            changed_again += 1;
+        }
+    }
+    std::fs::write(&again, bytes).unwrap();
+    let put_again = run_ok(&mut server.pagesrv(&[
+        "store",
+        "put",
+        again.to_str().unwrap(),
+        &server.url("again"),
+        "--parent",
+        "clone",
+    ]));
+    assert!(number_before(&put_again, " as deltas)") > 0, "{put_again}");
+    assert!(
+        number_before(&put_again, " new (") <= changed_again,
+        "{put_again}"
+    );
+    for (image, name) in [(&clone, "clone"), (&again, "again")] {
+        let back = dir.path(&format!("{name}.back"));
+        run_ok(&mut server.pagesrv(&["store", "get", &server.url(name), back.to_str().unwrap()]));
+        assert!(same_bytes(image, &back), "{name} came back different");
+    }
+    // Served to a destination: the deltas' bases come in the same fetches.
+    let (pagesrv, addr) = serve_snapshot(
+        &server,
+        &server.url("again"),
+        &["--store-cache", dir.0.to_str().unwrap()],
+    );
+    restore(&dir, "restore", &addr, &again);
+    let err = pagesrv.kill_and_collect();
+    assert_eq!(err.matches("completed (verified)").count(), 1, "{err}");
 }
 
 #[test]
