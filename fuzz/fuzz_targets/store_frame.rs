@@ -1,6 +1,7 @@
 //! Any bytes read as a frame (what a ranged GET returned) are refused or give exactly the
 //! pages whose hash the manifest names; never a panic, never more than the frame's pages
-//! decompressed. The first byte chooses how many pages the frame claims.
+//! decompressed (as an ordinary frame, and as a delta frame). The first byte chooses how
+//! many pages the frame claims.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -14,7 +15,8 @@ fuzz_target!(|data: &[u8]| {
     let want = usize::from(pages) * PAGE_BYTES as usize;
     // The hash a sound manifest would name: of what the bytes decompress to, if that is
     // the frame's size.
-    let raw = zstd::stream::decode_all(compressed)
+    // Bounded: a small input must not make the oracle allocate without limit.
+    let raw = zstd::bulk::decompress(compressed, want)
         .ok()
         .filter(|raw| raw.len() == want);
     let frame = Frame {
@@ -26,6 +28,14 @@ fuzz_target!(|data: &[u8]| {
             .map_or([0; 32], |r| *blake3::hash(r).as_bytes()),
         delta: false,
     };
+    // As a delta frame against zero pages: refused or the frame's size, never a panic.
+    let delta = Frame {
+        delta: true,
+        ..frame
+    };
+    if let Ok(got) = snapstore::layout::open_delta_frame(compressed, &delta, &vec![0; want]) {
+        assert_eq!(got.len(), want);
+    }
     match (open_frame(compressed, &frame), raw) {
         (Ok(got), Some(raw)) => assert_eq!(got, raw),
         (Ok(got), None) => panic!(

@@ -190,7 +190,7 @@ pub(crate) async fn fetch_frames(
     // each until the last delta frame that needs it is open.
     let wanted: HashSet<usize> = frames.iter().copied().collect();
     let mut uses: HashMap<PagePlace, usize> = HashMap::new();
-    for &f in frames {
+    for &f in &wanted {
         for &place in manifest.bases.get(&(f as u32)).into_iter().flatten() {
             *uses.entry(place).or_default() += 1;
         }

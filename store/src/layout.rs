@@ -180,6 +180,11 @@ impl Manifest {
             w.frame(&f.frame);
             if f.frame.delta {
                 let bases = self.bases.get(&(i as u32)).map_or(&[][..], Vec::as_slice);
+                debug_assert_eq!(
+                    bases.len(),
+                    usize::from(f.frame.pages),
+                    "a delta frame's bases"
+                );
                 for slot in 0..usize::from(f.frame.pages) {
                     let (frame, slot) = bases.get(slot).copied().unwrap_or((u32::MAX, 0));
                     w.u32(frame);
@@ -453,24 +458,32 @@ fn open_with(compressed: &[u8], frame: &Frame, dictionary: &[u8]) -> Result<Vec<
 }
 
 /// Compresses `raw` (a delta frame's pages) with `bases` (their base pages) as zstd's
-/// dictionary.
-pub fn compress_delta(raw: &[u8], bases: &[u8], level: i32) -> Vec<u8> {
-    zstd::bulk::Compressor::with_dictionary(level, bases)
-        .and_then(|mut c| c.compress(raw))
-        .expect("compressing to a Vec")
+/// dictionary, taken as raw content whatever its first bytes (a page may begin like a
+/// formatted zstd dictionary); `None` if zstd refuses.
+pub fn compress_delta(raw: &[u8], bases: &[u8], level: i32) -> Option<Vec<u8>> {
+    use zstd::zstd_safe::{CCtx, CParameter, compress_bound};
+    let mut cctx = CCtx::create();
+    cctx.set_parameter(CParameter::CompressionLevel(level))
+        .ok()?;
+    cctx.ref_prefix(bases).ok()?;
+    let mut out = Vec::with_capacity(compress_bound(raw.len()));
+    cctx.compress2(&mut out, raw).ok()?;
+    Some(out)
 }
 
-/// zstd-decompresses at most `limit` bytes with `dictionary`; `None` if the input is not a
-/// frame or is larger.
+/// zstd-decompresses at most `limit` bytes with `dictionary` (raw content); `None` if the
+/// input is not a frame or is larger.
 fn decompress_with(compressed: &[u8], limit: usize, dictionary: &[u8]) -> Option<Vec<u8>> {
+    use zstd::zstd_safe::DCtx;
     let size = zstd::zstd_safe::get_frame_content_size(compressed).ok()??;
     if size > limit as u64 {
         return None;
     }
-    zstd::bulk::Decompressor::with_dictionary(dictionary)
-        .ok()?
-        .decompress(compressed, size as usize)
-        .ok()
+    let mut dctx = DCtx::create();
+    dctx.ref_prefix(dictionary).ok()?;
+    let mut out = Vec::with_capacity(size as usize);
+    dctx.decompress(&mut out, compressed).ok()?;
+    Some(out)
 }
 
 /// zstd-decompresses at most `limit` bytes; `None` if the input is not a frame or is larger.
@@ -804,7 +817,7 @@ mod tests {
         for at in [17, 4000, 5000, 8000] {
             raw[at] ^= 0x5a;
         }
-        let compressed = compress_delta(&raw, &bases, 3);
+        let compressed = compress_delta(&raw, &bases, 3).unwrap();
         assert!(compressed.len() < 100, "{} bytes", compressed.len());
         let frame = Frame {
             offset: 0,
@@ -825,6 +838,18 @@ mod tests {
             ..frame
         };
         assert!(open_delta_frame(&compressed, &plain, &bases).is_err());
+        // A base page that begins like a formatted zstd dictionary is still raw content.
+        let mut magic = bases.clone();
+        magic[..4].copy_from_slice(&[0x37, 0xA4, 0x30, 0xEC]);
+        let mut raw = magic.clone();
+        raw[300] ^= 1;
+        let compressed = compress_delta(&raw, &magic, 3).unwrap();
+        let frame = Frame {
+            len: compressed.len() as u32,
+            raw_hash: *blake3::hash(&raw).as_bytes(),
+            ..frame
+        };
+        assert_eq!(open_delta_frame(&compressed, &frame, &magic).unwrap(), raw);
     }
 
     #[test]

@@ -187,6 +187,8 @@ impl Store {
         // page shares one with it.
         let mut in_set = vec![false; pages_total as usize];
         let mut page_buf = vec![0u8; PAGE_BYTES as usize];
+        // Whole, not as deltas: a delta would be stored last and need its bases.
+        b.defer = false;
         for &page in &options.working_set {
             if std::mem::replace(&mut in_set[page as usize], true) {
                 continue;
@@ -196,6 +198,7 @@ impl Store {
             b.place_page(page, &page_buf)?;
         }
         b.close_frame()?;
+        b.defer = true;
         let mut buf = vec![0u8; READ_BYTES];
         let mut offset = 0u64;
         while offset < size {
@@ -304,8 +307,10 @@ struct Builder<'a> {
     known: Known,
     /// The snapshot this one was made from, if given.
     parent: Option<delta::Parent>,
-    /// New pages waiting to be stored as deltas against the parent's (at the end).
+    /// New pages waiting to be stored as deltas against the parent's (at the end), and
+    /// whether a new page may wait so.
     deferred: Vec<delta::Deferred>,
+    defer: bool,
     deferred_bytes: usize,
     /// The base pages of each delta frame of the manifest.
     bases: std::collections::BTreeMap<u32, Vec<layout::PagePlace>>,
@@ -338,6 +343,7 @@ impl<'a> Builder<'a> {
             known,
             parent: None,
             deferred: Vec::new(),
+            defer: true,
             deferred_bytes: 0,
             bases: std::collections::BTreeMap::new(),
             new: HashMap::new(),
@@ -410,7 +416,7 @@ impl<'a> Builder<'a> {
             }
             None => {
                 self.report.new_pages += 1;
-                if let Some(base) = self.delta_base(page) {
+                if let Some(base) = self.delta_base(page).filter(|_| self.defer) {
                     self.new.insert(hash, New::Deferred(self.deferred.len()));
                     self.deferred_bytes += bytes.len();
                     self.deferred.push(delta::Deferred {
@@ -451,13 +457,22 @@ impl<'a> Builder<'a> {
     /// whose bases the store no longer lists (not reused).
     fn frame_in(&mut self, pack_id: Hash, frame: Frame) -> Option<u32> {
         let bases = if frame.delta {
-            let hashes = self.known.bases.get(&(pack_id, frame.offset))?.clone();
-            let mut places = Vec::with_capacity(hashes.len());
-            for hash in hashes {
-                let base = self.known.pages.get(&hash).copied()?;
-                if base.frame.delta {
-                    return None;
-                }
+            // Every base found first: a frame that cannot be reused adds nothing.
+            let stored: Vec<Stored> = self
+                .known
+                .bases
+                .get(&(pack_id, frame.offset))?
+                .iter()
+                .map(|hash| {
+                    self.known
+                        .pages
+                        .get(hash)
+                        .copied()
+                        .filter(|s| !s.frame.delta)
+                })
+                .collect::<Option<_>>()?;
+            let mut places = Vec::with_capacity(stored.len());
+            for base in stored {
                 places.push((self.frame_in(base.pack, base.frame)?, base.slot));
             }
             Some(places)

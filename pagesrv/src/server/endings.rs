@@ -66,7 +66,16 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         slot.last_end = Some(Instant::now());
         let served = &self.vms[slot.vm];
         let vm = served.name.to_string();
+        let session_id = format!("{:016x}", session.id);
         match &outcome {
+            // A template's restores end all the time: each says which it was, and none is
+            // kept for later clients (a migration's end is, once).
+            Outcome::Completed if served.template => self.events.emit(json!({
+                "event": "completed", "vm": vm, "session": session_id, "verified": session.verified(),
+            })),
+            Outcome::Failed(why) if served.template => self.events.emit(json!({
+                "event": "failed", "vm": vm, "session": session_id, "error": why,
+            })),
             Outcome::Completed => self.events.emit_sticky(json!({
                 "event": "completed",
                 "vm": vm,
@@ -83,6 +92,10 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             Outcome::Completed => Finished::Completed {
                 verified: session.verified(),
             },
+            Outcome::Failed(why) if served.template => {
+                error!(%vm, session = %session_id, %why, "a restore of the template failed");
+                Finished::Failed(why)
+            }
             Outcome::Failed(why) => {
                 error!(%vm, %why, "the migration failed: the source must keep the VM");
                 Finished::Failed(why)
@@ -119,7 +132,6 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         }
     }
 
-    /// Every VM's migration ended: one line per VM, and an error naming those that failed.
     /// What VM `vm`'s source VMM is told (`--vmm-uds`), once its migration ended.
     pub(super) fn source_outcome(&self, vm: usize) -> Option<SourceOutcome> {
         let slot = self.slots.iter().find(|slot| slot.vm == vm)?;
@@ -133,6 +145,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         }
     }
 
+    /// Every VM's migration ended: one line per VM, and an error naming those that failed.
     fn verdict(&self) -> Result<Verdict> {
         let mut failed = Vec::new();
         for slot in &self.slots {

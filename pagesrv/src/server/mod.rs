@@ -84,7 +84,7 @@ const TAKEOVER_LOG_EVERY: Duration = Duration::from_secs(10);
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 /// How long a template's restore that broke off waits for its destination to resume it
 /// before it is forgotten (a migrated VM's session waits for ever: its guest exists once).
-const RESUME_WINDOW: Duration = Duration::from_secs(600);
+const RESUME_WINDOW: Duration = Duration::from_secs(120);
 
 /// Server settings from the command line.
 #[derive(Debug, Clone)]
@@ -251,7 +251,8 @@ struct Slot<'scope, 'env> {
 struct Manager<'scope, 'env> {
     scope: &'scope Scope<'scope, 'env>,
     vms: &'env [ServedVm],
-    /// One per VM, in the same order.
+    /// One per VM that is no template, and one per restore of a template (each names its
+    /// VM); indices hold within one event only (a template's slots come and go).
     slots: Vec<Slot<'scope, 'env>>,
     config: &'env ServerConfig,
     notify: Sender<Event>,

@@ -306,9 +306,11 @@ impl StoreSource {
                 }
             }
             if !mine.is_empty() {
-                let ahead = self.read_ahead(&mut state, end);
-                drop(state);
                 let frames: Vec<usize> = mine.iter().map(|&i| needed[i] as usize).collect();
+                let mut ahead = self.read_ahead(&mut state, end);
+                let bases = self.bases_in_use(&mut state, frames.iter().chain(&ahead));
+                ahead.extend(bases);
+                drop(state);
                 let ok = self.fetch(&frames, &ahead);
                 state = self.lock();
                 if !ok {
@@ -376,6 +378,27 @@ impl StoreSource {
             }
         }
         ahead
+    }
+
+    /// The absent frames holding the bases of delta frames `frames` that the image also
+    /// uses (its unchanged pages, usually): they come in the same fetch anyway, so they are
+    /// kept (marked `Fetching` here) rather than fetched again for their own pages later.
+    fn bases_in_use<'f>(
+        &self,
+        state: &mut CacheState,
+        frames: impl Iterator<Item = &'f usize>,
+    ) -> Vec<usize> {
+        let mut out = Vec::new();
+        for &f in frames {
+            for &(base, _) in self.manifest.bases.get(&(f as u32)).into_iter().flatten() {
+                let base = base as usize;
+                if !self.users[base].is_empty() && state.frames[base] == FrameState::Absent {
+                    state.frames[base] = FrameState::Fetching;
+                    out.push(base);
+                }
+            }
+        }
+        out
     }
 
     /// Fetches `pinned` and `ahead` (all marked `Fetching` by the caller) into the cache
@@ -524,14 +547,19 @@ impl StoreSource {
             .filter(|f| seen.insert(*f))
             .collect();
         let started = std::time::Instant::now();
-        let (mut at, mut size) = (0, PREFETCH_BATCH);
+        // A batch is at most a quarter of the cache: the set's first frames must not be
+        // evicted by its later ones before they are read.
+        let most = PREFETCH_BATCH_MAX
+            .min((self.limit_pages / FRAME_PAGES as u64 / 4) as usize)
+            .max(1);
+        let (mut at, mut size) = (0, PREFETCH_BATCH.min(most));
         while at < order.len() {
             let batch = &order[at..(at + size).min(order.len())];
             at += batch.len();
-            size = PREFETCH_BATCH_MAX;
+            size = most;
             let mine: Vec<usize> = {
                 let mut state = self.lock();
-                batch
+                let mut mine: Vec<usize> = batch
                     .iter()
                     .copied()
                     .filter(|&f| {
@@ -541,7 +569,10 @@ impl StoreSource {
                         }
                         absent
                     })
-                    .collect()
+                    .collect();
+                let bases = self.bases_in_use(&mut state, mine.iter());
+                mine.extend(bases);
+                mine
             };
             if !mine.is_empty() && !self.fetch(&[], &mine) {
                 return;

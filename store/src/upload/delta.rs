@@ -91,7 +91,7 @@ impl Builder<'_> {
             }
             let delta = layout::compress_delta(&raw, &dictionary, LEVEL);
             let whole = zstd::bulk::compress(&raw, LEVEL).expect("compressing to a Vec");
-            if delta.len() < whole.len() {
+            if let Some(delta) = delta.filter(|d| d.len() < whole.len()) {
                 self.write_delta_frame(chunk, &raw, &delta)?;
             } else {
                 for d in chunk {
