@@ -341,6 +341,13 @@ pub trait PageSource: Send + Sync {
     /// It lost some (a memory file that shrank).
     fn check_intact(&self) -> Result<(), SourceError>;
 
+    /// The digest of `page` as it is now ([`common::digest::page_digest`]), for the
+    /// verification at the end of a session. A source that knows it without reading the
+    /// page (a stored snapshot keeps each page's digest from when it arrived) says so here.
+    fn digest(&self, page: u64) -> u64 {
+        common::digest::page_digest(page, &self.bytes(page, 1))
+    }
+
     /// Precopy: the running guest wrote these 4 KiB pages (a dirty bitmap). A source that
     /// never runs ignores it.
     fn written(&self, _bitmap: &[u8]) {}

@@ -570,6 +570,57 @@ fn test_a_stored_snapshot_restores_twice_through_a_cache_smaller_than_it() {
 }
 
 #[test]
+fn test_a_huge_page_guest_restores_a_stored_snapshot_in_2_mib_pages() {
+    if !require_weed() || !tests::require_userfaultfd() {
+        return;
+    }
+    let Some(_reserved) = tests::HugePages::reserve(40) else {
+        return;
+    };
+    let server = S3Server::start("huge");
+    let dir = Scratch::new("store-huge");
+    let image = dir.path("vm.mem");
+    // 64 MiB: 32 huge pages, every 4th 4 KiB page zero, one huge page never written.
+    write_source(&image, 16384, 41, 4, 512..1024);
+    run_ok(&mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &server.url("tpl")]));
+    // A cache of 8 MiB: four huge pages; the digests at the end come from the frames as
+    // they arrived, not from reading evicted pages again.
+    let (pagesrv, addr) = serve_snapshot(
+        &server,
+        &server.url("tpl"),
+        &[
+            "--store-cache",
+            dir.0.to_str().unwrap(),
+            "--store-cache-mib",
+            "8",
+        ],
+    );
+    let (uds, stats) = (dir.path("f.sock"), dir.path("f.json"));
+    let mut faultd = tests::start_faultd_with(&addr, &uds, &stats, &[]);
+    let mut vmm = tests::start_vmm(&uds, &image, &["--hugepages", "--threads", "2"]);
+    let limit = Duration::from_secs(120);
+    let (vmm_status, vmm_err) = vmm.wait(limit);
+    let report = vmm.rest_of_stdout();
+    let (faultd_status, faultd_err) = faultd.wait(limit);
+    let err = pagesrv.kill_and_collect();
+    assert!(
+        vmm_status.success(),
+        "{report}\n{vmm_err}\n{faultd_err}\n{err}"
+    );
+    assert!(faultd_status.success(), "{faultd_err}\n{err}");
+    let vmm = tests::json(&report);
+    assert_eq!(vmm["mismatches_during"], 0, "{vmm}");
+    assert_eq!(vmm["mismatches_after"], 0, "{vmm}");
+    let stats = tests::json(&std::fs::read_to_string(&stats).unwrap());
+    assert_eq!(stats["page_size"], 2 << 20, "{stats}");
+    assert_eq!(stats["digest_check"], "match", "{stats}");
+    let bytes = std::fs::read(&image).unwrap();
+    let digest = common::digest::run_digest(0, &bytes, 2 << 20);
+    assert_eq!(stats["received_digest"], format!("{digest:016x}").as_str());
+    assert_eq!(err.matches("completed (verified)").count(), 1, "{err}");
+}
+
+#[test]
 fn test_a_damaged_pack_fails_the_restore_cleanly_and_places_nothing_wrong() {
     if !require_weed() || !tests::require_userfaultfd() {
         return;

@@ -194,7 +194,6 @@ impl Session<'_> {
     /// `conn` (the link stays alive) and stops if the session ended.
     fn digests(&self, conn: &mut TcpStream, chunk_pages: u64) -> std::io::Result<Vec<u8>> {
         let total = self.source.total_pages();
-        let page_size = self.source.page_size() as usize;
         let mut out = Vec::with_capacity((total.div_ceil(chunk_pages) * 8) as usize);
         let mut last_tx = Instant::now();
         let mut first = 0;
@@ -216,8 +215,7 @@ impl Session<'_> {
                     .clear_run(page, (end - page).min(DIGEST_RUN_PAGES));
                 // Free pages (hinted) are zero at the destination: they count as zero.
                 for p in (page..page + run).filter(|&p| !self.source.is_free(p)) {
-                    let bytes = self.source.bytes(p, 1);
-                    digest = digest.wrapping_add(common::digest::run_digest(p, &bytes, page_size));
+                    digest = digest.wrapping_add(self.source.digest(p));
                 }
                 page += run;
             }

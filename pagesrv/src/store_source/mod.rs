@@ -19,7 +19,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use common::mmap::Mapping;
@@ -77,6 +77,11 @@ pub struct StoreSource {
     file: File,
     map: Mapping,
     limit_pages: u64,
+    /// Each 4 KiB page's digest ([`common::digest::piece_digest`]) once known: from the
+    /// manifest for zero pages, from its frame when it arrived for the others (the
+    /// verification then reads nothing again, however small the cache).
+    digests: Vec<AtomicU64>,
+    digest_known: Vec<AtomicBool>,
     state: Mutex<CacheState>,
     ready: Condvar,
     intact: AtomicBool,
@@ -143,6 +148,14 @@ impl StoreSource {
                 }
             })?;
         let frames = manifest.frames.len();
+        let digests = (0..manifest.pages.len())
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        let digest_known = manifest
+            .pages
+            .iter()
+            .map(|p| AtomicBool::new(*p == PageRef::Zero))
+            .collect();
         info!(
             store = %url,
             pages = manifest.page_count(),
@@ -160,6 +173,8 @@ impl StoreSource {
             file,
             map,
             limit_pages: (limit_mib << 20) / PAGE_BYTES,
+            digests,
+            digest_known,
             state: Mutex::new(CacheState {
                 frames: vec![FrameState::Absent; frames],
                 resident_pages: 0,
@@ -235,6 +250,16 @@ impl StoreSource {
         Ok(StorePaged {
             source: self.clone(),
             page_size,
+        })
+    }
+
+    /// The digest of 4 KiB pages `first..end` (the sum of their piece digests), if every
+    /// one is known.
+    pub(super) fn known_digest(&self, first: u64, end: u64) -> Option<u64> {
+        (first..end).try_fold(0u64, |sum, page| {
+            self.digest_known[page as usize]
+                .load(Ordering::Acquire)
+                .then(|| sum.wrapping_add(self.digests[page as usize].load(Ordering::Relaxed)))
         })
     }
 
@@ -419,6 +444,11 @@ impl StoreSource {
         let result = self.store.fetch_frames(&self.manifest, &all, &|f, raw| {
             for &(slot, page) in &self.users[f] {
                 let bytes = &raw[usize::from(slot) * PAGE_BYTES as usize..][..PAGE_BYTES as usize];
+                if !self.digest_known[page as usize].load(Ordering::Acquire) {
+                    let digest = common::digest::piece_digest(page, bytes);
+                    self.digests[page as usize].store(digest, Ordering::Relaxed);
+                    self.digest_known[page as usize].store(true, Ordering::Release);
+                }
                 self.file
                     .write_all_at(bytes, page * PAGE_BYTES)
                     .map_err(|source| StoreError::File {

@@ -41,6 +41,14 @@ impl PageSource for StorePaged {
         }
     }
 
+    fn digest(&self, page: u64) -> u64 {
+        let per = self.page_size / PAGE_BYTES;
+        match self.source.known_digest(page * per, (page + 1) * per) {
+            Some(digest) => digest,
+            None => common::digest::page_digest(page, &self.bytes(page, 1)),
+        }
+    }
+
     fn is_free(&self, _page: u64) -> bool {
         false
     }
