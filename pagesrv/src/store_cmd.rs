@@ -95,6 +95,14 @@ pub fn run(action: &StoreAction) -> Result<()> {
                 let age = std::time::SystemTime::now()
                     .duration_since(i.written)
                     .unwrap_or_default();
+                if let Some(why) = &i.unreadable {
+                    println!(
+                        "{:<32} UNREADABLE ({why}), written {} ago",
+                        i.name,
+                        age_text(age)
+                    );
+                    continue;
+                }
                 println!(
                     "{:<32} {:>8.1} MiB  {:>9} data pages  {:>4} packs  working set {:>7} pages  written {} ago",
                     i.name,

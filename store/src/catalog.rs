@@ -33,6 +33,9 @@ pub struct SnapshotInfo {
     pub working_set_pages: u64,
     /// When its manifest was written.
     pub written: SystemTime,
+    /// Why its manifest cannot be read (damaged, or of a format this build does not read);
+    /// the figures above are then zero.
+    pub unreadable: Option<String>,
 }
 
 /// What a removal did.
@@ -49,17 +52,32 @@ pub struct RemoveReport {
 }
 
 impl Store {
-    /// Every snapshot in the store, by name.
+    /// Every snapshot in the store, by name; one whose manifest cannot be read is listed
+    /// with the reason.
     ///
     /// # Errors
-    /// A failed request, or a damaged manifest.
+    /// A failed request.
     pub fn list(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
         let objects = &*self.objects;
         self.runtime.block_on(async {
             let manifests = manifests(objects).await?;
             let mut infos: Vec<SnapshotInfo> = futures::stream::iter(manifests)
                 .map(|(name, written)| async move {
-                    let (m, _) = read_manifest(objects, &name).await?;
+                    let m = match read_manifest(objects, &name).await {
+                        Ok((m, _)) => m,
+                        Err(e @ StoreError::Format { .. }) => {
+                            return Ok(SnapshotInfo {
+                                name,
+                                size_bytes: 0,
+                                data_pages: 0,
+                                packs: 0,
+                                working_set_pages: 0,
+                                written,
+                                unreadable: Some(error_chain(&e)),
+                            });
+                        }
+                        Err(e) => return Err(e),
+                    };
                     Ok::<_, StoreError>(SnapshotInfo {
                         data_pages: m.pages.iter().filter(|p| **p != PageRef::Zero).count() as u64,
                         size_bytes: m.size_bytes,
@@ -67,6 +85,7 @@ impl Store {
                         working_set_pages: m.working_set.len() as u64,
                         name,
                         written,
+                        unreadable: None,
                     })
                 })
                 .buffer_unordered(MANIFEST_READS)
@@ -182,4 +201,16 @@ async fn collect_garbage(
     report.packs_deleted = ids.len() as u64;
     report.bytes_freed = doomed.iter().map(|(_, size)| size).sum();
     Ok(report)
+}
+
+/// An error and its sources, one after another.
+fn error_chain(e: &StoreError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

@@ -303,6 +303,17 @@ fn test_damaged_objects_are_refused_and_no_file_is_left() {
     assert!(again.contains("damaged pack index"), "{again}");
     damage_object(&server, "snapshots", "vm.manifest");
     get("manifest");
+    // The listing still shows every snapshot, the damaged one with the reason.
+    let ls = run_ok(&mut server.pagesrv(&["store", "ls", &format!("s3://{BUCKET}")]));
+    assert!(ls.contains("2 snapshot(s)"), "{ls}");
+    let line = ls
+        .lines()
+        .find(|l| l.starts_with("vm "))
+        .unwrap_or_else(|| panic!("{ls}"));
+    assert!(
+        line.contains("UNREADABLE") && line.contains("damaged"),
+        "{line}"
+    );
 }
 
 #[test]
