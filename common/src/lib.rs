@@ -10,6 +10,7 @@
 pub mod atomic_file;
 pub mod auth;
 pub mod digest;
+pub mod error_chain;
 pub mod framed;
 pub mod free_hints;
 pub mod handshake;
@@ -27,5 +28,6 @@ pub mod vmm_link;
 pub mod wire;
 pub mod working_set;
 
+pub use error_chain::error_chain;
 pub use ops::{control, metrics};
 pub use sys::{mmap, pi_mutex, sched, sigbus, uffd};

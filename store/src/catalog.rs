@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
+use common::error_chain;
 use futures::StreamExt;
 
 use crate::download::read_manifest;
@@ -201,16 +202,4 @@ async fn collect_garbage(
     report.packs_deleted = ids.len() as u64;
     report.bytes_freed = doomed.iter().map(|(_, size)| size).sum();
     Ok(report)
-}
-
-/// An error and its sources, one after another.
-fn error_chain(e: &StoreError) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

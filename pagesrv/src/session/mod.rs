@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+pub use common::error_chain;
 use common::framed::{FrameEncoder, FramedConn};
 use common::netopt::Liveness;
 use common::pagemap::PageMap;
@@ -343,16 +344,4 @@ fn prefetch_for(set: Option<&Arc<WorkingSet>>, page_size: u64) -> Vec<u64> {
         }
         None => Vec::new(),
     }
-}
-
-/// An error and its sources, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

@@ -1,5 +1,6 @@
 //! How a session's link or the session itself fails, and what the pump does about it.
 
+pub use common::error_chain;
 use common::uffd::UffdError;
 use common::wire::{ErrorCode, Kind, WireError};
 use thiserror::Error;
@@ -91,16 +92,4 @@ pub enum AfterCut {
     Reconnect,
     /// Close it and do not reconnect: the session is done.
     Close,
-}
-
-/// An error with its causes, as one line (as anyhow's `{:#}` prints them).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
