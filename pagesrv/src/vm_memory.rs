@@ -44,10 +44,10 @@ impl VmMemory {
         }
     }
 
-    /// Checks that every page can still be served.
+    /// Checks that a new session can be served.
     ///
     /// # Errors
-    /// The file shrank, or a fetch from the store failed.
+    /// The file shrank, or the store's bytes were found damaged.
     pub fn check_intact(&self) -> Result<(), SourceError> {
         match self {
             VmMemory::File(file) => file.check_intact(),

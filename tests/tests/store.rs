@@ -652,6 +652,19 @@ fn test_a_damaged_pack_fails_the_restore_cleanly_and_places_nothing_wrong() {
     // The VMM's faults cannot be served any more: it is stopped (a real VMM would be told
     // by its orchestrator, which sees faultd fail).
     let _ = vmm.kill_and_collect();
+    // Damage is final (fetching again cannot mend it): the next restore is refused at once.
+    let (uds, stats) = (dir.path("g.sock"), dir.path("g.json"));
+    let mut second = tests::start_faultd(&addr, &uds, &stats);
+    let vmm = tests::start_vmm(&uds, &image, &["--threads", "2"]);
+    let started = Instant::now();
+    let (second_status, second_err) = second.wait(Duration::from_secs(60));
+    let _ = vmm.kill_and_collect();
+    assert!(!second_status.success(), "{second_err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the second restore was not refused at once: {:?}",
+        started.elapsed()
+    );
     let pagesrv_err = pagesrv.kill_and_collect();
     assert!(
         !faultd_status.success(),
@@ -663,6 +676,45 @@ fn test_a_damaged_pack_fails_the_restore_cleanly_and_places_nothing_wrong() {
     );
     // Nothing wrong was sent: the damaged frame's pages never left pagesrv.
     assert!(pagesrv_err.contains("its pages are lost"), "{pagesrv_err}");
+    assert!(
+        second_err.contains("damaged") || second_err.contains("lost"),
+        "the second restore gives no clear reason: {second_err}"
+    );
+}
+
+#[test]
+fn test_a_store_back_after_an_outage_serves_new_restores_without_a_restart() {
+    if !require_weed() || !tests::require_userfaultfd() {
+        return;
+    }
+    let mut server = S3Server::start("comeback");
+    let dir = Scratch::new("store-comeback");
+    let image = dir.path("vm.mem");
+    write_source(&image, 4096, 23, 4, 0..0);
+    let url = server.url("tpl");
+    run_ok(&mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &url]));
+    let (pagesrv, addr) = serve_snapshot(&server, &url, &[]);
+
+    // The store goes away before any page is fetched: the restore fails with the reason
+    // once the client's retries are spent (≈ 30 s), never with wrong bytes.
+    server.kill();
+    let (uds, stats) = (dir.path("away.sock"), dir.path("away.json"));
+    let mut faultd = tests::start_faultd(&addr, &uds, &stats);
+    let vmm = tests::start_vmm(&uds, &image, &["--threads", "2"]);
+    let (status, faultd_err) = faultd.wait(Duration::from_secs(120));
+    let _ = vmm.kill_and_collect();
+    assert!(
+        !status.success(),
+        "faultd completed without its store: {faultd_err}"
+    );
+    assert!(faultd_err.contains("lost"), "no clear reason: {faultd_err}");
+
+    // Back with what it held: the same pagesrv serves the next restore whole (before, the
+    // failure was final for the template until pagesrv restarted).
+    server.restart();
+    restore(&dir, "back", &addr, &image);
+    let err = pagesrv.kill_and_collect();
+    assert!(err.contains("its pages are lost"), "{err}");
 }
 
 /// The stored manifest of snapshot `name`, decoded.

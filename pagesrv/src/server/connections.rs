@@ -94,8 +94,9 @@ impl<'scope, 'env> Manager<'scope, 'env> {
                 Err((code, text)) => return self.refuse(admitted, code, &text),
             };
         if let Err(e) = vm.source.check_intact() {
-            // Pages a store lost (damaged, or gone past the retries) are final: the
-            // destination fails at once instead of waiting for pages that will not come.
+            // A memory file that shrank, or a store whose bytes were damaged, is final:
+            // the destination fails at once instead of waiting for pages that will not
+            // come. (A store that was only away is fetched from anew by a new session.)
             let code = match e {
                 crate::source::SourceError::Lost { .. } => ErrorCode::ImageMismatch,
                 _ => ErrorCode::Internal,

@@ -10,9 +10,12 @@
 //! thread fetches the recorded working set first, in its order. Zero pages are known from the
 //! manifest and never fetched. Nothing is asked of the store before it is read (no HEAD).
 //!
-//! A fetch that fails (the store gone, a damaged frame) makes the source lose its pages: the
-//! reads that needed them lend zeros and [`crate::source::PageSource::pages_intact`] turns false, so the
-//! session sends nothing wrong and ends with the reason.
+//! A fetch that fails (the store gone, a damaged frame) loses the pages of the sessions that
+//! waited for them: their reads lend zeros and [`crate::source::PageSource::pages_intact`]
+//! turns false for every session running then, so none sends anything wrong and each ends
+//! with the reason. The frames that did not arrive are absent again: a session that starts
+//! later fetches them anew (a store back after an outage serves new restores without a
+//! restart of pagesrv), unless the store's bytes were damaged, which is final.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -71,8 +74,18 @@ pub struct StoreSource {
     digest_known: Vec<AtomicBool>,
     state: Mutex<CacheState>,
     ready: Condvar,
-    intact: AtomicBool,
-    failure: Mutex<Option<String>>,
+    /// Fetches that failed and lost pages a reader waited for: a session whose reads began
+    /// at another count may have lent zeros.
+    losses: AtomicU64,
+    failure: Mutex<Option<Failure>>,
+}
+
+/// The last fetch failure that lost pages.
+#[derive(Debug, Clone)]
+struct Failure {
+    why: String,
+    /// The store's bytes were damaged: fetching again cannot help.
+    damaged: bool,
 }
 
 impl std::fmt::Debug for StoreSource {
@@ -172,7 +185,7 @@ impl StoreSource {
                 batches: 0,
             }),
             ready: Condvar::new(),
-            intact: AtomicBool::new(true),
+            losses: AtomicU64::new(0),
             failure: Mutex::new(None),
         });
         if !source.manifest.working_set.is_empty() {
@@ -237,6 +250,7 @@ impl StoreSource {
         Ok(StorePaged {
             source: self.clone(),
             page_size,
+            losses_at_start: self.losses(),
         })
     }
 
@@ -250,22 +264,47 @@ impl StoreSource {
         })
     }
 
-    /// Whether every read so far found its pages.
-    pub fn pages_intact(&self) -> bool {
-        self.intact.load(Ordering::Acquire)
+    /// Fetches so far that failed and lost pages.
+    pub(super) fn losses(&self) -> u64 {
+        self.losses.load(Ordering::Acquire)
     }
 
-    /// The failure that lost pages, if one did.
+    /// Whether a new session can be served: not if the store's bytes were found damaged
+    /// (fetching again cannot mend them); after any other failure (the store gone past the
+    /// retries), a new session fetches anew.
     ///
     /// # Errors
     /// [`SourceError::Lost`] with the reason.
     pub fn check_intact(&self) -> Result<(), SourceError> {
-        match &*self.failure.lock().unwrap_or_else(|p| p.into_inner()) {
-            None => Ok(()),
-            Some(why) => Err(SourceError::Lost {
-                what: self.url.to_string(),
-                why: why.clone(),
-            }),
+        match self.last_failure() {
+            Some(Failure { why, damaged: true }) => Err(self.lost(why)),
+            _ => Ok(()),
+        }
+    }
+
+    /// A session's check, given the count of losses when its reads began.
+    ///
+    /// # Errors
+    /// [`SourceError::Lost`] with the reason, if a fetch failed since.
+    pub(super) fn check_intact_since(&self, losses_at_start: u64) -> Result<(), SourceError> {
+        if self.losses() == losses_at_start {
+            return Ok(());
+        }
+        let why = self.last_failure().map_or_else(String::new, |f| f.why);
+        Err(self.lost(why))
+    }
+
+    fn last_failure(&self) -> Option<Failure> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn lost(&self, why: String) -> SourceError {
+        SourceError::Lost {
+            what: self.url.to_string(),
+            why,
         }
     }
 
@@ -289,9 +328,10 @@ impl StoreSource {
 
     /// Pins the frames of 4 KiB pages `first..end`, fetching those that are absent (and
     /// reading ahead) and waiting for those another thread fetches. Returns the pins, or
-    /// `None` if a fetch failed (the source then lost its pages).
+    /// `None` if a fetch failed (this one, or one it waited for: the pages are lost).
     fn pin(&self, first: u64, end: u64) -> Option<Vec<u32>> {
         let needed = self.frames_of(first, end);
+        let losses = self.losses();
         let mut pinned = vec![false; needed.len()];
         let mut state = self.lock();
         loop {
@@ -336,7 +376,7 @@ impl StoreSource {
                 }
             } else if others {
                 state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
-                if !self.pages_intact() {
+                if self.losses() != losses {
                     drop(state);
                     self.unpin_some(&needed, &pinned);
                     return None;
@@ -372,7 +412,8 @@ impl StoreSource {
 
     /// Fetches `pinned` and `ahead` (all marked `Fetching` by the caller) into the cache
     /// file: `pinned` are handed back pinned once, `ahead` unpinned. On failure marks what
-    /// did not arrive absent and the source not intact. Returns whether it worked.
+    /// did not arrive absent and, if a reader waited for it, counts a loss. Returns whether
+    /// it worked.
     fn fetch(&self, pinned: &[usize], ahead: &[usize]) -> bool {
         // An urgent thread fetching runs ordinary meanwhile: it waits for the store anyway,
         // and decoding a batch read ahead (on it and on the threads it spawns, which would
@@ -439,6 +480,7 @@ impl StoreSource {
                         };
                     }
                 }
+                let damaged = matches!(e, StoreError::Format { .. });
                 let why = format!("{:#}", anyhow::Error::new(e));
                 if pinned.is_empty() {
                     // Nobody waits for these (the working set's prefetch): they are absent
@@ -446,8 +488,9 @@ impl StoreSource {
                     warn!(store = %self.url, error = %why, "prefetching from the object store failed");
                 } else {
                     warn!(store = %self.url, error = %why, "a fetch from the object store failed: its pages are lost");
-                    *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-                    self.intact.store(false, Ordering::Release);
+                    *self.failure.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(Failure { why, damaged });
+                    self.losses.fetch_add(1, Ordering::AcqRel);
                 }
                 false
             }

@@ -12,6 +12,8 @@ use crate::source::{PageBytes, PageSource, Piece, SourceError};
 pub struct StorePaged {
     pub(super) source: Arc<StoreSource>,
     pub(super) page_size: u64,
+    /// The source's count of losses when this session's reads began.
+    pub(super) losses_at_start: u64,
 }
 
 impl PageSource for StorePaged {
@@ -66,10 +68,10 @@ impl PageSource for StorePaged {
     }
 
     fn pages_intact(&self) -> bool {
-        self.source.pages_intact()
+        self.source.losses() == self.losses_at_start
     }
 
     fn check_intact(&self) -> Result<(), SourceError> {
-        self.source.check_intact()
+        self.source.check_intact_since(self.losses_at_start)
     }
 }
