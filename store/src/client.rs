@@ -185,6 +185,27 @@ pub(crate) async fn put_object(
         .map_err(|e| StoreError::request("write", key, e))
 }
 
+/// Writes a whole object that must not exist yet (`If-None-Match: *`): of two writers of
+/// one key, one wins and the other is told. Returns `false` if the object existed.
+pub(crate) async fn put_new_object(
+    objects: &dyn ObjectStore,
+    key: &str,
+    bytes: Vec<u8>,
+) -> Result<bool, StoreError> {
+    let options = object_store::PutOptions {
+        mode: object_store::PutMode::Create,
+        ..Default::default()
+    };
+    match objects
+        .put_opts(&Path::from(key), PutPayload::from(bytes), options)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+        Err(e) => Err(StoreError::request("write", key, e)),
+    }
+}
+
 /// Whether an object exists (uploads only: serving never asks before it reads).
 pub(crate) async fn object_exists(
     objects: &dyn ObjectStore,

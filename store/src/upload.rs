@@ -227,8 +227,17 @@ impl Store {
         let bytes = manifest.encode();
         let mut report = b.report;
         report.bytes_written += bytes.len() as u64;
-        self.runtime
-            .block_on(client::put_object(&*objects, &manifest_key, bytes))?;
+        // Only if no other upload of the name won meanwhile (the check above is not enough
+        // for two uploads at once): the packs stay, as any unused pack of an upload that
+        // stopped midway (shared by content, they may serve a later upload).
+        if !self
+            .runtime
+            .block_on(client::put_new_object(&*objects, &manifest_key, bytes))?
+        {
+            return Err(StoreError::Exists {
+                name: name.to_owned(),
+            });
+        }
         report.seconds = started.elapsed().as_secs_f64();
         progress(&Progress {
             pages_done: pages_total,

@@ -146,6 +146,51 @@ fn test_an_uploaded_image_comes_back_byte_for_byte() {
 }
 
 #[test]
+fn test_two_uploads_of_one_name_at_once_one_wins_and_the_other_is_told() {
+    if !require_weed() {
+        return;
+    }
+    let server = S3Server::start("race");
+    let dir = Scratch::new("store-race");
+    let (a, b) = (dir.path("a.mem"), dir.path("b.mem"));
+    // Different images of 32 MiB: each upload takes long enough that both have looked for
+    // the name before either writes its manifest.
+    write_source(&a, 8192, 31, 9, 0..0);
+    write_source(&b, 8192, 32, 9, 0..0);
+    let url = server.url("vm");
+    let mut puts: Vec<Proc> = [&a, &b]
+        .iter()
+        .map(|image| {
+            Proc::spawn(
+                "pagesrv store put",
+                &mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &url]),
+            )
+        })
+        .collect();
+    let results: Vec<(bool, String)> = puts
+        .iter_mut()
+        .map(|p| {
+            let (status, err) = p.wait(Duration::from_secs(120));
+            (status.success(), err)
+        })
+        .collect();
+    let winners: Vec<usize> = (0..2).filter(|&i| results[i].0).collect();
+    assert_eq!(winners.len(), 1, "not one winner: {results:?}");
+    let (won, lost) = (winners[0], 1 - winners[0]);
+    assert!(
+        results[lost].1.contains("exists already"),
+        "the loser is not told: {}",
+        results[lost].1
+    );
+    let back = dir.path("back.mem");
+    run_ok(&mut server.pagesrv(&["store", "get", &url, back.to_str().unwrap()]));
+    assert!(
+        same_bytes([&a, &b][won], &back),
+        "the stored snapshot is not the winner's"
+    );
+}
+
+#[test]
 fn test_a_95_percent_similar_image_stores_only_its_changed_pages() {
     if !require_weed() {
         return;
