@@ -24,7 +24,7 @@ const RANGE_BYTES: u64 = 1 << 20;
 /// dropped: reading 256 KiB more costs ≈ 2 ms at 1 Gbit/s, a tenth of a 20 ms round trip
 /// (a larger gap made sparse batches read whole packs: 50× the bytes they needed).
 const MAX_GAP: u64 = 256 << 10;
-/// Ranged GETs in flight.
+/// Ranged GETs in flight (their frames are still handed over in the caller's order).
 const GETS_IN_FLIGHT: usize = 32;
 /// Threads that decode one GET's frames at most.
 const MAX_DECODERS: usize = 4;
@@ -164,7 +164,10 @@ pub struct Fetched {
 impl Store {
     /// Fetches frames `frames` (indexes into `manifest.frames`): neighbouring frames of a
     /// pack in one ranged GET, [`GETS_IN_FLIGHT`] at once; checks each against its hash and
-    /// hands it, decompressed, to `on_frame` as it arrives.
+    /// hands it, decompressed, to `on_frame`. GETs are made and opened in the order of
+    /// `frames` (each by its earliest frame there): list first what is needed first (a
+    /// fault's frames before what is read ahead, a working set in its order), as later GETs
+    /// that arrive first wait for it.
     ///
     /// # Errors
     /// A failed request, a damaged frame, or `on_frame`'s error.
@@ -202,7 +205,7 @@ pub(crate) async fn fetch_frames(
     let base_frames: HashSet<usize> = slots.keys().map(|&f| f as usize).collect();
     let mut all: Vec<usize> = frames.to_vec();
     all.extend(base_frames.iter().filter(|f| !wanted.contains(f)));
-    let runs = runs(manifest, &all);
+    let runs = in_callers_order(manifest, runs(manifest, &all), frames);
     let decoders = std::thread::available_parallelism()
         .map_or(1, std::num::NonZero::get)
         .min(MAX_DECODERS);
@@ -226,7 +229,7 @@ pub(crate) async fn fetch_frames(
             let bytes = client::get_object_range(objects, &key, range).await?;
             Ok::<_, StoreError>((run, key, bytes))
         })
-        .buffer_unordered(GETS_IN_FLIGHT);
+        .buffered(GETS_IN_FLIGHT);
     let damaged = |key: &str, frame: &layout::Frame| {
         let key = format!("{key} at byte {}", frame.offset);
         move |source| StoreError::Format { key, source }
@@ -380,6 +383,25 @@ fn decode_in_parallel(
 /// The frames `wanted`, grouped into runs of one pack whose gaps are at most [`MAX_GAP`]
 /// (at most [`RANGE_BYTES`] from the first frame's start to the last's end): one ranged GET
 /// per run.
+/// `runs` ordered by the earliest place any of their frames has in `frames`, a delta
+/// frame's bases taking its place (so that it is not parked long), stably.
+fn in_callers_order(manifest: &Manifest, mut runs: Vec<Run>, frames: &[usize]) -> Vec<Run> {
+    let mut place: HashMap<usize, usize> = HashMap::with_capacity(frames.len());
+    for (i, &f) in frames.iter().enumerate() {
+        place.entry(f).or_insert(i);
+        for &(base, _) in manifest.bases.get(&(f as u32)).into_iter().flatten() {
+            place.entry(base as usize).or_insert(i);
+        }
+    }
+    runs.sort_by_cached_key(|run| {
+        run.iter()
+            .filter_map(|f| place.get(f).copied())
+            .min()
+            .unwrap_or(usize::MAX)
+    });
+    runs
+}
+
 fn runs(manifest: &Manifest, wanted: &[usize]) -> Vec<Run> {
     let mut order = wanted.to_vec();
     order.sort_by_key(|&f| (manifest.frames[f].pack, manifest.frames[f].frame.offset, f));
@@ -486,5 +508,18 @@ mod tests {
         assert_eq!(runs, vec![vec![1, 0, 2], vec![5], vec![4]]);
         let all = super::runs(&manifest, &[0, 1, 2, 3, 4, 5, 2]);
         assert_eq!(all, vec![vec![1, 0, 3, 2], vec![5], vec![4]]);
+
+        // Made and opened in the caller's order: the run of what it lists first comes first
+        // (frame 4 before frame 5 before the run of 1, 0, 2).
+        let ordered = in_callers_order(&manifest, runs.clone(), &[4, 5, 2, 0, 1]);
+        assert_eq!(ordered, vec![vec![4], vec![5], vec![1, 0, 2]]);
+        // A delta frame's bases take its place: frame 5 as delta over a page of frame 4,
+        // listed before frame 4's own place.
+        let mut with_delta = manifest.clone();
+        with_delta.bases.insert(5, vec![(4, 0)]);
+        let ordered = in_callers_order(&with_delta, runs, &[0, 5, 4]);
+        assert_eq!(ordered, vec![vec![1, 0, 2], vec![5], vec![4]]);
+        let ordered = in_callers_order(&with_delta, super::runs(&with_delta, &[5, 4, 1]), &[5, 1]);
+        assert_eq!(ordered, vec![vec![5], vec![4], vec![1]]);
     }
 }

@@ -133,6 +133,20 @@ pub fn realtime_priority_at(priority: i32) -> std::io::Result<()> {
     set_policy(libc::SCHED_FIFO, priority)
 }
 
+/// Sets the calling thread's nice value (threads it spawns afterwards inherit it).
+///
+/// # Errors
+/// The kernel's refusal (EACCES lowering it without CAP_SYS_NICE).
+pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: PRIO_PROCESS with a thread id addresses that one thread; no pointers.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Puts the calling thread back under the ordinary scheduler.
 ///
 /// # Errors
