@@ -163,7 +163,7 @@ pub struct Fetched {
 
 impl Store {
     /// Fetches frames `frames` (indexes into `manifest.frames`): neighbouring frames of a
-    /// pack in one ranged GET, [`GETS_IN_FLIGHT`] at once; checks each against its hash and
+    /// pack in one ranged GET, up to 32 at once; checks each against its hash and
     /// hands it, decompressed, to `on_frame`. GETs are made and opened in the order of
     /// `frames` (each by its earliest frame there): list first what is needed first (a
     /// fault's frames before what is read ahead, a working set in its order), as later GETs

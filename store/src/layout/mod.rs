@@ -18,9 +18,9 @@
 //! it uses a byte.
 //!
 //! A *delta frame* holds pages that changed a little from pages stored before (a snapshot of
-//! a clone against its template's, `store put --parent`): it is compressed with, as zstd's
-//! dictionary, its *base* pages (one per slot, in slot order), so a page with a few bytes
-//! changed costs tens of bytes. Bases are pages of ordinary frames (never of delta frames:
+//! a clone against its template's, `store put --parent`): it is compressed with its *base*
+//! pages (one per slot, in slot order) as a raw-content prefix (`frame.rs`), so a page with a
+//! few bytes changed costs tens of bytes. Bases are pages of ordinary frames (never of delta frames:
 //! one step to decode), named by hash in the pack index and by place in a manifest, which
 //! lists their frames among its own; a reader fetches them in the same batch.
 //!
@@ -38,6 +38,13 @@
 //! ```text
 //! frames u32 | frames × frame | every page's hash [32] | every delta frame's base hashes [32]
 //! ```
+
+mod codec;
+mod frame;
+
+use codec::{Reader, Writer};
+use frame::decompress_bounded;
+pub use frame::{compress_delta, open_delta_frame, open_frame};
 
 use thiserror::Error;
 
@@ -414,100 +421,6 @@ pub fn parse_hex(text: &str) -> Option<Hash> {
     Some(out)
 }
 
-/// Decompresses an ordinary frame, which must hold `pages` pages and hash to `raw_hash`.
-///
-/// # Errors
-/// [`FormatError::Checksum`] if it does not decompress to exactly that (a delta frame
-/// included: it needs its bases, [`open_delta_frame`]).
-pub fn open_frame(compressed: &[u8], frame: &Frame) -> Result<Vec<u8>, FormatError> {
-    if frame.delta {
-        return Err(FormatError::Checksum { what: "frame" });
-    }
-    open_with(compressed, frame, &[])
-}
-
-/// Decompresses a delta frame with `bases`, its base pages one after another in slot
-/// order; it must hold `pages` pages and hash to `raw_hash`.
-///
-/// # Errors
-/// [`FormatError::Checksum`] if it does not decompress to exactly that.
-pub fn open_delta_frame(
-    compressed: &[u8],
-    frame: &Frame,
-    bases: &[u8],
-) -> Result<Vec<u8>, FormatError> {
-    if !frame.delta || bases.len() != usize::from(frame.pages) * PAGE_BYTES as usize {
-        return Err(FormatError::Checksum { what: "frame" });
-    }
-    open_with(compressed, frame, bases)
-}
-
-fn open_with(compressed: &[u8], frame: &Frame, dictionary: &[u8]) -> Result<Vec<u8>, FormatError> {
-    const WHAT: &str = "frame";
-    let want = usize::from(frame.pages) * PAGE_BYTES as usize;
-    let raw = if dictionary.is_empty() {
-        decompress_bounded(compressed, want)
-    } else {
-        decompress_with(compressed, want, dictionary)
-    }
-    .ok_or(FormatError::Checksum { what: WHAT })?;
-    if raw.len() != want || blake3::hash(&raw).as_bytes() != &frame.raw_hash {
-        return Err(FormatError::Checksum { what: WHAT });
-    }
-    Ok(raw)
-}
-
-/// Compresses `raw` (a delta frame's pages) with `bases` (their base pages) as zstd's
-/// dictionary, taken as raw content whatever its first bytes (a page may begin like a
-/// formatted zstd dictionary); `None` if zstd refuses.
-pub fn compress_delta(raw: &[u8], bases: &[u8], level: i32) -> Option<Vec<u8>> {
-    use zstd::zstd_safe::{CCtx, CParameter, compress_bound};
-    let mut cctx = CCtx::create();
-    cctx.set_parameter(CParameter::CompressionLevel(level))
-        .ok()?;
-    cctx.ref_prefix(bases).ok()?;
-    let mut out = Vec::with_capacity(compress_bound(raw.len()));
-    cctx.compress2(&mut out, raw).ok()?;
-    Some(out)
-}
-
-/// zstd-decompresses at most `limit` bytes with `dictionary` (raw content); `None` if the
-/// input is not a frame or is larger.
-fn decompress_with(compressed: &[u8], limit: usize, dictionary: &[u8]) -> Option<Vec<u8>> {
-    use zstd::zstd_safe::DCtx;
-    let size = zstd::zstd_safe::get_frame_content_size(compressed).ok()??;
-    if size > limit as u64 {
-        return None;
-    }
-    let mut dctx = DCtx::create();
-    dctx.ref_prefix(dictionary).ok()?;
-    let mut out = Vec::with_capacity(size as usize);
-    dctx.decompress(&mut out, compressed).ok()?;
-    Some(out)
-}
-
-/// zstd-decompresses at most `limit` bytes; `None` if the input is not a frame or is larger.
-fn decompress_bounded(compressed: &[u8], limit: usize) -> Option<Vec<u8>> {
-    let size = zstd::zstd_safe::get_frame_content_size(compressed).ok()??;
-    if size > limit as u64 {
-        return None;
-    }
-    thread_local! {
-        // One decompression context per thread, kept: making one costs as much as
-        // decoding a small frame.
-        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-            const { std::cell::RefCell::new(None) };
-    }
-    DECOMPRESSOR.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        let decompressor = match cell.as_mut() {
-            Some(d) => d,
-            None => cell.insert(zstd::bulk::Decompressor::new().ok()?),
-        };
-        decompressor.decompress(compressed, size as usize).ok()
-    })
-}
-
 /// The object: `magic`, the BLAKE3 of `body`, `body`.
 fn seal(magic: &[u8; 8], body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(40 + body.len());
@@ -527,110 +440,6 @@ fn unseal<'a>(
         return Err(FormatError::Magic { what });
     }
     Ok((&object[8..40], &object[40..]))
-}
-
-#[derive(Default)]
-struct Writer(Vec<u8>);
-
-impl Writer {
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        self.0.extend_from_slice(b);
-    }
-    fn frame(&mut self, f: &Frame) {
-        self.u64(f.offset);
-        self.u32(f.len);
-        self.u16(f.pages);
-        self.bytes(&f.raw_hash);
-        self.0.push(u8::from(f.delta));
-    }
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-    what: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8], what: &'static str) -> Self {
-        Reader { bytes, at: 0, what }
-    }
-    fn malformed(&self, detail: String) -> FormatError {
-        FormatError::Malformed {
-            what: self.what,
-            detail,
-        }
-    }
-    fn remaining(&self) -> usize {
-        self.bytes.len() - self.at
-    }
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], FormatError> {
-        let Some(b) = self.bytes.get(self.at..self.at + N) else {
-            return Err(self.malformed(format!("it ends at byte {}", self.bytes.len())));
-        };
-        self.at += N;
-        Ok(b.try_into().expect("N bytes"))
-    }
-    fn u16(&mut self) -> Result<u16, FormatError> {
-        self.take().map(u16::from_le_bytes)
-    }
-    fn u32(&mut self) -> Result<u32, FormatError> {
-        self.take().map(u32::from_le_bytes)
-    }
-    fn u64(&mut self) -> Result<u64, FormatError> {
-        self.take().map(u64::from_le_bytes)
-    }
-    fn hash(&mut self) -> Result<Hash, FormatError> {
-        self.take()
-    }
-    /// A count of items of `each` bytes that must fit in what is left.
-    fn count(&mut self, each: usize) -> Result<usize, FormatError> {
-        let n = self.u32()? as usize;
-        if n > self.remaining() / each {
-            return Err(self.malformed(format!("{n} items in {} bytes", self.remaining())));
-        }
-        Ok(n)
-    }
-    fn frame(&mut self) -> Result<Frame, FormatError> {
-        let (offset, len, pages, raw_hash) = (self.u64()?, self.u32()?, self.u16()?, self.hash()?);
-        let delta = match self.take::<1>()?[0] {
-            0 => false,
-            1 => true,
-            other => return Err(self.malformed(format!("a frame of kind {other}"))),
-        };
-        if pages == 0 || usize::from(pages) > FRAME_PAGES {
-            return Err(self.malformed(format!("a frame of {pages} pages")));
-        }
-        // No frame is longer than zstd's bound for its pages, and none ends past 2^64.
-        let most = zstd::zstd_safe::compress_bound(usize::from(pages) * PAGE_BYTES as usize);
-        if len == 0 || len as usize > most || offset.checked_add(u64::from(len)).is_none() {
-            return Err(self.malformed(format!(
-                "a frame of {len} bytes at byte {offset} for {pages} pages"
-            )));
-        }
-        Ok(Frame {
-            offset,
-            len,
-            pages,
-            raw_hash,
-            delta,
-        })
-    }
-    fn finish(&self) -> Result<(), FormatError> {
-        if self.remaining() != 0 {
-            return Err(self.malformed(format!("{} bytes after the end", self.remaining())));
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -778,78 +587,6 @@ mod tests {
             PackIndex::decode(&damaged),
             Err(FormatError::Checksum { what: "pack index" })
         );
-    }
-
-    #[test]
-    fn test_frames_open_only_to_their_hash() {
-        let raw = vec![7u8; 2 * PAGE_BYTES as usize];
-        let compressed = zstd::bulk::compress(&raw, 3).unwrap();
-        let frame = Frame {
-            offset: 0,
-            len: compressed.len() as u32,
-            pages: 2,
-            raw_hash: *blake3::hash(&raw).as_bytes(),
-            delta: false,
-        };
-        assert_eq!(open_frame(&compressed, &frame).unwrap(), raw);
-        let mut other = raw.clone();
-        other[5] = 1;
-        let wrong = zstd::bulk::compress(&other, 3).unwrap();
-        assert!(open_frame(&wrong, &frame).is_err());
-        assert!(open_frame(&compressed[..compressed.len() - 2], &frame).is_err());
-        let short = Frame { pages: 1, ..frame };
-        assert!(open_frame(&compressed, &short).is_err());
-    }
-
-    #[test]
-    fn test_a_delta_frame_is_small_and_opens_only_with_its_bases() {
-        // Random bytes: the changed pages can match nothing but their bases.
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let bases: Vec<u8> = (0..2 * PAGE_BYTES as usize)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        let mut raw = bases.clone();
-        for at in [17, 4000, 5000, 8000] {
-            raw[at] ^= 0x5a;
-        }
-        let compressed = compress_delta(&raw, &bases, 3).unwrap();
-        assert!(compressed.len() < 100, "{} bytes", compressed.len());
-        let frame = Frame {
-            offset: 0,
-            len: compressed.len() as u32,
-            pages: 2,
-            raw_hash: *blake3::hash(&raw).as_bytes(),
-            delta: true,
-        };
-        assert_eq!(open_delta_frame(&compressed, &frame, &bases).unwrap(), raw);
-        // Without its bases, with other bases, or as an ordinary frame: refused.
-        assert!(open_frame(&compressed, &frame).is_err());
-        let mut other = bases.clone();
-        other[100] ^= 1;
-        assert!(open_delta_frame(&compressed, &frame, &other).is_err());
-        assert!(open_delta_frame(&compressed, &frame, &bases[..PAGE_BYTES as usize]).is_err());
-        let plain = Frame {
-            delta: false,
-            ..frame
-        };
-        assert!(open_delta_frame(&compressed, &plain, &bases).is_err());
-        // A base page that begins like a formatted zstd dictionary is still raw content.
-        let mut magic = bases.clone();
-        magic[..4].copy_from_slice(&[0x37, 0xA4, 0x30, 0xEC]);
-        let mut raw = magic.clone();
-        raw[300] ^= 1;
-        let compressed = compress_delta(&raw, &magic, 3).unwrap();
-        let frame = Frame {
-            len: compressed.len() as u32,
-            raw_hash: *blake3::hash(&raw).as_bytes(),
-            ..frame
-        };
-        assert_eq!(open_delta_frame(&compressed, &frame, &magic).unwrap(), raw);
     }
 
     #[test]
