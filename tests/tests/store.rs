@@ -301,11 +301,7 @@ fn test_a_clone_stores_its_changed_pages_as_deltas_against_its_template_and_rest
         assert!(same_bytes(image, &back), "{name} came back different");
     }
     // Served to a destination: the deltas' bases come in the same fetches.
-    let (pagesrv, addr) = serve_snapshot(
-        &server,
-        &server.url("again"),
-        &["--store-cache", dir.0.to_str().unwrap()],
-    );
+    let (pagesrv, addr) = serve_cached(&server, &server.url("again"), &dir, None);
     restore(&dir, "restore", &addr, &again);
     let err = pagesrv.kill_and_collect();
     assert_eq!(err.matches("completed (verified)").count(), 1, "{err}");
@@ -543,6 +539,15 @@ fn serve_snapshot(server: &S3Server, url: &str, extra: &[&str]) -> (Proc, String
     (pagesrv, addr)
 }
 
+/// [`serve_snapshot`] with its cache in `dir`, of at most `mib` MiB if given.
+fn serve_cached(server: &S3Server, url: &str, dir: &Scratch, mib: Option<&str>) -> (Proc, String) {
+    let mut extra = vec!["--store-cache", dir.0.to_str().unwrap()];
+    if let Some(mib) = mib {
+        extra.extend(["--store-cache-mib", mib]);
+    }
+    serve_snapshot(server, url, &extra)
+}
+
 /// Restores `image` (as stored) into a test VMM through faultd from pagesrv at `addr`;
 /// asserts every byte the VMM read was right and the digests matched.
 fn restore(dir: &Scratch, tag: &str, addr: &str, image: &Path) {
@@ -607,16 +612,7 @@ fn test_a_stored_snapshot_restores_twice_through_a_cache_smaller_than_it() {
     write_source(&image, 16384, 13, 4, 2000..2100);
     run_ok(&mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &server.url("tpl")]));
     // A cache of 8 MiB for 48 MiB of data: frames are evicted while the restores run.
-    let (pagesrv, addr) = serve_snapshot(
-        &server,
-        &server.url("tpl"),
-        &[
-            "--store-cache",
-            dir.0.to_str().unwrap(),
-            "--store-cache-mib",
-            "8",
-        ],
-    );
+    let (pagesrv, addr) = serve_cached(&server, &server.url("tpl"), &dir, Some("8"));
     restore(&dir, "first", &addr, &image);
     // A template is never finished: the next restore is served too.
     restore(&dir, "second", &addr, &image);
@@ -655,16 +651,7 @@ fn test_a_huge_page_guest_restores_a_stored_snapshot_in_2_mib_pages() {
     run_ok(&mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &server.url("tpl")]));
     // A cache of 8 MiB: four huge pages; the digests at the end come from the frames as
     // they arrived, not from reading evicted pages again.
-    let (pagesrv, addr) = serve_snapshot(
-        &server,
-        &server.url("tpl"),
-        &[
-            "--store-cache",
-            dir.0.to_str().unwrap(),
-            "--store-cache-mib",
-            "8",
-        ],
-    );
+    let (pagesrv, addr) = serve_cached(&server, &server.url("tpl"), &dir, Some("8"));
     let stats = restore_with(
         &dir,
         "huge",
@@ -847,11 +834,7 @@ fn test_a_working_set_is_stored_first_in_its_order_and_restored_from_the_store()
         "{others:?} {last_of_set:?}"
     );
     // The image restores whole, the set prefetched first.
-    let (pagesrv, addr) = serve_snapshot(
-        &server,
-        &server.url("tpl"),
-        &["--store-cache", dir.0.to_str().unwrap()],
-    );
+    let (pagesrv, addr) = serve_cached(&server, &server.url("tpl"), &dir, None);
     restore(&dir, "restore", &addr, &image);
     let err = pagesrv.kill_and_collect();
     assert!(err.contains("the working set is in the cache"), "{err}");
@@ -870,11 +853,7 @@ fn test_clones_of_one_stored_snapshot_restore_at_once_fetching_each_frame_once()
     write_source(&image, 4096, 23, 4, 0..0);
     run_ok(&mut server.pagesrv(&["store", "put", image.to_str().unwrap(), &server.url("tpl")]));
     // One name, three destinations at once: each its own session of the template.
-    let (pagesrv, addr) = serve_snapshot(
-        &server,
-        &format!("tpl={}", server.url("tpl")),
-        &["--store-cache", dir.0.to_str().unwrap()],
-    );
+    let (pagesrv, addr) = serve_cached(&server, &format!("tpl={}", server.url("tpl")), &dir, None);
     std::thread::scope(|s| {
         for clone in ["c1", "c2", "c3"] {
             let (dir, addr, image) = (&dir, &addr, &image);
