@@ -10,18 +10,15 @@
 //! peak resident memory of each clone's VMM and faultd and of pagesrv.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::fleet::{Destination, VmRun, finish};
+use crate::fleet::{VmRun, finish, ready_destination, start_guest};
 use crate::link::{DelayLine, Profile};
-use crate::procs::{
-    Guard, Usage, log_tail, remove_on_interrupt, sibling, start_faultd, start_pagesrv_env, watch,
-};
+use crate::procs::{Usage, log_tail, remove_on_interrupt, start_pagesrv_env, watch};
 use crate::scenario::write_image_seeded;
 use crate::store_server::{BUCKET, StoreServer};
 
@@ -178,51 +175,19 @@ fn restore_at_once(
     let (mut pagesrv, addr) =
         start_pagesrv_env(&serving.vm_mem, &serving.env, &extra, Some(&pagesrv_log))?;
     let pagesrv_usage = watch(pagesrv.0.id());
-    let mut ready = Vec::new();
-    for i in 0..n {
-        let name = format!("clone{i}");
-        let file = |what: &str| work.join(format!("{name}.{what}"));
-        let (uds, stats, faultd_log) = (file("sock"), file("stats.json"), file("faultd.log"));
-        let _ = std::fs::remove_file(&stats);
-        let faultd = start_faultd(&addr, &uds, &stats, &["--vm", TEMPLATE], Some(&faultd_log))?;
-        ready.push((name, uds, stats, faultd_log, faultd));
-    }
+    let ready = (0..n)
+        .map(|i| ready_destination(&addr, &format!("clone{i}"), TEMPLATE, work))
+        .collect::<Result<Vec<_>>>()?;
     // Every destination is ready: the guests start together.
     let started = Instant::now();
     let mut running = Vec::new();
-    for (name, uds, stats, faultd_log, faultd) in ready {
-        let (report, latency) = (
-            work.join(format!("{name}.report.json")),
-            work.join(format!("{name}.lat.json")),
+    for ready in ready {
+        let destination = start_guest(ready, image, &args.order, args.touches, work)?;
+        let usage = (
+            watch(destination.vmm.0.id()),
+            watch(destination.faultd.0.id()),
         );
-        let vmm = Command::new(sibling("test-vmm")?)
-            .arg("--uds")
-            .arg(&uds)
-            .arg("--source")
-            .arg(image)
-            .args([
-                "--order",
-                &args.order,
-                "--touches",
-                &args.touches.to_string(),
-            ])
-            .arg("--latency-out")
-            .arg(&latency)
-            .stdout(std::fs::File::create(&report)?)
-            .stderr(std::fs::File::create(work.join(format!("{name}.vmm.log")))?)
-            .spawn()
-            .context("cannot start test-vmm")?;
-        let (vmm_usage, faultd_usage) = (watch(vmm.id()), watch(faultd.0.id()));
-        let destination = Destination {
-            name,
-            faultd,
-            vmm: Guard::new(vmm),
-            stats,
-            report,
-            latency,
-            faultd_log,
-        };
-        running.push((destination, vmm_usage, faultd_usage));
+        running.push((destination, usage.0, usage.1));
     }
     let mut restores = Vec::new();
     for (mut d, vmm_usage, faultd_usage) in running {

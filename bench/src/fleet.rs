@@ -288,47 +288,86 @@ pub(crate) struct Destination {
     pub faultd_log: PathBuf,
 }
 
+/// A destination whose faultd is started and waits for its VMM.
+pub(crate) struct Ready {
+    name: String,
+    uds: PathBuf,
+    stats: PathBuf,
+    faultd_log: PathBuf,
+    faultd: Guard,
+}
+
+/// Starts destination `name`'s faultd for pagesrv's VM `vm` at `addr`, its files in `work`.
+pub(crate) fn ready_destination(addr: &str, name: &str, vm: &str, work: &Path) -> Result<Ready> {
+    let file = |what: &str| work.join(format!("{name}.{what}"));
+    let (uds, stats, faultd_log) = (file("sock"), file("stats.json"), file("faultd.log"));
+    let _ = std::fs::remove_file(&stats);
+    let faultd = start_faultd(addr, &uds, &stats, &["--vm", vm], Some(&faultd_log))?;
+    Ok(Ready {
+        name: name.to_owned(),
+        uds,
+        stats,
+        faultd_log,
+        faultd,
+    })
+}
+
+/// Starts `ready`'s test VMM over `image` (touching `touches` pages in `order` while the
+/// push runs, then checking every page).
+pub(crate) fn start_guest(
+    ready: Ready,
+    image: &Path,
+    order: &str,
+    touches: u64,
+    work: &Path,
+) -> Result<Destination> {
+    let Ready {
+        name,
+        uds,
+        stats,
+        faultd_log,
+        faultd,
+    } = ready;
+    let (report, latency) = (
+        work.join(format!("{name}.report.json")),
+        work.join(format!("{name}.lat.json")),
+    );
+    let vmm = Command::new(sibling("test-vmm")?)
+        .arg("--uds")
+        .arg(&uds)
+        .arg("--source")
+        .arg(image)
+        .args(["--order", order, "--touches", &touches.to_string()])
+        .arg("--latency-out")
+        .arg(&latency)
+        .stdout(std::fs::File::create(&report)?)
+        .stderr(std::fs::File::create(work.join(format!("{name}.vmm.log")))?)
+        .spawn()
+        .context("cannot start test-vmm")?;
+    Ok(Destination {
+        name,
+        faultd,
+        vmm: Guard::new(vmm),
+        stats,
+        report,
+        latency,
+        faultd_log,
+    })
+}
+
 /// Migrates `vms` at once through one pagesrv; checks every VM's bytes and digests.
 fn migrate_at_once(vms: &[(String, PathBuf)], args: &FleetArgs, work: &Path) -> Result<Round> {
     let pagesrv_log = work.join("pagesrv.log");
     let (mut pagesrv, addr) = start_pagesrv_fleet(vms, &[], Some(&pagesrv_log))?;
-    let mut destinations = Vec::new();
-    for (name, _) in vms {
-        let file = |what: &str| work.join(format!("{name}.{what}"));
-        let (uds, stats, faultd_log) = (file("sock"), file("stats.json"), file("faultd.log"));
-        let _ = std::fs::remove_file(&stats);
-        let faultd = start_faultd(&addr, &uds, &stats, &["--vm", name], Some(&faultd_log))?;
-        destinations.push((name.clone(), uds, stats, faultd_log, faultd));
-    }
+    let ready = vms
+        .iter()
+        .map(|(name, _)| ready_destination(&addr, name, name, work))
+        .collect::<Result<Vec<_>>>()?;
     // Every destination is ready: the guests start together.
     let started = Instant::now();
     let mut running = Vec::new();
-    for ((name, uds, stats, faultd_log, faultd), (_, image)) in destinations.into_iter().zip(vms) {
-        let (report, latency) = (
-            work.join(format!("{name}.report.json")),
-            work.join(format!("{name}.lat.json")),
-        );
-        let vmm = Command::new(sibling("test-vmm")?)
-            .arg("--uds")
-            .arg(&uds)
-            .arg("--source")
-            .arg(image)
-            .args(["--order", "random", "--touches", &args.touches.to_string()])
-            .arg("--latency-out")
-            .arg(&latency)
-            .stdout(std::fs::File::create(&report)?)
-            .stderr(std::fs::File::create(work.join(format!("{name}.vmm.log")))?)
-            .spawn()
-            .context("cannot start test-vmm")?;
-        running.push(Destination {
-            name,
-            faultd,
-            vmm: Guard::new(vmm),
-            stats,
-            report,
-            latency,
-            faultd_log,
-        });
+    for (ready, (_, image)) in ready.into_iter().zip(vms) {
+        running.push(start_guest(ready, image, "random", args.touches, work)?);
     }
     let mut results = Vec::new();
     for d in &mut running {
