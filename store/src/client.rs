@@ -186,7 +186,9 @@ pub(crate) async fn put_object(
 }
 
 /// Writes a whole object that must not exist yet (`If-None-Match: *`): of two writers of
-/// one key, one wins and the other is told. Returns `false` if the object existed.
+/// one key, one wins and the other is told. Returns `false` if another object was there;
+/// `true` if the one there holds `bytes` (this write landed, and a retry of it, whose
+/// answer was lost, met it).
 pub(crate) async fn put_new_object(
     objects: &dyn ObjectStore,
     key: &str,
@@ -196,12 +198,22 @@ pub(crate) async fn put_new_object(
         mode: object_store::PutMode::Create,
         ..Default::default()
     };
+    let path = Path::from(key);
     match objects
-        .put_opts(&Path::from(key), PutPayload::from(bytes), options)
+        .put_opts(&path, PutPayload::from(bytes.clone()), options)
         .await
     {
         Ok(_) => Ok(true),
-        Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+        Err(object_store::Error::AlreadyExists { .. }) => {
+            let there = objects
+                .get(&path)
+                .await
+                .map_err(|e| StoreError::request("read", key, e))?
+                .bytes()
+                .await
+                .map_err(|e| StoreError::request("read", key, e))?;
+            Ok(there[..] == bytes[..])
+        }
         Err(e) => Err(StoreError::request("write", key, e)),
     }
 }
@@ -241,6 +253,36 @@ pub(crate) async fn delete_object(objects: &dyn ObjectStore, key: &str) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_a_new_object_is_written_once_and_the_second_writer_is_told() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let objects = object_store::memory::InMemory::new();
+        let key = "snapshots/vm.manifest";
+        runtime.block_on(async {
+            assert!(
+                put_new_object(&objects, key, b"one".to_vec())
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !put_new_object(&objects, key, b"two".to_vec())
+                    .await
+                    .unwrap()
+            );
+            // The same bytes again: a retry of the write that won.
+            assert!(
+                put_new_object(&objects, key, b"one".to_vec())
+                    .await
+                    .unwrap()
+            );
+            let there = objects.get(&Path::from(key)).await.unwrap();
+            assert_eq!(&there.bytes().await.unwrap()[..], b"one");
+        });
+    }
 
     #[test]
     fn test_store_urls_parse() {

@@ -163,7 +163,7 @@ pub struct Fetched {
 
 impl Store {
     /// Fetches frames `frames` (indexes into `manifest.frames`): neighbouring frames of a
-    /// pack in one ranged GET, up to 32 at once; checks each against its hash and
+    /// pack in one ranged GET, up to `GETS_IN_FLIGHT` (32) at once; checks each against its hash and
     /// hands it, decompressed, to `on_frame`. GETs are made and opened in the order of
     /// `frames` (each by its earliest frame there): list first what is needed first (a
     /// fault's frames before what is read ahead, a working set in its order), as later GETs
@@ -380,28 +380,31 @@ fn decode_in_parallel(
     })
 }
 
-/// The frames `wanted`, grouped into runs of one pack whose gaps are at most [`MAX_GAP`]
-/// (at most [`RANGE_BYTES`] from the first frame's start to the last's end): one ranged GET
-/// per run.
 /// `runs` ordered by the earliest place any of their frames has in `frames`, a delta
-/// frame's bases taking its place (so that it is not parked long), stably.
+/// frame's bases taking its place just before it (so that it is not parked), stably.
 fn in_callers_order(manifest: &Manifest, mut runs: Vec<Run>, frames: &[usize]) -> Vec<Run> {
-    let mut place: HashMap<usize, usize> = HashMap::with_capacity(frames.len());
+    // (place in `frames`, 0 for a base, 1 for the frame itself)
+    let mut place: HashMap<usize, (usize, u8)> = HashMap::with_capacity(frames.len());
     for (i, &f) in frames.iter().enumerate() {
-        place.entry(f).or_insert(i);
+        let at = place.entry(f).or_insert((i, 1));
+        *at = (*at).min((i, 1));
         for &(base, _) in manifest.bases.get(&(f as u32)).into_iter().flatten() {
-            place.entry(base as usize).or_insert(i);
+            let at = place.entry(base as usize).or_insert((i, 0));
+            *at = (*at).min((i, 0));
         }
     }
     runs.sort_by_cached_key(|run| {
         run.iter()
             .filter_map(|f| place.get(f).copied())
             .min()
-            .unwrap_or(usize::MAX)
+            .unwrap_or((usize::MAX, 0))
     });
     runs
 }
 
+/// The frames `wanted`, grouped into runs of one pack whose gaps are at most [`MAX_GAP`]
+/// (at most [`RANGE_BYTES`] from the first frame's start to the last's end): one ranged GET
+/// per run.
 fn runs(manifest: &Manifest, wanted: &[usize]) -> Vec<Run> {
     let mut order = wanted.to_vec();
     order.sort_by_key(|&f| (manifest.frames[f].pack, manifest.frames[f].frame.offset, f));
@@ -513,13 +516,13 @@ mod tests {
         // (frame 4 before frame 5 before the run of 1, 0, 2).
         let ordered = in_callers_order(&manifest, runs.clone(), &[4, 5, 2, 0, 1]);
         assert_eq!(ordered, vec![vec![4], vec![5], vec![1, 0, 2]]);
-        // A delta frame's bases take its place: frame 5 as delta over a page of frame 4,
-        // listed before frame 4's own place.
+        // A delta frame's bases take its place, just before it: frame 5 as delta over a
+        // page of frame 4, listed before frame 4's own place.
         let mut with_delta = manifest.clone();
         with_delta.bases.insert(5, vec![(4, 0)]);
         let ordered = in_callers_order(&with_delta, runs, &[0, 5, 4]);
-        assert_eq!(ordered, vec![vec![1, 0, 2], vec![5], vec![4]]);
+        assert_eq!(ordered, vec![vec![1, 0, 2], vec![4], vec![5]]);
         let ordered = in_callers_order(&with_delta, super::runs(&with_delta, &[5, 4, 1]), &[5, 1]);
-        assert_eq!(ordered, vec![vec![5], vec![4], vec![1]]);
+        assert_eq!(ordered, vec![vec![4], vec![5], vec![1]]);
     }
 }

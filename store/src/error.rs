@@ -14,14 +14,14 @@ pub enum StoreError {
     Config(String),
     /// A request failed (after its retries). The client's error is part of the message
     /// rather than a source: its own message repeats its sources already.
-    #[error("cannot {op} {key} in the object store: {source}")]
+    #[error("cannot {op} {key} in the object store: {cause}")]
     Request {
         /// What was tried.
         op: &'static str,
         /// The object.
         key: String,
         /// Why.
-        source: Box<object_store::Error>,
+        cause: Box<object_store::Error>,
     },
     /// A ranged read returned fewer bytes than asked.
     #[error("{key}: asked for {wanted} bytes, got {got}")]
@@ -93,11 +93,11 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub(crate) fn request(op: &'static str, key: &str, source: object_store::Error) -> Self {
+    pub(crate) fn request(op: &'static str, key: &str, cause: object_store::Error) -> Self {
         StoreError::Request {
             op,
             key: key.to_owned(),
-            source: Box::new(source),
+            cause: Box::new(cause),
         }
     }
 
@@ -113,7 +113,7 @@ impl StoreError {
     pub fn is_not_found(&self) -> bool {
         matches!(
             self,
-            StoreError::Request { source, .. } if matches!(**source, object_store::Error::NotFound { .. })
+            StoreError::Request { cause, .. } if matches!(**cause, object_store::Error::NotFound { .. })
         )
     }
 }

@@ -39,11 +39,9 @@ pub fn require_weed() -> bool {
 /// One SeaweedFS server.
 pub struct S3Server {
     proc: Option<Proc>,
-    /// Its ports, kept for [`S3Server::restart`].
-    ports: Vec<u16>,
     /// Its S3 endpoint, `http://127.0.0.1:PORT`.
     pub endpoint: String,
-    dir: Scratch,
+    _dir: Scratch,
 }
 
 impl S3Server {
@@ -51,19 +49,6 @@ impl S3Server {
     pub fn start(tag: &str) -> Self {
         let dir = Scratch::new(&format!("weed-{tag}"));
         let ports = free_ports(10);
-        let proc = Self::spawn(&dir, &ports);
-        let server = S3Server {
-            proc: Some(proc),
-            endpoint: format!("http://127.0.0.1:{}", ports[0]),
-            ports,
-            dir,
-        };
-        server.wait_ready();
-        server
-    }
-
-    /// Starts `weed mini` on `ports` with its data in `dir`.
-    fn spawn(dir: &Scratch, ports: &[u16]) -> Proc {
         let port_args = [
             "s3.port",
             "s3.port.grpc",
@@ -77,7 +62,7 @@ impl S3Server {
             "admin.port.grpc",
         ]
         .iter()
-        .zip(ports)
+        .zip(&ports)
         .map(|(flag, port)| format!("-{flag}={port}"));
         let mut cmd = Command::new("weed");
         cmd.arg("mini")
@@ -89,7 +74,14 @@ impl S3Server {
             .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
-        Proc::spawn("weed", &mut cmd)
+        let proc = Proc::spawn("weed", &mut cmd);
+        let server = S3Server {
+            proc: Some(proc),
+            endpoint: format!("http://127.0.0.1:{}", ports[0]),
+            _dir: dir,
+        };
+        server.wait_ready();
+        server
     }
 
     /// The environment a client needs (credentials and endpoint), for child processes.
@@ -120,14 +112,6 @@ impl S3Server {
         if let Some(mut proc) = self.proc.take() {
             proc.kill9();
         }
-    }
-
-    /// Starts the server again (after [`S3Server::kill`]) on the same ports and data: the
-    /// store comes back with what it held.
-    pub fn restart(&mut self) {
-        assert!(self.proc.is_none(), "restart a server that was killed");
-        self.proc = Some(Self::spawn(&self.dir, &self.ports));
-        self.wait_ready();
     }
 
     fn wait_ready(&self) {

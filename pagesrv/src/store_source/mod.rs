@@ -77,15 +77,17 @@ pub struct StoreSource {
     /// Fetches that failed and lost pages a reader waited for: a session whose reads began
     /// at another count may have lent zeros.
     losses: AtomicU64,
-    failure: Mutex<Option<Failure>>,
+    failures: Mutex<Failures>,
 }
 
-/// The last fetch failure that lost pages.
-#[derive(Debug, Clone)]
-struct Failure {
-    why: String,
-    /// The store's bytes were damaged: fetching again cannot help.
-    damaged: bool,
+/// Why fetches lost pages.
+#[derive(Debug, Default)]
+struct Failures {
+    /// The last loss's reason.
+    last: Option<String>,
+    /// The first damage found (a frame that is not what its hash says): final, as
+    /// fetching again cannot mend it, whatever fails after.
+    damage: Option<String>,
 }
 
 impl std::fmt::Debug for StoreSource {
@@ -186,7 +188,7 @@ impl StoreSource {
             }),
             ready: Condvar::new(),
             losses: AtomicU64::new(0),
-            failure: Mutex::new(None),
+            failures: Mutex::new(Failures::default()),
         });
         if !source.manifest.working_set.is_empty() {
             let prefetcher = source.clone();
@@ -276,9 +278,9 @@ impl StoreSource {
     /// # Errors
     /// [`SourceError::Lost`] with the reason.
     pub fn check_intact(&self) -> Result<(), SourceError> {
-        match self.last_failure() {
-            Some(Failure { why, damaged: true }) => Err(self.lost(why)),
-            _ => Ok(()),
+        match self.failures().damage.clone() {
+            Some(why) => Err(self.lost(why)),
+            None => Ok(()),
         }
     }
 
@@ -290,15 +292,12 @@ impl StoreSource {
         if self.losses() == losses_at_start {
             return Ok(());
         }
-        let why = self.last_failure().map_or_else(String::new, |f| f.why);
+        let why = self.failures().last.clone().unwrap_or_default();
         Err(self.lost(why))
     }
 
-    fn last_failure(&self) -> Option<Failure> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn failures(&self) -> MutexGuard<'_, Failures> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lost(&self, why: String) -> SourceError {
@@ -412,8 +411,9 @@ impl StoreSource {
 
     /// Fetches `pinned` and `ahead` (all marked `Fetching` by the caller) into the cache
     /// file: `pinned` are handed back pinned once, `ahead` unpinned. On failure marks what
-    /// did not arrive absent and, if a reader waited for it, counts a loss. Returns whether
-    /// it worked.
+    /// did not arrive absent and, if some of `pinned` did not arrive, counts a loss. Returns
+    /// whether the caller has what it needs: everything arrived, or every frame of a
+    /// non-empty `pinned` did (only frames read ahead were lost).
     fn fetch(&self, pinned: &[usize], ahead: &[usize]) -> bool {
         // An urgent thread fetching runs ordinary meanwhile: it waits for the store anyway,
         // and decoding a batch read ahead (on it and on the threads it spawns, which would
@@ -467,32 +467,41 @@ impl StoreSource {
                 true
             }
             Err(e) => {
+                // What did not arrive is absent again: a read that needs it fetches it
+                // itself (and whoever waits on it wakes below and does so).
                 for &f in all.iter().filter(|f| !written.contains(f)) {
                     state.frames[f] = FrameState::Absent;
-                }
-                // The pins taken for the caller on frames that did arrive go back: the
-                // caller gives up.
-                for &f in pinned.iter().filter(|f| written.contains(f)) {
-                    if let FrameState::Resident { pins, last_use } = state.frames[f] {
-                        state.frames[f] = FrameState::Resident {
-                            pins: pins.saturating_sub(1),
-                            last_use,
-                        };
-                    }
                 }
                 let damaged = matches!(e, StoreError::Format { .. });
                 let why = format!("{:#}", anyhow::Error::new(e));
                 if pinned.is_empty() {
-                    // Nobody waits for these (the working set's prefetch): they are absent
-                    // again, and a read that needs one fetches it itself.
                     warn!(store = %self.url, error = %why, "prefetching from the object store failed");
+                    false
+                } else if pinned.iter().all(|f| written.contains(f)) {
+                    // The caller has what it asked for; only frames read ahead are lost.
+                    warn!(store = %self.url, error = %why, "reading ahead from the object store failed");
+                    true
                 } else {
+                    // The pins taken for the caller on frames that did arrive go back: the
+                    // caller gives up.
+                    for &f in pinned.iter().filter(|f| written.contains(f)) {
+                        if let FrameState::Resident { pins, last_use } = state.frames[f] {
+                            state.frames[f] = FrameState::Resident {
+                                pins: pins.saturating_sub(1),
+                                last_use,
+                            };
+                        }
+                    }
                     warn!(store = %self.url, error = %why, "a fetch from the object store failed: its pages are lost");
-                    *self.failure.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(Failure { why, damaged });
+                    let mut failures = self.failures();
+                    if damaged && failures.damage.is_none() {
+                        failures.damage = Some(why.clone());
+                    }
+                    failures.last = Some(why);
+                    drop(failures);
                     self.losses.fetch_add(1, Ordering::AcqRel);
+                    false
                 }
-                false
             }
         };
         self.evict(&mut state);

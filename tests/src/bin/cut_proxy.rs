@@ -17,11 +17,14 @@
 //!
 //! ```text
 //! cut-proxy --target ADDR [--listen ADDR] [--cuts N] [--min-mib A] [--max-mib B] [--seed S]
-//!           [--mode cut|freeze|flip|replay|splice|truncate] [--dump FILE]
+//!           [--mode cut|freeze|flip|replay|splice|truncate] [--dump FILE] [--down-while FILE]
 //! ```
 //!
 //! With `--dump FILE` it also appends every byte it forwards from server to client to FILE
-//! (to check what an observer on the path sees).
+//! (to check what an observer on the path sees). With `--down-while FILE` the server is
+//! "away" while FILE exists: live connections are shut down when it appears (checked every
+//! 10 ms) and new ones are closed at once; after it is removed, connections are carried
+//! again (an outage under a test's control, the server itself untouched).
 //!
 //! Prints `proxy listening on ADDR` when ready and `MODE N` at each break.
 
@@ -216,6 +219,7 @@ fn main() {
     let (mut breaks, mut min_mib, mut max_mib, mut seed) = (3u64, 10u64, 40u64, 1u64);
     let mut mode = Mode::Cut;
     let mut dump = None;
+    let mut down_while: Option<std::path::PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args
@@ -230,6 +234,7 @@ fn main() {
             "--seed" => seed = value.parse().expect("--seed"),
             "--mode" => mode = Mode::parse(&value),
             "--dump" => dump = Some(Mutex::new(std::fs::File::create(&value).expect("--dump"))),
+            "--down-while" => down_while = Some(value.into()),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -252,8 +257,26 @@ fn main() {
         "proxy listening on {}",
         listener.local_addr().expect("addr")
     );
+    if let Some(flag) = down_while.clone() {
+        let cutter = cutter.clone();
+        std::thread::spawn(move || {
+            loop {
+                if flag.exists() {
+                    for pair in cutter.live.lock().expect("live").drain(..) {
+                        for conn in &pair.sockets {
+                            let _ = conn.shutdown(Shutdown::Both);
+                        }
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
+    }
     for (conn_id, client) in (1u64..).zip(listener.incoming()) {
         let Ok(client) = client else { continue };
+        if down_while.as_ref().is_some_and(|f| f.exists()) {
+            continue; // dropped: closed at once
+        }
         let Ok(server) = TcpStream::connect(&target) else {
             continue;
         };
