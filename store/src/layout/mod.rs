@@ -148,6 +148,18 @@ pub enum FormatError {
         /// What was expected.
         what: &'static str,
     },
+    /// The object is of another version of the format (an older build wrote it).
+    #[error(
+        "a {what} of format version {found}, which this build does not read (it reads version {reads}): upload the snapshot again with this build"
+    )]
+    OtherVersion {
+        /// What was read.
+        what: &'static str,
+        /// The version it carries (the magic's last two characters).
+        found: String,
+        /// The version this build reads.
+        reads: &'static str,
+    },
     /// The object's bytes do not match the hash it carries: damaged.
     #[error("the {what} is damaged: its bytes do not match its hash")]
     Checksum {
@@ -432,10 +444,17 @@ fn seal(magic: &[u8; 8], body: &[u8]) -> Vec<u8> {
 
 /// The hash and the body of an object [`seal`] made.
 fn unseal<'a>(
-    magic: &[u8; 8],
+    magic: &'static [u8; 8],
     object: &'a [u8],
     what: &'static str,
 ) -> Result<(&'a [u8], &'a [u8]), FormatError> {
+    if object.len() >= 8 && object[..6] == magic[..6] && object[6..8] != magic[6..8] {
+        return Err(FormatError::OtherVersion {
+            what,
+            found: String::from_utf8_lossy(&object[6..8]).into_owned(),
+            reads: std::str::from_utf8(&magic[6..8]).unwrap_or("?"),
+        });
+    }
     if object.len() < 40 || &object[..8] != magic {
         return Err(FormatError::Magic { what });
     }
@@ -587,6 +606,26 @@ mod tests {
             PackIndex::decode(&damaged),
             Err(FormatError::Checksum { what: "pack index" })
         );
+    }
+
+    #[test]
+    fn test_an_object_of_another_format_version_says_so() {
+        let mut old = sample().encode();
+        old[6..8].copy_from_slice(b"01");
+        let err = Manifest::decode(&old).unwrap_err();
+        assert!(
+            matches!(&err, FormatError::OtherVersion { found, reads: "02", .. } if found == "01"),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("upload the snapshot again"),
+            "{err}"
+        );
+        // Another object altogether is still just not one.
+        assert!(matches!(
+            Manifest::decode(b"PMPKIDX2 and more bytes than forty, to be sure of it"),
+            Err(FormatError::Magic { .. })
+        ));
     }
 
     #[test]
