@@ -31,8 +31,10 @@ use snapstore::{Store, StoreError, StoreUrl};
 use tracing::{info, warn};
 
 use crate::source::SourceError;
+use losses::Losses;
 
 mod ahead;
+mod losses;
 mod paged;
 pub use paged::StorePaged;
 
@@ -74,20 +76,8 @@ pub struct StoreSource {
     digest_known: Vec<AtomicBool>,
     state: Mutex<CacheState>,
     ready: Condvar,
-    /// Fetches that failed and lost pages a reader waited for: a session whose reads began
-    /// at another count may have lent zeros.
-    losses: AtomicU64,
-    failures: Mutex<Failures>,
-}
-
-/// Why fetches lost pages.
-#[derive(Debug, Default)]
-struct Failures {
-    /// The last loss's reason.
-    last: Option<String>,
-    /// The first damage found (a frame that is not what its hash says): final, as
-    /// fetching again cannot mend it, whatever fails after.
-    damage: Option<String>,
+    /// Fetches that failed and lost pages a reader waited for.
+    losses: Losses,
 }
 
 impl std::fmt::Debug for StoreSource {
@@ -187,8 +177,7 @@ impl StoreSource {
                 batches: 0,
             }),
             ready: Condvar::new(),
-            losses: AtomicU64::new(0),
-            failures: Mutex::new(Failures::default()),
+            losses: Losses::default(),
         });
         if !source.manifest.working_set.is_empty() {
             let prefetcher = source.clone();
@@ -268,7 +257,7 @@ impl StoreSource {
 
     /// Fetches so far that failed and lost pages.
     pub(super) fn losses(&self) -> u64 {
-        self.losses.load(Ordering::Acquire)
+        self.losses.count()
     }
 
     /// Whether a new session can be served: not if the store's bytes were found damaged
@@ -278,7 +267,7 @@ impl StoreSource {
     /// # Errors
     /// [`SourceError::Lost`] with the reason.
     pub fn check_intact(&self) -> Result<(), SourceError> {
-        match self.failures().damage.clone() {
+        match self.losses.damage() {
             Some(why) => Err(self.lost(why)),
             None => Ok(()),
         }
@@ -289,15 +278,10 @@ impl StoreSource {
     /// # Errors
     /// [`SourceError::Lost`] with the reason, if a fetch failed since.
     pub(super) fn check_intact_since(&self, losses_at_start: u64) -> Result<(), SourceError> {
-        if self.losses() == losses_at_start {
-            return Ok(());
+        match self.losses.since(losses_at_start) {
+            Some(why) => Err(self.lost(why)),
+            None => Ok(()),
         }
-        let why = self.failures().last.clone().unwrap_or_default();
-        Err(self.lost(why))
-    }
-
-    fn failures(&self) -> MutexGuard<'_, Failures> {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lost(&self, why: String) -> SourceError {
@@ -493,13 +477,7 @@ impl StoreSource {
                         }
                     }
                     warn!(store = %self.url, error = %why, "a fetch from the object store failed: its pages are lost");
-                    let mut failures = self.failures();
-                    if damaged && failures.damage.is_none() {
-                        failures.damage = Some(why.clone());
-                    }
-                    failures.last = Some(why);
-                    drop(failures);
-                    self.losses.fetch_add(1, Ordering::AcqRel);
+                    self.losses.record(why, damaged);
                     false
                 }
             }
