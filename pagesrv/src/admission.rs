@@ -151,7 +151,12 @@ impl InHandshake {
             }
         }
         let step = self.greeting.advance(master);
-        let flushed = self.flush();
+        // A refusal's `Error` frame is sent by the caller once the refusal is logged: a
+        // client told it was refused finds the line in pagesrv's log already.
+        let flushed = match step {
+            ServerStep::Rejected(_) => Ok(false),
+            _ => self.flush(),
+        };
         match step {
             ServerStep::Admitted(greeted) => Pumped::Admitted(greeted),
             ServerStep::Rejected(why) => Pumped::Rejected(why),
@@ -189,7 +194,7 @@ enum Pumped {
     Wait,
     /// Close it (a reason and its detail).
     Close(&'static str, String),
-    /// Refused (its `Error` frame sent).
+    /// Refused (its `Error` frame queued, not yet sent).
     Rejected(Rejection),
     /// Admitted.
     Admitted(Box<Greeted>),
@@ -426,7 +431,11 @@ impl Admission {
         match entry.pump(&self.master) {
             Pumped::Wait => {}
             Pumped::Close(kind, why) => self.close(at, kind, &why),
-            Pumped::Rejected(why) => self.close(at, why.kind(), &why),
+            Pumped::Rejected(why) => {
+                self.log.reject(entry.peer, why.kind(), &why);
+                let _ = entry.flush();
+                self.forget(at);
+            }
             Pumped::Admitted(greeted) => {
                 let entry = self.table.remove(at).expect("serviced above");
                 let fd = entry.conn.as_raw_fd();
@@ -446,11 +455,17 @@ impl Admission {
     }
 
     fn close(&mut self, at: usize, kind: &'static str, detail: &dyn std::fmt::Display) {
-        if let Some(entry) = self.table.remove(at) {
-            let fd = entry.conn.as_raw_fd();
-            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        if let Some(entry) = self.forget(at) {
             self.log.reject(entry.peer, kind, detail);
         }
+    }
+
+    /// Takes a connection out of the table and the poll (it closes when dropped).
+    fn forget(&mut self, at: usize) -> Option<InHandshake> {
+        let entry = self.table.remove(at)?;
+        let fd = entry.conn.as_raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        Some(entry)
     }
 
     /// Closes every handshake past its deadline.
