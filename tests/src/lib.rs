@@ -145,6 +145,8 @@ pub struct Proc {
     stdin: Option<ChildStdin>,
     stdout: std::sync::mpsc::Receiver<String>,
     stderr: Option<std::thread::JoinHandle<String>>,
+    /// What stderr brought so far (the reader thread appends as it reads).
+    stderr_so_far: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 impl Proc {
@@ -157,10 +159,17 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("failed to start {name}: {e}"));
         let mut err = child.stderr.take().expect("piped stderr");
+        let stderr_so_far = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let so_far = stderr_so_far.clone();
         let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
+            let mut chunk = [0u8; 8192];
+            loop {
+                match err.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => so_far.lock().unwrap().extend_from_slice(&chunk[..n]),
+                }
+            }
+            String::from_utf8_lossy(&so_far.lock().unwrap()).into_owned()
         });
         let out = BufReader::new(child.stdout.take().expect("piped stdout"));
         let (tx, stdout) = std::sync::mpsc::channel();
@@ -179,7 +188,29 @@ impl Proc {
             stdin,
             stdout,
             stderr: Some(stderr),
+            stderr_so_far,
         }
+    }
+
+    /// Waits up to `limit` for stderr to contain `needle` `times` times (lines the process
+    /// writes after something the test saw happen, e.g. pagesrv's totals after it answered a
+    /// destination); true if it did.
+    pub fn wait_for_stderr(&self, needle: &str, times: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let holds = || {
+            let bytes = self.stderr_so_far.lock().unwrap();
+            let found = bytes
+                .windows(needle.len())
+                .filter(|w| *w == needle.as_bytes());
+            found.count() >= times
+        };
+        while !holds() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
     }
 
     /// Reads one line of stdout; empty if the process closed stdout. Panics after 60 s

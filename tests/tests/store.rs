@@ -11,6 +11,9 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tests::s3::{BUCKET, S3Server, require_weed, run_ok, same_bytes};
 use tests::{PAGE, Proc, Scratch, start_proxy, write_source};
 
+/// How long a pagesrv has to write a line the test waits for.
+const LIMIT: Duration = Duration::from_secs(60);
+
 /// The number just before `word` in `text` (e.g. `number_before(out, " new (")`).
 fn number_before(text: &str, word: &str) -> u64 {
     let at = text
@@ -303,6 +306,8 @@ fn test_a_clone_stores_its_changed_pages_as_deltas_against_its_template_and_rest
     // Served to a destination: the deltas' bases come in the same fetches.
     let (pagesrv, addr) = serve_cached(&server, &server.url("again"), &dir, None);
     restore(&dir, "restore", &addr, &again);
+    // pagesrv writes a restore's totals once its session ended, after faultd was answered.
+    pagesrv.wait_for_stderr("completed (", 1, LIMIT);
     let err = pagesrv.kill_and_collect();
     assert_eq!(err.matches("completed (verified)").count(), 1, "{err}");
 }
@@ -625,6 +630,8 @@ fn test_a_stored_snapshot_restores_twice_through_a_cache_smaller_than_it() {
     restore(&dir, "first", &addr, &image);
     // A template is never finished: the next restore is served too.
     restore(&dir, "second", &addr, &image);
+    // pagesrv writes a restore's totals once its session ended, after faultd was answered.
+    pagesrv.wait_for_stderr("completed (", 2, LIMIT);
     let err = pagesrv.kill_and_collect();
     for line in err.lines().filter(|l| l.starts_with("pagesrv: VM")) {
         eprintln!("{line}");
@@ -670,6 +677,8 @@ fn test_a_huge_page_guest_restores_a_stored_snapshot_in_2_mib_pages() {
         &["--hugepages", "--threads", "2"],
     );
     assert_eq!(stats["page_size"], 2 << 20, "{stats}");
+    // pagesrv writes a restore's totals once its session ended, after faultd was answered.
+    pagesrv.wait_for_stderr("completed (", 1, LIMIT);
     let err = pagesrv.kill_and_collect();
     assert_eq!(err.matches("completed (verified)").count(), 1, "{err}");
 }
@@ -779,6 +788,8 @@ fn test_a_store_back_after_an_outage_serves_new_restores_without_a_restart() {
     // for the template until pagesrv restarted).
     std::fs::remove_file(&down).unwrap();
     restore(&dir, "back", &addr, &image);
+    // pagesrv writes a restore's totals once its session ended, after faultd was answered.
+    pagesrv.wait_for_stderr("completed (", 1, LIMIT);
     let err = pagesrv.kill_and_collect();
     assert!(err.contains("its pages are lost"), "{err}");
 }
@@ -870,6 +881,8 @@ fn test_a_working_set_is_stored_first_in_its_order_and_restored_from_the_store()
     // The image restores whole, the set prefetched first.
     let (pagesrv, addr) = serve_cached(&server, &server.url("tpl"), &dir, None);
     restore(&dir, "restore", &addr, &image);
+    // pagesrv writes a restore's totals once its session ended, after faultd was answered.
+    pagesrv.wait_for_stderr("completed (", 1, LIMIT);
     let err = pagesrv.kill_and_collect();
     assert!(err.contains("the working set is in the cache"), "{err}");
     assert_eq!(err.matches("completed (verified)").count(), 1, "{err}");
@@ -894,6 +907,8 @@ fn test_clones_of_one_stored_snapshot_restore_at_once_fetching_each_frame_once()
             s.spawn(move || restore_vm(dir, clone, addr, image, &["--vm", "tpl"]));
         }
     });
+    // pagesrv writes a restore's totals once its session ended, after faultd was answered.
+    pagesrv.wait_for_stderr("completed (", 3, LIMIT);
     let err = pagesrv.kill_and_collect();
     assert_eq!(err.matches("completed (verified)").count(), 3, "{err}");
     // Three sessions, not one resumed: each restore had a session id of its own.
@@ -943,6 +958,8 @@ fn test_a_memory_file_template_is_restored_by_two_destinations_at_once() {
     });
     // Both done, pagesrv still serves (a template never finishes): a third restore.
     restore(&dir, "d3", &addr, &image);
+    // pagesrv writes a restore's totals once its session ended, after faultd was answered.
+    pagesrv.wait_for_stderr("completed (", 3, LIMIT);
     let err = pagesrv.kill_and_collect();
     assert_eq!(err.matches("completed (verified)").count(), 3, "{err}");
 }

@@ -289,6 +289,8 @@ fn test_eighty_dripping_clients_delay_a_keyed_destination_by_less_than_a_deadlin
     assert_eq!(stats["digest_check"], "match", "{stats}");
     stop.store(true, Ordering::Release);
     let reconnects = dripping.join().unwrap();
+    // pagesrv writes its totals once the session's thread ended, after faultd was answered.
+    pagesrv.wait_for_stderr("completed (", 1, LIMIT);
     let pagesrv_err = pagesrv.kill_and_collect();
     assert!(
         pagesrv_err.contains("completed (verified)"),
