@@ -30,4 +30,4 @@ pub mod working_set;
 
 pub use error_chain::error_chain;
 pub use ops::{control, metrics};
-pub use sys::{mmap, pi_mutex, sched, sigbus, uffd};
+pub use sys::{mmap, pi_mutex, sched, sigbus, uffd, xattr};

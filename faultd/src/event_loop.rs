@@ -331,6 +331,10 @@ impl FaultLoop<'_, '_> {
                     Err(e) => debug!(generation, error = %e, "bulk thread ended"),
                 },
                 LinkEvent::Connected(Ok(up)) => {
+                    // Before any page goes into a guest RAM file other VMs share.
+                    self.vm
+                        .kernel
+                        .bind_shared_ram(up.pins.image_id, up.precopy)?;
                     let told = self.links.switch_announced();
                     let can_drop = self.vm.kernel.can_drop_pages();
                     // Before its bulk threads start: they apply what they read at once.

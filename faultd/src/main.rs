@@ -72,7 +72,10 @@ struct Cli {
     /// How to place pages: `copy` (UFFDIO_COPY), or `memfd` (write into the memfd the VMM
     /// passed and map in place with UFFDIO_CONTINUE; needs MISSING|MINOR registration for
     /// the mapping step, else the next touch maps the page). `memfd` falls back to `copy`
-    /// when the VMM passes no memfd.
+    /// when the VMM passes no memfd. A file linked in a directory instead of a memfd is
+    /// taken as shared by clones of one template on this host, each VMM mapping it private:
+    /// a page any of their faultds wrote is mapped into the others without a fault; the
+    /// file is tied to the first image written into it (another is refused).
     #[arg(long, value_enum, default_value = "copy")]
     placement: PlaceMode,
     /// Key file: pagesrv's master key (`pagesrv --gen-psk FILE`), or the key of this VM only

@@ -10,6 +10,7 @@
 //! | [`sched`] | scheduling policy, CPU affinity, busy-polling reads |
 //! | [`pi_mutex`] | the priority-inheriting pthread mutex |
 //! | [`scm`] | taking the fds a peer sends with SCM_RIGHTS |
+//! | [`xattr`] | extended attributes of an open file |
 #![allow(unsafe_code)]
 
 pub mod mmap;
@@ -18,3 +19,4 @@ pub mod sched;
 pub mod scm;
 pub mod sigbus;
 pub mod uffd;
+pub mod xattr;

@@ -18,6 +18,8 @@ pub struct GuestFile {
     /// Dropped before the window (fields drop in order).
     guard: Guard,
     window: FileWindow,
+    /// Linked in a directory: other VMMs may map it too (see `shared_ram`).
+    shared: bool,
 }
 
 /// Why the VMM's guest RAM file cannot be written.
@@ -31,7 +33,7 @@ pub enum GuestFileError {
         /// The RAM its layout declares.
         len: u64,
     },
-    /// Its size cannot be read.
+    /// Its size or links cannot be read.
     #[error("cannot examine the VMM's guest RAM file")]
     Stat(#[source] std::io::Error),
     /// It cannot be mapped.
@@ -59,13 +61,20 @@ impl GuestFile {
         if size < len {
             return Err(GuestFileError::TooShort { size, len });
         }
+        let shared = super::shared_ram::is_shared(&file).map_err(GuestFileError::Stat)?;
         let window = FileWindow::new(file.as_fd(), len as usize)?;
         let guard = sigbus::guard(window.addr() as usize, len as usize, page_size as usize)?;
         Ok(GuestFile {
             file,
             guard,
             window,
+            shared,
         })
+    }
+
+    /// Whether other VMMs may map the file too (a file linked in a directory, not a memfd).
+    pub fn is_shared(&self) -> bool {
+        self.shared
     }
 
     /// Fails if a write since the start fell past the file's end (the VMM shrank it).

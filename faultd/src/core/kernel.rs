@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::guest_file::GuestFile;
+use super::shared_ram::{self, SharedRamError};
 use common::layout::{HostAddr, Layout};
 use common::uffd::{Event, Placement, Uffd, UffdError};
 
@@ -314,6 +315,11 @@ impl Kernel for UffdKernel {
                     },
                     None => VmEvent::Outside { addr },
                 }),
+                // In a private mapping of a file other VMs share, a page given back reads
+                // the file's page again (the template's) on its next touch: nothing placed
+                // is lost, and it must not be marked zero (a zero-fill would write zeros
+                // into the file every clone maps).
+                Event::Remove { .. } if self.shares_ram() => {}
                 Event::Remove { start, end } | Event::Unmap { start, end } => {
                     for (first, count) in self.layout.pages_in_host_range(start, end) {
                         out.push(VmEvent::Removed { first, count });
@@ -413,7 +419,8 @@ impl Kernel for UffdKernel {
     }
 
     fn can_drop_pages(&self) -> bool {
-        self.memfd.is_some()
+        // Not in a file other VMs share: the hole would reach them too.
+        self.memfd.is_some() && !self.shares_ram()
     }
 
     fn unregister_all(&self) -> Result<(), UffdError> {
@@ -428,6 +435,31 @@ impl Kernel for UffdKernel {
 }
 
 impl UffdKernel {
+    /// When the VMM's guest RAM file is shared with other VMs (clones of one template on
+    /// this host), ties it to image `image_id` or checks it is tied to it (`shared_ram`);
+    /// nothing to do for a memfd or copy placement.
+    ///
+    /// # Errors
+    /// The file holds another image's pages, or pages of none, or `precopy`.
+    pub fn bind_shared_ram(&self, image_id: u64, precopy: bool) -> Result<(), SharedRamError> {
+        match &self.memfd {
+            Some(file) if file.is_shared() => {
+                shared_ram::bind(file.file(), image_id, precopy)?;
+                tracing::info!(
+                    image = format_args!("{image_id:016x}"),
+                    "the guest RAM file is shared with this image's other restores on this host: pages any of them placed are mapped without a fault"
+                );
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether guest RAM is a file other VMs map too (see `shared_ram`).
+    fn shares_ram(&self) -> bool {
+        self.memfd.as_ref().is_some_and(GuestFile::is_shared)
+    }
+
     /// The memfd, or an error naming `what` needed it.
     fn memfd_for(
         &self,

@@ -35,6 +35,7 @@ pub mod latency;
 pub mod push;
 pub mod reconnect;
 pub mod session;
+pub mod shared_ram;
 pub mod vm;
 
 #[cfg(test)]

@@ -15,7 +15,11 @@
 //! migration, like a balloon, and expects them to read zero; with `--balloon START:COUNT:CHUNK`
 //! a balloon thread gives pages back `CHUNK` at a time (every `--balloon-interval-ms`, default
 //! 5) while the touchers run: those pages are touched but not compared while it inflates,
-//! and must all read zero at the end. It waits for faultd to close the
+//! and must all read zero at the end. With `--shared-ram FILE` (clones of one template on a
+//! host) guest RAM is FILE mapped private (created, or grown to the RAM's size), sent as the
+//! memfd: a page another clone's faultd wrote into FILE is mapped by the kernel without a
+//! fault, and the guest's writes stay its own (`--remove` then gives pages back with
+//! DONTNEED, and they read the template's bytes again). It waits for faultd to close the
 //! socket (migration complete), checks every page again, prints a JSON report on stdout and
 //! exits 0 only if every byte was right.
 //!
@@ -24,7 +28,7 @@
 //!          [--remove START:COUNT] [--balloon START:COUNT:CHUNK] [--balloon-interval-ms N]
 //!          [--ram-bytes N] [--no-touch] [--hugepages] [--wait-switch CONTROL] [--blocking-uffd]
 //!          [--order random|seq|hot|clustered] [--touches N] [--latency-out FILE] [--no-wait]
-//!          [--expect-zero BITMAP]
+//!          [--expect-zero BITMAP] [--shared-ram FILE]
 //! ```
 
 use std::io::Read;
@@ -70,6 +74,8 @@ struct Args {
     source: String,
     regions: usize,
     memfd: bool,
+    /// Guest RAM is this file mapped private (shared by clones on a host).
+    shared_ram: Option<String>,
     threads: usize,
     seed: u64,
     remove: Option<(usize, usize)>,
@@ -94,6 +100,7 @@ fn parse_args() -> Result<Args, String> {
         source: String::new(),
         regions: 1,
         memfd: false,
+        shared_ram: None,
         threads: 2,
         seed: 1,
         remove: None,
@@ -120,6 +127,7 @@ fn parse_args() -> Result<Args, String> {
                 args.regions = value()?.parse().map_err(|e| format!("--regions: {e}"))?
             }
             "--memfd" => args.memfd = true,
+            "--shared-ram" => args.shared_ram = Some(value()?),
             "--threads" => {
                 args.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?
             }
@@ -171,6 +179,12 @@ fn parse_args() -> Result<Args, String> {
     if args.uds.is_empty() || args.source.is_empty() {
         return Err("--uds and --source are required".into());
     }
+    if args.shared_ram.is_some() {
+        if args.hugepages || args.balloon.is_some() {
+            return Err("--shared-ram takes 4 KiB pages and no --balloon".into());
+        }
+        args.memfd = true;
+    }
     Ok(args)
 }
 
@@ -191,7 +205,13 @@ struct GuestRam {
 }
 
 impl GuestRam {
-    fn map(total: usize, count: usize, memfd: bool, huge: bool) -> Result<Self, String> {
+    fn map(
+        total: usize,
+        count: usize,
+        memfd: bool,
+        shared: Option<&str>,
+        huge: bool,
+    ) -> Result<Self, String> {
         let page_size = if huge { HUGE_PAGE } else { PAGE };
         if !total.is_multiple_of(page_size) {
             return Err(format!(
@@ -199,7 +219,21 @@ impl GuestRam {
             ));
         }
         let pages = total / page_size;
-        let fd = if memfd {
+        let fd = if let Some(path) = shared {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| format!("--shared-ram {path}: {e}"))?;
+            let size = file.metadata().map_err(|e| e.to_string())?.len();
+            if size < total as u64 {
+                file.set_len(total as u64)
+                    .map_err(|e| format!("--shared-ram {path}: {e}"))?;
+            }
+            Some(OwnedFd::from(file))
+        } else if memfd {
             let flags = libc::MFD_CLOEXEC | if huge { libc::MFD_HUGETLB } else { 0 };
             // SAFETY: creates a new anonymous file; the name is a valid C string.
             let raw = unsafe { libc::memfd_create(c"test-vmm-ram".as_ptr(), flags) };
@@ -222,6 +256,7 @@ impl GuestRam {
             let region_pages = pages / count + usize::from(i < pages % count);
             let size = region_pages * page_size;
             let (flags, raw_fd) = match &fd {
+                Some(f) if shared.is_some() => (libc::MAP_PRIVATE, f.as_raw_fd()),
                 Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
                 None if huge => (
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
@@ -629,7 +664,13 @@ fn run() -> Result<bool, String> {
     let source_bytes = source.metadata().map_err(|e| e.to_string())?.len() as usize;
     let total = args.ram_bytes.unwrap_or(source_bytes);
     let pages = total / PAGE;
-    let ram = GuestRam::map(total, args.regions, args.memfd, args.hugepages)?;
+    let ram = GuestRam::map(
+        total,
+        args.regions,
+        args.memfd,
+        args.shared_ram.as_deref(),
+        args.hugepages,
+    )?;
     let uffd = create_uffd(args.memfd, args.hugepages, args.blocking_uffd)?;
     for &(addr, size, _) in &ram.regions {
         register(&uffd, addr, size)?;
@@ -650,7 +691,7 @@ fn run() -> Result<bool, String> {
         // Touch the first page of the range (it arrives with data), then give the range back.
         // SAFETY: reads one byte of guest RAM (faultd resolves the fault).
         let _ = unsafe { std::ptr::read_volatile(ram.page_addr(start) as *const u8) };
-        let advice = if args.memfd {
+        let advice = if args.memfd && args.shared_ram.is_none() {
             libc::MADV_REMOVE
         } else {
             libc::MADV_DONTNEED
@@ -671,7 +712,9 @@ fn run() -> Result<bool, String> {
     };
     let mut expect = Expect {
         zero,
-        removed: args.remove,
+        // A page given back in a private mapping of a shared file reads the file's page
+        // (the template's) again, not zero.
+        removed: args.remove.filter(|_| args.shared_ram.is_none()),
         balloon: args.balloon.map(|(s, c, _)| (s, c)),
         balloon_done: false,
     };
