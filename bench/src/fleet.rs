@@ -295,20 +295,36 @@ pub(crate) struct Ready {
     stats: PathBuf,
     faultd_log: PathBuf,
     faultd: Guard,
+    /// The host file the guest's RAM maps private (clones of a template sharing a fill).
+    shared_ram: Option<PathBuf>,
 }
 
-/// Starts destination `name`'s faultd for pagesrv's VM `vm` at `addr`, its files in `work`.
-pub(crate) fn ready_destination(addr: &str, name: &str, vm: &str, work: &Path) -> Result<Ready> {
+/// Starts destination `name`'s faultd for pagesrv's VM `vm` at `addr`, its files in `work`;
+/// with `shared_ram`, the guest's RAM is that host file mapped private and faultd places
+/// pages into it (memfd placement), so clones sharing the file share what any of them
+/// placed.
+pub(crate) fn ready_destination(
+    addr: &str,
+    name: &str,
+    vm: &str,
+    work: &Path,
+    shared_ram: Option<&Path>,
+) -> Result<Ready> {
     let file = |what: &str| work.join(format!("{name}.{what}"));
     let (uds, stats, faultd_log) = (file("sock"), file("stats.json"), file("faultd.log"));
     let _ = std::fs::remove_file(&stats);
-    let faultd = start_faultd(addr, &uds, &stats, &["--vm", vm], Some(&faultd_log))?;
+    let mut faultd_args = vec!["--vm", vm];
+    if shared_ram.is_some() {
+        faultd_args.extend(["--placement", "memfd"]);
+    }
+    let faultd = start_faultd(addr, &uds, &stats, &faultd_args, Some(&faultd_log))?;
     Ok(Ready {
         name: name.to_owned(),
         uds,
         stats,
         faultd_log,
         faultd,
+        shared_ram: shared_ram.map(Path::to_path_buf),
     })
 }
 
@@ -327,12 +343,17 @@ pub(crate) fn start_guest(
         stats,
         faultd_log,
         faultd,
+        shared_ram,
     } = ready;
     let (report, latency) = (
         work.join(format!("{name}.report.json")),
         work.join(format!("{name}.lat.json")),
     );
-    let vmm = Command::new(sibling("test-vmm")?)
+    let mut vmm = Command::new(sibling("test-vmm")?);
+    if let Some(file) = &shared_ram {
+        vmm.arg("--shared-ram").arg(file);
+    }
+    let vmm = vmm
         .arg("--uds")
         .arg(&uds)
         .arg("--source")
@@ -361,7 +382,7 @@ fn migrate_at_once(vms: &[(String, PathBuf)], args: &FleetArgs, work: &Path) -> 
     let (mut pagesrv, addr) = start_pagesrv_fleet(vms, &[], Some(&pagesrv_log))?;
     let ready = vms
         .iter()
-        .map(|(name, _)| ready_destination(&addr, name, name, work))
+        .map(|(name, _)| ready_destination(&addr, name, name, work, None))
         .collect::<Result<Vec<_>>>()?;
     // Every destination is ready: the guests start together.
     let started = Instant::now();
