@@ -2,7 +2,8 @@
 //!
 //! Order: a recorded working set in the order the guest first touched it (`--prefetch`),
 //! then, after an urgent request for pages `p..q`, the pages from `q` on for a window
-//! (pre-paging: guests touch neighbours next), then the background cursor through the file.
+//! (pre-paging: guests touch neighbours next), then the background cursor through the file
+//! (from page 0, or from where [`PushScheduler::start_at`] put it, wrapping around).
 //! Pages already sent (or that the destination said it no longer needs) are skipped, so no
 //! page is pushed twice.
 
@@ -48,6 +49,13 @@ impl PushScheduler {
     /// Pages pushed from the prefetch list so far.
     pub fn prefetched_pages(&self) -> u64 {
         self.prefetched_pages
+    }
+
+    /// The background cursor starts at `page` and wraps around at the end: restores of one
+    /// template at once push different parts of it first, so clones that share what any of
+    /// them placed on a host (faultd's shared guest RAM file) need each part sent once.
+    pub fn start_at(&mut self, page: u64) {
+        self.cursor = page;
     }
 
     /// Starts over from the first page (a new precopy round).
@@ -143,7 +151,9 @@ impl PushScheduler {
         if let Some(run) = self.next_prepaged(sent, max_pages) {
             return Some(run);
         }
-        let first = sent.next_clear(self.cursor)?;
+        let first = sent
+            .next_clear(self.cursor)
+            .or_else(|| sent.next_clear(0))?;
         let count = sent.clear_run(first, max_pages);
         sent.set_range(first, count);
         self.cursor = first + count;
@@ -180,6 +190,18 @@ mod tests {
         let sent = PageMap::new(10);
         let mut s = PushScheduler::new(fixed(0), Vec::new());
         assert_eq!(drain(&mut s, &sent, 4), vec![(0, 4), (4, 4), (8, 2)]);
+        assert!(sent.is_full());
+    }
+
+    #[test]
+    fn test_a_push_started_midway_wraps_around_and_sends_every_page_once() {
+        let sent = PageMap::new(10);
+        let mut s = PushScheduler::new(fixed(0), Vec::new());
+        s.start_at(6);
+        assert_eq!(
+            drain(&mut s, &sent, 3),
+            vec![(6, 3), (9, 1), (0, 3), (3, 3)]
+        );
         assert!(sent.is_full());
     }
 

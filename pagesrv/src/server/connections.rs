@@ -339,6 +339,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             free_first: pending.welcome.free_first(),
             base: pending.admitted.hello().has_base(),
         };
+        let total_pages = paged.total_pages();
         let session = Arc::new(Session::new(
             paged,
             (vm.name, pending.welcome.session_id),
@@ -346,6 +347,11 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             switch,
             Arc::new(self.events.clone()),
         ));
+        // Not for a store's snapshot: its restores pushing different parts at once would
+        // have the cache fetch them all at once, behind which the faults' fetches wait.
+        if vm.template && matches!(vm.source, crate::vm_memory::VmMemory::File(_)) {
+            session.start_push_at(stagger(serial, total_pages));
+        }
         let (tx, session_for_thread) = (self.notify.clone(), session.clone());
         let published = self.events.metrics.clone();
         let urgent = pending.admitted.into_framed();
@@ -393,4 +399,14 @@ fn prepare_socket(conn: &TcpStream, role: Role, config: &ServerConfig) -> Result
         SockRef::from(conn).set_send_buffer_size(BULK_SNDBUF_BYTES)?;
     }
     Ok(())
+}
+
+/// Where restore `serial` of a template starts its background push: spread by the golden
+/// ratio (any number of restores at once start far apart), at a 1 MiB boundary of 4 KiB
+/// pages. Clones on one host that share a guest RAM file then fill different parts of it
+/// first, and each tells pagesrv (`Skip`) what the others placed.
+fn stagger(serial: u64, total_pages: u64) -> u64 {
+    const GOLDEN: f64 = 0.618_033_988_749_895;
+    let at = ((serial as f64 * GOLDEN).fract() * total_pages as f64) as u64;
+    (at & !255).min(total_pages.saturating_sub(1))
 }

@@ -225,6 +225,12 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// The background push starts at `page` and wraps around (see
+    /// [`PushScheduler::start_at`]); call before the session runs.
+    pub fn start_push_at(&self, page: u64) {
+        self.push_order.lock().start_at(page);
+    }
+
     /// Pages pushed first from the recorded working set (`--prefetch`): as of the pusher's
     /// last pick (read without the push-order lock the urgent thread takes).
     pub fn prefetched_pages(&self) -> u64 {
