@@ -315,6 +315,15 @@ fn summarize(args: &ClonesArgs, alone: &[Round], storm: &[Round]) -> Value {
             "store_cache": storm.iter().map(|r| r.store_cache.clone()).collect::<Vec<_>>(),
             "restore_ms_each": storm.iter().map(|r| of(r, total)).collect::<Vec<_>>(),
         },
+        "received_mib": {
+            "per_clone_p50": per_clone(|(run, _, _)| run.data_bytes),
+            "all_clones": med(storm, &|r| {
+                mib(r.restores.iter().map(|(run, _, _)| run.data_bytes).sum())
+            }),
+            "one_alone": med(alone, &|r| {
+                mib(r.restores.iter().map(|(run, _, _)| run.data_bytes).sum())
+            }),
+        },
         "memory_mib": {
             "vmm_peak_rss_per_clone": per_clone(|(_, vmm, _)| vmm.peak_rss),
             "vmm_peak_private_rss_per_clone": per_clone(|(_, vmm, _)| vmm.peak_anon_rss),
@@ -358,6 +367,13 @@ fn print_table(r: &Value) {
         "  ratios: guest pass p95 {:.2}× one alone (target ≤ 2×), restore p95 {:.2}×",
         f(&r["ratios"]["guest_pass_p95_over_one"]),
         f(&r["ratios"]["restore_p95_over_one"])
+    );
+    eprintln!(
+        "  data received: {:.0} MiB per clone (median), {:.0} MiB by all {} (one alone: {:.0} MiB)",
+        f(&r["received_mib"]["per_clone_p50"]),
+        f(&r["received_mib"]["all_clones"]),
+        r["clones"],
+        f(&r["received_mib"]["one_alone"])
     );
     if let Some(Some(line)) = r["storm"]["store_cache"]
         .as_array()

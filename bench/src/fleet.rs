@@ -53,7 +53,8 @@ pub(crate) struct VmRun {
     pub total_ms: f64,
     /// The guest's pass over its touches (first to last), ms.
     pub pass_ms: f64,
-    data_bytes: u64,
+    /// Data pages received (requested and pushed), bytes.
+    pub data_bytes: u64,
     /// The guest's fault latencies (µs), sampled evenly over its sorted faults.
     samples_us: Vec<f64>,
     faults: u64,

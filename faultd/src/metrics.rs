@@ -49,11 +49,12 @@ pub fn snapshot(status: &Value) -> Snapshot {
         ("pushed", "pages_pushed"),
         ("zero", "pages_zero"),
         ("removed", "pages_removed"),
+        ("shared", "pages_shared"),
         ("base", "pages_reused"),
     ] {
         s.labelled(
             "faultd_pages_placed",
-            "Pages settled, by how: requested on a fault, pushed, zero, removed by the guest before they came, or from the base image.",
+            "Pages settled, by how: requested on a fault, pushed, zero, removed by the guest before they came, placed by another restore in a shared guest RAM file, or from the base image.",
             Kind::Counter,
             vec![("how".into(), how.into())],
             n(key),

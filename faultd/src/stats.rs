@@ -31,6 +31,9 @@ pub struct Stats {
     /// Pages removed or unmapped by the VMM before they arrived (not verified: every other
     /// page is).
     pub pages_removed: u64,
+    /// Pages another restore of the image placed in the guest RAM file shared with it before
+    /// they arrived here (not fetched; verified by that restore).
+    pub pages_shared: u64,
     /// Zero pages mapped because a thread touched them (the rest stay unplaced).
     pub zero_fills: u64,
     /// Bytes received from pagesrv.
@@ -119,6 +122,7 @@ impl Stats {
             pages_pushed: Counters::get(&c.pages_pushed),
             pages_zero: Counters::get(&c.pages_zero),
             pages_removed: Counters::get(&c.pages_removed),
+            pages_shared: Counters::get(&c.pages_shared),
             zero_fills: Counters::get(&c.zero_fills),
             bytes_received: Counters::get(&c.bytes_received),
             received_digest: format!("{total_digest:016x}"),

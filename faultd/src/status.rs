@@ -114,6 +114,7 @@ pub fn status_json<K: Kernel>(
             "pages_pushed": Counters::get(&c.pages_pushed),
             "pages_zero": Counters::get(&c.pages_zero),
             "pages_removed": Counters::get(&c.pages_removed),
+            "pages_shared": Counters::get(&c.pages_shared),
             "pages_reused": Counters::get(&c.pages_reused),
             "fault_latency_buckets_us": latency_buckets,
             "fault_latency_sum_seconds": latency_sum,

@@ -199,6 +199,33 @@ impl FileWindow {
         Ok(())
     }
 
+    /// Which pages of `offset..offset+len` are in the file's page cache (`mincore`: one
+    /// byte per page of the system's page size in `out`, bit 0 set where resident), without
+    /// touching them.
+    ///
+    /// # Errors
+    /// Out of the window, or the kernel's refusal.
+    pub fn resident(&self, offset: u64, len: u64, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let at = self
+            .check(offset, len as usize)
+            .map_err(std::io::Error::other)?;
+        out.clear();
+        out.resize(len.div_ceil(4096) as usize, 0);
+        // SAFETY: the range is inside our mapping (checked; `offset` is page-aligned by the
+        // caller, else the kernel says EINVAL); `out` has a byte per 4 KiB page of it.
+        let rc = unsafe {
+            libc::mincore(
+                self.map.ptr.as_ptr().add(at).cast(),
+                len as usize,
+                out.as_mut_ptr(),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Copies `src` into the file at `offset`.
     ///
     /// # Errors

@@ -31,6 +31,8 @@ pub(super) struct FakeState {
     pub(super) faults_read: usize,
     /// Guest RAM was unregistered (every page present).
     pub(super) unregistered: bool,
+    /// Guest RAM is a file shared with other restores: the pages in it (`None`: not shared).
+    pub(super) shared_file: Option<Vec<bool>>,
 }
 
 pub(super) struct FakeKernel {
@@ -201,6 +203,30 @@ impl Kernel for FakeKernel {
 
     fn can_drop_pages(&self) -> bool {
         true
+    }
+
+    fn filled_runs(
+        &self,
+        pages: std::ops::Range<u64>,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<bool, UffdError> {
+        let st = self.st();
+        let Some(file) = &st.shared_file else {
+            return Ok(false);
+        };
+        let mut page = pages.start;
+        while page < pages.end {
+            if !file[page as usize] {
+                page += 1;
+                continue;
+            }
+            let first = page;
+            while page < pages.end && file[page as usize] {
+                page += 1;
+            }
+            out.push((first, page - first));
+        }
+        Ok(true)
     }
 
     fn unregister_all(&self) -> Result<(), UffdError> {

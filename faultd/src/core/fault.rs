@@ -70,6 +70,8 @@ pub struct FaultCore<'v, K> {
     newly_skipped: Vec<(u64, u64)>,
     /// Skips recorded while the link is down, sent when it is up again.
     skips_while_down: Vec<(u64, u64)>,
+    /// Where the next look at a shared guest RAM file goes on ([`FaultCore::adopt_shared`]).
+    shared_cursor: u64,
     link_up: bool,
     /// Frames (requests, skips) waiting to be encoded and written on the urgent connection.
     pub pending: Vec<Message>,
@@ -94,6 +96,7 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
             events: Vec::with_capacity(64),
             newly_skipped: Vec::new(),
             skips_while_down: Vec::new(),
+            shared_cursor: 0,
             link_up: false,
             pending: Vec::new(),
             latencies: LatencyRecorder::default(),
@@ -176,7 +179,18 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
         } else {
             self.skips_while_down.push((first, count));
         }
-        let waiting: Vec<u64> = if count > self.in_flight.len() as u64 {
+        for page in self.waiting_in(first, count) {
+            let waiters = self.in_flight.remove(&page).unwrap_or_default();
+            for read_at in waiters {
+                self.place_zero_for_fault(page, read_at)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The pages of `first..first+count` that faults wait on.
+    fn waiting_in(&self, first: u64, count: u64) -> Vec<u64> {
+        if count > self.in_flight.len() as u64 {
             let range = first..first + count;
             self.in_flight
                 .keys()
@@ -187,14 +201,37 @@ impl<'v, K: Kernel> FaultCore<'v, K> {
             (first..first + count)
                 .filter(|p| self.in_flight.contains_key(p))
                 .collect()
-        };
-        for page in waiting {
-            let waiters = self.in_flight.remove(&page).unwrap_or_default();
-            for read_at in waiters {
-                self.place_zero_for_fault(page, read_at)?;
+        }
+    }
+
+    /// Where guest RAM is a file shared with other restores of the image: takes over the
+    /// pages they placed in it (looking at up to `max_pages` of those it misses) (from where the last call stopped, see
+    /// [`Vm::adopt_shared`]), tells pagesrv to skip them, and wakes the faults waiting on
+    /// them (the page is in the file now). Returns the pages taken over; `None` where RAM is
+    /// not shared. Only while the link is up (a skip belongs to a session's serving phase).
+    ///
+    /// # Errors
+    /// The kernel refused to say what the file holds, or a wake failed (the VMM is gone).
+    pub fn adopt_shared(&mut self, max_pages: u64) -> Result<Option<u64>, FaultError> {
+        if !self.link_up {
+            return Ok(Some(0));
+        }
+        let mut taken = Vec::new();
+        let adopted = self
+            .vm
+            .adopt_shared(&mut self.shared_cursor, max_pages, &mut taken)?;
+        for (first, count) in taken {
+            trace!(
+                first,
+                count, "pages another restore placed in the shared file"
+            );
+            self.pending.push(Message::Skip(PageRange { first, count }));
+            for page in self.waiting_in(first, count) {
+                self.vm.kernel.wake(page, 1)?;
+                self.resolve_page(page);
             }
         }
-        Ok(())
+        Ok(adopted)
     }
 
     /// A thread touched a missing page: zero-fill a page that reads as zero, wake a present

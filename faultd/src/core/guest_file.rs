@@ -77,6 +77,42 @@ impl GuestFile {
         self.shared
     }
 
+    /// Appends to `out` the runs of the pages `pages` (of `page_size` bytes) that are in
+    /// the file's page cache (`mincore` on faultd's window: one call, nothing touched). A
+    /// page another process is writing counts as there: a guest touching it waits for the
+    /// write to end (the page is locked meanwhile).
+    ///
+    /// # Errors
+    /// The kernel refused.
+    pub(super) fn filled_runs(
+        &self,
+        pages: std::ops::Range<u64>,
+        page_size: u64,
+        out: &mut Vec<(u64, u64)>,
+    ) -> std::io::Result<()> {
+        let per_page = (page_size / 4096).max(1) as usize;
+        let mut resident = Vec::new();
+        let len = (pages.end - pages.start) * page_size;
+        self.window
+            .resident(pages.start * page_size, len, &mut resident)?;
+        let mut run_start = None;
+        for (i, page) in pages.clone().enumerate() {
+            let here = resident.get(i * per_page).is_some_and(|b| b & 1 != 0);
+            match (here, run_start) {
+                (true, None) => run_start = Some(page),
+                (false, Some(first)) => {
+                    out.push((first, page - first));
+                    run_start = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(first) = run_start {
+            out.push((first, pages.end - first));
+        }
+        Ok(())
+    }
+
     /// Fails if a write since the start fell past the file's end (the VMM shrank it).
     pub(super) fn check_intact(&self, page: u64, len: u64) -> Result<(), UffdError> {
         if self.guard.hits() == 0 {

@@ -132,6 +132,20 @@ pub trait Kernel: Sync {
     fn write_in_place(&self, page: u64, offset: u64, bytes: &[u8]) -> Result<(), UffdError>;
     /// Whether pages can be read back and dropped (memfd placement): what precopy needs.
     fn can_drop_pages(&self) -> bool;
+    /// Where guest RAM is a file other VMs share (see `shared_ram`): appends the runs of
+    /// the pages `pages` that are in the file (placed by any of them, this one included);
+    /// `false` where RAM is not shared.
+    ///
+    /// # Errors
+    /// The kernel refused to say.
+    fn filled_runs(
+        &self,
+        pages: std::ops::Range<u64>,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<bool, UffdError> {
+        let _ = (pages, out);
+        Ok(false)
+    }
     /// Every page is present: unregisters guest RAM (the VMM runs free of faultd from here;
     /// threads that raced with it are woken).
     ///
@@ -423,6 +437,29 @@ impl Kernel for UffdKernel {
         self.memfd.is_some() && !self.shares_ram()
     }
 
+    fn filled_runs(
+        &self,
+        pages: std::ops::Range<u64>,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<bool, UffdError> {
+        let Some(file) = self.memfd.as_ref().filter(|f| f.is_shared()) else {
+            return Ok(false);
+        };
+        let page_size = self.page_size();
+        let (at, len) = (
+            pages.start * page_size,
+            (pages.end - pages.start) * page_size,
+        );
+        file.filled_runs(pages, page_size, out)
+            .map(|()| true)
+            .map_err(|source| UffdError::Place {
+                op: "find the pages in the shared guest RAM file",
+                addr: at,
+                len,
+                source,
+            })
+    }
+
     fn unregister_all(&self) -> Result<(), UffdError> {
         let mut first_error = None;
         for region in self.layout.regions() {
@@ -456,7 +493,7 @@ impl UffdKernel {
     }
 
     /// Whether guest RAM is a file other VMs map too (see `shared_ram`).
-    fn shares_ram(&self) -> bool {
+    pub fn shares_ram(&self) -> bool {
         self.memfd.as_ref().is_some_and(GuestFile::is_shared)
     }
 

@@ -412,3 +412,68 @@ fn test_a_zero_page_is_filled_once_so_a_late_fill_never_writes_over_the_guest() 
         .unwrap();
     assert_eq!(calls(), 2);
 }
+
+#[test]
+fn test_pages_another_restore_placed_in_a_shared_file_are_taken_over_skipped_and_woken() {
+    let unshared = vm();
+    let mut core = FaultCore::new(&unshared);
+    core.link_up();
+    assert_eq!(core.adopt_shared(64).unwrap(), None, "RAM not shared");
+    let vm = vm();
+    let mut core = FaultCore::new(&vm);
+    let mut file = vec![false; super::fake::PAGES as usize];
+    for p in [4, 5, 6, 7, 20] {
+        file[p] = true;
+    }
+    vm.kernel.st().shared_file = Some(file);
+    assert_eq!(
+        core.adopt_shared(64).unwrap(),
+        Some(0),
+        "nothing is taken while the link is down (a skip belongs to a serving session)"
+    );
+    core.link_up();
+    vm.kernel.fault(5);
+    core.drain_events().unwrap();
+    assert_eq!(core.pending.clone(), vec![request(5)]);
+    core.pending.clear();
+    // Page 6 is placed here too (it is this restore's, not taken over).
+    vm.place(6, 1, Some(&bytes_of(6)), Origin::Pushed, ZeroPages::Skip)
+        .unwrap();
+    assert_eq!(core.adopt_shared(64).unwrap(), Some(4));
+    assert_eq!(
+        core.pending.clone(),
+        vec![
+            Message::Skip(range(4, 2)),
+            Message::Skip(range(7, 1)),
+            Message::Skip(range(20, 1))
+        ]
+    );
+    assert!(vm.kernel.st().woken.contains(&5), "the fault on 5 is woken");
+    assert_eq!(core.latencies.summary().count, 1);
+    for p in [4, 5, 7, 20] {
+        assert!(vm.done.is_set(p) && vm.skipped.is_set(p), "page {p}");
+    }
+    assert!(!vm.skipped.is_set(6));
+    assert_eq!(Counters::get(&vm.counters.pages_shared), 4);
+    // The page arriving after all is not placed again (the file holds it).
+    let calls = vm.kernel.st().install_calls;
+    vm.place(7, 1, Some(&bytes_of(7)), Origin::Pushed, ZeroPages::Skip)
+        .unwrap();
+    assert_eq!(vm.kernel.st().install_calls, calls);
+    // A second look finds nothing new.
+    core.pending.clear();
+    assert_eq!(core.adopt_shared(64).unwrap(), Some(0));
+    assert!(core.pending.is_empty());
+}
+
+#[test]
+fn test_a_look_at_a_shared_file_covers_at_most_its_pages_and_goes_on_from_there() {
+    let vm = vm();
+    let mut core = FaultCore::new(&vm);
+    vm.kernel.st().shared_file = Some(vec![true; super::fake::PAGES as usize]);
+    core.link_up();
+    assert_eq!(core.adopt_shared(10).unwrap(), Some(10));
+    assert_eq!(core.adopt_shared(10).unwrap(), Some(10));
+    assert_eq!(core.adopt_shared(100).unwrap(), Some(12));
+    assert!(vm.is_complete());
+}

@@ -62,6 +62,9 @@ pub struct Counters {
     pub pages_zero: AtomicU64,
     /// Pages the VMM removed (balloon, DONTNEED) or unmapped before they arrived.
     pub pages_removed: AtomicU64,
+    /// Pages found in a guest RAM file shared with other restores of the image, placed by
+    /// them before they arrived here (not fetched; see `shared_ram`).
+    pub pages_shared: AtomicU64,
     /// Zero pages mapped because a thread faulted on them.
     pub zero_fills: AtomicU64,
     /// Bytes received from pagesrv on every connection.
@@ -518,6 +521,53 @@ impl<K: Kernel> Vm<K> {
             self.zero.clear_range(page, 1);
         }
         Ok(true)
+    }
+
+    /// Takes over pages that other restores sharing the guest RAM file placed in it before
+    /// they arrived here: it looks at `max_pages` pages from the first not done yet at or
+    /// after `*cursor` (one `Kernel::filled_runs`; the cursor moves on past them, back to 0
+    /// after the end). The pages taken are done, and skipped like pages removed before they
+    /// arrived (pagesrv stops sending them; the restore that placed them verified them).
+    /// Appends the runs taken to `taken`; returns how many pages, `None` where RAM is not
+    /// shared.
+    ///
+    /// # Errors
+    /// The kernel refused to say what the file holds.
+    pub fn adopt_shared(
+        &self,
+        cursor: &mut u64,
+        max_pages: u64,
+        taken: &mut Vec<(u64, u64)>,
+    ) -> Result<Option<u64>, UffdError> {
+        let total = self.total_pages();
+        let Some(first) = self
+            .done
+            .next_clear(*cursor)
+            .or_else(|| self.done.next_clear(0))
+        else {
+            return Ok(Some(0));
+        };
+        let end = first.saturating_add(max_pages).min(total);
+        let mut runs = Vec::new();
+        if !self.kernel.filled_runs(first..end, &mut runs)? {
+            return Ok(None);
+        }
+        *cursor = if end >= total { 0 } else { end };
+        // Ordered against placements, which set done bits after writing.
+        let _gate = self.gate();
+        let mut adopted = 0;
+        for (first, count) in runs {
+            let end = first.saturating_add(count).min(self.total_pages());
+            let first = first.min(end);
+            for (page, n) in self.done.clear_runs(first, end - first) {
+                self.skipped.set_range(page, n);
+                self.done.set_range(page, n);
+                taken.push((page, n));
+                adopted += n;
+            }
+        }
+        Counters::add(&self.counters.pages_shared, adopted);
+        Ok(Some(adopted))
     }
 
     /// A MINOR fault: the page is in the page cache but not mapped in the VMM (written by us
