@@ -316,7 +316,7 @@ pub(crate) fn ready_destination(
     let _ = std::fs::remove_file(&stats);
     let mut faultd_args = vec!["--vm", vm];
     if shared_ram.is_some() {
-        faultd_args.extend(["--placement", "memfd"]);
+        faultd_args.extend(["--placement", "memfd", "--shared-ram"]);
     }
     let faultd = start_faultd(addr, &uds, &stats, &faultd_args, Some(&faultd_log))?;
     Ok(Ready {

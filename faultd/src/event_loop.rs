@@ -25,7 +25,7 @@ use common::control::ControlServer;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use serde_json::Value;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::core::kernel::{Kernel, UffdKernel};
 pub use crate::core::session::Verdict;
@@ -216,10 +216,11 @@ impl FaultLoop<'_, '_> {
             return Ok(());
         }
         self.shared_looked = Some(Instant::now());
-        self.session
-            .core
-            .adopt_shared(SHARED_LOOK_PAGES)
-            .context("cannot take over the pages of the shared guest RAM file")?;
+        if let Err(e) = self.session.core.adopt_shared(SHARED_LOOK_PAGES) {
+            // Taking pages over only saves traffic: without it every page still comes.
+            warn!(error = %chain(&e), "cannot look at the shared guest RAM file; no more pages are taken over from it");
+            self.shared_looked = None;
+        }
         Ok(())
     }
 

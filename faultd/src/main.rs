@@ -72,12 +72,16 @@ struct Cli {
     /// How to place pages: `copy` (UFFDIO_COPY), or `memfd` (write into the memfd the VMM
     /// passed and map in place with UFFDIO_CONTINUE; needs MISSING|MINOR registration for
     /// the mapping step, else the next touch maps the page). `memfd` falls back to `copy`
-    /// when the VMM passes no memfd. A file linked in a directory instead of a memfd is
-    /// taken as shared by clones of one template on this host, each VMM mapping it private:
-    /// a page any of their faultds wrote is mapped into the others without a fault; the
-    /// file is tied to the first image written into it (another is refused).
+    /// when the VMM passes no memfd.
     #[arg(long, value_enum, default_value = "copy")]
     placement: PlaceMode,
+    /// The VMM's guest RAM file (with `--placement memfd`) is shared by clones of one
+    /// template on this host, each VMM mapping it private: a page any of their faultds
+    /// placed is mapped into the others without a fault, and not fetched again. The file
+    /// must be linked in a tmpfs directory without large pages for writes, pages 4 KiB; it
+    /// is tied to the first image written into it (another is refused); no precopy.
+    #[arg(long)]
+    shared_ram: bool,
     /// Key file: pagesrv's master key (`pagesrv --gen-psk FILE`), or the key of this VM only
     /// (`pagesrv --psk-file MASTER --derive-vm-key NAME=FILE`); it must belong to this user
     /// and be readable by its owner only. faultd and pagesrv prove to each other that they
@@ -232,7 +236,7 @@ fn run(cli: &Cli) -> Result<Report> {
     // One line on stdout for scripts and tests: the socket is ready.
     println!("faultd waiting for the VMM on {}", cli.uds.display());
     info!(uds = %cli.uds.display(), "waiting for the VMM");
-    let accepted = accept_vmm(&listener, cli.placement);
+    let accepted = accept_vmm(&listener, cli.placement, cli.shared_ram);
     let _ = std::fs::remove_file(&cli.uds);
     let (vmm, kernel) = accepted?;
     let started = Instant::now();
@@ -246,6 +250,7 @@ fn run(cli: &Cli) -> Result<Report> {
         page_size: u32::try_from(kernel.layout().page_size()).context("page size")?,
         total_pages: kernel.layout().total_pages(),
         base: base.is_some(),
+        shared_ram: cli.shared_ram,
         vm: vm_name,
         streams: cli.streams,
     };

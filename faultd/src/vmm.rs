@@ -43,6 +43,7 @@ pub fn bind_uds(path: &Path) -> Result<UnixListener> {
 pub fn accept_vmm(
     listener: &UnixListener,
     placement: PlaceMode,
+    shared_ram: bool,
 ) -> Result<(UnixStream, UffdKernel)> {
     let (vmm, _) = listener.accept().context("failed to accept the VMM")?;
     vmm.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
@@ -67,6 +68,17 @@ pub fn accept_vmm(
         );
     }
     let memfd = match (placement, handshake.memfd) {
+        (PlaceMode::Memfd, Some(fd)) if shared_ram => {
+            let file = std::fs::File::from(fd);
+            check_shared_ram(&file, &layout, handshake.peer_pid)?;
+            Some(
+                GuestFile::new(file, layout.total_bytes(), layout.page_size(), true)
+                    .context("memfd placement")?,
+            )
+        }
+        (_, _) if shared_ram => {
+            bail!("--shared-ram needs --placement memfd and a VMM that passes its guest RAM file")
+        }
         (PlaceMode::Memfd, Some(fd)) => {
             if layout.page_size() > 4096 {
                 info!(
@@ -74,7 +86,7 @@ pub fn accept_vmm(
                 );
             }
             Some(
-                GuestFile::new(fd.into(), layout.total_bytes(), layout.page_size())
+                GuestFile::new(fd.into(), layout.total_bytes(), layout.page_size(), false)
                     .context("memfd placement")?,
             )
         }
@@ -89,6 +101,23 @@ pub fn accept_vmm(
         info!("the VMM's userfaultfd was blocking: made non-blocking (faultd never waits on it)");
     }
     Ok((vmm, UffdKernel::new(layout, uffd, memfd)))
+}
+
+/// `--shared-ram`: the VMM's file can be shared safely (a tmpfs file linked in a directory,
+/// 4 KiB pages, no large pages for writes) and the VMM maps it private.
+fn check_shared_ram(file: &std::fs::File, layout: &common::layout::Layout, pid: i32) -> Result<()> {
+    use crate::core::shared_ram::{self, SharedRamError};
+    if !shared_ram::is_linked(file).context("cannot examine the VMM's guest RAM file")? {
+        return Err(SharedRamError::NotLinked.into());
+    }
+    shared_ram::check_host(file, layout.page_size())?;
+    let ranges: Vec<(u64, u64)> = layout
+        .regions()
+        .iter()
+        .map(|r| (r.host_base.0, r.size_bytes))
+        .collect();
+    shared_ram::check_private(pid, &ranges)?;
+    Ok(())
 }
 
 /// Reads what the VMM's socket (non-blocking) holds: the VMM sends nothing after its

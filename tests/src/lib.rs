@@ -196,6 +196,10 @@ impl Proc {
     /// writes after something the test saw happen, e.g. pagesrv's totals after it answered a
     /// destination); true if it did.
     pub fn wait_for_stderr(&self, needle: &str, times: usize, limit: Duration) -> bool {
+        assert!(
+            !needle.is_empty(),
+            "wait_for_stderr needs something to wait for"
+        );
         let deadline = Instant::now() + limit;
         let holds = || {
             let bytes = self.stderr_so_far.lock().unwrap();

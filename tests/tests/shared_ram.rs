@@ -52,7 +52,12 @@ fn clone_with(
         dir.path(&format!("{tag}.sock")),
         dir.path(&format!("{tag}.json")),
     );
-    let mut faultd = tests::start_faultd_with(addr, &uds, &stats, &["--placement", "memfd"]);
+    let mut faultd = tests::start_faultd_with(
+        addr,
+        &uds,
+        &stats,
+        &["--placement", "memfd", "--shared-ram"],
+    );
     let shared = shared.to_str().unwrap();
     let args = [&["--threads", "2", "--shared-ram", shared][..], vmm_args].concat();
     let mut vmm = tests::start_vmm(&uds, image, &args);
@@ -138,7 +143,12 @@ fn test_a_ram_file_shared_for_another_image_is_refused_before_any_page_goes_in()
     // A clone of another template given the same file.
     let (pagesrv_b, addr_b) = serve_template(&b);
     let (uds, stats) = (dir.path("b1.sock"), dir.path("b1.json"));
-    let mut faultd = tests::start_faultd_with(&addr_b, &uds, &stats, &["--placement", "memfd"]);
+    let mut faultd = tests::start_faultd_with(
+        &addr_b,
+        &uds,
+        &stats,
+        &["--placement", "memfd", "--shared-ram"],
+    );
     let shared_arg = shared.to_str().unwrap();
     let _vmm = tests::start_vmm(&uds, &b, &["--no-touch", "--shared-ram", shared_arg]);
     let (status, err) = faultd.wait(LIMIT);
@@ -188,4 +198,27 @@ fn test_pages_a_clone_gives_back_read_the_template_again_and_no_zeros_reach_the_
     pagesrv.wait_for_stderr("completed (", 2, LIMIT);
     let err = pagesrv.kill_and_collect();
     assert_eq!(err.matches("completed (verified)").count(), 2, "{err}");
+}
+
+#[test]
+fn test_shared_ram_is_refused_for_a_memfd_that_no_other_vmm_can_map() {
+    if !tests::require_userfaultfd() {
+        return;
+    }
+    let dir = Scratch::new("shared-ram-memfd");
+    let image = dir.path("tpl.mem");
+    write_source(&image, 256, 44, 4, 0..0);
+    let (pagesrv, addr) = serve_template(&image);
+    let (uds, stats) = (dir.path("m.sock"), dir.path("m.json"));
+    let args = ["--placement", "memfd", "--shared-ram"];
+    let mut faultd = tests::start_faultd_with(&addr, &uds, &stats, &args);
+    let _vmm = tests::start_vmm(&uds, &image, &["--no-touch", "--memfd"]);
+    let (status, err) = faultd.wait(LIMIT);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("not a memfd"), "{err}");
+    let pagesrv_err = pagesrv.kill_and_collect();
+    assert!(
+        !pagesrv_err.contains("destination connected"),
+        "faultd connected before refusing: {pagesrv_err}"
+    );
 }

@@ -421,7 +421,7 @@ pub struct SessionParams {
     /// pinned (0 before its first `Welcome`).
     pub image_id: u64,
     /// In `Welcome`: [`FLAG_PRECOPY`], [`FLAG_FREE`], [`FLAG_PROVEN`]; in `Hello`: [`FLAG_RESUMED`],
-    /// [`FLAG_BASE`], [`FLAG_EXTRA_STREAM`].
+    /// [`FLAG_BASE`], [`FLAG_EXTRA_STREAM`], [`FLAG_SHARED_RAM`].
     pub flags: u32,
     /// The VM: in `Hello`, the one the destination asks for (empty: the only one the source
     /// serves); in `Welcome`, the one served. On the wire, the bytes after the fixed body.
@@ -542,6 +542,12 @@ impl SessionParams {
         self.hello_flags().extra_stream
     }
 
+    /// Whether the destination shares its guest RAM with other restores of the image on its
+    /// host (a `Hello` flag).
+    pub fn shares_ram(&self) -> bool {
+        self.hello_flags().shared_ram
+    }
+
     /// The flags read as a `Hello`'s.
     pub fn hello_flags(&self) -> HelloFlags {
         HelloFlags::from_bits(self.flags)
@@ -562,17 +568,20 @@ pub struct HelloFlags {
     pub base: bool,
     /// [`FLAG_EXTRA_STREAM`]: an extra bulk connection of a running session.
     pub extra_stream: bool,
+    /// [`FLAG_SHARED_RAM`]: its guest RAM is shared with other restores on its host.
+    pub shared_ram: bool,
 }
 
 impl HelloFlags {
     /// Every bit a `Hello` may carry.
-    pub const KNOWN: u32 = FLAG_RESUMED | FLAG_BASE | FLAG_EXTRA_STREAM;
+    pub const KNOWN: u32 = FLAG_RESUMED | FLAG_BASE | FLAG_EXTRA_STREAM | FLAG_SHARED_RAM;
 
     /// The bits on the wire.
     pub fn bits(self) -> u32 {
         bit(self.resumed, FLAG_RESUMED)
             | bit(self.base, FLAG_BASE)
             | bit(self.extra_stream, FLAG_EXTRA_STREAM)
+            | bit(self.shared_ram, FLAG_SHARED_RAM)
     }
 
     /// From the wire's bits (unknown ones ignored: the decoder refused them).
@@ -581,6 +590,7 @@ impl HelloFlags {
             resumed: bits & FLAG_RESUMED != 0,
             base: bits & FLAG_BASE != 0,
             extra_stream: bits & FLAG_EXTRA_STREAM != 0,
+            shared_ram: bits & FLAG_SHARED_RAM != 0,
         }
     }
 }
@@ -633,6 +643,10 @@ pub const FLAG_BASE: u32 = 4;
 /// `Hello` flag (bulk): another bulk connection of a running session (`faultd --streams`):
 /// it carries part of the background push and nothing else.
 pub const FLAG_EXTRA_STREAM: u32 = 16;
+/// `Hello` flag (urgent): the destination's guest RAM is a file shared with other restores
+/// of the image on its host (`faultd --shared-ram`): it takes over, and skips, pages they
+/// placed; a source serving a template starts each such restore's push at a different page.
+pub const FLAG_SHARED_RAM: u32 = 64;
 /// Most bulk connections of one session.
 pub const MAX_STREAMS: u32 = 8;
 /// `Welcome` flag: the guest's free pages come first on the bulk connection, as zero ranges

@@ -18,7 +18,7 @@ pub struct GuestFile {
     /// Dropped before the window (fields drop in order).
     guard: Guard,
     window: FileWindow,
-    /// Linked in a directory: other VMMs may map it too (see `shared_ram`).
+    /// Shared with other VMMs (`--shared-ram`, see `shared_ram`).
     shared: bool,
 }
 
@@ -33,7 +33,7 @@ pub enum GuestFileError {
         /// The RAM its layout declares.
         len: u64,
     },
-    /// Its size or links cannot be read.
+    /// Its size cannot be read.
     #[error("cannot examine the VMM's guest RAM file")]
     Stat(#[source] std::io::Error),
     /// It cannot be mapped.
@@ -52,16 +52,16 @@ impl GuestFile {
 
     /// Maps the first `len` bytes of the VMM's guest RAM file (the guest's pages, page `p` at
     /// byte `p * page_size`), guarded: if the VMM shrinks the file, a write past its end
-    /// fails the placement instead of killing faultd.
+    /// fails the placement instead of killing faultd. `shared`: other VMMs map it too
+    /// (`--shared-ram`, checked by the caller).
     ///
     /// # Errors
     /// The file is shorter than `len`, or cannot be mapped shared.
-    pub fn new(file: File, len: u64, page_size: u64) -> Result<Self, GuestFileError> {
+    pub fn new(file: File, len: u64, page_size: u64, shared: bool) -> Result<Self, GuestFileError> {
         let size = file.metadata().map_err(GuestFileError::Stat)?.len();
         if size < len {
             return Err(GuestFileError::TooShort { size, len });
         }
-        let shared = super::shared_ram::is_shared(&file).map_err(GuestFileError::Stat)?;
         let window = FileWindow::new(file.as_fd(), len as usize)?;
         let guard = sigbus::guard(window.addr() as usize, len as usize, page_size as usize)?;
         Ok(GuestFile {
@@ -72,7 +72,7 @@ impl GuestFile {
         })
     }
 
-    /// Whether other VMMs may map the file too (a file linked in a directory, not a memfd).
+    /// Whether other VMMs map the file too (`--shared-ram`).
     pub fn is_shared(&self) -> bool {
         self.shared
     }

@@ -143,6 +143,8 @@ pub struct Target {
     pub total_pages: u64,
     /// Whether we hold a base image (pagesrv offers page hashes first).
     pub base: bool,
+    /// Whether guest RAM is shared with other restores on this host (`--shared-ram`).
+    pub shared_ram: bool,
     /// The VM to ask for (empty: the only one pagesrv serves).
     pub vm: common::wire::VmName,
     /// Bulk connections to open (the first carries everything; the others share the push).
@@ -223,6 +225,7 @@ pub fn connect(
         flags: HelloFlags {
             resumed: pins.resumed,
             base: target.base,
+            shared_ram: target.shared_ram,
             extra_stream: false,
         }
         .bits(),

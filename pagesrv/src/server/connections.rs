@@ -347,10 +347,13 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             switch,
             Arc::new(self.events.clone()),
         ));
-        // Not for a store's snapshot: its restores pushing different parts at once would
-        // have the cache fetch them all at once, behind which the faults' fetches wait.
-        if vm.template && matches!(vm.source, crate::vm_memory::VmMemory::File(_)) {
-            session.start_push_at(stagger(serial, total_pages));
+        // Restores sharing their RAM on a host: each pushes a different part first. Not
+        // for a store's snapshot: restores pushing different parts at once would have the
+        // cache fetch them all at once, behind which the faults' fetches wait.
+        let shares_ram = pending.admitted.hello().shares_ram();
+        if vm.template && shares_ram && matches!(vm.source, crate::vm_memory::VmMemory::File(_)) {
+            let page_size = u64::from(pending_welcome.page_size);
+            session.start_push_at(stagger(serial, total_pages, page_size));
         }
         let (tx, session_for_thread) = (self.notify.clone(), session.clone());
         let published = self.events.metrics.clone();
@@ -402,11 +405,12 @@ fn prepare_socket(conn: &TcpStream, role: Role, config: &ServerConfig) -> Result
 }
 
 /// Where restore `serial` of a template starts its background push: spread by the golden
-/// ratio (any number of restores at once start far apart), at a 1 MiB boundary of 4 KiB
-/// pages. Clones on one host that share a guest RAM file then fill different parts of it
-/// first, and each tells pagesrv (`Skip`) what the others placed.
-fn stagger(serial: u64, total_pages: u64) -> u64 {
+/// ratio (any number of restores at once start far apart), at a 1 MiB boundary (pages of
+/// `page_size` bytes). Clones on one host that share a guest RAM file then fill different
+/// parts of it first, and each tells pagesrv (`Skip`) what the others placed.
+fn stagger(serial: u64, total_pages: u64, page_size: u64) -> u64 {
     const GOLDEN: f64 = 0.618_033_988_749_895;
+    let align = ((1 << 20) / page_size.max(1)).max(1);
     let at = ((serial as f64 * GOLDEN).fract() * total_pages as f64) as u64;
-    (at & !255).min(total_pages.saturating_sub(1))
+    (at / align * align).min(total_pages.saturating_sub(1))
 }
