@@ -424,6 +424,44 @@ pub fn start_faultd_with(addr: &str, uds: &Path, stats: &Path, extra: &[&str]) -
     p
 }
 
+/// One destination restoring from pagesrv at `addr`: faultd (with `faultd_args`) and
+/// test-vmm over `image` (with `vmm_args`), their files in `dir` named after `tag`. Waits for
+/// both and asserts that both succeeded, that the guest found every byte right during and
+/// after, and that faultd's digests matched pagesrv's. Returns faultd's stats and stderr.
+pub fn restore_one(
+    dir: &Scratch,
+    tag: &str,
+    addr: &str,
+    image: &Path,
+    faultd_args: &[&str],
+    vmm_args: &[&str],
+) -> (serde_json::Value, String) {
+    let (uds, stats) = (
+        dir.path(&format!("{tag}.sock")),
+        dir.path(&format!("{tag}.json")),
+    );
+    let mut faultd = start_faultd_with(addr, &uds, &stats, faultd_args);
+    let mut vmm = start_vmm(&uds, image, vmm_args);
+    let limit = Duration::from_secs(120);
+    let (vmm_status, vmm_err) = vmm.wait(limit);
+    let report = vmm.rest_of_stdout();
+    let (faultd_status, faultd_err) = faultd.wait(limit);
+    assert!(
+        vmm_status.success(),
+        "{tag}: test-vmm failed: {report}\n{vmm_err}\nfaultd:\n{faultd_err}"
+    );
+    assert!(
+        faultd_status.success(),
+        "{tag}: faultd failed:\n{faultd_err}"
+    );
+    let vmm = json(&report);
+    assert_eq!(vmm["mismatches_during"], 0, "{tag}: {vmm}");
+    assert_eq!(vmm["mismatches_after"], 0, "{tag}: {vmm}");
+    let stats = json(&std::fs::read_to_string(&stats).expect("faultd's stats"));
+    assert_eq!(stats["digest_check"], "match", "{tag}: {stats}");
+    (stats, faultd_err)
+}
+
 /// Starts the test VMM with `args`.
 pub fn start_vmm(uds: &Path, source: &Path, args: &[&str]) -> Proc {
     Proc::spawn(

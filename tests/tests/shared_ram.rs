@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tests::{Proc, Scratch, json, write_source};
+use tests::{Proc, Scratch, write_source};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -48,38 +48,16 @@ fn clone_with(
     shared: &Path,
     vmm_args: &[&str],
 ) -> serde_json::Value {
-    let (uds, stats) = (
-        dir.path(&format!("{tag}.sock")),
-        dir.path(&format!("{tag}.json")),
-    );
-    let mut faultd = tests::start_faultd_with(
-        addr,
-        &uds,
-        &stats,
-        &["--placement", "memfd", "--shared-ram"],
-    );
     let shared = shared.to_str().unwrap();
-    let args = [&["--threads", "2", "--shared-ram", shared][..], vmm_args].concat();
-    let mut vmm = tests::start_vmm(&uds, image, &args);
-    let (vmm_status, vmm_err) = vmm.wait(LIMIT);
-    let report = vmm.rest_of_stdout();
-    let (faultd_status, faultd_err) = faultd.wait(LIMIT);
-    assert!(
-        vmm_status.success(),
-        "{tag}: test-vmm failed: {report}\n{vmm_err}\nfaultd:\n{faultd_err}"
-    );
-    assert!(
-        faultd_status.success(),
-        "{tag}: faultd failed:\n{faultd_err}"
-    );
+    let vmm_args = [&["--threads", "2", "--shared-ram", shared][..], vmm_args].concat();
+    let faultd_args = ["--placement", "memfd", "--shared-ram"];
+    // Every byte checked by test-vmm; the pages this faultd received against pagesrv's
+    // digests (pages another clone placed were checked by that clone's).
+    let (stats, faultd_err) = tests::restore_one(dir, tag, addr, image, &faultd_args, &vmm_args);
     assert!(
         faultd_err.contains("the guest RAM file is shared"),
         "{tag}: {faultd_err}"
     );
-    // Every byte was checked by test-vmm; the pages this faultd received, against
-    // pagesrv's digests (pages another clone placed were checked by that clone's).
-    let stats = json(&std::fs::read_to_string(&stats).unwrap());
-    assert_eq!(stats["digest_check"], "match", "{tag}: {stats}");
     stats
 }
 

@@ -582,29 +582,7 @@ fn restore_with(
     faultd_args: &[&str],
     vmm_args: &[&str],
 ) -> serde_json::Value {
-    let (uds, stats) = (
-        dir.path(&format!("{tag}.sock")),
-        dir.path(&format!("{tag}.json")),
-    );
-    let mut faultd = tests::start_faultd_with(addr, &uds, &stats, faultd_args);
-    let mut vmm = tests::start_vmm(&uds, image, vmm_args);
-    let limit = Duration::from_secs(120);
-    let (vmm_status, vmm_err) = vmm.wait(limit);
-    let report = vmm.rest_of_stdout();
-    let (faultd_status, faultd_err) = faultd.wait(limit);
-    assert!(
-        vmm_status.success(),
-        "{tag}: test-vmm failed: {report}\n{vmm_err}\nfaultd:\n{faultd_err}"
-    );
-    assert!(
-        faultd_status.success(),
-        "{tag}: faultd failed:\n{faultd_err}"
-    );
-    let vmm = tests::json(&report);
-    assert_eq!(vmm["mismatches_during"], 0, "{tag}: {vmm}");
-    assert_eq!(vmm["mismatches_after"], 0, "{tag}: {vmm}");
-    let stats = tests::json(&std::fs::read_to_string(&stats).unwrap());
-    assert_eq!(stats["digest_check"], "match", "{tag}: {stats}");
+    let (stats, _) = tests::restore_one(dir, tag, addr, image, faultd_args, vmm_args);
     // The sum of every 4 KiB piece's digest, whatever the page size.
     assert_eq!(
         stats["received_digest"].as_str(),
