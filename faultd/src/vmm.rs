@@ -80,15 +80,25 @@ pub fn accept_vmm(
             bail!("--shared-ram needs --placement memfd and a VMM that passes its guest RAM file")
         }
         (PlaceMode::Memfd, Some(fd)) => {
-            if layout.page_size() > 4096 {
-                info!(
-                    "hugetlbfs memory: pages are placed with UFFDIO_COPY, the memfd is written in place only for precopy's patches"
-                );
+            let file = std::fs::File::from(fd);
+            let large = (layout.page_size() == 4096)
+                .then(|| crate::core::shared_ram::writes_may_use_large_pages(&file))
+                .flatten();
+            if let Some(why) = large {
+                // UFFDIO_COPY places a 4 KiB page of its own.
+                info!(%why, "the VMM's guest RAM file may put a write into a larger page (its other parts zero and present: the guest would read them without a fault): placing pages with UFFDIO_COPY");
+                None
+            } else {
+                if layout.page_size() > 4096 {
+                    info!(
+                        "hugetlbfs memory: pages are placed with UFFDIO_COPY, the memfd is written in place only for precopy's patches"
+                    );
+                }
+                Some(
+                    GuestFile::new(file, layout.total_bytes(), layout.page_size(), false)
+                        .context("memfd placement")?,
+                )
             }
-            Some(
-                GuestFile::new(fd.into(), layout.total_bytes(), layout.page_size(), false)
-                    .context("memfd placement")?,
-            )
         }
         (PlaceMode::Memfd, None) => {
             info!("the VMM passed no memfd: placing pages with UFFDIO_COPY");

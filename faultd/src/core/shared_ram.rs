@@ -118,14 +118,33 @@ pub fn check_host(file: &File, guest_page_size: u64) -> Result<(), SharedRamErro
     let meta = file
         .metadata()
         .map_err(|source| SharedRamError::Attribute { op: "read", source })?;
-    let mount = tmpfs_options(meta.dev())
-        .ok_or_else(|| SharedRamError::Unsupported("the file is not on a tmpfs".into()))?;
-    let thp = std::path::Path::new("/sys/kernel/mm/transparent_hugepage");
-    let global = std::fs::read_to_string(thp.join("shmem_enabled")).unwrap_or_default();
-    if let Some(why) = large_pages_for_writes(&mount, &global, &per_size_settings(thp)) {
+    if tmpfs_options(meta.dev()).is_none() {
+        return unsupported("the file is not on a tmpfs".into());
+    }
+    if let Some(why) = writes_may_use_large_pages(file) {
         return unsupported(why);
     }
     Ok(())
+}
+
+/// Why a 4 KiB write into `file` (tmpfs, or a memfd: the kernel's internal tmpfs) may land
+/// in a page larger than 4 KiB, its other parts zero and present in the page cache (a
+/// guest mapping them would read zeros no faultd wrote), or `None`.
+pub fn writes_may_use_large_pages(file: &File) -> Option<String> {
+    let dev = file.metadata().ok()?.dev();
+    let thp = std::path::Path::new("/sys/kernel/mm/transparent_hugepage");
+    let global = std::fs::read_to_string(thp.join("shmem_enabled")).unwrap_or_default();
+    // A memfd's internal mount follows `shmem_enabled` itself.
+    let mount = tmpfs_options(dev).unwrap_or_else(|| format!("huge={}", selected(&global)));
+    large_pages_for_writes(&mount, &global, &per_size_settings(thp))
+}
+
+/// The selected value of a sysfs setting printed with it in brackets.
+fn selected(text: &str) -> String {
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']')))
+        .unwrap_or("never")
+        .to_owned()
 }
 
 /// The super options of the tmpfs mounted from device `dev` (from /proc/self/mountinfo),
@@ -159,12 +178,7 @@ fn per_size_settings(thp: &std::path::Path) -> Vec<String> {
 /// options `mount`, the global `shmem_enabled` and the per-size settings, each as the
 /// kernel prints them, the selected value in brackets), or `None`.
 fn large_pages_for_writes(mount: &str, global: &str, per_size: &[String]) -> Option<String> {
-    let selected = |text: &str| {
-        text.split_whitespace()
-            .find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']')))
-            .map(str::to_owned)
-    };
-    if selected(global).as_deref() == Some("force") {
+    if selected(global) == "force" {
         return Some("shmem_enabled is 'force' (tmpfs writes may use huge pages)".into());
     }
     let huge = mount
@@ -172,17 +186,15 @@ fn large_pages_for_writes(mount: &str, global: &str, per_size: &[String]) -> Opt
         .find_map(|o| o.strip_prefix("huge="))
         .unwrap_or("never");
     let writes_large = |policy: &str| matches!(policy, "always" | "within_size");
-    if writes_large(huge) && selected(global).as_deref() != Some("deny") {
+    if writes_large(huge) && selected(global) != "deny" {
         return Some(format!("the tmpfs is mounted huge={huge}"));
     }
     for setting in per_size {
-        match selected(setting).as_deref() {
-            Some(p) if writes_large(p) => {
-                return Some(format!(
-                    "a multi-size large page setting is '{p}' for tmpfs"
-                ));
-            }
-            _ => {}
+        let p = selected(setting);
+        if writes_large(&p) {
+            return Some(format!(
+                "a multi-size large page setting is '{p}' for tmpfs"
+            ));
         }
     }
     None
@@ -366,6 +378,11 @@ mod tests {
         let force = "always within_size advise never deny [force]";
         assert!(large_pages_for_writes("rw", force, &[]).is_some());
         assert!(large_pages_for_writes("rw", never, &sizes("always")).is_some());
+        // A memfd follows shmem_enabled: as a mount with huge= its selection.
+        let always = "[always] within_size advise never deny force";
+        let memfd = |g: &str| format!("huge={}", selected(g));
+        assert!(large_pages_for_writes(&memfd(always), always, &[]).is_some());
+        assert_eq!(large_pages_for_writes(&memfd(never), never, &[]), None);
     }
 
     #[test]
