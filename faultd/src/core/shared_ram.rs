@@ -77,6 +77,20 @@ pub enum SharedRamError {
         "pagesrv runs precopy rounds, whose pages are dropped or patched as the source writes them: not possible in a guest RAM file other VMs share (give this VM a memfd of its own)"
     )]
     Precopy,
+    /// The VMM's mappings cannot be read.
+    #[error(
+        "cannot read the VMM's mappings (/proc/{pid}/maps) to check that it maps its guest RAM private"
+    )]
+    Maps {
+        /// The VMM's process.
+        pid: i32,
+        /// What the kernel said.
+        #[source]
+        source: io::Error,
+    },
+    /// The file cannot be examined.
+    #[error("cannot examine the VMM's guest RAM file")]
+    Stat(#[source] io::Error),
     /// The attribute cannot be read or written.
     #[error("cannot {op} the image attribute of the VMM's guest RAM file")]
     Attribute {
@@ -115,9 +129,7 @@ pub fn check_host(file: &File, guest_page_size: u64) -> Result<(), SharedRamErro
             "this host's pages are {host_page} bytes, not 4 KiB"
         ));
     }
-    let meta = file
-        .metadata()
-        .map_err(|source| SharedRamError::Attribute { op: "read", source })?;
+    let meta = file.metadata().map_err(SharedRamError::Stat)?;
     if tmpfs_options(meta.dev()).is_none() {
         return unsupported("the file is not on a tmpfs".into());
     }
@@ -206,12 +218,8 @@ fn large_pages_for_writes(mount: &str, global: &str, per_size: &[String]) -> Opt
 /// # Errors
 /// [`SharedRamError::MappedShared`], or the maps cannot be read.
 pub fn check_private(pid: i32, ranges: &[(u64, u64)]) -> Result<(), SharedRamError> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| {
-        SharedRamError::Attribute {
-            op: "read the VMM's mappings for",
-            source,
-        }
-    })?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|source| SharedRamError::Maps { pid, source })?;
     for line in maps.lines() {
         let mut fields = line.split_whitespace();
         let (Some(span), Some(perms)) = (fields.next(), fields.next()) else {
@@ -251,11 +259,7 @@ pub fn bind(file: &File, image_id: u64, precopy: bool) -> Result<(), SharedRamEr
     let ours = format!("{image_id:016x}");
     // Read before the attribute: pages written after it was set by another faultd are that
     // faultd's, of the image the attribute names.
-    let bytes = file
-        .metadata()
-        .map_err(|source| SharedRamError::Attribute { op: "read", source })?
-        .blocks()
-        * 512;
+    let bytes = file.metadata().map_err(SharedRamError::Stat)?.blocks() * 512;
     let check = |theirs: String| {
         if theirs == ours {
             Ok(())
@@ -404,5 +408,8 @@ mod tests {
         );
         // A range nothing maps is not.
         check_private(std::process::id() as i32, &[(0x1000, 0x1000)]).unwrap();
+        // A VMM whose mappings cannot be read is refused, saying so.
+        let gone = check_private(i32::MAX, &[(0x1000, 0x1000)]).unwrap_err();
+        assert!(gone.to_string().contains("/maps"), "{gone}");
     }
 }
