@@ -1,16 +1,17 @@
 //! A guest RAM file shared by clones of one template on a host (`faultd --shared-ram`).
 //!
 //! The VMM passes, as its memfd, a tmpfs file linked in a directory (a memfd is not) that
-//! other VMMs map too, each *private*: clones of one snapshot restored on one host. Each clone's
-//! faultd writes the pages it receives into the file's page cache, so a page one clone
-//! placed is mapped into every other by the kernel, without a fault or a fetch, and a
-//! guest's writes stay its own (copy on write). Every clone's faultd writes the same bytes
-//! for a page (the template's), so writing a page another guest already maps changes
+//! other VMMs map too, each *private*: clones of one snapshot restored on one host. Each
+//! clone's faultd writes the pages it receives into the file's page cache, so a page one
+//! clone placed is mapped into every other by the kernel, without a fault or a fetch, and
+//! a guest's writes stay its own (copy on write). Every clone's faultd writes the same
+//! bytes for a page (the template's), so writing a page another guest already maps changes
 //! nothing it can see. Each faultd also looks at the file now and then (`mincore`) and
 //! takes over the pages others placed before they arrived here: they count as done and
 //! pagesrv is told to skip them (`Skip`), so a page is sent to the host about once, not
-//! once per clone (pagesrv starts each restore's push of a template at a different place).
-//! Those pages are verified by the restore that received them, not again by this one.
+//! once per clone (for a template file, pagesrv starts the push of each restore whose
+//! `Hello` says it shares at a different place). Those pages are verified by the restore
+//! that received them, not again by this one.
 //!
 //! That holds only while every writer restores the same image. So the file is tied to one:
 //! the first faultd records the image id in an extended attribute ([`IMAGE_XATTR`]) before
