@@ -11,26 +11,9 @@ use tests::{Proc, Scratch, write_source};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// Starts `pagesrv --template` serving `image`; returns it and its address.
-fn serve_template(image: &Path) -> (Proc, String) {
-    serve_template_with(image, &[])
-}
-
-/// [`serve_template`] with more pagesrv arguments.
-fn serve_template_with(image: &Path, extra: &[&str]) -> (Proc, String) {
-    let args: Vec<std::ffi::OsString> = vec!["--vm-mem".into(), image.into()];
-    let mut cmd = std::process::Command::new(tests::bin("pagesrv"));
-    cmd.args(["--listen", "127.0.0.1:0", "--template"])
-        .args(extra)
-        .args(tests::key_args(&args))
-        .args(&args);
-    let mut pagesrv = Proc::spawn("pagesrv", &mut cmd);
-    let line = pagesrv.read_line();
-    let addr = line
-        .strip_prefix("pagesrv listening on ")
-        .unwrap_or_else(|| panic!("pagesrv did not start: {line:?}"))
-        .to_owned();
-    (pagesrv, addr)
+/// Starts `pagesrv --template` serving `image` (and `extra`); returns it and its address.
+fn serve_template(image: &Path, extra: &[&str]) -> (Proc, String) {
+    tests::start_pagesrv(image, &[&["--template"][..], extra].concat())
 }
 
 /// One clone: faultd (memfd placement) and test-vmm over `shared` (touching every page and
@@ -69,7 +52,7 @@ fn test_clones_sharing_a_ram_file_see_the_whole_template_and_a_later_one_takes_i
     let dir = Scratch::new("shared-ram");
     let (image, shared) = (dir.path("tpl.mem"), dir.path("ram.shared"));
     write_source(&image, 4096, 31, 4, 0..0);
-    let (pagesrv, addr) = serve_template(&image);
+    let (pagesrv, addr) = serve_template(&image, &[]);
     // Two at once: each places pages the other may already map.
     let first: Vec<serde_json::Value> = std::thread::scope(|s| {
         let handles: Vec<_> = ["c1", "c2"]
@@ -90,7 +73,7 @@ fn test_clones_sharing_a_ram_file_see_the_whole_template_and_a_later_one_takes_i
     // Every page is in the file now. A clone served without a push (only what it asks
     // for): its guest finds every page there (no fault, so it asks for nothing), and its
     // faultd completes only by taking the pages over from the file.
-    let (pagesrv, addr) = serve_template_with(&image, &["--no-push", "--prepage-window", "0"]);
+    let (pagesrv, addr) = serve_template(&image, &["--no-push", "--prepage-window", "0"]);
     let third = clone(&dir, "c3", &addr, &image, &shared);
     assert_eq!(third["faults"], 0, "{third}");
     assert_eq!(third["pages_requested"], 0, "{third}");
@@ -112,14 +95,14 @@ fn test_a_ram_file_shared_for_another_image_is_refused_before_any_page_goes_in()
     let (a, b, shared) = (dir.path("a.mem"), dir.path("b.mem"), dir.path("ram.shared"));
     write_source(&a, 1024, 41, 4, 0..0);
     write_source(&b, 1024, 42, 4, 0..0);
-    let (pagesrv_a, addr_a) = serve_template(&a);
+    let (pagesrv_a, addr_a) = serve_template(&a, &[]);
     clone(&dir, "a1", &addr_a, &a, &shared);
     pagesrv_a.wait_for_stderr("completed (", 1, LIMIT);
     drop(pagesrv_a);
     let before = std::fs::read(&shared).unwrap();
 
     // A clone of another template given the same file.
-    let (pagesrv_b, addr_b) = serve_template(&b);
+    let (pagesrv_b, addr_b) = serve_template(&b, &[]);
     let (uds, stats) = (dir.path("b1.sock"), dir.path("b1.json"));
     let mut faultd = tests::start_faultd_with(
         &addr_b,
@@ -151,7 +134,7 @@ fn test_pages_a_clone_gives_back_read_the_template_again_and_no_zeros_reach_the_
     let dir = Scratch::new("shared-ram-remove");
     let (image, shared) = (dir.path("tpl.mem"), dir.path("ram.shared"));
     write_source(&image, 2048, 43, 4, 0..0);
-    let (pagesrv, addr) = serve_template(&image);
+    let (pagesrv, addr) = serve_template(&image, &[]);
     // The first clone gives 300 pages back (DONTNEED) early, most before they arrived: it
     // reads them as the template's again, and so does a clone after it, page by page
     // (were they marked zero, a fault on one would write zeros into the file).
@@ -186,7 +169,7 @@ fn test_shared_ram_is_refused_for_a_memfd_that_no_other_vmm_can_map() {
     let dir = Scratch::new("shared-ram-memfd");
     let image = dir.path("tpl.mem");
     write_source(&image, 256, 44, 4, 0..0);
-    let (pagesrv, addr) = serve_template(&image);
+    let (pagesrv, addr) = serve_template(&image, &[]);
     let (uds, stats) = (dir.path("m.sock"), dir.path("m.json"));
     let args = ["--placement", "memfd", "--shared-ram"];
     let mut faultd = tests::start_faultd_with(&addr, &uds, &stats, &args);

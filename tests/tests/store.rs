@@ -917,17 +917,7 @@ fn test_a_memory_file_template_is_restored_by_two_destinations_at_once() {
     let dir = Scratch::new("file-template");
     let image = dir.path("tpl.mem");
     write_source(&image, 4096, 29, 4, 0..0);
-    let args: Vec<std::ffi::OsString> = vec!["--vm-mem".into(), image.clone().into()];
-    let mut cmd = std::process::Command::new(tests::bin("pagesrv"));
-    cmd.args(["--listen", "127.0.0.1:0", "--template"])
-        .args(tests::key_args(&args))
-        .args(&args);
-    let mut pagesrv = Proc::spawn("pagesrv", &mut cmd);
-    let line = pagesrv.read_line();
-    let addr = line
-        .strip_prefix("pagesrv listening on ")
-        .unwrap_or_else(|| panic!("pagesrv did not start: {line:?}"))
-        .to_owned();
+    let (pagesrv, addr) = tests::start_pagesrv(&image, &["--template"]);
     std::thread::scope(|s| {
         for clone in ["d1", "d2"] {
             let (dir, addr, image) = (&dir, &addr, &image);
