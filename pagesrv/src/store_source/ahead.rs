@@ -3,6 +3,7 @@
 //! working set, fetched first by a thread of its own.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use snapstore::layout::{FRAME_PAGES, PageRef};
 use tracing::info;
@@ -13,6 +14,9 @@ use super::{CacheState, FrameState, StoreSource};
 const READ_AHEAD_FRAMES: usize = 256;
 /// Pages looked at past a read for frames to read ahead.
 const READ_AHEAD_SCAN_PAGES: u64 = 16 * 1024;
+/// Read-aheads running in the background at once at most (more would only queue their GETs
+/// and decoding behind those already running).
+const READ_AHEADS_RUNNING: usize = 2;
 /// Working-set frames in one batch of the prefetcher. Its GETs run in parallel and their
 /// frames are handed over in the set's order (a set stored first by `store put
 /// --working-set` lies back to back: ≈ one GET per MiB), so one batch brings the first
@@ -47,6 +51,51 @@ impl StoreSource {
             }
         }
         ahead
+    }
+
+    /// If fewer than [`READ_AHEADS_RUNNING`] read-aheads run, marks absent frames of the
+    /// pages after `end` (and the bases they need) as being fetched and counts a read-ahead
+    /// running; the caller passes them to [`StoreSource::read_ahead_in_background`].
+    pub(super) fn start_reading_ahead(
+        &self,
+        state: &mut CacheState,
+        end: u64,
+    ) -> Option<Vec<usize>> {
+        if state.reading_ahead >= READ_AHEADS_RUNNING {
+            return None;
+        }
+        let mut ahead = self.read_ahead(state, end);
+        let bases = self.bases_in_use(state, ahead.iter());
+        ahead.extend(bases);
+        if ahead.is_empty() {
+            return None;
+        }
+        state.reading_ahead += 1;
+        Some(ahead)
+    }
+
+    /// Fetches `frames` (from [`StoreSource::start_reading_ahead`]) on a thread of its own.
+    /// A failure only drops what was read ahead (a read that needs those pages fetches them
+    /// itself); if no thread can start, they are absent again.
+    pub(super) fn read_ahead_in_background(self: &Arc<Self>, frames: Vec<usize>) {
+        let source = self.clone();
+        let ahead = frames.clone();
+        let started = std::thread::Builder::new()
+            .name("store-ahead".into())
+            .spawn(move || {
+                source.fetch(&[], &ahead);
+                source.lock().reading_ahead -= 1;
+            });
+        if let Err(e) = started {
+            tracing::debug!(error = %e, "cannot read ahead from the object store");
+            let mut state = self.lock();
+            for f in frames {
+                state.frames[f] = FrameState::Absent;
+            }
+            state.reading_ahead -= 1;
+            drop(state);
+            self.ready.notify_all();
+        }
     }
 
     /// The absent frames holding the bases of delta frames `frames` that the image also

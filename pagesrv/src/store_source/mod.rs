@@ -32,10 +32,12 @@ use tracing::{info, warn};
 
 use crate::source::SourceError;
 use losses::Losses;
+use runs::contiguous_runs;
 
 mod ahead;
 mod losses;
 mod paged;
+mod runs;
 pub use paged::StorePaged;
 
 /// A frame's state in the cache.
@@ -57,6 +59,8 @@ struct CacheState {
     /// Ranged GETs made, and the batches they came in (one round trip each).
     gets: u64,
     batches: u64,
+    /// Read-aheads running in the background.
+    reading_ahead: usize,
 }
 
 /// A stored snapshot served from a local cache.
@@ -175,6 +179,7 @@ impl StoreSource {
                 evictions: 0,
                 gets: 0,
                 batches: 0,
+                reading_ahead: 0,
             }),
             ready: Condvar::new(),
             losses: Losses::default(),
@@ -310,9 +315,9 @@ impl StoreSource {
     }
 
     /// Pins the frames of 4 KiB pages `first..end`, fetching those that are absent (and
-    /// reading ahead) and waiting for those another thread fetches. Returns the pins, or
+    /// reading ahead, in the background) and waiting for those another thread fetches. Returns the pins, or
     /// `None` if a fetch failed (this one, or one it waited for: the pages are lost).
-    fn pin(&self, first: u64, end: u64) -> Option<Vec<u32>> {
+    fn pin(self: &Arc<Self>, first: u64, end: u64) -> Option<Vec<u32>> {
         let needed = self.frames_of(first, end);
         let losses = self.losses();
         let mut pinned = vec![false; needed.len()];
@@ -342,11 +347,16 @@ impl StoreSource {
             }
             if !mine.is_empty() {
                 let frames: Vec<usize> = mine.iter().map(|&i| needed[i] as usize).collect();
-                let mut ahead = self.read_ahead(&mut state, end);
-                let bases = self.bases_in_use(&mut state, frames.iter().chain(&ahead));
-                ahead.extend(bases);
+                let bases = self.bases_in_use(&mut state, frames.iter());
+                // What follows is fetched at the same time but on a thread of its own: this
+                // read waits for its own frames only (one round trip), not for the
+                // decoding of a batch read ahead.
+                let ahead = self.start_reading_ahead(&mut state, end);
                 drop(state);
-                let ok = self.fetch(&frames, &ahead);
+                if let Some(ahead) = ahead {
+                    self.read_ahead_in_background(ahead);
+                }
+                let ok = self.fetch(&frames, &bases);
                 state = self.lock();
                 if !ok {
                     drop(state);
@@ -411,13 +421,20 @@ impl StoreSource {
         let pinned_set: HashSet<usize> = pinned.iter().copied().collect();
         let written = Mutex::new(HashSet::with_capacity(all.len()));
         let result = self.store.fetch_frames(&self.manifest, &all, &|f, raw| {
+            let page_bytes = PAGE_BYTES as usize;
             for &(slot, page) in &self.users[f] {
-                let bytes = &raw[usize::from(slot) * PAGE_BYTES as usize..][..PAGE_BYTES as usize];
                 if !self.digest_known[page as usize].load(Ordering::Acquire) {
+                    let bytes = &raw[usize::from(slot) * page_bytes..][..page_bytes];
                     let digest = common::digest::piece_digest(page, bytes);
                     self.digests[page as usize].store(digest, Ordering::Relaxed);
                     self.digest_known[page as usize].store(true, Ordering::Release);
                 }
+            }
+            // One write per run of pages that follow each other both in the frame and in
+            // the image (usually the whole frame): a 4 KiB write costs about as much
+            // again on ext4 as a page of a 64 KiB one.
+            for (slot, page, pages) in contiguous_runs(&self.users[f]) {
+                let bytes = &raw[usize::from(slot) * page_bytes..][..pages * page_bytes];
                 self.file
                     .write_all_at(bytes, page * PAGE_BYTES)
                     .map_err(|source| StoreError::File {
@@ -459,7 +476,7 @@ impl StoreSource {
                 let damaged = matches!(e, StoreError::Format { .. });
                 let why = format!("{:#}", anyhow::Error::new(e));
                 if pinned.is_empty() {
-                    warn!(store = %self.url, error = %why, "prefetching from the object store failed");
+                    warn!(store = %self.url, error = %why, "prefetching or reading ahead from the object store failed: only those frames are dropped");
                     false
                 } else if pinned.iter().all(|f| written.contains(f)) {
                     // The caller has what it asked for; only frames read ahead are lost.
