@@ -58,6 +58,15 @@ impl PushScheduler {
         self.cursor = page;
     }
 
+    /// The prefetch list (a recorded working set) starts `at` (0..1) of the way through it
+    /// and wraps around: restores of one template sharing a guest RAM file on a host each
+    /// push a different part of the set first (what the others placed they do not need).
+    pub fn start_prefetch_at(&mut self, at: f64) {
+        let len = self.prefetch.len();
+        let first = ((at.clamp(0.0, 1.0) * len as f64) as usize).min(len);
+        self.prefetch.rotate_left(first);
+    }
+
     /// Starts over from the first page (a new precopy round).
     pub fn rewind(&mut self) {
         self.cursor = 0;
@@ -203,6 +212,23 @@ mod tests {
             vec![(6, 3), (9, 1), (0, 3), (3, 3)]
         );
         assert!(sent.is_full());
+    }
+
+    #[test]
+    fn test_a_working_set_started_midway_wraps_around_before_the_rest() {
+        let sent = PageMap::new(12);
+        let mut s = PushScheduler::new(fixed(0), vec![8, 9, 2, 3, 4, 10]);
+        s.start_prefetch_at(0.5);
+        assert_eq!(
+            drain(&mut s, &sent, 4),
+            vec![(3, 2), (10, 1), (8, 2), (2, 1), (0, 2), (5, 3), (11, 1)]
+        );
+        assert_eq!(s.prefetched_pages(), 6);
+        assert!(sent.is_full());
+        // At the end (or past it): the list as it was.
+        let mut s = PushScheduler::new(fixed(0), vec![4, 1]);
+        s.start_prefetch_at(1.0);
+        assert_eq!(s.next_run(&PageMap::new(6), 4), Some((4, 1)));
     }
 
     #[test]

@@ -347,13 +347,19 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             switch,
             Arc::new(self.events.clone()),
         ));
-        // Restores sharing their RAM on a host: each pushes a different part first. Not
-        // for a store's snapshot: restores pushing different parts at once would have the
-        // cache fetch them all at once, behind which the faults' fetches wait.
+        // Restores sharing their RAM on a host: each pushes a different part of the
+        // recorded working set first, and of the rest. Not the rest of a store's snapshot:
+        // restores pushing different parts at once would have the cache fetch them all at
+        // once, behind which the faults' fetches wait (the working set is fetched first,
+        // as one, whatever the order of its pushes).
         let shares_ram = pending.admitted.hello().shares_ram();
-        if vm.template && shares_ram && matches!(vm.source, crate::vm_memory::VmMemory::File(_)) {
-            let page_size = u64::from(pending_welcome.page_size);
-            session.start_push_at(stagger(serial, total_pages, page_size));
+        if vm.template && shares_ram {
+            let at = spread(serial);
+            session.start_prefetch_at(at);
+            if matches!(vm.source, crate::vm_memory::VmMemory::File(_)) {
+                let page_size = u64::from(pending_welcome.page_size);
+                session.start_push_at(stagger(at, total_pages, page_size));
+            }
         }
         let (tx, session_for_thread) = (self.notify.clone(), session.clone());
         let published = self.events.metrics.clone();
@@ -404,13 +410,49 @@ fn prepare_socket(conn: &TcpStream, role: Role, config: &ServerConfig) -> Result
     Ok(())
 }
 
-/// Where restore `serial` of a template starts its background push: spread by the golden
-/// ratio (any number of restores at once start far apart), at a 1 MiB boundary (pages of
-/// `page_size` bytes). Clones on one host that share a guest RAM file then fill different
-/// parts of it first, and each tells pagesrv (`Skip`) what the others placed.
-fn stagger(serial: u64, total_pages: u64, page_size: u64) -> u64 {
+/// How far into what it pushes restore `serial` of a template starts (0..1): spread by the
+/// golden ratio, so that any number of restores at once start far apart. Clones on one host
+/// that share a guest RAM file then fill different parts of it first, and each tells
+/// pagesrv (`Skip`) what the others placed.
+fn spread(serial: u64) -> f64 {
     const GOLDEN: f64 = 0.618_033_988_749_895;
+    (serial as f64 * GOLDEN).fract()
+}
+
+/// The page `at` (0..1) of the way through `total_pages` pages of `page_size` bytes, at a
+/// 1 MiB boundary: where a staggered background push starts.
+fn stagger(at: f64, total_pages: u64, page_size: u64) -> u64 {
     let align = ((1 << 20) / page_size.max(1)).max(1);
-    let at = ((serial as f64 * GOLDEN).fract() * total_pages as f64) as u64;
-    (at / align * align).min(total_pages.saturating_sub(1))
+    let page = (at * total_pages as f64) as u64;
+    (page / align * align).min(total_pages.saturating_sub(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{spread, stagger};
+
+    #[test]
+    fn test_restores_start_far_apart_at_mib_boundaries_inside_memory() {
+        let starts: Vec<f64> = (0..16).map(spread).collect();
+        assert!(starts.iter().all(|s| (0.0..1.0).contains(s)));
+        let mut sorted = starts.clone();
+        sorted.sort_by(f64::total_cmp);
+        // Sixteen golden-ratio points: no two closer than a fortieth.
+        assert!(
+            sorted.windows(2).all(|w| w[1] - w[0] > 1.0 / 40.0),
+            "{sorted:?}"
+        );
+        for &at in &starts {
+            let page = stagger(at, 65536, 4096);
+            assert_eq!(page % 256, 0);
+            assert!(page < 65536);
+            assert!(stagger(at, 512, 2 << 20) < 512);
+        }
+        assert_eq!(
+            stagger(0.999, 100, 4096),
+            0,
+            "less than 1 MiB of memory: from the start"
+        );
+        assert_eq!(stagger(0.5, 0, 4096), 0);
+    }
 }

@@ -231,6 +231,13 @@ impl<'a> Session<'a> {
         self.push_order.lock().start_at(page);
     }
 
+    /// The recorded working set is pushed from `at` (0..1) of the way through it on,
+    /// wrapping around (see [`PushScheduler::start_prefetch_at`]); call before the session
+    /// runs.
+    pub fn start_prefetch_at(&self, at: f64) {
+        self.push_order.lock().start_prefetch_at(at);
+    }
+
     /// Pages pushed first from the recorded working set (`--prefetch`): as of the pusher's
     /// last pick (read without the push-order lock the urgent thread takes).
     pub fn prefetched_pages(&self) -> u64 {
