@@ -18,7 +18,13 @@ use serde_json::{Value, json};
 
 use crate::fleet::{VmRun, finish, ready_destination, start_guest};
 use crate::link::{DelayLine, Profile};
-use crate::procs::{Usage, log_tail, remove_on_interrupt, start_pagesrv_env, watch};
+use crate::procs::{
+    Usage, log_tail, output_registered, remove_on_interrupt, sibling, start_faultd, start_pagesrv,
+    start_pagesrv_env, watch_every,
+};
+
+/// How often each process's memory and CPU time are read (33 processes in a storm of 16).
+const WATCH_EVERY: Duration = Duration::from_millis(100);
 use crate::scenario::write_image_seeded;
 use crate::store_server::{BUCKET, StoreServer};
 
@@ -56,6 +62,13 @@ pub struct ClonesArgs {
     /// round; the restore alone gets one of its own).
     #[arg(long)]
     pub shared_ram: bool,
+    /// With --from-store: record the guests' working set first (one demand-paged restore
+    /// of the memory file, `faultd --record-working-set`, not timed) and upload the
+    /// template with it (`store put --working-set`), so that pagesrv fetches it first and
+    /// pushes it first to every restore (the guests all touch the same pages: the same
+    /// seed).
+    #[arg(long, requires = "from_store")]
+    pub working_set: bool,
     /// Directory for the image and the shared RAM file (tmpfs is best).
     #[arg(long, default_value = "/dev/shm")]
     pub ram_dir: PathBuf,
@@ -108,12 +121,14 @@ fn bench(args: &ClonesArgs, image: &Path, work: &Path) -> Result<()> {
     let serving = if args.from_store {
         let server = StoreServer::start(&work.join("store"))?;
         let url = format!("s3://{BUCKET}/clone-template");
-        let out = server
-            .pagesrv(server.addr)?
-            .args(["store", "put"])
-            .arg(image)
-            .arg(&url)
-            .output()?;
+        let mut put = server.pagesrv(server.addr)?;
+        put.args(["store", "put"]).arg(image).arg(&url);
+        if args.working_set {
+            eprintln!("bench: recording the guests' working set (one demand-paged restore)");
+            put.arg("--working-set")
+                .arg(record_working_set(image, args, work)?);
+        }
+        let out = put.output()?;
         ensure!(
             out.status.success(),
             "cannot upload the template: {}",
@@ -170,6 +185,63 @@ fn bench(args: &ClonesArgs, image: &Path, work: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Restores `image` once by demand paging (no push, no pre-paging: every page the guest
+/// touches faults) with faultd recording the order of its faults; returns the working set's
+/// file.
+fn record_working_set(image: &Path, args: &ClonesArgs, work: &Path) -> Result<PathBuf> {
+    let ws = work.join("working-set");
+    let _ = std::fs::remove_file(&ws);
+    // Neither a push nor pre-paging: every page the guest touches faults, and is recorded.
+    let (mut pagesrv, addr) = start_pagesrv(
+        image,
+        &["--no-push", "--prepage-window", "0"],
+        Some(&work.join("record.pagesrv.log")),
+    )?;
+    let (uds, stats, faultd_log) = (
+        work.join("record.sock"),
+        work.join("record.stats.json"),
+        work.join("record.faultd.log"),
+    );
+    let ws_arg = ws.display().to_string();
+    let mut faultd = start_faultd(
+        &addr,
+        &uds,
+        &stats,
+        &["--record-working-set", &ws_arg],
+        Some(&faultd_log),
+    )?;
+    let out = output_registered(
+        std::process::Command::new(sibling("test-vmm")?)
+            .arg("--uds")
+            .arg(&uds)
+            .arg("--source")
+            .arg(image)
+            .args([
+                "--order",
+                &args.order,
+                "--touches",
+                &args.touches.to_string(),
+            ])
+            .arg("--no-wait"),
+    )?;
+    ensure!(
+        out.status.success(),
+        "the recording restore's guest failed: {}\nthe end of faultd's log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        log_tail(&faultd_log, 10)
+    );
+    // The guest left before the restore ended: faultd writes the set and ends by itself.
+    let _ = faultd.wait_at_most(Duration::from_secs(10))?;
+    let _ = pagesrv.0.kill();
+    let _ = pagesrv.wait();
+    ensure!(
+        ws.exists(),
+        "faultd wrote no working set; the end of its log:\n{}",
+        log_tail(&faultd_log, 10)
+    );
+    Ok(ws)
+}
+
 /// `n` destinations restore the template at once through one (new) pagesrv.
 fn restore_at_once(
     n: u32,
@@ -182,7 +254,7 @@ fn restore_at_once(
     let extra: Vec<&str> = serving.extra.iter().map(String::as_str).collect();
     let (mut pagesrv, addr) =
         start_pagesrv_env(&serving.vm_mem, &serving.env, &extra, Some(&pagesrv_log))?;
-    let pagesrv_usage = watch(pagesrv.0.id());
+    let pagesrv_usage = watch_every(pagesrv.0.id(), WATCH_EVERY);
     // A new shared file each round (none of its pages there yet), removed after it.
     let shared_ram = args.shared_ram.then(|| {
         let file = args
@@ -204,8 +276,8 @@ fn restore_at_once(
     for ready in ready {
         let destination = start_guest(ready, image, &args.order, args.touches, work)?;
         let usage = (
-            watch(destination.vmm.0.id()),
-            watch(destination.faultd.0.id()),
+            watch_every(destination.vmm.0.id(), WATCH_EVERY),
+            watch_every(destination.faultd.0.id(), WATCH_EVERY),
         );
         running.push((destination, usage.0, usage.1));
     }
@@ -301,7 +373,7 @@ fn summarize(args: &ClonesArgs, alone: &[Round], storm: &[Round]) -> Value {
         "touches_per_guest": args.touches,
         "order": args.order,
         "rounds": args.runs,
-        "served_from": if args.from_store { format!("object store, {} ms round trip, cold cache each round", args.store_rtt_ms) } else { "memory file (--template)".to_string() },
+        "served_from": if args.from_store { format!("object store, {} ms round trip, cold cache each round{}", args.store_rtt_ms, if args.working_set { ", the recorded working set first" } else { "" }) } else { "memory file (--template)".to_string() },
         "one_restore": {
             "restore_ms": alone_total,
             "guest_pass_ms": alone_pass,
@@ -337,6 +409,7 @@ fn summarize(args: &ClonesArgs, alone: &[Round], storm: &[Round]) -> Value {
             "guest_pass_p95_over_one": pass_p95 / alone_pass.max(1e-9),
         },
         "shared_ram": args.shared_ram,
+        "working_set_first": args.working_set,
         "targets": {"guest_pass_p95_over_one_at_most": 2.0},
         "method": "one pagesrv serving one template to every destination (each its own session); per destination faultd and test-vmm (touches while the push runs, then every page checked); restore = faultd's duration from its VMM's connection to its last page; medians over rounds of each round's quantile",
     })

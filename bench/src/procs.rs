@@ -225,8 +225,15 @@ pub fn cpu_ms(pid: u32) -> Option<f64> {
     Some(ticks as f64 * 1000.0 / hz)
 }
 
-/// Samples a process's private (anonymous) resident memory and CPU time until it exits.
+/// Samples a process's private (anonymous) resident memory and CPU time every 20 ms until it
+/// exits (its peak of all resident memory is the kernel's, `VmHWM`).
 pub fn watch(pid: u32) -> std::thread::JoinHandle<Usage> {
+    watch_every(pid, std::time::Duration::from_millis(20))
+}
+
+/// [`watch`], sampling every `interval` (a clone storm watches 33 processes: reading /proc
+/// for each every 20 ms took 5 % of the two CPUs from what it measures).
+pub fn watch_every(pid: u32, interval: std::time::Duration) -> std::thread::JoinHandle<Usage> {
     std::thread::spawn(move || {
         let mut usage = Usage::default();
         while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
@@ -236,7 +243,8 @@ pub fn watch(pid: u32) -> std::thread::JoinHandle<Usage> {
                     .find_map(|l| l.strip_prefix(name))
                     .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             };
-            if let Some(kib) = field("VmRSS:") {
+            // The kernel's own high-water mark: exact however seldom it is read.
+            if let Some(kib) = field("VmHWM:").or(field("VmRSS:")) {
                 usage.peak_rss = usage.peak_rss.max(kib << 10);
             }
             match field("RssAnon:") {
@@ -246,7 +254,7 @@ pub fn watch(pid: u32) -> std::thread::JoinHandle<Usage> {
             if let Some(ms) = cpu_ms(pid) {
                 usage.cpu_ms = ms;
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(interval);
         }
         usage
     })

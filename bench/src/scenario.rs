@@ -41,7 +41,7 @@ pub enum PushChoice {
 }
 
 /// Options of `bench latency`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct LatencyArgs {
     /// Guest memory image size in MiB (every 4th page zero).
     #[arg(long, default_value_t = 1024)]
