@@ -8,15 +8,15 @@ use std::sync::Arc;
 use snapstore::layout::{FRAME_PAGES, PageRef};
 use tracing::info;
 
-use super::{CacheState, FrameState, StoreSource};
+use super::{CacheState, FrameState, Handover, StoreSource};
 
 /// Frames read ahead of a fetch (1 MiB of pages each at most before compression: 16 MiB).
 const READ_AHEAD_FRAMES: usize = 256;
 /// Pages looked at past a read for frames to read ahead.
 const READ_AHEAD_SCAN_PAGES: u64 = 16 * 1024;
-/// Read-aheads running in the background at once at most (more would only queue their GETs
-/// and decoding behind those already running).
-const READ_AHEADS_RUNNING: usize = 2;
+/// Batches whose readers went on while what they read ahead still arrives, at most (more
+/// would only queue their GETs and decoding behind those already running).
+const READ_AHEADS_RUNNING: usize = 4;
 /// Working-set frames in one batch of the prefetcher. Its GETs run in parallel and their
 /// frames are handed over in the set's order (a set stored first by `store put
 /// --working-set` lies back to back: ≈ one GET per MiB), so one batch brings the first
@@ -53,48 +53,53 @@ impl StoreSource {
         ahead
     }
 
-    /// If fewer than [`READ_AHEADS_RUNNING`] read-aheads run, marks absent frames of the
-    /// pages after `end` (and the bases they need) as being fetched and counts a read-ahead
-    /// running; the caller passes them to [`StoreSource::read_ahead_in_background`].
-    pub(super) fn start_reading_ahead(
-        &self,
-        state: &mut CacheState,
-        end: u64,
-    ) -> Option<Vec<usize>> {
-        if state.reading_ahead >= READ_AHEADS_RUNNING {
-            return None;
+    /// Whether a read that fetches its frames with `ahead` read ahead may go on as soon as
+    /// its own frames are in, the rest of the batch arriving in the background: if `ahead`
+    /// is not empty and fewer than [`READ_AHEADS_RUNNING`] batches run so (counted here).
+    /// Past that the read waits for its whole batch, so that a reader missing again and
+    /// again cannot pile up batches faster than they are decoded.
+    pub(super) fn may_leave_early(&self, state: &mut CacheState, ahead: &[usize]) -> bool {
+        let early = !ahead.is_empty() && state.reading_ahead < READ_AHEADS_RUNNING;
+        if early {
+            state.reading_ahead += 1;
         }
-        let mut ahead = self.read_ahead(state, end);
-        let bases = self.bases_in_use(state, ahead.iter());
-        ahead.extend(bases);
-        if ahead.is_empty() {
-            return None;
-        }
-        state.reading_ahead += 1;
-        Some(ahead)
+        early
     }
 
-    /// Fetches `frames` (from [`StoreSource::start_reading_ahead`]) on a thread of its own.
-    /// A failure only drops what was read ahead (a read that needs those pages fetches them
-    /// itself); if no thread can start, they are absent again.
-    pub(super) fn read_ahead_in_background(self: &Arc<Self>, frames: Vec<usize>) {
-        let source = self.clone();
-        let ahead = frames.clone();
+    /// Fetches `pinned` and `ahead` (one batch: the same GETs as [`StoreSource::fetch`]) on
+    /// a thread of its own and returns once every frame of `pinned` is in, pinned for the
+    /// caller (true), or will not come (false, a loss counted); the frames read ahead keep
+    /// arriving. A read that misses thus waits for one round trip and its own frames'
+    /// decoding, not for a batch read ahead. Where no thread can start, fetches on this
+    /// one. Call after [`StoreSource::may_leave_early`] said yes.
+    pub(super) fn fetch_leaving_early(
+        self: &Arc<Self>,
+        pinned: Vec<usize>,
+        ahead: Vec<usize>,
+    ) -> bool {
+        let handover = Arc::new(Handover::default());
+        let (source, answer) = (self.clone(), handover.clone());
+        let batch = Arc::new((pinned, ahead));
+        let in_thread = batch.clone();
         let started = std::thread::Builder::new()
-            .name("store-ahead".into())
+            .name("store-fetch".into())
             .spawn(move || {
-                source.fetch(&[], &ahead);
-                source.lock().reading_ahead -= 1;
+                // Whatever happens (a panic included), the reader is answered and the batch
+                // no longer counted.
+                let _done = BatchDone {
+                    source: &source,
+                    handover: &answer,
+                };
+                let (pinned, ahead) = &*in_thread;
+                source.fetch(pinned, ahead, Some(&answer));
             });
-        if let Err(e) = started {
-            tracing::debug!(error = %e, "cannot read ahead from the object store");
-            let mut state = self.lock();
-            for f in frames {
-                state.frames[f] = FrameState::Absent;
+        match started {
+            Ok(_) => handover.wait(),
+            Err(e) => {
+                tracing::debug!(error = %e, "a read waits for what it reads ahead");
+                self.lock().reading_ahead -= 1;
+                self.fetch(&batch.0, &batch.1, None)
             }
-            state.reading_ahead -= 1;
-            drop(state);
-            self.ready.notify_all();
         }
     }
 
@@ -164,7 +169,7 @@ impl StoreSource {
                 mine.extend(bases);
                 mine
             };
-            if !mine.is_empty() && !self.fetch(&[], &mine) {
+            if !mine.is_empty() && !self.fetch(&[], &mine, None) {
                 return;
             }
         }
@@ -173,5 +178,19 @@ impl StoreSource {
             ms = started.elapsed().as_millis() as u64,
             "the working set is in the cache"
         );
+    }
+}
+
+/// Ends a batch left running by its reader: answers it (no frames, if the fetch did not)
+/// and stops counting the batch.
+struct BatchDone<'a> {
+    source: &'a StoreSource,
+    handover: &'a Handover,
+}
+
+impl Drop for BatchDone<'_> {
+    fn drop(&mut self) {
+        self.handover.answer(false);
+        self.source.lock().reading_ahead -= 1;
     }
 }

@@ -31,10 +31,12 @@ use snapstore::{Store, StoreError, StoreUrl};
 use tracing::{info, warn};
 
 use crate::source::SourceError;
+use handover::Handover;
 use losses::Losses;
 use runs::contiguous_runs;
 
 mod ahead;
+mod handover;
 mod losses;
 mod paged;
 mod runs;
@@ -315,7 +317,8 @@ impl StoreSource {
     }
 
     /// Pins the frames of 4 KiB pages `first..end`, fetching those that are absent (and
-    /// reading ahead, in the background) and waiting for those another thread fetches. Returns the pins, or
+    /// reading ahead: this read goes on once its own frames are in, while the rest of the
+    /// batch arrives) and waiting for those another thread fetches. Returns the pins, or
     /// `None` if a fetch failed (this one, or one it waited for: the pages are lost).
     fn pin(self: &Arc<Self>, first: u64, end: u64) -> Option<Vec<u32>> {
         let needed = self.frames_of(first, end);
@@ -347,16 +350,16 @@ impl StoreSource {
             }
             if !mine.is_empty() {
                 let frames: Vec<usize> = mine.iter().map(|&i| needed[i] as usize).collect();
-                let bases = self.bases_in_use(&mut state, frames.iter());
-                // What follows is fetched at the same time but on a thread of its own: this
-                // read waits for its own frames only (one round trip), not for the
-                // decoding of a batch read ahead.
-                let ahead = self.start_reading_ahead(&mut state, end);
+                let mut ahead = self.read_ahead(&mut state, end);
+                let bases = self.bases_in_use(&mut state, frames.iter().chain(&ahead));
+                ahead.extend(bases);
+                let leave_early = self.may_leave_early(&mut state, &ahead);
                 drop(state);
-                if let Some(ahead) = ahead {
-                    self.read_ahead_in_background(ahead);
-                }
-                let ok = self.fetch(&frames, &bases);
+                let ok = if leave_early {
+                    self.fetch_leaving_early(frames, ahead)
+                } else {
+                    self.fetch(&frames, &ahead, None)
+                };
                 state = self.lock();
                 if !ok {
                     drop(state);
@@ -407,8 +410,9 @@ impl StoreSource {
     /// file: `pinned` are handed back pinned once, `ahead` unpinned. On failure marks what
     /// did not arrive absent and, if some of `pinned` did not arrive, counts a loss. Returns
     /// whether the caller has what it needs: everything arrived, or every frame of a
-    /// non-empty `pinned` did (only frames read ahead were lost).
-    fn fetch(&self, pinned: &[usize], ahead: &[usize]) -> bool {
+    /// non-empty `pinned` did (only frames read ahead were lost). `handover`, if given, is
+    /// told as soon as that is known (every frame of `pinned` in, or the fetch over).
+    fn fetch(&self, pinned: &[usize], ahead: &[usize], handover: Option<&Handover>) -> bool {
         // An urgent thread fetching runs ordinary meanwhile: it waits for the store anyway,
         // and decoding a batch read ahead (on it and on the threads it spawns, which would
         // inherit its policy) must not hold the CPUs from the guest's vCPUs.
@@ -420,6 +424,7 @@ impl StoreSource {
         };
         let pinned_set: HashSet<usize> = pinned.iter().copied().collect();
         let written = Mutex::new(HashSet::with_capacity(all.len()));
+        let pinned_left = std::sync::atomic::AtomicUsize::new(pinned_set.len());
         let result = self.store.fetch_frames(&self.manifest, &all, &|f, raw| {
             let page_bytes = PAGE_BYTES as usize;
             for &(slot, page) in &self.users[f] {
@@ -457,6 +462,13 @@ impl StoreSource {
             drop(state);
             self.ready.notify_all();
             written.lock().unwrap_or_else(|p| p.into_inner()).insert(f);
+            if let Some(handover) = handover
+                && pinned_set.contains(&f)
+                && pinned_left.fetch_sub(1, Ordering::AcqRel) == 1
+            {
+                // Every frame the reader needs is in, pinned for it: it goes on.
+                handover.answer(true);
+            }
             Ok(())
         });
         let written = written.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -502,6 +514,9 @@ impl StoreSource {
         self.evict(&mut state);
         drop(state);
         self.ready.notify_all();
+        if let Some(handover) = handover {
+            handover.answer(ok);
+        }
         ok
     }
 
