@@ -353,8 +353,19 @@ impl<'scope, 'env> Manager<'scope, 'env> {
         // once, behind which the faults' fetches wait (the working set is fetched first,
         // as one, whatever the order of its pushes).
         let shares_ram = pending.admitted.hello().shares_ram();
-        if vm.template && shares_ram {
-            let at = spread(serial);
+        let stagger_index = (vm.template && shares_ram).then(|| {
+            // The first place no running restore of this template holds: one alone starts
+            // at the beginning, sixteen at once at sixteen places far apart.
+            let held: Vec<u64> = self
+                .slots
+                .iter()
+                .filter(|s| s.vm == self.slots[index].vm)
+                .filter_map(|s| s.running.as_ref()?.stagger_index)
+                .collect();
+            (0..).find(|k| !held.contains(k)).unwrap_or(0)
+        });
+        if let Some(k) = stagger_index {
+            let at = spread(k);
             session.start_prefetch_at(at);
             if matches!(vm.source, crate::vm_memory::VmMemory::File(_)) {
                 let page_size = u64::from(pending_welcome.page_size);
@@ -395,6 +406,7 @@ impl<'scope, 'env> Manager<'scope, 'env> {
             session,
             handle,
             welcome: pending_welcome,
+            stagger_index,
         });
     }
 }
@@ -410,13 +422,14 @@ fn prepare_socket(conn: &TcpStream, role: Role, config: &ServerConfig) -> Result
     Ok(())
 }
 
-/// How far into what it pushes restore `serial` of a template starts (0..1): spread by the
-/// golden ratio, so that any number of restores at once start far apart. Clones on one host
+/// How far into what it pushes the restore at place `k` among those of a template running
+/// at once starts (0..1): spread by the golden ratio, so that any number of restores at once
+/// start far apart (the first at the beginning). Clones on one host
 /// that share a guest RAM file then fill different parts of it first, and each tells
 /// pagesrv (`Skip`) what the others placed.
-fn spread(serial: u64) -> f64 {
+fn spread(k: u64) -> f64 {
     const GOLDEN: f64 = 0.618_033_988_749_895;
-    (serial as f64 * GOLDEN).fract()
+    (k as f64 * GOLDEN).fract()
 }
 
 /// The page `at` (0..1) of the way through `total_pages` pages of `page_size` bytes, at a
@@ -434,6 +447,10 @@ mod tests {
     #[test]
     fn test_restores_start_far_apart_at_mib_boundaries_inside_memory() {
         let starts: Vec<f64> = (0..16).map(spread).collect();
+        assert_eq!(
+            starts[0], 0.0,
+            "a restore alone pushes its working set in order"
+        );
         assert!(starts.iter().all(|s| (0.0..1.0).contains(s)));
         let mut sorted = starts.clone();
         sorted.sort_by(f64::total_cmp);

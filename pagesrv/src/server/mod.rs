@@ -199,6 +199,9 @@ struct Running<'scope, 'env> {
     handle: ScopedJoinHandle<'scope, Outcome>,
     /// What its connections were welcomed with (extra streams get the same).
     welcome: SessionParams,
+    /// A restore of a template sharing a guest RAM file: its place among those running at
+    /// once, which sets where its push starts ([`connections`]' `spread`).
+    stagger_index: Option<u64>,
 }
 
 /// An urgent connection welcomed, waiting for its bulk connection.

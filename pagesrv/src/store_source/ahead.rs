@@ -181,8 +181,8 @@ impl StoreSource {
     }
 }
 
-/// Ends a batch left running by its reader: answers it (no frames, if the fetch did not)
-/// and stops counting the batch.
+/// Ends a batch left running by its reader: answers it (no frames, if the fetch did not),
+/// counts a loss if it panicked, and stops counting the batch.
 struct BatchDone<'a> {
     source: &'a StoreSource,
     handover: &'a Handover,
@@ -190,6 +190,13 @@ struct BatchDone<'a> {
 
 impl Drop for BatchDone<'_> {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Its reader's pages, and what others waited for, did not come: every session
+            // running is told (pages_intact), none sends the zeros it would read.
+            self.source
+                .losses
+                .record("a fetch from the object store panicked".to_owned(), false);
+        }
         self.handover.answer(false);
         self.source.lock().reading_ahead -= 1;
     }

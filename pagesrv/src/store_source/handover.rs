@@ -20,6 +20,11 @@ impl Handover {
         }
     }
 
+    /// The answer, if one was given.
+    pub(super) fn given(&self) -> Option<bool> {
+        *self.outcome.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Waits for the answer.
     pub(super) fn wait(&self) -> bool {
         let mut outcome = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
@@ -51,6 +56,8 @@ mod tests {
         handover.answer(false);
         assert!(reader.join().unwrap());
         assert!(handover.wait());
+        assert_eq!(handover.given(), Some(true));
+        assert_eq!(Handover::default().given(), None);
         let failed = Handover::default();
         failed.answer(false);
         failed.answer(true);
