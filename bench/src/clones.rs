@@ -231,9 +231,14 @@ fn record_working_set(image: &Path, args: &ClonesArgs, work: &Path) -> Result<Pa
         log_tail(&faultd_log, 10)
     );
     // The guest left before the restore ended: faultd writes the set and ends by itself.
-    let _ = faultd.wait_at_most(Duration::from_secs(10))?;
+    let ended = faultd.wait_at_most(Duration::from_secs(10))?;
     let _ = pagesrv.0.kill();
     let _ = pagesrv.wait();
+    ensure!(
+        ended.is_some(),
+        "the recording faultd did not end within 10 s; the end of its log:\n{}",
+        log_tail(&faultd_log, 10)
+    );
     ensure!(
         ws.exists(),
         "faultd wrote no working set; the end of its log:\n{}",
