@@ -60,7 +60,8 @@ struct CacheState {
     /// Ranged GETs made, and the batches they came in (one round trip each).
     gets: u64,
     batches: u64,
-    /// Read-aheads running in the background.
+    /// Batches still arriving whose readers went on with their own frames
+    /// ([`StoreSource::fetch_leaving_early`]).
     reading_ahead: usize,
 }
 
