@@ -13,7 +13,9 @@ use anyhow::Result;
 use serde_json::{Value, json};
 
 use crate::link::{DelayLine, Profile};
-use crate::scenario::{LatencyArgs, RestoreOrder, Scenario, run_median};
+use crate::scenario::{
+    LatencyArgs, RestoreOrder, Scenario, median_p99_run, run_median, run_scenario,
+};
 use crate::store_server::{BUCKET, StoreServer};
 
 /// Runs the three restores on `image`.
@@ -143,41 +145,33 @@ fn interleaved(
         touches: push.touches,
         ..Scenario::plain(push.workload, push.push, push.naive)
     };
-    let once = LatencyArgs {
-        runs: 1,
-        ..args.clone()
-    };
     let (mut locals, mut colds) = (Vec::new(), Vec::new());
     for i in 0..args.runs.max(1) {
         eprintln!(
             "bench: restore 2 (the working set pushed first), run {}",
             i + 1
         );
-        locals.push(run_median(local, image, work, &once, args.tuning)?);
+        locals.push(run_scenario(local, image, work, args, args.tuning)?);
         eprintln!(
             "bench: restore 4 (cold, from the object store at {} ms round trip, its working set first), run {}",
             args.store_rtt_ms,
             i + 1
         );
-        colds.push(run_median(&cold, image, work, &once, args.tuning)?);
+        colds.push(run_scenario(&cold, image, work, args, args.tuning)?);
     }
     Ok((with_passes(locals), with_passes(colds), upload))
 }
 
 /// The run with the median p99 (like [`run_median`]), with every run's first pass
 /// (`pass_ms_runs`) and their median (`pass_ms_median`).
-fn with_passes(mut runs: Vec<Value>) -> Value {
+fn with_passes(runs: Vec<Value>) -> Value {
     let mut passes: Vec<f64> = runs
         .iter()
         .filter_map(|r| r["fault_latency_us"]["pass_ms"].as_f64())
         .collect();
     let all = passes.clone();
     let pass_median = crate::scenario::median(&mut passes);
-    runs.sort_by(|a, b| {
-        let p = |r: &Value| r["fault_latency_us"]["p99"].as_f64().unwrap_or(0.0);
-        p(a).total_cmp(&p(b))
-    });
-    let mut chosen = runs.swap_remove(runs.len() / 2);
+    let mut chosen = median_p99_run(runs);
     chosen["pass_ms_runs"] = json!(all);
     chosen["pass_ms_median"] = json!(pass_median);
     chosen

@@ -41,7 +41,7 @@ pub enum PushChoice {
 }
 
 /// Options of `bench latency`.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Args)]
 pub struct LatencyArgs {
     /// Guest memory image size in MiB (every 4th page zero).
     #[arg(long, default_value_t = 1024)]
@@ -393,11 +393,16 @@ pub(crate) fn run_median(
         );
         attempts.push(run_scenario(sc, image, work, args, tuning)?);
     }
-    attempts.sort_by(|a, b| {
+    Ok(median_p99_run(attempts))
+}
+
+/// Of a scenario's runs (at least one), the one with the median p99 fault latency.
+pub(crate) fn median_p99_run(mut runs: Vec<Value>) -> Value {
+    runs.sort_by(|a, b| {
         let p = |r: &Value| r["fault_latency_us"]["p99"].as_f64().unwrap_or(0.0);
         p(a).total_cmp(&p(b))
     });
-    Ok(attempts.swap_remove(attempts.len() / 2))
+    runs.swap_remove(runs.len() / 2)
 }
 
 fn args_pages(args: &LatencyArgs) -> u64 {
